@@ -1,0 +1,1 @@
+"""Reference gateway and central queue for inference workers."""

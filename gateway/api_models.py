@@ -1,0 +1,123 @@
+"""Client-facing wire models: the OpenAI embeddings API with Fireworks' extensions
+(``dimensions``, ``normalize``, ``return_logits``) and Fireworks' ``/v1/rerank``.
+
+Sources: OpenAI API reference (embeddings, errors), ``shared/reference/fireworks-*.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+#: Inputs per request, as OpenAI's embeddings endpoint allows.
+MAX_INPUTS = 2048
+
+EmbeddingInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    #: Matryoshka: keep the first ``dimensions`` components (OpenAI / Fireworks).
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    #: Fireworks: L2-normalise embeddings (default), or softmax over ``return_logits``.
+    normalize: bool | None = None
+    #: Fireworks: return the last-position logits of these token ids instead of an embedding.
+    return_logits: list[StrictInt] | None = None
+    #: vLLM extension: truncate each input to this many tokens instead of refusing it.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class RerankRequest(BaseModel):
+    """``POST /v1/rerank`` (Fireworks)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    query: StrictStr
+    documents: list[StrictStr]
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = False
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: str | None = None
+
+
+class RerankResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[RerankResult]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models`` (OpenAI shape plus what the workers advertise)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "inference-worker"
+    tasks: list[str]
+    max_model_len: int | None = None
+    workers: int
+    checkpoint_name: str
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorBody
+
+
+class APIError(Exception):
+    """Raised by handlers; rendered as :class:`ErrorResponse` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(message=message, type=type, param=param, code=code)
+
+    def response_json(self) -> dict[str, Any]:
+        return ErrorResponse(error=self.body).model_dump()

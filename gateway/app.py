@@ -1,0 +1,335 @@
+"""The gateway: OpenAI-compatible client API in front of the queue, and the worker API of
+queue protocol v1 (``docs/queue-protocol.md``), in one FastAPI app.
+
+Client routes (API keys): ``POST /v1/embeddings``, ``POST /v1/rerank``, ``GET /v1/models``.
+Worker routes (worker tokens): ``POST /queue/v1/pull``, ``/queue/v1/results``,
+``/queue/v1/release``. A worker token is refused on client routes and the other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, Field
+
+from gateway import metrics
+from gateway.api_models import (
+    MAX_INPUTS,
+    APIError,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from gateway.queue import NoWorker, RequestTimeout, WorkQueue
+from worker.protocol import (
+    PREFIX,
+    ItemResult,
+    PullRequest,
+    PullResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ResultsRequest,
+    ResultsResponse,
+    decode_vector,
+)
+
+log = logging.getLogger(__name__)
+
+#: Worker error codes that are the client's fault (HTTP 400); others are 500.
+CLIENT_ERROR_CODES = {
+    "invalid_input", "context_length_exceeded", "invalid_dimensions", "invalid_token_ids",
+}
+
+
+class GatewaySettings(BaseModel):
+    """How the gateway runs; set from ``inference-gateway`` flags or environment."""
+
+    api_keys: list[str] = Field(min_length=1)
+    worker_tokens: list[str] = Field(min_length=1)
+    #: Lease (visibility timeout) of a pulled item, seconds.
+    lease_seconds: float = 30.0
+    #: Deliveries of one item before it is dead-lettered.
+    max_attempts: int = 3
+    #: 503 if no worker leases a request's inputs within this many seconds.
+    pickup_timeout_seconds: float = 30.0
+    #: 504 if a taken request is not answered within this many seconds.
+    request_timeout_seconds: float = 600.0
+    #: A worker counts as live this long after its last pull.
+    worker_ttl_seconds: float = 30.0
+    #: Models accepted before any worker advertised them (requests wait for a worker).
+    models: list[str] = Field(default_factory=list)
+
+
+class _QueueCollector:
+    """Queue depth, leases and live workers per model, read at scrape time."""
+
+    def __init__(self, queue: WorkQueue):
+        self.queue = queue
+
+    def collect(self) -> Any:
+        depth = GaugeMetricFamily("inference_gateway_queue_depth_items",
+                                  "Inputs waiting for a worker.", labels=["model"])
+        for model, n in self.queue.depth().items():
+            depth.add_metric([model], n)
+        yield depth
+        leased = GaugeMetricFamily("inference_gateway_items_leased",
+                                   "Inputs leased to workers, not yet answered.")
+        leased.add_metric([], self.queue.leased_count())
+        yield leased
+        workers = GaugeMetricFamily("inference_gateway_workers",
+                                    "Live workers per model.", labels=["model"])
+        for model, (_, n) in self.queue.available_models().items():
+            workers.add_metric([model], n)
+        yield workers
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _matches(token: str, allowed: list[str]) -> bool:
+    return any(hmac.compare_digest(token.encode(), a.encode()) for a in allowed)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """Build the gateway. Each app has its own queue."""
+    queue = WorkQueue(lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
+                      worker_ttl_seconds=settings.worker_ttl_seconds)
+    collector = _QueueCollector(queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        metrics.REGISTRY.register(collector)  # type: ignore[arg-type]
+
+        async def reaper() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                queue.reap()
+
+        task = asyncio.create_task(reaper())
+        try:
+            yield
+        finally:
+            task.cancel()
+            metrics.REGISTRY.unregister(collector)  # type: ignore[arg-type]
+
+    app = FastAPI(title="inference-gateway", lifespan=lifespan)
+    app.state.queue = queue
+    app.state.settings = settings
+
+    # --- auth ---------------------------------------------------------------------------
+    def client_auth(cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        if cred is None:
+            raise APIError(401, "You didn't provide an API key: use 'Authorization: Bearer KEY'.",
+                           type="invalid_request_error", code="invalid_api_key")
+        if _matches(cred.credentials, settings.worker_tokens):
+            raise APIError(401, "Worker tokens are not accepted on client routes; use an API key.",
+                           type="invalid_request_error", code="invalid_api_key")
+        if not _matches(cred.credentials, settings.api_keys):
+            raise APIError(401, "Incorrect API key provided.", type="invalid_request_error",
+                           code="invalid_api_key")
+
+    def worker_auth(cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        if cred is None or not _matches(cred.credentials, settings.worker_tokens):
+            what = "API keys are not accepted on queue routes" if cred is not None and _matches(
+                cred.credentials, settings.api_keys) else "a valid worker token is required"
+            raise APIError(401, f"Queue routes need a worker token: {what}.",
+                           type="invalid_request_error", code="invalid_worker_token")
+
+    # --- errors -------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.response_json(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # pydantic reports union members as extra path parts; keep the field name.
+        param = loc[0] if loc else None
+        if param == "input":
+            msg = ("'input' must be a non-empty string, an array of strings, an array of token "
+                   "ids, or an array of token-id arrays")
+        elif err.get("type") == "missing":
+            msg = f"'{param}' is a required property"
+        else:
+            msg = f"Invalid value for '{'.'.join(loc) or 'body'}': {err.get('msg')}"
+        return JSONResponse(
+            APIError(400, msg, param=param).response_json(), status_code=400)
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        route = request.url.path
+        if not route.startswith("/v1/"):
+            return await call_next(request)
+        t0 = time.monotonic()
+        response = await call_next(request)
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+        metrics.REQUEST_DURATION.labels(route).observe(time.monotonic() - t0)
+        return response
+
+    # --- client API ---------------------------------------------------------------------
+    def check_model(model: str, task: str) -> None:
+        advert = queue.advert(model)
+        if advert is None:
+            if model in settings.models:
+                return
+            raise APIError(404, f"The model '{model}' does not exist or no worker serves it.",
+                           param="model", code="model_not_found")
+        if task not in advert.tasks:
+            names = {"embed": "embeddings", "score": "scoring (return_logits, rerank)"}
+            raise APIError(
+                400, f"The model '{model}' does not support {names[task]}; it supports: "
+                f"{', '.join(names[t] for t in advert.tasks)}.",
+                param="model", code="unsupported_task")
+
+    async def run_items(model: str, task: str, specs: list[dict[str, Any]]) -> list[ItemResult]:
+        metrics.ITEMS_ENQUEUED.labels(model, task).inc(len(specs))
+        items = queue.submit(model, task, specs)
+        try:
+            results = await queue.wait(items, settings.pickup_timeout_seconds,
+                                       settings.request_timeout_seconds)
+        except NoWorker:
+            raise APIError(503, f"No worker for model '{model}' took the request within "
+                           f"{settings.pickup_timeout_seconds:g} s; try again later.",
+                           type="server_error", code="no_worker_available") from None
+        except RequestTimeout:
+            raise APIError(504, f"The request was not answered within "
+                           f"{settings.request_timeout_seconds:g} s.", type="server_error",
+                           code="timeout") from None
+        for index, res in enumerate(results):
+            if res.error is not None:
+                client_fault = res.error.code in CLIENT_ERROR_CODES
+                prefix = f"input[{index}]: " if len(results) > 1 else ""
+                raise APIError(400 if client_fault else 500, prefix + res.error.message,
+                               type="invalid_request_error" if client_fault else "server_error",
+                               param="input" if client_fault else None, code=res.error.code)
+        return results
+
+    @app.post("/v1/embeddings", dependencies=[Depends(client_auth)])
+    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
+        inputs = _normalize_input(req.input)
+        task = "embed" if req.return_logits is None else "score"
+        check_model(req.model, task)
+        if task == "score":
+            if req.dimensions is not None:
+                raise APIError(400, "'dimensions' cannot be combined with 'return_logits'.",
+                               param="dimensions")
+            _check_logit_ids(req.return_logits or [], queue.advert(req.model))
+        base: dict[str, Any] = {
+            "normalize": True if req.normalize is None else req.normalize,
+            "dimensions": req.dimensions,
+            "truncate_prompt_tokens": req.truncate_prompt_tokens,
+            "return_logits": req.return_logits,
+        }
+        specs = [{**base, **inp} for inp in inputs]
+        results = await run_items(req.model, task, specs)
+        data = []
+        for i, res in enumerate(results):
+            assert res.vector_b64 is not None
+            emb: list[float] | str = (res.vector_b64 if req.encoding_format == "base64"
+                                      else decode_vector(res.vector_b64).tolist())
+            data.append(EmbeddingData(index=i, embedding=emb))
+        n = sum(r.prompt_tokens for r in results)
+        body = EmbeddingResponse(data=data, model=req.model,
+                                 usage=Usage(prompt_tokens=n, total_tokens=n))
+        return JSONResponse(body.model_dump())
+
+    @app.get("/v1/models", dependencies=[Depends(client_auth)])
+    async def models() -> ModelList:
+        cards = [
+            ModelCard(id=name, created=int(time.time()), tasks=list(adv.tasks),
+                      max_model_len=adv.max_model_len, workers=n,
+                      checkpoint_name=adv.checkpoint_name, description=adv.description)
+            for name, (adv, n) in sorted(queue.available_models().items())
+        ]
+        return ModelList(data=cards)
+
+    app.state.run_items = run_items
+    app.state.check_model = check_model
+
+    # --- worker API (queue protocol v1) -------------------------------------------------
+    @app.post(f"{PREFIX}/pull", dependencies=[Depends(worker_auth)])
+    async def pull(req: PullRequest) -> PullResponse:
+        items = await queue.pull(req.worker_id, req.models, req.max_items, req.wait_seconds)
+        return PullResponse(items=items)
+
+    @app.post(f"{PREFIX}/results", dependencies=[Depends(worker_auth)])
+    async def results(req: ResultsRequest) -> ResultsResponse:
+        accepted, ignored = queue.complete(req.results)
+        return ResultsResponse(accepted=accepted, ignored=ignored)
+
+    @app.post(f"{PREFIX}/release", dependencies=[Depends(worker_auth)])
+    async def release(req: ReleaseRequest) -> ReleaseResponse:
+        return ReleaseResponse(released=queue.release(req.leases))
+
+    # --- operations ---------------------------------------------------------------------
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _normalize_input(value: Any) -> list[dict[str, Any]]:
+    """OpenAI ``input`` -> one spec per input (``text`` or ``token_ids``).
+
+    Raises APIError(400) for empty input, empty strings or token arrays, negative ids, or more
+    than :data:`MAX_INPUTS` inputs.
+    """
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif value and all(isinstance(v, int) for v in value):
+        items = [value]  # one token array
+    else:
+        items = list(value)
+    if not items:
+        raise APIError(400, "'input' must not be empty.", param="input")
+    if len(items) > MAX_INPUTS:
+        raise APIError(400, f"'input' has {len(items)} items; at most {MAX_INPUTS} inputs are "
+                       "allowed per request.", param="input")
+    out = []
+    for i, v in enumerate(items):
+        if isinstance(v, str):
+            if not v:
+                raise APIError(400, f"input[{i}] is an empty string.", param="input")
+            out.append({"text": v})
+        else:
+            if not v:
+                raise APIError(400, f"input[{i}] is an empty token array.", param="input")
+            if min(v) < 0:
+                raise APIError(400, f"input[{i}] has a negative token id.", param="input")
+            out.append({"token_ids": v})
+    return out
+
+
+def _check_logit_ids(ids: list[int], advert: Any) -> None:
+    """Reject an empty ``return_logits`` or ids outside the model's vocabulary up front."""
+    if not ids:
+        raise APIError(400, "'return_logits' must list at least one token id.",
+                       param="return_logits", code="invalid_token_ids")
+    vocab = getattr(advert, "vocab_size", None)
+    bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if bad:
+        raise APIError(400, f"'return_logits' has token ids outside the vocabulary"
+                       f"{f' (size {vocab})' if vocab else ''}: {bad[:10]}",
+                       param="return_logits", code="invalid_token_ids")
+

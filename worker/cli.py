@@ -1,0 +1,131 @@
+"""``inference-worker --config config.toml``: start vLLM, then pull -> infer -> post.
+
+Exit codes: 0 after a clean drain (SIGTERM / SIGINT), 1 if the engine died or failed to start,
+2 for a bad config (the message names the file and the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from worker import __version__, logs, metrics
+from worker.config import Config, ConfigError, check_model_paths, load_config
+from worker.protocol import ModelAdvert
+
+log = logging.getLogger("worker")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="inference-worker", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="path of the worker's config.toml")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    return p.parse_args(argv)
+
+
+def load(path: str) -> Config:
+    """Load the config and check what can be checked before vLLM starts (paths, engine args)."""
+    from worker.engine import unknown_engine_args
+
+    cfg = load_config(path)
+    check_model_paths(cfg)
+    unknown = unknown_engine_args(cfg.generator)
+    if unknown:
+        raise ConfigError(
+            f"{path}: generator.engine_args.{unknown[0]}: unknown key "
+            "(expected a field of vllm.AsyncEngineArgs)"
+        )
+    return cfg
+
+
+async def serve(cfg: Config) -> int:
+    """Run the worker until SIGTERM / SIGINT or engine death; returns the exit code."""
+    from worker.engine import Engine
+    from worker.loop import Worker
+    from worker.monitoring import MonitoringServer
+    from worker.queue_client import QueueClient
+
+    gen = cfg.generator
+    metrics.INFO.info({
+        "version": __version__, "model": ",".join(cfg.queue.models), "task": gen.task,
+        "checkpoint": cfg.queue.checkpoint_name, "dtype": gen.dtype,
+    })
+    state: dict[str, object] = {}
+
+    def alive() -> bool:
+        engine = state.get("engine")
+        return engine is None or engine.alive  # type: ignore[attr-defined]
+
+    def ready() -> bool:
+        worker = state.get("worker")
+        return worker is not None and worker.queue_ok and alive()  # type: ignore[attr-defined]
+
+    mon = MonitoringServer(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port,
+                           cfg.monitoring.tcp_probes, alive, ready)
+    await mon.start()
+    loop = asyncio.get_running_loop()
+    stop_early = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_early.set)
+
+    log.info("starting vLLM: model=%s task=%s dtype=%s", gen.model_path, gen.task, gen.dtype)
+    try:
+        engine = Engine.start(gen, cfg.queue.checkpoint_name)
+    except Exception:
+        log.exception("vLLM failed to start")
+        await mon.stop()
+        return 1
+    state["engine"] = engine
+    metrics.ENGINE_UP.set(1)
+    client = QueueClient(cfg.queue.url, cfg.token, retries=cfg.queue.http_request_retries,
+                         timeout_seconds=cfg.queue.http_timeout_seconds)
+    try:
+        vocab = await engine.vocab_size() if gen.task == "score" else None
+        adverts = [
+            ModelAdvert(
+                name=name, checkpoint_name=cfg.queue.checkpoint_name, version=cfg.queue.version,
+                tags=cfg.queue.tags, tasks=entry.tasks(), max_model_len=engine.max_model_len,
+                description=entry.description, vocab_size=vocab,
+            )
+            for name, entry in cfg.queue.models.items()
+        ]
+        worker = Worker(cfg, engine, client, adverts)
+        state["worker"] = worker
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        if stop_early.is_set():
+            worker.stop()
+        log.info("serving %s as worker %s (up to %d items in flight)",
+                 list(cfg.queue.models), worker.worker_id, worker.capacity)
+        return await worker.run()
+    finally:
+        metrics.ENGINE_UP.set(0)
+        engine.shutdown()
+        await client.aclose()
+        await mon.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logs.setup()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # vLLM's CPU backend reserves one core for the frontend by default: half the throughput
+    # on small hosts. Ignored by the GPU backend.
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"inference-worker: config error:\n{e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: OK")
+        return 0
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

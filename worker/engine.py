@@ -1,0 +1,248 @@
+"""The vLLM engine: one ``AsyncLLM`` per worker process.
+
+``task = "embed"``: vLLM's pooling runner with ``PoolingParams(task="embed")``.
+``task = "score"``: vLLM's generate runner with ``logprobs_mode="raw_logits"`` and one output
+token per request; ``SamplingParams(logprob_token_ids=...)`` returns the raw logits of the
+requested ids at the last prompt position, so every request may ask for its own ids.
+
+Per-input problems raise :class:`InvalidInput`; they never affect other inputs in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import uuid
+from typing import Any
+
+import numpy as np
+
+from worker.config import GeneratorConfig
+from worker.protocol import WorkItem
+
+log = logging.getLogger(__name__)
+
+#: vLLM caps ``logprob_token_ids`` per request at this many ids.
+MAX_LOGIT_IDS = 128
+
+
+class InvalidInput(Exception):
+    """An input the engine refuses (too long, bad token ids, unsupported dimensions ...).
+
+    ``code`` is a stable machine-readable name (``context_length_exceeded``,
+    ``invalid_dimensions``, ``invalid_token_ids``, ``invalid_input``).
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class EngineDead(Exception):
+    """The vLLM engine has failed; the worker must stop and be restarted."""
+
+
+def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
+    """``vllm.AsyncEngineArgs`` keyword arguments for a ``[generator]`` table.
+
+    Keys left unset in the config are not passed, so vLLM's defaults apply.
+    ``generator.engine_args`` entries are passed through last and win.
+    """
+    kw: dict[str, Any] = {
+        "model": str(gen.model_path),
+        "runner": "pooling" if gen.task == "embed" else "generate",
+        "dtype": gen.dtype,
+        "max_num_seqs": gen.max_num_seqs,
+        "tensor_parallel_size": gen.tensor_parallel_size,
+        "pipeline_parallel_size": gen.pipeline_parallel_size,
+        "trust_remote_code": gen.trust_remote_code,
+        "disable_log_stats": False,
+    }
+    if gen.task == "score":
+        kw["logprobs_mode"] = "raw_logits"
+        kw["max_logprobs"] = MAX_LOGIT_IDS
+    optional = {
+        "max_model_len": gen.max_model_len,
+        "tokenizer": str(gen.tokenizer_path) if gen.tokenizer_path else None,
+        "gpu_memory_utilization": gen.gpu_memory_utilization,
+        "enforce_eager": gen.enforce_eager,
+        "max_num_batched_tokens": gen.max_num_batched_tokens,
+        "enable_prefix_caching": gen.enable_prefix_caching,
+    }
+    kw.update({k: v for k, v in optional.items() if v is not None})
+    kw.update(gen.engine_args)
+    return kw
+
+
+def unknown_engine_args(gen: GeneratorConfig) -> list[str]:
+    """Names in ``generator.engine_args`` that ``vllm.AsyncEngineArgs`` does not have."""
+    from vllm import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    return sorted(k for k in gen.engine_args if k not in known)
+
+
+class Engine:
+    """A started vLLM ``AsyncLLM`` serving one model for one task.
+
+    Create with :meth:`start` inside a running event loop; call :meth:`shutdown` before the
+    loop ends.
+    """
+
+    def __init__(self, llm: Any, gen: GeneratorConfig, model_name: str):
+        self.llm = llm
+        self.gen = gen
+        self.model_name = model_name
+        self.max_model_len: int = llm.model_config.max_model_len
+        self._tokenizer: Any = None
+
+    @classmethod
+    def start(cls, gen: GeneratorConfig, model_name: str) -> "Engine":
+        """Start vLLM (takes ~25 s on CPU). Raises whatever vLLM raises if it cannot start."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(gen)))
+        return cls(llm, gen, model_name)
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine core has died."""
+        return not self.llm.errored
+
+    async def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            tok = self.llm.get_tokenizer()  # sync in vLLM 0.32, a coroutine in older releases
+            self._tokenizer = await tok if inspect.isawaitable(tok) else tok
+        return self._tokenizer
+
+    async def vocab_size(self) -> int:
+        return len(await self.tokenizer())
+
+    async def log_stats(self) -> None:
+        """Update vLLM's own Prometheus metrics (``vllm:*``)."""
+        await self.llm.do_log_stats()
+
+    async def run(self, item: WorkItem) -> tuple[np.ndarray, int]:
+        """Embed or score one item.
+
+        Returns (float32 vector, prompt token count): the embedding ``[dim]`` (L2-normalised
+        unless ``normalize`` is false, first ``dimensions`` components when set), or the logits
+        ``[len(return_logits)]`` at the last position (softmax over them when ``normalize``).
+        Raises :class:`InvalidInput` for a bad input, :class:`EngineDead` if vLLM has died.
+        """
+        if item.task == "embed":
+            return await self._embed(item)
+        return await self._score(item)
+
+    def _prompt(self, item: WorkItem) -> tuple[Any, dict[str, Any] | None]:
+        if item.token_ids is not None:
+            ids = item.token_ids
+            if item.truncate_prompt_tokens is not None:
+                ids = ids[: item.truncate_prompt_tokens]
+            return {"prompt_token_ids": ids}, None
+        if item.truncate_prompt_tokens is not None:
+            return item.text, {
+                "truncate_prompt_tokens": item.truncate_prompt_tokens,
+                "truncation_side": "right",
+            }
+        return item.text, None
+
+    async def _embed(self, item: WorkItem) -> tuple[np.ndarray, int]:
+        from vllm import PoolingParams
+
+        if item.dimensions is not None and item.dimensions < 1:
+            raise InvalidInput("invalid_dimensions", "dimensions must be a positive integer")
+        prompt, tok_kwargs = self._prompt(item)
+        params = PoolingParams(task="embed", dimensions=item.dimensions, use_activation=item.normalize)
+        out = None
+        async for out in self._guard(
+            item,
+            self.llm.encode(
+                prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
+            ),
+        ):
+            pass
+        assert out is not None
+        vec = out.outputs.data.float().numpy()
+        return vec, len(out.prompt_token_ids)
+
+    async def _score(self, item: WorkItem) -> tuple[np.ndarray, int]:
+        from vllm import SamplingParams
+
+        ids = item.return_logits or []
+        if not ids:
+            raise InvalidInput("invalid_token_ids", "return_logits must list at least one token id")
+        if len(ids) > MAX_LOGIT_IDS:
+            raise InvalidInput(
+                "invalid_token_ids",
+                f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
+            )
+        vocab = await self.vocab_size()
+        bad = [i for i in ids if not 0 <= i < self.llm.model_config.get_vocab_size()]
+        if bad:
+            raise InvalidInput(
+                "invalid_token_ids",
+                f"return_logits token ids out of vocabulary (size {vocab}): {bad[:10]}",
+            )
+        prompt, tok_kwargs = self._prompt(item)
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids))
+        if tok_kwargs:
+            params.truncate_prompt_tokens = tok_kwargs["truncate_prompt_tokens"]
+        out = None
+        async for out in self._guard(
+            item, self.llm.generate(prompt, params, request_id=_request_id(item))
+        ):
+            pass
+        assert out is not None
+        step = out.outputs[0].logprobs[0]
+        logits = np.array([step[i].logprob for i in ids], dtype=np.float32)
+        if item.normalize:
+            z = np.exp(logits - logits.max())
+            logits = (z / z.sum()).astype(np.float32)
+        return logits, len(out.prompt_token_ids)
+
+    async def _guard(self, item: WorkItem, gen: Any) -> Any:
+        """Iterate a vLLM output stream, turning vLLM's errors into ours."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            async for out in gen:
+                yield out
+        except VLLMValidationError as e:
+            raise await self._invalid(item, str(e)) from None
+        except ValueError as e:  # older vLLM raises plain ValueError for bad input
+            if not self.alive:
+                raise EngineDead(str(e)) from e
+            raise await self._invalid(item, str(e)) from None
+        except EngineDeadError as e:
+            raise EngineDead(str(e)) from e
+
+    async def _invalid(self, item: WorkItem, message: str) -> InvalidInput:
+        message = message.replace(repr(str(self.gen.model_path)), repr(self.model_name))
+        message = message.replace(str(self.gen.model_path), self.model_name)
+        if "maximum context length" in message:
+            n = len(item.token_ids) if item.token_ids is not None else None
+            if n is None:
+                n = len((await self.tokenizer()).encode(item.text or ""))
+            return InvalidInput(
+                "context_length_exceeded",
+                f"input has {n} tokens, more than the maximum context length of "
+                f"{self.max_model_len} tokens; shorten it or set truncate_prompt_tokens",
+            )
+        if "Matryoshka" in message or "dimensions" in message:
+            return InvalidInput("invalid_dimensions", message)
+        if "out of vocabulary" in message or "prompt cannot be empty" in message:
+            return InvalidInput("invalid_token_ids", message)
+        return InvalidInput("invalid_input", message)
+
+    def shutdown(self) -> None:
+        """Stop the engine core processes. Call from inside the event loop."""
+        self.llm.shutdown()
+
+
+def _request_id(item: WorkItem) -> str:
+    return f"{item.item_id}-{item.lease_id}-{uuid.uuid4().hex[:8]}"

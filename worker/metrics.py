@@ -1,0 +1,45 @@
+"""The worker's Prometheus metrics (default registry, next to vLLM's own ``vllm:*``).
+
+Names follow Prometheus conventions: base units (seconds), ``_total`` counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+_NS = "inference_worker"
+
+ITEMS_PULLED = Counter(f"{_NS}_items_pulled_total", "Items leased from the queue.", ["model", "task"])
+ITEMS_COMPLETED = Counter(
+    f"{_NS}_items_completed_total", "Items answered with a result.", ["model", "task"]
+)
+ITEMS_FAILED = Counter(
+    f"{_NS}_items_failed_total", "Items answered with an error.", ["model", "task", "code"]
+)
+ITEMS_IN_FLIGHT = Gauge(f"{_NS}_items_in_flight", "Items leased and not yet answered.")
+PROMPT_TOKENS = Counter(
+    f"{_NS}_prompt_tokens_total", "Prompt tokens processed.", ["model", "task"]
+)
+PULL_BATCH_SIZE = Histogram(
+    f"{_NS}_pull_batch_size_items",
+    "Items per non-empty pull.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+PULL_DURATION = Histogram(
+    f"{_NS}_pull_duration_seconds",
+    "Time of one pull call, long-poll wait included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ITEM_DURATION = Histogram(
+    f"{_NS}_item_duration_seconds",
+    "Time from pulling an item to its result being posted.",
+    ["model", "task"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_ERRORS = Counter(
+    f"{_NS}_queue_errors_total", "Failed calls to the queue (after retries).", ["op", "reason"]
+)
+QUEUE_RETRIES = Counter(f"{_NS}_queue_retries_total", "Retried calls to the queue.", ["op"])
+ENGINE_UP = Gauge(f"{_NS}_engine_up", "1 while the vLLM engine is loaded and alive.")
+QUEUE_REACHABLE = Gauge(f"{_NS}_queue_reachable", "1 if the last call to the queue succeeded.")
+INFO = Info(f"{_NS}_build", "Worker version, model, task, checkpoint and dtype.")

@@ -1,0 +1,79 @@
+"""The worker's monitoring port: Prometheus ``/metrics`` and health probes.
+
+- ``GET /metrics``: the worker's metrics and vLLM's own ``vllm:*`` (default registry).
+- ``GET /livez``: 200 while the process and the vLLM engine are alive, else 503.
+- ``GET /readyz``: 200 once the engine is loaded and the last queue call succeeded, else 503.
+- ``monitoring.tcp_probes``: extra TCP ports that accept connections while the worker is alive,
+  for orchestrators that probe with a plain TCP connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+
+log = logging.getLogger(__name__)
+
+
+def create_app(alive: Callable[[], bool], ready: Callable[[], bool]) -> FastAPI:
+    """The monitoring ASGI app; ``alive`` / ``ready`` are called on every probe."""
+    app = FastAPI(title="inference-worker monitoring", docs_url=None, redoc_url=None)
+    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        ok = alive()
+        return JSONResponse({"alive": ok}, status_code=200 if ok else 503)
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ok = ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    return app
+
+
+class MonitoringServer:
+    """Serves :func:`create_app` on ``host:port`` plus the TCP probe ports, in this event loop."""
+
+    def __init__(self, host: str, port: int, tcp_probes: list[int],
+                 alive: Callable[[], bool], ready: Callable[[], bool]):
+        self._alive = alive
+        config = uvicorn.Config(create_app(alive, ready), host=host, port=port,
+                                log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._host = host
+        self._tcp_ports = tcp_probes
+        self._tcp: list[asyncio.base_events.Server] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(), name="monitoring")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the bind error
+                raise RuntimeError("monitoring server exited at start")
+            await asyncio.sleep(0.02)
+        for port in self._tcp_ports:
+            self._tcp.append(await asyncio.start_server(self._tcp_probe, self._host, port))
+        log.info("monitoring on %s:%d (tcp probes: %s)", self._host, self._server.config.port,
+                 self._tcp_ports or "none")
+
+    async def _tcp_probe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._alive():
+            writer.transport.abort()
+            return
+        writer.close()
+
+    async def stop(self) -> None:
+        for srv in self._tcp:
+            srv.close()
+        self._server.should_exit = True
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,152 @@
+"""HTTP client of the central queue (protocol v1, ``docs/queue-protocol.md``).
+
+Transient failures (connection errors, timeouts, HTTP 5xx and 429) are retried with
+exponential backoff and full jitter, up to ``queue.http_request_retries`` times; other 4xx
+answers are not retried and raise :class:`QueueRejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import httpx
+from pydantic import BaseModel
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from worker import metrics
+from worker.protocol import (
+    PREFIX,
+    ItemResult,
+    PullRequest,
+    PullResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ResultsRequest,
+    ResultsResponse,
+    WorkItem,
+)
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=BaseModel)
+
+
+class QueueError(Exception):
+    """The queue could not be reached or refused the call."""
+
+
+class QueueUnavailable(QueueError):
+    """Transient failures persisted through every retry."""
+
+
+class QueueRejected(QueueError):
+    """The queue answered 4xx (not 429): retrying the same call will not help."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"queue refused the call with HTTP {status}: {body[:300]}")
+        self.status = status
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection errors, timeouts, 5xx and 429 are worth retrying."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code >= 500 or code == 429
+    return False
+
+
+class QueueClient:
+    """Talks to the queue at ``base_url`` with a worker token (``Authorization: Bearer``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        retries: int = 7,
+        timeout_seconds: float = 10.0,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+    ):
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + PREFIX,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout_seconds,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+        )
+        self._retries = retries
+        self._timeout = timeout_seconds
+        self._wait = wait_exponential_jitter(initial=backoff_initial, max=backoff_max)
+
+    async def pull(self, req: PullRequest) -> list[WorkItem]:
+        """Lease up to ``req.max_items`` items; may wait ``req.wait_seconds`` at the queue."""
+        timeout = self._timeout + req.wait_seconds
+        resp = await self._call("pull", "/pull", req, PullResponse, timeout)
+        return resp.items
+
+    async def post_results(self, worker_id: str, results: list[ItemResult]) -> ResultsResponse:
+        """Post results; safe to repeat (the queue ignores results it already has)."""
+        return await self._call(
+            "results", "/results", ResultsRequest(worker_id=worker_id, results=results),
+            ResultsResponse, self._timeout,
+        )
+
+    async def release(self, worker_id: str, items: list[WorkItem]) -> int:
+        """Hand leased items back to the queue at once. Returns how many it took back."""
+        req = ReleaseRequest(worker_id=worker_id, leases=[(i.item_id, i.lease_id) for i in items])
+        resp = await self._call("release", "/release", req, ReleaseResponse, self._timeout)
+        return resp.released
+
+    async def _call(
+        self, op: str, path: str, body: BaseModel, out: type[R], timeout: float
+    ) -> R:
+        def _before_sleep(state: RetryCallState) -> None:
+            metrics.QUEUE_RETRIES.labels(op).inc()
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("queue %s failed (%s); retry %d/%d", op, _short(exc),
+                        state.attempt_number, self._retries)
+
+        payload = body.model_dump_json(exclude_none=True)
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                stop=stop_after_attempt(self._retries + 1),
+                wait=self._wait,
+                before_sleep=_before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    r = await self._http.post(
+                        path, content=payload, timeout=timeout,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    r.raise_for_status()
+                    return out.model_validate_json(r.content)
+        except httpx.HTTPStatusError as e:
+            metrics.QUEUE_ERRORS.labels(op, str(e.response.status_code)).inc()
+            if is_transient(e):
+                raise QueueUnavailable(f"queue {op}: HTTP {e.response.status_code}") from None
+            raise QueueRejected(e.response.status_code, e.response.text) from None
+        except httpx.TransportError as e:
+            metrics.QUEUE_ERRORS.labels(op, type(e).__name__).inc()
+            raise QueueUnavailable(f"queue {op}: {_short(e)}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
