@@ -16,7 +16,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
@@ -33,15 +33,19 @@ class ConfigError(Exception):
     """A config file that cannot be used; ``str()`` names the file and the key path."""
 
 
+#: Paths come from TOML strings; everything else must have its TOML type exactly.
+LaxPath = Annotated[Path, Field(strict=False)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class GeneratorConfig(_Strict):
     """``[generator]``: the vLLM engine."""
 
     type: Literal["vllm"] = "vllm"
-    model_path: Path
+    model_path: LaxPath
     #: ``embed``: pooled embeddings. ``score``: logits of chosen token ids at the last position.
     task: Literal["embed", "score"] = "embed"
     max_model_len: int | None = Field(default=None, gt=0)
@@ -50,8 +54,8 @@ class GeneratorConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, gt=0)
     # Extensions (optional; vLLM's default when absent).
     dtype: Literal["auto", "float32", "float16", "bfloat16", "half", "float"] = "auto"
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    tokenizer_path: Path | None = None
+    gpu_memory_utilization: Annotated[float, Field(strict=False)] | None = Field(default=None, gt=0, le=1)
+    tokenizer_path: LaxPath | None = None
     enforce_eager: bool | None = None
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enable_prefix_caching: bool | None = None
@@ -106,11 +110,11 @@ class QueueConfig(_Strict):
     models: dict[str, ModelEntry] = Field(default_factory=dict)
     # Extensions.
     #: Seconds a pull may wait at the queue for work (long polling).
-    pull_wait_seconds: float = Field(default=10.0, gt=0, le=60)
+    pull_wait_seconds: Annotated[float, Field(strict=False)] = Field(default=10.0, gt=0, le=60)
     #: Items the worker keeps in the engine at once; default ``2 * generator.max_num_seqs``.
     max_items_in_flight: int | None = Field(default=None, gt=0)
     #: Timeout of one HTTP call to the queue, seconds (pulls add ``pull_wait_seconds``).
-    http_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_timeout_seconds: Annotated[float, Field(strict=False)] = Field(default=10.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -138,7 +142,7 @@ class Config(_Strict):
     queue: QueueConfig
     monitoring: MonitoringConfig = MonitoringConfig()
     #: Seconds to finish in-flight items after SIGTERM before handing the rest back.
-    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    drain_timeout_seconds: Annotated[float, Field(strict=False)] = Field(default=30.0, ge=0)
     _source: Path = PrivateAttr(default=Path("config.toml"))
 
     @property

@@ -1,0 +1,127 @@
+"""Shared real parts: one gateway and one vLLM worker on all-MiniLM-L6-v2 per test session.
+
+Nothing here is mocked: the gateway and the worker are the console scripts an operator runs,
+started as subprocesses on loopback; clients are the ``openai`` SDK and ``httpx``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway import localstack as ls
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+MODEL = "all-minilm-l6-v2"
+#: The test worker declares these matryoshka sizes (vLLM hf_overrides) so `dimensions` can
+#: be exercised; any other size must be refused.
+MATRYOSHKA = [128, 256, 384]
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data" / "stsb").is_dir():
+        pytest.fail(f"shared data not found at {SHARED} (set SHARED_DIR)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def stsb_sentences(shared_dir: Path) -> list[str]:
+    """200 distinct sentences from the STS benchmark dev set."""
+    rows = ls.read_stsb(shared_dir / "data" / "stsb" / "stsb-en-dev.csv")
+    seen: dict[str, None] = {}
+    for a, b, _ in rows:
+        seen.setdefault(a)
+        seen.setdefault(b)
+    return list(seen)[:200]
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def gateway(stack_dir: Path) -> Iterator[ls.Proc]:
+    proc = ls.start_gateway(stack_dir, args=["--lease-seconds", "8", "--pickup-timeout", "20"])
+    yield proc
+    proc.stop()
+
+
+def embed_worker_config(queue_url: str, **kw: object) -> str:
+    dims = ", ".join(map(str, MATRYOSHKA))
+    return ls.worker_config(
+        queue_url=queue_url, model_name=MODEL, dtype="float32",
+        generator_extra=f"engine_args = {{ hf_overrides = {{ matryoshka_dimensions = [{dims}] }} }}",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="session")
+def embed_worker(gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
+    proc = ls.start_worker(embed_worker_config(gateway.url), stack_dir, "embed-worker")
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def client(gateway: ls.Proc, embed_worker: ls.Proc):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(gateway: ls.Proc, embed_worker: ls.Proc) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=120,
+                      headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
+        yield c
+
+
+class MiniLMReference:
+    """float32 ``transformers`` forward pass with mean pooling, as sentence-transformers does."""
+
+    def __init__(self) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = ls.minilm_path()
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    def raw(self, texts: list[str]) -> np.ndarray:
+        """Mean-pooled, not normalised: float32 [n, 384]."""
+        out = []
+        with self.torch.no_grad():
+            for i in range(0, len(texts), 32):
+                enc = self.tok(texts[i:i + 32], padding=True, truncation=True, max_length=256,
+                               return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).float()
+                out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+        return np.concatenate(out)
+
+    def n_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tok(texts)["input_ids"]]
+
+
+@pytest.fixture(scope="session")
+def reference() -> MiniLMReference:
+    return MiniLMReference()
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(unit(a) * unit(b), axis=-1)

@@ -1,0 +1,115 @@
+"""Config loading: the Pharia example loads unchanged; each kind of error exits 2 naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import localstack as ls
+from worker.config import ConfigError, check_model_paths, load_config
+from worker.engine import engine_kwargs
+
+
+def pharia_example(shared_dir: Path) -> str:
+    """The ``config.toml`` block of the Pharia reference page, byte for byte."""
+    text = (shared_dir / "reference" / "pharia-embeddings-worker-config.txt").read_text()
+    start = text.index("edition = 1")
+    end = text.index("tcp_probes = []") + len("tcp_probes = []")
+    return text[start:end] + "\n"
+
+
+def test_pharia_example_loads_unchanged(shared_dir, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(pharia_example(shared_dir))
+    cfg = load_config(path)
+    assert cfg.generator.task == "embed"
+    assert cfg.generator.max_num_seqs == 16 and cfg.generator.max_model_len == 2048
+    assert cfg.queue.checkpoint_name == "qwen3-embedding-8b"
+    assert cfg.queue.http_request_retries == 7
+    assert cfg.queue.models["qwen3-embedding-8b"].embedding_task.supported
+    assert cfg.monitoring.metrics_port == 4000
+    assert cfg.token == "worker-token"
+    kw = engine_kwargs(cfg.generator)
+    assert kw["runner"] == "pooling" and kw["max_num_seqs"] == 16
+    assert "gpu_memory_utilization" not in kw  # unset keys keep vLLM's defaults
+
+
+def test_repo_copy_of_pharia_example_is_identical(shared_dir):
+    repo = Path(__file__).resolve().parents[1] / "configs" / "pharia-qwen3-embedding-8b.toml"
+    assert repo.read_text() == pharia_example(shared_dir)
+
+
+def test_default_config_loads(monkeypatch):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "all-minilm-l6-v2-cpu.toml")
+    check_model_paths(cfg)
+    assert cfg.generator.model_path == ls.minilm_path()
+
+
+def test_token_from_environment(shared_dir, tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text(pharia_example(shared_dir).replace('token = "worker-token"\n', ""))
+    monkeypatch.delenv("INFERENCE_WORKER_QUEUE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"queue\.token"):
+        load_config(path)
+    monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN", "from-env")
+    assert load_config(path).token == "from-env"
+
+
+def _run(path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "INFERENCE_WORKER_QUEUE_TOKEN": "t"}
+    return subprocess.run([sys.executable, "-m", "worker", "--config", str(path), "--check"],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def _good(model_dir: Path) -> str:
+    return ls.worker_config(queue_url="http://127.0.0.1:9", model_path=model_dir, metrics_port=4000)
+
+
+@pytest.mark.parametrize("edit,key,expect", [
+    (lambda t: t.replace("max_num_seqs = 256", 'max_num_seqs = "many"'),
+     "generator.max_num_seqs", "integer"),
+    (lambda t: t.replace("max_num_seqs = 256", "max_num_seqs = 256\nmax_num_seq = 4"),
+     "generator.max_num_seq", "unknown key"),
+    (lambda t: t.replace('checkpoint_name = "all-minilm-l6-v2"\n', ""),
+     "queue.checkpoint_name", "required key is missing"),
+    (lambda t: t.replace('url = "http://127.0.0.1:9"', 'url = "127.0.0.1:9"'),
+     "queue.url", "http"),
+    (lambda t: t.replace('task = "embed"', 'task = "generate"'),
+     "generator.task", "'embed' or 'score'"),
+    (lambda t: t.replace("[monitoring]", "[monitoring]\nmetrics_port = 70000\n").replace(
+        "metrics_port = 4000", ""), "monitoring.metrics_port", "65535"),
+    (lambda t: t.replace("supported = true", "supported = 1"),
+     'queue.models."all-minilm-l6-v2".embedding_task.supported', "boolean"),
+    (lambda t: t.replace("edition = 1", "edition = 2"), "edition", "1"),
+    (lambda t: t.replace('dtype = "float32"', 'dtype = "float32"\nengine_args = { no_such_arg = 1 }'),
+     "generator.engine_args.no_such_arg", "unknown key"),
+    (lambda t: t.replace("[generator]", "[generator\n"), "invalid TOML", "line"),
+])
+def test_config_errors_exit_2_with_key_path(tmp_path, edit, key, expect):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(_good(ls.minilm_path())))
+    r = _run(path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert str(path) in r.stderr
+    assert key in r.stderr, r.stderr
+    assert expect in r.stderr, r.stderr
+
+
+def test_missing_model_dir_reported_before_vllm_starts(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(_good(tmp_path / "nope"))
+    r = _run(path)
+    assert r.returncode == 2
+    assert "generator.model_path" in r.stderr and "nope" in r.stderr
+    assert "vllm" not in r.stderr.lower().replace("vllm.asyncengineargs", "")
+
+
+def test_good_config_checks_ok(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(_good(ls.minilm_path()))
+    r = _run(path)
+    assert r.returncode == 0, r.stderr

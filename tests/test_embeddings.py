@@ -1,0 +1,105 @@
+"""End to end: openai SDK -> gateway -> queue -> worker -> vLLM on all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+from tests.conftest import MODEL, cosine, unit
+
+
+def _vectors(resp) -> np.ndarray:  # type: ignore[no-untyped-def]
+    assert [d.index for d in resp.data] == list(range(len(resp.data)))
+    return np.array([d.embedding for d in resp.data], dtype=np.float32)
+
+
+def test_200_sts_sentences_match_transformers_float32(client, reference, stsb_sentences):
+    resp = client.embeddings.create(model=MODEL, input=stsb_sentences, encoding_format="float")
+    got = _vectors(resp)
+    want = unit(reference.raw(stsb_sentences))
+    assert got.shape == (200, 384)
+    cos = cosine(got, want)
+    assert cos.min() >= 0.999, f"worst cosine {cos.min():.6f} at {int(cos.argmin())}"
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    assert resp.model == MODEL
+    n = sum(reference.n_tokens(stsb_sentences))
+    assert resp.usage.prompt_tokens == n
+    assert resp.usage.total_tokens == n
+
+
+def test_base64_equals_float(client, http, stsb_sentences):
+    texts = stsb_sentences[:16]
+    floats = _vectors(client.embeddings.create(model=MODEL, input=texts, encoding_format="float"))
+    # The SDK decodes base64 itself; check the raw wire bytes too.
+    raw = http.post("/v1/embeddings", json={"model": MODEL, "input": texts,
+                                            "encoding_format": "base64"}).json()
+    wire = np.array([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+                     for d in raw["data"]])
+    # Without encoding_format the SDK asks for base64 and decodes it with numpy.
+    sdk = _vectors(client.embeddings.create(model=MODEL, input=texts))
+    explicit = client.embeddings.create(model=MODEL, input=texts, encoding_format="base64")
+    assert np.array_equal(wire, floats)
+    assert np.array_equal(sdk, floats)
+    assert explicit.data[0].embedding == raw["data"][0]["embedding"]
+
+
+def test_normalize_false_returns_raw_pooled_vector(http, reference, stsb_sentences):
+    texts = stsb_sentences[:8]
+    body = http.post("/v1/embeddings", json={"model": MODEL, "input": texts, "normalize": False}).json()
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    want = reference.raw(texts)
+    norms = np.linalg.norm(got, axis=1)
+    assert not np.allclose(norms, 1.0, atol=1e-2)
+    assert np.allclose(norms, np.linalg.norm(want, axis=1), rtol=1e-3)
+    assert cosine(got, want).min() >= 0.999
+
+
+@pytest.mark.parametrize("dims", [128, 256])
+def test_matryoshka_dimensions_truncate_then_normalize(client, reference, stsb_sentences, dims):
+    texts = stsb_sentences[:8]
+    got = _vectors(client.embeddings.create(model=MODEL, input=texts, dimensions=dims,
+                                            encoding_format="float"))
+    assert got.shape == (8, dims)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    want = unit(reference.raw(texts)[:, :dims])
+    assert cosine(got, want).min() >= 0.999
+
+
+def test_unsupported_dimensions_is_a_clear_400(http):
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": "hello", "dimensions": 100})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "invalid_dimensions"
+    assert "100" in err["message"] and "128" in err["message"]
+
+
+def test_token_array_inputs_match_text(client, reference, stsb_sentences):
+    texts = stsb_sentences[:4]
+    ids = reference.tok(texts)["input_ids"]
+    by_text = _vectors(client.embeddings.create(model=MODEL, input=texts, encoding_format="float"))
+    by_ids = _vectors(client.embeddings.create(model=MODEL, input=ids, encoding_format="float"))
+    one = _vectors(client.embeddings.create(model=MODEL, input=ids[0], encoding_format="float"))
+    assert cosine(by_text, by_ids).min() >= 0.99999
+    assert np.allclose(one[0], by_ids[0], atol=1e-6)
+
+
+def test_opt_in_truncation(http, reference):
+    text = "the quick brown fox jumps over the lazy dog " * 60  # ~540 tokens > 256
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate_prompt_tokens": 100})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 100
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": [text, "short"],
+                                          "truncate_prompt_tokens": 256})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 256 + reference.n_tokens(["short"])[0]
+
+
+def test_models_lists_the_served_model(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert MODEL in models
+    card = models[MODEL].model_dump()
+    assert card["tasks"] == ["embed"]
+    assert card["max_model_len"] == 256
+    assert card["workers"] >= 1
