@@ -96,7 +96,7 @@ class MiniLMReference:
         path = ls.minilm_path()
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
 
     def raw(self, texts: list[str]) -> np.ndarray:
         """Mean-pooled, not normalised: float32 [n, 384]."""

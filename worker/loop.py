@@ -90,7 +90,7 @@ class Worker:
                 level = logging.ERROR if isinstance(e, QueueRejected) else logging.WARNING
                 log.log(level, "pull failed: %s; next try in %.1f s", e, backoff)
                 await self._sleep_unless_stopping(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.5
             self.queue_ok = True

@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import make_asgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 def create_app(alive: Callable[[], bool], ready: Callable[[], bool]) -> FastAPI:
     """The monitoring ASGI app; ``alive`` / ``ready`` are called on every probe."""
     app = FastAPI(title="inference-worker monitoring", docs_url=None, redoc_url=None)
-    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/livez")
     async def livez() -> JSONResponse:
