@@ -33,6 +33,9 @@ from gateway.api_models import (
     EmbeddingResponse,
     ModelCard,
     ModelList,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
     Usage,
 )
 from gateway.queue import NoWorker, RequestTimeout, WorkQueue
@@ -197,7 +200,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 f"{', '.join(names[t] for t in advert.tasks)}.",
                 param="model", code="unsupported_task")
 
-    async def run_items(model: str, task: str, specs: list[dict[str, Any]]) -> list[ItemResult]:
+    async def run_items(model: str, task: str, specs: list[dict[str, Any]],
+                        field: str = "input") -> list[ItemResult]:
         metrics.ITEMS_ENQUEUED.labels(model, task).inc(len(specs))
         items = queue.submit(model, task, specs)
         try:
@@ -214,10 +218,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         for index, res in enumerate(results):
             if res.error is not None:
                 client_fault = res.error.code in CLIENT_ERROR_CODES
-                prefix = f"input[{index}]: " if len(results) > 1 else ""
+                prefix = f"{field}[{index}]: " if len(results) > 1 else ""
                 raise APIError(400 if client_fault else 500, prefix + res.error.message,
                                type="invalid_request_error" if client_fault else "server_error",
-                               param="input" if client_fault else None, code=res.error.code)
+                               param=field if client_fault else None, code=res.error.code)
         return results
 
     @app.post("/v1/embeddings", dependencies=[Depends(client_auth)])
@@ -248,6 +252,41 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         body = EmbeddingResponse(data=data, model=req.model,
                                  usage=Usage(prompt_tokens=n, total_tokens=n))
         return JSONResponse(body.model_dump())
+
+    @app.post("/v1/rerank", dependencies=[Depends(client_auth)])
+    async def rerank(req: RerankRequest) -> JSONResponse:
+        check_model(req.model, "score")
+        if not req.query:
+            raise APIError(400, "'query' must not be empty.", param="query")
+        if not req.documents:
+            raise APIError(400, "'documents' must not be empty.", param="documents")
+        if len(req.documents) > MAX_INPUTS:
+            raise APIError(400, f"'documents' has {len(req.documents)} items; at most "
+                           f"{MAX_INPUTS} are allowed per request.", param="documents")
+        for i, doc in enumerate(req.documents):
+            if not doc:
+                raise APIError(400, f"documents[{i}] is an empty string.", param="documents")
+        advert = queue.advert(req.model)
+        spec = advert.rerank if advert is not None else None
+        if spec is None:
+            raise APIError(503, f"No worker has advertised a rerank prompt for '{req.model}' yet.",
+                           type="server_error", code="no_worker_available")
+        ids = [spec.false_token_id, spec.true_token_id]
+        specs = [{"text": spec.prompt(req.query, doc), "return_logits": ids, "normalize": True}
+                 for doc in req.documents]
+        results = await run_items(req.model, "score", specs, field="documents")
+        scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
+        data = [RerankResult(index=i, relevance_score=scores[i],
+                             document=req.documents[i] if req.return_documents else None)
+                for i in order]
+        n = sum(r.prompt_tokens for r in results)
+        body = RerankResponse(model=req.model, data=data, usage=Usage(prompt_tokens=n, total_tokens=n))
+        out = body.model_dump()
+        if not req.return_documents:
+            for d in out["data"]:
+                d.pop("document")
+        return JSONResponse(out)
 
     @app.get("/v1/models", dependencies=[Depends(client_auth)])
     async def models() -> ModelList:

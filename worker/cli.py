@@ -12,10 +12,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from worker import __version__, logs, metrics
 from worker.config import Config, ConfigError, check_model_paths, load_config
-from worker.protocol import ModelAdvert
+from worker.protocol import ModelAdvert, RerankSpec
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
 
 log = logging.getLogger("worker")
 
@@ -40,6 +44,31 @@ def load(path: str) -> Config:
             "(expected a field of vllm.AsyncEngineArgs)"
         )
     return cfg
+
+
+async def _advert(cfg: Config, name: str, engine: "Engine") -> ModelAdvert:
+    """What the worker tells the queue about ``queue.models.<name>``; resolves the rerank
+    tokens with the model's tokenizer (ConfigError if one is not a single token)."""
+    entry = cfg.queue.models[name]
+    rerank = None
+    if cfg.generator.task == "score":
+        st = entry.scoring_task
+        ids = {}
+        for key in ("rerank_false_token", "rerank_true_token"):
+            try:
+                ids[key] = await engine.token_id(getattr(st, key))
+            except ValueError as e:
+                raise ConfigError(f'{cfg._source}: queue.models."{name}".scoring_task.{key}: {e}')
+        rerank = RerankSpec(template=st.rerank_template, instruction=st.rerank_instruction,
+                            false_token_id=ids["rerank_false_token"],
+                            true_token_id=ids["rerank_true_token"])
+    return ModelAdvert(
+        name=name, checkpoint_name=cfg.queue.checkpoint_name, version=cfg.queue.version,
+        tags=cfg.queue.tags, tasks=entry.tasks(), max_model_len=engine.max_model_len,
+        description=entry.description,
+        vocab_size=engine.vocab_size if cfg.generator.task == "score" else None,
+        rerank=rerank,
+    )
 
 
 async def serve(cfg: Config) -> int:
@@ -84,15 +113,7 @@ async def serve(cfg: Config) -> int:
     client = QueueClient(cfg.queue.url, cfg.token, retries=cfg.queue.http_request_retries,
                          timeout_seconds=cfg.queue.http_timeout_seconds)
     try:
-        vocab = await engine.vocab_size() if gen.task == "score" else None
-        adverts = [
-            ModelAdvert(
-                name=name, checkpoint_name=cfg.queue.checkpoint_name, version=cfg.queue.version,
-                tags=cfg.queue.tags, tasks=entry.tasks(), max_model_len=engine.max_model_len,
-                description=entry.description, vocab_size=vocab,
-            )
-            for name, entry in cfg.queue.models.items()
-        ]
+        adverts = [await _advert(cfg, name, engine) for name in cfg.queue.models]
         worker = Worker(cfg, engine, client, adverts)
         state["worker"] = worker
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     try:
         cfg = load(args.config)
+        if args.check:
+            print(f"{args.config}: OK")
+            return 0
+        return asyncio.run(serve(cfg))
     except ConfigError as e:
         print(f"inference-worker: config error:\n{e}", file=sys.stderr)
         return 2
-    if args.check:
-        print(f"{args.config}: OK")
-        return 0
-    return asyncio.run(serve(cfg))
 
 
 if __name__ == "__main__":

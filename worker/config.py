@@ -71,10 +71,38 @@ class EmbeddingTask(_Strict):
     supported: bool = False
 
 
+#: Qwen3-Reranker's instruction and prompt (from its model card); ``{instruction}``,
+#: ``{query}`` and ``{document}`` are filled in per document.
+QWEN3_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+QWEN3_RERANK_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
 class ScoringTask(_Strict):
-    """``[queue.models."<name>".scoring_task]``: ``return_logits`` scoring and rerank."""
+    """``[queue.models."<name>".scoring_task]``: ``return_logits`` scoring and ``/v1/rerank``.
+
+    Rerank scores a document as P(``rerank_true_token``) from the softmax over the logits of
+    (``rerank_false_token``, ``rerank_true_token``) after the prompt ``rerank_template``.
+    The two tokens are resolved to ids with the model's own tokenizer when the worker starts.
+    """
 
     supported: bool = False
+    rerank_instruction: str = QWEN3_RERANK_INSTRUCTION
+    rerank_template: str = QWEN3_RERANK_TEMPLATE
+    rerank_true_token: str = "yes"
+    rerank_false_token: str = "no"
+
+    @field_validator("rerank_template")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        for name in ("{query}", "{document}"):
+            if name not in v:
+                raise ValueError(f"expected a template containing {name}")
+        return v
 
 
 class ModelEntry(_Strict):

@@ -63,6 +63,8 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
     if gen.task == "score":
         kw["logprobs_mode"] = "raw_logits"
         kw["max_logprobs"] = MAX_LOGIT_IDS
+        # Rerank prompts share a long prefix (instruction + query): reuse its KV cache.
+        kw["enable_prefix_caching"] = True
     optional = {
         "max_model_len": gen.max_model_len,
         "tokenizer": str(gen.tokenizer_path) if gen.tokenizer_path else None,
@@ -107,19 +109,28 @@ class Engine:
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(gen)))
         return cls(llm, gen, model_name)
 
-    @property
-    def alive(self) -> bool:
-        """False once the engine core has died."""
-        return not self.llm.errored
-
     async def tokenizer(self) -> Any:
         if self._tokenizer is None:
             tok = self.llm.get_tokenizer()  # sync in vLLM 0.32, a coroutine in older releases
             self._tokenizer = await tok if inspect.isawaitable(tok) else tok
         return self._tokenizer
 
-    async def vocab_size(self) -> int:
-        return len(await self.tokenizer())
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's logits (valid ``return_logits`` ids are below this)."""
+        return int(self.llm.model_config.get_vocab_size())
+
+    async def token_id(self, token: str) -> int:
+        """The id of ``token`` in the model's tokenizer; ValueError if it is not one token."""
+        tok = await self.tokenizer()
+        tid = tok.convert_tokens_to_ids(token)
+        unk = getattr(tok, "unk_token_id", None)
+        if tid is None or (unk is not None and tid == unk and token != tok.unk_token):
+            ids = tok.encode(token, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"{token!r} is not a single token of this tokenizer ({ids})")
+            tid = ids[0]
+        return int(tid)
 
     async def log_stats(self) -> None:
         """Update vLLM's own Prometheus metrics (``vllm:*``)."""
@@ -180,20 +191,13 @@ class Engine:
                 "invalid_token_ids",
                 f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
             )
-        vocab = await self.vocab_size()
-        bad = [i for i in ids if not 0 <= i < self.llm.model_config.get_vocab_size()]
-        if bad:
-            raise InvalidInput(
-                "invalid_token_ids",
-                f"return_logits token ids out of vocabulary (size {vocab}): {bad[:10]}",
-            )
         prompt, tok_kwargs = self._prompt(item)
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids))
-        if tok_kwargs:
-            params.truncate_prompt_tokens = tok_kwargs["truncate_prompt_tokens"]
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids),
+                                detokenize=False)
         out = None
         async for out in self._guard(
-            item, self.llm.generate(prompt, params, request_id=_request_id(item))
+            item, self.llm.generate(prompt, params, request_id=_request_id(item),
+                                    tokenization_kwargs=tok_kwargs),
         ):
             pass
         assert out is not None
@@ -235,13 +239,23 @@ class Engine:
             )
         if "Matryoshka" in message or "dimensions" in message:
             return InvalidInput("invalid_dimensions", message)
-        if "out of vocabulary" in message or "prompt cannot be empty" in message:
+        if "out of vocabulary" in message or "out-of-vocab" in message or "logprob_token_ids" in message:
+            return InvalidInput("invalid_token_ids", message.replace("logprob_token_ids", "return_logits"))
+        if "prompt cannot be empty" in message:
             return InvalidInput("invalid_token_ids", message)
         return InvalidInput("invalid_input", message)
 
     def shutdown(self) -> None:
-        """Stop the engine core processes. Call from inside the event loop."""
-        self.llm.shutdown()
+        """Stop the engine core processes and drop the engine. Call from inside the event loop
+        (vLLM's ``AsyncLLM`` must not outlive it, or it complains at interpreter exit)."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine core has died (or was shut down)."""
+        return self.llm is not None and not self.llm.errored
 
 
 def _request_id(item: WorkItem) -> str:

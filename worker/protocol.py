@@ -22,6 +22,20 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class RerankSpec(_Wire):
+    """How the gateway turns (query, document) into a scoring item for this model."""
+
+    template: str
+    instruction: str
+    #: Token ids (from the model's tokenizer) whose logits are compared: [false, true].
+    false_token_id: int
+    true_token_id: int
+
+    def prompt(self, query: str, document: str) -> str:
+        return (self.template.replace("{instruction}", self.instruction)
+                .replace("{query}", query).replace("{document}", document))
+
+
 class ModelAdvert(_Wire):
     """One model a worker serves, as clients name it (``queue.models."<name>"``)."""
 
@@ -33,8 +47,10 @@ class ModelAdvert(_Wire):
     #: Longest prompt in tokens the engine accepts (vLLM ``max_model_len``).
     max_model_len: int | None = None
     description: str = ""
-    #: Scoring workers: tokenizer vocabulary size, so the gateway can reject bad ids early.
+    #: Scoring workers: vocabulary size of the logits, so the gateway can reject bad ids early.
     vocab_size: int | None = None
+    #: Scoring workers: the rerank prompt and the yes/no token ids.
+    rerank: RerankSpec | None = None
 
 
 class PullRequest(_Wire):

@@ -84,7 +84,7 @@ class QueueClient:
         )
         self._retries = retries
         self._timeout = timeout_seconds
-        self._wait = wait_exponential_jitter(initial=backoff_initial, max=backoff_max)
+        self._wait = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max)
 
     async def pull(self, req: PullRequest) -> list[WorkItem]:
         """Lease up to ``req.max_items`` items; may wait ``req.wait_seconds`` at the queue."""

@@ -1,0 +1,211 @@
+"""Scoring mode end to end: a tiny random-weight Qwen3ForCausalLM served by a real worker
+(``task = "score"``) behind the real gateway, checked against a float32 ``transformers``
+forward pass at the last position."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway import localstack as ls
+from gateway import tiny_qwen3
+from tests.conftest import MODEL as EMBED_MODEL
+from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
+
+MODEL = "tiny-qwen3-reranker"
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, shared_dir) -> Path:
+    rows = ls.read_stsb(shared_dir / "data" / "stsb" / "stsb-en-dev.csv")
+    corpus = [s for a, b, _ in rows for s in (a, b)]
+    return tiny_qwen3.build(tmp_path_factory.mktemp("tiny-qwen3"), corpus, seed=1234)
+
+
+class QwenReference:
+    def __init__(self, path: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def last_logits(self, text: str) -> np.ndarray:
+        with self.torch.no_grad():
+            enc = self.tok(text, return_tensors="pt")
+            return self.model(**enc).logits[0, -1].numpy()
+
+    def rerank_prompt(self, query: str, doc: str) -> str:
+        return (QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
+                .replace("{query}", query).replace("{document}", doc))
+
+    def relevance(self, query: str, doc: str) -> float:
+        no, yes = self.tok.convert_tokens_to_ids(["no", "yes"])
+        z = self.last_logits(self.rerank_prompt(query, doc))[[no, yes]]
+        p = np.exp(z - z.max())
+        return float(p[1] / p.sum())
+
+
+@pytest.fixture(scope="module")
+def qref(tiny_path) -> QwenReference:
+    return QwenReference(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def score_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
+    cfg = ls.worker_config(queue_url=gateway.url, model_name=MODEL, model_path=tiny_path,
+                           task="score", dtype="float32", max_model_len=1024, max_num_seqs=64,
+                           generator_extra="engine_args = { block_size = 32 }")
+    proc = ls.start_worker(cfg, stack_dir, "score-worker")
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+@pytest.fixture(scope="module")
+def sc(gateway, score_worker) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.url, timeout=120,
+                      headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
+        yield c
+
+
+def _vectors(body: dict) -> np.ndarray:
+    return np.array([d["embedding"] for d in body["data"]], dtype=np.float64)
+
+
+def test_return_logits_match_transformers(sc, qref, stsb_sentences):
+    texts = stsb_sentences[:24]
+    ids = [qref.tok.convert_tokens_to_ids("no"), qref.tok.convert_tokens_to_ids("yes"), 7, 100, 3000]
+    r = sc.post("/v1/embeddings", json={"model": MODEL, "input": texts, "return_logits": ids,
+                                        "normalize": False})
+    assert r.status_code == 200, r.text
+    got = _vectors(r.json())
+    want = np.array([qref.last_logits(t)[ids] for t in texts])
+    assert got.shape == (24, 5)
+    assert np.abs(got - want).max() <= 1e-4
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(qref.tok(t)["input_ids"]) for t in texts)
+
+
+def test_normalize_gives_softmax_of_the_selected_logits(sc, qref, stsb_sentences):
+    texts = stsb_sentences[30:38]
+    ids = [5, 17, 4000]
+    raw = _vectors(sc.post("/v1/embeddings", json={"model": MODEL, "input": texts,
+                                                   "return_logits": ids, "normalize": False}).json())
+    probs = _vectors(sc.post("/v1/embeddings", json={"model": MODEL, "input": texts,
+                                                     "return_logits": ids, "normalize": True}).json())
+    e = np.exp(raw - raw.max(axis=1, keepdims=True))
+    assert np.allclose(probs, e / e.sum(axis=1, keepdims=True), atol=1e-6)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_openai_sdk_with_fireworks_extras(gateway, score_worker, qref, stsb_sentences):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0)
+    ids = [qref.tok.convert_tokens_to_ids("no"), qref.tok.convert_tokens_to_ids("yes")]
+    resp = client.embeddings.create(model=MODEL, input=stsb_sentences[:3], encoding_format="float",
+                                    extra_body={"return_logits": ids, "normalize": False})
+    got = np.array([d.embedding for d in resp.data])
+    want = np.array([qref.last_logits(t)[ids] for t in stsb_sentences[:3]])
+    assert np.abs(got - want).max() <= 1e-4
+
+
+async def test_different_ids_in_one_batch(gateway, score_worker, qref, stsb_sentences):
+    texts = stsb_sentences[40:56]
+    id_sets = [[1, 2, 3], [4000, 6000], [9, 8, 7, 6, 5, 4, 3, 2]]
+    headers = {"Authorization": f"Bearer {ls.API_KEY}"}
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers) as c:
+        resps = await asyncio.gather(*[
+            c.post("/v1/embeddings", json={"model": MODEL, "input": texts, "return_logits": ids,
+                                           "normalize": False}) for ids in id_sets])
+    for ids, r in zip(id_sets, resps):
+        assert r.status_code == 200, r.text
+        want = np.array([qref.last_logits(t)[ids] for t in texts])
+        assert np.abs(_vectors(r.json()) - want).max() <= 1e-4
+
+
+def test_rerank_orders_by_reference_scores(sc, qref, stsb_sentences):
+    query = "A man is playing a guitar."
+    docs = stsb_sentences[60:80]
+    r = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = [qref.relevance(query, d) for d in docs]
+    assert [d["index"] for d in body["data"]] == list(np.argsort(ref)[::-1])
+    got = {d["index"]: d["relevance_score"] for d in body["data"]}
+    assert max(abs(got[i] - ref[i]) for i in range(len(docs))) <= 1e-4
+    assert all("document" not in d for d in body["data"])
+    assert body["model"] == MODEL
+    n = sum(len(qref.tok(qref.rerank_prompt(query, d))["input_ids"]) for d in docs)
+    assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
+
+
+def test_rerank_top_n_and_return_documents(sc, qref, stsb_sentences):
+    query = "A child is riding a horse."
+    docs = stsb_sentences[80:92]
+    full = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs}).json()
+    top = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs,
+                                      "top_n": 3, "return_documents": True}).json()
+    assert len(top["data"]) == 3
+    assert [d["index"] for d in top["data"]] == [d["index"] for d in full["data"][:3]]
+    assert all(d["document"] == docs[d["index"]] for d in top["data"])
+    big = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs, "top_n": 99})
+    assert len(big.json()["data"]) == len(docs)
+
+
+@pytest.mark.parametrize("body,code,needle", [
+    ({"input": "x", "return_logits": [10**6]}, "invalid_token_ids", "vocabulary"),
+    ({"input": "x", "return_logits": []}, "invalid_token_ids", "at least one"),
+    ({"input": "x", "return_logits": list(range(129))}, "invalid_token_ids", "128"),
+    ({"input": "x", "return_logits": [1], "dimensions": 8}, None, "dimensions"),
+])
+def test_bad_logit_requests(sc, body, code, needle):
+    r = sc.post("/v1/embeddings", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert code is None or err["code"] == code
+    assert needle in err["message"]
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    ({"query": "q", "documents": []}, "documents", "empty"),
+    ({"query": "q", "documents": ["a", ""]}, "documents", "documents[1]"),
+    ({"query": "q", "documents": ["d"] * 2049}, "documents", "2048"),
+    ({"query": "", "documents": ["d"]}, "query", "empty"),
+    ({"documents": ["d"]}, "query", "required"),
+])
+def test_bad_rerank_requests(sc, body, param, needle):
+    r = sc.post("/v1/rerank", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert needle in r.json()["error"]["message"]
+
+
+def test_over_long_document_is_a_per_document_error(sc):
+    r = sc.post("/v1/rerank", json={"model": MODEL, "query": "q",
+                                    "documents": ["fine", "word " * 1100]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["message"].startswith("documents[1]")
+
+
+def test_wrong_task_for_the_model(sc, embed_worker):
+    r = sc.post("/v1/rerank", json={"model": EMBED_MODEL, "query": "q", "documents": ["d"]})
+    assert r.status_code == 400
+    assert "supports: embeddings" in r.json()["error"]["message"]
+    r = sc.post("/v1/embeddings", json={"model": MODEL, "input": "plain embedding please"})
+    assert r.status_code == 400
+    assert "scoring" in r.json()["error"]["message"]
+
+
+def test_score_worker_keeps_serving(sc, score_worker):
+    r = sc.post("/v1/rerank", json={"model": MODEL, "query": "q", "documents": ["a", "b"]})
+    assert r.status_code == 200
+    assert score_worker.popen.poll() is None
+    models = {m["id"]: m for m in sc.get("/v1/models").json()["data"]}
+    assert models[MODEL]["tasks"] == ["score"]
