@@ -8,11 +8,13 @@ demo: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python scripts/demo.py
 
 test: setup
+	scripts/setup-system.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 tests
 
 bench:
 	scripts/setup.sh cpu,model,test,bench
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/embeddings.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

@@ -54,6 +54,7 @@ async def run_in_process(texts: list[str], dtype: str, max_num_seqs: int) -> flo
     await asyncio.gather(*[one(i + 10**6, t) for i, t in enumerate(texts)])
     elapsed = time.perf_counter() - t0
     llm.shutdown()
+    del llm  # AsyncLLM must not outlive the event loop
     return elapsed
 
 
@@ -80,7 +81,7 @@ async def run_through_gateway(url: str, texts: list[str], batch: int, concurrenc
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, default=64, help="sentences per client request")
     p.add_argument("--concurrency", type=int, default=4, help="client requests in flight")
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -113,3 +113,20 @@ def test_good_config_checks_ok(tmp_path):
     path.write_text(_good(ls.minilm_path()))
     r = _run(path)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml")))
+def test_every_shipped_config_loads(name, monkeypatch):
+    monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN", "t")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    for model in cfg.queue.models.values():
+        assert model.tasks()
+
+
+def test_scoring_config_defaults_to_qwen3_reranker_prompt(monkeypatch):
+    monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN", "t")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "qwen3-reranker-0.6b-gpu.toml")
+    st = cfg.queue.models["qwen3-reranker-0.6b"].scoring_task
+    assert st.supported and "{query}" in st.rerank_template and "<Document>: {document}" in st.rerank_template
+    assert engine_kwargs(cfg.generator)["enable_prefix_caching"] is True
+    assert engine_kwargs(cfg.generator)["runner"] == "generate"

@@ -1,7 +1,7 @@
 """HTTP client of the central queue (protocol v1, ``docs/queue-protocol.md``).
 
 Transient failures (connection errors, timeouts, HTTP 5xx and 429) are retried with
-exponential backoff and full jitter, up to ``queue.http_request_retries`` times; other 4xx
+exponential backoff and full jitter (a random wait up to ``initial * 2**n``, capped), up to ``queue.http_request_retries`` times; other 4xx
 answers are not retried and raise :class:`QueueRejected`.
 """
 
@@ -17,7 +17,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from worker import metrics
@@ -84,7 +84,7 @@ class QueueClient:
         )
         self._retries = retries
         self._timeout = timeout_seconds
-        self._wait = wait_exponential_jitter(multiplier=backoff_initial, max=backoff_max)
+        self._wait = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
 
     async def pull(self, req: PullRequest) -> list[WorkItem]:
         """Lease up to ``req.max_items`` items; may wait ``req.wait_seconds`` at the queue."""

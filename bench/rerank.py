@@ -1,0 +1,123 @@
+"""Rerank throughput: 1 query x 256 documents through client -> gateway -> worker, with and
+without prefix caching, and the same prompts through vLLM ``AsyncLLM`` directly, in one run.
+
+    python bench/rerank.py [--docs 256] [--dtype float32]
+
+The model is a tiny random-weight Qwen3ForCausalLM built on the spot (no weights can be
+downloaded here); it has Qwen3-Reranker's architecture and prompt, so the shape of the work
+(a ~80-token shared prefix plus a sentence per document) is the real one. Prints docs/s and the
+ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gateway import localstack as ls  # noqa: E402
+from gateway import tiny_qwen3  # noqa: E402
+from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
+
+MODEL = "tiny-qwen3-reranker"
+
+
+def prompts(query: str, docs: list[str]) -> list[str]:
+    t = QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
+    return [t.replace("{query}", query).replace("{document}", d) for d in docs]
+
+
+async def in_process(path: Path, texts: list[str], ids: list[int], dtype: str, prefix: bool) -> float:
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(path), runner="generate", dtype=dtype, max_model_len=1024, max_num_seqs=64,
+        gpu_memory_utilization=0.15, logprobs_mode="raw_logits", max_logprobs=128,
+        enable_prefix_caching=prefix, block_size=32))
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False)
+
+    async def one(i: int, t: str) -> None:
+        async for _ in llm.generate(t, params, request_id=f"r{i}"):
+            pass
+
+    await one(-1, "warm up")
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(i, t) for i, t in enumerate(texts)])
+    elapsed = time.perf_counter() - t0
+    llm.shutdown()
+    del llm  # AsyncLLM must not outlive the event loop
+    return elapsed
+
+
+def through_gateway(path: Path, query: str, docs: list[str], dtype: str, prefix: bool,
+                    logs: Path) -> float:
+    gw = ls.start_gateway(logs)
+    cfg = ls.worker_config(
+        queue_url=gw.url, model_name=MODEL, model_path=path, task="score", dtype=dtype,
+        max_model_len=1024, max_num_seqs=64,
+        generator_extra=f"engine_args = {{ block_size = 32, enable_prefix_caching = {str(prefix).lower()} }}")
+    wk = ls.start_worker(cfg, logs, f"rerank-worker-{prefix}")
+    try:
+        with httpx.Client(base_url=gw.url, timeout=600,
+                          headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
+            c.post("/v1/rerank", json={"model": MODEL, "query": "warm up", "documents": ["x"]})
+            t0 = time.perf_counter()
+            r = c.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs})
+            elapsed = time.perf_counter() - t0
+            assert r.status_code == 200 and len(r.json()["data"]) == len(docs), r.text
+        return elapsed
+    finally:
+        wk.stop()
+        gw.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--docs", type=int, default=256)
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    shared = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+    rows = ls.read_stsb(shared / "data" / "stsb" / "stsb-en-dev.csv")
+    corpus = [s for r in rows for s in r[:2]]
+    logs = Path(tempfile.mkdtemp(prefix="bench-rerank-"))
+    path = tiny_qwen3.build(logs / "model", corpus, seed=0, hidden_size=256, layers=4)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.convert_tokens_to_ids(["no", "yes"])
+    query = "A man is playing a guitar on stage in front of a large crowd of people."
+    docs = corpus[: a.docs]
+    texts = prompts(query, docs)
+    n_tok = sum(len(tok(t)["input_ids"]) for t in texts)
+    print(f"1 query x {len(docs)} documents, {n_tok / len(docs):.0f} tokens per prompt, "
+          f"dtype={a.dtype}, block_size=32")
+
+    rows_out = []
+    for prefix in (False, True):
+        d = asyncio.run(in_process(path, texts, ids, a.dtype, prefix))
+        g = through_gateway(path, query, docs, a.dtype, prefix, logs)
+        rows_out.append((prefix, d, g))
+    n = len(docs)
+    print("\n| prefix caching | vLLM in-process docs/s | gateway -> worker docs/s | ratio |")
+    print("| --- | --- | --- | --- |")
+    for prefix, d, g in rows_out:
+        print(f"| {'on' if prefix else 'off'} | {n / d:.0f} | {n / g:.0f} | {d / g:.3f} |")
+    off, on = rows_out[0][2], rows_out[1][2]
+    print(f"\nprefix caching speed-up through the gateway: {off / on:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

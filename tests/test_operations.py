@@ -1,0 +1,332 @@
+"""Operating the system: Prometheus, probes, drain, engine death, and faults between worker and
+queue — real gateway, real workers, a real Prometheus server, bounded in time.
+
+Layout: a gateway G2 of its own; worker W2 reaches it only through a fault-injecting proxy
+(tests/faults.py); clients call G2 directly. Each test reports how many requests it sent and
+how many were lost (always asserted to be 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from gateway import localstack as ls
+from tests.conftest import cosine, unit
+from tests.faults import FaultInjectingProxy
+
+MODEL = "ops-minilm"
+PICKUP = 120  # seconds a request may wait for a worker (outages below are shorter)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if head != name and not head.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def _ops_config(queue_url: str, **kw: object) -> str:
+    return ls.worker_config(queue_url=queue_url, model_name=MODEL, max_num_seqs=64,
+                            top_extra="drain_timeout_seconds = 60", **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def g2(stack_dir) -> Iterator[ls.Proc]:
+    proc = ls.start_gateway(stack_dir, args=["--lease-seconds", "5", "--max-attempts", "6",
+                                             "--pickup-timeout", str(PICKUP)])
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(g2) -> Iterator[FaultInjectingProxy]:
+    p = FaultInjectingProxy(g2.url)
+    yield p
+    p.down()
+
+
+@pytest.fixture(scope="module")
+def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
+    """W2 starts while the queue is unreachable (proxy down), then the queue comes up."""
+    tcp_port = ls.free_port()
+    w2 = ls.start_worker(_ops_config(proxy.url).replace(
+        "[monitoring]", f"[monitoring]\ntcp_probes = [{tcp_port}]"), stack_dir, "w2", wait=False)
+    seen = {"proc": w2, "tcp_port": tcp_port}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # engine loaded, queue still unreachable
+        try:
+            if httpx.get(w2.url + "/livez", timeout=2).status_code == 200 and _metric(
+                    httpx.get(w2.url + "/metrics").text, "inference_worker_engine_up") == 1:
+                break
+        except httpx.HTTPError:
+            pass
+        assert w2.popen.poll() is None, w2.log_tail()
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while _metric(httpx.get(w2.url + "/metrics").text, "inference_worker_queue_errors_total") < 2:
+        assert time.monotonic() < deadline, w2.log_tail()  # pulls fail, after their retries
+        time.sleep(0.25)
+    seen["ready_while_down"] = httpx.get(w2.url + "/readyz").status_code
+    seen["alive_while_down"] = httpx.get(w2.url + "/livez").status_code
+    seen["errors_while_down"] = _metric(httpx.get(w2.url + "/metrics").text,
+                                        "inference_worker_queue_errors_total")
+    proxy.up()
+    ls.wait_http(w2.url + "/readyz", w2, 60)
+    yield seen
+    w2.stop()
+
+
+@pytest.fixture(scope="module")
+def w2(w2_start) -> ls.Proc:
+    return w2_start["proc"]
+
+
+@pytest.fixture(scope="module")
+def ops_ref(reference, stsb_sentences) -> dict[str, np.ndarray]:
+    texts = stsb_sentences[:200]
+    return dict(zip(texts, unit(reference.raw(texts))))
+
+
+async def _load(url: str, batches: list[list[str]], concurrency: int = 16) -> list[httpx.Response]:
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {ls.API_KEY}"}
+    async with httpx.AsyncClient(base_url=url, timeout=PICKUP + 300, headers=headers) as c:
+        async def one(batch: list[str]) -> httpx.Response:
+            async with sem:
+                return await c.post("/v1/embeddings", json={"model": MODEL, "input": batch})
+        return await asyncio.gather(*[one(b) for b in batches])
+
+
+def _check_answers(resps: list[httpx.Response], batches: list[list[str]],
+                   ref: dict[str, np.ndarray]) -> int:
+    """Every request answered once, correctly. Returns the number lost (asserted 0)."""
+    lost = 0
+    for r, batch in zip(resps, batches):
+        if r.status_code != 200:
+            lost += 1
+            continue
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        assert got.shape == (len(batch), 384)
+        assert cosine(got, np.array([ref[t] for t in batch])).min() >= 0.999
+    return lost
+
+
+def _batches(texts: list[str], n: int, size: int, offset: int = 0) -> list[list[str]]:
+    return [[texts[(offset + i * size + j) % len(texts)] for j in range(size)] for i in range(n)]
+
+
+def test_worker_started_while_queue_unreachable(w2_start):
+    assert w2_start["alive_while_down"] == 200
+    assert w2_start["ready_while_down"] == 503
+    assert w2_start["errors_while_down"] >= 1
+
+
+def test_probes(w2):
+    import socket
+
+    assert httpx.get(w2.url + "/livez").json() == {"alive": True}
+    assert httpx.get(w2.url + "/readyz").json() == {"ready": True}
+
+
+def test_tcp_probe_port_accepts_while_alive(w2_start):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", w2_start["tcp_port"]), timeout=2):
+        pass
+
+
+def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, stsb_sentences, ops_ref, tmp_path):
+    promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
+    assert promtool and prometheus, "install Debian's prometheus package (make test does)"
+    batches = _batches(stsb_sentences[:200], 12, 10)
+    resps = asyncio.run(_load(g2.url, batches))
+    assert _check_answers(resps, batches, ops_ref) == 0
+    print(f"prometheus test: sent {len(batches)} requests, lost 0")
+
+    for url in (g2.url, w2.url):
+        text = httpx.get(url + "/metrics").text
+        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                              text=True)
+        findings = [ln for ln in (lint.stdout + lint.stderr).splitlines() if ln.strip()]
+        # vLLM's own metrics keep their upstream names ("vllm:...", one histogram ending in
+        # "_total"), which promtool's lint flags; everything of ours must be clean.
+        ours = [ln for ln in findings if not ln.startswith("vllm:")]
+        assert not ours, (url, findings)
+        assert lint.returncode == 0 or findings, (url, lint.returncode)
+        if url == g2.url:
+            assert lint.returncode == 0 and not findings
+
+    port = ls.free_port()
+    targets = [u.split("//")[1] for u in (g2.url, w2.url)]
+    (tmp_path / "prometheus.yml").write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: gateway
+    static_configs: [{{targets: ["{targets[0]}"]}}]
+  - job_name: worker
+    static_configs: [{{targets: ["{targets[1]}"]}}]
+""")
+    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        api = f"http://127.0.0.1:{port}/api/v1/query"
+
+        def query(q: str) -> float | None:
+            try:
+                res = httpx.get(api, params={"query": q}, timeout=5).json()["data"]["result"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                return None
+            return float(res[0]["value"][1]) if res else None
+
+        n_inputs = sum(len(b) for b in batches)
+        checks = {
+            f'sum(inference_worker_items_completed_total{{model="{MODEL}"}})': lambda v: v >= n_inputs,
+            'sum(inference_gateway_requests_total{route="/v1/embeddings",status="200"})':
+                lambda v: v >= len(batches),
+            "inference_worker_engine_up": lambda v: v == 1,
+            "inference_worker_queue_reachable": lambda v: v == 1,
+            f'sum(inference_gateway_workers{{model="{MODEL}"}})': lambda v: v == 1,
+            f'sum(inference_worker_prompt_tokens_total{{model="{MODEL}"}})': lambda v: v > n_inputs,
+            'count(inference_worker_build_info{task="embed",dtype="float32"})': lambda v: v == 1,
+            "sum(vllm:request_success_total)": lambda v: v >= n_inputs,
+            'sum(up{job=~"gateway|worker"})': lambda v: v == 2,
+        }
+        deadline = time.monotonic() + 60
+        pending = dict(checks)
+        while pending and time.monotonic() < deadline:
+            for q, ok in list(pending.items()):
+                v = query(q)
+                if v is not None and ok(v):
+                    del pending[q]
+            time.sleep(1)
+        assert not pending, {q: query(q) for q in pending}
+    finally:
+        prom.terminate()
+        prom.wait(30)
+
+
+def test_faulty_queue_calls_lose_nothing(g2, w2, proxy, stsb_sentences, ops_ref):
+    before = httpx.get(w2.url + "/metrics").text
+    batches = _batches(stsb_sentences[:200], 60, 8, offset=3)
+    proxy.mode = "faults"
+    try:
+        resps = asyncio.run(_load(g2.url, batches))
+    finally:
+        proxy.mode = "pass"
+    lost = _check_answers(resps, batches, ops_ref)
+    after = httpx.get(w2.url + "/metrics").text
+    retries = _metric(after, "inference_worker_queue_retries_total") - _metric(
+        before, "inference_worker_queue_retries_total")
+    print(f"fault proxy test: sent {len(batches)} requests, lost {lost}, injected {dict(proxy.injected)}")
+    assert lost == 0
+    assert proxy.injected["500"] and proxy.injected["429"] and proxy.injected["slow"]
+    assert proxy.injected["lost"] >= 1
+    assert retries >= proxy.injected["500"] // 2  # the worker retried instead of giving up
+    assert w2.popen.poll() is None
+
+
+def test_logs_carry_no_secrets_or_inputs(g2, w2, stsb_sentences):
+    for log in (w2.log_path, g2.log_path):
+        text = log.read_text(errors="replace")
+        assert ls.API_KEY not in text and ls.WORKER_TOKEN not in text
+        leaked = [s for s in stsb_sentences[:200] if s in text]
+        assert not leaked, (log, leaked[:3])
+    assert "serving ['ops-minilm']" in w2.log_path.read_text()
+
+
+def test_queue_outage_of_30_s_mid_run(g2, w2, proxy, stsb_sentences, ops_ref):
+    batches = _batches(stsb_sentences[:200], 30, 8, offset=11)
+
+    async def scenario() -> list[httpx.Response]:
+        load = asyncio.create_task(_load(g2.url, batches, concurrency=30))
+        await asyncio.sleep(0.3)
+        proxy.down()
+        await asyncio.sleep(30)
+        assert w2.popen.poll() is None
+        assert httpx.get(w2.url + "/livez").status_code == 200
+        assert httpx.get(w2.url + "/readyz").status_code == 503
+        proxy.up()
+        return await load
+
+    resps = asyncio.run(scenario())
+    lost = _check_answers(resps, batches, ops_ref)
+    print(f"30 s outage test: sent {len(batches)} requests, lost {lost}")
+    assert lost == 0
+
+
+def test_sigterm_during_load_drains_and_exits_0(g2, w2, stack_dir, stsb_sentences, ops_ref):
+    w3 = ls.start_worker(_ops_config(g2.url), stack_dir, "w3")  # takes over what W2 hands back
+    try:
+        batches = _batches(stsb_sentences[:200], 40, 64, offset=5)
+
+        async def scenario() -> list[httpx.Response]:
+            load = asyncio.create_task(_load(g2.url, batches, concurrency=40))
+            deadline = time.monotonic() + 60
+            while _metric(httpx.get(w2.url + "/metrics").text, "inference_worker_items_in_flight") < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            w2.signal(signal.SIGTERM)
+            return await load
+
+        t0 = time.monotonic()
+        resps = asyncio.run(scenario())
+        code = w2.popen.wait(90)
+        lost = _check_answers(resps, batches, ops_ref)
+        print(f"SIGTERM test: sent {len(batches)} requests, lost {lost}, exit {code}, "
+              f"{time.monotonic() - t0:.1f} s")
+        assert code == 0, w2.log_tail()
+        assert lost == 0
+        assert "drained; exit code 0" in w2.log_path.read_text()
+        _engine_death(g2, w3, stack_dir, stsb_sentences, ops_ref)
+    finally:
+        w3.stop()
+
+
+def _engine_death(g2: ls.Proc, victim: ls.Proc, stack_dir: Path, texts: list[str],
+                  ref: dict[str, np.ndarray]) -> None:
+    """Kill the victim's vLLM engine process: the worker must report not-alive, exit non-zero,
+    and its leased items must reach another worker."""
+    w4 = ls.start_worker(_ops_config(g2.url), stack_dir, "w4")
+    try:
+        batches = _batches(texts, 40, 64, offset=17)
+        engine_procs = [p for p in psutil.Process(victim.pid).children(recursive=True)]
+        assert engine_procs, "no vLLM engine process found"
+
+        async def scenario() -> list[httpx.Response]:
+            load = asyncio.create_task(_load(g2.url, batches, concurrency=40))
+            deadline = time.monotonic() + 60
+            while _metric(httpx.get(victim.url + "/metrics").text,
+                          "inference_worker_items_in_flight") < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            for p in engine_procs:
+                p.kill()
+            return await load
+
+        resps = asyncio.run(scenario())
+        code = victim.popen.wait(60)
+        lost = _check_answers(resps, batches, ref)
+        print(f"engine death test: sent {len(batches)} requests, lost {lost}, exit {code}")
+        assert code not in (0, None), victim.log_tail()
+        assert lost == 0
+    finally:
+        w4.stop()
