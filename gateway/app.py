@@ -91,8 +91,9 @@ class _QueueCollector:
             depth.add_metric([model], n)
         yield depth
         leased = GaugeMetricFamily("inference_gateway_items_leased",
-                                   "Inputs leased to workers, not yet answered.")
-        leased.add_metric([], self.queue.leased_count())
+                                   "Inputs leased to workers, not yet answered.", labels=["model"])
+        for model, n in self.queue.leased().items():
+            leased.add_metric([model], n)
         yield leased
         workers = GaugeMetricFamily("inference_gateway_workers",
                                     "Live workers per model.", labels=["model"])
@@ -304,7 +305,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # --- worker API (queue protocol v1) -------------------------------------------------
     @app.post(f"{PREFIX}/pull", dependencies=[Depends(worker_auth)])
     async def pull(req: PullRequest) -> PullResponse:
-        items = await queue.pull(req.worker_id, req.models, req.max_items, req.wait_seconds)
+        items = await queue.pull(req.worker_id, req.models, req.max_items, req.wait_seconds,
+                                 req.max_tokens)
         return PullResponse(items=items)
 
     @app.post(f"{PREFIX}/results", dependencies=[Depends(worker_auth)])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import metrics
-from worker.protocol import ItemError, ItemResult, ModelAdvert, WorkItem
+from worker.protocol import ItemError, ItemResult, ModelAdvert, WorkItem, estimate_tokens
 
 
 class NoWorker(Exception):
@@ -42,6 +42,7 @@ class Item:
     lease_id: str | None = None
     lease_deadline: float = 0.0
     worker_id: str | None = None
+    est_tokens: int = 1
 
     @property
     def done(self) -> bool:
@@ -80,7 +81,8 @@ class WorkQueue:
         q = self._pending.setdefault((model, task), deque())
         items = []
         for spec in specs:
-            item = Item(uuid.uuid4().hex, model, task, spec, loop.create_future())
+            item = Item(uuid.uuid4().hex, model, task, spec, loop.create_future(),
+                        est_tokens=estimate_tokens(spec.get("text"), spec.get("token_ids")))
             self._items[item.item_id] = item
             q.append(item)
             items.append(item)
@@ -121,8 +123,9 @@ class WorkQueue:
 
     # --- worker side --------------------------------------------------------------------
     async def pull(self, worker_id: str, adverts: list[ModelAdvert], max_items: int,
-                   wait_seconds: float) -> list[WorkItem]:
-        """Lease up to ``max_items`` items of the advertised models and tasks.
+                   wait_seconds: float, max_tokens: int | None = None) -> list[WorkItem]:
+        """Lease up to ``max_items`` items (and about ``max_tokens`` estimated prompt tokens,
+        at least one item) of the advertised models and tasks.
 
         Returns at once when work is waiting, else after ``wait_seconds`` (long polling),
         possibly with an empty list.
@@ -138,7 +141,7 @@ class WorkQueue:
         try:
             while True:
                 self.reap()
-                leased = self._take(worker_id, keys, max_items)
+                leased = self._take(worker_id, keys, max_items, max_tokens)
                 remaining = deadline - time.monotonic()
                 if leased or remaining <= 0:
                     return leased
@@ -154,11 +157,14 @@ class WorkQueue:
             seen.pulls_open -= 1
             seen.last_seen = time.monotonic()
 
-    def _take(self, worker_id: str, keys: list[tuple[str, str]], max_items: int) -> list[WorkItem]:
+    def _take(self, worker_id: str, keys: list[tuple[str, str]], max_items: int,
+              max_tokens: int | None = None) -> list[WorkItem]:
         out: list[WorkItem] = []
         now = time.monotonic()
+        tokens = 0
+        budget = max_tokens if max_tokens is not None else float("inf")
         progress = True
-        while len(out) < max_items and progress:
+        while len(out) < max_items and tokens < budget and progress:
             progress = False
             for key in keys:  # round-robin across the worker's models and tasks
                 q = self._pending.get(key)
@@ -166,6 +172,9 @@ class WorkQueue:
                     item = q.popleft()
                     if item.done or item.item_id not in self._items or item.lease_id is not None:
                         continue  # cancelled, answered or already leased again
+                    if out and tokens + item.est_tokens > budget:
+                        q.appendleft(item)  # does not fit this pull; first in line next time
+                        break
                     item.attempt += 1
                     item.lease_id = uuid.uuid4().hex[:16]
                     item.lease_deadline = now + self.lease_seconds
@@ -177,10 +186,12 @@ class WorkQueue:
                         metrics.REDELIVERIES.labels(item.model).inc()
                     out.append(WorkItem(item_id=item.item_id, lease_id=item.lease_id,
                                         lease_seconds=self.lease_seconds, attempt=item.attempt,
-                                        model=item.model, task=item.task, **item.spec))
+                                        model=item.model, task=item.task,
+                                        est_tokens=item.est_tokens, **item.spec))
+                    tokens += item.est_tokens
                     progress = True
                     break
-                if len(out) >= max_items:
+                if len(out) >= max_items or tokens >= budget:
                     break
         return out
 
@@ -277,5 +288,9 @@ class WorkQueue:
                 out[item.model] = out.get(item.model, 0) + 1
         return out
 
-    def leased_count(self) -> int:
-        return len(self._leased)
+    def leased(self) -> dict[str, int]:
+        """Items leased to workers and not yet answered, per model."""
+        out: dict[str, int] = {}
+        for item in self._leased.values():
+            out[item.model] = out.get(item.model, 0) + 1
+        return out

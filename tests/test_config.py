@@ -55,6 +55,12 @@ def test_token_from_environment(shared_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("INFERENCE_WORKER_QUEUE_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"queue\.token"):
         load_config(path)
+    monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"queue\.token"):
+        load_config(path)
+    (tmp_path / "token").write_text("from-secret-file\n")
+    monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN_FILE", str(tmp_path / "token"))
+    assert load_config(path).token == "from-secret-file"
     monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN", "from-env")
     assert load_config(path).token == "from-env"
 

@@ -27,6 +27,8 @@ from tests.faults import FaultInjectingProxy
 
 MODEL = "ops-minilm"
 PICKUP = 120  # seconds a request may wait for a worker (outages below are shorter)
+BACKLOG_MODEL = "backlog-model"  # declared at the gateway, served by no worker
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -50,7 +52,8 @@ def _ops_config(queue_url: str, **kw: object) -> str:
 @pytest.fixture(scope="module")
 def g2(stack_dir) -> Iterator[ls.Proc]:
     proc = ls.start_gateway(stack_dir, args=["--lease-seconds", "5", "--max-attempts", "6",
-                                             "--pickup-timeout", str(PICKUP)])
+                                             "--pickup-timeout", str(PICKUP),
+                                             "--model", BACKLOG_MODEL])
     yield proc
     proc.stop()
 
@@ -96,6 +99,68 @@ def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def w2(w2_start) -> ls.Proc:
     return w2_start["proc"]
+
+
+class Prometheus:
+    """A real Prometheus server on loopback scraping G2 and W2 every second, with the shipped
+    alerting rules loaded (their ``for:`` durations shortened to 3 s so tests stay short)."""
+
+    def __init__(self, targets: dict[str, str], workdir: Path):
+        import re
+
+        binary = shutil.which("prometheus")
+        assert binary and shutil.which("promtool"), "install Debian's prometheus package (make test does)"
+        rules = (REPO / "deploy" / "prometheus" / "alerts.yml").read_text()
+        (workdir / "alerts.yml").write_text(re.sub(r"for: \d+m", "for: 3s", rules))
+        jobs = "".join(f"""
+  - job_name: {job}
+    static_configs: [{{targets: ["{url.split('//')[1]}"]}}]""" for job, url in targets.items())
+        (workdir / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: [{workdir / 'alerts.yml'}]\nscrape_configs:{jobs}\n")
+        self.port = ls.free_port()
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.api = f"http://127.0.0.1:{self.port}/api/v1"
+
+    def query(self, q: str) -> float | None:
+        try:
+            res = httpx.get(self.api + "/query", params={"query": q}, timeout=5).json()["data"]["result"]
+        except (httpx.HTTPError, KeyError, ValueError):
+            return None
+        return float(res[0]["value"][1]) if res else None
+
+    def wait_for(self, checks: dict, timeout: float) -> None:
+        pending = dict(checks)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for q, ok in list(pending.items()):
+                v = self.query(q)
+                if v is not None and ok(v):
+                    del pending[q]
+            time.sleep(1)
+        assert not pending, {q: self.query(q) for q in pending}
+
+    def firing(self) -> list[dict]:
+        try:
+            alerts = httpx.get(self.api + "/alerts", timeout=5).json()["data"]["alerts"]
+        except (httpx.HTTPError, KeyError, ValueError):
+            return []
+        return [a for a in alerts if a["state"] == "firing"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def prom(g2, w2, tmp_path_factory) -> Iterator[Prometheus]:
+    p = Prometheus({"inference-gateway": g2.url, "inference-worker": w2.url},
+                   tmp_path_factory.mktemp("prometheus"))
+    yield p
+    p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +217,7 @@ def test_tcp_probe_port_accepts_while_alive(w2_start):
         pass
 
 
-def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, stsb_sentences, ops_ref, tmp_path):
+def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, prom, stsb_sentences, ops_ref):
     promtool, prometheus = shutil.which("promtool"), shutil.which("prometheus")
     assert promtool and prometheus, "install Debian's prometheus package (make test does)"
     batches = _batches(stsb_sentences[:200], 12, 10)
@@ -173,55 +238,20 @@ def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, stsb_sentence
         if url == g2.url:
             assert lint.returncode == 0 and not findings
 
-    port = ls.free_port()
-    targets = [u.split("//")[1] for u in (g2.url, w2.url)]
-    (tmp_path / "prometheus.yml").write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-scrape_configs:
-  - job_name: gateway
-    static_configs: [{{targets: ["{targets[0]}"]}}]
-  - job_name: worker
-    static_configs: [{{targets: ["{targets[1]}"]}}]
-""")
-    prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        api = f"http://127.0.0.1:{port}/api/v1/query"
-
-        def query(q: str) -> float | None:
-            try:
-                res = httpx.get(api, params={"query": q}, timeout=5).json()["data"]["result"]
-            except (httpx.HTTPError, KeyError, ValueError):
-                return None
-            return float(res[0]["value"][1]) if res else None
-
-        n_inputs = sum(len(b) for b in batches)
-        checks = {
-            f'sum(inference_worker_items_completed_total{{model="{MODEL}"}})': lambda v: v >= n_inputs,
-            'sum(inference_gateway_requests_total{route="/v1/embeddings",status="200"})':
-                lambda v: v >= len(batches),
-            "inference_worker_engine_up": lambda v: v == 1,
-            "inference_worker_queue_reachable": lambda v: v == 1,
-            f'sum(inference_gateway_workers{{model="{MODEL}"}})': lambda v: v == 1,
-            f'sum(inference_worker_prompt_tokens_total{{model="{MODEL}"}})': lambda v: v > n_inputs,
-            'count(inference_worker_build_info{task="embed",dtype="float32"})': lambda v: v == 1,
-            "sum(vllm:request_success_total)": lambda v: v >= n_inputs,
-            'sum(up{job=~"gateway|worker"})': lambda v: v == 2,
-        }
-        deadline = time.monotonic() + 60
-        pending = dict(checks)
-        while pending and time.monotonic() < deadline:
-            for q, ok in list(pending.items()):
-                v = query(q)
-                if v is not None and ok(v):
-                    del pending[q]
-            time.sleep(1)
-        assert not pending, {q: query(q) for q in pending}
-    finally:
-        prom.terminate()
-        prom.wait(30)
+    n_inputs = sum(len(b) for b in batches)
+    checks = {
+        f'sum(inference_worker_items_completed_total{{model="{MODEL}"}})': lambda v: v >= n_inputs,
+        'sum(inference_gateway_requests_total{route="/v1/embeddings",status="200"})':
+            lambda v: v >= len(batches),
+        "inference_worker_engine_up": lambda v: v == 1,
+        "inference_worker_queue_reachable": lambda v: v == 1,
+        f'sum(inference_gateway_workers{{model="{MODEL}"}})': lambda v: v == 1,
+        f'sum(inference_worker_prompt_tokens_total{{model="{MODEL}"}})': lambda v: v > n_inputs,
+        'count(inference_worker_build_info{task="embed",dtype="float32"})': lambda v: v == 1,
+        "sum(vllm:request_success_total)": lambda v: v >= n_inputs,
+        'sum(up{job=~"inference-gateway|inference-worker"})': lambda v: v == 2,
+    }
+    prom.wait_for(checks, timeout=60)
 
 
 def test_faulty_queue_calls_lose_nothing(g2, w2, proxy, stsb_sentences, ops_ref):
@@ -289,7 +319,12 @@ def test_sigterm_during_load_drains_and_exits_0(g2, w2, stack_dir, stsb_sentence
 
         t0 = time.monotonic()
         resps = asyncio.run(scenario())
-        code = w2.popen.wait(90)
+        try:
+            code = w2.popen.wait(90)
+        except subprocess.TimeoutExpired:
+            w2.signal(signal.SIGUSR1)  # stack dump into the log, then fail with it
+            time.sleep(2)
+            raise AssertionError("worker did not exit after SIGTERM:\n" + w2.log_tail(120))
         lost = _check_answers(resps, batches, ops_ref)
         print(f"SIGTERM test: sent {len(batches)} requests, lost {lost}, exit {code}, "
               f"{time.monotonic() - t0:.1f} s")
@@ -330,3 +365,38 @@ def _engine_death(g2: ls.Proc, victim: ls.Proc, stack_dir: Path, texts: list[str
         assert lost == 0
     finally:
         w4.stop()
+
+
+def test_autoscaler_query_sees_queue_depth(g2, prom):
+    """The KEDA trigger's query, as shipped, returns the backlog of a model with no worker."""
+    import yaml
+
+    so = yaml.safe_load((REPO / "deploy/k8s/components/keda/scaledobject.yaml").read_text())
+    query = so["spec"]["triggers"][0]["metadata"]["query"].replace("all-minilm-l6-v2", BACKLOG_MODEL)
+    assert prom.query(query) == 0  # "or vector(0)": no series yet is zero, not "no data"
+    backlog = 37
+    headers = {"Authorization": f"Bearer {ls.API_KEY}"}
+
+    async def scenario() -> float | None:
+        async with httpx.AsyncClient(base_url=g2.url, headers=headers, timeout=PICKUP + 30) as c:
+            waiting = asyncio.create_task(c.post("/v1/embeddings", json={
+                "model": BACKLOG_MODEL, "input": [f"queued {i}" for i in range(backlog)]}))
+            await asyncio.to_thread(prom.wait_for, {query: lambda v: v == backlog}, 30)
+            value = prom.query(query)
+            waiting.cancel()
+            return value
+
+    assert asyncio.run(scenario()) == backlog
+
+
+def test_worker_down_alert_fires_when_the_worker_is_gone(w2, prom):
+    """Runs after the SIGTERM test: W2's process has exited, so its target is down."""
+    assert w2.popen.poll() is not None
+    deadline = time.monotonic() + 60
+    names: set[str] = set()
+    while time.monotonic() < deadline:
+        names = {a["labels"]["alertname"] for a in prom.firing()}
+        if "InferenceWorkerDown" in names:
+            break
+        time.sleep(1)
+    assert "InferenceWorkerDown" in names, names

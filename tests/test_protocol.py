@@ -193,3 +193,22 @@ def test_vector_codec_roundtrip():
     assert np.array_equal(decode_vector(encode_vector(v)), v)
     with pytest.raises(ValueError):
         decode_vector("abc")
+
+
+async def test_pull_size_follows_token_capacity(proto_gateway):
+    async with _client(proto_gateway) as c, _worker(proto_gateway) as w:
+        await _pull(w, wait=0)
+        long_text = "word " * 200  # ~252 estimated tokens each
+        req = asyncio.create_task(c.post("/v1/embeddings", json={"model": MODEL, "input": [long_text] * 6}))
+        await asyncio.sleep(0.2)
+        r = await w.post("/pull", json={"worker_id": "tok", "models": [ADVERT], "max_items": 100,
+                                        "max_tokens": 600, "wait_seconds": 5})
+        first = r.json()["items"]
+        assert len(first) == 2 and all(i["est_tokens"] == 252 for i in first)
+        r = await w.post("/pull", json={"worker_id": "tok", "models": [ADVERT], "max_items": 100,
+                                        "max_tokens": 10, "wait_seconds": 5})
+        assert len(r.json()["items"]) == 1  # at least one item, even over budget
+        rest = await _pull(w, max_items=100, wait=5)
+        assert len(rest) == 3
+        await _post(w, [_ok(i, [1.0]) for i in first + r.json()["items"] + rest])
+        assert (await req).status_code == 200

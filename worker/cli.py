@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -120,12 +121,13 @@ async def serve(cfg: Config) -> int:
             loop.add_signal_handler(sig, worker.stop)
         if stop_early.is_set():
             worker.stop()
-        log.info("serving %s as worker %s (up to %d items in flight)",
-                 list(cfg.queue.models), worker.worker_id, worker.capacity)
+        log.info("serving %s as worker %s (up to %d items / %d tokens in flight)",
+                 list(cfg.queue.models), worker.worker_id, worker.capacity, worker.token_capacity)
         return await worker.run()
     finally:
         metrics.ENGINE_UP.set(0)
         engine.shutdown()
+        log.info("vLLM engine shut down")
         await client.aclose()
         await mon.stop()
 
@@ -133,6 +135,7 @@ async def serve(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logs.setup()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU backend reserves one core for the frontend by default: half the throughput
     # on small hosts. Ignored by the GPU backend.
@@ -142,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"{args.config}: OK")
             return 0
-        return asyncio.run(serve(cfg))
+        code = asyncio.run(serve(cfg))
+        log.info("exiting with %d", code)
+        return code
     except ConfigError as e:
         print(f"inference-worker: config error:\n{e}", file=sys.stderr)
         return 2

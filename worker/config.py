@@ -27,6 +27,8 @@ else:  # pragma: no cover
 
 #: Environment variable that overrides ``queue.token`` so secrets stay out of files.
 TOKEN_ENV = "INFERENCE_WORKER_QUEUE_TOKEN"
+#: Environment variable naming a file that holds the token (e.g. a mounted Kubernetes Secret).
+TOKEN_FILE_ENV = "INFERENCE_WORKER_QUEUE_TOKEN_FILE"
 
 
 class ConfigError(Exception):
@@ -141,6 +143,9 @@ class QueueConfig(_Strict):
     pull_wait_seconds: Annotated[float, Field(strict=False)] = Field(default=10.0, gt=0, le=60)
     #: Items the worker keeps in the engine at once; default ``2 * generator.max_num_seqs``.
     max_items_in_flight: int | None = Field(default=None, gt=0)
+    #: Estimated prompt tokens the worker keeps in the engine at once; default
+    #: ``4 * max_num_batched_tokens`` of the engine (a few engine steps of work).
+    max_tokens_in_flight: int | None = Field(default=None, gt=0)
     #: Timeout of one HTTP call to the queue, seconds (pulls add ``pull_wait_seconds``).
     http_timeout_seconds: Annotated[float, Field(strict=False)] = Field(default=10.0, gt=0)
 
@@ -175,8 +180,16 @@ class Config(_Strict):
 
     @property
     def token(self) -> str:
-        """The queue token: ``$INFERENCE_WORKER_QUEUE_TOKEN`` if set, else ``queue.token``."""
-        return os.environ.get(TOKEN_ENV) or self.queue.token or ""
+        """The queue token: ``$INFERENCE_WORKER_QUEUE_TOKEN``, else the contents of the file
+        named by ``$INFERENCE_WORKER_QUEUE_TOKEN_FILE`` (stripped), else ``queue.token``."""
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV]
+        if os.environ.get(TOKEN_FILE_ENV):
+            try:
+                return Path(os.environ[TOKEN_FILE_ENV]).read_text(encoding="utf-8").strip()
+            except OSError:
+                return ""
+        return self.queue.token or ""
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -229,7 +242,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     cfg._source = path
 
     if not cfg.token:
-        raise ConfigError(f"{path}: queue.token: required key is missing (or set ${TOKEN_ENV})")
+        raise ConfigError(f"{path}: queue.token: required key is missing (or set ${TOKEN_ENV}, "
+                          f"or ${TOKEN_FILE_ENV} to a readable file holding it)")
     if not cfg.queue.models:
         raise ConfigError(f'{path}: queue.models: expected at least one [queue.models."<name>"] table')
     want = cfg.generator.task

@@ -116,6 +116,11 @@ class Engine:
         return self._tokenizer
 
     @property
+    def max_num_batched_tokens(self) -> int:
+        """Tokens the vLLM scheduler puts into one engine step."""
+        return int(self.llm.vllm_config.scheduler_config.max_num_batched_tokens)
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the model's logits (valid ``return_logits`` ids are below this)."""
         return int(self.llm.model_config.get_vocab_size())

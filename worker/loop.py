@@ -3,7 +3,8 @@
 Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
 
 1. **pull**: long-polls the queue for as many items as there is free capacity
-   (``max_items_in_flight`` minus items in flight), and starts one engine request per item;
+   (``max_items_in_flight`` minus items in flight, and ``max_tokens_in_flight`` minus their
+   estimated prompt tokens), and starts one engine request per item;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
    its result or per-item error goes to the outbox;
 3. **post**: sends everything in the outbox in one call, again and again, so posting never
@@ -53,6 +54,8 @@ class Worker:
         self.adverts = adverts
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.capacity = cfg.queue.max_items_in_flight or 2 * cfg.generator.max_num_seqs
+        self.token_capacity = cfg.queue.max_tokens_in_flight or 4 * engine.max_num_batched_tokens
+        self._tokens_in_flight = 0
         self._leased: dict[str, _Leased] = {}
         self._outbox: list[tuple[ItemResult, _Leased]] = []
         self._outbox_ready = asyncio.Event()
@@ -71,7 +74,8 @@ class Worker:
         backoff = 0.5
         while not self._stopping.is_set():
             free = self.capacity - self.in_flight
-            if free <= 0:
+            free_tokens = self.token_capacity - self._tokens_in_flight
+            if free <= 0 or free_tokens <= 0:
                 self._capacity_freed.clear()
                 await self._capacity_freed.wait()
                 continue
@@ -79,6 +83,7 @@ class Worker:
                 worker_id=self.worker_id,
                 models=self.adverts,
                 max_items=free,
+                max_tokens=free_tokens,
                 wait_seconds=self.cfg.queue.pull_wait_seconds,
             )
             t0 = time.monotonic()
@@ -102,6 +107,7 @@ class Worker:
             for item in items:
                 leased = _Leased(item, now)
                 self._leased[item.item_id] = leased
+                self._tokens_in_flight += item.est_tokens
                 metrics.ITEMS_PULLED.labels(item.model, item.task).inc()
                 self._spawn(self._infer(leased))
             metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
@@ -165,7 +171,8 @@ class Worker:
                 self._forget(lz)
 
     def _forget(self, lz: _Leased) -> None:
-        self._leased.pop(lz.item.item_id, None)
+        if self._leased.pop(lz.item.item_id, None) is not None:
+            self._tokens_in_flight -= lz.item.est_tokens
         metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
         self._capacity_freed.set()
 

@@ -49,7 +49,8 @@ class MonitoringServer:
                  alive: Callable[[], bool], ready: Callable[[], bool]):
         self._alive = alive
         config = uvicorn.Config(create_app(alive, ready), host=host, port=port,
-                                log_level="warning", access_log=False, lifespan="off")
+                                log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, timeout_keep_alive=2)
         self._server = uvicorn.Server(config)
         self._host = host
         self._tcp_ports = tcp_probes
@@ -75,8 +76,15 @@ class MonitoringServer:
         writer.close()
 
     async def stop(self) -> None:
+        """Close the probe ports and the HTTP server; never waits more than a few seconds
+        for scrapers' keep-alive connections."""
         for srv in self._tcp:
             srv.close()
         self._server.should_exit = True
         if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=3)
+            except asyncio.TimeoutError:
+                self._server.force_exit = True
+                await asyncio.gather(self._task, return_exceptions=True)
+        log.info("monitoring stopped")

@@ -59,6 +59,9 @@ class PullRequest(_Wire):
     worker_id: str
     models: list[ModelAdvert] = Field(min_length=1)
     max_items: int = Field(ge=1, le=4096)
+    #: Free token capacity: the queue stops adding items once their estimated prompt tokens
+    #: (``WorkItem.est_tokens``) exceed it; at least one item is always returned.
+    max_tokens: int | None = Field(default=None, ge=1)
     wait_seconds: float = Field(default=10.0, ge=0, le=60)
 
 
@@ -70,6 +73,8 @@ class WorkItem(_Wire):
     lease_seconds: float
     #: 1 on first delivery; higher when redelivered after an expired lease.
     attempt: int = 1
+    #: The queue's estimate of the prompt tokens (token ids: exact; text: ~4 bytes per token).
+    est_tokens: int = 1
     model: str
     task: Task
     #: Exactly one of ``text`` and ``token_ids`` is set.
@@ -148,6 +153,14 @@ class ReleaseRequest(_Wire):
 
 class ReleaseResponse(_Wire):
     released: int
+
+
+def estimate_tokens(text: str | None, token_ids: list[int] | None) -> int:
+    """Prompt tokens of an input, without a tokenizer: exact for token ids, else UTF-8 bytes / 4
+    plus 2 special tokens (close for English BPE / WordPiece vocabularies)."""
+    if token_ids is not None:
+        return max(1, len(token_ids))
+    return len((text or "").encode("utf-8")) // 4 + 2
 
 
 def encode_vector(vector: np.ndarray) -> str:
