@@ -13,7 +13,7 @@ test: setup
 
 bench:
 	scripts/setup.sh cpu,model,test,bench
-	HF_HUB_OFFLINE=1 .venv/bin/python bench/embeddings.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/suite.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
 
 clean:
