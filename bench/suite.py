@@ -54,15 +54,20 @@ def load_inputs(shared: Path, n_sent: int, n_docs: int) -> tuple[list[str], list
             seen.setdefault(a)
             seen.setdefault(b)
     sents = list(seen)
-    docs, cur, words = [], [], 0
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ls.minilm_path())
+    docs, cur, n = [], [], 2  # [CLS] and [SEP]
     for s in sents:
+        k = len(tok(s, add_special_tokens=False)["input_ids"])
+        if n + k > 500:  # documents of 480-500 tokens, under the 512 limit
+            if n >= 480:
+                docs.append(" ".join(cur))
+            cur, n = [], 2
+            if len(docs) >= n_docs:
+                break
         cur.append(s)
-        words += len(s.split())
-        if words >= 380:  # ~500 WordPiece tokens
-            docs.append(" ".join(cur))
-            cur, words = [], 0
-        if len(docs) >= n_docs:
-            break
+        n += k
     return sents[:n_sent], docs
 
 
