@@ -299,9 +299,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ]
         return ModelList(data=cards)
 
-    app.state.run_items = run_items
-    app.state.check_model = check_model
-
     # --- worker API (queue protocol v1) -------------------------------------------------
     @app.post(f"{PREFIX}/pull", dependencies=[Depends(worker_auth)])
     async def pull(req: PullRequest) -> PullResponse:

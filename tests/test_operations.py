@@ -204,8 +204,6 @@ def test_worker_started_while_queue_unreachable(w2_start):
 
 
 def test_probes(w2):
-    import socket
-
     assert httpx.get(w2.url + "/livez").json() == {"alive": True}
     assert httpx.get(w2.url + "/readyz").json() == {"ready": True}
 
