@@ -22,26 +22,13 @@ import psutil
 import pytest
 
 from gateway import localstack as ls
-from tests.conftest import cosine, unit
+from tests.conftest import cosine, metric as _metric, unit
 from tests.faults import FaultInjectingProxy
 
 MODEL = "ops-minilm"
 PICKUP = 120  # seconds a request may wait for a worker (outages below are shorter)
 BACKLOG_MODEL = "backlog-model"  # declared at the gateway, served by no worker
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, value = line.rsplit(" ", 1)
-        if head != name and not head.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def _ops_config(queue_url: str, **kw: object) -> str:

@@ -7,7 +7,6 @@ scripted status codes; the real gateway cannot be made to return them on demand.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator

@@ -12,14 +12,7 @@ import numpy as np
 
 from gateway import localstack as ls
 from tests.conftest import MODEL, cosine, embed_worker_config, unit
-
-
-def _metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+from tests.conftest import metric as _metric
 
 
 def test_items_of_a_killed_worker_are_redelivered(gateway, embed_worker, client, reference,
