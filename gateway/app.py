@@ -259,14 +259,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         check_model(req.model, "score")
         if not req.query:
             raise APIError(400, "'query' must not be empty.", param="query")
-        if not req.documents:
-            raise APIError(400, "'documents' must not be empty.", param="documents")
-        if len(req.documents) > MAX_INPUTS:
-            raise APIError(400, f"'documents' has {len(req.documents)} items; at most "
-                           f"{MAX_INPUTS} are allowed per request.", param="documents")
-        for i, doc in enumerate(req.documents):
-            if not doc:
-                raise APIError(400, f"documents[{i}] is an empty string.", param="documents")
+        _check_inputs(req.documents, "documents")
         advert = queue.advert(req.model)
         spec = advert.rerank if advert is not None else None
         if spec is None:
@@ -331,7 +324,7 @@ def _normalize_input(value: Any) -> list[dict[str, Any]]:
     """OpenAI ``input`` -> one spec per input (``text`` or ``token_ids``).
 
     Raises APIError(400) for empty input, empty strings or token arrays, negative ids, or more
-    than :data:`MAX_INPUTS` inputs.
+    than :data:`MAX_INPUTS` inputs (see :func:`_check_inputs`).
     """
     if isinstance(value, str):
         items: list[Any] = [value]
@@ -339,24 +332,30 @@ def _normalize_input(value: Any) -> list[dict[str, Any]]:
         items = [value]  # one token array
     else:
         items = list(value)
-    if not items:
-        raise APIError(400, "'input' must not be empty.", param="input")
-    if len(items) > MAX_INPUTS:
-        raise APIError(400, f"'input' has {len(items)} items; at most {MAX_INPUTS} inputs are "
-                       "allowed per request.", param="input")
+    _check_inputs(items, "input")
     out = []
     for i, v in enumerate(items):
         if isinstance(v, str):
-            if not v:
-                raise APIError(400, f"input[{i}] is an empty string.", param="input")
             out.append({"text": v})
         else:
-            if not v:
-                raise APIError(400, f"input[{i}] is an empty token array.", param="input")
             if min(v) < 0:
                 raise APIError(400, f"input[{i}] has a negative token id.", param="input")
             out.append({"token_ids": v})
     return out
+
+
+def _check_inputs(items: list[Any], field: str) -> None:
+    """The limits shared by ``input`` and ``documents``: not empty, at most
+    :data:`MAX_INPUTS` items, no empty string or token array. Raises APIError(400)."""
+    if not items:
+        raise APIError(400, f"'{field}' must not be empty.", param=field)
+    if len(items) > MAX_INPUTS:
+        raise APIError(400, f"'{field}' has {len(items)} items; at most {MAX_INPUTS} inputs are "
+                       "allowed per request.", param=field)
+    for i, v in enumerate(items):
+        if not v:
+            what = "string" if isinstance(v, str) else "token array"
+            raise APIError(400, f"{field}[{i}] is an empty {what}.", param=field)
 
 
 def _check_logit_ids(ids: list[int], advert: Any) -> None:
