@@ -164,7 +164,7 @@ def test_dashboard_queries_only_exported_metrics(gateway, embed_worker, client):
     dash = json.loads((DEPLOY / "grafana" / "inference-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15
-    used = {m for e in exprs for m in re.findall(r"\b(?:inference_[a-z_]+|vllm:[a-z_:]+)", e)}
+    used = {m for e in exprs for m in re.findall(r"\b(?:inference_[a-z_]+|vllm_[a-z_]+)", e)}
     missing = sorted(m for m in used if _base(m) not in exported)
     assert not missing, missing
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())

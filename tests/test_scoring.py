@@ -62,6 +62,8 @@ def score_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
     cfg = ls.worker_config(queue_url=gateway.url, model_name=MODEL, model_path=tiny_path,
                            task="score", dtype="float32", max_model_len=1024, max_num_seqs=64,
                            generator_extra="engine_args = { block_size = 32 }")
+    # Keeps vLLM's own metric names (the other workers use the Prometheus-convention default).
+    cfg = cfg.replace("[monitoring]", '[monitoring]\nvllm_metric_names = "upstream"')
     proc = ls.start_worker(cfg, stack_dir, "score-worker")
     yield proc
     assert proc.stop() == 0, proc.log_tail()
@@ -209,3 +211,15 @@ def test_score_worker_keeps_serving(sc, score_worker):
     assert score_worker.popen.poll() is None
     models = {m["id"]: m for m in sc.get("/v1/models").json()["data"]}
     assert models[MODEL]["tasks"] == ["score"]
+
+
+def test_upstream_vllm_metric_names(sc, score_worker):
+    """``monitoring.vllm_metric_names = "upstream"`` serves vLLM's engine metrics as ``vllm:*``."""
+    from tests.conftest import metric
+
+    sc.post("/v1/rerank", json={"model": MODEL, "query": "q", "documents": ["a", "b"]})
+    text = httpx.get(score_worker.url + "/metrics").text
+    assert metric(text, "vllm:request_success_total") >= 2
+    assert "vllm:iteration_tokens_total_bucket" in text
+    assert "\nvllm_" not in text
+    assert metric(text, "inference_worker_items_completed_total", task="score") >= 2

@@ -95,7 +95,8 @@ async def serve(cfg: Config) -> int:
         return worker is not None and worker.queue_ok and alive()  # type: ignore[attr-defined]
 
     mon = MonitoringServer(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port,
-                           cfg.monitoring.tcp_probes, alive, ready)
+                           cfg.monitoring.tcp_probes, alive, ready,
+                           cfg.monitoring.vllm_metric_names)
     await mon.start()
     loop = asyncio.get_running_loop()
     stop_early = asyncio.Event()

@@ -165,6 +165,10 @@ class MonitoringConfig(_Strict):
     #: alive, for TCP liveness probes.
     tcp_probes: list[int] = Field(default_factory=list)
     metrics_host: str = "0.0.0.0"
+    #: How vLLM's engine metrics are named on ``/metrics``: ``"prometheus"`` renames
+    #: ``vllm:x`` to ``vllm_x`` (Prometheus naming conventions; ``promtool check metrics``
+    #: passes), ``"upstream"`` keeps vLLM's own ``vllm:x`` names (for vLLM's dashboards).
+    vllm_metric_names: Literal["prometheus", "upstream"] = "prometheus"
 
 
 class Config(_Strict):

@@ -1,6 +1,8 @@
 """The worker's monitoring port: Prometheus ``/metrics`` and health probes.
 
-- ``GET /metrics``: the worker's metrics and vLLM's own ``vllm:*`` (default registry).
+- ``GET /metrics``: the worker's metrics and vLLM's own engine metrics (default registry),
+  the latter as ``vllm_*`` (Prometheus conventions) or vLLM's ``vllm:*`` names
+  (``monitoring.vllm_metric_names``).
 - ``GET /livez``: 200 while the process and the vLLM engine are alive, else 503.
 - ``GET /readyz``: 200 once the engine is loaded and the last queue call succeeded, else 503.
 - ``monitoring.tcp_probes``: extra TCP ports that accept connections while the worker is alive,
@@ -11,23 +13,73 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 
-def create_app(alive: Callable[[], bool], ready: Callable[[], bool]) -> FastAPI:
+VllmMetricNames = Literal["prometheus", "upstream"]
+
+
+def prometheus_name(family: str, typ: str) -> str:
+    """The Prometheus-convention name of a vLLM metric family: ``vllm:x`` -> ``vllm_x``
+    (colons are reserved for recording rules), and a non-counter loses a ``_total`` suffix
+    (vLLM's histogram ``vllm:iteration_tokens_total`` -> ``vllm_iteration_tokens``).
+    Other names are returned unchanged."""
+    if not family.startswith("vllm:"):
+        return family
+    name = family.replace(":", "_")
+    if typ != "counter" and name.endswith("_total"):
+        name = name[: -len("_total")]
+    return name
+
+
+class RenamedVllmMetrics(Collector):
+    """Everything in ``source`` (the default registry: the worker's metrics and vLLM's),
+    with vLLM's families renamed by :func:`prometheus_name`; values, labels and help unchanged."""
+
+    def __init__(self, source: CollectorRegistry = REGISTRY):
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            name = prometheus_name(family.name, family.type)
+            if name == family.name:
+                yield family
+                continue
+            renamed = Metric(name, family.documentation, family.type)
+            renamed.samples = [s._replace(name=name + s.name[len(family.name):])
+                               for s in family.samples]
+            yield renamed
+
+
+def metrics_registry(names: VllmMetricNames) -> CollectorRegistry:
+    """The registry ``/metrics`` serves: the default registry itself for ``"upstream"``
+    names, a renaming view of it for ``"prometheus"`` names."""
+    if names == "upstream":
+        return REGISTRY
+    view = CollectorRegistry(auto_describe=False)
+    view.register(RenamedVllmMetrics())
+    return view
+
+
+def create_app(alive: Callable[[], bool], ready: Callable[[], bool],
+               vllm_metric_names: VllmMetricNames = "prometheus") -> FastAPI:
     """The monitoring ASGI app; ``alive`` / ``ready`` are called on every probe."""
     app = FastAPI(title="inference-worker monitoring", docs_url=None, redoc_url=None)
+    registry = metrics_registry(vllm_metric_names)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/livez")
     async def livez() -> JSONResponse:
@@ -46,9 +98,10 @@ class MonitoringServer:
     """Serves :func:`create_app` on ``host:port`` plus the TCP probe ports, in this event loop."""
 
     def __init__(self, host: str, port: int, tcp_probes: list[int],
-                 alive: Callable[[], bool], ready: Callable[[], bool]):
+                 alive: Callable[[], bool], ready: Callable[[], bool],
+                 vllm_metric_names: VllmMetricNames = "prometheus"):
         self._alive = alive
-        config = uvicorn.Config(create_app(alive, ready), host=host, port=port,
+        config = uvicorn.Config(create_app(alive, ready, vllm_metric_names), host=host, port=port,
                                 log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2, timeout_keep_alive=2)
         self._server = uvicorn.Server(config)
