@@ -13,7 +13,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics
 from gateway.api_models import (
@@ -136,7 +137,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
 
     # --- auth ---------------------------------------------------------------------------
-    def client_auth(cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    # Dependencies are ``async def``: FastAPI runs plain ``def`` ones in a thread pool, a
+    # thread hop per request for a few string comparisons.
+    async def client_auth(cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
         if cred is None:
             raise APIError(401, "You didn't provide an API key: use 'Authorization: Bearer KEY'.",
                            type="invalid_request_error", code="invalid_api_key")
@@ -147,7 +150,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             raise APIError(401, "Incorrect API key provided.", type="invalid_request_error",
                            code="invalid_api_key")
 
-    def worker_auth(cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    async def worker_auth(cred: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
         if cred is None or not _matches(cred.credentials, settings.worker_tokens):
             what = "API keys are not accepted on queue routes" if cred is not None and _matches(
                 cred.credentials, settings.api_keys) else "a valid worker token is required"
@@ -175,16 +178,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return JSONResponse(
             APIError(400, msg, param=param).response_json(), status_code=400)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        route = request.url.path
-        if not route.startswith("/v1/"):
-            return await call_next(request)
-        t0 = time.monotonic()
-        response = await call_next(request)
-        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
-        metrics.REQUEST_DURATION.labels(route).observe(time.monotonic() - t0)
-        return response
+    app.add_middleware(RequestMetrics)
 
     # --- client API ---------------------------------------------------------------------
     def check_model(model: str, task: str) -> None:
@@ -225,8 +219,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                param=field if client_fault else None, code=res.error.code)
         return results
 
-    @app.post("/v1/embeddings", dependencies=[Depends(client_auth)])
-    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
+    @app.post("/v1/embeddings", dependencies=[Depends(client_auth)],
+              response_model=EmbeddingResponse)
+    async def embeddings(req: EmbeddingRequest) -> Response:
         inputs = _normalize_input(req.input)
         task = "embed" if req.return_logits is None else "score"
         check_model(req.model, task)
@@ -252,7 +247,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         n = sum(r.prompt_tokens for r in results)
         body = EmbeddingResponse(data=data, model=req.model,
                                  usage=Usage(prompt_tokens=n, total_tokens=n))
-        return JSONResponse(body.model_dump())
+        return _json(body)
 
     @app.post("/v1/rerank", dependencies=[Depends(client_auth)])
     async def rerank(req: RerankRequest) -> JSONResponse:
@@ -293,16 +288,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return ModelList(data=cards)
 
     # --- worker API (queue protocol v1) -------------------------------------------------
-    @app.post(f"{PREFIX}/pull", dependencies=[Depends(worker_auth)])
-    async def pull(req: PullRequest) -> PullResponse:
+    @app.post(f"{PREFIX}/pull", dependencies=[Depends(worker_auth)], response_model=PullResponse)
+    async def pull(req: PullRequest) -> Response:
         items = await queue.pull(req.worker_id, req.models, req.max_items, req.wait_seconds,
                                  req.max_tokens)
-        return PullResponse(items=items)
+        return _json(PullResponse(items=items), exclude_none=True)
 
-    @app.post(f"{PREFIX}/results", dependencies=[Depends(worker_auth)])
-    async def results(req: ResultsRequest) -> ResultsResponse:
+    @app.post(f"{PREFIX}/results", dependencies=[Depends(worker_auth)],
+              response_model=ResultsResponse)
+    async def results(req: ResultsRequest) -> Response:
         accepted, ignored = queue.complete(req.results)
-        return ResultsResponse(accepted=accepted, ignored=ignored)
+        return _json(ResultsResponse(accepted=accepted, ignored=ignored))
 
     @app.post(f"{PREFIX}/release", dependencies=[Depends(worker_auth)])
     async def release(req: ReleaseRequest) -> ReleaseResponse:
@@ -318,6 +314,41 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+def _json(body: BaseModel, *, exclude_none: bool = False) -> Response:
+    """A JSON response serialised by pydantic-core in one step (no dict round trip)."""
+    return Response(body.model_dump_json(exclude_none=exclude_none), media_type="application/json")
+
+
+class RequestMetrics:
+    """ASGI middleware: ``inference_gateway_requests_total{route,status}`` and
+    ``inference_gateway_request_duration_seconds{route}`` (seconds) for the client routes
+    (``/v1/...``). Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a
+    task group and a memory stream per request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = scope.get("path", "")
+        if scope["type"] != "http" or not route.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        t0 = time.monotonic()
+        status = 500  # unless a response starts
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            metrics.REQUESTS.labels(route, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(route).observe(time.monotonic() - t0)
 
 
 def _normalize_input(value: Any) -> list[dict[str, Any]]:
