@@ -15,6 +15,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+import uvloop
+
 from worker import __version__, logs, metrics
 from worker.config import Config, ConfigError, check_model_paths, load_config
 from worker.protocol import ModelAdvert, RerankSpec
@@ -146,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"{args.config}: OK")
             return 0
-        code = asyncio.run(serve(cfg))
+        # uvloop, as vLLM's own API server uses: a cheaper event loop for the pull/post HTTP
+        # calls and vLLM's output handling that share it.
+        code = uvloop.run(serve(cfg))
         log.info("exiting with %d", code)
         return code
     except ConfigError as e:

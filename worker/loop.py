@@ -4,7 +4,8 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
 
 1. **pull**: long-polls the queue for as many items as there is free capacity
    (``max_items_in_flight`` minus items in flight, and ``max_tokens_in_flight`` minus their
-   estimated prompt tokens), and starts one engine request per item;
+   estimated prompt tokens), tokenizes the batch's texts in one call, and starts one engine
+   request per item;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
    its result or per-item error goes to the outbox;
 3. **post**: sends everything in the outbox in one call, again and again, so posting never
@@ -104,19 +105,31 @@ class Worker:
             if items:
                 metrics.PULL_BATCH_SIZE.observe(len(items))
             now = time.monotonic()
+            batch = []
             for item in items:
                 leased = _Leased(item, now)
                 self._leased[item.item_id] = leased
                 self._tokens_in_flight += item.est_tokens
                 metrics.ITEMS_PULLED.labels(item.model, item.task).inc()
-                self._spawn(self._infer(leased))
+                batch.append(leased)
             metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
+            self._spawn(self._start(batch))  # the next pull does not wait for it
+
+    async def _start(self, batch: list[_Leased]) -> None:
+        """Tokenize one pulled batch in one call, then start one engine request per item."""
+        try:
+            prompts = await self.engine.pretokenize([lz.item for lz in batch])
+        except Exception:  # noqa: BLE001 - vLLM tokenizes each input itself then
+            log.warning("batch tokenization failed; vLLM tokenizes each input", exc_info=True)
+            prompts = [None] * len(batch)
+        for leased, token_ids in zip(batch, prompts):
+            self._spawn(self._infer(leased, token_ids))
 
     # --- infer --------------------------------------------------------------------------
-    async def _infer(self, leased: _Leased) -> None:
+    async def _infer(self, leased: _Leased, token_ids: list[int] | None) -> None:
         item = leased.item
         try:
-            vector, n_tokens = await self.engine.run(item)
+            vector, n_tokens = await self.engine.run(item, token_ids)
             result = ItemResult.ok(item, vector, n_tokens)
             metrics.PROMPT_TOKENS.labels(item.model, item.task).inc(n_tokens)
         except InvalidInput as e:
