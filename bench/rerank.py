@@ -1,5 +1,7 @@
 """Rerank throughput: 1 query x 256 documents through client -> gateway -> worker, with and
-without prefix caching, and the same prompts through vLLM ``AsyncLLM`` directly, in one run.
+without prefix caching, the same prompts through vLLM ``AsyncLLM`` directly, and vLLM's own
+rerank endpoint (``vllm serve`` with the model converted to a yes/no sequence classifier, as
+vLLM documents for Qwen3-Reranker), in one run.
 
     python bench/rerank.py [--docs 256] [--dtype float32]
 
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +69,8 @@ async def in_process(path: Path, texts: list[str], ids: list[int], dtype: str, p
 
 
 def through_gateway(path: Path, query: str, docs: list[str], dtype: str, prefix: bool,
-                    logs: Path) -> float:
+                    logs: Path) -> tuple[float, list[float]]:
+    """This project's ``POST /v1/rerank``. Returns (seconds, scores in document order)."""
     gw = ls.start_gateway(logs)
     cfg = ls.worker_config(
         queue_url=gw.url, model_name=MODEL, model_path=path, task="score", dtype=dtype,
@@ -82,10 +87,52 @@ def through_gateway(path: Path, query: str, docs: list[str], dtype: str, prefix:
             r = c.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs})
             elapsed = time.perf_counter() - t0
             assert r.status_code == 200 and len(r.json()["data"]) == len(docs), r.text
-        return elapsed
+        scores = [0.0] * len(docs)
+        for d in r.json()["data"]:
+            scores[d["index"]] = d["relevance_score"]
+        return elapsed, scores
     finally:
         wk.stop()
         gw.stop()
+
+
+def vllm_serve(path: Path, query: str, docs: list[str], dtype: str, prefix: bool,
+               logs: Path) -> tuple[float, list[float]]:
+    """vLLM's own ``POST /rerank`` on the same model, converted the way vLLM documents for
+    Qwen3-Reranker (``Qwen3ForSequenceClassification`` from the "no"/"yes" rows of lm_head).
+    The client formats the query and documents with the same template, split at
+    ``<Document>``, as vLLM's Qwen3-Reranker example does. Returns (seconds, scores)."""
+    t = QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
+    head, tail = t.split("<Document>: {document}")
+    q = head.replace("{query}", query)
+    ds = [f"<Document>: {d}{tail}" for d in docs]
+    port = ls.free_port()
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"],
+                 "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+           "--served-model-name", MODEL, "--runner", "pooling", "--dtype", dtype,
+           "--max-model-len", "1024", "--max-num-seqs", "64", "--gpu-memory-utilization", "0.15",
+           "--block-size", "32", "--hf-overrides", json.dumps(overrides),
+           "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
+           "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
+    log = open(logs / f"vllm-serve-rerank-{prefix}.log", "ab")  # noqa: SIM115
+    popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = ls.Proc(popen, logs / f"vllm-serve-rerank-{prefix}.log", url=f"http://127.0.0.1:{port}")
+    try:
+        ls.wait_http(proc.url + "/health", proc, 300)
+        with httpx.Client(base_url=proc.url, timeout=600) as c:
+            w = head.replace("{query}", "warm up")
+            c.post("/rerank", json={"model": MODEL, "query": w, "documents": ds}).raise_for_status()
+            t0 = time.perf_counter()
+            r = c.post("/rerank", json={"model": MODEL, "query": q, "documents": ds})
+            elapsed = time.perf_counter() - t0
+            r.raise_for_status()
+        scores = [0.0] * len(docs)
+        for d in r.json()["results"]:
+            scores[d["index"]] = d["relevance_score"]
+        return elapsed, scores
+    finally:
+        proc.stop()
 
 
 def main() -> int:
@@ -114,13 +161,17 @@ def main() -> int:
     rows_out = []
     for prefix in (False, True):
         d = asyncio.run(in_process(path, texts, ids, a.dtype, prefix))
-        g = through_gateway(path, query, docs, a.dtype, prefix, logs)
-        rows_out.append((prefix, d, g))
+        g, ours = through_gateway(path, query, docs, a.dtype, prefix, logs)
+        v, theirs = vllm_serve(path, query, docs, a.dtype, prefix, logs)
+        diff = max(abs(x - y) for x, y in zip(ours, theirs))
+        rows_out.append((prefix, d, g, v, diff))
     n = len(docs)
-    print("\n| prefix caching | vLLM in-process docs/s | gateway -> worker docs/s | ratio |")
-    print("| --- | --- | --- | --- |")
-    for prefix, d, g in rows_out:
-        print(f"| {'on' if prefix else 'off'} | {n / d:.0f} | {n / g:.0f} | {d / g:.3f} |")
+    print("\n| prefix caching | vLLM in-process docs/s | this project docs/s | vllm serve /rerank "
+          "docs/s | project / in-process | project / vllm serve | max score diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for prefix, d, g, v, diff in rows_out:
+        print(f"| {'on' if prefix else 'off'} | {n / d:.0f} | {n / g:.0f} | {n / v:.0f} | "
+              f"{d / g:.2f} | {v / g:.2f} | {diff:.1e} |")
     off, on = rows_out[0][2], rows_out[1][2]
     print(f"\nprefix caching speed-up through the gateway: {off / on:.2f}x")
     return 0
