@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,13 +30,34 @@ sys.path.insert(0, str(REPO))
 from gateway import localstack as ls  # noqa: E402
 from gateway import tiny_qwen3  # noqa: E402
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
+from worker.protocol import RerankSpec  # noqa: E402
 
 MODEL = "tiny-qwen3-reranker"
 
 
 def prompts(query: str, docs: list[str]) -> list[str]:
-    t = QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
-    return [t.replace("{query}", query).replace("{document}", d) for d in docs]
+    """The prompts the worker scores: the gateway's own rerank formatting."""
+    spec = RerankSpec(template=QWEN3_RERANK_TEMPLATE, instruction=QWEN3_RERANK_INSTRUCTION,
+                      false_token_id=0, true_token_id=0)  # ids are not part of the prompt
+    return [spec.prompt(query, d) for d in docs]
+
+
+def timed_rerank(c: httpx.Client, path: str, warm_up: dict, body: dict,
+                 results_key: str) -> tuple[float, list[float]]:
+    """POST ``warm_up``, then time one POST of ``body`` to a rerank endpoint. Returns
+    (seconds, relevance scores in document order); ``results_key`` names the response's list
+    (``data`` in Fireworks' shape, ``results`` in vLLM's)."""
+    c.post(path, json=warm_up).raise_for_status()
+    t0 = time.perf_counter()
+    r = c.post(path, json=body)
+    elapsed = time.perf_counter() - t0
+    r.raise_for_status()
+    results = r.json()[results_key]
+    assert len(results) == len(body["documents"]), r.text
+    scores = [0.0] * len(results)
+    for d in results:
+        scores[d["index"]] = d["relevance_score"]
+    return elapsed, scores
 
 
 async def in_process(path: Path, texts: list[str], ids: list[int], dtype: str, prefix: bool) -> float:
@@ -82,15 +102,9 @@ def through_gateway(path: Path, query: str, docs: list[str], dtype: str, prefix:
                           headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
             # Warm up with the full request, as the in-process path does, with another query so
             # the timed pass reuses only the shared instruction prefix.
-            c.post("/v1/rerank", json={"model": MODEL, "query": "warm up", "documents": docs})
-            t0 = time.perf_counter()
-            r = c.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs})
-            elapsed = time.perf_counter() - t0
-            assert r.status_code == 200 and len(r.json()["data"]) == len(docs), r.text
-        scores = [0.0] * len(docs)
-        for d in r.json()["data"]:
-            scores[d["index"]] = d["relevance_score"]
-        return elapsed, scores
+            return timed_rerank(c, "/v1/rerank",
+                                {"model": MODEL, "query": "warm up", "documents": docs},
+                                {"model": MODEL, "query": query, "documents": docs}, "data")
     finally:
         wk.stop()
         gw.stop()
@@ -106,31 +120,19 @@ def vllm_serve(path: Path, query: str, docs: list[str], dtype: str, prefix: bool
     head, tail = t.split("<Document>: {document}")
     q = head.replace("{query}", query)
     ds = [f"<Document>: {d}{tail}" for d in docs]
-    port = ls.free_port()
     overrides = {"architectures": ["Qwen3ForSequenceClassification"],
                  "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-           "--served-model-name", MODEL, "--runner", "pooling", "--dtype", dtype,
-           "--max-model-len", "1024", "--max-num-seqs", "64", "--gpu-memory-utilization", "0.15",
-           "--block-size", "32", "--hf-overrides", json.dumps(overrides),
-           "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
-           "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
-    log = open(logs / f"vllm-serve-rerank-{prefix}.log", "ab")  # noqa: SIM115
-    popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc = ls.Proc(popen, logs / f"vllm-serve-rerank-{prefix}.log", url=f"http://127.0.0.1:{port}")
+    proc = ls.start_vllm_serve(path, MODEL, logs, f"vllm-serve-rerank-{prefix}", [
+        "--runner", "pooling", "--dtype", dtype, "--max-model-len", "1024",
+        "--max-num-seqs", "64", "--gpu-memory-utilization", "0.15", "--block-size", "32",
+        "--hf-overrides", json.dumps(overrides),
+        "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching"])
     try:
-        ls.wait_http(proc.url + "/health", proc, 300)
         with httpx.Client(base_url=proc.url, timeout=600) as c:
-            w = head.replace("{query}", "warm up")
-            c.post("/rerank", json={"model": MODEL, "query": w, "documents": ds}).raise_for_status()
-            t0 = time.perf_counter()
-            r = c.post("/rerank", json={"model": MODEL, "query": q, "documents": ds})
-            elapsed = time.perf_counter() - t0
-            r.raise_for_status()
-        scores = [0.0] * len(docs)
-        for d in r.json()["results"]:
-            scores[d["index"]] = d["relevance_score"]
-        return elapsed, scores
+            return timed_rerank(
+                c, "/rerank",
+                {"model": MODEL, "query": head.replace("{query}", "warm up"), "documents": ds},
+                {"model": MODEL, "query": q, "documents": ds}, "results")
     finally:
         proc.stop()
 

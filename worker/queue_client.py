@@ -1,8 +1,9 @@
 """HTTP client of the central queue (protocol v1, ``docs/queue-protocol.md``).
 
 Transient failures (connection errors, timeouts, HTTP 5xx and 429) are retried with
-exponential backoff and full jitter (a random wait up to ``initial * 2**n``, capped), up to ``queue.http_request_retries`` times; other 4xx
-answers are not retried and raise :class:`QueueRejected`.
+exponential backoff and full jitter (a random wait up to ``initial * 2**n``, capped), up to
+``queue.http_request_retries`` times; other 4xx answers are not retried and raise
+:class:`QueueRejected`.
 """
 
 from __future__ import annotations
