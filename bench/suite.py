@@ -1,19 +1,26 @@
 """Throughput suite: this project against what a user would run instead, one invocation,
-same machine, same model (all-MiniLM-L6-v2), same dtype, same inputs.
+same machine, same model (all-MiniLM-L6-v2), same dtype, same engine settings, same inputs.
 
-    python bench/suite.py [--sentences 4000] [--docs 300] [--memory-sentences 100000]
+    python bench/suite.py [--sentences 4000] [--docs 300] [--rounds 3] [--memory-sentences 100000]
 
 Paths:
   1. vLLM ``AsyncLLM`` in-process, every input submitted at once (the ceiling);
-  2. this project: ``openai`` client -> gateway -> queue -> worker;
+  2. this project: client -> gateway -> queue -> worker (also: 2 workers on one queue);
   3. ``vllm serve`` (vLLM's OpenAI server) ``/v1/embeddings``;
-  4. sentence-transformers ``encode`` (batch 64) on the same CPU.
+  4. sentence-transformers ``encode`` on the same CPU: batches of 64, and one call per sentence
+     (what a server without cross-request batching does with one-sentence requests).
 Client patterns for 2 and 3: 64 inputs per request with 4 requests in flight ("large"), and
 1 input per request with 64 clients ("small"). Inputs: distinct STS-benchmark sentences, and
 documents of ~500 tokens built from them. Also: p50/p99 latency of single one-sentence requests
-at low load (2 and 3), throughput with 2 workers on one queue, and worker RSS over
-``--memory-sentences`` sentences. Prints tables and saves ``bench/results/suite.png``.
-The paths run one after another: two engines at once on 2 cores would slow each other.
+at low load (2 and 3), and worker RSS over ``--memory-sentences`` sentences.
+
+Method: every path is started once and stays up (an idle engine costs ~1% of a core); then
+``--rounds`` rounds run every measurement once each, in a rotated order, so slow phases of this
+VM (about +-10% between minutes) hit all paths alike. Tables give the median round and the
+min-max. Per measurement the CPU seconds of each server's processes are read (psutil), split
+into vLLM's model process and everything else on the server side (frontend, gateway, engine
+core): on a 2-core host both come out of the same cores.
+Prints tables and saves ``bench/results/suite.png`` and ``suite.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -37,6 +47,8 @@ from gateway import localstack as ls  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
 MAX_LEN = 512  # BERT's 512 positions (sentence-transformers' own cap is 256)
+MAX_NUM_SEQS = 256
+GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache for BERT)
 
 
 def _env() -> None:
@@ -69,37 +81,116 @@ def load_inputs(shared: Path, n_sent: int, n_docs: int) -> tuple[list[str], list
     return sents[:n_sent], docs
 
 
+# --- CPU accounting ---------------------------------------------------------------------------
+def _cpu(p: psutil.Process) -> float:
+    try:
+        t = p.cpu_times()
+        return t.user + t.system
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+@dataclass
+class Stack:
+    """The server-side processes of one path; ``model`` is vLLM's model process."""
+
+    procs: list[psutil.Process] = field(default_factory=list)
+    #: Processes to count as the model besides vLLM's ``VLLM::Worker`` (sentence-transformers).
+    model_pids: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, *roots: psutil.Process, children_only: bool = False) -> "Stack":
+        ps: list[psutil.Process] = []
+        for r in roots:
+            ps += ([] if children_only else [r]) + r.children(recursive=True)
+        return cls(ps)
+
+    def snapshot(self) -> tuple[float, float]:
+        """(CPU-s of the model process(es), CPU-s of the other server processes)."""
+        model = rest = 0.0
+        for p in self.procs:
+            try:
+                name = p.name()
+            except psutil.NoSuchProcess:
+                continue
+            if name.startswith("VLLM::Worker") or p.pid in self.model_pids:
+                model += _cpu(p)
+            else:
+                rest += _cpu(p)
+        return model, rest
+
+
 # --- 1. in-process ----------------------------------------------------------------------------
-async def _in_process(sets: dict[str, list[str]], dtype: str) -> dict[str, tuple[float, int]]:
-    from vllm import AsyncEngineArgs, PoolingParams
-    from vllm.v1.engine.async_llm import AsyncLLM
+class InProcess:
+    """vLLM ``AsyncLLM`` in this process: every input submitted at once."""
 
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(ls.minilm_path()), runner="pooling", dtype=dtype, max_model_len=MAX_LEN,
-        max_num_seqs=256, gpu_memory_utilization=0.3))
-    counter = iter(range(10**9))
+    def __init__(self, dtype: str):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-    async def one(t: str) -> int:
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
+            model=str(ls.minilm_path()), runner="pooling", dtype=dtype, max_model_len=MAX_LEN,
+            max_num_seqs=MAX_NUM_SEQS, gpu_memory_utilization=GPU_MEM))
+        engine = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        # The frontend is this process (which also runs the clients, idle during these runs).
+        self.stack = Stack([psutil.Process(), *engine])
+        self._ids = iter(range(10**9))
+
+    async def _one(self, text: str) -> int:
+        from vllm import PoolingParams
+
         out = None
-        async for out in llm.encode(t, PoolingParams(task="embed"), request_id=f"r{next(counter)}"):
+        async for out in self.llm.encode(text, PoolingParams(task="embed"), request_id=f"r{next(self._ids)}"):
             pass
         return len(out.prompt_token_ids)
 
-    await asyncio.gather(*[one(t) for t in sets["sentences"][:256]])
-    res = {}
-    for name, texts in sets.items():
+    async def run(self, texts: list[str], start: Callable[[], None] = lambda: None) -> tuple[float, int]:
+        start()
         t0 = time.perf_counter()
-        toks = await asyncio.gather(*[one(t) for t in texts])
-        res[name] = (time.perf_counter() - t0, sum(toks))
-    llm.shutdown()
-    del llm
-    return res
+        toks = await asyncio.gather(*[self._one(t) for t in texts])
+        return time.perf_counter() - t0, sum(toks)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+        del self.llm
+
+
+# --- 4. sentence-transformers -----------------------------------------------------------------
+class SentenceTransformers:
+    def __init__(self) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(os.cpu_count() or 2)
+        self.m = SentenceTransformer(str(ls.minilm_path()), device="cpu")
+        self.m.max_seq_length = MAX_LEN
+        self.m.encode(["warm-up"] * 64, batch_size=64)
+        self.stack = Stack([psutil.Process()], model_pids={os.getpid()})
+
+    def _tokens(self, texts: list[str]) -> int:
+        ids = self.m.tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
+        return sum(len(i) for i in ids)
+
+    async def batched(self, texts: list[str], start: Callable[[], None]) -> tuple[float, int]:
+        start()
+        t0 = time.perf_counter()
+        self.m.encode(texts, batch_size=64)
+        return time.perf_counter() - t0, self._tokens(texts)
+
+    async def per_call(self, texts: list[str], start: Callable[[], None]) -> tuple[float, int]:
+        start()
+        t0 = time.perf_counter()
+        for t in texts:
+            self.m.encode([t])
+        return time.perf_counter() - t0, self._tokens(texts)
 
 
 # --- HTTP clients (2 and 3) ------------------------------------------------------------------
-async def _http_load(url: str, key: str, model: str, texts: list[str], per_request: int,
-                     concurrency: int) -> tuple[float, int]:
-    """Returns (seconds, prompt tokens). The load generator is aiohttp: on 2 cores both the
+async def http_load(url: str, key: str, texts: list[str], per_request: int, concurrency: int,
+                    start: Callable[[], None] = lambda: None) -> tuple[float, int]:
+    """Returns (seconds, prompt tokens); ``start()`` is called when the timed part begins, after
+    a warm-up of one one-input request per connection. The load generator is aiohttp: on 2 cores both the
     ``openai`` SDK and httpx's async pool burn more CPU per request than the servers under test
     (httpx reached ~70 req/s at 64 connections here). base64 vectors, decoded with numpy as the
     SDK does."""
@@ -120,81 +211,36 @@ async def _http_load(url: str, key: str, model: str, texts: list[str], per_reque
             nonlocal tokens
             async with sem:
                 async with client.post("/v1/embeddings", json={
-                        "model": model, "input": chunk, "encoding_format": "base64"}) as r:
+                        "model": MODEL, "input": chunk, "encoding_format": "base64"}) as r:
                     body = await r.json()
                 vecs = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]]
                 assert len(vecs) == len(chunk), body
                 tokens += body["usage"]["prompt_tokens"]
 
-        await asyncio.gather(*[one(c) for c in chunks[:concurrency]])  # warm-up
+        await asyncio.gather(*[one(c[:1]) for c in chunks[:concurrency]])  # warm-up
         tokens = 0
+        start()
         t0 = time.perf_counter()
         await asyncio.gather(*[one(c) for c in chunks])
         elapsed = time.perf_counter() - t0
     return elapsed, tokens
 
 
-def _latency(url: str, key: str, model: str, texts: list[str], n: int = 200) -> tuple[float, float]:
-    """p50/p99 ms of one-sentence requests sent one at a time (low load), over one connection."""
+async def latencies(url: str, key: str, texts: list[str], n: int) -> list[float]:
+    """ms of ``n`` one-sentence requests sent one at a time (low load), over one connection."""
+    import aiohttp
 
-    async def run() -> list[float]:
-        import aiohttp
-
-        lat = []
-        async with aiohttp.ClientSession(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
-            for i in range(n + 10):
-                t0 = time.perf_counter()
-                async with c.post("/v1/embeddings", json={"model": model, "input": texts[i % len(texts)],
-                                                          "encoding_format": "base64"}) as r:
-                    assert r.status == 200, await r.text()
-                    await r.read()
-                if i >= 10:
-                    lat.append((time.perf_counter() - t0) * 1000)
-        return lat
-
-    lat = sorted(asyncio.run(run()))
-    return statistics.median(lat), lat[int(0.99 * (len(lat) - 1))]
-
-
-def _patterns(url: str, key: str, model: str, sets: dict[str, list[str]]) -> dict[str, tuple[float, int]]:
-    res = {}
-    for name, texts in sets.items():
-        res[f"{name}, 64/request x4"] = asyncio.run(_http_load(url, key, model, texts, 64, 4))
-        if name == "sentences":
-            res[f"{name}, 1/request x64"] = asyncio.run(_http_load(url, key, model, texts, 1, 64))
-    return res
-
-
-# --- 2. this project --------------------------------------------------------------------------
-def _project(sets: dict[str, list[str]], dtype: str, logs: Path, workers: int = 1,
-             memory_sentences: int = 0) -> dict:
-    gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
-    # N workers on one host split its cores: worker i's engine binds its OpenMP threads to its
-    # own cores (two engines with 2 threads each on 2 cores would oversubscribe them).
-    cores = os.cpu_count() or 1
-    per = max(1, cores // workers)
-    procs = []
-    for i in range(workers):
-        env = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
-        if workers > 1:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = f"{i * per}-{i * per + per - 1}" if per > 1 else str(i)
-        procs.append(ls.start_worker(ls.worker_config(queue_url=gw.url, dtype=dtype, max_model_len=MAX_LEN),
-                                     logs, f"suite-worker-{workers}-{i}", env=env))
-    out: dict = {}
-    try:
-        if workers == 1:
-            out["latency"] = _latency(gw.url, ls.API_KEY, MODEL, sets["sentences"])
-            out["patterns"] = _patterns(gw.url, ls.API_KEY, MODEL, sets)
-            if memory_sentences:
-                out["memory"] = _memory(gw.url, procs[0], sets["sentences"], memory_sentences)
-        else:
-            out["patterns"] = {"sentences, 64/request x8": asyncio.run(_http_load(
-                gw.url, ls.API_KEY, MODEL, sets["sentences"], 64, 8))}
-    finally:
-        for p in procs:
-            p.stop()
-        gw.stop()
-    return out
+    lat = []
+    async with aiohttp.ClientSession(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            async with c.post("/v1/embeddings", json={"model": MODEL, "input": texts[i % len(texts)],
+                                                      "encoding_format": "base64"}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+            if i >= 5:
+                lat.append((time.perf_counter() - t0) * 1000)
+    return lat
 
 
 def _rss(proc: ls.Proc) -> float:
@@ -203,131 +249,217 @@ def _rss(proc: ls.Proc) -> float:
     return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
 
 
-def _memory(url: str, worker: ls.Proc, texts: list[str], total: int) -> dict:
+async def memory(url: str, worker: ls.Proc, texts: list[str], total: int) -> dict:
     start = _rss(worker)
     samples = [start]
     done = 0
     while done < total:
         n = min(6400, total - done)
-        asyncio.run(_http_load(url, ls.API_KEY, MODEL, (texts * (n // len(texts) + 1))[:n], 64, 8))
+        await http_load(url, ls.API_KEY, (texts * (n // len(texts) + 1))[:n], 64, 8)
         done += n
         samples.append(_rss(worker))
     return {"sentences": done, "rss_start_mib": start, "rss_end_mib": samples[-1],
             "rss_max_mib": max(samples), "samples": samples}
 
 
-# --- 3. vllm serve ----------------------------------------------------------------------------
-def _vllm_serve(sets: dict[str, list[str]], dtype: str, logs: Path) -> dict:
-    proc = ls.start_vllm_serve(ls.minilm_path(), MODEL, logs, "vllm-serve", [
-        "--runner", "pooling", "--dtype", dtype, "--max-model-len", str(MAX_LEN),
-        "--max-num-seqs", "256", "--gpu-memory-utilization", "0.3"])
+# --- the run ----------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    path: str
+    pattern: str
+    texts: list[str]
+    #: Runs the measurement; calls its argument when the timed part begins.
+    run: Callable[[Callable[[], None]], Awaitable[tuple[float, int]]]
+    stack: Stack
+    rounds: list[dict] = field(default_factory=list)
+
+    async def once(self) -> None:
+        snap: list[tuple[float, float]] = []
+        sec, tok = await self.run(lambda: snap.append(self.stack.snapshot()))
+        m0, r0 = snap[0]
+        m1, r1 = self.stack.snapshot()
+        self.rounds.append({"seconds": sec, "tokens": tok, "model_cpu_s": m1 - m0,
+                            "other_cpu_s": r1 - r0})
+        print(f"  {self.path} | {self.pattern}: {len(self.texts) / sec:.0f} inputs/s", flush=True)
+
+    def rates(self) -> list[float]:
+        return [len(self.texts) / r["seconds"] for r in self.rounds]
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.rounds)
+
+
+async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> dict:
+    skip = set(filter(None, a.skip.split(",")))
+    sents, docs = sets["sentences"], sets["documents"]
+    cores = os.cpu_count() or 1
+    ms: list[Measurement] = []
+    procs: list[ls.Proc] = []
+    inproc = None
+    out: dict = {}
     try:
-        return {"latency": _latency(proc.url, "none", MODEL, sets["sentences"]),
-                "patterns": _patterns(proc.url, "none", MODEL, sets)}
+        if "inprocess" not in skip:
+            inproc = InProcess(a.dtype)
+            await inproc.run(sents[:256])
+            for name, texts in sets.items():
+                ms.append(Measurement("vLLM AsyncLLM in-process", name, texts,
+                                      lambda s, t=texts: inproc.run(t, s), inproc.stack))
+        if "st" not in skip:
+            st = SentenceTransformers()
+            for name, texts in sets.items():
+                ms.append(Measurement("sentence-transformers", f"{name}, batch 64", texts,
+                                      lambda s, t=texts: st.batched(t, s), st.stack))
+            ms.append(Measurement("sentence-transformers", "sentences, 1 per encode call", sents,
+                                  lambda s: st.per_call(sents, s), st.stack))
+        http: dict[str, tuple[str, str, Stack]] = {}
+        if "project" not in skip:
+            gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+            procs.append(gw)
+            wk = ls.start_worker(ls.worker_config(queue_url=gw.url, dtype=a.dtype, max_model_len=MAX_LEN,
+                                                  max_num_seqs=MAX_NUM_SEQS),
+                                 logs, "suite-worker", env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"})
+            procs.append(wk)
+            http["this project"] = (gw.url, ls.API_KEY,
+                                    Stack.of(psutil.Process(gw.pid), psutil.Process(wk.pid)))
+        if "serve" not in skip:
+            serve = ls.start_vllm_serve(ls.minilm_path(), MODEL, logs, "vllm-serve", [
+                "--runner", "pooling", "--dtype", a.dtype, "--max-model-len", str(MAX_LEN),
+                "--max-num-seqs", str(MAX_NUM_SEQS), "--gpu-memory-utilization", str(GPU_MEM)])
+            procs.append(serve)
+            http["vllm serve"] = (serve.url, "none", Stack.of(psutil.Process(serve.pid)))
+        if "two" not in skip and "this project" in http:
+            # Two workers on one queue split the host's cores: each engine binds its OpenMP
+            # threads to its own core(s).
+            gw2 = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+            procs.append(gw2)
+            per = max(1, cores // 2)
+            roots = [psutil.Process(gw2.pid)]
+            for i in range(2):
+                bind = f"{i * per}-{i * per + per - 1}" if per > 1 else str(i)
+                w = ls.start_worker(ls.worker_config(queue_url=gw2.url, dtype=a.dtype, max_model_len=MAX_LEN,
+                                                     max_num_seqs=MAX_NUM_SEQS),
+                                    logs, f"suite-worker2-{i}",
+                                    env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "VLLM_CPU_OMP_THREADS_BIND": bind})
+                procs.append(w)
+                roots.append(psutil.Process(w.pid))
+            http["this project, 2 workers"] = (gw2.url, ls.API_KEY, Stack.of(*roots))
+        for path, (url, key, stack) in http.items():
+            if path.endswith("2 workers"):
+                pats = [("sentences", 64, 8)]
+            else:
+                pats = [("sentences", 64, 4), ("sentences", 1, 64), ("documents", 64, 4)]
+                if "this project" in http and "this project, 2 workers" in http and path == "this project":
+                    pats.append(("sentences", 64, 8))  # the same client pattern as 2 workers
+            for name, per_req, conc in pats:
+                texts = sets[name]
+                ms.append(Measurement(path, f"{name}, {per_req}/request x{conc}", texts,
+                                      lambda s, u=url, k=key, t=texts, p=per_req, c=conc: http_load(u, k, t, p, c, s),
+                                      stack))
+        for url, key, _ in http.values():  # first batches of a fresh engine are slower
+            await http_load(url, key, sents[:512], 64, 8)
+            await http_load(url, key, docs[:8], 4, 2)
+        print(f"all paths up; {len(ms)} measurements x {a.rounds} rounds", flush=True)
+        lat: dict[str, list[float]] = defaultdict(list)
+        for r in range(a.rounds):
+            print(f"round {r + 1}/{a.rounds}", flush=True)
+            k = (r * len(ms)) // max(a.rounds, 1)
+            for m in ms[k:] + ms[:k]:  # rotated order
+                await m.once()
+            for path in ("this project", "vllm serve"):  # low-load latency, interleaved too
+                if path in http:
+                    url, key, _ = http[path]
+                    lat[path] += await latencies(url, key, sents, a.latency_requests // a.rounds)
+        out["measurements"] = [{"path": m.path, "pattern": m.pattern, "inputs": len(m.texts),
+                                "rounds": m.rounds} for m in ms]
+        out["latency_ms"] = dict(lat)
+        if a.memory_sentences and "this project" in http:
+            for p in procs:  # the other engines leave the cores to the worker under test
+                if p not in (procs[0], procs[1]):
+                    p.stop()
+            out["memory"] = await memory(http["this project"][0], procs[1], sents, a.memory_sentences)
     finally:
-        proc.stop()
-
-
-# --- 4. sentence-transformers -----------------------------------------------------------------
-def _sentence_transformers(sets: dict[str, list[str]]) -> dict[str, tuple[float, int]]:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(os.cpu_count() or 2)
-    m = SentenceTransformer(str(ls.minilm_path()), device="cpu")
-    m.max_seq_length = MAX_LEN
-    m.encode(sets["sentences"][:256], batch_size=64)
-    res = {}
-    for name, texts in sets.items():
-        toks = sum(len(ids) for ids in m.tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"])
-        t0 = time.perf_counter()
-        m.encode(texts, batch_size=64)
-        res[name] = (time.perf_counter() - t0, toks)
-    return res
+        for p in reversed(procs):
+            p.stop()
+        if inproc is not None:
+            inproc.shutdown()
+    out["_ms"] = ms
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sentences", type=int, default=4000)
     ap.add_argument("--docs", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--latency-requests", type=int, default=300, help="per path, over all rounds")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--memory-sentences", type=int, default=100_000)
     ap.add_argument("--skip", default="", help="comma-separated: inprocess,project,two,serve,st")
     a = ap.parse_args()
     _env()
-    skip = set(filter(None, a.skip.split(",")))
     shared = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
     sents, docs = load_inputs(shared, a.sentences, a.docs)
     sets = {"sentences": sents, "documents": docs}
     logs = Path(tempfile.mkdtemp(prefix="bench-suite-"))
-    print(f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, {os.cpu_count()} cores; logs {logs}",
-          flush=True)
-    R: dict = {}
-    if "inprocess" not in skip:
-        R["inprocess"] = asyncio.run(_in_process(sets, a.dtype))
-        print("in-process done", flush=True)
-    if "project" not in skip:
-        R["project"] = _project(sets, a.dtype, logs, memory_sentences=a.memory_sentences)
-        print("project done", flush=True)
-    if "two" not in skip:
-        R["project2"] = _project(sets, a.dtype, logs, workers=2)
-        print("two workers done", flush=True)
-    if "serve" not in skip:
-        R["serve"] = _vllm_serve(sets, a.dtype, logs)
-        print("vllm serve done", flush=True)
-    if "st" not in skip:
-        R["st"] = _sentence_transformers(sets)
-        print("sentence-transformers done", flush=True)
-    report(R, sets, a)
+    print(f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, {os.cpu_count()} cores, "
+          f"{a.rounds} rounds; logs {logs}", flush=True)
+    R = asyncio.run(run(a, sets, logs))
+    report(R, a)
     return 0
 
 
-def report(R: dict, sets: dict[str, list[str]], a: argparse.Namespace) -> None:
+def report(R: dict, a: argparse.Namespace) -> None:
+    ms: list[Measurement] = R.pop("_ms")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    rows = []  # (path, pattern, n, seconds, tokens)
-    for name, texts in sets.items():
-        if "inprocess" in R:
-            rows.append(("vLLM AsyncLLM in-process", name, len(texts), *R["inprocess"][name]))
-        if "st" in R:
-            rows.append(("sentence-transformers", name + ", batch 64", len(texts), *R["st"][name]))
-    for key, label in (("project", "this project"), ("project2", "this project, 2 workers"),
-                       ("serve", "vllm serve")):
-        for pat, (sec, tok) in R.get(key, {}).get("patterns", {}).items():
-            n = len(sets["sentences" if pat.startswith("sentences") else "documents"])
-            rows.append((label, pat, n, sec, tok))
-    print("\n| path | inputs, pattern | inputs/s | tokens/s |\n| --- | --- | --- | --- |")
-    for path, pat, n, sec, tok in rows:
-        print(f"| {path} | {pat} | {n / sec:.0f} | {tok / sec:.0f} |")
-    rate = {(p, pat): n / sec for p, pat, n, sec, _ in rows}
+    print("\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
+          "CPU-s per 1k inputs: model process / rest of server |\n| --- | --- | --- | --- | --- | --- |")
+    rate: dict[tuple[str, str], float] = {}
+    for m in ms:
+        rs = m.rates()
+        med = statistics.median(rs)
+        rate[(m.path, m.pattern)] = med
+        k = 1000 / len(m.texts)
+        print(f"| {m.path} | {m.pattern} | {med:.0f} | {min(rs):.0f}-{max(rs):.0f} | "
+              f"{m.median('tokens') / m.median('seconds'):.0f} | "
+              f"{m.median('model_cpu_s') * k:.2f} / {m.median('other_cpu_s') * k:.2f} |")
 
-    def ratio(pat_a: str, other: tuple[str, str]) -> str:
-        mine = rate.get(("this project", pat_a))
-        theirs = rate.get(other)
-        return f"{mine / theirs:.2f}x" if mine and theirs else "n/a"
+    def ratio(mine: tuple[str, str], other: tuple[str, str]) -> str:
+        x, y = rate.get(mine), rate.get(other)
+        return f"{x / y:.2f}x" if x and y else "n/a"
 
-    print("\nthis project vs:")
-    for name in sets:
-        big = f"{name}, 64/request x4"
-        print(f"  {name}: in-process {ratio(big, ('vLLM AsyncLLM in-process', name))}, "
-              f"vllm serve {ratio(big, ('vllm serve', big))}, "
-              f"sentence-transformers {ratio(big, ('sentence-transformers', name + ', batch 64'))}")
-    small = "sentences, 1/request x64"
-    print(f"  1 sentence/request x64: vllm serve {ratio(small, ('vllm serve', small))}, "
-          f"in-process {ratio(small, ('vLLM AsyncLLM in-process', 'sentences'))}")
-    if "project2" in R and "project" in R:
-        two = rate[("this project, 2 workers", "sentences, 64/request x8")]
-        one = rate[("this project", "sentences, 64/request x4")]
-        print(f"  2 workers vs 1: {two / one:.2f}x")
-    for key, label in (("project", "this project"), ("serve", "vllm serve")):
-        if "latency" in R.get(key, {}):
-            p50, p99 = R[key]["latency"]
-            print(f"latency, 1 sentence, sequential, {label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    if "latency" in R.get("project", {}) and "latency" in R.get("serve", {}):
-        print(f"added latency p50 (this project - vllm serve): "
-              f"{R['project']['latency'][0] - R['serve']['latency'][0]:+.1f} ms")
-    if "memory" in R.get("project", {}):
-        m = R["project"]["memory"]
+    P = "this project"
+    big, small = "sentences, 64/request x4", "sentences, 1/request x64"
+    ratios = {
+        "vs in-process, sentences 64/request": ratio((P, big), ("vLLM AsyncLLM in-process", "sentences")),
+        "vs vllm serve, sentences 64/request x4": ratio((P, big), ("vllm serve", big)),
+        "vs vllm serve, sentences 1/request x64": ratio((P, small), ("vllm serve", small)),
+        "vs vllm serve, documents 64/request x4": ratio((P, "documents, 64/request x4"),
+                                                         ("vllm serve", "documents, 64/request x4")),
+        "vs sentence-transformers batch 64, sentences 64/request x4": ratio(
+            (P, big), ("sentence-transformers", "sentences, batch 64")),
+        "vs sentence-transformers 1 per call, sentences 1/request x64": ratio(
+            (P, small), ("sentence-transformers", "sentences, 1 per encode call")),
+        "vs sentence-transformers batch 64, documents": ratio(
+            (P, "documents, 64/request x4"), ("sentence-transformers", "documents, batch 64")),
+        "2 workers vs 1 worker, sentences 64/request x8": ratio(
+            ("this project, 2 workers", "sentences, 64/request x8"), (P, "sentences, 64/request x8")),
+    }
+    print("\nthis project (medians of the rounds):")
+    for k, v in ratios.items():
+        print(f"  {k}: {v}")
+    R["ratios"] = ratios
+    lat = R.get("latency_ms", {})
+    p50 = {}
+    for path, xs in lat.items():
+        xs = sorted(xs)
+        p50[path] = statistics.median(xs)
+        print(f"latency, 1 sentence, sequential, {path}: p50 {p50[path]:.1f} ms, "
+              f"p99 {xs[int(0.99 * (len(xs) - 1))]:.1f} ms ({len(xs)} requests)")
+    if len(p50) == 2:
+        print(f"added latency p50 (this project - vllm serve): {p50[P] - p50['vllm serve']:+.1f} ms")
+    if "memory" in R:
+        m = R["memory"]
         print(f"worker RSS over {m['sentences']} sentences: start {m['rss_start_mib']:.0f} MiB, "
               f"end {m['rss_end_mib']:.0f} MiB, max {m['rss_max_mib']:.0f} MiB")
     (out / "suite.json").write_text(json.dumps(R, indent=1, default=str))
@@ -337,14 +469,17 @@ def report(R: dict, sets: dict[str, list[str]], a: argparse.Namespace) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
-        labels = [f"{p} | {pat}" for p, pat, *_ in rows]
-        vals = [n / sec for _, _, n, sec, _ in rows]
-        colors = ["tab:blue" if p.startswith("this project") else "tab:gray" for p, *_ in rows]
-        ax.barh(labels[::-1], vals[::-1], color=colors[::-1])
-        for i, v in enumerate(vals[::-1]):
-            ax.text(v, i, f" {v:.0f}", va="center")
-        ax.set_xlabel("inputs / s (all-MiniLM-L6-v2, " + a.dtype + f", {os.cpu_count()} CPU cores)")
+        fig, ax = plt.subplots(figsize=(11, 0.45 * len(ms) + 1.5))
+        labels = [f"{m.path} | {m.pattern}" for m in ms][::-1]
+        meds = [statistics.median(m.rates()) for m in ms][::-1]
+        err = [[md - min(m.rates()) for md, m in zip(meds, ms[::-1])],
+               [max(m.rates()) - md for md, m in zip(meds, ms[::-1])]]
+        colors = ["tab:blue" if m.path.startswith("this project") else "tab:gray" for m in ms][::-1]
+        ax.barh(labels, meds, xerr=err, color=colors, capsize=3)
+        for i, (v, hi) in enumerate(zip(meds, err[1])):
+            ax.text(v + hi, i, f"  {v:.0f}", va="center")
+        ax.set_xlabel(f"inputs / s, median of {a.rounds} rounds, bars min-max "
+                      f"(all-MiniLM-L6-v2, {a.dtype}, {os.cpu_count()} CPU cores)")
         ax.set_title("Embedding throughput: this project vs. alternatives")
         fig.tight_layout()
         fig.savefig(out / "suite.png", dpi=110)
