@@ -99,10 +99,10 @@ class Stack:
     model_pids: set[int] = field(default_factory=set)
 
     @classmethod
-    def of(cls, *roots: psutil.Process, children_only: bool = False) -> "Stack":
+    def of(cls, *roots: psutil.Process) -> "Stack":
         ps: list[psutil.Process] = []
         for r in roots:
-            ps += ([] if children_only else [r]) + r.children(recursive=True)
+            ps += [r, *r.children(recursive=True)]
         return cls(ps)
 
     def snapshot(self) -> tuple[float, float]:
@@ -289,7 +289,10 @@ class Measurement:
         return statistics.median(r[key] for r in self.rounds)
 
 
-async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> dict:
+async def run(a: argparse.Namespace, sets: dict[str, list[str]],
+              logs: Path) -> tuple[list[Measurement], dict]:
+    """Starts the paths, runs the rounds; returns the measurements and the other results
+    (latency samples, memory)."""
     skip = set(filter(None, a.skip.split(",")))
     sents, docs = sets["sentences"], sets["documents"]
     cores = os.cpu_count() or 1
@@ -297,6 +300,14 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> 
     procs: list[ls.Proc] = []
     inproc = None
     out: dict = {}
+
+    def start_worker(queue_url: str, name: str, env: dict[str, str]) -> ls.Proc:
+        cfg = ls.worker_config(queue_url=queue_url, dtype=a.dtype, max_model_len=MAX_LEN,
+                               max_num_seqs=MAX_NUM_SEQS)
+        w = ls.start_worker(cfg, logs, name, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", **env})
+        procs.append(w)
+        return w
+
     try:
         if "inprocess" not in skip:
             inproc = InProcess(a.dtype)
@@ -315,10 +326,7 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> 
         if "project" not in skip:
             gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
             procs.append(gw)
-            wk = ls.start_worker(ls.worker_config(queue_url=gw.url, dtype=a.dtype, max_model_len=MAX_LEN,
-                                                  max_num_seqs=MAX_NUM_SEQS),
-                                 logs, "suite-worker", env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"})
-            procs.append(wk)
+            wk = start_worker(gw.url, "suite-worker", {})
             http["this project"] = (gw.url, ls.API_KEY,
                                     Stack.of(psutil.Process(gw.pid), psutil.Process(wk.pid)))
         if "serve" not in skip:
@@ -336,11 +344,7 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> 
             roots = [psutil.Process(gw2.pid)]
             for i in range(2):
                 bind = f"{i * per}-{i * per + per - 1}" if per > 1 else str(i)
-                w = ls.start_worker(ls.worker_config(queue_url=gw2.url, dtype=a.dtype, max_model_len=MAX_LEN,
-                                                     max_num_seqs=MAX_NUM_SEQS),
-                                    logs, f"suite-worker2-{i}",
-                                    env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", "VLLM_CPU_OMP_THREADS_BIND": bind})
-                procs.append(w)
+                w = start_worker(gw2.url, f"suite-worker2-{i}", {"VLLM_CPU_OMP_THREADS_BIND": bind})
                 roots.append(psutil.Process(w.pid))
             http["this project, 2 workers"] = (gw2.url, ls.API_KEY, Stack.of(*roots))
         for path, (url, key, stack) in http.items():
@@ -348,7 +352,7 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> 
                 pats = [("sentences", 64, 8)]
             else:
                 pats = [("sentences", 64, 4), ("sentences", 1, 64), ("documents", 64, 4)]
-                if "this project" in http and "this project, 2 workers" in http and path == "this project":
+                if path == "this project" and "this project, 2 workers" in http:
                     pats.append(("sentences", 64, 8))  # the same client pattern as 2 workers
             for name, per_req, conc in pats:
                 texts = sets[name]
@@ -374,16 +378,15 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]], logs: Path) -> 
         out["latency_ms"] = dict(lat)
         if a.memory_sentences and "this project" in http:
             for p in procs:  # the other engines leave the cores to the worker under test
-                if p not in (procs[0], procs[1]):
+                if p not in (gw, wk):
                     p.stop()
-            out["memory"] = await memory(http["this project"][0], procs[1], sents, a.memory_sentences)
+            out["memory"] = await memory(gw.url, wk, sents, a.memory_sentences)
     finally:
         for p in reversed(procs):
             p.stop()
         if inproc is not None:
             inproc.shutdown()
-    out["_ms"] = ms
-    return out
+    return ms, out
 
 
 def main() -> int:
@@ -403,13 +406,12 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="bench-suite-"))
     print(f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, {os.cpu_count()} cores, "
           f"{a.rounds} rounds; logs {logs}", flush=True)
-    R = asyncio.run(run(a, sets, logs))
-    report(R, a)
+    ms, R = asyncio.run(run(a, sets, logs))
+    report(ms, R, a)
     return 0
 
 
-def report(R: dict, a: argparse.Namespace) -> None:
-    ms: list[Measurement] = R.pop("_ms")
+def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     print("\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
