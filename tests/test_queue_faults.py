@@ -11,8 +11,7 @@ import httpx
 import numpy as np
 
 from gateway import localstack as ls
-from tests.conftest import MODEL, cosine, embed_worker_config, unit
-from tests.conftest import metric as _metric
+from tests.conftest import MODEL, cosine, embed_worker_config, metric as _metric, unit
 
 
 def test_items_of_a_killed_worker_are_redelivered(gateway, embed_worker, client, reference,

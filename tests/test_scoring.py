@@ -14,7 +14,7 @@ import pytest
 
 from gateway import localstack as ls
 from gateway import tiny_qwen3
-from tests.conftest import MODEL as EMBED_MODEL
+from tests.conftest import MODEL as EMBED_MODEL, metric
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 
 MODEL = "tiny-qwen3-reranker"
@@ -215,8 +215,6 @@ def test_score_worker_keeps_serving(sc, score_worker):
 
 def test_upstream_vllm_metric_names(sc, score_worker):
     """``monitoring.vllm_metric_names = "upstream"`` serves vLLM's engine metrics as ``vllm:*``."""
-    from tests.conftest import metric
-
     sc.post("/v1/rerank", json={"model": MODEL, "query": "q", "documents": ["a", "b"]})
     text = httpx.get(score_worker.url + "/metrics").text
     assert metric(text, "vllm:request_success_total") >= 2
