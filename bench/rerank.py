@@ -30,16 +30,16 @@ sys.path.insert(0, str(REPO))
 from gateway import localstack as ls  # noqa: E402
 from gateway import tiny_qwen3  # noqa: E402
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
-from worker.protocol import RerankSpec  # noqa: E402
+from worker.prompts import render  # noqa: E402
 
 MODEL = "tiny-qwen3-reranker"
 
 
 def prompts(query: str, docs: list[str]) -> list[str]:
-    """The prompts the worker scores: the gateway's own rerank formatting."""
-    spec = RerankSpec(template=QWEN3_RERANK_TEMPLATE, instruction=QWEN3_RERANK_INSTRUCTION,
-                      false_token_id=0, true_token_id=0)  # ids are not part of the prompt
-    return [spec.prompt(query, d) for d in docs]
+    """The prompts the worker scores: the model's rerank template rendered as the worker does."""
+    fields = {"query": query, "instruction": QWEN3_RERANK_INSTRUCTION}
+    return [render(QWEN3_RERANK_TEMPLATE, {**fields, "document": d}, lambda s, n=None: s)
+            for d in docs]
 
 
 def timed_rerank(c: httpx.Client, path: str, warm_up: dict, body: dict,
@@ -144,8 +144,7 @@ def main() -> int:
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    shared = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
-    rows = ls.read_stsb(shared / "data" / "stsb" / "stsb-en-dev.csv")
+    rows = ls.read_stsb("dev")
     corpus = [s for r in rows for s in r[:2]]
     logs = Path(tempfile.mkdtemp(prefix="bench-rerank-"))
     path = tiny_qwen3.build(logs / "model", corpus, seed=0, hidden_size=256, layers=4)

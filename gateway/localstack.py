@@ -215,12 +215,18 @@ def start_vllm_serve(model_path: Path, served_name: str, log_dir: Path, name: st
     return proc
 
 
-def read_stsb(path: Path, limit: int | None = None) -> list[tuple[str, str, float]]:
-    """STS benchmark rows (sentence1, sentence2, gold score 0-5) from a headerless CSV."""
+#: The STS benchmark (English dev and train splits) carried by this repository, with its
+#: license and attribution (``data/stsb/README.md``).
+STSB_DIR = Path(__file__).resolve().parents[1] / "data" / "stsb"
+
+
+def read_stsb(split: str = "dev", limit: int | None = None) -> list[tuple[str, str, float]]:
+    """STS benchmark rows (sentence1, sentence2, gold score 0-5) of ``split`` (``dev`` or
+    ``train``) from the repository's ``data/stsb/stsb-en-<split>.csv``."""
     import csv
 
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(STSB_DIR / f"stsb-en-{split}.csv", newline="", encoding="utf-8") as f:
         for r in csv.reader(f):
             if len(r) >= 3:
                 rows.append((r[0], r[1], float(r[2])))

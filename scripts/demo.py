@@ -6,7 +6,6 @@ Run with ``make demo``. Everything is started as an operator would and stopped c
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -20,8 +19,7 @@ from gateway import localstack as ls  # noqa: E402
 
 
 def main() -> int:
-    shared = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
-    pairs = ls.read_stsb(shared / "data" / "stsb" / "stsb-en-dev.csv", limit=6)
+    pairs = ls.read_stsb("dev", limit=6)
     logs = Path(tempfile.mkdtemp(prefix="inference-demo-"))
     print(f"logs in {logs}")
     gateway = ls.start_gateway(logs)

@@ -18,7 +18,6 @@ from gateway import localstack as ls
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 MODEL = "all-minilm-l6-v2"
 #: The test worker declares these matryoshka sizes (vLLM hf_overrides) so `dimensions` can
 #: be exercised; any other size must be refused.
@@ -26,21 +25,25 @@ MATRYOSHKA = [128, 256, 384]
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not (SHARED / "data" / "stsb").is_dir():
-        pytest.fail(f"shared data not found at {SHARED} (set SHARED_DIR)")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def stsb_sentences(shared_dir: Path) -> list[str]:
-    """200 distinct sentences from the STS benchmark dev set."""
-    rows = ls.read_stsb(shared_dir / "data" / "stsb" / "stsb-en-dev.csv")
+def stsb_sentences() -> list[str]:
+    """200 distinct sentences from the STS benchmark dev set (``data/stsb``)."""
+    rows = ls.read_stsb("dev")
     seen: dict[str, None] = {}
     for a, b, _ in rows:
         seen.setdefault(a)
         seen.setdefault(b)
     return list(seen)[:200]
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Qwen3ForCausalLM (fixed seed) with a word-level tokenizer over the
+    STS sentences, built with ``transformers`` for this session."""
+    from gateway import tiny_qwen3
+
+    rows = ls.read_stsb("dev")
+    corpus = [s for a, b, _ in rows for s in (a, b)]
+    return tiny_qwen3.build(tmp_path_factory.mktemp("tiny-qwen3"), corpus, seed=1234)
 
 
 @pytest.fixture(scope="session")

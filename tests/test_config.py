@@ -14,17 +14,17 @@ from worker.config import ConfigError, check_model_paths, load_config
 from worker.engine import engine_kwargs
 
 
-def pharia_example(shared_dir: Path) -> str:
-    """The ``config.toml`` block of the Pharia reference page, byte for byte."""
-    text = (shared_dir / "reference" / "pharia-embeddings-worker-config.txt").read_text()
-    start = text.index("edition = 1")
-    end = text.index("tcp_probes = []") + len("tcp_probes = []")
-    return text[start:end] + "\n"
+#: The ``config.toml`` of Pharia's embeddings documentation, byte for byte.
+PHARIA_EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "pharia-qwen3-embedding-8b.toml"
 
 
-def test_pharia_example_loads_unchanged(shared_dir, tmp_path):
+def pharia_example() -> str:
+    return PHARIA_EXAMPLE.read_text()
+
+
+def test_pharia_example_loads_unchanged(tmp_path):
     path = tmp_path / "config.toml"
-    path.write_text(pharia_example(shared_dir))
+    path.write_text(pharia_example())
     cfg = load_config(path)
     assert cfg.generator.task == "embed"
     assert cfg.generator.max_num_seqs == 16 and cfg.generator.max_model_len == 2048
@@ -38,20 +38,15 @@ def test_pharia_example_loads_unchanged(shared_dir, tmp_path):
     assert "gpu_memory_utilization" not in kw  # unset keys keep vLLM's defaults
 
 
-def test_repo_copy_of_pharia_example_is_identical(shared_dir):
-    repo = Path(__file__).resolve().parents[1] / "configs" / "pharia-qwen3-embedding-8b.toml"
-    assert repo.read_text() == pharia_example(shared_dir)
-
-
 def test_default_config_loads(monkeypatch):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "all-minilm-l6-v2-cpu.toml")
     check_model_paths(cfg)
     assert cfg.generator.model_path == ls.minilm_path()
 
 
-def test_token_from_environment(shared_dir, tmp_path, monkeypatch):
+def test_token_from_environment(tmp_path, monkeypatch):
     path = tmp_path / "c.toml"
-    path.write_text(pharia_example(shared_dir).replace('token = "worker-token"\n', ""))
+    path.write_text(pharia_example().replace('token = "worker-token"\n', ""))
     monkeypatch.delenv("INFERENCE_WORKER_QUEUE_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"queue\.token"):
         load_config(path)
