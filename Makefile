@@ -15,6 +15,7 @@ bench:
 	scripts/setup.sh cpu,model,test,bench
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/suite.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/dtype.py
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gateway import localstack as ls  # noqa: E402
+from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
 MAX_LEN = 512  # BERT's 512 positions (sentence-transformers' own cap is 256)
@@ -57,10 +58,10 @@ def _env() -> None:
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # model has 512 positions
 
 
-def load_inputs(shared: Path, n_sent: int, n_docs: int) -> tuple[list[str], list[str]]:
+def load_inputs(n_sent: int, n_docs: int) -> tuple[list[str], list[str]]:
     seen: dict[str, None] = {}
-    for name in ("stsb-en-dev.csv", "stsb-en-train.csv"):
-        for a, b, _ in ls.read_stsb(shared / "data" / "stsb" / name):
+    for split in ("dev", "train"):
+        for a, b, _ in ls.read_stsb(split):
             seen.setdefault(a)
             seen.setdefault(b)
     sents = list(seen)
@@ -395,18 +396,25 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-requests", type=int, default=300, help="per path, over all rounds")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto: what the worker's dtype = \"auto\" picks on this CPU")
     ap.add_argument("--memory-sentences", type=int, default=100_000)
     ap.add_argument("--skip", default="", help="comma-separated: inprocess,project,two,serve,st")
     a = ap.parse_args()
     _env()
-    shared = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
-    sents, docs = load_inputs(shared, a.sentences, a.docs)
+    cpu = CpuInfo.read()
+    if a.dtype == "auto":
+        a.dtype = choose_dtype(cpu)[0]
+    sents, docs = load_inputs(a.sentences, a.docs)
     sets = {"sentences": sents, "documents": docs}
     logs = Path(tempfile.mkdtemp(prefix="bench-suite-"))
-    print(f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, {os.cpu_count()} cores, "
+    print(f"CPU: {cpu.model_name}, {os.cpu_count()} cores, bfloat16 flags: "
+          f"{', '.join(cpu.bf16_flags) or 'none'}", flush=True)
+    print(f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, "
           f"{a.rounds} rounds; logs {logs}", flush=True)
     ms, R = asyncio.run(run(a, sets, logs))
+    R["host"] = {"cpu": cpu.model_name, "cores": os.cpu_count(), "bf16_flags": cpu.bf16_flags,
+                 "dtype": a.dtype}
     report(ms, R, a)
     return 0
 

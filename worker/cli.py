@@ -11,15 +11,18 @@ import asyncio
 import faulthandler
 import logging
 import os
+import re
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import uvloop
 
-from worker import __version__, logs, metrics
-from worker.config import Config, ConfigError, check_model_paths, load_config
+from worker import __version__, cpu_host, logs, metrics
+from worker.config import Config, ConfigError, GeneratorConfig, check_model_paths, load_config
 from worker.protocol import ModelAdvert, RerankSpec
+from worker.vllm_output import OutputRelay
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -74,14 +77,33 @@ async def _advert(cfg: Config, name: str, engine: "Engine") -> ModelAdvert:
     )
 
 
-async def serve(cfg: Config) -> int:
+def _failure(exc: BaseException | None, relay: OutputRelay | None, since: float) -> str:
+    """One line on why the engine failed: the first exception vLLM's processes printed
+    since ``since``, else ``exc`` itself."""
+    cause = relay.root_cause(since) if relay is not None else None
+    if cause is None and exc is not None:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        cause = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    cause = cause or "no cause was printed"
+    # vLLM words its advice in its CLI flags; name the config keys they correspond to.
+    flags = dict.fromkeys(f.replace("-", "_") for f in re.findall(r"`--([a-z][a-z0-9-]+)", cause))
+    keys = [f"generator.{f}" if f in GeneratorConfig.model_fields else f"generator.engine_args.{f}"
+            for f in flags]
+    if keys:
+        cause += f" [config: {', '.join(keys)}]"
+    if not log.isEnabledFor(logging.DEBUG):
+        cause += " (LOG_LEVEL=DEBUG shows vLLM's traceback)"
+    return cause
+
+
+async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     """Run the worker until SIGTERM / SIGINT or engine death; returns the exit code."""
     from worker.engine import Engine
     from worker.loop import Worker
     from worker.monitoring import MonitoringServer
     from worker.queue_client import QueueClient
 
-    gen = cfg.generator
+    gen = cpu_host.resolve(cfg.generator)
     metrics.INFO.info({
         "version": __version__, "model": ",".join(cfg.queue.models), "task": gen.task,
         "checkpoint": cfg.queue.checkpoint_name, "dtype": gen.dtype,
@@ -106,12 +128,15 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop_early.set)
 
     log.info("starting vLLM: model=%s task=%s dtype=%s", gen.model_path, gen.task, gen.dtype)
+    started = time.monotonic()
     try:
         engine = Engine.start(gen, cfg.queue.checkpoint_name)
-    except Exception:
-        log.exception("vLLM failed to start")
+    except Exception as e:
+        log.error("vLLM failed to start: %s", _failure(e, relay, started))
+        log.debug("vLLM start failure", exc_info=True)
         await mon.stop()
         return 1
+    up = time.monotonic()
     state["engine"] = engine
     metrics.ENGINE_UP.set(1)
     client = QueueClient(cfg.queue.url, cfg.token, retries=cfg.queue.http_request_retries,
@@ -126,7 +151,10 @@ async def serve(cfg: Config) -> int:
             worker.stop()
         log.info("serving %s as worker %s (up to %d items / %d tokens in flight)",
                  list(cfg.queue.models), worker.worker_id, worker.capacity, worker.token_capacity)
-        return await worker.run()
+        code = await worker.run()
+        if code != 0:
+            log.error("vLLM engine died: %s", _failure(None, relay, up))
+        return code
     finally:
         metrics.ENGINE_UP.set(0)
         engine.shutdown()
@@ -137,8 +165,12 @@ async def serve(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logs.setup()
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack
+    # Serving: what vLLM's processes print goes through the worker's logging (one error line
+    # with the root cause when the engine fails; vLLM's tracebacks at DEBUG).
+    relay = None if args.check else OutputRelay()
+    logs.setup(relay.stderr if relay else None)
+    # `kill -USR1 <pid>` dumps every thread's stack
+    faulthandler.register(signal.SIGUSR1, file=relay.stderr if relay else sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU backend reserves one core for the frontend by default: half the throughput
     # on small hosts. Ignored by the GPU backend.
@@ -150,12 +182,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # uvloop, as vLLM's own API server uses: a cheaper event loop for the pull/post HTTP
         # calls and vLLM's output handling that share it.
-        code = uvloop.run(serve(cfg))
+        code = uvloop.run(serve(cfg, relay))
         log.info("exiting with %d", code)
         return code
     except ConfigError as e:
-        print(f"inference-worker: config error:\n{e}", file=sys.stderr)
+        print(f"inference-worker: config error:\n{e}", file=relay.stderr if relay else sys.stderr)
         return 2
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import IO
 
 
-def setup() -> None:
+def setup(stream: IO[str] | None = None) -> None:
+    """Log to ``stream`` (default: standard error) at ``$LOG_LEVEL``, as text or JSON lines."""
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     if os.environ.get("LOG_FORMAT", "").lower() == "json":
         from pythonjsonlogger.json import JsonFormatter
 

@@ -1,0 +1,91 @@
+"""CPU-host defaults: ``dtype = "auto"`` and an unset ``gpu_memory_utilization``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker import cpu_host
+from worker.config import GeneratorConfig
+from worker.cpu_host import CpuInfo, choose_dtype, choose_memory_fraction
+
+GIB = 1024**3
+
+# First-CPU blocks of /proc/cpuinfo, cut to the lines that matter (flags shortened).
+AVX2_ONLY = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse sse2 avx avx2 fma bmi2
+"""
+AMX_HOST = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C
+flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+GENOA_HOST = """processor\t: 0
+model name\t: AMD EPYC 9B14
+flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni
+"""
+
+
+@pytest.mark.parametrize("text,dtype,named", [
+    (AVX2_ONLY, "float32", "neither avx512_bf16 nor amx_bf16"),
+    (AMX_HOST, "bfloat16", "avx512_bf16 and amx_bf16"),
+    (GENOA_HOST, "bfloat16", "avx512_bf16"),
+    ("", "float32", "neither"),
+])
+def test_auto_dtype_follows_native_bfloat16(text, dtype, named):
+    chosen, why = choose_dtype(CpuInfo.parse(text))
+    assert chosen == dtype
+    assert named in why
+
+
+def test_cpuinfo_model_name_and_flags():
+    cpu = CpuInfo.parse(AMX_HOST + "\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: sse\n")
+    assert cpu.model_name == "Intel(R) Xeon(R) Platinum 8481C"
+    assert cpu.bf16_flags == ["avx512_bf16", "amx_bf16"]
+    assert "sse" not in cpu.flags  # the first CPU's flags
+
+
+def test_missing_cpuinfo_reads_as_no_flags(tmp_path: Path):
+    assert CpuInfo.read(tmp_path / "nope") == CpuInfo("unknown", frozenset())
+
+
+def test_memory_fraction_fits_what_is_available():
+    # The host of the report: vLLM's 0.92 would need 10.09 GiB, 9.34 of 10.96 were available.
+    total, available = int(10.96 * GIB), int(9.34 * GIB)
+    fraction = choose_memory_fraction(total, available)
+    assert fraction == 0.68
+    assert fraction * total <= available
+    assert 0.92 * total > available  # vLLM's default would not have started
+
+
+@pytest.mark.parametrize("total,available,want", [
+    (100, 100, 0.8),   # idle host: 80 % of it
+    (100, 0, 0.01),    # nothing available: the floor; vLLM then says why it cannot start
+    (100, 200, 0.92),  # more available than total (cgroup figures): vLLM's default caps it
+    (0, 10, 0.01),
+])
+def test_memory_fraction_bounds(total, available, want):
+    assert choose_memory_fraction(total, available) == want
+
+
+def _gen(**kw: object) -> GeneratorConfig:
+    return GeneratorConfig(model_path=Path("/m"), **kw)  # type: ignore[arg-type]
+
+
+def test_resolve_on_this_host_fills_only_what_is_open():
+    """This machine runs vLLM's CPU backend: ``auto`` and an unset fraction are resolved from
+    its own /proc/cpuinfo and NUMA node; explicit values are kept."""
+    assert cpu_host.is_cpu_platform()
+    resolved = cpu_host.resolve(_gen())
+    assert resolved.dtype == choose_dtype(CpuInfo.read())[0]
+    _, total, available = cpu_host.node_memory()
+    assert resolved.gpu_memory_utilization is not None
+    assert resolved.gpu_memory_utilization * total <= available
+    explicit = cpu_host.resolve(_gen(dtype="bfloat16", gpu_memory_utilization=0.5))
+    assert (explicit.dtype, explicit.gpu_memory_utilization) == ("bfloat16", 0.5)
+    via_engine_args = cpu_host.resolve(_gen(engine_args={"dtype": "float16",
+                                                         "gpu_memory_utilization": 0.2}))
+    assert via_engine_args.dtype == "auto"  # engine_args win in engine_kwargs
+    assert via_engine_args.gpu_memory_utilization is None

