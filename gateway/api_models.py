@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 #: Inputs per request, as OpenAI's embeddings endpoint allows.
 MAX_INPUTS = 2048
 
-EmbeddingInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+#: OpenAI's input forms, plus Fireworks' structured objects (fields for ``prompt_template``).
+EmbeddingInput = (StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+                  | dict[str, Any] | list[dict[str, Any]])
 
 
 class EmbeddingRequest(BaseModel):
@@ -27,8 +29,12 @@ class EmbeddingRequest(BaseModel):
     #: Matryoshka: keep the first ``dimensions`` components (OpenAI / Fireworks).
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
-    #: Fireworks: L2-normalise embeddings (default), or softmax over ``return_logits``.
+    #: Fireworks: L2-normalise embeddings (default true); with ``return_logits``, a softmax over
+    #: the selected logits (default false: raw logits).
     normalize: bool | None = None
+    #: Fireworks: Jinja2 template (``{field}`` shorthand) turning each input (a structured
+    #: object, or a string as field ``text``) into the text to embed; ``truncate_tokens()``.
+    prompt_template: StrictStr | None = None
     #: Fireworks: return the last-position logits of these token ids instead of an embedding.
     return_logits: list[StrictInt] | None = None
     #: vLLM extension: truncate each input to this many tokens instead of refusing it.
@@ -63,6 +69,9 @@ class RerankRequest(BaseModel):
     documents: list[StrictStr]
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
+    #: Replaces the model's rerank prompt for this request: fields ``query``, ``document``,
+    #: ``instruction`` (:mod:`worker.prompts` syntax, as ``prompt_template`` on embeddings).
+    prompt_template: StrictStr | None = None
 
 
 class RerankResult(BaseModel):

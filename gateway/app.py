@@ -40,9 +40,11 @@ from gateway.api_models import (
     Usage,
 )
 from gateway.queue import NoWorker, RequestTimeout, WorkQueue
+from worker import prompts
 from worker.protocol import (
     PREFIX,
     ItemResult,
+    ItemSpec,
     PullRequest,
     PullResponse,
     ReleaseRequest,
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 #: Worker error codes that are the client's fault (HTTP 400); others are 500.
 CLIENT_ERROR_CODES = {
     "invalid_input", "context_length_exceeded", "invalid_dimensions", "invalid_token_ids",
+    "invalid_prompt_template",
 }
 
 
@@ -195,10 +198,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 f"{', '.join(names[t] for t in advert.tasks)}.",
                 param="model", code="unsupported_task")
 
-    async def run_items(model: str, task: str, specs: list[dict[str, Any]],
+    async def run_items(model: str, task: str, specs: list[ItemSpec],
                         field: str = "input") -> list[ItemResult]:
         metrics.ITEMS_ENQUEUED.labels(model, task).inc(len(specs))
-        items = queue.submit(model, task, specs)
+        items = queue.submit(specs)
         try:
             results = await queue.wait(items, settings.pickup_timeout_seconds,
                                        settings.request_timeout_seconds)
@@ -222,7 +225,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/embeddings", dependencies=[Depends(client_auth)],
               response_model=EmbeddingResponse)
     async def embeddings(req: EmbeddingRequest) -> Response:
-        inputs = _normalize_input(req.input)
+        if req.prompt_template is not None:
+            _check_template(req.prompt_template)
+        inputs = _normalize_input(req.input, req.prompt_template)
         task = "embed" if req.return_logits is None else "score"
         check_model(req.model, task)
         if task == "score":
@@ -230,13 +235,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 raise APIError(400, "'dimensions' cannot be combined with 'return_logits'.",
                                param="dimensions")
             _check_logit_ids(req.return_logits or [], queue.advert(req.model))
-        base: dict[str, Any] = {
-            "normalize": True if req.normalize is None else req.normalize,
-            "dimensions": req.dimensions,
-            "truncate_prompt_tokens": req.truncate_prompt_tokens,
-            "return_logits": req.return_logits,
-        }
-        specs = [{**base, **inp} for inp in inputs]
+        # Embeddings are L2-normalised unless asked not to; selected logits are returned raw
+        # unless "normalize": true asks for their softmax (Fireworks).
+        normalize = (task == "embed") if req.normalize is None else req.normalize
+        specs = [ItemSpec(model=req.model, task=task, normalize=normalize,
+                          dimensions=req.dimensions, return_logits=req.return_logits,
+                          truncate_prompt_tokens=req.truncate_prompt_tokens, **inp)
+                 for inp in inputs]
         results = await run_items(req.model, task, specs)
         data = []
         for i, res in enumerate(results):
@@ -260,8 +265,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if spec is None:
             raise APIError(503, f"No worker has advertised a rerank prompt for '{req.model}' yet.",
                            type="server_error", code="no_worker_available")
+        template = spec.template
+        if req.prompt_template is not None:
+            template = _check_template(req.prompt_template)
         ids = [spec.false_token_id, spec.true_token_id]
-        specs = [{"text": spec.prompt(req.query, doc), "return_logits": ids, "normalize": True}
+        specs = [ItemSpec(model=req.model, task="score", prompt_template=template,
+                          fields={"query": req.query, "document": doc,
+                                  "instruction": spec.instruction},
+                          return_logits=ids, normalize=True)
                  for doc in req.documents]
         results = await run_items(req.model, "score", specs, field="documents")
         scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
@@ -347,28 +358,52 @@ class RequestMetrics:
             metrics.REQUEST_DURATION.labels(route).observe(time.monotonic() - t0)
 
 
-def _normalize_input(value: Any) -> list[dict[str, Any]]:
-    """OpenAI ``input`` -> one spec per input (``text`` or ``token_ids``).
+def _normalize_input(value: Any, template: str | None) -> list[dict[str, Any]]:
+    """OpenAI / Fireworks ``input`` -> the input fields of one :class:`ItemSpec` per input:
+    ``text``, ``token_ids``, or ``prompt_template`` + ``fields`` (an object's fields; a string
+    is field ``text`` when a template is given).
 
-    Raises APIError(400) for empty input, empty strings or token arrays, negative ids, or more
-    than :data:`MAX_INPUTS` inputs (see :func:`_check_inputs`).
+    Raises APIError(400) for empty input, empty strings, arrays or objects, negative ids, more
+    than :data:`MAX_INPUTS` inputs (see :func:`_check_inputs`), objects without a template,
+    or a template with token-id input.
     """
-    if isinstance(value, str):
+    if isinstance(value, (str, dict)):
         items: list[Any] = [value]
     elif value and all(isinstance(v, int) for v in value):
         items = [value]  # one token array
     else:
         items = list(value)
     _check_inputs(items, "input")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, v in enumerate(items):
-        if isinstance(v, str):
-            out.append({"text": v})
+        if isinstance(v, dict):
+            if template is None:
+                raise APIError(400, f"input[{i}] is an object; objects are the fields of a "
+                               "'prompt_template', which this request does not give.",
+                               param="input")
+            out.append({"prompt_template": template, "fields": v})
+        elif isinstance(v, str):
+            out.append({"prompt_template": template, "fields": {"text": v}} if template
+                       else {"text": v})
         else:
+            if template is not None:
+                raise APIError(400, "'prompt_template' cannot be used with token-id input.",
+                               param="prompt_template")
             if min(v) < 0:
                 raise APIError(400, f"input[{i}] has a negative token id.", param="input")
             out.append({"token_ids": v})
     return out
+
+
+def _check_template(template: str) -> str:
+    """Compile a client's template once to report a syntax error before anything is queued.
+    Returns it; raises APIError(400, param ``prompt_template``)."""
+    try:
+        prompts.compile_template(template)
+    except prompts.TemplateError as e:
+        raise APIError(400, f"'prompt_template': {e}", param="prompt_template",
+                       code="invalid_prompt_template") from None
+    return template
 
 
 def _check_inputs(items: list[Any], field: str) -> None:
@@ -381,7 +416,7 @@ def _check_inputs(items: list[Any], field: str) -> None:
                        "allowed per request.", param=field)
     for i, v in enumerate(items):
         if not v:
-            what = "string" if isinstance(v, str) else "token array"
+            what = {str: "string", dict: "object"}.get(type(v), "token array")
             raise APIError(400, f"{field}[{i}] is an empty {what}.", param=field)
 
 

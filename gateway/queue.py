@@ -14,10 +14,9 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from gateway import metrics
-from worker.protocol import ItemError, ItemResult, ModelAdvert, WorkItem, estimate_tokens
+from worker.protocol import ItemError, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
 
 class NoWorker(Exception):
@@ -33,9 +32,7 @@ class Item:
     """One input waiting for, or leased to, a worker."""
 
     item_id: str
-    model: str
-    task: str
-    spec: dict[str, Any]
+    spec: ItemSpec
     future: asyncio.Future[ItemResult]
     enqueued_at: float = field(default_factory=time.monotonic)
     attempt: int = 0
@@ -43,6 +40,14 @@ class Item:
     lease_deadline: float = 0.0
     worker_id: str | None = None
     est_tokens: int = 1
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
 
     @property
     def done(self) -> bool:
@@ -75,14 +80,14 @@ class WorkQueue:
         self._adverts: dict[str, ModelAdvert] = {}  # latest advert per model name
 
     # --- client side --------------------------------------------------------------------
-    def submit(self, model: str, task: str, specs: list[dict[str, Any]]) -> list[Item]:
-        """Enqueue one item per spec (``WorkItem`` fields without the lease)."""
+    def submit(self, specs: list[ItemSpec]) -> list[Item]:
+        """Enqueue one item per spec (all of one request: same model and task)."""
         loop = asyncio.get_running_loop()
-        q = self._pending.setdefault((model, task), deque())
         items = []
         for spec in specs:
-            item = Item(uuid.uuid4().hex, model, task, spec, loop.create_future(),
-                        est_tokens=estimate_tokens(spec.get("text"), spec.get("token_ids")))
+            q = self._pending.setdefault((spec.model, spec.task), deque())
+            item = Item(uuid.uuid4().hex, spec, loop.create_future(),
+                        est_tokens=spec.estimate_tokens())
             self._items[item.item_id] = item
             q.append(item)
             items.append(item)
@@ -186,8 +191,7 @@ class WorkQueue:
                         metrics.REDELIVERIES.labels(item.model).inc()
                     out.append(WorkItem(item_id=item.item_id, lease_id=item.lease_id,
                                         lease_seconds=self.lease_seconds, attempt=item.attempt,
-                                        model=item.model, task=item.task,
-                                        est_tokens=item.est_tokens, **item.spec))
+                                        est_tokens=item.est_tokens, **dict(item.spec)))
                     tokens += item.est_tokens
                     progress = True
                     break

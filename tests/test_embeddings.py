@@ -103,3 +103,62 @@ def test_models_lists_the_served_model(client):
     assert card["tasks"] == ["embed"]
     assert card["max_model_len"] == 256
     assert card["workers"] >= 1
+
+
+def test_prompt_template_with_strings_and_objects(http, reference, stsb_sentences):
+    """Fireworks' ``prompt_template``: a string input is field ``text``; each object gives its
+    fields; the rendered text is what gets embedded (reference: the same text formatted here)."""
+    a, b, c = stsb_sentences[:3]
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": [a, b],
+                                          "prompt_template": "query: {text}"})
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    want_texts = [f"query: {a}", f"query: {b}"]
+    assert cosine(got, unit(reference.raw(want_texts))).min() >= 0.999
+    assert r.json()["usage"]["prompt_tokens"] == sum(reference.n_tokens(want_texts))
+
+    objects = [{"title": "Sentence one", "body": a}, {"title": "Sentence two", "body": c}]
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": objects,
+                                          "prompt_template": "{title}\n\n{{ body | lower }}"})
+    assert r.status_code == 200, r.text
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    want = unit(reference.raw([f"Sentence one\n\n{a.lower()}", f"Sentence two\n\n{c.lower()}"]))
+    assert cosine(got, want).min() >= 0.999
+    one = http.post("/v1/embeddings", json={"model": MODEL, "input": objects[0],
+                                            "prompt_template": "{title}\n\n{{ body | lower }}"})
+    assert np.allclose(one.json()["data"][0]["embedding"], got[0], atol=1e-5)
+
+
+def test_prompt_template_truncate_tokens(http, reference):
+    text = "the quick brown fox jumps over the lazy dog " * 60  # ~540 tokens > 256
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": [{"body": text}],
+                                          "prompt_template": "{{ truncate_tokens(body, 10) }}"})
+    assert r.status_code == 200, r.text
+    want = "the quick brown fox jumps over the lazy dog the"  # its first 10 tokens
+    assert r.json()["usage"]["prompt_tokens"] == 12  # [CLS] + 10 + [SEP]
+    got = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
+    assert cosine(got, unit(reference.raw([want])[0])) >= 0.999
+    # Default: as many tokens as the model takes, so an over-long field fits.
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": text,
+                                          "prompt_template": "{{ truncate_tokens(text) }}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 256
+
+
+@pytest.mark.parametrize("body,status,param,needle", [
+    ({"input": [{"title": "t", "body": "b"}, {"title": "t"}], "prompt_template": "{title} {body}"},
+     400, "input", "input[1]: prompt_template: 'body' is undefined"),
+    ({"input": "x", "prompt_template": "{{ text "}, 400, "prompt_template", "syntax error on line 1"),
+    ({"input": {"title": "t"}}, 400, "input", "'prompt_template'"),
+    ({"input": [[1, 2, 3]], "prompt_template": "{text}"}, 400, "prompt_template", "token-id"),
+    ({"input": "x", "prompt_template": "{{ text.__class__.__mro__ }}"}, 400, "input",
+     "not allowed"),
+    ({"input": [{"a": "x"}, {}], "prompt_template": "{a}"}, 400, "input", "input[1] is an empty object"),
+    ({"input": {"a": ""}, "prompt_template": "{a}"}, 400, "input", "rendered an empty prompt"),
+])
+def test_prompt_template_errors(http, body, status, param, needle):
+    r = http.post("/v1/embeddings", json={"model": MODEL, **body})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert needle in err["message"], err

@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 
 from gateway import localstack as ls
-from gateway import tiny_qwen3
 from tests.conftest import MODEL as EMBED_MODEL, metric
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 
 MODEL = "tiny-qwen3-reranker"
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory, shared_dir) -> Path:
-    rows = ls.read_stsb(shared_dir / "data" / "stsb" / "stsb-en-dev.csv")
-    corpus = [s for a, b, _ in rows for s in (a, b)]
-    return tiny_qwen3.build(tmp_path_factory.mktemp("tiny-qwen3"), corpus, seed=1234)
 
 
 class QwenReference:
@@ -93,6 +85,19 @@ def test_return_logits_match_transformers(sc, qref, stsb_sentences):
     assert r.json()["usage"]["prompt_tokens"] == sum(len(qref.tok(t)["input_ids"]) for t in texts)
 
 
+def test_return_logits_without_normalize_are_raw_logits(sc, qref, stsb_sentences):
+    """Fireworks: ``normalize: true`` is the switch that applies the softmax; without it the
+    selected logits come back as they are."""
+    texts = stsb_sentences[24:28]
+    ids = [5, 17, 4000]
+    r = sc.post("/v1/embeddings", json={"model": MODEL, "input": texts, "return_logits": ids})
+    assert r.status_code == 200, r.text
+    got = _vectors(r.json())
+    want = np.array([qref.last_logits(t)[ids] for t in texts])
+    assert np.abs(got - want).max() <= 1e-4
+    assert not np.allclose(got.sum(axis=1), 1.0, atol=1e-3)  # not probabilities
+
+
 def test_normalize_gives_softmax_of_the_selected_logits(sc, qref, stsb_sentences):
     texts = stsb_sentences[30:38]
     ids = [5, 17, 4000]
@@ -145,6 +150,28 @@ def test_rerank_orders_by_reference_scores(sc, qref, stsb_sentences):
     assert body["model"] == MODEL
     n = sum(len(qref.tok(qref.rerank_prompt(query, d))["input_ids"]) for d in docs)
     assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
+
+
+def test_rerank_with_a_request_prompt_template(sc, qref, stsb_sentences):
+    """``prompt_template`` on /v1/rerank replaces the model's prompt for that request."""
+    query = "A woman is slicing an onion."
+    # Sentences whose first five words are plain words: four tokens of this word-level
+    # tokenizer are then exactly the first four words.
+    docs = [d for d in stsb_sentences[100:] if all(w.isalpha() for w in d.split()[:5])][:6]
+    template = "Query: {query}\nDocument: {{ truncate_tokens(document, 4) }}\nRelevant:"
+    r = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs,
+                                    "prompt_template": template})
+    assert r.status_code == 200, r.text
+    no, yes = qref.tok.convert_tokens_to_ids(["no", "yes"])
+    got = {d["index"]: d["relevance_score"] for d in r.json()["data"]}
+    for i, doc in enumerate(docs):
+        text = f"Query: {query}\nDocument: {' '.join(doc.split()[:4])}\nRelevant:"
+        z = qref.last_logits(text)[[no, yes]]
+        p = np.exp(z - z.max())
+        assert abs(got[i] - p[1] / p.sum()) <= 1e-4, (i, text)
+    bad = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs,
+                                      "prompt_template": "{% if %}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_template"
 
 
 def test_rerank_top_n_and_return_documents(sc, qref, stsb_sentences):

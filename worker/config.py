@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from worker import prompts
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -101,9 +103,13 @@ class ScoringTask(_Strict):
     @field_validator("rerank_template")
     @classmethod
     def _placeholders(cls, v: str) -> str:
-        for name in ("{query}", "{document}"):
-            if name not in v:
-                raise ValueError(f"expected a template containing {name}")
+        try:
+            used = prompts.fields_used(v)
+        except prompts.TemplateError as e:
+            raise ValueError(f"expected a prompt template: {e}") from None
+        for name in ("query", "document"):
+            if name not in used:
+                raise ValueError(f"expected a template containing {{{name}}}")
         return v
 
 

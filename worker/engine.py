@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from worker import prompts
 from worker.config import GeneratorConfig
 from worker.protocol import WorkItem
 
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 #: vLLM caps ``logprob_token_ids`` per request at this many ids.
 MAX_LOGIT_IDS = 128
+
+#: An item's prompt for vLLM (:meth:`Engine.prepare`): token ids, or a text vLLM tokenizes
+#: and truncates itself.
+Prompt = list[int] | str
 
 
 class InvalidInput(Exception):
@@ -79,6 +84,25 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
     return kw
 
 
+def _config_object(name: str, value: Any) -> Any:
+    """A TOML table given for an ``AsyncEngineArgs`` field whose type is one of vLLM's config
+    dataclasses (``pooler_config``, ``compilation_config`` ...) -> an instance of it, as vLLM's
+    own CLI builds it from JSON. Other values are returned unchanged."""
+    import typing
+
+    from vllm import AsyncEngineArgs
+
+    if not isinstance(value, dict):
+        return value
+    field = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}.get(name)
+    if field is None:
+        return value
+    for cls in (field.type, *typing.get_args(field.type)):
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            return cls(**value)
+    return value
+
+
 def unknown_engine_args(gen: GeneratorConfig) -> list[str]:
     """Names in ``generator.engine_args`` that ``vllm.AsyncEngineArgs`` does not have."""
     from vllm import AsyncEngineArgs
@@ -100,6 +124,7 @@ class Engine:
         self.model_name = model_name
         self.max_model_len: int = llm.model_config.max_model_len
         self._tokenizer: Any = None
+        self._truncator: prompts.TruncateTokens | None = None
 
     @classmethod
     def start(cls, gen: GeneratorConfig, model_name: str) -> "Engine":
@@ -107,7 +132,8 @@ class Engine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(gen)))
+        kwargs = {k: _config_object(k, v) for k, v in engine_kwargs(gen).items()}
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(llm, gen, model_name)
 
     async def tokenizer(self) -> Any:
@@ -142,29 +168,67 @@ class Engine:
         """Update vLLM's own Prometheus metrics (``vllm:*``)."""
         await self.llm.do_log_stats()
 
-    async def pretokenize(self, items: list[WorkItem]) -> list[list[int] | None]:
-        """Prompt token ids for the items vLLM would otherwise tokenize one by one (``text``
-        without ``truncate_prompt_tokens``), from one batch call of the model's fast tokenizer
-        in a worker thread; ``None`` for the other items.
+    async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
+        """Each item's prompt, made for the whole pulled batch in one worker thread: templates
+        rendered (:mod:`worker.prompts`, with this model's ``truncate_tokens``), then every text
+        without ``truncate_prompt_tokens`` tokenized in one call of the model's fast tokenizer.
 
-        The ids equal vLLM's own tokenization (``add_special_tokens=True``; checked on the STS
-        sentences). Handing vLLM token ids spares it a thread-pool hop and a tokenizer call per
-        request on the event loop the pull and post calls share.
+        Returns per item: token ids (``list[int]``; ids equal vLLM's own tokenization,
+        ``add_special_tokens=True``), a text that vLLM tokenizes and truncates itself (``str``,
+        items with ``truncate_prompt_tokens``), or the :class:`InvalidInput` of that item (a
+        template error, text the tokenizer cannot encode). Handing vLLM token ids spares it a
+        thread-pool hop and a tokenizer call per request on the event loop that the pull and
+        post calls share.
         """
-        idx = [i for i, it in enumerate(items)
-               if it.text is not None and it.truncate_prompt_tokens is None]
-        out: list[list[int] | None] = [None] * len(items)
-        if not idx:
-            return out
         tok = await self.tokenizer()
-        texts = [items[i].text for i in idx]
-        ids = await asyncio.to_thread(lambda: tok(texts, add_special_tokens=True)["input_ids"])
-        for i, seq in zip(idx, ids):
-            out[i] = list(seq)
+        return await asyncio.to_thread(self._prepare, tok, items)
+
+    def _prepare(self, tok: Any, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
+        out: list[Prompt | InvalidInput] = []
+        to_tokenize: list[int] = []
+        for i, item in enumerate(items):
+            if item.token_ids is not None:
+                ids = item.token_ids
+                out.append(ids if item.truncate_prompt_tokens is None
+                           else ids[: item.truncate_prompt_tokens])
+                continue
+            text = item.text
+            if item.prompt_template is not None:
+                try:
+                    text = prompts.render(item.prompt_template, item.fields or {},
+                                          self._truncate_tokens(tok))
+                except prompts.TemplateError as e:
+                    out.append(InvalidInput("invalid_prompt_template", f"prompt_template: {e}"))
+                    continue
+                if not text:
+                    out.append(InvalidInput("invalid_prompt_template",
+                                            "prompt_template rendered an empty prompt"))
+                    continue
+            out.append(text or "")
+            if item.truncate_prompt_tokens is None:
+                to_tokenize.append(i)
+        texts = [out[i] for i in to_tokenize]
+        try:
+            encoded = tok(texts, add_special_tokens=True)["input_ids"] if texts else []
+        except Exception:  # noqa: BLE001 - find the inputs that fail, keep the rest
+            encoded = [_encode_one(tok, t) for t in texts]
+        for i, ids in zip(to_tokenize, encoded):
+            out[i] = list(ids) if not isinstance(ids, InvalidInput) else ids
         return out
 
-    async def run(self, item: WorkItem, token_ids: list[int] | None = None) -> tuple[np.ndarray, int]:
-        """Embed or score one item; ``token_ids`` are its prompt from :meth:`pretokenize`, if any.
+    def _truncate_tokens(self, tok: Any) -> prompts.TruncateTokens:
+        """``truncate_tokens`` for templates; by default to the longest prompt the engine takes
+        (``max_model_len`` less the tokenizer's special tokens, and less the one output token
+        of the scoring runner)."""
+        if self._truncator is None:
+            room = self.max_model_len - tok.num_special_tokens_to_add(pair=False)
+            if self.gen.task == "score":
+                room -= 1
+            self._truncator = prompts.token_truncator(tok, max(room, 0))
+        return self._truncator
+
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+        """Embed or score one item; ``prompt`` is its entry from :meth:`prepare`.
 
         Returns (float32 vector, prompt token count): the embedding ``[dim]`` (L2-normalised
         unless ``normalize`` is false, first ``dimensions`` components when set), or the logits
@@ -172,40 +236,35 @@ class Engine:
         Raises :class:`InvalidInput` for a bad input, :class:`EngineDead` if vLLM has died.
         """
         if item.task == "embed":
-            return await self._embed(item, token_ids)
-        return await self._score(item, token_ids)
+            return await self._embed(item, prompt)
+        return await self._score(item, prompt)
 
-    def _prompt(self, item: WorkItem, token_ids: list[int] | None) -> tuple[Any, dict[str, Any] | None]:
+    def _prompt(self, item: WorkItem, prompt: Prompt) -> tuple[Any, dict[str, Any] | None]:
         """vLLM's prompt: token ids as a rendered ``TokensInput`` (vLLM adds them without
         another tokenizer pass), or the text with its truncation arguments."""
         from vllm.inputs.engine import tokens_input
 
-        if token_ids is not None:
-            return tokens_input(token_ids), None
-        if item.token_ids is not None:
-            ids = item.token_ids
-            if item.truncate_prompt_tokens is not None:
-                ids = ids[: item.truncate_prompt_tokens]
-            return tokens_input(ids), None
+        if not isinstance(prompt, str):
+            return tokens_input(prompt), None
         if item.truncate_prompt_tokens is not None:
-            return item.text, {
+            return prompt, {
                 "truncate_prompt_tokens": item.truncate_prompt_tokens,
                 "truncation_side": "right",
             }
-        return item.text, None
+        return prompt, None
 
-    async def _embed(self, item: WorkItem, token_ids: list[int] | None) -> tuple[np.ndarray, int]:
+    async def _embed(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
         from vllm import PoolingParams
 
         if item.dimensions is not None and item.dimensions < 1:
             raise InvalidInput("invalid_dimensions", "dimensions must be a positive integer")
-        prompt, tok_kwargs = self._prompt(item, token_ids)
+        vllm_prompt, tok_kwargs = self._prompt(item, prompt)
         params = PoolingParams(task="embed", dimensions=item.dimensions, use_activation=item.normalize)
         out = None
         async for out in self._guard(
-            item,
+            item, prompt,
             self.llm.encode(
-                prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
+                vllm_prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
             ),
         ):
             pass
@@ -213,7 +272,7 @@ class Engine:
         vec = out.outputs.data.float().numpy()
         return vec, len(out.prompt_token_ids)
 
-    async def _score(self, item: WorkItem, token_ids: list[int] | None) -> tuple[np.ndarray, int]:
+    async def _score(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
         from vllm import SamplingParams
 
         ids = item.return_logits or []
@@ -224,13 +283,13 @@ class Engine:
                 "invalid_token_ids",
                 f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
             )
-        prompt, tok_kwargs = self._prompt(item, token_ids)
+        vllm_prompt, tok_kwargs = self._prompt(item, prompt)
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids),
                                 detokenize=False)
         out = None
         async for out in self._guard(
-            item, self.llm.generate(prompt, params, request_id=_request_id(item),
-                                    tokenization_kwargs=tok_kwargs),
+            item, prompt, self.llm.generate(vllm_prompt, params, request_id=_request_id(item),
+                                            tokenization_kwargs=tok_kwargs),
         ):
             pass
         assert out is not None
@@ -241,7 +300,7 @@ class Engine:
             logits = (z / z.sum()).astype(np.float32)
         return logits, len(out.prompt_token_ids)
 
-    async def _guard(self, item: WorkItem, gen: Any) -> Any:
+    async def _guard(self, item: WorkItem, prompt: Prompt, gen: Any) -> Any:
         """Iterate a vLLM output stream, turning vLLM's errors into ours."""
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -250,24 +309,26 @@ class Engine:
             async for out in gen:
                 yield out
         except VLLMValidationError as e:
-            raise await self._invalid(item, str(e)) from None
+            raise self._invalid(item, prompt, str(e)) from None
         except ValueError as e:  # older vLLM raises plain ValueError for bad input
             if not self.alive:
                 raise EngineDead(str(e)) from e
-            raise await self._invalid(item, str(e)) from None
+            raise self._invalid(item, prompt, str(e)) from None
         except EngineDeadError as e:
             raise EngineDead(str(e)) from e
 
-    async def _invalid(self, item: WorkItem, message: str) -> InvalidInput:
+    def _invalid(self, item: WorkItem, prompt: Prompt, message: str) -> InvalidInput:
         message = message.replace(repr(str(self.gen.model_path)), repr(self.model_name))
         message = message.replace(str(self.gen.model_path), self.model_name)
         if "maximum context length" in message or "maximum model length" in message:
-            n = len(item.token_ids) if item.token_ids is not None else None
-            if n is None:
-                n = len((await self.tokenizer()).encode(item.text or ""))
+            if isinstance(prompt, str):  # vLLM truncated it to truncate_prompt_tokens
+                return InvalidInput(
+                    "context_length_exceeded",
+                    f"truncate_prompt_tokens is {item.truncate_prompt_tokens}, more than the "
+                    f"maximum context length of {self.max_model_len} tokens")
             return InvalidInput(
                 "context_length_exceeded",
-                f"input has {n} tokens, more than the maximum context length of "
+                f"input has {len(prompt)} tokens, more than the maximum context length of "
                 f"{self.max_model_len} tokens; shorten it or set truncate_prompt_tokens",
             )
         if "Matryoshka" in message or "dimensions" in message:
@@ -293,3 +354,12 @@ class Engine:
 
 def _request_id(item: WorkItem) -> str:
     return f"{item.item_id}-{item.lease_id}-{uuid.uuid4().hex[:8]}"
+
+
+def _encode_one(tok: Any, text: str) -> list[int] | InvalidInput:
+    """Token ids of one text, or the InvalidInput saying why the tokenizer refused it (e.g. a
+    lone surrogate, which cannot be encoded as UTF-8)."""
+    try:
+        return list(tok(text, add_special_tokens=True)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - the tokenizer's own error, reported per input
+        return InvalidInput("invalid_input", f"the tokenizer cannot encode this text: {e}")

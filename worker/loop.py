@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from worker import metrics
 from worker.config import Config
-from worker.engine import Engine, EngineDead, InvalidInput
+from worker.engine import Engine, EngineDead, InvalidInput, Prompt
 from worker.protocol import ItemResult, ModelAdvert, PullRequest, WorkItem
 from worker.queue_client import QueueClient, QueueError, QueueRejected
 
@@ -116,20 +116,20 @@ class Worker:
             self._spawn(self._start(batch))  # the next pull does not wait for it
 
     async def _start(self, batch: list[_Leased]) -> None:
-        """Tokenize one pulled batch in one call, then start one engine request per item."""
-        try:
-            prompts = await self.engine.pretokenize([lz.item for lz in batch])
-        except Exception:  # noqa: BLE001 - vLLM tokenizes each input itself then
-            log.warning("batch tokenization failed; vLLM tokenizes each input", exc_info=True)
-            prompts = [None] * len(batch)
-        for leased, token_ids in zip(batch, prompts):
-            self._spawn(self._infer(leased, token_ids))
+        """Prepare one pulled batch's prompts in one call (templates, tokenization), then start
+        one engine request per item; an item whose prompt failed is answered at once."""
+        prompts = await self.engine.prepare([lz.item for lz in batch])
+        for leased, prompt in zip(batch, prompts):
+            if isinstance(prompt, InvalidInput):
+                self._answer(ItemResult.failed(leased.item, prompt.code, prompt.message), leased)
+            else:
+                self._spawn(self._infer(leased, prompt))
 
     # --- infer --------------------------------------------------------------------------
-    async def _infer(self, leased: _Leased, token_ids: list[int] | None) -> None:
+    async def _infer(self, leased: _Leased, prompt: Prompt) -> None:
         item = leased.item
         try:
-            vector, n_tokens = await self.engine.run(item, token_ids)
+            vector, n_tokens = await self.engine.run(item, prompt)
             result = ItemResult.ok(item, vector, n_tokens)
             metrics.PROMPT_TOKENS.labels(item.model, item.task).inc(n_tokens)
         except InvalidInput as e:
@@ -146,6 +146,10 @@ class Worker:
                 return
             log.exception("item %s failed unexpectedly", item.item_id)
             result = ItemResult.failed(item, "internal_error", f"{type(e).__name__}: {e}", retryable=True)
+        self._answer(result, leased)
+
+    def _answer(self, result: ItemResult, leased: _Leased) -> None:
+        """Queue a result for the post loop."""
         self._outbox.append((result, leased))
         self._outbox_ready.set()
 

@@ -8,10 +8,10 @@ little-endian float32 (``vector_b64``), the same encoding the OpenAI embeddings 
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PREFIX = "/queue/v1"
 
@@ -23,17 +23,15 @@ class _Wire(BaseModel):
 
 
 class RerankSpec(_Wire):
-    """How the gateway turns (query, document) into a scoring item for this model."""
+    """How the gateway turns (query, document) into a scoring item for this model: the prompt
+    template (:mod:`worker.prompts` syntax; fields ``query``, ``document``, ``instruction``),
+    rendered by the worker."""
 
     template: str
     instruction: str
     #: Token ids (from the model's tokenizer) whose logits are compared: [false, true].
     false_token_id: int
     true_token_id: int
-
-    def prompt(self, query: str, document: str) -> str:
-        return (self.template.replace("{instruction}", self.instruction)
-                .replace("{query}", query).replace("{document}", document))
 
 
 class ModelAdvert(_Wire):
@@ -65,21 +63,24 @@ class PullRequest(_Wire):
     wait_seconds: float = Field(default=10.0, ge=0, le=60)
 
 
-class WorkItem(_Wire):
-    """One input to embed or score, leased to the worker until ``lease_seconds`` from now."""
+class ItemSpec(BaseModel):
+    """What one queue entry asks of a worker: one input of one client request and how to
+    process it. Built by the gateway; unknown keys are an error, not silently dropped.
 
-    item_id: str
-    lease_id: str
-    lease_seconds: float
-    #: 1 on first delivery; higher when redelivered after an expired lease.
-    attempt: int = 1
-    #: The queue's estimate of the prompt tokens (token ids: exact; text: ~4 bytes per token).
-    est_tokens: int = 1
+    The input is exactly one of ``text``, ``token_ids``, or ``prompt_template`` with ``fields``
+    (rendered by the worker, :mod:`worker.prompts`).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     model: str
     task: Task
-    #: Exactly one of ``text`` and ``token_ids`` is set.
     text: str | None = None
     token_ids: list[int] | None = None
+    #: Jinja2 template (``{field}`` shorthand) rendered with ``fields`` and the model's
+    #: ``truncate_tokens``: Fireworks' ``prompt_template``, and every rerank prompt.
+    prompt_template: str | None = None
+    fields: dict[str, Any] | None = None
     #: Matryoshka dimensions to keep (embed only).
     dimensions: int | None = None
     #: embed: L2-normalise the vector. score: softmax over the selected logits.
@@ -88,6 +89,40 @@ class WorkItem(_Wire):
     truncate_prompt_tokens: int | None = None
     #: score: token ids whose last-position logits are returned, in this order.
     return_logits: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "ItemSpec":
+        given = [self.text is not None, self.token_ids is not None, self.fields is not None]
+        if sum(given) != 1:
+            raise ValueError("exactly one of text, token_ids and fields must be set")
+        if (self.fields is None) != (self.prompt_template is None):
+            raise ValueError("fields and prompt_template go together")
+        return self
+
+    def estimate_tokens(self) -> int:
+        """The prompt's tokens as the queue estimates them, without a tokenizer: exact for
+        token ids, else UTF-8 bytes / 4 plus 2 special tokens (close for English BPE and
+        WordPiece vocabularies); a template counts with its fields."""
+        if self.token_ids is not None:
+            return max(1, len(self.token_ids))
+        if self.fields is not None:
+            size = len((self.prompt_template or "").encode("utf-8")) + sum(
+                len(str(v).encode("utf-8")) for v in self.fields.values())
+            return size // 4 + 2
+        return len((self.text or "").encode("utf-8")) // 4 + 2
+
+
+class WorkItem(ItemSpec):
+    """One input to embed or score (:class:`ItemSpec`), leased to the worker until
+    ``lease_seconds`` from now."""
+
+    item_id: str
+    lease_id: str
+    lease_seconds: float
+    #: 1 on first delivery; higher when redelivered after an expired lease.
+    attempt: int = 1
+    #: The queue's estimate of the prompt tokens (:meth:`ItemSpec.estimate_tokens`).
+    est_tokens: int = 1
 
 
 class PullResponse(_Wire):
@@ -153,14 +188,6 @@ class ReleaseRequest(_Wire):
 
 class ReleaseResponse(_Wire):
     released: int
-
-
-def estimate_tokens(text: str | None, token_ids: list[int] | None) -> int:
-    """Prompt tokens of an input, without a tokenizer: exact for token ids, else UTF-8 bytes / 4
-    plus 2 special tokens (close for English BPE / WordPiece vocabularies)."""
-    if token_ids is not None:
-        return max(1, len(token_ids))
-    return len((text or "").encode("utf-8")) // 4 + 2
 
 
 def encode_vector(vector: np.ndarray) -> str:

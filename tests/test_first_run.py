@@ -1,0 +1,139 @@
+"""A newcomer's first run on a CPU host: the Pharia example config starts unchanged (model path
+and queue URL aside), an engine that cannot start says why in one line, ``dtype = "auto"``
+keeps the model's quality, and a causal LM serves as an embedding model (last-token pooling)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway import localstack as ls
+from tests.conftest import MODEL, cosine, metric, unit
+from worker.cpu_host import CpuInfo, choose_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+PHARIA = REPO / "configs" / "pharia-qwen3-embedding-8b.toml"
+PHARIA_MODEL = "qwen3-embedding-8b"
+
+
+@pytest.fixture(scope="module")
+def pharia_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
+    """The example with only ``model_path`` (a tiny Qwen3, the architecture of
+    Qwen3-Embedding) and ``url`` changed: no dtype, no gpu_memory_utilization."""
+    original = PHARIA.read_text()
+    text = original.replace('model_path = "/path/to/weights/Qwen/Qwen3-Embedding-8B"',
+                            f'model_path = "{tiny_path}"')
+    text = text.replace('url = "https://inference-api.pharia.example.com"', f'url = "{gateway.url}"')
+    changed = [(a, b) for a, b in zip(original.splitlines(), text.splitlines()) if a != b]
+    assert len(changed) == 2 and len(original.splitlines()) == len(text.splitlines())
+    proc = ls.start_worker(text, stack_dir, "pharia-worker")
+    yield proc
+    assert proc.stop() == 0, proc.log_tail()
+
+
+class LastTokenReference:
+    """float32 ``transformers`` forward pass of the causal LM: the final hidden state of the
+    last prompt token, L2-normalised (what vLLM's pooling runner gives a causal LM)."""
+
+    def __init__(self, path: Path):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = []
+        with self.torch.no_grad():
+            for t in texts:
+                hidden = self.model(**self.tok(t, return_tensors="pt")).last_hidden_state
+                out.append(hidden[0, -1].numpy())
+        return unit(np.array(out))
+
+
+def test_pharia_example_serves_on_this_cpu_host(gateway, pharia_worker, tiny_path, stsb_sentences):
+    log = pharia_worker.log_path.read_text()
+    auto = choose_dtype(CpuInfo.read())[0]
+    assert f"dtype = auto on this CPU host: using {auto}" in log
+    assert "gpu_memory_utilization not set: using 0." in log
+    assert "of NUMA node" in log and "GiB available now" in log
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=120)
+    cards = {m.id: m.model_dump() for m in client.models.list().data}
+    assert cards[PHARIA_MODEL]["tasks"] == ["embed"]
+    assert cards[PHARIA_MODEL]["max_model_len"] == 2048
+    texts = stsb_sentences[:8]
+    resp = client.embeddings.create(model=PHARIA_MODEL, input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in resp.data], dtype=np.float32)
+    want = LastTokenReference(tiny_path).embed(texts)
+    assert got.shape == want.shape
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
+    assert cosine(got, want).min() >= (0.999 if auto == "float32" else 0.99)
+    text = httpx.get(pharia_worker.url + "/metrics").text
+    assert metric(text, "inference_worker_build_info", dtype=auto) == 1
+
+
+def test_engine_that_cannot_start_says_why_in_one_line(gateway, stack_dir):
+    """An explicit ``gpu_memory_utilization`` is honoured, even when vLLM refuses it: exit 1
+    with one ERROR line carrying vLLM's root cause and the config key; the traceback only at
+    LOG_LEVEL=DEBUG. Both runs go side by side."""
+    def config() -> str:
+        return ls.worker_config(queue_url=gateway.url, model_name="cannot-start").replace(
+            "gpu_memory_utilization = 0.15", "gpu_memory_utilization = 1.0")
+
+    info = ls.start_worker(config(), stack_dir, "cannot-start-info", wait=False)
+    debug = ls.start_worker(config(), stack_dir, "cannot-start-debug", wait=False,
+                            env={"LOG_LEVEL": "DEBUG"})
+    try:
+        codes = [info.popen.wait(300), debug.popen.wait(300)]
+    finally:
+        info.stop()
+        debug.stop()
+    assert codes == [1, 1]
+    text = info.log_path.read_text()
+    errors = [ln for ln in text.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1, errors
+    assert "vLLM failed to start: ValueError: Available memory on node" in errors[0]
+    assert "[config: generator.gpu_memory_utilization]" in errors[0]
+    assert "Traceback" not in text
+    assert "Traceback" in debug.log_path.read_text()
+
+
+def test_auto_dtype_keeps_sts_benchmark_quality(gateway, embed_worker, client, reference,
+                                                stack_dir):
+    """STS-benchmark dev Spearman (500 pairs) of the dtype ``auto`` picks on this host within
+    0.2 points of float32 ``transformers``. Where ``auto`` is float32 (AVX2-only hosts) the
+    session's float32 worker is that worker; elsewhere a worker with ``dtype = "auto"``."""
+    from scipy.stats import spearmanr
+
+    pairs = ls.read_stsb("dev")[:500]
+    gold = [g for _, _, g in pairs]
+    auto = choose_dtype(CpuInfo.read())[0]
+    worker = None
+    if auto != "float32":
+        worker = ls.start_worker(ls.worker_config(queue_url=gateway.url, model_name="auto-minilm",
+                                                  dtype="auto"), stack_dir, "auto-worker")
+    model = MODEL if worker is None else "auto-minilm"
+    try:
+        def served(texts: list[str]) -> np.ndarray:
+            resp = client.embeddings.create(model=model, input=texts, encoding_format="float")
+            return np.array([d.embedding for d in resp.data], dtype=np.float32)
+
+        a, b = served([p[0] for p in pairs]), served([p[1] for p in pairs])
+    finally:
+        if worker is not None:
+            worker.stop()
+    ra, rb = reference.raw([p[0] for p in pairs]), reference.raw([p[1] for p in pairs])
+    rho_served = 100 * spearmanr(cosine(a, b), gold).statistic
+    rho_f32 = 100 * spearmanr(cosine(ra, rb), gold).statistic
+    print(f"STS-B dev (500 pairs) Spearman x100: {auto} (auto) {rho_served:.2f}, "
+          f"float32 transformers {rho_f32:.2f}")
+    assert rho_f32 > 80  # the model is right at all
+    assert abs(rho_served - rho_f32) <= 0.2
