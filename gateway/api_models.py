@@ -1,21 +1,29 @@
 """Client-facing wire models: the OpenAI embeddings API with Fireworks' extensions
 (``dimensions``, ``normalize``, ``return_logits``) and Fireworks' ``/v1/rerank``.
 
-Sources: OpenAI API reference (embeddings, errors), ``shared/reference/fireworks-*.md``.
+Sources: OpenAI API reference (embeddings, models, errors); Fireworks API reference
+(``/v1/embeddings`` with ``return_logits``, ``normalize``, ``prompt_template``; ``/v1/rerank``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 #: Inputs per request, as OpenAI's embeddings endpoint allows.
 MAX_INPUTS = 2048
 
 #: OpenAI's input forms, plus Fireworks' structured objects (fields for ``prompt_template``).
-EmbeddingInput = (StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
-                  | dict[str, Any] | list[dict[str, Any]])
+EmbeddingInput = (
+    StrictStr
+    | list[StrictStr]
+    | list[StrictInt]
+    | list[list[StrictInt]]
+    | dict[str, Any]
+    | list[dict[str, Any]]
+)
 
 
 class EmbeddingRequest(BaseModel):
@@ -119,14 +127,6 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class APIError(Exception):
-    """Raised by handlers; rendered as :class:`ErrorResponse` with ``status``."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.body = ErrorBody(message=message, type=type, param=param, code=code)
-
-    def response_json(self) -> dict[str, Any]:
-        return ErrorResponse(error=self.body).model_dump()
+def json_response(body: BaseModel, *, exclude_none: bool = False) -> Response:
+    """A JSON response serialised by pydantic-core in one step (no dict round trip)."""
+    return Response(body.model_dump_json(exclude_none=exclude_none), media_type="application/json")

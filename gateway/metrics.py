@@ -7,21 +7,44 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "inference_gateway"
 
-REQUESTS = Counter(f"{_NS}_requests_total", "Client requests by route and HTTP status.",
-                   ["route", "status"], registry=REGISTRY)
+REQUESTS = Counter(
+    f"{_NS}_requests_total",
+    "Client requests by route and HTTP status.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
 REQUEST_DURATION = Histogram(
-    f"{_NS}_request_duration_seconds", "Client request latency.", ["route"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY)
+    f"{_NS}_request_duration_seconds",
+    "Client request latency.",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
 QUEUE_WAIT = Histogram(
-    f"{_NS}_queue_wait_seconds", "Time an item waited in the queue before its first lease.",
-    ["model"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-    registry=REGISTRY)
-LEASES_EXPIRED = Counter(f"{_NS}_leases_expired_total", "Leases that expired without a result.",
-                         ["model"], registry=REGISTRY)
-REDELIVERIES = Counter(f"{_NS}_redeliveries_total", "Items leased again after a failed attempt.",
-                       ["model"], registry=REGISTRY)
-DEAD_LETTERS = Counter(f"{_NS}_dead_letters_total",
-                       "Items given up after max attempts (answered with an error).",
-                       ["model"], registry=REGISTRY)
-ITEMS_ENQUEUED = Counter(f"{_NS}_items_enqueued_total", "Inputs enqueued.", ["model", "task"],
-                         registry=REGISTRY)
+    f"{_NS}_queue_wait_seconds",
+    "Time an item waited in the queue before its first lease.",
+    ["model"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+LEASES_EXPIRED = Counter(
+    f"{_NS}_leases_expired_total",
+    "Leases that expired without a result.",
+    ["model"],
+    registry=REGISTRY,
+)
+REDELIVERIES = Counter(
+    f"{_NS}_redeliveries_total",
+    "Items leased again after a failed attempt.",
+    ["model"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    f"{_NS}_dead_letters_total",
+    "Items given up after max attempts (answered with an error).",
+    ["model"],
+    registry=REGISTRY,
+)
+ITEMS_ENQUEUED = Counter(
+    f"{_NS}_items_enqueued_total", "Inputs enqueued.", ["model", "task"], registry=REGISTRY
+)

@@ -13,10 +13,11 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from gateway import metrics
-from worker.protocol import ItemError, ItemResult, ItemSpec, ModelAdvert, WorkItem
+from worker.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
 
 class NoWorker(Exception):
@@ -34,7 +35,7 @@ class Item:
     item_id: str
     spec: ItemSpec
     future: asyncio.Future[ItemResult]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float = 0.0
     attempt: int = 0
     lease_id: str | None = None
     lease_deadline: float = 0.0
@@ -67,8 +68,16 @@ class WorkQueue:
     All methods run on the event loop thread; none blocks.
     """
 
-    def __init__(self, *, lease_seconds: float = 30.0, max_attempts: int = 3,
-                 worker_ttl_seconds: float = 30.0):
+    def __init__(
+        self,
+        *,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        worker_ttl_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        #: Seconds, for leases and worker liveness (tests give a clock they advance).
+        self._clock = clock
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.worker_ttl = worker_ttl_seconds
@@ -86,16 +95,22 @@ class WorkQueue:
         items = []
         for spec in specs:
             q = self._pending.setdefault((spec.model, spec.task), deque())
-            item = Item(uuid.uuid4().hex, spec, loop.create_future(),
-                        est_tokens=spec.estimate_tokens())
+            item = Item(
+                uuid.uuid4().hex,
+                spec,
+                loop.create_future(),
+                enqueued_at=self._clock(),
+                est_tokens=spec.estimate_tokens(),
+            )
             self._items[item.item_id] = item
             q.append(item)
             items.append(item)
         self._wake()
         return items
 
-    async def wait(self, items: list[Item], pickup_timeout: float,
-                   request_timeout: float) -> list[ItemResult]:
+    async def wait(
+        self, items: list[Item], pickup_timeout: float, request_timeout: float
+    ) -> list[ItemResult]:
         """Wait for every item's result, in order.
 
         Raises :class:`NoWorker` if some item was not leased within ``pickup_timeout`` seconds,
@@ -127,21 +142,27 @@ class WorkQueue:
                 item.future.cancel()
 
     # --- worker side --------------------------------------------------------------------
-    async def pull(self, worker_id: str, adverts: list[ModelAdvert], max_items: int,
-                   wait_seconds: float, max_tokens: int | None = None) -> list[WorkItem]:
+    async def pull(
+        self,
+        worker_id: str,
+        adverts: list[ModelAdvert],
+        max_items: int,
+        wait_seconds: float,
+        max_tokens: int | None = None,
+    ) -> list[WorkItem]:
         """Lease up to ``max_items`` items (and about ``max_tokens`` estimated prompt tokens,
         at least one item) of the advertised models and tasks.
 
         Returns at once when work is waiting, else after ``wait_seconds`` (long polling),
         possibly with an empty list.
         """
-        seen = self._workers.setdefault(worker_id, _WorkerSeen(adverts, time.monotonic()))
+        seen = self._workers.setdefault(worker_id, _WorkerSeen(adverts, self._clock()))
         seen.adverts = adverts
-        seen.last_seen = time.monotonic()
+        seen.last_seen = self._clock()
         for adv in adverts:
             self._adverts[adv.name] = adv
         keys = [(a.name, t) for a in adverts for t in a.tasks]
-        deadline = time.monotonic() + wait_seconds
+        deadline = time.monotonic() + wait_seconds  # long polling runs in real time
         seen.pulls_open += 1
         try:
             while True:
@@ -160,12 +181,17 @@ class WorkQueue:
                     self._waiters.discard(waiter)
         finally:
             seen.pulls_open -= 1
-            seen.last_seen = time.monotonic()
+            seen.last_seen = self._clock()
 
-    def _take(self, worker_id: str, keys: list[tuple[str, str]], max_items: int,
-              max_tokens: int | None = None) -> list[WorkItem]:
+    def _take(
+        self,
+        worker_id: str,
+        keys: Sequence[tuple[str, str]],
+        max_items: int,
+        max_tokens: int | None = None,
+    ) -> list[WorkItem]:
         out: list[WorkItem] = []
-        now = time.monotonic()
+        now = self._clock()
         tokens = 0
         budget = max_tokens if max_tokens is not None else float("inf")
         progress = True
@@ -189,9 +215,16 @@ class WorkQueue:
                         metrics.QUEUE_WAIT.labels(item.model).observe(now - item.enqueued_at)
                     else:
                         metrics.REDELIVERIES.labels(item.model).inc()
-                    out.append(WorkItem(item_id=item.item_id, lease_id=item.lease_id,
-                                        lease_seconds=self.lease_seconds, attempt=item.attempt,
-                                        est_tokens=item.est_tokens, **dict(item.spec)))
+                    out.append(
+                        WorkItem(
+                            item_id=item.item_id,
+                            lease_id=item.lease_id,
+                            lease_seconds=self.lease_seconds,
+                            attempt=item.attempt,
+                            est_tokens=item.est_tokens,
+                            **dict(item.spec),
+                        )
+                    )
                     tokens += item.est_tokens
                     progress = True
                     break
@@ -228,7 +261,7 @@ class WorkQueue:
 
     def reap(self) -> int:
         """Requeue items whose lease expired; dead-letter those out of attempts."""
-        now = time.monotonic()
+        now = self._clock()
         expired = [i for i in self._leased.values() if i.lease_deadline <= now]
         for item in expired:
             metrics.LEASES_EXPIRED.labels(item.model).inc()
@@ -240,11 +273,20 @@ class WorkQueue:
         item.lease_id = None
         item.worker_id = None
         if item.attempt >= self.max_attempts:
-            self._finish(item, ItemResult(
-                item_id=item.item_id, lease_id="",
-                error=ItemError(code="max_attempts_exceeded", message=(
-                    f"the input was delivered to workers {item.attempt} times without a "
-                    "result; giving up"))))
+            self._finish(
+                item,
+                ItemResult(
+                    item_id=item.item_id,
+                    lease_id="",
+                    error=ItemError(
+                        code=ErrorCode.MAX_ATTEMPTS_EXCEEDED,
+                        message=(
+                            f"the input was delivered to workers {item.attempt} times without a "
+                            "result; giving up"
+                        ),
+                    ),
+                ),
+            )
             metrics.DEAD_LETTERS.labels(item.model).inc()
             return
         self._pending.setdefault((item.model, item.task), deque()).appendleft(item)
@@ -265,9 +307,10 @@ class WorkQueue:
     # --- views --------------------------------------------------------------------------
     def live_workers(self) -> dict[str, list[ModelAdvert]]:
         """Workers that pulled within ``worker_ttl_seconds`` (or are pulling now)."""
-        now = time.monotonic()
+        now = self._clock()
         return {
-            wid: w.adverts for wid, w in self._workers.items()
+            wid: w.adverts
+            for wid, w in self._workers.items()
             if w.pulls_open > 0 or now - w.last_seen <= self.worker_ttl
         }
 

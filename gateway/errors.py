@@ -1,0 +1,82 @@
+"""Errors in OpenAI's shape, and the one place item error codes become HTTP statuses.
+
+Every error a client or worker sees is ``{"error": {"message", "type", "param", "code"}}``
+(OpenAI API reference, "Error codes"). Handlers raise :class:`APIError`; :func:`install`
+renders it, and turns FastAPI's request validation errors into the same shape (400).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from gateway.api_models import ErrorBody, ErrorResponse
+from worker.protocol import CLIENT_ERRORS, ItemError
+
+
+class APIError(Exception):
+    """An error response: HTTP ``status`` with an OpenAI-shaped body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(message=message, type=type, param=param, code=code)
+
+    def response_json(self) -> dict[str, Any]:
+        return ErrorResponse(error=self.body).model_dump()
+
+
+def item_error(error: ItemError, field: str, index: int, inputs: int) -> APIError:
+    """The client's answer for a request one of whose inputs failed: 400 for the codes in
+    :data:`~worker.protocol.CLIENT_ERRORS` (``param`` names the field), 500 for the others
+    (``internal_error``, ``max_attempts_exceeded``). With several inputs the message starts
+    with ``<field>[<index>]: ``."""
+    client_fault = error.code in CLIENT_ERRORS
+    prefix = f"{field}[{index}]: " if inputs > 1 else ""
+    return APIError(
+        400 if client_fault else 500,
+        prefix + error.message,
+        type="invalid_request_error" if client_fault else "server_error",
+        param=field if client_fault else None,
+        code=error.code.value,
+    )
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.response_json(), status_code=exc.status)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # pydantic reports union members as extra path parts; keep the field name.
+    param = loc[0] if loc else None
+    if param == "input":
+        msg = (
+            "'input' must be a non-empty string, an array of strings, an array of token "
+            "ids, an array of token-id arrays, or objects with a 'prompt_template'"
+        )
+    elif err.get("type") == "missing":
+        msg = f"'{param}' is a required property"
+    else:
+        msg = f"Invalid value for '{'.'.join(loc) or 'body'}': {err.get('msg')}"
+    return JSONResponse(APIError(400, msg, param=param).response_json(), status_code=400)
+
+
+def install(app: FastAPI) -> None:
+    """Render :class:`APIError` and request validation errors in OpenAI's shape."""
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,155 @@
+"""Client inputs -> queue entries (:class:`~worker.protocol.ItemSpec`), with a clear 400 for
+every input the gateway can reject before anything is queued."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.api_models import MAX_INPUTS, EmbeddingRequest, RerankRequest
+from gateway.errors import APIError
+from worker import prompts
+from worker.protocol import ItemSpec, ModelAdvert, RerankSpec, Task
+
+
+def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
+    """One spec per input of ``POST /v1/embeddings``. Embeddings are L2-normalised unless asked
+    not to; selected logits (``task="score"``) are raw unless ``"normalize": true`` asks for
+    their softmax (Fireworks). Raises APIError(400) as :func:`input_fields` does."""
+    if req.prompt_template is not None:
+        check_template(req.prompt_template)
+    normalize = (task == "embed") if req.normalize is None else req.normalize
+    return [
+        ItemSpec(
+            model=req.model,
+            task=task,
+            normalize=normalize,
+            dimensions=req.dimensions,
+            return_logits=req.return_logits,
+            truncate_prompt_tokens=req.truncate_prompt_tokens,
+            **fields,
+        )
+        for fields in input_fields(req.input, req.prompt_template)
+    ]
+
+
+def rerank_specs(req: RerankRequest, spec: RerankSpec) -> list[ItemSpec]:
+    """One scoring spec per document: the model's rerank prompt (or the request's
+    ``prompt_template``) with fields ``query``, ``document``, ``instruction``, scored by the
+    softmax over the logits of the model's (false, true) tokens. Raises APIError(400) for an
+    empty query, bad documents (:func:`check_inputs`) or a template that does not compile."""
+    if not req.query:
+        raise APIError(400, "'query' must not be empty.", param="query")
+    check_inputs(req.documents, "documents")
+    template = spec.template if req.prompt_template is None else check_template(req.prompt_template)
+    ids = [spec.false_token_id, spec.true_token_id]
+    return [
+        ItemSpec(
+            model=req.model,
+            task="score",
+            prompt_template=template,
+            fields={"query": req.query, "document": doc, "instruction": spec.instruction},
+            return_logits=ids,
+            normalize=True,
+        )
+        for doc in req.documents
+    ]
+
+
+def input_fields(value: Any, template: str | None) -> list[dict[str, Any]]:
+    """OpenAI / Fireworks ``input`` -> the input fields of one spec per input: ``text``,
+    ``token_ids``, or ``prompt_template`` + ``fields`` (an object's fields; a string is field
+    ``text`` when a template is given).
+
+    Raises APIError(400) for empty input, empty strings, arrays or objects, negative ids, more
+    than :data:`MAX_INPUTS` inputs, objects without a template, or a template with token ids.
+    """
+    if isinstance(value, (str, dict)):
+        items: list[Any] = [value]
+    elif value and all(isinstance(v, int) for v in value):
+        items = [value]  # one token array
+    else:
+        items = list(value)
+    check_inputs(items, "input")
+    out: list[dict[str, Any]] = []
+    for i, v in enumerate(items):
+        if isinstance(v, dict):
+            if template is None:
+                raise APIError(
+                    400,
+                    f"input[{i}] is an object; objects are the fields of a "
+                    "'prompt_template', which this request does not give.",
+                    param="input",
+                )
+            out.append({"prompt_template": template, "fields": v})
+        elif isinstance(v, str):
+            out.append(
+                {"prompt_template": template, "fields": {"text": v}} if template else {"text": v}
+            )
+        else:
+            if template is not None:
+                raise APIError(
+                    400,
+                    "'prompt_template' cannot be used with token-id input.",
+                    param="prompt_template",
+                )
+            if min(v) < 0:
+                raise APIError(400, f"input[{i}] has a negative token id.", param="input")
+            out.append({"token_ids": v})
+    return out
+
+
+def check_inputs(items: list[Any], field: str) -> None:
+    """The limits shared by ``input`` and ``documents``: not empty, at most
+    :data:`MAX_INPUTS` items, no empty string, token array or object. Raises APIError(400)."""
+    if not items:
+        raise APIError(400, f"'{field}' must not be empty.", param=field)
+    if len(items) > MAX_INPUTS:
+        raise APIError(
+            400,
+            f"'{field}' has {len(items)} items; at most {MAX_INPUTS} inputs are "
+            "allowed per request.",
+            param=field,
+        )
+    for i, v in enumerate(items):
+        if not v:
+            what = (
+                "string"
+                if isinstance(v, str)
+                else "object"
+                if isinstance(v, dict)
+                else "token array"
+            )
+            raise APIError(400, f"{field}[{i}] is an empty {what}.", param=field)
+
+
+def check_template(template: str) -> str:
+    """Compile a client's template once to report a syntax error before anything is queued.
+    Returns it; raises APIError(400, param ``prompt_template``)."""
+    try:
+        prompts.compile_template(template)
+    except prompts.TemplateError as e:
+        raise APIError(
+            400, f"'prompt_template': {e}", param="prompt_template", code="invalid_prompt_template"
+        ) from None
+    return template
+
+
+def check_logit_ids(ids: list[int], advert: ModelAdvert | None) -> None:
+    """Reject an empty ``return_logits`` or ids outside the model's vocabulary up front."""
+    if not ids:
+        raise APIError(
+            400,
+            "'return_logits' must list at least one token id.",
+            param="return_logits",
+            code="invalid_token_ids",
+        )
+    vocab = advert.vocab_size if advert is not None else None
+    bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if bad:
+        raise APIError(
+            400,
+            f"'return_logits' has token ids outside the vocabulary"
+            f"{f' (size {vocab})' if vocab else ''}: {bad[:10]}",
+            param="return_logits",
+            code="invalid_token_ids",
+        )

@@ -1,0 +1,125 @@
+"""How the gateway runs: :class:`GatewaySettings`, defined once; the ``inference-gateway`` flags
+and the ``GATEWAY_*`` environment are built from its fields.
+
+Each setting has a flag and an environment variable (``GATEWAY_<NAME>``; lists are
+comma-separated there and the flag repeats). A flag wins over the environment, the environment
+over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+def _setting(
+    default: Any, flag: str, help: str, *, env: str | None = None, **constraints: Any
+) -> Any:
+    return Field(
+        default, description=help, json_schema_extra={"flag": flag, "env": env}, **constraints
+    )
+
+
+class GatewaySettings(BaseModel):
+    """Every setting of ``inference-gateway``; see ``--help`` and the README."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    host: str = _setting("127.0.0.1", "--host", "address to listen on")
+    port: int = _setting(8000, "--port", "port to listen on", ge=0, le=65535)
+    api_keys: list[str] = _setting([], "--api-key", "client API key (repeatable)", min_length=1)
+    worker_tokens: list[str] = _setting(
+        [], "--worker-token", "worker token (repeatable)", min_length=1
+    )
+    models: list[str] = _setting(
+        [],
+        "--model",
+        "accept requests for this model before any worker advertises it "
+        "(repeatable; requests wait for a worker)",
+    )
+    lease_seconds: float = _setting(
+        30.0, "--lease-seconds", "lease (visibility timeout) of a pulled item, seconds", gt=0
+    )
+    max_attempts: int = _setting(
+        3, "--max-attempts", "deliveries of one item before it is dead-lettered", ge=1
+    )
+    pickup_timeout_seconds: float = _setting(
+        30.0,
+        "--pickup-timeout",
+        "503 if no worker takes any input of a request within this many seconds",
+        gt=0,
+    )
+    request_timeout_seconds: float = _setting(
+        600.0,
+        "--request-timeout",
+        "504 if a taken request is not answered within this many seconds",
+        gt=0,
+    )
+    worker_ttl_seconds: float = _setting(
+        30.0, "--worker-ttl", "a worker counts as live this long after its last pull", gt=0
+    )
+    log_level: str = _setting("info", "--log-level", "uvicorn's log level", env="LOG_LEVEL")
+
+
+def _env_name(name: str, extra: dict[str, Any]) -> str:
+    return extra.get("env") or f"GATEWAY_{name.upper()}"
+
+
+def parser() -> argparse.ArgumentParser:
+    """``inference-gateway``'s argument parser, one flag per :class:`GatewaySettings` field."""
+    p = argparse.ArgumentParser(
+        prog="inference-gateway",
+        description="The reference queue and OpenAI-compatible front door.",
+        epilog="Every flag can be set in the environment instead: GATEWAY_<NAME> (e.g. "
+        "GATEWAY_API_KEYS=k1,k2, GATEWAY_PICKUP_TIMEOUT_SECONDS=300).",
+    )
+    for name, field in GatewaySettings.model_fields.items():
+        extra: dict[str, Any] = field.json_schema_extra  # type: ignore[assignment]
+        is_list = field.annotation == list[str]
+        help_text = f"{field.description} (env {_env_name(name, extra)}; default {field.default!r})"
+        p.add_argument(
+            extra["flag"],
+            dest=name,
+            default=None,
+            help=help_text,
+            action="append" if is_list else "store",
+        )
+    return p
+
+
+def parse(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> GatewaySettings:
+    """Settings from flags, then the environment, then the defaults.
+
+    Raises ``SystemExit(2)`` with a message naming the flag and environment variable of each
+    bad or missing setting (argparse's own exit for unknown flags)."""
+    environ = os.environ if environ is None else environ
+    p = parser()
+    args = vars(p.parse_args(argv))
+    values: dict[str, Any] = {}
+    for name, field in GatewaySettings.model_fields.items():
+        extra: dict[str, Any] = field.json_schema_extra  # type: ignore[assignment]
+        env = environ.get(_env_name(name, extra), "").strip()
+        if args[name] is not None:
+            values[name] = args[name]
+        elif env:
+            values[name] = (
+                [v.strip() for v in env.split(",") if v.strip()]
+                if field.annotation == list[str]
+                else env
+            )
+    try:
+        return GatewaySettings.model_validate(values)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            name = str(err["loc"][0])
+            extra = GatewaySettings.model_fields[name].json_schema_extra  # type: ignore[assignment]
+            lines.append(f"{extra['flag']} / ${_env_name(name, extra)}: {err['msg']}")
+        p.exit(2, "inference-gateway: " + "\ninference-gateway: ".join(lines) + "\n")
+    raise AssertionError("unreachable")  # pragma: no cover
