@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from worker import __version__, cpu_host, logs, metrics
-from worker.config import Config, ConfigError, GeneratorConfig, check_model_paths, load_config
-from worker.protocol import ModelAdvert, RerankSpec
+from worker.config import Config, ConfigError, GeneratorConfig, load_config, model_adverts
+from worker.health import Health
 from worker.vllm_output import OutputRelay
 
 if TYPE_CHECKING:
-    from worker.engine import Engine
+    from worker.loop import Worker
 
 log = logging.getLogger("worker")
 
@@ -37,49 +37,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load(path: str) -> Config:
-    """Load the config and check what can be checked before vLLM starts (paths, engine args)."""
-    from worker.engine import unknown_engine_args
-
-    cfg = load_config(path)
-    check_model_paths(cfg)
-    unknown = unknown_engine_args(cfg.generator)
-    if unknown:
-        raise ConfigError(
-            f"{path}: generator.engine_args.{unknown[0]}: unknown key "
-            "(expected a field of vllm.AsyncEngineArgs)"
-        )
-    return cfg
-
-
-async def _advert(cfg: Config, name: str, engine: "Engine") -> ModelAdvert:
-    """What the worker tells the queue about ``queue.models.<name>``; resolves the rerank
-    tokens with the model's tokenizer (ConfigError if one is not a single token)."""
-    entry = cfg.queue.models[name]
-    rerank = None
-    if cfg.generator.task == "score":
-        st = entry.scoring_task
-        ids = {}
-        for key in ("rerank_false_token", "rerank_true_token"):
-            try:
-                ids[key] = await engine.token_id(getattr(st, key))
-            except ValueError as e:
-                raise ConfigError(f'{cfg._source}: queue.models."{name}".scoring_task.{key}: {e}')
-        rerank = RerankSpec(template=st.rerank_template, instruction=st.rerank_instruction,
-                            false_token_id=ids["rerank_false_token"],
-                            true_token_id=ids["rerank_true_token"])
-    return ModelAdvert(
-        name=name, checkpoint_name=cfg.queue.checkpoint_name, version=cfg.queue.version,
-        tags=cfg.queue.tags, tasks=entry.tasks(), max_model_len=engine.max_model_len,
-        description=entry.description,
-        vocab_size=engine.vocab_size if cfg.generator.task == "score" else None,
-        rerank=rerank,
-    )
-
-
 def _failure(exc: BaseException | None, relay: OutputRelay | None, since: float) -> str:
     """One line on why the engine failed: the first exception vLLM's processes printed
-    since ``since``, else ``exc`` itself."""
+    since ``since``, else ``exc`` itself; with the config keys of the vLLM flags it names."""
     cause = relay.root_cause(since) if relay is not None else None
     if cause is None and exc is not None:
         first = (str(exc).strip().splitlines() or [""])[0]
@@ -87,8 +47,10 @@ def _failure(exc: BaseException | None, relay: OutputRelay | None, since: float)
     cause = cause or "no cause was printed"
     # vLLM words its advice in its CLI flags; name the config keys they correspond to.
     flags = dict.fromkeys(f.replace("-", "_") for f in re.findall(r"`--([a-z][a-z0-9-]+)", cause))
-    keys = [f"generator.{f}" if f in GeneratorConfig.model_fields else f"generator.engine_args.{f}"
-            for f in flags]
+    keys = [
+        f"generator.{f}" if f in GeneratorConfig.model_fields else f"generator.engine_args.{f}"
+        for f in flags
+    ]
     if keys:
         cause += f" [config: {', '.join(keys)}]"
     if not log.isEnabledFor(logging.DEBUG):
@@ -104,28 +66,30 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     from worker.queue_client import QueueClient
 
     gen = cpu_host.resolve(cfg.generator)
-    metrics.INFO.info({
-        "version": __version__, "model": ",".join(cfg.queue.models), "task": gen.task,
-        "checkpoint": cfg.queue.checkpoint_name, "dtype": gen.dtype,
-    })
-    state: dict[str, object] = {}
-
-    def alive() -> bool:
-        engine = state.get("engine")
-        return engine is None or engine.alive  # type: ignore[attr-defined]
-
-    def ready() -> bool:
-        worker = state.get("worker")
-        return worker is not None and worker.queue_ok and alive()  # type: ignore[attr-defined]
-
-    mon = MonitoringServer(cfg.monitoring.metrics_host, cfg.monitoring.metrics_port,
-                           cfg.monitoring.tcp_probes, alive, ready,
-                           cfg.monitoring.vllm_metric_names)
+    metrics.INFO.info(
+        {
+            "version": __version__,
+            "model": ",".join(cfg.queue.models),
+            "task": gen.task,
+            "checkpoint": cfg.queue.checkpoint_name,
+            "dtype": gen.dtype,
+        }
+    )
+    health = Health()
+    mon = MonitoringServer(cfg.monitoring, health)
     await mon.start()
+    # One handler for the whole life: before the loop runs it only records the request.
+    stop_requested = asyncio.Event()
+    worker: Worker | None = None
+
+    def on_signal() -> None:
+        stop_requested.set()
+        if worker is not None:
+            worker.stop()
+
     loop = asyncio.get_running_loop()
-    stop_early = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_early.set)
+        loop.add_signal_handler(sig, on_signal)
 
     log.info("starting vLLM: model=%s task=%s dtype=%s", gen.model_path, gen.task, gen.dtype)
     started = time.monotonic()
@@ -137,26 +101,30 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
         await mon.stop()
         return 1
     up = time.monotonic()
-    state["engine"] = engine
-    metrics.ENGINE_UP.set(1)
-    client = QueueClient(cfg.queue.url, cfg.token, retries=cfg.queue.http_request_retries,
-                         timeout_seconds=cfg.queue.http_timeout_seconds)
+    health.engine_started(engine)
+    client = QueueClient(
+        cfg.queue.url,
+        cfg.queue.token or "",
+        retries=cfg.queue.http_request_retries,
+        timeout_seconds=cfg.queue.http_timeout_seconds,
+    )
     try:
-        adverts = [await _advert(cfg, name, engine) for name in cfg.queue.models]
-        worker = Worker(cfg, engine, client, adverts)
-        state["worker"] = worker
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
-        if stop_early.is_set():
+        worker = Worker(cfg, engine, client, model_adverts(cfg, engine), health)
+        if stop_requested.is_set():
             worker.stop()
-        log.info("serving %s as worker %s (up to %d items / %d tokens in flight)",
-                 list(cfg.queue.models), worker.worker_id, worker.capacity, worker.token_capacity)
+        log.info(
+            "serving %s as worker %s (up to %d items / %d tokens in flight)",
+            list(cfg.queue.models),
+            worker.worker_id,
+            worker.capacity,
+            worker.token_capacity,
+        )
         code = await worker.run()
         if code != 0:
             log.error("vLLM engine died: %s", _failure(None, relay, up))
         return code
     finally:
-        metrics.ENGINE_UP.set(0)
+        health.engine_stopped()
         engine.shutdown()
         log.info("vLLM engine shut down")
         await client.aclose()
@@ -168,15 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     # Serving: what vLLM's processes print goes through the worker's logging (one error line
     # with the root cause when the engine fails; vLLM's tracebacks at DEBUG).
     relay = None if args.check else OutputRelay()
-    logs.setup(relay.stderr if relay else None)
-    # `kill -USR1 <pid>` dumps every thread's stack
-    faulthandler.register(signal.SIGUSR1, file=relay.stderr if relay else sys.stderr)
+    stderr = relay.stderr if relay else sys.stderr
+    logs.setup(stderr)
+    faulthandler.register(signal.SIGUSR1, file=stderr)  # `kill -USR1 <pid>`: every stack
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # vLLM's CPU backend reserves one core for the frontend by default: half the throughput
     # on small hosts. Ignored by the GPU backend.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     try:
-        cfg = load(args.config)
+        cfg = load_config(args.config)
         if args.check:
             print(f"{args.config}: OK")
             return 0
@@ -186,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("exiting with %d", code)
         return code
     except ConfigError as e:
-        print(f"inference-worker: config error:\n{e}", file=relay.stderr if relay else sys.stderr)
+        print(f"inference-worker: config error:\n{e}", file=stderr)
         return 2
     finally:
         if relay is not None:

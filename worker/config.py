@@ -5,9 +5,10 @@ The file format is the one documented for Pharia's vLLM worker (see
 expects (``dtype``, ``gpu_memory_utilization``, ``engine_args`` ...), each with
 vLLM's own default when absent.
 
-``load_config(path)`` returns a validated :class:`Config`; it raises
-:class:`ConfigError` whose message names the file, the key path
-(``generator.max_num_seqs``) and what was expected.
+``load_config(path)`` returns a validated, complete :class:`Config` (paths resolved and checked,
+token resolved); it raises :class:`ConfigError` whose message names the file, the key path
+(``generator.max_num_seqs``) and what was expected. ``model_adverts(cfg, engine)`` builds what
+the worker advertises to the queue once its engine runs.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from worker import prompts
+from worker.protocol import ModelAdvert, RerankSpec, Task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +34,10 @@ else:  # pragma: no cover
 TOKEN_ENV = "INFERENCE_WORKER_QUEUE_TOKEN"
 #: Environment variable naming a file that holds the token (e.g. a mounted Kubernetes Secret).
 TOKEN_FILE_ENV = "INFERENCE_WORKER_QUEUE_TOKEN_FILE"
+
+
+#: How vLLM's engine metrics are named on ``/metrics`` (``monitoring.vllm_metric_names``).
+VllmMetricNames = Literal["prometheus", "upstream"]
 
 
 class ConfigError(Exception):
@@ -51,14 +58,16 @@ class GeneratorConfig(_Strict):
     type: Literal["vllm"] = "vllm"
     model_path: LaxPath
     #: ``embed``: pooled embeddings. ``score``: logits of chosen token ids at the last position.
-    task: Literal["embed", "score"] = "embed"
+    task: Task = "embed"
     max_model_len: int | None = Field(default=None, gt=0)
     max_num_seqs: int = Field(default=256, gt=0)
     pipeline_parallel_size: int = Field(default=1, gt=0)
     tensor_parallel_size: int = Field(default=1, gt=0)
     # Extensions (optional; vLLM's default when absent).
     dtype: Literal["auto", "float32", "float16", "bfloat16", "half", "float"] = "auto"
-    gpu_memory_utilization: Annotated[float, Field(strict=False)] | None = Field(default=None, gt=0, le=1)
+    gpu_memory_utilization: Annotated[float, Field(strict=False)] | None = Field(
+        default=None, gt=0, le=1
+    )
     tokenizer_path: LaxPath | None = None
     enforce_eager: bool | None = None
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
@@ -77,7 +86,9 @@ class EmbeddingTask(_Strict):
 
 #: Qwen3-Reranker's instruction and prompt (from its model card); ``{instruction}``,
 #: ``{query}`` and ``{document}`` are filled in per document.
-QWEN3_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+QWEN3_RERANK_INSTRUCTION = (
+    "Given a web search query, retrieve relevant passages that answer the query"
+)
 QWEN3_RERANK_TEMPLATE = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
     'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
@@ -121,9 +132,9 @@ class ModelEntry(_Strict):
     embedding_task: EmbeddingTask = EmbeddingTask()
     scoring_task: ScoringTask = ScoringTask()
 
-    def tasks(self) -> list[str]:
+    def tasks(self) -> list[Task]:
         """Task names advertised to the queue (``embed``, ``score``)."""
-        out = []
+        out: list[Task] = []
         if self.embedding_task.supported:
             out.append("embed")
         if self.scoring_task.supported:
@@ -174,7 +185,7 @@ class MonitoringConfig(_Strict):
     #: How vLLM's engine metrics are named on ``/metrics``: ``"prometheus"`` renames
     #: ``vllm:x`` to ``vllm_x`` (Prometheus naming conventions; ``promtool check metrics``
     #: passes), ``"upstream"`` keeps vLLM's own ``vllm:x`` names (for vLLM's dashboards).
-    vllm_metric_names: Literal["prometheus", "upstream"] = "prometheus"
+    vllm_metric_names: VllmMetricNames = "prometheus"
 
 
 class Config(_Strict):
@@ -189,17 +200,9 @@ class Config(_Strict):
     _source: Path = PrivateAttr(default=Path("config.toml"))
 
     @property
-    def token(self) -> str:
-        """The queue token: ``$INFERENCE_WORKER_QUEUE_TOKEN``, else the contents of the file
-        named by ``$INFERENCE_WORKER_QUEUE_TOKEN_FILE`` (stripped), else ``queue.token``."""
-        if os.environ.get(TOKEN_ENV):
-            return os.environ[TOKEN_ENV]
-        if os.environ.get(TOKEN_FILE_ENV):
-            try:
-                return Path(os.environ[TOKEN_FILE_ENV]).read_text(encoding="utf-8").strip()
-            except OSError:
-                return ""
-        return self.queue.token or ""
+    def source(self) -> Path:
+        """The file this config was loaded from."""
+        return self._source
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -210,31 +213,46 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Any) -> str:
+    """What was expected at one key; never the value given (it may be a secret)."""
     kind = err["type"]
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
-    got = err.get("input")
-    return f"{err['msg']} (got {got!r})"
+    return str(err["msg"])
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a worker config file.
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    check_engine_args: bool = True,
+) -> Config:
+    """Read, validate and resolve a worker config file: the returned config is complete.
 
-    Relative ``model_path`` / ``tokenizer_path`` are resolved against the file's folder;
-    ``pkg:<module>`` names the folder of an installed Python package that ships a model.
-    Raises :class:`ConfigError` (message: ``<file>: <key.path>: <what was expected>``) for an
-    unreadable file, invalid TOML, an unknown key, a wrong type, a missing required key, a
-    missing queue token, or a model that does not advertise the generator's task.
-    Paths are checked separately by :func:`check_model_paths`.
+    - relative ``model_path`` / ``tokenizer_path`` are resolved against the file's folder;
+      ``pkg:<module>[/<folder>]`` names a folder inside an installed Python package; both must
+      be existing folders;
+    - ``queue.token`` is ``$INFERENCE_WORKER_QUEUE_TOKEN``, else the stripped contents of the
+      file named by ``$INFERENCE_WORKER_QUEUE_TOKEN_FILE``, else the file's value;
+    - every model advertises the generator's task;
+    - ``generator.engine_args`` names only ``vllm.AsyncEngineArgs`` fields (imports vLLM;
+      ``check_engine_args=False`` skips it).
+
+    Raises :class:`ConfigError` (message: ``<file>: <key.path>: <what was expected>``, one line
+    per problem; never the value given) for an unreadable or non-UTF-8 file, invalid TOML, an
+    unknown key, a wrong type, a missing required key, a missing or unreadable token, a model
+    folder that does not exist, or an unknown engine argument.
     """
+    environ = os.environ if environ is None else environ
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     try:
@@ -245,17 +263,28 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
     base = path.resolve().parent
     gen = cfg.generator
-    updates: dict[str, Any] = {"model_path": _resolve_model_path(base, gen.model_path)}
+    paths: dict[str, Any] = {"model_path": _resolve_model_path(base, gen.model_path)}
     if gen.tokenizer_path is not None:
-        updates["tokenizer_path"] = _resolve_model_path(base, gen.tokenizer_path)
-    cfg = cfg.model_copy(update={"generator": gen.model_copy(update=updates)})
+        paths["tokenizer_path"] = _resolve_model_path(base, gen.tokenizer_path)
+    for key, value in paths.items():
+        if not Path(value).is_dir():
+            raise ConfigError(
+                f"{path}: generator.{key}: expected a model directory, "
+                f"{value} does not exist or is not a directory"
+            )
+    token = _token(path, cfg.queue.token, environ)
+    cfg = cfg.model_copy(
+        update={
+            "generator": gen.model_copy(update=paths),
+            "queue": cfg.queue.model_copy(update={"token": token}),
+        }
+    )
     cfg._source = path
 
-    if not cfg.token:
-        raise ConfigError(f"{path}: queue.token: required key is missing (or set ${TOKEN_ENV}, "
-                          f"or ${TOKEN_FILE_ENV} to a readable file holding it)")
     if not cfg.queue.models:
-        raise ConfigError(f'{path}: queue.models: expected at least one [queue.models."<name>"] table')
+        raise ConfigError(
+            f'{path}: queue.models: expected at least one [queue.models."<name>"] table'
+        )
     want = cfg.generator.task
     for name, entry in cfg.queue.models.items():
         if want not in entry.tasks():
@@ -264,7 +293,44 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                 f'{path}: queue.models."{name}".{table}.supported: expected true, because '
                 f'generator.task = "{want}" (this model advertises: {entry.tasks() or "nothing"})'
             )
+    if check_engine_args:
+        from worker.engine import unknown_engine_args
+
+        unknown = unknown_engine_args(cfg.generator)
+        if unknown:
+            raise ConfigError(
+                f"{path}: generator.engine_args.{unknown[0]}: unknown key "
+                "(expected a field of vllm.AsyncEngineArgs)"
+            )
     return cfg
+
+
+def _token(path: Path, configured: str | None, environ: Mapping[str, str]) -> str:
+    """The queue token by precedence (see :func:`load_config`); ConfigError if there is none
+    or the token file cannot be read."""
+    if environ.get(TOKEN_ENV):
+        return environ[TOKEN_ENV]
+    token_file = environ.get(TOKEN_FILE_ENV)
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"{path}: queue.token: ${TOKEN_FILE_ENV} names {token_file}, "
+                f"which cannot be read: {reason}"
+            ) from None
+        if token:
+            return token
+        raise ConfigError(
+            f"{path}: queue.token: ${TOKEN_FILE_ENV} names {token_file}, which is empty"
+        )
+    if configured:
+        return configured
+    raise ConfigError(
+        f"{path}: queue.token: required key is missing (or set ${TOKEN_ENV}, "
+        f"or ${TOKEN_FILE_ENV} to a readable file holding it)"
+    )
 
 
 def _resolve_model_path(base: Path, value: Path) -> Path:
@@ -280,15 +346,54 @@ def _resolve_model_path(base: Path, value: Path) -> Path:
     return (base / value).resolve()
 
 
-def check_model_paths(cfg: Config) -> None:
-    """Fail fast, before vLLM starts, when ``model_path`` / ``tokenizer_path`` is not a folder.
+class EngineFacts(Protocol):
+    """What the adverts need from the started engine (:class:`worker.engine.Engine`)."""
 
-    Raises :class:`ConfigError` naming the file and the key.
-    """
-    for key in ("model_path", "tokenizer_path"):
-        value = getattr(cfg.generator, key)
-        if value is not None and not Path(value).is_dir():
-            raise ConfigError(
-                f"{cfg._source}: generator.{key}: expected a model directory, "
-                f"{value} does not exist or is not a directory"
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def token_id(self, token: str) -> int: ...
+
+
+def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
+    """What the worker tells the queue about each ``queue.models."<name>"``, with the engine's
+    context length; for scoring, the vocabulary size and the rerank prompt with its
+    (false, true) token ids resolved by the model's tokenizer. Raises :class:`ConfigError`
+    naming the key if a rerank token is not one token of the tokenizer."""
+    scoring = cfg.generator.task == "score"
+    out = []
+    for name, entry in cfg.queue.models.items():
+        rerank = None
+        if scoring:
+            st = entry.scoring_task
+            ids = {}
+            for key in ("rerank_false_token", "rerank_true_token"):
+                try:
+                    ids[key] = engine.token_id(getattr(st, key))
+                except ValueError as e:
+                    raise ConfigError(
+                        f'{cfg.source}: queue.models."{name}".scoring_task.{key}: {e}'
+                    ) from None
+            rerank = RerankSpec(
+                template=st.rerank_template,
+                instruction=st.rerank_instruction,
+                false_token_id=ids["rerank_false_token"],
+                true_token_id=ids["rerank_true_token"],
             )
+        out.append(
+            ModelAdvert(
+                name=name,
+                checkpoint_name=cfg.queue.checkpoint_name,
+                version=cfg.queue.version,
+                tags=cfg.queue.tags,
+                tasks=entry.tasks(),
+                max_model_len=engine.max_model_len,
+                description=entry.description,
+                vocab_size=engine.vocab_size if scoring else None,
+                rerank=rerank,
+            )
+        )
+    return out

@@ -42,7 +42,7 @@ class CpuInfo:
     flags: frozenset[str]
 
     @classmethod
-    def parse(cls, text: str) -> "CpuInfo":
+    def parse(cls, text: str) -> CpuInfo:
         """Parse ``/proc/cpuinfo`` text (x86 ``flags`` or Arm ``Features`` lines)."""
         name, flags = "unknown", frozenset[str]()
         for line in text.splitlines():
@@ -55,7 +55,7 @@ class CpuInfo:
         return cls(name, flags)
 
     @classmethod
-    def read(cls, path: Path = Path("/proc/cpuinfo")) -> "CpuInfo":
+    def read(cls, path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
         """This host's CPU; an empty flag set where the file is missing (not Linux)."""
         try:
             return cls.parse(path.read_text(encoding="utf-8", errors="replace"))
@@ -72,8 +72,10 @@ def choose_dtype(cpu: CpuInfo) -> tuple[str, str]:
     native = cpu.bf16_flags
     if native:
         return "bfloat16", f"the CPU has {' and '.join(native)} (native bfloat16)"
-    return "float32", ("the CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 would be "
-                       "emulated (slower than float32)")
+    return "float32", (
+        "the CPU has neither avx512_bf16 nor amx_bf16, so bfloat16 would be "
+        "emulated (slower than float32)"
+    )
 
 
 def choose_memory_fraction(total_bytes: int, available_bytes: int) -> float:
@@ -112,16 +114,23 @@ def resolve(gen: GeneratorConfig) -> GeneratorConfig:
     if gen.dtype == "auto" and "dtype" not in gen.engine_args:
         cpu = CpuInfo.read()
         dtype, why = choose_dtype(cpu)
-        log.info("dtype = auto on this CPU host: using %s, because %s (%s)", dtype, why,
-                 cpu.model_name)
+        log.info(
+            "dtype = auto on this CPU host: using %s, because %s (%s)", dtype, why, cpu.model_name
+        )
         updates["dtype"] = dtype
     if gen.gpu_memory_utilization is None and "gpu_memory_utilization" not in gen.engine_args:
         node, total, available = node_memory()
         fraction = choose_memory_fraction(total, available)
         gib = 1024**3
-        log.info("gpu_memory_utilization not set: using %.2f of NUMA node %d's memory "
-                 "(%.2f of %.2f GiB available now; vLLM's default %.2f needs %.2f GiB)",
-                 fraction, node, available / gib, total / gib, MAX_MEMORY_FRACTION,
-                 MAX_MEMORY_FRACTION * total / gib)
+        log.info(
+            "gpu_memory_utilization not set: using %.2f of NUMA node %d's memory "
+            "(%.2f of %.2f GiB available now; vLLM's default %.2f needs %.2f GiB)",
+            fraction,
+            node,
+            available / gib,
+            total / gib,
+            MAX_MEMORY_FRACTION,
+            MAX_MEMORY_FRACTION * total / gib,
+        )
         updates["gpu_memory_utilization"] = fraction
     return gen.model_copy(update=updates)

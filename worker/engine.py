@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import logging
 import uuid
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 
 from worker import prompts
 from worker.config import GeneratorConfig
-from worker.protocol import WorkItem
+from worker.protocol import ErrorCode, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +33,10 @@ Prompt = list[int] | str
 
 
 class InvalidInput(Exception):
-    """An input the engine refuses (too long, bad token ids, unsupported dimensions ...).
+    """An input the engine refuses (too long, bad token ids, unsupported dimensions, a template
+    that does not render ...); ``code`` is one of the client-fault :class:`ErrorCode` s."""
 
-    ``code`` is a stable machine-readable name (``context_length_exceeded``,
-    ``invalid_dimensions``, ``invalid_token_ids``, ``invalid_input``).
-    """
-
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: ErrorCode, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -127,7 +123,7 @@ class Engine:
         self._truncator: prompts.TruncateTokens | None = None
 
     @classmethod
-    def start(cls, gen: GeneratorConfig, model_name: str) -> "Engine":
+    def start(cls, gen: GeneratorConfig, model_name: str) -> Engine:
         """Start vLLM (takes ~25 s on CPU). Raises whatever vLLM raises if it cannot start."""
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -136,10 +132,11 @@ class Engine:
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(llm, gen, model_name)
 
-    async def tokenizer(self) -> Any:
+    @property
+    def tokenizer(self) -> Any:
+        """The model's (fast) Hugging Face tokenizer, as vLLM loaded it."""
         if self._tokenizer is None:
-            tok = self.llm.get_tokenizer()  # sync in vLLM 0.32, a coroutine in older releases
-            self._tokenizer = await tok if inspect.isawaitable(tok) else tok
+            self._tokenizer = self.llm.get_tokenizer()
         return self._tokenizer
 
     @property
@@ -152,9 +149,9 @@ class Engine:
         """Rows of the model's logits (valid ``return_logits`` ids are below this)."""
         return int(self.llm.model_config.get_vocab_size())
 
-    async def token_id(self, token: str) -> int:
+    def token_id(self, token: str) -> int:
         """The id of ``token`` in the model's tokenizer; ValueError if it is not one token."""
-        tok = await self.tokenizer()
+        tok = self.tokenizer
         tid = tok.convert_tokens_to_ids(token)
         unk = getattr(tok, "unk_token_id", None)
         if tid is None or (unk is not None and tid == unk and token != tok.unk_token):
@@ -180,39 +177,49 @@ class Engine:
         thread-pool hop and a tokenizer call per request on the event loop that the pull and
         post calls share.
         """
-        tok = await self.tokenizer()
-        return await asyncio.to_thread(self._prepare, tok, items)
+        return await asyncio.to_thread(self._prepare, self.tokenizer, items)
 
     def _prepare(self, tok: Any, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
         out: list[Prompt | InvalidInput] = []
-        to_tokenize: list[int] = []
+        to_tokenize: list[int] = []  # indices of the texts in ``texts``
+        texts: list[str] = []
         for i, item in enumerate(items):
             if item.token_ids is not None:
                 ids = item.token_ids
-                out.append(ids if item.truncate_prompt_tokens is None
-                           else ids[: item.truncate_prompt_tokens])
+                out.append(
+                    ids
+                    if item.truncate_prompt_tokens is None
+                    else ids[: item.truncate_prompt_tokens]
+                )
                 continue
             text = item.text
             if item.prompt_template is not None:
                 try:
-                    text = prompts.render(item.prompt_template, item.fields or {},
-                                          self._truncate_tokens(tok))
+                    text = prompts.render(
+                        item.prompt_template, item.fields or {}, self._truncate_tokens(tok)
+                    )
                 except prompts.TemplateError as e:
-                    out.append(InvalidInput("invalid_prompt_template", f"prompt_template: {e}"))
+                    out.append(
+                        InvalidInput(ErrorCode.INVALID_PROMPT_TEMPLATE, f"prompt_template: {e}")
+                    )
                     continue
                 if not text:
-                    out.append(InvalidInput("invalid_prompt_template",
-                                            "prompt_template rendered an empty prompt"))
+                    out.append(
+                        InvalidInput(
+                            ErrorCode.INVALID_PROMPT_TEMPLATE,
+                            "prompt_template rendered an empty prompt",
+                        )
+                    )
                     continue
             out.append(text or "")
             if item.truncate_prompt_tokens is None:
                 to_tokenize.append(i)
-        texts = [out[i] for i in to_tokenize]
+                texts.append(text or "")
         try:
             encoded = tok(texts, add_special_tokens=True)["input_ids"] if texts else []
         except Exception:  # noqa: BLE001 - find the inputs that fail, keep the rest
             encoded = [_encode_one(tok, t) for t in texts]
-        for i, ids in zip(to_tokenize, encoded):
+        for i, ids in zip(to_tokenize, encoded, strict=True):
             out[i] = list(ids) if not isinstance(ids, InvalidInput) else ids
         return out
 
@@ -257,12 +264,17 @@ class Engine:
         from vllm import PoolingParams
 
         if item.dimensions is not None and item.dimensions < 1:
-            raise InvalidInput("invalid_dimensions", "dimensions must be a positive integer")
+            raise InvalidInput(
+                ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
+            )
         vllm_prompt, tok_kwargs = self._prompt(item, prompt)
-        params = PoolingParams(task="embed", dimensions=item.dimensions, use_activation=item.normalize)
+        params = PoolingParams(
+            task="embed", dimensions=item.dimensions, use_activation=item.normalize
+        )
         out = None
-        async for out in self._guard(
-            item, prompt,
+        async for out in self._guard(  # noqa: B007 - the last output is used after the loop
+            item,
+            prompt,
             self.llm.encode(
                 vllm_prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
             ),
@@ -277,19 +289,25 @@ class Engine:
 
         ids = item.return_logits or []
         if not ids:
-            raise InvalidInput("invalid_token_ids", "return_logits must list at least one token id")
+            raise InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS, "return_logits must list at least one token id"
+            )
         if len(ids) > MAX_LOGIT_IDS:
             raise InvalidInput(
-                "invalid_token_ids",
+                ErrorCode.INVALID_TOKEN_IDS,
                 f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
             )
         vllm_prompt, tok_kwargs = self._prompt(item, prompt)
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(ids),
-                                detokenize=False)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), detokenize=False
+        )
         out = None
-        async for out in self._guard(
-            item, prompt, self.llm.generate(vllm_prompt, params, request_id=_request_id(item),
-                                            tokenization_kwargs=tok_kwargs),
+        async for out in self._guard(  # noqa: B007 - the last output is used after the loop
+            item,
+            prompt,
+            self.llm.generate(
+                vllm_prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
+            ),
         ):
             pass
         assert out is not None
@@ -323,21 +341,28 @@ class Engine:
         if "maximum context length" in message or "maximum model length" in message:
             if isinstance(prompt, str):  # vLLM truncated it to truncate_prompt_tokens
                 return InvalidInput(
-                    "context_length_exceeded",
+                    ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                     f"truncate_prompt_tokens is {item.truncate_prompt_tokens}, more than the "
-                    f"maximum context length of {self.max_model_len} tokens")
+                    f"maximum context length of {self.max_model_len} tokens",
+                )
             return InvalidInput(
-                "context_length_exceeded",
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                 f"input has {len(prompt)} tokens, more than the maximum context length of "
                 f"{self.max_model_len} tokens; shorten it or set truncate_prompt_tokens",
             )
         if "Matryoshka" in message or "dimensions" in message:
-            return InvalidInput("invalid_dimensions", message)
-        if "out of vocabulary" in message or "out-of-vocab" in message or "logprob_token_ids" in message:
-            return InvalidInput("invalid_token_ids", message.replace("logprob_token_ids", "return_logits"))
+            return InvalidInput(ErrorCode.INVALID_DIMENSIONS, message)
+        if (
+            "out of vocabulary" in message
+            or "out-of-vocab" in message
+            or "logprob_token_ids" in message
+        ):
+            return InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS, message.replace("logprob_token_ids", "return_logits")
+            )
         if "prompt cannot be empty" in message:
-            return InvalidInput("invalid_token_ids", message)
-        return InvalidInput("invalid_input", message)
+            return InvalidInput(ErrorCode.INVALID_TOKEN_IDS, message)
+        return InvalidInput(ErrorCode.INVALID_INPUT, message)
 
     def shutdown(self) -> None:
         """Stop the engine core processes and drop the engine. Call from inside the event loop
@@ -362,4 +387,4 @@ def _encode_one(tok: Any, text: str) -> list[int] | InvalidInput:
     try:
         return list(tok(text, add_special_tokens=True)["input_ids"])
     except Exception as e:  # noqa: BLE001 - the tokenizer's own error, reported per input
-        return InvalidInput("invalid_input", f"the tokenizer cannot encode this text: {e}")
+        return InvalidInput(ErrorCode.INVALID_INPUT, f"the tokenizer cannot encode this text: {e}")

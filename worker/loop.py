@@ -4,8 +4,8 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
 
 1. **pull**: long-polls the queue for as many items as there is free capacity
    (``max_items_in_flight`` minus items in flight, and ``max_tokens_in_flight`` minus their
-   estimated prompt tokens), tokenizes the batch's texts in one call, and starts one engine
-   request per item;
+   estimated prompt tokens), prepares the batch's prompts in one call (templates,
+   tokenization), and starts one engine request per item;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
    its result or per-item error goes to the outbox;
 3. **post**: sends everything in the outbox in one call, again and again, so posting never
@@ -14,25 +14,55 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
 
 ``stop()`` drains: pulling stops, in-flight items finish and are posted within
 ``drain_timeout_seconds``, and items that cannot finish are released back to the queue.
+If the engine dies, the worker stops at once with exit code 1 (no drain).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
 
 from worker import metrics
 from worker.config import Config
-from worker.engine import Engine, EngineDead, InvalidInput, Prompt
-from worker.protocol import ItemResult, ModelAdvert, PullRequest, WorkItem
+from worker.defaults import (
+    ENGINE_WATCH_SECONDS,
+    ITEMS_IN_FLIGHT_PER_SEQ,
+    POST_BACKOFF,
+    PULL_BACKOFF,
+    TOKENS_IN_FLIGHT_PER_STEP,
+)
+from worker.engine import EngineDead, InvalidInput, Prompt
+from worker.health import Health
+from worker.protocol import ErrorCode, ItemResult, ModelAdvert, PullRequest, WorkItem
 from worker.queue_client import QueueClient, QueueError, QueueRejected
 
 log = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    """What the loop needs of :class:`worker.engine.Engine` (tests give it a fake)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def max_num_batched_tokens(self) -> int: ...
+
+    async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]: ...
+
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]: ...
+
+    async def log_stats(self) -> None: ...
 
 
 @dataclass
@@ -48,22 +78,36 @@ class _Leased:
 class Worker:
     """Runs the pull -> infer -> post loop until :meth:`stop` or engine death."""
 
-    def __init__(self, cfg: Config, engine: Engine, client: QueueClient, adverts: list[ModelAdvert]):
+    def __init__(
+        self,
+        cfg: Config,
+        engine: EngineLike,
+        client: QueueClient,
+        adverts: list[ModelAdvert],
+        health: Health | None = None,
+    ):
         self.cfg = cfg
         self.engine = engine
         self.client = client
         self.adverts = adverts
+        self.health = health or Health()
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.capacity = cfg.queue.max_items_in_flight or 2 * cfg.generator.max_num_seqs
-        self.token_capacity = cfg.queue.max_tokens_in_flight or 4 * engine.max_num_batched_tokens
+        self.capacity = (
+            cfg.queue.max_items_in_flight or ITEMS_IN_FLIGHT_PER_SEQ * cfg.generator.max_num_seqs
+        )
+        self.token_capacity = (
+            cfg.queue.max_tokens_in_flight
+            or TOKENS_IN_FLIGHT_PER_STEP * engine.max_num_batched_tokens
+        )
         self._tokens_in_flight = 0
         self._leased: dict[str, _Leased] = {}
         self._outbox: list[tuple[ItemResult, _Leased]] = []
         self._outbox_ready = asyncio.Event()
         self._capacity_freed = asyncio.Event()
+        self._idle = asyncio.Event()  # set while nothing is leased
+        self._idle.set()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.queue_ok = False
         self.exit_code = 0
 
     @property
@@ -72,7 +116,7 @@ class Worker:
 
     # --- pull ---------------------------------------------------------------------------
     async def _pull_loop(self) -> None:
-        backoff = 0.5
+        wait = PULL_BACKOFF.initial
         while not self._stopping.is_set():
             free = self.capacity - self.in_flight
             free_tokens = self.token_capacity - self._tokens_in_flight
@@ -91,35 +135,38 @@ class Worker:
             try:
                 items = await self.client.pull(req)
             except QueueError as e:
-                self.queue_ok = False
-                metrics.QUEUE_REACHABLE.set(0)
+                self.health.queue_reached(False)
                 level = logging.ERROR if isinstance(e, QueueRejected) else logging.WARNING
-                log.log(level, "pull failed: %s; next try in %.1f s", e, backoff)
-                await self._sleep_unless_stopping(backoff)
-                backoff = min(backoff * 2, 5.0)
+                log.log(level, "pull failed: %s; next try in %.1f s", e, wait)
+                await self._sleep_unless_stopping(wait)
+                wait = PULL_BACKOFF.after(wait)
                 continue
-            backoff = 0.5
-            self.queue_ok = True
-            metrics.QUEUE_REACHABLE.set(1)
+            wait = PULL_BACKOFF.initial
+            self.health.queue_reached(True)
             metrics.PULL_DURATION.observe(time.monotonic() - t0)
             if items:
                 metrics.PULL_BATCH_SIZE.observe(len(items))
-            now = time.monotonic()
-            batch = []
-            for item in items:
-                leased = _Leased(item, now)
-                self._leased[item.item_id] = leased
-                self._tokens_in_flight += item.est_tokens
-                metrics.ITEMS_PULLED.labels(item.model, item.task).inc()
-                batch.append(leased)
-            metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
-            self._spawn(self._start(batch))  # the next pull does not wait for it
+                self._spawn(self._start(self._lease(items)))  # the next pull does not wait
+
+    def _lease(self, items: list[WorkItem]) -> list[_Leased]:
+        """Count pulled items as in flight (they hold capacity until posted or released)."""
+        now = time.monotonic()
+        batch = []
+        for item in items:
+            leased = _Leased(item, now)
+            self._leased[item.item_id] = leased
+            self._tokens_in_flight += item.est_tokens
+            metrics.ITEMS_PULLED.labels(item.model, item.task).inc()
+            batch.append(leased)
+        self._idle.clear()
+        metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
+        return batch
 
     async def _start(self, batch: list[_Leased]) -> None:
         """Prepare one pulled batch's prompts in one call (templates, tokenization), then start
         one engine request per item; an item whose prompt failed is answered at once."""
         prompts = await self.engine.prepare([lz.item for lz in batch])
-        for leased, prompt in zip(batch, prompts):
+        for leased, prompt in zip(batch, prompts, strict=True):
             if isinstance(prompt, InvalidInput):
                 self._answer(ItemResult.failed(leased.item, prompt.code, prompt.message), leased)
             else:
@@ -135,17 +182,16 @@ class Worker:
         except InvalidInput as e:
             result = ItemResult.failed(item, e.code, e.message)
         except EngineDead as e:
-            log.error("vLLM engine died: %s", e)
-            self.exit_code = 1
-            self._stopping.set()
+            self._engine_failed(str(e))
             return  # the item stays leased; it is released (or its lease expires)
-        except Exception as e:  # noqa: BLE001 - one item never sinks the rest
+        except Exception as e:
             if not self.engine.alive:
-                self.exit_code = 1
-                self._stopping.set()
+                self._engine_failed(f"{type(e).__name__}: {e}")
                 return
             log.exception("item %s failed unexpectedly", item.item_id)
-            result = ItemResult.failed(item, "internal_error", f"{type(e).__name__}: {e}", retryable=True)
+            result = ItemResult.failed(
+                item, ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}", retryable=True
+            )
         self._answer(result, leased)
 
     def _answer(self, result: ItemResult, leased: _Leased) -> None:
@@ -153,9 +199,16 @@ class Worker:
         self._outbox.append((result, leased))
         self._outbox_ready.set()
 
+    def _engine_failed(self, reason: str) -> None:
+        """The one path for a dead engine: stop pulling and exit 1, without a drain."""
+        if self.exit_code == 0:
+            log.error("vLLM engine failed (%s); stopping", reason)
+        self.exit_code = 1
+        self._stopping.set()
+
     # --- post ---------------------------------------------------------------------------
     async def _post_loop(self) -> None:
-        backoff = 0.5
+        wait = POST_BACKOFF.initial
         while True:
             if not self._outbox:
                 self._outbox_ready.clear()
@@ -163,60 +216,64 @@ class Worker:
                 continue
             batch, self._outbox = self._outbox, []
             try:
-                await self.client.post_results(self.worker_id, [r for r, _ in batch])
+                await self._post(batch)
             except QueueError as e:
                 now = time.monotonic()
                 keep = [(r, lz) for r, lz in batch if lz.deadline > now]
-                log.warning("posting %d results failed: %s; %d kept for retry",
-                            len(batch), e, len(keep))
+                log.warning(
+                    "posting %d results failed: %s; %d kept for retry", len(batch), e, len(keep)
+                )
                 self._outbox = keep + self._outbox
-                for r, lz in batch:
+                for _, lz in batch:
                     if lz.deadline <= now:
                         self._forget(lz)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await asyncio.sleep(wait)
+                wait = POST_BACKOFF.after(wait)
                 continue
-            backoff = 0.5
-            now = time.monotonic()
-            for result, lz in batch:
-                item = lz.item
-                if result.error is None:
-                    metrics.ITEMS_COMPLETED.labels(item.model, item.task).inc()
-                else:
-                    metrics.ITEMS_FAILED.labels(item.model, item.task, result.error.code).inc()
-                metrics.ITEM_DURATION.labels(item.model, item.task).observe(now - lz.pulled_at)
-                self._forget(lz)
+            wait = POST_BACKOFF.initial
+
+    async def _post(self, batch: list[tuple[ItemResult, _Leased]]) -> None:
+        """Post ``batch`` in one call, then count its items done and free their capacity.
+        Raises :class:`QueueError` (nothing is forgotten then)."""
+        await self.client.post_results(self.worker_id, [r for r, _ in batch])
+        now = time.monotonic()
+        for result, lz in batch:
+            item = lz.item
+            if result.error is None:
+                metrics.ITEMS_COMPLETED.labels(item.model, item.task).inc()
+            else:
+                metrics.ITEMS_FAILED.labels(item.model, item.task, result.error.code.value).inc()
+            metrics.ITEM_DURATION.labels(item.model, item.task).observe(now - lz.pulled_at)
+            self._forget(lz)
 
     def _forget(self, lz: _Leased) -> None:
         if self._leased.pop(lz.item.item_id, None) is not None:
             self._tokens_in_flight -= lz.item.est_tokens
+        if not self._leased:
+            self._idle.set()
         metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
         self._capacity_freed.set()
 
     # --- lifecycle ----------------------------------------------------------------------
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
 
     async def _watch_engine(self) -> None:
         while not self._stopping.is_set():
             if not self.engine.alive:
-                log.error("vLLM engine is no longer alive; stopping")
-                self.exit_code = 1
-                self._stopping.set()
+                self._engine_failed("the engine is no longer alive")
                 return
             try:
                 await self.engine.log_stats()
-            except Exception:  # noqa: BLE001 - stats are best effort
+            except Exception:
                 log.debug("log_stats failed", exc_info=True)
-            await self._sleep_unless_stopping(1.0)
+            await self._sleep_unless_stopping(ENGINE_WATCH_SECONDS)
 
     def stop(self) -> None:
         """Begin draining (signal handlers call this)."""
@@ -232,10 +289,11 @@ class Worker:
         await self._stopping.wait()
         puller.cancel()
         await asyncio.gather(puller, return_exceptions=True)
-        budget = self.cfg.drain_timeout_seconds if self.exit_code == 0 else 0.0
-        deadline = time.monotonic() + budget
-        while self._leased and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if self.exit_code == 0:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=self.cfg.drain_timeout_seconds)
+            except asyncio.TimeoutError:
+                log.warning("drain timeout: %d items unfinished", self.in_flight)
         for task in [poster, watcher, *self._tasks]:
             task.cancel()
         await asyncio.gather(poster, watcher, *self._tasks, return_exceptions=True)
@@ -248,9 +306,7 @@ class Worker:
         if self._outbox:
             batch, self._outbox = self._outbox, []
             try:
-                await self.client.post_results(self.worker_id, [r for r, _ in batch])
-                for _, lz in batch:
-                    self._forget(lz)
+                await self._post(batch)
             except QueueError as e:
                 log.warning("final post failed (%s); those items will be redelivered", e)
         rest = [lz.item for lz in self._leased.values()]

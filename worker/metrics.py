@@ -9,7 +9,9 @@ from prometheus_client import Counter, Gauge, Histogram, Info
 
 _NS = "inference_worker"
 
-ITEMS_PULLED = Counter(f"{_NS}_items_pulled_total", "Items leased from the queue.", ["model", "task"])
+ITEMS_PULLED = Counter(
+    f"{_NS}_items_pulled_total", "Items leased from the queue.", ["model", "task"]
+)
 ITEMS_COMPLETED = Counter(
     f"{_NS}_items_completed_total", "Items answered with a result.", ["model", "task"]
 )
@@ -17,9 +19,7 @@ ITEMS_FAILED = Counter(
     f"{_NS}_items_failed_total", "Items answered with an error.", ["model", "task", "code"]
 )
 ITEMS_IN_FLIGHT = Gauge(f"{_NS}_items_in_flight", "Items leased and not yet answered.")
-PROMPT_TOKENS = Counter(
-    f"{_NS}_prompt_tokens_total", "Prompt tokens processed.", ["model", "task"]
-)
+PROMPT_TOKENS = Counter(f"{_NS}_prompt_tokens_total", "Prompt tokens processed.", ["model", "task"])
 PULL_BATCH_SIZE = Histogram(
     f"{_NS}_pull_batch_size_items",
     "Items per non-empty pull.",

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI, Response
@@ -23,10 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from worker.config import MonitoringConfig, VllmMetricNames
+from worker.health import Health
+
 log = logging.getLogger(__name__)
-
-
-VllmMetricNames = Literal["prometheus", "upstream"]
 
 
 def prometheus_name(family: str, typ: str) -> str:
@@ -56,8 +55,9 @@ class RenamedVllmMetrics(Collector):
                 yield family
                 continue
             renamed = Metric(name, family.documentation, family.type)
-            renamed.samples = [s._replace(name=name + s.name[len(family.name):])
-                               for s in family.samples]
+            renamed.samples = [
+                s._replace(name=name + s.name[len(family.name) :]) for s in family.samples
+            ]
             yield renamed
 
 
@@ -71,9 +71,8 @@ def metrics_registry(names: VllmMetricNames) -> CollectorRegistry:
     return view
 
 
-def create_app(alive: Callable[[], bool], ready: Callable[[], bool],
-               vllm_metric_names: VllmMetricNames = "prometheus") -> FastAPI:
-    """The monitoring ASGI app; ``alive`` / ``ready`` are called on every probe."""
+def create_app(health: Health, vllm_metric_names: VllmMetricNames = "prometheus") -> FastAPI:
+    """The monitoring ASGI app; ``health`` is asked on every probe."""
     app = FastAPI(title="inference-worker monitoring", docs_url=None, redoc_url=None)
     registry = metrics_registry(vllm_metric_names)
 
@@ -83,12 +82,12 @@ def create_app(alive: Callable[[], bool], ready: Callable[[], bool],
 
     @app.get("/livez")
     async def livez() -> JSONResponse:
-        ok = alive()
+        ok = health.alive()
         return JSONResponse({"alive": ok}, status_code=200 if ok else 503)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        ok = ready()
+        ok = health.ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     return app
@@ -97,16 +96,21 @@ def create_app(alive: Callable[[], bool], ready: Callable[[], bool],
 class MonitoringServer:
     """Serves :func:`create_app` on ``host:port`` plus the TCP probe ports, in this event loop."""
 
-    def __init__(self, host: str, port: int, tcp_probes: list[int],
-                 alive: Callable[[], bool], ready: Callable[[], bool],
-                 vllm_metric_names: VllmMetricNames = "prometheus"):
-        self._alive = alive
-        config = uvicorn.Config(create_app(alive, ready, vllm_metric_names), host=host, port=port,
-                                log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, timeout_keep_alive=2)
+    def __init__(self, cfg: MonitoringConfig, health: Health):
+        self._health = health
+        config = uvicorn.Config(
+            create_app(health, cfg.vllm_metric_names),
+            host=cfg.metrics_host,
+            port=cfg.metrics_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            timeout_keep_alive=2,
+        )
         self._server = uvicorn.Server(config)
-        self._host = host
-        self._tcp_ports = tcp_probes
+        self._host = cfg.metrics_host
+        self._tcp_ports = cfg.tcp_probes
         self._tcp: list[asyncio.base_events.Server] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -119,11 +123,15 @@ class MonitoringServer:
             await asyncio.sleep(0.02)
         for port in self._tcp_ports:
             self._tcp.append(await asyncio.start_server(self._tcp_probe, self._host, port))
-        log.info("monitoring on %s:%d (tcp probes: %s)", self._host, self._server.config.port,
-                 self._tcp_ports or "none")
+        log.info(
+            "monitoring on %s:%d (tcp probes: %s)",
+            self._host,
+            self._server.config.port,
+            self._tcp_ports or "none",
+        )
 
     async def _tcp_probe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._alive():
+        if not self._health.alive():
             writer.transport.abort()
             return
         writer.close()

@@ -24,7 +24,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 #: Longest template accepted, characters.
 MAX_TEMPLATE_CHARS = 65_536
@@ -35,7 +36,8 @@ MAX_RENDERED_CHARS = 1_000_000
 _SHORTHAND = re.compile(r"(?<!\{)\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}(?!\})")
 
 _ENV = ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+)
 
 TruncateTokens = Callable[..., str]
 
@@ -56,8 +58,9 @@ def compile_template(template: str) -> jinja2.Template:
     Raises :class:`TemplateError` for a template over :data:`MAX_TEMPLATE_CHARS` or with a
     Jinja2 syntax error (the message names the line)."""
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise TemplateError(f"the template has {len(template)} characters; at most "
-                            f"{MAX_TEMPLATE_CHARS} are allowed")
+        raise TemplateError(
+            f"the template has {len(template)} characters; at most {MAX_TEMPLATE_CHARS} are allowed"
+        )
     try:
         return _ENV.from_string(to_jinja(template))
     except jinja2.TemplateSyntaxError as e:
@@ -87,8 +90,9 @@ def render(template: str, fields: Mapping[str, Any], truncate_tokens: TruncateTo
         for chunk in tpl.generate({**fields, "truncate_tokens": truncate_tokens}):
             size += len(chunk)
             if size > MAX_RENDERED_CHARS:
-                raise TemplateError(f"the rendered prompt is longer than {MAX_RENDERED_CHARS} "
-                                    "characters")
+                raise TemplateError(
+                    f"the rendered prompt is longer than {MAX_RENDERED_CHARS} characters"
+                )
             parts.append(chunk)
     except TemplateError:
         raise
@@ -111,8 +115,9 @@ def token_truncator(tokenizer: Any, default_max_tokens: int) -> TruncateTokens:
         n = default_max_tokens if max_tokens is None else max_tokens
         if not isinstance(n, int) or n < 0:
             raise TemplateError("truncate_tokens(s, n): n must be a non-negative integer")
-        offsets = tokenizer(text, add_special_tokens=False,
-                            return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
         if len(offsets) <= n:
             return text
         return text[: offsets[n - 1][1]] if n > 0 else ""

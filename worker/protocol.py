@@ -8,6 +8,7 @@ little-endian float32 (``vector_b64``), the same encoding the OpenAI embeddings 
 from __future__ import annotations
 
 import base64
+from enum import Enum
 from typing import Any, Literal
 
 import numpy as np
@@ -15,7 +16,36 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PREFIX = "/queue/v1"
 
+#: What a worker does with an item: ``embed`` (pooled embedding) or ``score`` (logits of chosen
+#: token ids at the last position).
 Task = Literal["embed", "score"]
+
+
+class ErrorCode(str, Enum):
+    """Why an item failed: one stable name per cause, the same on both sides of the queue.
+    The gateway maps them to HTTP in one place (``gateway/errors.py``)."""
+
+    INVALID_INPUT = "invalid_input"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    INVALID_DIMENSIONS = "invalid_dimensions"
+    INVALID_TOKEN_IDS = "invalid_token_ids"
+    INVALID_PROMPT_TEMPLATE = "invalid_prompt_template"
+    #: An unexpected failure in the worker (retryable: another worker may succeed).
+    INTERNAL_ERROR = "internal_error"
+    #: The queue gave up on the item after its last delivery (dead letter).
+    MAX_ATTEMPTS_EXCEEDED = "max_attempts_exceeded"
+
+
+#: The codes that are the client's fault (HTTP 400); the others are the server's (HTTP 500).
+CLIENT_ERRORS = frozenset(
+    {
+        ErrorCode.INVALID_INPUT,
+        ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+        ErrorCode.INVALID_DIMENSIONS,
+        ErrorCode.INVALID_TOKEN_IDS,
+        ErrorCode.INVALID_PROMPT_TEMPLATE,
+    }
+)
 
 
 class _Wire(BaseModel):
@@ -85,13 +115,14 @@ class ItemSpec(BaseModel):
     dimensions: int | None = None
     #: embed: L2-normalise the vector. score: softmax over the selected logits.
     normalize: bool = True
-    #: Truncate the prompt to this many tokens (keeping the start); ``None`` = over-long is an error.
+    #: Truncate the prompt to this many tokens (keeping the start); ``None``: over-long is an
+    #: error.
     truncate_prompt_tokens: int | None = None
     #: score: token ids whose last-position logits are returned, in this order.
     return_logits: list[int] | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> "ItemSpec":
+    def _one_input(self) -> ItemSpec:
         given = [self.text is not None, self.token_ids is not None, self.fields is not None]
         if sum(given) != 1:
             raise ValueError("exactly one of text, token_ids and fields must be set")
@@ -107,7 +138,8 @@ class ItemSpec(BaseModel):
             return max(1, len(self.token_ids))
         if self.fields is not None:
             size = len((self.prompt_template or "").encode("utf-8")) + sum(
-                len(str(v).encode("utf-8")) for v in self.fields.values())
+                len(str(v).encode("utf-8")) for v in self.fields.values()
+            )
             return size // 4 + 2
         return len((self.text or "").encode("utf-8")) // 4 + 2
 
@@ -132,7 +164,7 @@ class PullResponse(_Wire):
 class ItemError(_Wire):
     """Why one item failed. ``retryable`` errors are redelivered (up to the queue's limit)."""
 
-    code: str
+    code: ErrorCode
     message: str
     retryable: bool = False
 
@@ -148,7 +180,7 @@ class ItemResult(_Wire):
     error: ItemError | None = None
 
     @classmethod
-    def ok(cls, item: WorkItem, vector: np.ndarray, prompt_tokens: int) -> "ItemResult":
+    def ok(cls, item: WorkItem, vector: np.ndarray, prompt_tokens: int) -> ItemResult:
         return cls(
             item_id=item.item_id,
             lease_id=item.lease_id,
@@ -157,7 +189,9 @@ class ItemResult(_Wire):
         )
 
     @classmethod
-    def failed(cls, item: WorkItem, code: str, message: str, retryable: bool = False) -> "ItemResult":
+    def failed(
+        cls, item: WorkItem, code: ErrorCode, message: str, retryable: bool = False
+    ) -> ItemResult:
         return cls(
             item_id=item.item_id,
             lease_id=item.lease_id,

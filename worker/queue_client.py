@@ -76,12 +76,16 @@ class QueueClient:
         timeout_seconds: float = 10.0,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ):
+        """``transport``: httpx's, e.g. ``httpx.ASGITransport(app)`` to talk to a gateway app in
+        this process (the fast tests); default: HTTP over the network."""
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/") + PREFIX,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout_seconds,
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            transport=transport,
         )
         self._retries = retries
         self._timeout = timeout_seconds
@@ -96,8 +100,11 @@ class QueueClient:
     async def post_results(self, worker_id: str, results: list[ItemResult]) -> ResultsResponse:
         """Post results; safe to repeat (the queue ignores results it already has)."""
         return await self._call(
-            "results", "/results", ResultsRequest(worker_id=worker_id, results=results),
-            ResultsResponse, self._timeout,
+            "results",
+            "/results",
+            ResultsRequest(worker_id=worker_id, results=results),
+            ResultsResponse,
+            self._timeout,
         )
 
     async def release(self, worker_id: str, items: list[WorkItem]) -> int:
@@ -106,14 +113,17 @@ class QueueClient:
         resp = await self._call("release", "/release", req, ReleaseResponse, self._timeout)
         return resp.released
 
-    async def _call(
-        self, op: str, path: str, body: BaseModel, out: type[R], timeout: float
-    ) -> R:
+    async def _call(self, op: str, path: str, body: BaseModel, out: type[R], timeout: float) -> R:
         def _before_sleep(state: RetryCallState) -> None:
             metrics.QUEUE_RETRIES.labels(op).inc()
             exc = state.outcome.exception() if state.outcome else None
-            log.warning("queue %s failed (%s); retry %d/%d", op, _short(exc),
-                        state.attempt_number, self._retries)
+            log.warning(
+                "queue %s failed (%s); retry %d/%d",
+                op,
+                _short(exc),
+                state.attempt_number,
+                self._retries,
+            )
 
         payload = body.model_dump_json(exclude_none=True)
         try:
@@ -126,7 +136,9 @@ class QueueClient:
             ):
                 with attempt:
                     r = await self._http.post(
-                        path, content=payload, timeout=timeout,
+                        path,
+                        content=payload,
+                        timeout=timeout,
                         headers={"Content-Type": "application/json"},
                     )
                     r.raise_for_status()

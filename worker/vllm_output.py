@@ -29,12 +29,19 @@ log = logging.getLogger("worker.vllm")
 #: vLLM's log format: ``(<process> pid=<pid>) <LEVEL> <mm-dd hh:mm:ss> [<file>:<line>] <msg>``.
 _VLLM_LINE = re.compile(
     r"^\((?P<proc>[^)]*)\) (?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
-    r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[(?P<where>[^\]]*)\] ?(?P<msg>.*)$")
+    r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[(?P<where>[^\]]*)\] ?(?P<msg>.*)$"
+)
 #: The last line of a Python traceback: ``ValueError: message`` (or a bare exception name).
 _EXCEPTION = re.compile(
-    r"^(?:[A-Za-z_][\w.]*\.)?(?:[A-Z]\w*)?(?:Error|Exception|Exit|Interrupt)\b(?::.*)?$")
-_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
-           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+    r"^(?:[A-Za-z_][\w.]*\.)?(?:[A-Z]\w*)?(?:Error|Exception|Exit|Interrupt)\b(?::.*)?$"
+)
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
 
 
 def classify(line: str) -> tuple[int, str, str | None]:
@@ -54,8 +61,11 @@ def classify(line: str) -> tuple[int, str, str | None]:
     stripped = line.strip()
     if _EXCEPTION.match(stripped):
         return logging.DEBUG, line, stripped
-    if (line[:1].isspace() or stripped.startswith("Traceback (most recent call last)")
-            or re.match(r"^Process [\w-]+:$", stripped)):
+    if (
+        line[:1].isspace()
+        or stripped.startswith("Traceback (most recent call last)")
+        or re.match(r"^Process [\w-]+:$", stripped)
+    ):
         return logging.DEBUG, line, None
     return logging.INFO, line, None
 
@@ -71,8 +81,9 @@ class OutputRelay:
         self._saved_out = os.dup(1)
         self._saved_err = os.dup(2)
         #: The original standard error, for the worker's own log lines.
-        self.stderr: IO[str] = os.fdopen(os.dup(self._saved_err), "w", buffering=1,
-                                         encoding="utf-8", errors="replace")
+        self.stderr: IO[str] = os.fdopen(
+            os.dup(self._saved_err), "w", buffering=1, encoding="utf-8", errors="replace"
+        )
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
