@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway import localstack as ls  # noqa: E402
+from devstack import localstack as ls  # noqa: E402
 from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
 
 
@@ -34,17 +34,25 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.dtype = dtype
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=str(ls.minilm_path()), runner="pooling", dtype=dtype, max_model_len=256,
-            max_num_seqs=256, gpu_memory_utilization=0.15))
+        self.llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=str(ls.minilm_path()),
+                runner="pooling",
+                dtype=dtype,
+                max_model_len=256,
+                max_num_seqs=256,
+                gpu_memory_utilization=0.15,
+            )
+        )
         self._ids = iter(range(10**9))
 
     async def _one(self, text: str) -> np.ndarray:
         from vllm import PoolingParams
 
         out = None
-        async for out in self.llm.encode(text, PoolingParams(task="embed"),
-                                         request_id=f"r{next(self._ids)}"):
+        async for out in self.llm.encode(  # noqa: B007 - the last output is used after the loop
+            text, PoolingParams(task="embed"), request_id=f"r{next(self._ids)}"
+        ):
             pass
         assert out is not None
         return out.outputs.data.float().numpy()
@@ -71,8 +79,10 @@ def spearman_x100(a: np.ndarray, b: np.ndarray, gold: list[float]) -> float:
 async def run(a: argparse.Namespace) -> None:
     cpu = CpuInfo.read()
     auto, why = choose_dtype(cpu)
-    print(f"CPU: {cpu.model_name}, {os.cpu_count()} cores; bfloat16 flags: "
-          f"{', '.join(cpu.bf16_flags) or 'none'}")
+    print(
+        f"CPU: {cpu.model_name}, {os.cpu_count()} cores; bfloat16 flags: "
+        f"{', '.join(cpu.bf16_flags) or 'none'}"
+    )
     print(f"dtype = auto picks {auto}: {why}")
     dtypes = list(dict.fromkeys(["float32", auto, *a.also]))
     seen: dict[str, None] = {}
@@ -86,7 +96,7 @@ async def run(a: argparse.Namespace) -> None:
         await e.embed(texts[:64])
     rates: dict[str, list[float]] = {d: [] for d in dtypes}
     for r in range(a.rounds):
-        for e in engines[r % len(engines):] + engines[: r % len(engines)]:
+        for e in engines[r % len(engines) :] + engines[: r % len(engines)]:
             seconds, _ = await e.embed(texts)
             rates[e.dtype].append(len(texts) / seconds)
     print(f"\n| dtype | sentences/s (median of {a.rounds}) | min-max | STS-B dev Spearman x100 |")
@@ -98,8 +108,10 @@ async def run(a: argparse.Namespace) -> None:
         rho = spearman_x100(va, vb, [p[2] for p in pairs])
         med = statistics.median(rates[e.dtype])
         label = e.dtype + (" (auto)" if e.dtype == auto else "")
-        print(f"| {label} | {med:.0f} ({med / base:.2f}x float32) | "
-              f"{min(rates[e.dtype]):.0f}-{max(rates[e.dtype]):.0f} | {rho:.2f} |")
+        print(
+            f"| {label} | {med:.0f} ({med / base:.2f}x float32) | "
+            f"{min(rates[e.dtype]):.0f}-{max(rates[e.dtype]):.0f} | {rho:.2f} |"
+        )
     for e in engines:
         e.shutdown()
     engines.clear()

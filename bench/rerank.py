@@ -27,8 +27,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway import localstack as ls  # noqa: E402
-from gateway import tiny_qwen3  # noqa: E402
+from devstack import localstack as ls  # noqa: E402
+from devstack import tiny_qwen3  # noqa: E402
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
 from worker.prompts import render  # noqa: E402
 
@@ -38,12 +38,14 @@ MODEL = "tiny-qwen3-reranker"
 def prompts(query: str, docs: list[str]) -> list[str]:
     """The prompts the worker scores: the model's rerank template rendered as the worker does."""
     fields = {"query": query, "instruction": QWEN3_RERANK_INSTRUCTION}
-    return [render(QWEN3_RERANK_TEMPLATE, {**fields, "document": d}, lambda s, n=None: s)
-            for d in docs]
+    return [
+        render(QWEN3_RERANK_TEMPLATE, {**fields, "document": d}, lambda s, n=None: s) for d in docs
+    ]
 
 
-def timed_rerank(c: httpx.Client, path: str, warm_up: dict, body: dict,
-                 results_key: str) -> tuple[float, list[float]]:
+def timed_rerank(
+    c: httpx.Client, path: str, warm_up: dict, body: dict, results_key: str
+) -> tuple[float, list[float]]:
     """POST ``warm_up``, then time one POST of ``body`` to a rerank endpoint. Returns
     (seconds, relevance scores in document order); ``results_key`` names the response's list
     (``data`` in Fireworks' shape, ``results`` in vLLM's)."""
@@ -60,18 +62,30 @@ def timed_rerank(c: httpx.Client, path: str, warm_up: dict, body: dict,
     return elapsed, scores
 
 
-async def in_process(path: Path, texts: list[str], ids: list[int], dtype: str, prefix: bool) -> float:
+async def in_process(
+    path: Path, texts: list[str], ids: list[int], dtype: str, prefix: bool
+) -> float:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(path), runner="generate", dtype=dtype, max_model_len=1024, max_num_seqs=64,
-        gpu_memory_utilization=0.15, logprobs_mode="raw_logits", max_logprobs=128,
-        enable_prefix_caching=prefix, block_size=32))
+    llm = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=str(path),
+            runner="generate",
+            dtype=dtype,
+            max_model_len=1024,
+            max_num_seqs=64,
+            gpu_memory_utilization=0.15,
+            logprobs_mode="raw_logits",
+            max_logprobs=128,
+            enable_prefix_caching=prefix,
+            block_size=32,
+        )
+    )
     params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False)
 
     async def one(i: int, t: str) -> None:
-        async for _ in llm.generate(t, params, request_id=f"r{i}"):
+        async for _ in llm.generate(t, params, request_id=f"r{i}"):  # noqa: F821 - llm is deleted only after the last call
             pass
 
     # Warm up with the full set (first-time batch shapes), then time a second pass. The
@@ -79,7 +93,7 @@ async def in_process(path: Path, texts: list[str], ids: list[int], dtype: str, p
     # gateway path (the shared prefix cached once, the documents not).
     await asyncio.gather(*[one(-1 - i, t) for i, t in enumerate(texts)])
     await llm.reset_prefix_cache()
-    await one(-10**6, texts[0])
+    await one(-(10**6), texts[0])
     t0 = time.perf_counter()
     await asyncio.gather(*[one(i, t) for i, t in enumerate(texts)])
     elapsed = time.perf_counter() - t0
@@ -88,30 +102,45 @@ async def in_process(path: Path, texts: list[str], ids: list[int], dtype: str, p
     return elapsed
 
 
-def through_gateway(path: Path, query: str, docs: list[str], dtype: str, prefix: bool,
-                    logs: Path) -> tuple[float, list[float]]:
+def through_gateway(
+    path: Path, query: str, docs: list[str], dtype: str, prefix: bool, logs: Path
+) -> tuple[float, list[float]]:
     """This project's ``POST /v1/rerank``. Returns (seconds, scores in document order)."""
     gw = ls.start_gateway(logs)
     cfg = ls.worker_config(
-        queue_url=gw.url, model_name=MODEL, model_path=path, task="score", dtype=dtype,
-        max_model_len=1024, max_num_seqs=64,
-        generator_extra=f"engine_args = {{ block_size = 32, enable_prefix_caching = {str(prefix).lower()} }}")
+        queue_url=gw.url,
+        model_name=MODEL,
+        model_path=path,
+        task="score",
+        dtype=dtype,
+        max_model_len=1024,
+        max_num_seqs=64,
+        generator_extra=(
+            f"engine_args = {{ block_size = 32, enable_prefix_caching = {str(prefix).lower()} }}"
+        ),
+    )
     wk = ls.start_worker(cfg, logs, f"rerank-worker-{prefix}")
     try:
-        with httpx.Client(base_url=gw.url, timeout=600,
-                          headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
+        with httpx.Client(
+            base_url=gw.url, timeout=600, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+        ) as c:
             # Warm up with the full request, as the in-process path does, with another query so
             # the timed pass reuses only the shared instruction prefix.
-            return timed_rerank(c, "/v1/rerank",
-                                {"model": MODEL, "query": "warm up", "documents": docs},
-                                {"model": MODEL, "query": query, "documents": docs}, "data")
+            return timed_rerank(
+                c,
+                "/v1/rerank",
+                {"model": MODEL, "query": "warm up", "documents": docs},
+                {"model": MODEL, "query": query, "documents": docs},
+                "data",
+            )
     finally:
         wk.stop()
         gw.stop()
 
 
-def vllm_serve(path: Path, query: str, docs: list[str], dtype: str, prefix: bool,
-               logs: Path) -> tuple[float, list[float]]:
+def vllm_serve(
+    path: Path, query: str, docs: list[str], dtype: str, prefix: bool, logs: Path
+) -> tuple[float, list[float]]:
     """vLLM's own ``POST /rerank`` on the same model, converted the way vLLM documents for
     Qwen3-Reranker (``Qwen3ForSequenceClassification`` from the "no"/"yes" rows of lm_head).
     The client formats the query and documents with the same template, split at
@@ -120,19 +149,43 @@ def vllm_serve(path: Path, query: str, docs: list[str], dtype: str, prefix: bool
     head, tail = t.split("<Document>: {document}")
     q = head.replace("{query}", query)
     ds = [f"<Document>: {d}{tail}" for d in docs]
-    overrides = {"architectures": ["Qwen3ForSequenceClassification"],
-                 "classifier_from_token": ["no", "yes"], "is_original_qwen3_reranker": True}
-    proc = ls.start_vllm_serve(path, MODEL, logs, f"vllm-serve-rerank-{prefix}", [
-        "--runner", "pooling", "--dtype", dtype, "--max-model-len", "1024",
-        "--max-num-seqs", "64", "--gpu-memory-utilization", "0.15", "--block-size", "32",
-        "--hf-overrides", json.dumps(overrides),
-        "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching"])
+    overrides = {
+        "architectures": ["Qwen3ForSequenceClassification"],
+        "classifier_from_token": ["no", "yes"],
+        "is_original_qwen3_reranker": True,
+    }
+    proc = ls.start_vllm_serve(
+        path,
+        MODEL,
+        logs,
+        f"vllm-serve-rerank-{prefix}",
+        [
+            "--runner",
+            "pooling",
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            "1024",
+            "--max-num-seqs",
+            "64",
+            "--gpu-memory-utilization",
+            "0.15",
+            "--block-size",
+            "32",
+            "--hf-overrides",
+            json.dumps(overrides),
+            "--enable-prefix-caching" if prefix else "--no-enable-prefix-caching",
+        ],
+    )
     try:
         with httpx.Client(base_url=proc.url, timeout=600) as c:
             return timed_rerank(
-                c, "/rerank",
+                c,
+                "/rerank",
                 {"model": MODEL, "query": head.replace("{query}", "warm up"), "documents": ds},
-                {"model": MODEL, "query": q, "documents": ds}, "results")
+                {"model": MODEL, "query": q, "documents": ds},
+                "results",
+            )
     finally:
         proc.stop()
 
@@ -156,23 +209,29 @@ def main() -> int:
     docs = corpus[: a.docs]
     texts = prompts(query, docs)
     n_tok = sum(len(tok(t)["input_ids"]) for t in texts)
-    print(f"1 query x {len(docs)} documents, {n_tok / len(docs):.0f} tokens per prompt, "
-          f"dtype={a.dtype}, block_size=32")
+    print(
+        f"1 query x {len(docs)} documents, {n_tok / len(docs):.0f} tokens per prompt, "
+        f"dtype={a.dtype}, block_size=32"
+    )
 
     rows_out = []
     for prefix in (False, True):
         d = asyncio.run(in_process(path, texts, ids, a.dtype, prefix))
         g, ours = through_gateway(path, query, docs, a.dtype, prefix, logs)
         v, theirs = vllm_serve(path, query, docs, a.dtype, prefix, logs)
-        diff = max(abs(x - y) for x, y in zip(ours, theirs))
+        diff = max(abs(x - y) for x, y in zip(ours, theirs, strict=True))
         rows_out.append((prefix, d, g, v, diff))
     n = len(docs)
-    print("\n| prefix caching | vLLM in-process docs/s | this project docs/s | vllm serve /rerank "
-          "docs/s | project / in-process | project / vllm serve | max score diff |")
+    print(
+        "\n| prefix caching | vLLM in-process docs/s | this project docs/s | vllm serve /rerank "
+        "docs/s | project / in-process | project / vllm serve | max score diff |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for prefix, d, g, v, diff in rows_out:
-        print(f"| {'on' if prefix else 'off'} | {n / d:.0f} | {n / g:.0f} | {n / v:.0f} | "
-              f"{d / g:.2f} | {v / g:.2f} | {diff:.1e} |")
+        print(
+            f"| {'on' if prefix else 'off'} | {n / d:.0f} | {n / g:.0f} | {n / v:.0f} | "
+            f"{d / g:.2f} | {v / g:.2f} | {diff:.1e} |"
+        )
     off, on = rows_out[0][2], rows_out[1][2]
     print(f"\nprefix caching speed-up through the gateway: {off / on:.2f}x")
     return 0

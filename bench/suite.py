@@ -43,7 +43,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway import localstack as ls  # noqa: E402
+from devstack import localstack as ls  # noqa: E402
 from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
@@ -100,7 +100,7 @@ class Stack:
     model_pids: set[int] = field(default_factory=set)
 
     @classmethod
-    def of(cls, *roots: psutil.Process) -> "Stack":
+    def of(cls, *roots: psutil.Process) -> Stack:
         ps: list[psutil.Process] = []
         for r in roots:
             ps += [r, *r.children(recursive=True)]
@@ -130,9 +130,16 @@ class InProcess:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         before = {p.pid for p in psutil.Process().children(recursive=True)}
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-            model=str(ls.minilm_path()), runner="pooling", dtype=dtype, max_model_len=MAX_LEN,
-            max_num_seqs=MAX_NUM_SEQS, gpu_memory_utilization=GPU_MEM))
+        self.llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(
+                model=str(ls.minilm_path()),
+                runner="pooling",
+                dtype=dtype,
+                max_model_len=MAX_LEN,
+                max_num_seqs=MAX_NUM_SEQS,
+                gpu_memory_utilization=GPU_MEM,
+            )
+        )
         engine = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         # The frontend is this process (which also runs the clients, idle during these runs).
         self.stack = Stack([psutil.Process(), *engine])
@@ -142,11 +149,15 @@ class InProcess:
         from vllm import PoolingParams
 
         out = None
-        async for out in self.llm.encode(text, PoolingParams(task="embed"), request_id=f"r{next(self._ids)}"):
+        async for out in self.llm.encode(  # noqa: B007 - the last output is used after the loop
+            text, PoolingParams(task="embed"), request_id=f"r{next(self._ids)}"
+        ):
             pass
         return len(out.prompt_token_ids)
 
-    async def run(self, texts: list[str], start: Callable[[], None] = lambda: None) -> tuple[float, int]:
+    async def run(
+        self, texts: list[str], start: Callable[[], None] = lambda: None
+    ) -> tuple[float, int]:
         start()
         t0 = time.perf_counter()
         toks = await asyncio.gather(*[self._one(t) for t in texts])
@@ -188,33 +199,46 @@ class SentenceTransformers:
 
 
 # --- HTTP clients (2 and 3) ------------------------------------------------------------------
-async def http_load(url: str, key: str, texts: list[str], per_request: int, concurrency: int,
-                    start: Callable[[], None] = lambda: None) -> tuple[float, int]:
+async def http_load(
+    url: str,
+    key: str,
+    texts: list[str],
+    per_request: int,
+    concurrency: int,
+    start: Callable[[], None] = lambda: None,
+) -> tuple[float, int]:
     """Returns (seconds, prompt tokens); ``start()`` is called when the timed part begins, after
-    a warm-up of one one-input request per connection. The load generator is aiohttp: on 2 cores both the
-    ``openai`` SDK and httpx's async pool burn more CPU per request than the servers under test
-    (httpx reached ~70 req/s at 64 connections here). base64 vectors, decoded with numpy as the
-    SDK does."""
+    a warm-up of one one-input request per connection. The load generator is aiohttp: on 2
+    cores both the ``openai`` SDK and httpx's async pool burn more CPU per request than the
+    servers under test (httpx reached ~70 req/s at 64 connections here). base64 vectors,
+    decoded with numpy as the SDK does."""
     import base64
 
     import aiohttp
     import numpy as np
 
-    chunks = [texts[i:i + per_request] for i in range(0, len(texts), per_request)]
+    chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
     async with aiohttp.ClientSession(
-        base_url=url, headers={"Authorization": f"Bearer {key}"},
+        base_url=url,
+        headers={"Authorization": f"Bearer {key}"},
         connector=aiohttp.TCPConnector(limit=concurrency + 4),
         timeout=aiohttp.ClientTimeout(total=900),
     ) as client:
+
         async def one(chunk: list[str]) -> None:
             nonlocal tokens
             async with sem:
-                async with client.post("/v1/embeddings", json={
-                        "model": MODEL, "input": chunk, "encoding_format": "base64"}) as r:
+                async with client.post(
+                    "/v1/embeddings",
+                    json={"model": MODEL, "input": chunk, "encoding_format": "base64"},
+                ) as r:
                     body = await r.json()
-                vecs = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]]
+                vecs = [
+                    np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+                    for d in body["data"]
+                ]
                 assert len(vecs) == len(chunk), body
                 tokens += body["usage"]["prompt_tokens"]
 
@@ -235,8 +259,10 @@ async def latencies(url: str, key: str, texts: list[str], n: int) -> list[float]
     async with aiohttp.ClientSession(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
         for i in range(n + 5):
             t0 = time.perf_counter()
-            async with c.post("/v1/embeddings", json={"model": MODEL, "input": texts[i % len(texts)],
-                                                      "encoding_format": "base64"}) as r:
+            async with c.post(
+                "/v1/embeddings",
+                json={"model": MODEL, "input": texts[i % len(texts)], "encoding_format": "base64"},
+            ) as r:
                 assert r.status == 200, await r.text()
                 await r.read()
             if i >= 5:
@@ -259,8 +285,13 @@ async def memory(url: str, worker: ls.Proc, texts: list[str], total: int) -> dic
         await http_load(url, ls.API_KEY, (texts * (n // len(texts) + 1))[:n], 64, 8)
         done += n
         samples.append(_rss(worker))
-    return {"sentences": done, "rss_start_mib": start, "rss_end_mib": samples[-1],
-            "rss_max_mib": max(samples), "samples": samples}
+    return {
+        "sentences": done,
+        "rss_start_mib": start,
+        "rss_end_mib": samples[-1],
+        "rss_max_mib": max(samples),
+        "samples": samples,
+    }
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -279,8 +310,9 @@ class Measurement:
         sec, tok = await self.run(lambda: snap.append(self.stack.snapshot()))
         m0, r0 = snap[0]
         m1, r1 = self.stack.snapshot()
-        self.rounds.append({"seconds": sec, "tokens": tok, "model_cpu_s": m1 - m0,
-                            "other_cpu_s": r1 - r0})
+        self.rounds.append(
+            {"seconds": sec, "tokens": tok, "model_cpu_s": m1 - m0, "other_cpu_s": r1 - r0}
+        )
         print(f"  {self.path} | {self.pattern}: {len(self.texts) / sec:.0f} inputs/s", flush=True)
 
     def rates(self) -> list[float]:
@@ -290,8 +322,9 @@ class Measurement:
         return statistics.median(r[key] for r in self.rounds)
 
 
-async def run(a: argparse.Namespace, sets: dict[str, list[str]],
-              logs: Path) -> tuple[list[Measurement], dict]:
+async def run(
+    a: argparse.Namespace, sets: dict[str, list[str]], logs: Path
+) -> tuple[list[Measurement], dict]:
     """Starts the paths, runs the rounds; returns the measurements and the other results
     (latency samples, memory)."""
     skip = set(filter(None, a.skip.split(",")))
@@ -303,8 +336,9 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]],
     out: dict = {}
 
     def start_worker(queue_url: str, name: str, env: dict[str, str]) -> ls.Proc:
-        cfg = ls.worker_config(queue_url=queue_url, dtype=a.dtype, max_model_len=MAX_LEN,
-                               max_num_seqs=MAX_NUM_SEQS)
+        cfg = ls.worker_config(
+            queue_url=queue_url, dtype=a.dtype, max_model_len=MAX_LEN, max_num_seqs=MAX_NUM_SEQS
+        )
         w = ls.start_worker(cfg, logs, name, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", **env})
         procs.append(w)
         return w
@@ -314,26 +348,65 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]],
             inproc = InProcess(a.dtype)
             await inproc.run(sents[:256])
             for name, texts in sets.items():
-                ms.append(Measurement("vLLM AsyncLLM in-process", name, texts,
-                                      lambda s, t=texts: inproc.run(t, s), inproc.stack))
+                ms.append(
+                    Measurement(
+                        "vLLM AsyncLLM in-process",
+                        name,
+                        texts,
+                        lambda s, t=texts: inproc.run(t, s),
+                        inproc.stack,
+                    )
+                )
         if "st" not in skip:
             st = SentenceTransformers()
             for name, texts in sets.items():
-                ms.append(Measurement("sentence-transformers", f"{name}, batch 64", texts,
-                                      lambda s, t=texts: st.batched(t, s), st.stack))
-            ms.append(Measurement("sentence-transformers", "sentences, 1 per encode call", sents,
-                                  lambda s: st.per_call(sents, s), st.stack))
+                ms.append(
+                    Measurement(
+                        "sentence-transformers",
+                        f"{name}, batch 64",
+                        texts,
+                        lambda s, t=texts: st.batched(t, s),
+                        st.stack,
+                    )
+                )
+            ms.append(
+                Measurement(
+                    "sentence-transformers",
+                    "sentences, 1 per encode call",
+                    sents,
+                    lambda s: st.per_call(sents, s),
+                    st.stack,
+                )
+            )
         http: dict[str, tuple[str, str, Stack]] = {}
         if "project" not in skip:
             gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
             procs.append(gw)
             wk = start_worker(gw.url, "suite-worker", {})
-            http["this project"] = (gw.url, ls.API_KEY,
-                                    Stack.of(psutil.Process(gw.pid), psutil.Process(wk.pid)))
+            http["this project"] = (
+                gw.url,
+                ls.API_KEY,
+                Stack.of(psutil.Process(gw.pid), psutil.Process(wk.pid)),
+            )
         if "serve" not in skip:
-            serve = ls.start_vllm_serve(ls.minilm_path(), MODEL, logs, "vllm-serve", [
-                "--runner", "pooling", "--dtype", a.dtype, "--max-model-len", str(MAX_LEN),
-                "--max-num-seqs", str(MAX_NUM_SEQS), "--gpu-memory-utilization", str(GPU_MEM)])
+            serve = ls.start_vllm_serve(
+                ls.minilm_path(),
+                MODEL,
+                logs,
+                "vllm-serve",
+                [
+                    "--runner",
+                    "pooling",
+                    "--dtype",
+                    a.dtype,
+                    "--max-model-len",
+                    str(MAX_LEN),
+                    "--max-num-seqs",
+                    str(MAX_NUM_SEQS),
+                    "--gpu-memory-utilization",
+                    str(GPU_MEM),
+                ],
+            )
             procs.append(serve)
             http["vllm serve"] = (serve.url, "none", Stack.of(psutil.Process(serve.pid)))
         if "two" not in skip and "this project" in http:
@@ -357,9 +430,17 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]],
                     pats.append(("sentences", 64, 8))  # the same client pattern as 2 workers
             for name, per_req, conc in pats:
                 texts = sets[name]
-                ms.append(Measurement(path, f"{name}, {per_req}/request x{conc}", texts,
-                                      lambda s, u=url, k=key, t=texts, p=per_req, c=conc: http_load(u, k, t, p, c, s),
-                                      stack))
+                ms.append(
+                    Measurement(
+                        path,
+                        f"{name}, {per_req}/request x{conc}",
+                        texts,
+                        lambda s, u=url, k=key, t=texts, p=per_req, c=conc: http_load(
+                            u, k, t, p, c, s
+                        ),
+                        stack,
+                    )
+                )
         for url, key, _ in http.values():  # first batches of a fresh engine are slower
             await http_load(url, key, sents[:512], 64, 8)
             await http_load(url, key, docs[:8], 4, 2)
@@ -374,8 +455,10 @@ async def run(a: argparse.Namespace, sets: dict[str, list[str]],
                 if path in http:
                     url, key, _ = http[path]
                     lat[path] += await latencies(url, key, sents, a.latency_requests // a.rounds)
-        out["measurements"] = [{"path": m.path, "pattern": m.pattern, "inputs": len(m.texts),
-                                "rounds": m.rounds} for m in ms]
+        out["measurements"] = [
+            {"path": m.path, "pattern": m.pattern, "inputs": len(m.texts), "rounds": m.rounds}
+            for m in ms
+        ]
         out["latency_ms"] = dict(lat)
         if a.memory_sentences and "this project" in http:
             for p in procs:  # the other engines leave the cores to the worker under test
@@ -396,8 +479,9 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-requests", type=int, default=300, help="per path, over all rounds")
-    ap.add_argument("--dtype", default="auto",
-                    help="auto: what the worker's dtype = \"auto\" picks on this CPU")
+    ap.add_argument(
+        "--dtype", default="auto", help='auto: what the worker\'s dtype = "auto" picks on this CPU'
+    )
     ap.add_argument("--memory-sentences", type=int, default=100_000)
     ap.add_argument("--skip", default="", help="comma-separated: inprocess,project,two,serve,st")
     a = ap.parse_args()
@@ -408,13 +492,23 @@ def main() -> int:
     sents, docs = load_inputs(a.sentences, a.docs)
     sets = {"sentences": sents, "documents": docs}
     logs = Path(tempfile.mkdtemp(prefix="bench-suite-"))
-    print(f"CPU: {cpu.model_name}, {os.cpu_count()} cores, bfloat16 flags: "
-          f"{', '.join(cpu.bf16_flags) or 'none'}", flush=True)
-    print(f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, "
-          f"{a.rounds} rounds; logs {logs}", flush=True)
+    print(
+        f"CPU: {cpu.model_name}, {os.cpu_count()} cores, bfloat16 flags: "
+        f"{', '.join(cpu.bf16_flags) or 'none'}",
+        flush=True,
+    )
+    print(
+        f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, "
+        f"{a.rounds} rounds; logs {logs}",
+        flush=True,
+    )
     ms, R = asyncio.run(run(a, sets, logs))
-    R["host"] = {"cpu": cpu.model_name, "cores": os.cpu_count(), "bf16_flags": cpu.bf16_flags,
-                 "dtype": a.dtype}
+    R["host"] = {
+        "cpu": cpu.model_name,
+        "cores": os.cpu_count(),
+        "bf16_flags": cpu.bf16_flags,
+        "dtype": a.dtype,
+    }
     report(ms, R, a)
     return 0
 
@@ -422,17 +516,22 @@ def main() -> int:
 def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    print("\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
-          "CPU-s per 1k inputs: model process / rest of server |\n| --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
+        "CPU-s per 1k inputs: model process / rest of server |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
     rate: dict[tuple[str, str], float] = {}
     for m in ms:
         rs = m.rates()
         med = statistics.median(rs)
         rate[(m.path, m.pattern)] = med
         k = 1000 / len(m.texts)
-        print(f"| {m.path} | {m.pattern} | {med:.0f} | {min(rs):.0f}-{max(rs):.0f} | "
-              f"{m.median('tokens') / m.median('seconds'):.0f} | "
-              f"{m.median('model_cpu_s') * k:.2f} / {m.median('other_cpu_s') * k:.2f} |")
+        print(
+            f"| {m.path} | {m.pattern} | {med:.0f} | {min(rs):.0f}-{max(rs):.0f} | "
+            f"{m.median('tokens') / m.median('seconds'):.0f} | "
+            f"{m.median('model_cpu_s') * k:.2f} / {m.median('other_cpu_s') * k:.2f} |"
+        )
 
     def ratio(mine: tuple[str, str], other: tuple[str, str]) -> str:
         x, y = rate.get(mine), rate.get(other)
@@ -441,19 +540,26 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
     P = "this project"
     big, small = "sentences, 64/request x4", "sentences, 1/request x64"
     ratios = {
-        "vs in-process, sentences 64/request": ratio((P, big), ("vLLM AsyncLLM in-process", "sentences")),
+        "vs in-process, sentences 64/request": ratio(
+            (P, big), ("vLLM AsyncLLM in-process", "sentences")
+        ),
         "vs vllm serve, sentences 64/request x4": ratio((P, big), ("vllm serve", big)),
         "vs vllm serve, sentences 1/request x64": ratio((P, small), ("vllm serve", small)),
-        "vs vllm serve, documents 64/request x4": ratio((P, "documents, 64/request x4"),
-                                                         ("vllm serve", "documents, 64/request x4")),
+        "vs vllm serve, documents 64/request x4": ratio(
+            (P, "documents, 64/request x4"), ("vllm serve", "documents, 64/request x4")
+        ),
         "vs sentence-transformers batch 64, sentences 64/request x4": ratio(
-            (P, big), ("sentence-transformers", "sentences, batch 64")),
+            (P, big), ("sentence-transformers", "sentences, batch 64")
+        ),
         "vs sentence-transformers 1 per call, sentences 1/request x64": ratio(
-            (P, small), ("sentence-transformers", "sentences, 1 per encode call")),
+            (P, small), ("sentence-transformers", "sentences, 1 per encode call")
+        ),
         "vs sentence-transformers batch 64, documents": ratio(
-            (P, "documents, 64/request x4"), ("sentence-transformers", "documents, batch 64")),
+            (P, "documents, 64/request x4"), ("sentence-transformers", "documents, batch 64")
+        ),
         "2 workers vs 1 worker, sentences 64/request x8": ratio(
-            ("this project, 2 workers", "sentences, 64/request x8"), (P, "sentences, 64/request x8")),
+            ("this project, 2 workers", "sentences, 64/request x8"), (P, "sentences, 64/request x8")
+        ),
     }
     print("\nthis project (medians of the rounds):")
     for k, v in ratios.items():
@@ -461,17 +567,23 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
     R["ratios"] = ratios
     lat = R.get("latency_ms", {})
     p50 = {}
-    for path, xs in lat.items():
-        xs = sorted(xs)
+    for path, samples in lat.items():
+        xs = sorted(samples)
         p50[path] = statistics.median(xs)
-        print(f"latency, 1 sentence, sequential, {path}: p50 {p50[path]:.1f} ms, "
-              f"p99 {xs[int(0.99 * (len(xs) - 1))]:.1f} ms ({len(xs)} requests)")
+        print(
+            f"latency, 1 sentence, sequential, {path}: p50 {p50[path]:.1f} ms, "
+            f"p99 {xs[int(0.99 * (len(xs) - 1))]:.1f} ms ({len(xs)} requests)"
+        )
     if len(p50) == 2:
-        print(f"added latency p50 (this project - vllm serve): {p50[P] - p50['vllm serve']:+.1f} ms")
+        print(
+            f"added latency p50 (this project - vllm serve): {p50[P] - p50['vllm serve']:+.1f} ms"
+        )
     if "memory" in R:
         m = R["memory"]
-        print(f"worker RSS over {m['sentences']} sentences: start {m['rss_start_mib']:.0f} MiB, "
-              f"end {m['rss_end_mib']:.0f} MiB, max {m['rss_max_mib']:.0f} MiB")
+        print(
+            f"worker RSS over {m['sentences']} sentences: start {m['rss_start_mib']:.0f} MiB, "
+            f"end {m['rss_end_mib']:.0f} MiB, max {m['rss_max_mib']:.0f} MiB"
+        )
     (out / "suite.json").write_text(json.dumps(R, indent=1, default=str))
     try:
         import matplotlib
@@ -482,14 +594,18 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
         fig, ax = plt.subplots(figsize=(11, 0.45 * len(ms) + 1.5))
         labels = [f"{m.path} | {m.pattern}" for m in ms][::-1]
         meds = [statistics.median(m.rates()) for m in ms][::-1]
-        err = [[md - min(m.rates()) for md, m in zip(meds, ms[::-1])],
-               [max(m.rates()) - md for md, m in zip(meds, ms[::-1])]]
+        err = [
+            [md - min(m.rates()) for md, m in zip(meds, ms[::-1], strict=True)],
+            [max(m.rates()) - md for md, m in zip(meds, ms[::-1], strict=True)],
+        ]
         colors = ["tab:blue" if m.path.startswith("this project") else "tab:gray" for m in ms][::-1]
         ax.barh(labels, meds, xerr=err, color=colors, capsize=3)
-        for i, (v, hi) in enumerate(zip(meds, err[1])):
+        for i, (v, hi) in enumerate(zip(meds, err[1], strict=True)):
             ax.text(v + hi, i, f"  {v:.0f}", va="center")
-        ax.set_xlabel(f"inputs / s, median of {a.rounds} rounds, bars min-max "
-                      f"(all-MiniLM-L6-v2, {a.dtype}, {os.cpu_count()} CPU cores)")
+        ax.set_xlabel(
+            f"inputs / s, median of {a.rounds} rounds, bars min-max "
+            f"(all-MiniLM-L6-v2, {a.dtype}, {os.cpu_count()} CPU cores)"
+        )
         ax.set_title("Embedding throughput: this project vs. alternatives")
         fig.tight_layout()
         fig.savefig(out / "suite.png", dpi=110)

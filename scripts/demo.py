@@ -15,7 +15,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway import localstack as ls  # noqa: E402
+from devstack import localstack as ls  # noqa: E402
 
 
 def main() -> int:

