@@ -1,5 +1,5 @@
-# The two commands of the README. Both install into .venv first (idempotent).
-.PHONY: setup demo test bench clean
+# The two commands of the README (demo, test) install into .venv first (idempotent).
+.PHONY: setup demo test test-fast lint typecheck format bench clean
 
 setup:
 	scripts/setup.sh cpu,model,test
@@ -7,9 +7,27 @@ setup:
 demo: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python scripts/demo.py
 
+# Everything: the fast layer in a random order (pytest-randomly; the seed is printed), then
+# the end-to-end tests on real processes.
 test: setup
 	scripts/setup-system.sh
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 tests
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -m slow tests
+
+# The fast layer only (no vLLM, no subprocess): seconds.
+test-fast: setup
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: setup
+	.venv/bin/mypy
+
+format: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 bench:
 	scripts/setup.sh cpu,model,test,bench
@@ -18,4 +36,4 @@ bench:
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/dtype.py
 
 clean:
-	rm -rf .venv *.egg-info .pytest_cache
+	rm -rf .venv *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway import localstack as ls
+from devstack import localstack as ls
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def stsb_sentences() -> list[str]:
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Qwen3ForCausalLM (fixed seed) with a word-level tokenizer over the
     STS sentences, built with ``transformers`` for this session."""
-    from gateway import tiny_qwen3
+    from devstack import tiny_qwen3
 
     rows = ls.read_stsb("dev")
     corpus = [s for a, b, _ in rows for s in (a, b)]
@@ -61,8 +61,12 @@ def gateway(stack_dir: Path) -> Iterator[ls.Proc]:
 def embed_worker_config(queue_url: str, **kw: object) -> str:
     dims = ", ".join(map(str, MATRYOSHKA))
     return ls.worker_config(
-        queue_url=queue_url, model_name=MODEL, dtype="float32",
-        generator_extra=f"engine_args = {{ hf_overrides = {{ matryoshka_dimensions = [{dims}] }} }}",
+        queue_url=queue_url,
+        model_name=MODEL,
+        dtype="float32",
+        generator_extra=(
+            f"engine_args = {{ hf_overrides = {{ matryoshka_dimensions = [{dims}] }} }}"
+        ),
         **kw,  # type: ignore[arg-type]
     )
 
@@ -84,8 +88,9 @@ def client(gateway: ls.Proc, embed_worker: ls.Proc):  # type: ignore[no-untyped-
 
 @pytest.fixture(scope="session")
 def http(gateway: ls.Proc, embed_worker: ls.Proc) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=120,
-                      headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
+    with httpx.Client(
+        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+    ) as c:
         yield c
 
 
@@ -106,8 +111,13 @@ class MiniLMReference:
         out = []
         with self.torch.no_grad():
             for i in range(0, len(texts), 32):
-                enc = self.tok(texts[i:i + 32], padding=True, truncation=True, max_length=256,
-                               return_tensors="pt")
+                enc = self.tok(
+                    texts[i : i + 32],
+                    padding=True,
+                    truncation=True,
+                    max_length=256,
+                    return_tensors="pt",
+                )
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 out.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())

@@ -20,12 +20,21 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from gateway import localstack as ls
+from devstack import localstack as ls
 
 
 class FaultInjectingProxy:
-    def __init__(self, upstream: str, *, seed: int = 7, p_500: float = 0.15, p_429: float = 0.1,
-                 p_slow: float = 0.1, p_lost: float = 0.05, slow_seconds: float = 1.5):
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 7,
+        p_500: float = 0.15,
+        p_429: float = 0.1,
+        p_slow: float = 0.1,
+        p_lost: float = 0.05,
+        slow_seconds: float = 1.5,
+    ):
         self.upstream = upstream
         self.mode = "pass"  # "pass" | "faults"
         self.rng = random.Random(seed)
@@ -62,27 +71,33 @@ class FaultInjectingProxy:
         if fault == "500":
             return Response('{"error": "injected 500"}', status_code=500)
         if fault == "429":
-            return Response('{"error": "injected 429"}', status_code=429,
-                            headers={"Retry-After": "0"})
+            return Response(
+                '{"error": "injected 429"}', status_code=429, headers={"Retry-After": "0"}
+            )
         if fault == "slow":
             await asyncio.sleep(self.slow_seconds)
         if self._http is None:
             self._http = httpx.AsyncClient(base_url=self.upstream, timeout=120)
         body = await request.body()
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("authorization", "content-type")}
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("authorization", "content-type")
+        }
         up = await self._http.request(request.method, "/" + path, content=body, headers=headers)
         if fault == "lost":
             return Response('{"error": "injected: upstream answer dropped"}', status_code=500)
-        return Response(up.content, status_code=up.status_code,
-                        media_type=up.headers.get("content-type"))
+        return Response(
+            up.content, status_code=up.status_code, media_type=up.headers.get("content-type")
+        )
 
     # --- lifecycle: "down" stops the listener so connections are refused ----------------
     def up(self) -> None:
         if self._thread is not None:
             return
-        self._server = uvicorn.Server(uvicorn.Config(self._app, host="127.0.0.1", port=self.port,
-                                                     log_level="error"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self._app, host="127.0.0.1", port=self.port, log_level="error")
+        )
         self._http = None
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()

@@ -28,12 +28,15 @@ flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni
 """
 
 
-@pytest.mark.parametrize("text,dtype,named", [
-    (AVX2_ONLY, "float32", "neither avx512_bf16 nor amx_bf16"),
-    (AMX_HOST, "bfloat16", "avx512_bf16 and amx_bf16"),
-    (GENOA_HOST, "bfloat16", "avx512_bf16"),
-    ("", "float32", "neither"),
-])
+@pytest.mark.parametrize(
+    "text,dtype,named",
+    [
+        (AVX2_ONLY, "float32", "neither avx512_bf16 nor amx_bf16"),
+        (AMX_HOST, "bfloat16", "avx512_bf16 and amx_bf16"),
+        (GENOA_HOST, "bfloat16", "avx512_bf16"),
+        ("", "float32", "neither"),
+    ],
+)
 def test_auto_dtype_follows_native_bfloat16(text, dtype, named):
     chosen, why = choose_dtype(CpuInfo.parse(text))
     assert chosen == dtype
@@ -60,12 +63,15 @@ def test_memory_fraction_fits_what_is_available():
     assert 0.92 * total > available  # vLLM's default would not have started
 
 
-@pytest.mark.parametrize("total,available,want", [
-    (100, 100, 0.8),   # idle host: 80 % of it
-    (100, 0, 0.01),    # nothing available: the floor; vLLM then says why it cannot start
-    (100, 200, 0.92),  # more available than total (cgroup figures): vLLM's default caps it
-    (0, 10, 0.01),
-])
+@pytest.mark.parametrize(
+    "total,available,want",
+    [
+        (100, 100, 0.8),  # idle host: 80 % of it
+        (100, 0, 0.01),  # nothing available: the floor; vLLM then says why it cannot start
+        (100, 200, 0.92),  # more available than total (cgroup figures): vLLM's default caps it
+        (0, 10, 0.01),
+    ],
+)
 def test_memory_fraction_bounds(total, available, want):
     assert choose_memory_fraction(total, available) == want
 
@@ -74,6 +80,7 @@ def _gen(**kw: object) -> GeneratorConfig:
     return GeneratorConfig(model_path=Path("/m"), **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # asks vLLM's platform and NUMA helpers
 def test_resolve_on_this_host_fills_only_what_is_open():
     """This machine runs vLLM's CPU backend: ``auto`` and an unset fraction are resolved from
     its own /proc/cpuinfo and NUMA node; explicit values are kept."""
@@ -85,7 +92,8 @@ def test_resolve_on_this_host_fills_only_what_is_open():
     assert resolved.gpu_memory_utilization * total <= available
     explicit = cpu_host.resolve(_gen(dtype="bfloat16", gpu_memory_utilization=0.5))
     assert (explicit.dtype, explicit.gpu_memory_utilization) == ("bfloat16", 0.5)
-    via_engine_args = cpu_host.resolve(_gen(engine_args={"dtype": "float16",
-                                                         "gpu_memory_utilization": 0.2}))
+    via_engine_args = cpu_host.resolve(
+        _gen(engine_args={"dtype": "float16", "gpu_memory_utilization": 0.2})
+    )
     assert via_engine_args.dtype == "auto"  # engine_args win in engine_kwargs
     assert via_engine_args.gpu_memory_utilization is None

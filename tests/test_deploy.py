@@ -14,14 +14,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
+import tomllib
 import yaml
 
 from worker.config import Config
+
+pytestmark = pytest.mark.slow  # real processes on loopback
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -36,8 +38,12 @@ def _tool(name: str) -> str:
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run([_tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
@@ -57,8 +63,11 @@ def test_overlay_renders_and_validates(overlay, tmp_path):
     core = [d for d in docs if not d["apiVersion"].startswith(CRD_GROUPS)]
     path = tmp_path / "core.yaml"
     path.write_text(yaml.safe_dump_all(core))
-    r = subprocess.run([_tool("kubernetes-validate"), "--strict", "--quiet", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", "--quiet", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= kinds
@@ -89,7 +98,9 @@ def test_worker_pod_fits_its_config(overlay, monkeypatch):
     assert mounts["/etc/inference-worker"] == "config"
     gpus = c["resources"]["limits"].get("nvidia.com/gpu")
     if overlay.startswith("gpu") and overlay != "gpu-ray-pp":
-        assert int(gpus) == cfg.generator.tensor_parallel_size * cfg.generator.pipeline_parallel_size
+        assert (
+            int(gpus) == cfg.generator.tensor_parallel_size * cfg.generator.pipeline_parallel_size
+        )
     if overlay == "gpu-ray-pp":
         assert cfg.generator.engine_args["distributed_executor_backend"] == "ray"
         assert cfg.generator.pipeline_parallel_size > 1 and "RAY_ADDRESS" in env
@@ -114,7 +125,10 @@ def test_custom_resources_point_at_real_objects(overlay):
     args = gateway["spec"]["template"]["spec"]["containers"][0]["args"]
     assert {f"--model={m}" for m in models} <= set(args)  # scale from zero: requests can queue
     pm = _one(docs, "PodMonitor", "inference-worker")
-    assert pm["spec"]["selector"]["matchLabels"].items() <= worker["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        pm["spec"]["selector"]["matchLabels"].items()
+        <= worker["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     sm = _one(docs, "ServiceMonitor", "inference-gateway")
     svc = _one(docs, "Service", "inference-gateway")
@@ -123,8 +137,11 @@ def test_custom_resources_point_at_real_objects(overlay):
 
 
 def test_alerting_rules_pass_promtool():
-    r = subprocess.run([_tool("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [_tool("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
 
@@ -138,7 +155,10 @@ def test_dockerfiles_pass_hadolint_and_install_as_the_readme_says(dockerfile):
     readme = (REPO / "README.md").read_text()
     assert re.search(r"^USER 10001$", text, re.M)
     if dockerfile == "Dockerfile":
-        assert "scripts/setup.sh cpu,model" in text and "scripts/setup.sh" in (REPO / "Makefile").read_text()
+        assert (
+            "scripts/setup.sh cpu,model" in text
+            and "scripts/setup.sh" in (REPO / "Makefile").read_text()
+        )
         assert "AS gateway" in text and "AS worker-cpu" in text
     else:
         assert 'pip install -e ".[gpu]"' in readme and '-e ".[gpu]"' in text
@@ -159,8 +179,11 @@ def _base(name: str) -> str:
 
 def test_dashboard_queries_only_exported_metrics(gateway, embed_worker, client):
     client.embeddings.create(model="all-minilm-l6-v2", input=["warm the metrics up"])
-    exported = {_base(n) for url in (gateway.url, embed_worker.url)
-                for n in _families(httpx.get(url + "/metrics").text)}
+    exported = {
+        _base(n)
+        for url in (gateway.url, embed_worker.url)
+        for n in _families(httpx.get(url + "/metrics").text)
+    }
     dash = json.loads((DEPLOY / "grafana" / "inference-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15
@@ -168,6 +191,10 @@ def test_dashboard_queries_only_exported_metrics(gateway, embed_worker, client):
     missing = sorted(m for m in used if _base(m) not in exported)
     assert not missing, missing
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    rule_metrics = {m for g in rules["groups"] for r in g["rules"]
-                    for m in re.findall(r"\binference_[a-z_]+", r["expr"])}
+    rule_metrics = {
+        m
+        for g in rules["groups"]
+        for r in g["rules"]
+        for m in re.findall(r"\binference_[a-z_]+", r["expr"])
+    }
     assert not sorted(m for m in rule_metrics if _base(m) not in exported)

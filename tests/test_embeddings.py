@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import MODEL, cosine, unit
 
+pytestmark = pytest.mark.slow  # real processes on loopback
+
 
 def _vectors(resp) -> np.ndarray:  # type: ignore[no-untyped-def]
     assert [d.index for d in resp.data] == list(range(len(resp.data)))
@@ -33,10 +35,12 @@ def test_base64_equals_float(client, http, stsb_sentences):
     texts = stsb_sentences[:16]
     floats = _vectors(client.embeddings.create(model=MODEL, input=texts, encoding_format="float"))
     # The SDK decodes base64 itself; check the raw wire bytes too.
-    raw = http.post("/v1/embeddings", json={"model": MODEL, "input": texts,
-                                            "encoding_format": "base64"}).json()
-    wire = np.array([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
-                     for d in raw["data"]])
+    raw = http.post(
+        "/v1/embeddings", json={"model": MODEL, "input": texts, "encoding_format": "base64"}
+    ).json()
+    wire = np.array(
+        [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]]
+    )
     # Without encoding_format the SDK asks for base64 and decodes it with numpy.
     sdk = _vectors(client.embeddings.create(model=MODEL, input=texts))
     explicit = client.embeddings.create(model=MODEL, input=texts, encoding_format="base64")
@@ -47,7 +51,9 @@ def test_base64_equals_float(client, http, stsb_sentences):
 
 def test_normalize_false_returns_raw_pooled_vector(http, reference, stsb_sentences):
     texts = stsb_sentences[:8]
-    body = http.post("/v1/embeddings", json={"model": MODEL, "input": texts, "normalize": False}).json()
+    body = http.post(
+        "/v1/embeddings", json={"model": MODEL, "input": texts, "normalize": False}
+    ).json()
     got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
     want = reference.raw(texts)
     norms = np.linalg.norm(got, axis=1)
@@ -59,8 +65,9 @@ def test_normalize_false_returns_raw_pooled_vector(http, reference, stsb_sentenc
 @pytest.mark.parametrize("dims", [128, 256])
 def test_matryoshka_dimensions_truncate_then_normalize(client, reference, stsb_sentences, dims):
     texts = stsb_sentences[:8]
-    got = _vectors(client.embeddings.create(model=MODEL, input=texts, dimensions=dims,
-                                            encoding_format="float"))
+    got = _vectors(
+        client.embeddings.create(model=MODEL, input=texts, dimensions=dims, encoding_format="float")
+    )
     assert got.shape == (8, dims)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
     want = unit(reference.raw(texts)[:, :dims])
@@ -87,11 +94,15 @@ def test_token_array_inputs_match_text(client, reference, stsb_sentences):
 
 def test_opt_in_truncation(http, reference):
     text = "the quick brown fox jumps over the lazy dog " * 60  # ~540 tokens > 256
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate_prompt_tokens": 100})
+    r = http.post(
+        "/v1/embeddings", json={"model": MODEL, "input": text, "truncate_prompt_tokens": 100}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == 100
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": [text, "short"],
-                                          "truncate_prompt_tokens": 256})
+    r = http.post(
+        "/v1/embeddings",
+        json={"model": MODEL, "input": [text, "short"], "truncate_prompt_tokens": 256},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == 256 + reference.n_tokens(["short"])[0]
 
@@ -109,8 +120,9 @@ def test_prompt_template_with_strings_and_objects(http, reference, stsb_sentence
     """Fireworks' ``prompt_template``: a string input is field ``text``; each object gives its
     fields; the rendered text is what gets embedded (reference: the same text formatted here)."""
     a, b, c = stsb_sentences[:3]
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": [a, b],
-                                          "prompt_template": "query: {text}"})
+    r = http.post(
+        "/v1/embeddings", json={"model": MODEL, "input": [a, b], "prompt_template": "query: {text}"}
+    )
     assert r.status_code == 200, r.text
     got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
     want_texts = [f"query: {a}", f"query: {b}"]
@@ -118,44 +130,84 @@ def test_prompt_template_with_strings_and_objects(http, reference, stsb_sentence
     assert r.json()["usage"]["prompt_tokens"] == sum(reference.n_tokens(want_texts))
 
     objects = [{"title": "Sentence one", "body": a}, {"title": "Sentence two", "body": c}]
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": objects,
-                                          "prompt_template": "{title}\n\n{{ body | lower }}"})
+    r = http.post(
+        "/v1/embeddings",
+        json={"model": MODEL, "input": objects, "prompt_template": "{title}\n\n{{ body | lower }}"},
+    )
     assert r.status_code == 200, r.text
     got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
     want = unit(reference.raw([f"Sentence one\n\n{a.lower()}", f"Sentence two\n\n{c.lower()}"]))
     assert cosine(got, want).min() >= 0.999
-    one = http.post("/v1/embeddings", json={"model": MODEL, "input": objects[0],
-                                            "prompt_template": "{title}\n\n{{ body | lower }}"})
+    one = http.post(
+        "/v1/embeddings",
+        json={
+            "model": MODEL,
+            "input": objects[0],
+            "prompt_template": "{title}\n\n{{ body | lower }}",
+        },
+    )
     assert np.allclose(one.json()["data"][0]["embedding"], got[0], atol=1e-5)
 
 
 def test_prompt_template_truncate_tokens(http, reference):
     text = "the quick brown fox jumps over the lazy dog " * 60  # ~540 tokens > 256
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": [{"body": text}],
-                                          "prompt_template": "{{ truncate_tokens(body, 10) }}"})
+    r = http.post(
+        "/v1/embeddings",
+        json={
+            "model": MODEL,
+            "input": [{"body": text}],
+            "prompt_template": "{{ truncate_tokens(body, 10) }}",
+        },
+    )
     assert r.status_code == 200, r.text
     want = "the quick brown fox jumps over the lazy dog the"  # its first 10 tokens
     assert r.json()["usage"]["prompt_tokens"] == 12  # [CLS] + 10 + [SEP]
     got = np.array(r.json()["data"][0]["embedding"], dtype=np.float32)
     assert cosine(got, unit(reference.raw([want])[0])) >= 0.999
     # Default: as many tokens as the model takes, so an over-long field fits.
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": text,
-                                          "prompt_template": "{{ truncate_tokens(text) }}"})
+    r = http.post(
+        "/v1/embeddings",
+        json={"model": MODEL, "input": text, "prompt_template": "{{ truncate_tokens(text) }}"},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == 256
 
 
-@pytest.mark.parametrize("body,status,param,needle", [
-    ({"input": [{"title": "t", "body": "b"}, {"title": "t"}], "prompt_template": "{title} {body}"},
-     400, "input", "input[1]: prompt_template: 'body' is undefined"),
-    ({"input": "x", "prompt_template": "{{ text "}, 400, "prompt_template", "syntax error on line 1"),
-    ({"input": {"title": "t"}}, 400, "input", "'prompt_template'"),
-    ({"input": [[1, 2, 3]], "prompt_template": "{text}"}, 400, "prompt_template", "token-id"),
-    ({"input": "x", "prompt_template": "{{ text.__class__.__mro__ }}"}, 400, "input",
-     "not allowed"),
-    ({"input": [{"a": "x"}, {}], "prompt_template": "{a}"}, 400, "input", "input[1] is an empty object"),
-    ({"input": {"a": ""}, "prompt_template": "{a}"}, 400, "input", "rendered an empty prompt"),
-])
+@pytest.mark.parametrize(
+    "body,status,param,needle",
+    [
+        (
+            {
+                "input": [{"title": "t", "body": "b"}, {"title": "t"}],
+                "prompt_template": "{title} {body}",
+            },
+            400,
+            "input",
+            "input[1]: prompt_template: 'body' is undefined",
+        ),
+        (
+            {"input": "x", "prompt_template": "{{ text "},
+            400,
+            "prompt_template",
+            "syntax error on line 1",
+        ),
+        ({"input": {"title": "t"}}, 400, "input", "'prompt_template'"),
+        ({"input": [[1, 2, 3]], "prompt_template": "{text}"}, 400, "prompt_template", "token-id"),
+        (
+            {"input": "x", "prompt_template": "{{ text.__class__.__mro__ }}"},
+            400,
+            "input",
+            "not allowed",
+        ),
+        (
+            {"input": [{"a": "x"}, {}], "prompt_template": "{a}"},
+            400,
+            "input",
+            "input[1] is an empty object",
+        ),
+        ({"input": {"a": ""}, "prompt_template": "{a}"}, 400, "input", "rendered an empty prompt"),
+    ],
+)
 def test_prompt_template_errors(http, body, status, param, needle):
     r = http.post("/v1/embeddings", json={"model": MODEL, **body})
     assert r.status_code == status, r.text

@@ -6,8 +6,10 @@ import httpx
 import openai
 import pytest
 
-from gateway import localstack as ls
+from devstack import localstack as ls
 from tests.conftest import MODEL
+
+pytestmark = pytest.mark.slow  # real processes on loopback
 
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -52,17 +54,25 @@ def test_wrong_api_key(gateway, embed_worker):
 
 
 def test_worker_token_refused_on_client_routes(gateway):
-    r = httpx.post(gateway.url + "/v1/embeddings", json={"model": MODEL, "input": "x"},
-                   headers={"Authorization": f"Bearer {ls.WORKER_TOKEN}"})
+    r = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": MODEL, "input": "x"},
+        headers={"Authorization": f"Bearer {ls.WORKER_TOKEN}"},
+    )
     err = _error(r, 401)
     assert "Worker tokens" in err["message"]
 
 
 def test_api_key_refused_on_queue_routes(gateway):
-    body = {"worker_id": "w", "models": [{"name": MODEL, "checkpoint_name": MODEL,
-                                          "tasks": ["embed"]}], "max_items": 1, "wait_seconds": 0}
-    r = httpx.post(gateway.url + "/queue/v1/pull", json=body,
-                   headers={"Authorization": f"Bearer {ls.API_KEY}"})
+    body = {
+        "worker_id": "w",
+        "models": [{"name": MODEL, "checkpoint_name": MODEL, "tasks": ["embed"]}],
+        "max_items": 1,
+        "wait_seconds": 0,
+    }
+    r = httpx.post(
+        gateway.url + "/queue/v1/pull", json=body, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+    )
     err = _error(r, 401)
     assert "API keys" in err["message"]
     r = httpx.post(gateway.url + "/queue/v1/pull", json=body)
@@ -75,24 +85,31 @@ def test_2049_inputs(http):
 
 
 def test_2048_inputs_are_fine(http):
-    r = http.post("/v1/embeddings", json={"model": MODEL, "input": ["tiny input"] * 2048,
-                                          "encoding_format": "base64"})
+    r = http.post(
+        "/v1/embeddings",
+        json={"model": MODEL, "input": ["tiny input"] * 2048, "encoding_format": "base64"},
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["data"]) == 2048
 
 
 def test_bad_encoding_format(http):
-    err = _error(http.post("/v1/embeddings", json={"model": MODEL, "input": "x",
-                                                   "encoding_format": "int8"}), 400)
+    err = _error(
+        http.post("/v1/embeddings", json={"model": MODEL, "input": "x", "encoding_format": "int8"}),
+        400,
+    )
     assert err["param"] == "encoding_format"
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"input": "x"}, "model"),
-    ({"model": MODEL}, "input"),
-    ({"model": MODEL, "input": [1, "a"]}, "input"),
-    ({"model": MODEL, "input": "x", "dimensions": 0}, "dimensions"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"input": "x"}, "model"),
+        ({"model": MODEL}, "input"),
+        ({"model": MODEL, "input": [1, "a"]}, "input"),
+        ({"model": MODEL, "input": "x", "dimensions": 0}, "dimensions"),
+    ],
+)
 def test_malformed_bodies(http, body, param):
     err = _error(http.post("/v1/embeddings", json=body), 400)
     assert err["param"] == param

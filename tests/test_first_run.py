@@ -11,9 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway import localstack as ls
+from devstack import localstack as ls
 from tests.conftest import MODEL, cosine, metric, unit
 from worker.cpu_host import CpuInfo, choose_dtype
+
+pytestmark = pytest.mark.slow  # real processes on loopback
 
 REPO = Path(__file__).resolve().parents[1]
 PHARIA = REPO / "configs" / "pharia-qwen3-embedding-8b.toml"
@@ -25,10 +27,15 @@ def pharia_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
     """The example with only ``model_path`` (a tiny Qwen3, the architecture of
     Qwen3-Embedding) and ``url`` changed: no dtype, no gpu_memory_utilization."""
     original = PHARIA.read_text()
-    text = original.replace('model_path = "/path/to/weights/Qwen/Qwen3-Embedding-8B"',
-                            f'model_path = "{tiny_path}"')
-    text = text.replace('url = "https://inference-api.pharia.example.com"', f'url = "{gateway.url}"')
-    changed = [(a, b) for a, b in zip(original.splitlines(), text.splitlines()) if a != b]
+    text = original.replace(
+        'model_path = "/path/to/weights/Qwen/Qwen3-Embedding-8B"', f'model_path = "{tiny_path}"'
+    )
+    text = text.replace(
+        'url = "https://inference-api.pharia.example.com"', f'url = "{gateway.url}"'
+    )
+    changed = [
+        (a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b
+    ]
     assert len(changed) == 2 and len(original.splitlines()) == len(text.splitlines())
     proc = ls.start_worker(text, stack_dir, "pharia-worker")
     yield proc
@@ -84,13 +91,16 @@ def test_engine_that_cannot_start_says_why_in_one_line(gateway, stack_dir):
     """An explicit ``gpu_memory_utilization`` is honoured, even when vLLM refuses it: exit 1
     with one ERROR line carrying vLLM's root cause and the config key; the traceback only at
     LOG_LEVEL=DEBUG. Both runs go side by side."""
+
     def config() -> str:
         return ls.worker_config(queue_url=gateway.url, model_name="cannot-start").replace(
-            "gpu_memory_utilization = 0.15", "gpu_memory_utilization = 1.0")
+            "gpu_memory_utilization = 0.15", "gpu_memory_utilization = 1.0"
+        )
 
     info = ls.start_worker(config(), stack_dir, "cannot-start-info", wait=False)
-    debug = ls.start_worker(config(), stack_dir, "cannot-start-debug", wait=False,
-                            env={"LOG_LEVEL": "DEBUG"})
+    debug = ls.start_worker(
+        config(), stack_dir, "cannot-start-debug", wait=False, env={"LOG_LEVEL": "DEBUG"}
+    )
     try:
         codes = [info.popen.wait(300), debug.popen.wait(300)]
     finally:
@@ -106,8 +116,9 @@ def test_engine_that_cannot_start_says_why_in_one_line(gateway, stack_dir):
     assert "Traceback" in debug.log_path.read_text()
 
 
-def test_auto_dtype_keeps_sts_benchmark_quality(gateway, embed_worker, client, reference,
-                                                stack_dir):
+def test_auto_dtype_keeps_sts_benchmark_quality(
+    gateway, embed_worker, client, reference, stack_dir
+):
     """STS-benchmark dev Spearman (500 pairs) of the dtype ``auto`` picks on this host within
     0.2 points of float32 ``transformers``. Where ``auto`` is float32 (AVX2-only hosts) the
     session's float32 worker is that worker; elsewhere a worker with ``dtype = "auto"``."""
@@ -118,10 +129,14 @@ def test_auto_dtype_keeps_sts_benchmark_quality(gateway, embed_worker, client, r
     auto = choose_dtype(CpuInfo.read())[0]
     worker = None
     if auto != "float32":
-        worker = ls.start_worker(ls.worker_config(queue_url=gateway.url, model_name="auto-minilm",
-                                                  dtype="auto"), stack_dir, "auto-worker")
+        worker = ls.start_worker(
+            ls.worker_config(queue_url=gateway.url, model_name="auto-minilm", dtype="auto"),
+            stack_dir,
+            "auto-worker",
+        )
     model = MODEL if worker is None else "auto-minilm"
     try:
+
         def served(texts: list[str]) -> np.ndarray:
             resp = client.embeddings.create(model=model, input=texts, encoding_format="float")
             return np.array([d.embedding for d in resp.data], dtype=np.float32)
@@ -133,7 +148,9 @@ def test_auto_dtype_keeps_sts_benchmark_quality(gateway, embed_worker, client, r
     ra, rb = reference.raw([p[0] for p in pairs]), reference.raw([p[1] for p in pairs])
     rho_served = 100 * spearmanr(cosine(a, b), gold).statistic
     rho_f32 = 100 * spearmanr(cosine(ra, rb), gold).statistic
-    print(f"STS-B dev (500 pairs) Spearman x100: {auto} (auto) {rho_served:.2f}, "
-          f"float32 transformers {rho_f32:.2f}")
+    print(
+        f"STS-B dev (500 pairs) Spearman x100: {auto} (auto) {rho_served:.2f}, "
+        f"float32 transformers {rho_f32:.2f}"
+    )
     assert rho_f32 > 80  # the model is right at all
     assert abs(rho_served - rho_f32) <= 0.2

@@ -21,9 +21,12 @@ import numpy as np
 import psutil
 import pytest
 
-from gateway import localstack as ls
-from tests.conftest import cosine, metric as _metric, unit
+from devstack import localstack as ls
+from tests.conftest import cosine, unit
+from tests.conftest import metric as _metric
 from tests.faults import FaultInjectingProxy
+
+pytestmark = pytest.mark.slow  # real processes on loopback
 
 MODEL = "ops-minilm"
 PICKUP = 120  # seconds a request may wait for a worker (outages below are shorter)
@@ -32,15 +35,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _ops_config(queue_url: str, **kw: object) -> str:
-    return ls.worker_config(queue_url=queue_url, model_name=MODEL, max_num_seqs=64,
-                            top_extra="drain_timeout_seconds = 60", **kw)  # type: ignore[arg-type]
+    return ls.worker_config(
+        queue_url=queue_url,
+        model_name=MODEL,
+        max_num_seqs=64,
+        top_extra="drain_timeout_seconds = 60",
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
 def g2(stack_dir) -> Iterator[ls.Proc]:
-    proc = ls.start_gateway(stack_dir, args=["--lease-seconds", "5", "--max-attempts", "6",
-                                             "--pickup-timeout", str(PICKUP),
-                                             "--model", BACKLOG_MODEL])
+    proc = ls.start_gateway(
+        stack_dir,
+        args=[
+            "--lease-seconds",
+            "5",
+            "--max-attempts",
+            "6",
+            "--pickup-timeout",
+            str(PICKUP),
+            "--model",
+            BACKLOG_MODEL,
+        ],
+    )
     yield proc
     proc.stop()
 
@@ -56,14 +74,20 @@ def proxy(g2) -> Iterator[FaultInjectingProxy]:
 def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
     """W2 starts while the queue is unreachable (proxy down), then the queue comes up."""
     tcp_port = ls.free_port()
-    w2 = ls.start_worker(_ops_config(proxy.url).replace(
-        "[monitoring]", f"[monitoring]\ntcp_probes = [{tcp_port}]"), stack_dir, "w2", wait=False)
+    w2 = ls.start_worker(
+        _ops_config(proxy.url).replace("[monitoring]", f"[monitoring]\ntcp_probes = [{tcp_port}]"),
+        stack_dir,
+        "w2",
+        wait=False,
+    )
     seen = {"proc": w2, "tcp_port": tcp_port}
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # engine loaded, queue still unreachable
         try:
-            if httpx.get(w2.url + "/livez", timeout=2).status_code == 200 and _metric(
-                    httpx.get(w2.url + "/metrics").text, "inference_worker_engine_up") == 1:
+            if (
+                httpx.get(w2.url + "/livez", timeout=2).status_code == 200
+                and _metric(httpx.get(w2.url + "/metrics").text, "inference_worker_engine_up") == 1
+            ):
                 break
         except httpx.HTTPError:
             pass
@@ -75,8 +99,9 @@ def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
         time.sleep(0.25)
     seen["ready_while_down"] = httpx.get(w2.url + "/readyz").status_code
     seen["alive_while_down"] = httpx.get(w2.url + "/livez").status_code
-    seen["errors_while_down"] = _metric(httpx.get(w2.url + "/metrics").text,
-                                        "inference_worker_queue_errors_total")
+    seen["errors_while_down"] = _metric(
+        httpx.get(w2.url + "/metrics").text, "inference_worker_queue_errors_total"
+    )
     proxy.up()
     ls.wait_http(w2.url + "/readyz", w2, 60)
     yield seen
@@ -96,25 +121,39 @@ class Prometheus:
         import re
 
         binary = shutil.which("prometheus")
-        assert binary and shutil.which("promtool"), "install Debian's prometheus package (make test does)"
+        assert binary and shutil.which("promtool"), (
+            "install Debian's prometheus package (make test does)"
+        )
         rules = (REPO / "deploy" / "prometheus" / "alerts.yml").read_text()
         (workdir / "alerts.yml").write_text(re.sub(r"for: \d+m", "for: 3s", rules))
-        jobs = "".join(f"""
+        jobs = "".join(
+            f"""
   - job_name: {job}
-    static_configs: [{{targets: ["{url.split('//')[1]}"]}}]""" for job, url in targets.items())
+    static_configs: [{{targets: ["{url.split("//")[1]}"]}}]"""
+            for job, url in targets.items()
+        )
         (workdir / "prometheus.yml").write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            f"rule_files: [{workdir / 'alerts.yml'}]\nscrape_configs:{jobs}\n")
+            f"rule_files: [{workdir / 'alerts.yml'}]\nscrape_configs:{jobs}\n"
+        )
         self.port = ls.free_port()
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.api = f"http://127.0.0.1:{self.port}/api/v1"
 
     def query(self, q: str) -> float | None:
         try:
-            res = httpx.get(self.api + "/query", params={"query": q}, timeout=5).json()["data"]["result"]
+            res = httpx.get(self.api + "/query", params={"query": q}, timeout=5).json()["data"][
+                "result"
+            ]
         except (httpx.HTTPError, KeyError, ValueError):
             return None
         return float(res[0]["value"][1]) if res else None
@@ -144,8 +183,10 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def prom(g2, w2, tmp_path_factory) -> Iterator[Prometheus]:
-    p = Prometheus({"inference-gateway": g2.url, "inference-worker": w2.url},
-                   tmp_path_factory.mktemp("prometheus"))
+    p = Prometheus(
+        {"inference-gateway": g2.url, "inference-worker": w2.url},
+        tmp_path_factory.mktemp("prometheus"),
+    )
     yield p
     p.stop()
 
@@ -153,24 +194,27 @@ def prom(g2, w2, tmp_path_factory) -> Iterator[Prometheus]:
 @pytest.fixture(scope="module")
 def ops_ref(reference, stsb_sentences) -> dict[str, np.ndarray]:
     texts = stsb_sentences[:200]
-    return dict(zip(texts, unit(reference.raw(texts))))
+    return dict(zip(texts, unit(reference.raw(texts)), strict=True))
 
 
 async def _load(url: str, batches: list[list[str]], concurrency: int = 16) -> list[httpx.Response]:
     sem = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {ls.API_KEY}"}
     async with httpx.AsyncClient(base_url=url, timeout=PICKUP + 300, headers=headers) as c:
+
         async def one(batch: list[str]) -> httpx.Response:
             async with sem:
                 return await c.post("/v1/embeddings", json={"model": MODEL, "input": batch})
+
         return await asyncio.gather(*[one(b) for b in batches])
 
 
-def _check_answers(resps: list[httpx.Response], batches: list[list[str]],
-                   ref: dict[str, np.ndarray]) -> int:
+def _check_answers(
+    resps: list[httpx.Response], batches: list[list[str]], ref: dict[str, np.ndarray]
+) -> int:
     """Every request answered once, correctly. Returns the number lost (asserted 0)."""
     lost = 0
-    for r, batch in zip(resps, batches):
+    for r, batch in zip(resps, batches, strict=True):
         if r.status_code != 200:
             lost += 1
             continue
@@ -212,8 +256,9 @@ def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, prom, stsb_se
 
     for url in (g2.url, w2.url):
         text = httpx.get(url + "/metrics").text
-        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                              text=True)
+        lint = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+        )
         findings = [ln for ln in (lint.stdout + lint.stderr).splitlines() if ln.strip()]
         assert lint.returncode == 0 and not findings, (url, findings)
         if url == w2.url:  # vLLM's engine metrics are there, under Prometheus-convention names
@@ -223,8 +268,9 @@ def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, prom, stsb_se
     n_inputs = sum(len(b) for b in batches)
     checks = {
         f'sum(inference_worker_items_completed_total{{model="{MODEL}"}})': lambda v: v >= n_inputs,
-        'sum(inference_gateway_requests_total{route="/v1/embeddings",status="200"})':
-            lambda v: v >= len(batches),
+        'sum(inference_gateway_requests_total{route="/v1/embeddings",status="200"})': lambda v: (
+            v >= len(batches)
+        ),
         "inference_worker_engine_up": lambda v: v == 1,
         "inference_worker_queue_reachable": lambda v: v == 1,
         f'sum(inference_gateway_workers{{model="{MODEL}"}})': lambda v: v == 1,
@@ -247,8 +293,12 @@ def test_faulty_queue_calls_lose_nothing(g2, w2, proxy, stsb_sentences, ops_ref)
     lost = _check_answers(resps, batches, ops_ref)
     after = httpx.get(w2.url + "/metrics").text
     retries = _metric(after, "inference_worker_queue_retries_total") - _metric(
-        before, "inference_worker_queue_retries_total")
-    print(f"fault proxy test: sent {len(batches)} requests, lost {lost}, injected {dict(proxy.injected)}")
+        before, "inference_worker_queue_retries_total"
+    )
+    print(
+        f"fault proxy test: sent {len(batches)} requests, lost {lost}, "
+        f"injected {dict(proxy.injected)}"
+    )
     assert lost == 0
     assert proxy.injected["500"] and proxy.injected["429"] and proxy.injected["slow"]
     assert proxy.injected["lost"] >= 1
@@ -293,7 +343,9 @@ def test_sigterm_during_load_drains_and_exits_0(g2, w2, stack_dir, stsb_sentence
         async def scenario() -> list[httpx.Response]:
             load = asyncio.create_task(_load(g2.url, batches, concurrency=40))
             deadline = time.monotonic() + 60
-            while _metric(httpx.get(w2.url + "/metrics").text, "inference_worker_items_in_flight") < 1:
+            while (
+                _metric(httpx.get(w2.url + "/metrics").text, "inference_worker_items_in_flight") < 1
+            ):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
             w2.signal(signal.SIGTERM)
@@ -303,13 +355,15 @@ def test_sigterm_during_load_drains_and_exits_0(g2, w2, stack_dir, stsb_sentence
         resps = asyncio.run(scenario())
         try:
             code = w2.popen.wait(90)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             w2.signal(signal.SIGUSR1)  # stack dump into the log, then fail with it
             time.sleep(2)
-            raise AssertionError("worker did not exit after SIGTERM:\n" + w2.log_tail(120))
+            raise AssertionError("worker did not exit after SIGTERM:\n" + w2.log_tail(120)) from e
         lost = _check_answers(resps, batches, ops_ref)
-        print(f"SIGTERM test: sent {len(batches)} requests, lost {lost}, exit {code}, "
-              f"{time.monotonic() - t0:.1f} s")
+        print(
+            f"SIGTERM test: sent {len(batches)} requests, lost {lost}, exit {code}, "
+            f"{time.monotonic() - t0:.1f} s"
+        )
         assert code == 0, w2.log_tail()
         assert lost == 0
         assert "drained; exit code 0" in w2.log_path.read_text()
@@ -318,21 +372,24 @@ def test_sigterm_during_load_drains_and_exits_0(g2, w2, stack_dir, stsb_sentence
         w3.stop()
 
 
-def _engine_death(g2: ls.Proc, victim: ls.Proc, stack_dir: Path, texts: list[str],
-                  ref: dict[str, np.ndarray]) -> None:
+def _engine_death(
+    g2: ls.Proc, victim: ls.Proc, stack_dir: Path, texts: list[str], ref: dict[str, np.ndarray]
+) -> None:
     """Kill the victim's vLLM engine process: the worker must report not-alive, exit non-zero,
     and its leased items must reach another worker."""
     w4 = ls.start_worker(_ops_config(g2.url), stack_dir, "w4")
     try:
         batches = _batches(texts, 40, 64, offset=17)
-        engine_procs = [p for p in psutil.Process(victim.pid).children(recursive=True)]
+        engine_procs = list(psutil.Process(victim.pid).children(recursive=True))
         assert engine_procs, "no vLLM engine process found"
 
         async def scenario() -> list[httpx.Response]:
             load = asyncio.create_task(_load(g2.url, batches, concurrency=40))
             deadline = time.monotonic() + 60
-            while _metric(httpx.get(victim.url + "/metrics").text,
-                          "inference_worker_items_in_flight") < 1:
+            while (
+                _metric(httpx.get(victim.url + "/metrics").text, "inference_worker_items_in_flight")
+                < 1
+            ):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
             for p in engine_procs:
@@ -354,15 +411,21 @@ def test_autoscaler_query_sees_queue_depth(g2, prom):
     import yaml
 
     so = yaml.safe_load((REPO / "deploy/k8s/components/keda/scaledobject.yaml").read_text())
-    query = so["spec"]["triggers"][0]["metadata"]["query"].replace("all-minilm-l6-v2", BACKLOG_MODEL)
+    query = so["spec"]["triggers"][0]["metadata"]["query"].replace(
+        "all-minilm-l6-v2", BACKLOG_MODEL
+    )
     assert prom.query(query) == 0  # "or vector(0)": no series yet is zero, not "no data"
     backlog = 37
     headers = {"Authorization": f"Bearer {ls.API_KEY}"}
 
     async def scenario() -> float | None:
         async with httpx.AsyncClient(base_url=g2.url, headers=headers, timeout=PICKUP + 30) as c:
-            waiting = asyncio.create_task(c.post("/v1/embeddings", json={
-                "model": BACKLOG_MODEL, "input": [f"queued {i}" for i in range(backlog)]}))
+            waiting = asyncio.create_task(
+                c.post(
+                    "/v1/embeddings",
+                    json={"model": BACKLOG_MODEL, "input": [f"queued {i}" for i in range(backlog)]},
+                )
+            )
             await asyncio.to_thread(prom.wait_for, {query: lambda v: v == backlog}, 30)
             value = prom.query(query)
             waiting.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import localstack as ls
+from devstack import localstack as ls
 from worker import prompts
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 from worker.prompts import TemplateError, render
@@ -22,50 +22,71 @@ def tok():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(ls.minilm_path())
 
 
-@pytest.mark.parametrize("template,fields,want", [
-    ("Embed this text: {text}", {"text": "a fox"}, "Embed this text: a fox"),  # Fireworks' example
-    ("{title}\n\n{ body }", {"title": "T", "body": "B"}, "T\n\nB"),
-    ("{{ title | upper }}: {body}", {"title": "t", "body": "b"}, "T: b"),
-    ("{% if title is defined %}{title}: {% endif %}{body}", {"body": "b"}, "b"),
-    ("{% for t in tags %}#{t} {% endfor %}", {"tags": ["x", "y"]}, "#x #y "),
-    ("keeps {{ '{' }}braces{{ '}' }} and {{'{{'}}", {}, "keeps {braces} and {{"),
-    ("ends with two newlines\n\n", {}, "ends with two newlines\n\n"),
-    ("n={n} ok={ok}", {"n": 3, "ok": True}, "n=3 ok=True"),
-])
+@pytest.mark.parametrize(
+    "template,fields,want",
+    [
+        (
+            "Embed this text: {text}",
+            {"text": "a fox"},
+            "Embed this text: a fox",
+        ),  # Fireworks' example
+        ("{title}\n\n{ body }", {"title": "T", "body": "B"}, "T\n\nB"),
+        ("{{ title | upper }}: {body}", {"title": "t", "body": "b"}, "T: b"),
+        ("{% if title is defined %}{title}: {% endif %}{body}", {"body": "b"}, "b"),
+        ("{% for t in tags %}#{t} {% endfor %}", {"tags": ["x", "y"]}, "#x #y "),
+        ("keeps {{ '{' }}braces{{ '}' }} and {{'{{'}}", {}, "keeps {braces} and {{"),
+        ("ends with two newlines\n\n", {}, "ends with two newlines\n\n"),
+        ("n={n} ok={ok}", {"n": 3, "ok": True}, "n=3 ok=True"),
+    ],
+)
 def test_render(template, fields, want):
     assert render(template, fields, _no_truncation) == want
 
 
 def test_qwen3_rerank_template_renders_as_documented():
     """The reference format from Qwen3-Reranker's model card, written out by hand."""
-    got = render(QWEN3_RERANK_TEMPLATE, {"query": "q?", "document": "d.",
-                                         "instruction": QWEN3_RERANK_INSTRUCTION}, _no_truncation)
-    want = ("<|im_start|>system\nJudge whether the Document meets the requirements based on "
-            "the Query and the Instruct provided. Note that the answer can only be \"yes\" or "
-            "\"no\".<|im_end|>\n<|im_start|>user\n<Instruct>: Given a web search query, "
-            "retrieve relevant passages that answer the query\n<Query>: q?\n<Document>: d."
-            "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    got = render(
+        QWEN3_RERANK_TEMPLATE,
+        {"query": "q?", "document": "d.", "instruction": QWEN3_RERANK_INSTRUCTION},
+        _no_truncation,
+    )
+    want = (
+        "<|im_start|>system\nJudge whether the Document meets the requirements based on "
+        'the Query and the Instruct provided. Note that the answer can only be "yes" or '
+        '"no".<|im_end|>\n<|im_start|>user\n<Instruct>: Given a web search query, '
+        "retrieve relevant passages that answer the query\n<Query>: q?\n<Document>: d."
+        "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert got == want
 
 
-@pytest.mark.parametrize("template,fields,needle", [
-    ("{title}: {body}", {"title": "t"}, "'body' is undefined"),
-    ("{% if x %}y{% endif %}", {}, "'x' is undefined"),
-    ("{{ text.__class__.__mro__ }}", {"text": "x"}, "not allowed"),
-    ("{{ 1 / 0 }}", {}, "ZeroDivisionError"),
-    ("{% for i in range(1000) %}{% for j in range(1000) %}xx{% endfor %}{% endfor %}", {},
-     "longer than"),
-])
+@pytest.mark.parametrize(
+    "template,fields,needle",
+    [
+        ("{title}: {body}", {"title": "t"}, "'body' is undefined"),
+        ("{% if x %}y{% endif %}", {}, "'x' is undefined"),
+        ("{{ text.__class__.__mro__ }}", {"text": "x"}, "not allowed"),
+        ("{{ 1 / 0 }}", {}, "ZeroDivisionError"),
+        (
+            "{% for i in range(1000) %}{% for j in range(1000) %}xx{% endfor %}{% endfor %}",
+            {},
+            "longer than",
+        ),
+    ],
+)
 def test_render_errors(template, fields, needle):
     with pytest.raises(TemplateError, match=needle):
         render(template, fields, _no_truncation)
 
 
-@pytest.mark.parametrize("template,needle", [
-    ("{{ text ", "syntax error on line 1"),
-    ("line\n{% if %}", "syntax error on line 2"),
-    ("x" * (prompts.MAX_TEMPLATE_CHARS + 1), "at most"),
-])
+@pytest.mark.parametrize(
+    "template,needle",
+    [
+        ("{{ text ", "syntax error on line 1"),
+        ("line\n{% if %}", "syntax error on line 2"),
+        ("x" * (prompts.MAX_TEMPLATE_CHARS + 1), "at most"),
+    ],
+)
 def test_compile_errors(template, needle):
     with pytest.raises(TemplateError, match=needle):
         prompts.compile_template(template)

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Response
 
-from gateway import localstack as ls
+from devstack import localstack as ls
 from worker import metrics
 from worker.protocol import ModelAdvert, PullRequest
 from worker.queue_client import QueueClient, QueueRejected, QueueUnavailable
@@ -37,11 +37,12 @@ class FaultInjectingQueue:
             return Response(body, status_code=status, media_type="application/json")
 
         self.port = ls.free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="error"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "FaultInjectingQueue":
+    def __enter__(self) -> FaultInjectingQueue:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
@@ -58,13 +59,23 @@ def faulty() -> Iterator[FaultInjectingQueue]:
         yield f
 
 
-REQ = PullRequest(worker_id="w", max_items=1, wait_seconds=0,
-                  models=[ModelAdvert(name="m", checkpoint_name="m", tasks=["embed"])])
+REQ = PullRequest(
+    worker_id="w",
+    max_items=1,
+    wait_seconds=0,
+    models=[ModelAdvert(name="m", checkpoint_name="m", tasks=["embed"])],
+)
 
 
 def _client(port: int, retries: int) -> QueueClient:
-    return QueueClient(f"http://127.0.0.1:{port}", "t", retries=retries, timeout_seconds=2,
-                       backoff_initial=0.01, backoff_max=0.05)
+    return QueueClient(
+        f"http://127.0.0.1:{port}",
+        "t",
+        retries=retries,
+        timeout_seconds=2,
+        backoff_initial=0.01,
+        backoff_max=0.05,
+    )
 
 
 @pytest.mark.parametrize("script", [[503, 500], [429], [502, 429, 504]])

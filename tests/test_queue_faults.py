@@ -9,13 +9,18 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
-from gateway import localstack as ls
-from tests.conftest import MODEL, cosine, embed_worker_config, metric as _metric, unit
+from devstack import localstack as ls
+from tests.conftest import MODEL, cosine, embed_worker_config, unit
+from tests.conftest import metric as _metric
+
+pytestmark = pytest.mark.slow  # real processes on loopback
 
 
-def test_items_of_a_killed_worker_are_redelivered(gateway, embed_worker, client, reference,
-                                                  stsb_sentences, stack_dir):
+def test_items_of_a_killed_worker_are_redelivered(
+    gateway, embed_worker, client, reference, stsb_sentences, stack_dir
+):
     victim = ls.start_worker(embed_worker_config(gateway.url, max_num_seqs=64), stack_dir, "victim")
     try:
         texts = (stsb_sentences * 10)[:2000]
@@ -23,7 +28,9 @@ def test_items_of_a_killed_worker_are_redelivered(gateway, embed_worker, client,
         result: dict = {}
 
         def call() -> None:
-            result["resp"] = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+            result["resp"] = client.embeddings.create(
+                model=MODEL, input=texts, encoding_format="float"
+            )
 
         t = threading.Thread(target=call)
         t.start()
@@ -46,10 +53,12 @@ def test_items_of_a_killed_worker_are_redelivered(gateway, embed_worker, client,
         want = np.concatenate([want] * 10)[:2000]
         assert cosine(got, want).min() >= 0.999
         after = httpx.get(gateway.url + "/metrics").text
-        expired = (_metric(after, "inference_gateway_leases_expired_total")
-                   - _metric(before, "inference_gateway_leases_expired_total"))
-        redelivered = (_metric(after, "inference_gateway_redeliveries_total")
-                       - _metric(before, "inference_gateway_redeliveries_total"))
+        expired = _metric(after, "inference_gateway_leases_expired_total") - _metric(
+            before, "inference_gateway_leases_expired_total"
+        )
+        redelivered = _metric(after, "inference_gateway_redeliveries_total") - _metric(
+            before, "inference_gateway_redeliveries_total"
+        )
         assert expired >= 1 and redelivered >= 1
     finally:
         victim.stop()
@@ -69,8 +78,9 @@ def test_worker_survives_queue_outage_and_resumes(gateway, embed_worker, client,
     assert httpx.get(embed_worker.url + "/livez").status_code == 200
     log = embed_worker.log_path.read_text()
     assert re.search(r"pull failed: queue pull: ConnectError", log)
-    restarted = ls.start_gateway(stack_dir, port=port,
-                                 args=["--lease-seconds", "8", "--pickup-timeout", "40"])
+    restarted = ls.start_gateway(
+        stack_dir, port=port, args=["--lease-seconds", "8", "--pickup-timeout", "40"]
+    )
     gateway.popen = restarted.popen  # the session fixture now owns the new process
     # The new gateway knows the model once the worker's next pull advertises it.
     deadline = time.monotonic() + 30

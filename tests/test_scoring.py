@@ -12,9 +12,12 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway import localstack as ls
-from tests.conftest import MODEL as EMBED_MODEL, metric
+from devstack import localstack as ls
+from tests.conftest import MODEL as EMBED_MODEL
+from tests.conftest import metric
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
+
+pytestmark = pytest.mark.slow  # real processes on loopback
 
 MODEL = "tiny-qwen3-reranker"
 
@@ -34,8 +37,11 @@ class QwenReference:
             return self.model(**enc).logits[0, -1].numpy()
 
     def rerank_prompt(self, query: str, doc: str) -> str:
-        return (QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
-                .replace("{query}", query).replace("{document}", doc))
+        return (
+            QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
+            .replace("{query}", query)
+            .replace("{document}", doc)
+        )
 
     def relevance(self, query: str, doc: str) -> float:
         no, yes = self.tok.convert_tokens_to_ids(["no", "yes"])
@@ -51,9 +57,16 @@ def qref(tiny_path) -> QwenReference:
 
 @pytest.fixture(scope="module")
 def score_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
-    cfg = ls.worker_config(queue_url=gateway.url, model_name=MODEL, model_path=tiny_path,
-                           task="score", dtype="float32", max_model_len=1024, max_num_seqs=64,
-                           generator_extra="engine_args = { block_size = 32 }")
+    cfg = ls.worker_config(
+        queue_url=gateway.url,
+        model_name=MODEL,
+        model_path=tiny_path,
+        task="score",
+        dtype="float32",
+        max_model_len=1024,
+        max_num_seqs=64,
+        generator_extra="engine_args = { block_size = 32 }",
+    )
     # Keeps vLLM's own metric names (the other workers use the Prometheus-convention default).
     cfg = cfg.replace("[monitoring]", '[monitoring]\nvllm_metric_names = "upstream"')
     proc = ls.start_worker(cfg, stack_dir, "score-worker")
@@ -63,8 +76,9 @@ def score_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
 
 @pytest.fixture(scope="module")
 def sc(gateway, score_worker) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.url, timeout=120,
-                      headers={"Authorization": f"Bearer {ls.API_KEY}"}) as c:
+    with httpx.Client(
+        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+    ) as c:
         yield c
 
 
@@ -74,9 +88,17 @@ def _vectors(body: dict) -> np.ndarray:
 
 def test_return_logits_match_transformers(sc, qref, stsb_sentences):
     texts = stsb_sentences[:24]
-    ids = [qref.tok.convert_tokens_to_ids("no"), qref.tok.convert_tokens_to_ids("yes"), 7, 100, 3000]
-    r = sc.post("/v1/embeddings", json={"model": MODEL, "input": texts, "return_logits": ids,
-                                        "normalize": False})
+    ids = [
+        qref.tok.convert_tokens_to_ids("no"),
+        qref.tok.convert_tokens_to_ids("yes"),
+        7,
+        100,
+        3000,
+    ]
+    r = sc.post(
+        "/v1/embeddings",
+        json={"model": MODEL, "input": texts, "return_logits": ids, "normalize": False},
+    )
     assert r.status_code == 200, r.text
     got = _vectors(r.json())
     want = np.array([qref.last_logits(t)[ids] for t in texts])
@@ -101,10 +123,18 @@ def test_return_logits_without_normalize_are_raw_logits(sc, qref, stsb_sentences
 def test_normalize_gives_softmax_of_the_selected_logits(sc, qref, stsb_sentences):
     texts = stsb_sentences[30:38]
     ids = [5, 17, 4000]
-    raw = _vectors(sc.post("/v1/embeddings", json={"model": MODEL, "input": texts,
-                                                   "return_logits": ids, "normalize": False}).json())
-    probs = _vectors(sc.post("/v1/embeddings", json={"model": MODEL, "input": texts,
-                                                     "return_logits": ids, "normalize": True}).json())
+    raw = _vectors(
+        sc.post(
+            "/v1/embeddings",
+            json={"model": MODEL, "input": texts, "return_logits": ids, "normalize": False},
+        ).json()
+    )
+    probs = _vectors(
+        sc.post(
+            "/v1/embeddings",
+            json={"model": MODEL, "input": texts, "return_logits": ids, "normalize": True},
+        ).json()
+    )
     e = np.exp(raw - raw.max(axis=1, keepdims=True))
     assert np.allclose(probs, e / e.sum(axis=1, keepdims=True), atol=1e-6)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
@@ -115,8 +145,12 @@ def test_openai_sdk_with_fireworks_extras(gateway, score_worker, qref, stsb_sent
 
     client = OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0)
     ids = [qref.tok.convert_tokens_to_ids("no"), qref.tok.convert_tokens_to_ids("yes")]
-    resp = client.embeddings.create(model=MODEL, input=stsb_sentences[:3], encoding_format="float",
-                                    extra_body={"return_logits": ids, "normalize": False})
+    resp = client.embeddings.create(
+        model=MODEL,
+        input=stsb_sentences[:3],
+        encoding_format="float",
+        extra_body={"return_logits": ids, "normalize": False},
+    )
     got = np.array([d.embedding for d in resp.data])
     want = np.array([qref.last_logits(t)[ids] for t in stsb_sentences[:3]])
     assert np.abs(got - want).max() <= 1e-4
@@ -127,10 +161,16 @@ async def test_different_ids_in_one_batch(gateway, score_worker, qref, stsb_sent
     id_sets = [[1, 2, 3], [4000, 6000], [9, 8, 7, 6, 5, 4, 3, 2]]
     headers = {"Authorization": f"Bearer {ls.API_KEY}"}
     async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers) as c:
-        resps = await asyncio.gather(*[
-            c.post("/v1/embeddings", json={"model": MODEL, "input": texts, "return_logits": ids,
-                                           "normalize": False}) for ids in id_sets])
-    for ids, r in zip(id_sets, resps):
+        resps = await asyncio.gather(
+            *[
+                c.post(
+                    "/v1/embeddings",
+                    json={"model": MODEL, "input": texts, "return_logits": ids, "normalize": False},
+                )
+                for ids in id_sets
+            ]
+        )
+    for ids, r in zip(id_sets, resps, strict=True):
         assert r.status_code == 200, r.text
         want = np.array([qref.last_logits(t)[ids] for t in texts])
         assert np.abs(_vectors(r.json()) - want).max() <= 1e-4
@@ -159,8 +199,10 @@ def test_rerank_with_a_request_prompt_template(sc, qref, stsb_sentences):
     # tokenizer are then exactly the first four words.
     docs = [d for d in stsb_sentences[100:] if all(w.isalpha() for w in d.split()[:5])][:6]
     template = "Query: {query}\nDocument: {{ truncate_tokens(document, 4) }}\nRelevant:"
-    r = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs,
-                                    "prompt_template": template})
+    r = sc.post(
+        "/v1/rerank",
+        json={"model": MODEL, "query": query, "documents": docs, "prompt_template": template},
+    )
     assert r.status_code == 200, r.text
     no, yes = qref.tok.convert_tokens_to_ids(["no", "yes"])
     got = {d["index"]: d["relevance_score"] for d in r.json()["data"]}
@@ -169,8 +211,10 @@ def test_rerank_with_a_request_prompt_template(sc, qref, stsb_sentences):
         z = qref.last_logits(text)[[no, yes]]
         p = np.exp(z - z.max())
         assert abs(got[i] - p[1] / p.sum()) <= 1e-4, (i, text)
-    bad = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs,
-                                      "prompt_template": "{% if %}"})
+    bad = sc.post(
+        "/v1/rerank",
+        json={"model": MODEL, "query": query, "documents": docs, "prompt_template": "{% if %}"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_template"
 
 
@@ -178,21 +222,34 @@ def test_rerank_top_n_and_return_documents(sc, qref, stsb_sentences):
     query = "A child is riding a horse."
     docs = stsb_sentences[80:92]
     full = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs}).json()
-    top = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs,
-                                      "top_n": 3, "return_documents": True}).json()
+    top = sc.post(
+        "/v1/rerank",
+        json={
+            "model": MODEL,
+            "query": query,
+            "documents": docs,
+            "top_n": 3,
+            "return_documents": True,
+        },
+    ).json()
     assert len(top["data"]) == 3
     assert [d["index"] for d in top["data"]] == [d["index"] for d in full["data"][:3]]
     assert all(d["document"] == docs[d["index"]] for d in top["data"])
-    big = sc.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs, "top_n": 99})
+    big = sc.post(
+        "/v1/rerank", json={"model": MODEL, "query": query, "documents": docs, "top_n": 99}
+    )
     assert len(big.json()["data"]) == len(docs)
 
 
-@pytest.mark.parametrize("body,code,needle", [
-    ({"input": "x", "return_logits": [10**6]}, "invalid_token_ids", "vocabulary"),
-    ({"input": "x", "return_logits": []}, "invalid_token_ids", "at least one"),
-    ({"input": "x", "return_logits": list(range(129))}, "invalid_token_ids", "128"),
-    ({"input": "x", "return_logits": [1], "dimensions": 8}, None, "dimensions"),
-])
+@pytest.mark.parametrize(
+    "body,code,needle",
+    [
+        ({"input": "x", "return_logits": [10**6]}, "invalid_token_ids", "vocabulary"),
+        ({"input": "x", "return_logits": []}, "invalid_token_ids", "at least one"),
+        ({"input": "x", "return_logits": list(range(129))}, "invalid_token_ids", "128"),
+        ({"input": "x", "return_logits": [1], "dimensions": 8}, None, "dimensions"),
+    ],
+)
 def test_bad_logit_requests(sc, body, code, needle):
     r = sc.post("/v1/embeddings", json={"model": MODEL, **body})
     assert r.status_code == 400, r.text
@@ -201,13 +258,16 @@ def test_bad_logit_requests(sc, body, code, needle):
     assert needle in err["message"]
 
 
-@pytest.mark.parametrize("body,param,needle", [
-    ({"query": "q", "documents": []}, "documents", "empty"),
-    ({"query": "q", "documents": ["a", ""]}, "documents", "documents[1]"),
-    ({"query": "q", "documents": ["d"] * 2049}, "documents", "2048"),
-    ({"query": "", "documents": ["d"]}, "query", "empty"),
-    ({"documents": ["d"]}, "query", "required"),
-])
+@pytest.mark.parametrize(
+    "body,param,needle",
+    [
+        ({"query": "q", "documents": []}, "documents", "empty"),
+        ({"query": "q", "documents": ["a", ""]}, "documents", "documents[1]"),
+        ({"query": "q", "documents": ["d"] * 2049}, "documents", "2048"),
+        ({"query": "", "documents": ["d"]}, "query", "empty"),
+        ({"documents": ["d"]}, "query", "required"),
+    ],
+)
 def test_bad_rerank_requests(sc, body, param, needle):
     r = sc.post("/v1/rerank", json={"model": MODEL, **body})
     assert r.status_code == 400, r.text
@@ -216,8 +276,9 @@ def test_bad_rerank_requests(sc, body, param, needle):
 
 
 def test_over_long_document_is_a_per_document_error(sc):
-    r = sc.post("/v1/rerank", json={"model": MODEL, "query": "q",
-                                    "documents": ["fine", "word " * 1100]})
+    r = sc.post(
+        "/v1/rerank", json={"model": MODEL, "query": "q", "documents": ["fine", "word " * 1100]}
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["code"] == "context_length_exceeded" and err["message"].startswith("documents[1]")

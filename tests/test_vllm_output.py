@@ -6,14 +6,16 @@ import logging
 import os
 import subprocess
 import sys
-
 from pathlib import Path
+
+import pytest
 
 from worker.vllm_output import OutputRelay, classify
 
 REPO = Path(__file__).resolve().parents[1]
 
 # What a failed engine start prints (cut from a real run of vLLM 0.32 on CPU).
+# ruff: noqa: E501 - log lines as printed
 FAILED_START = """\
 (EngineCore pid=2922) INFO 11-23 06:38:34 [core.py:133] Initializing a V1 LLM engine (v0.32.0)
 (VllmWorker-0 pid=2935) ERROR 11-23 06:38:47 [multiproc_executor.py:953] WorkerProc failed to start.
@@ -33,14 +35,16 @@ def test_classify_levels():
     lines = FAILED_START.splitlines()
     levels = [classify(line)[0] for line in lines]
     assert levels == [logging.INFO] + [logging.DEBUG] * 5 + [logging.WARNING] + [logging.DEBUG] * 4
-    assert classify(lines[0])[1] == ("(EngineCore pid=2922) [core.py:133] Initializing a V1 LLM "
-                                     "engine (v0.32.0)")
+    assert classify(lines[0])[1] == (
+        "(EngineCore pid=2922) [core.py:133] Initializing a V1 LLM engine (v0.32.0)"
+    )
     exceptions = [classify(line)[2] for line in lines if classify(line)[2]]
     assert exceptions[0].startswith("ValueError: Available memory on node 0")
     assert exceptions[1].startswith("Exception: WorkerProc initialization failed")
     assert classify("Errors are fine in prose: yes")[0] == logging.INFO
 
 
+@pytest.mark.slow  # two subprocesses
 def test_relay_in_a_child_process():
     """A process with the relay installed: what it and its own child print is relayed through
     logging, the traceback stays at DEBUG, and the root cause is the first exception."""
@@ -60,13 +64,20 @@ relay.close()
 relay.stderr.write("CAUSE " + str(cause) + "\\n")
 """
     for level in ("INFO", "DEBUG"):
-        r = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "PYTHONPATH": str(REPO), "OUT": FAILED_START})
+        r = subprocess.run(
+            [sys.executable, "-c", code, level],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO), "OUT": FAILED_START},
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout == ""  # fd 1 was relayed too
         err = r.stderr
         assert "INFO worker.vllm: (EngineCore pid=2922) [core.py:133] Initializing" in err
-        assert "WARNING worker.vllm: (EngineCore pid=2922) [ompmultiprocessing.py:63] a warning" in err
+        assert (
+            "WARNING worker.vllm: (EngineCore pid=2922) [ompmultiprocessing.py:63] a warning" in err
+        )
         assert "INFO worker.vllm: plain print" in err
         assert "CAUSE ValueError: Available memory on node 0" in err
         assert ("Traceback" in err) == (level == "DEBUG")

@@ -1,0 +1,134 @@
+"""Helpers of the fast test layer: a clock tests advance, the fake engine (named as one), and
+metric readers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client import Counter
+
+from worker.engine import EngineDead, InvalidInput, Prompt
+from worker.protocol import ErrorCode, WorkItem
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told (:meth:`advance`)."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def counter(metric: Counter, *labels: str) -> float:
+    """The current value of one labelled series of a prometheus-client counter."""
+    return float(metric.labels(*labels)._value.get())
+
+
+class FakeEngine:
+    """FAKE of :class:`worker.engine.Engine` for the fast layer (no vLLM, no model).
+
+    A text embeds as ``[len(text), words]``; its prompt is the text's character codes. Texts
+    steer failures: ``invalid:...`` (InvalidInput when run), ``bad-prompt:...`` (InvalidInput
+    when prepared), ``crash-once:...`` (RuntimeError on its first run only), ``crash:...``
+    (always), ``die:...`` (the engine dies), ``slow:<seconds>:...`` (runs that long).
+    Records the runs, and the peak of concurrent runs and of their prompt tokens.
+    """
+
+    def __init__(self, max_num_batched_tokens: int = 2048):
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.alive = True
+        self.runs: list[tuple[str, int]] = []  # (text, attempt)
+        self.running = 0
+        self.peak_running = 0
+        self.tokens_running = 0
+        self.peak_tokens = 0
+        self.prepared_batches: list[int] = []
+        self._crashed: set[str] = set()
+
+    async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
+        self.prepared_batches.append(len(items))
+        out: list[Prompt | InvalidInput] = []
+        for item in items:
+            text = item.text or ""
+            if text.startswith("bad-prompt:"):
+                out.append(InvalidInput(ErrorCode.INVALID_PROMPT_TEMPLATE, "prompt_template: bad"))
+            else:
+                out.append([ord(c) for c in text])
+        return out
+
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+        text = item.text or ""
+        self.runs.append((text, item.attempt))
+        self.running += 1
+        self.tokens_running += item.est_tokens
+        self.peak_running = max(self.peak_running, self.running)
+        self.peak_tokens = max(self.peak_tokens, self.tokens_running)
+        try:
+            if text.startswith("slow:"):
+                await asyncio.sleep(float(text.split(":")[1]))
+            else:
+                await asyncio.sleep(0)
+            if text.startswith("invalid:"):
+                raise InvalidInput(ErrorCode.CONTEXT_LENGTH_EXCEEDED, "input has 999 tokens")
+            if text.startswith("crash:") or (
+                text.startswith("crash-once:") and text not in self._crashed
+            ):
+                self._crashed.add(text)
+                raise RuntimeError("injected crash")
+            if text.startswith("die:"):
+                self.alive = False
+                raise EngineDead("injected engine death")
+            return np.array([len(text), len(text.split())], dtype=np.float32), len(prompt)
+        finally:
+            self.running -= 1
+            self.tokens_running -= item.est_tokens
+
+    async def log_stats(self) -> None:
+        pass
+
+
+class FaultyTransport(httpx.AsyncBaseTransport):
+    """FAULT INJECTION around a real transport: the next ``fail[path]`` calls to a path end
+    in a connection error (``status`` None) or an HTTP status, the gateway never seeing them.
+    The real gateway cannot be made to fail like this on demand."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport):
+        self.inner = inner
+        self.fail: dict[str, int] = {}
+        self.status: int | None = None
+        self.calls: dict[str, int] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.calls[path] = self.calls.get(path, 0) + 1
+        if self.fail.get(path, 0) > 0:
+            self.fail[path] -= 1
+            if self.status is None:
+                raise httpx.ConnectError("injected: queue unreachable", request=request)
+            return httpx.Response(self.status, json={"error": "injected"}, request=request)
+        return await self.inner.handle_async_request(request)
+
+
+def worker_config(**queue: Any) -> dict[str, Any]:
+    """A worker config (edition 1) for the fast tests, as the dict a TOML file would give."""
+    return {
+        "edition": 1,
+        "generator": {"model_path": "/fake-model", "max_num_seqs": 8},
+        "queue": {
+            "url": "http://gateway",
+            "token": "worker-token",
+            "checkpoint_name": "fake",
+            "pull_wait_seconds": 1,
+            "models": {"fake": {"embedding_task": {"supported": True}}},
+            **queue,
+        },
+        "drain_timeout_seconds": 5,
+    }

@@ -1,0 +1,266 @@
+"""The worker's pull -> infer -> post loop, in process (fast layer): a real gateway app (queue,
+client API, worker API) reached over ``httpx.ASGITransport``, and a FAKE engine
+(``tests.support.FakeEngine``) in place of vLLM, in the manner of arq's in-process worker
+fixture. No subprocess, no network, no model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from tests.support import FakeEngine, FaultyTransport, counter, worker_config
+from worker import metrics
+from worker.config import Config, model_adverts
+from worker.health import Health
+from worker.loop import Worker
+from worker.queue_client import QueueClient
+
+API_KEY = "client-key"
+MODEL = "fake"
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[FastAPI]:
+    settings = GatewaySettings(
+        api_keys=[API_KEY],
+        worker_tokens=["worker-token"],
+        lease_seconds=2,
+        pickup_timeout_seconds=10,
+        request_timeout_seconds=30,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def client(gateway: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=gateway),
+        base_url="http://gw",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    ) as c:
+        yield c
+
+
+@dataclass
+class Running:
+    worker: Worker
+    engine: FakeEngine
+    transport: FaultyTransport
+    task: asyncio.Task[int]
+
+    async def stopped(self, timeout: float = 10) -> int:
+        self.worker.stop()
+        return await asyncio.wait_for(self.task, timeout)
+
+
+class FakeFacts:
+    """The engine facts the adverts need (the fake engine has no tokenizer)."""
+
+    max_model_len = 128
+    vocab_size = 1000
+
+    def token_id(self, token: str) -> int:
+        raise ValueError("no tokenizer")
+
+
+@pytest.fixture
+async def start_worker(gateway: FastAPI) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    """``await start_worker(**queue_settings)``: a Worker on a FakeEngine, running as a task;
+    returns once the gateway knows its model (unless ``registered=False``)."""
+    started: list[Running] = []
+
+    async def start(
+        engine: FakeEngine | None = None,
+        drain_timeout: float = 5,
+        registered: bool = True,
+        **queue: Any,
+    ) -> Running:
+        cfg = Config.model_validate(
+            {**worker_config(**queue), "drain_timeout_seconds": drain_timeout}
+        )
+        transport = FaultyTransport(httpx.ASGITransport(app=gateway))
+        qc = QueueClient(
+            cfg.queue.url,
+            "worker-token",
+            retries=2,
+            timeout_seconds=10,
+            backoff_initial=0.01,
+            backoff_max=0.02,
+            transport=transport,
+        )
+        engine = engine or FakeEngine()
+        health = Health()
+        health.engine_started(engine)
+        worker = Worker(cfg, engine, qc, model_adverts(cfg, FakeFacts()), health)
+        running = Running(worker, engine, transport, asyncio.create_task(worker.run()))
+        started.append(running)
+        if registered:
+            await wait_until(lambda: gateway.state.queue.advert(MODEL) is not None)
+        return running
+
+    yield start
+    for r in started:
+        if not r.task.done():
+            r.worker.stop()
+        await asyncio.wait_for(asyncio.gather(r.task, return_exceptions=True), 30)
+        await r.worker.client.aclose()
+
+
+async def embed(client: httpx.AsyncClient, texts: list[str]) -> httpx.Response:
+    return await client.post("/v1/embeddings", json={"model": MODEL, "input": texts})
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def vectors(r: httpx.Response) -> list[list[float]]:
+    assert r.status_code == 200, r.text
+    return [d["embedding"] for d in r.json()["data"]]
+
+
+async def test_inputs_flow_through_the_queue_and_back(client, start_worker):
+    w = await start_worker()
+    before = counter(metrics.ITEMS_COMPLETED, MODEL, "embed")
+    r = await embed(client, ["a b", "hello there world", "x"])
+    assert vectors(r) == [[3.0, 2.0], [17.0, 3.0], [1.0, 1.0]]
+    assert r.json()["usage"]["prompt_tokens"] == 3 + 17 + 1  # the prompt lengths
+    assert counter(metrics.ITEMS_COMPLETED, MODEL, "embed") == before + 3
+    assert w.engine.prepared_batches[0] == 3  # one prepare call for the pulled batch
+    assert w.worker.health.ready()
+    assert await w.stopped() == 0
+
+
+async def test_a_bad_input_fails_alone(client, start_worker):
+    w = await start_worker()
+    before = counter(metrics.ITEMS_FAILED, MODEL, "embed", "context_length_exceeded")
+    bad, good = await asyncio.gather(embed(client, ["fine", "invalid:long"]), embed(client, ["ok"]))
+    assert bad.status_code == 400
+    assert bad.json()["error"]["message"] == "input[1]: input has 999 tokens"
+    assert bad.json()["error"]["code"] == "context_length_exceeded"
+    assert vectors(good) == [[2.0, 1.0]]
+    assert counter(metrics.ITEMS_FAILED, MODEL, "embed", "context_length_exceeded") == before + 1
+    assert await w.stopped() == 0
+
+
+async def test_an_input_whose_prompt_fails_is_answered_without_running(client, start_worker):
+    w = await start_worker()
+    r = await embed(client, ["bad-prompt:x", "fine"])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_prompt_template"
+    assert [t for t, _ in w.engine.runs] == ["fine"]
+
+
+async def test_an_unexpected_error_is_retried_on_a_later_delivery(client, start_worker):
+    w = await start_worker()
+    r = await embed(client, ["crash-once:x y"])
+    assert vectors(r) == [[14.0, 2.0]]
+    assert w.engine.runs == [("crash-once:x y", 1), ("crash-once:x y", 2)]
+
+
+async def test_items_in_flight_stay_within_capacity(client, start_worker):
+    w = await start_worker(max_items_in_flight=4)
+    r = await embed(client, ["slow:0.02:" + str(i) for i in range(24)])
+    assert len(vectors(r)) == 24
+    assert w.engine.peak_running == 4
+    assert w.worker.in_flight == 0
+
+
+async def test_estimated_tokens_in_flight_stay_within_capacity(client, start_worker):
+    w = await start_worker(max_tokens_in_flight=60)
+    text = "slow:0.02:" + "w" * 90  # 100 bytes: 27 estimated tokens
+    r = await embed(client, [text] * 10)
+    assert len(vectors(r)) == 10
+    # Two items fit; a pull with any room left still takes one item (the queue always hands
+    # out at least one), so the bound is the capacity plus one item, not all ten (270).
+    assert 54 <= w.engine.peak_tokens <= 60 + 27
+
+
+async def test_stop_drains_in_flight_items_then_exits_0(client, start_worker):
+    w = await start_worker()
+    request = asyncio.create_task(embed(client, ["slow:0.3:a", "slow:0.3:b"]))
+    await wait_until(lambda: w.engine.running == 2)
+    t0 = time.monotonic()
+    assert await w.stopped() == 0
+    assert time.monotonic() - t0 >= 0.2  # it waited for them
+    assert len(vectors(await request)) == 2
+
+
+async def test_drain_timeout_releases_unfinished_items_to_another_worker(
+    client, start_worker, gateway
+):
+    first = await start_worker(drain_timeout=0.1)
+    request = asyncio.create_task(embed(client, ["slow:30:stuck"]))
+    await wait_until(lambda: first.engine.running == 1)
+    t0 = time.monotonic()
+    assert await first.stopped() == 0
+    assert time.monotonic() - t0 < 2  # did not wait for the 30 s item
+    queue = gateway.state.queue
+    assert queue.depth() == {MODEL: 1} and queue.leased() == {}  # released, not leased
+    second = await start_worker(engine=FakeEngine())
+    second.engine.run = first_engine_run_fast(second.engine)  # type: ignore[method-assign]
+    assert len(vectors(await request)) == 1
+    assert second.engine.runs == [("fast:stuck", 1)]  # the release counted no attempt
+
+
+def first_engine_run_fast(engine: FakeEngine) -> Any:
+    """The engine's run, with every ``slow:`` wait cut to nothing."""
+    original = engine.run
+
+    async def run(item: Any, prompt: Any) -> Any:
+        text = item.text or ""
+        if text.startswith("slow:"):
+            item = item.model_copy(update={"text": "fast:" + text.split(":", 2)[2]})
+        return await original(item, prompt)
+
+    return run
+
+
+async def test_engine_death_stops_the_worker_with_exit_1(client, start_worker):
+    w = await start_worker()
+    request = asyncio.create_task(embed(client, ["die:now"]))
+    assert await asyncio.wait_for(w.task, 10) == 1
+    assert not w.worker.health.alive()
+    request.cancel()
+
+
+async def test_an_engine_that_dies_idle_is_noticed(start_worker):
+    w = await start_worker()
+    await wait_until(w.worker.health.ready)
+    w.engine.alive = False
+    assert await asyncio.wait_for(w.task, 5) == 1
+
+
+async def test_queue_unreachable_then_back(client, start_worker, gateway):
+    engine = FakeEngine()
+    w = await start_worker(engine=engine, registered=False)
+    w.transport.fail["/queue/v1/pull"] = 3  # the client's 2 retries, then the loop backs off
+    await wait_until(lambda: w.transport.calls.get("/queue/v1/pull", 0) >= 3)
+    assert not w.worker.health.ready() and w.worker.health.alive()
+    await wait_until(lambda: gateway.state.queue.advert(MODEL) is not None)  # after its backoff
+    assert vectors(await embed(client, ["back"])) == [[4.0, 1.0]]
+    assert w.worker.health.ready()
+
+
+async def test_results_whose_post_fails_are_posted_again(client, start_worker):
+    w = await start_worker()
+    w.transport.status = 503
+    w.transport.fail["/queue/v1/results"] = 3  # more than the client's 2 retries
+    r = await embed(client, ["posted twice"])
+    assert vectors(r) == [[12.0, 2.0]]
+    assert w.transport.calls["/queue/v1/results"] == 4
+    assert w.worker.in_flight == 0
