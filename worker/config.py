@@ -247,6 +247,31 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     path = Path(path)
+    cfg = _parse(path)
+    paths = _model_paths(path, cfg.generator)
+    token = _token(path, cfg.queue.token, environ)
+    cfg = cfg.model_copy(
+        update={
+            "generator": cfg.generator.model_copy(update=paths),
+            "queue": cfg.queue.model_copy(update={"token": token}),
+        }
+    )
+    cfg._source = path
+    _check_models(path, cfg)
+    if check_engine_args:
+        from worker.engine import unknown_engine_args
+
+        unknown = unknown_engine_args(cfg.generator)
+        if unknown:
+            raise ConfigError(
+                f"{path}: generator.engine_args.{unknown[0]}: unknown key "
+                "(expected a field of vllm.AsyncEngineArgs)"
+            )
+    return cfg
+
+
+def _parse(path: Path) -> Config:
+    """The file as a validated :class:`Config` (paths and token not resolved yet)."""
     try:
         raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
@@ -256,31 +281,30 @@ def load_config(
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     try:
-        cfg = Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as e:
         lines = [f"{path}: {_key_path(err['loc'])}: {_describe(err)}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
 
+
+def _model_paths(path: Path, gen: GeneratorConfig) -> dict[str, Path]:
+    """``model_path`` / ``tokenizer_path`` resolved (see :func:`load_config`); ConfigError
+    naming the key if one is not an existing folder."""
     base = path.resolve().parent
-    gen = cfg.generator
-    paths: dict[str, Any] = {"model_path": _resolve_model_path(base, gen.model_path)}
+    paths = {"model_path": _resolve_model_path(base, gen.model_path)}
     if gen.tokenizer_path is not None:
         paths["tokenizer_path"] = _resolve_model_path(base, gen.tokenizer_path)
     for key, value in paths.items():
-        if not Path(value).is_dir():
+        if not value.is_dir():
             raise ConfigError(
                 f"{path}: generator.{key}: expected a model directory, "
                 f"{value} does not exist or is not a directory"
             )
-    token = _token(path, cfg.queue.token, environ)
-    cfg = cfg.model_copy(
-        update={
-            "generator": gen.model_copy(update=paths),
-            "queue": cfg.queue.model_copy(update={"token": token}),
-        }
-    )
-    cfg._source = path
+    return paths
 
+
+def _check_models(path: Path, cfg: Config) -> None:
+    """At least one ``[queue.models."<name>"]``, each advertising the generator's task."""
     if not cfg.queue.models:
         raise ConfigError(
             f'{path}: queue.models: expected at least one [queue.models."<name>"] table'
@@ -293,16 +317,6 @@ def load_config(
                 f'{path}: queue.models."{name}".{table}.supported: expected true, because '
                 f'generator.task = "{want}" (this model advertises: {entry.tasks() or "nothing"})'
             )
-    if check_engine_args:
-        from worker.engine import unknown_engine_args
-
-        unknown = unknown_engine_args(cfg.generator)
-        if unknown:
-            raise ConfigError(
-                f"{path}: generator.engine_args.{unknown[0]}: unknown key "
-                "(expected a field of vllm.AsyncEngineArgs)"
-            )
-    return cfg
 
 
 def _token(path: Path, configured: str | None, environ: Mapping[str, str]) -> str:
