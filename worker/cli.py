@@ -58,6 +58,28 @@ def _failure(exc: BaseException | None, relay: OutputRelay | None, since: float)
     return cause
 
 
+class _StopOnSignal:
+    """SIGTERM / SIGINT, handled once for the worker's whole life: recorded while the engine
+    starts, then a drain of the worker (:meth:`attach`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._worker: Worker | None = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self)
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self._worker is not None:
+            self._worker.stop()
+
+    def attach(self, worker: Worker) -> None:
+        self._worker = worker
+        if self.requested:
+            worker.stop()
+
+
 async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     """Run the worker until SIGTERM / SIGINT or engine death; returns the exit code."""
     from worker.engine import Engine
@@ -66,31 +88,13 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     from worker.queue_client import QueueClient
 
     gen = cpu_host.resolve(cfg.generator)
-    metrics.INFO.info(
-        {
-            "version": __version__,
-            "model": ",".join(cfg.queue.models),
-            "task": gen.task,
-            "checkpoint": cfg.queue.checkpoint_name,
-            "dtype": gen.dtype,
-        }
-    )
+    metrics.INFO.info({"version": __version__, "model": ",".join(cfg.queue.models),
+                       "task": gen.task, "checkpoint": cfg.queue.checkpoint_name,
+                       "dtype": gen.dtype})  # fmt: skip
     health = Health()
     mon = MonitoringServer(cfg.monitoring, health)
     await mon.start()
-    # One handler for the whole life: before the loop runs it only records the request.
-    stop_requested = asyncio.Event()
-    worker: Worker | None = None
-
-    def on_signal() -> None:
-        stop_requested.set()
-        if worker is not None:
-            worker.stop()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-
+    stop = _StopOnSignal()
     log.info("starting vLLM: model=%s task=%s dtype=%s", gen.model_path, gen.task, gen.dtype)
     started = time.monotonic()
     try:
@@ -102,23 +106,13 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
         return 1
     up = time.monotonic()
     health.engine_started(engine)
-    client = QueueClient(
-        cfg.queue.url,
-        cfg.queue.token or "",
-        retries=cfg.queue.http_request_retries,
-        timeout_seconds=cfg.queue.http_timeout_seconds,
-    )
+    client = QueueClient.for_config(cfg.queue)
     try:
         worker = Worker(cfg, engine, client, model_adverts(cfg, engine), health)
-        if stop_requested.is_set():
-            worker.stop()
-        log.info(
-            "serving %s as worker %s (up to %d items / %d tokens in flight)",
-            list(cfg.queue.models),
-            worker.worker_id,
-            worker.capacity,
-            worker.token_capacity,
-        )
+        stop.attach(worker)
+        log.info("serving %s as worker %s (up to %d items / %d tokens in flight)",
+                 list(cfg.queue.models), worker.worker_id, worker.capacity,
+                 worker.token_capacity)  # fmt: skip
         code = await worker.run()
         if code != 0:
             log.error("vLLM engine died: %s", _failure(None, relay, up))

@@ -22,6 +22,7 @@ from tenacity import (
 )
 
 from worker import metrics
+from worker.config import QueueConfig
 from worker.protocol import (
     PREFIX,
     ItemResult,
@@ -90,6 +91,13 @@ class QueueClient:
         self._retries = retries
         self._timeout = timeout_seconds
         self._wait = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
+
+    @classmethod
+    def for_config(cls, queue: QueueConfig) -> QueueClient:
+        """The client a worker's ``[queue]`` table describes (``token`` resolved by
+        :func:`worker.config.load_config`)."""
+        return cls(queue.url, queue.token or "", retries=queue.http_request_retries,
+                   timeout_seconds=queue.http_timeout_seconds)  # fmt: skip
 
     async def pull(self, req: PullRequest) -> list[WorkItem]:
         """Lease up to ``req.max_items`` items; may wait ``req.wait_seconds`` at the queue."""
