@@ -88,9 +88,15 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     from worker.queue_client import QueueClient
 
     gen = cpu_host.resolve(cfg.generator)
-    metrics.INFO.info({"version": __version__, "model": ",".join(cfg.queue.models),
-                       "task": gen.task, "checkpoint": cfg.queue.checkpoint_name,
-                       "dtype": gen.dtype})  # fmt: skip
+    metrics.INFO.info(
+        {
+            "version": __version__,
+            "model": ",".join(cfg.queue.models),
+            "task": gen.task,
+            "checkpoint": cfg.queue.checkpoint_name,
+            "dtype": gen.dtype,
+        }
+    )
     health = Health()
     mon = MonitoringServer(cfg.monitoring, health)
     await mon.start()
@@ -110,16 +116,20 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     try:
         worker = Worker(cfg, engine, client, model_adverts(cfg, engine), health)
         stop.attach(worker)
-        log.info("serving %s as worker %s (up to %d items / %d tokens in flight)",
-                 list(cfg.queue.models), worker.worker_id, worker.capacity,
-                 worker.token_capacity)  # fmt: skip
+        log.info(
+            "serving %s as worker %s (up to %d items / %d tokens in flight)",
+            list(cfg.queue.models),
+            worker.worker_id,
+            worker.capacity,
+            worker.token_capacity,
+        )
         code = await worker.run()
         if code != 0:
             log.error("vLLM engine died: %s", _failure(None, relay, up))
         return code
     finally:
         health.engine_stopped()
-        engine.shutdown()
+        await engine.shutdown()
         log.info("vLLM engine shut down")
         await client.aclose()
         await mon.stop()

@@ -364,11 +364,13 @@ class Engine:
             return InvalidInput(ErrorCode.INVALID_TOKEN_IDS, message)
         return InvalidInput(ErrorCode.INVALID_INPUT, message)
 
-    def shutdown(self) -> None:
-        """Stop the engine core processes and drop the engine. Call from inside the event loop
-        (vLLM's ``AsyncLLM`` must not outlive it, or it complains at interpreter exit)."""
+    async def shutdown(self) -> None:
+        """Stop the engine core processes and drop the engine, before the event loop ends
+        (vLLM's ``AsyncLLM`` must not outlive it). vLLM's shutdown waits for its processes for
+        seconds; it runs in a thread (it cancels its output task thread-safely), so the
+        probes keep answering meanwhile."""
         if self.llm is not None:
-            self.llm.shutdown()
+            await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
 
     @property

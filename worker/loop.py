@@ -302,7 +302,8 @@ class Worker:
         return self.exit_code
 
     async def _hand_back(self) -> None:
-        """After the drain: post what finished, release what did not."""
+        """After the drain: post what finished, release what did not (after an engine death
+        with the attempt counted: one of them may be what killed it)."""
         if self._outbox:
             batch, self._outbox = self._outbox, []
             try:
@@ -312,7 +313,9 @@ class Worker:
         rest = [lz.item for lz in self._leased.values()]
         if rest:
             try:
-                n = await self.client.release(self.worker_id, rest)
+                n = await self.client.release(
+                    self.worker_id, rest, count_attempt=self.exit_code != 0
+                )
                 log.info("released %d unfinished items back to the queue", n)
             except QueueError as e:
                 log.warning("release failed (%s); %d items return after their lease", e, len(rest))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from collections.abc import Iterator
 
 import uvicorn
@@ -131,7 +133,12 @@ class MonitoringServer:
         )
 
     async def _tcp_probe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Alive: accept and close. Dead engine: reset the connection (RST, by closing with
+        ``SO_LINGER`` 0), which a TCP probe reads as a failure."""
         if not self._health.alive():
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
             return
         writer.close()

@@ -208,8 +208,11 @@ class ResultsRequest(_Wire):
 
 class ResultsResponse(_Wire):
     accepted: int
-    #: Items already answered (a duplicate post) or no longer known (cancelled, timed out).
+    #: Items already answered (a duplicate post), no longer known (cancelled, timed out), or a
+    #: retryable error from a lease that is not the item's current one.
     ignored: int
+    #: Malformed results (bad base64, not finite, wrong length): counted as a failed attempt.
+    rejected: int = 0
 
 
 class ReleaseRequest(_Wire):
@@ -218,6 +221,10 @@ class ReleaseRequest(_Wire):
 
     worker_id: str
     leases: list[tuple[str, str]] = Field(description="(item_id, lease_id) pairs")
+    #: False (a drain): the delivery does not count as an attempt. True: the items failed with
+    #: their worker (its engine died), so the delivery counts; an input that kills every
+    #: engine it reaches is dead-lettered after ``max_attempts`` instead of cycling.
+    count_attempt: bool = False
 
 
 class ReleaseResponse(_Wire):

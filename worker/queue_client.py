@@ -96,8 +96,12 @@ class QueueClient:
     def for_config(cls, queue: QueueConfig) -> QueueClient:
         """The client a worker's ``[queue]`` table describes (``token`` resolved by
         :func:`worker.config.load_config`)."""
-        return cls(queue.url, queue.token or "", retries=queue.http_request_retries,
-                   timeout_seconds=queue.http_timeout_seconds)  # fmt: skip
+        return cls(
+            queue.url,
+            queue.token or "",
+            retries=queue.http_request_retries,
+            timeout_seconds=queue.http_timeout_seconds,
+        )
 
     async def pull(self, req: PullRequest) -> list[WorkItem]:
         """Lease up to ``req.max_items`` items; may wait ``req.wait_seconds`` at the queue."""
@@ -115,9 +119,16 @@ class QueueClient:
             self._timeout,
         )
 
-    async def release(self, worker_id: str, items: list[WorkItem]) -> int:
-        """Hand leased items back to the queue at once. Returns how many it took back."""
-        req = ReleaseRequest(worker_id=worker_id, leases=[(i.item_id, i.lease_id) for i in items])
+    async def release(
+        self, worker_id: str, items: list[WorkItem], count_attempt: bool = False
+    ) -> int:
+        """Hand leased items back to the queue at once (``count_attempt``: see
+        :class:`~worker.protocol.ReleaseRequest`). Returns how many it took back."""
+        req = ReleaseRequest(
+            worker_id=worker_id,
+            leases=[(i.item_id, i.lease_id) for i in items],
+            count_attempt=count_attempt,
+        )
         resp = await self._call("release", "/release", req, ReleaseResponse, self._timeout)
         return resp.released
 
