@@ -1,59 +1,73 @@
-"""The gateway: the OpenAI-compatible client API in front of the queue, and the worker API of
-queue protocol v1 (``docs/queue-protocol.md``), assembled into one FastAPI app.
+"""The gateway: the OpenAI-compatible client API in front of the queue store, and the worker
+API of queue protocol v1 (``docs/queue-protocol.md``), assembled into one FastAPI app.
 
 - client routes (API keys): :mod:`gateway.client_api`, logic in :mod:`gateway.serving`;
-- queue routes (worker tokens): :mod:`gateway.worker_api` over :mod:`gateway.queue`;
-- ``/metrics`` and ``/healthz``: :mod:`gateway.observability`;
+- queue routes (worker tokens): :mod:`gateway.worker_api` over the store (:mod:`gateway.store`:
+  :mod:`gateway.memory_store` or :mod:`gateway.redis_store`);
+- ``/metrics``, ``/healthz``, ``/readyz``: :mod:`gateway.observability`;
 - credentials: :mod:`gateway.auth`; errors in OpenAI's shape: :mod:`gateway.errors`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import FastAPI
 
-from gateway import client_api, errors, metrics, observability, worker_api
-from gateway.queue import WorkQueue
+from gateway import client_api, errors, observability, worker_api
+from gateway.memory_store import MemoryStore
 from gateway.serving import Serving
 from gateway.settings import GatewaySettings
-
-#: Seconds between two sweeps for expired leases (long polls also sweep).
-REAP_INTERVAL_SECONDS = 0.5
+from gateway.store import QueueStore
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
-    """A gateway with a queue of its own. ``app.state`` holds ``settings``, ``queue`` and
-    ``serving``; the lifespan runs the lease reaper and registers the queue's metrics."""
-    queue = WorkQueue(
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-        worker_ttl_seconds=settings.worker_ttl_seconds,
-    )
-    collector = observability.QueueCollector(queue)
+def make_store(
+    settings: GatewaySettings, clock: Callable[[], float] = time.monotonic
+) -> QueueStore:
+    """The store ``settings.queue_url`` names: ``memory``, or a ``redis://`` / ``rediss://``
+    URL (password from ``settings.queue_password_file`` when given)."""
+    common = {
+        "lease_seconds": settings.lease_seconds,
+        "max_attempts": settings.max_attempts,
+        "worker_ttl_seconds": settings.worker_ttl_seconds,
+        "max_queued": settings.max_queued_inputs,
+    }
+    if settings.queue_url == "memory":
+        return MemoryStore(clock=clock, **common)  # type: ignore[arg-type]
+    from gateway.redis_store import RedisStore
+
+    password = None
+    if settings.queue_password_file:
+        password = Path(settings.queue_password_file).read_text(encoding="utf-8").strip()
+    return RedisStore(settings.queue_url, password=password, **common)  # type: ignore[arg-type]
+
+
+def create_app(
+    settings: GatewaySettings,
+    clock: Callable[[], float] = time.monotonic,
+    store: QueueStore | None = None,
+) -> FastAPI:
+    """A gateway on ``store`` (default: :func:`make_store`). ``app.state`` holds ``settings``,
+    ``store``, ``serving`` and ``draining`` (set after SIGTERM); the lifespan starts and closes
+    the store. ``clock`` (seconds) drives the in-memory store's leases and worker liveness."""
+    store = store or make_store(settings, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        metrics.REGISTRY.register(collector)
-
-        async def reaper() -> None:
-            while True:
-                await asyncio.sleep(REAP_INTERVAL_SECONDS)
-                queue.reap()
-
-        task = asyncio.create_task(reaper())
+        await store.start()
         try:
             yield
         finally:
-            task.cancel()
-            metrics.REGISTRY.unregister(collector)
+            await store.close()
 
     app = FastAPI(title="inference-gateway", lifespan=lifespan)
     app.state.settings = settings
-    app.state.queue = queue
-    app.state.serving = Serving(queue, settings)
+    app.state.store = store
+    app.state.serving = Serving(store, settings)
+    app.state.draining = False
     errors.install(app)
     app.add_middleware(observability.RequestMetrics)
     app.include_router(client_api.router)

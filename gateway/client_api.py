@@ -14,7 +14,8 @@ from gateway.api_models import (
     json_response,
 )
 from gateway.auth import client_auth
-from gateway.serving import Serving
+from gateway.errors import APIError
+from gateway.serving import Disconnected, Serving
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(client_auth)])
 
@@ -24,17 +25,45 @@ def _serving(request: Request) -> Serving:
     return serving
 
 
+def _disconnected(request: Request) -> Disconnected:
+    """Returns once the client has closed its connection (the body is read already, so the
+    next ASGI message is the disconnect)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+def _serving_open(request: Request) -> Serving:
+    """The serving object; 503 while the gateway drains (after SIGTERM)."""
+    if getattr(request.app.state, "draining", False):
+        raise APIError(
+            503,
+            "This gateway is shutting down; send the request again.",
+            type="server_error",
+            code="draining",
+            headers={"Retry-After": "1"},
+        )
+    return _serving(request)
+
+
 @router.post("/embeddings", response_model=EmbeddingResponse)
-async def embeddings(req: EmbeddingRequest, serving: Serving = Depends(_serving)) -> Response:
-    return json_response(await serving.embeddings(req))
+async def embeddings(
+    req: EmbeddingRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_response(await serving.embeddings(req, _disconnected(request)))
 
 
 @router.post("/rerank", response_model=RerankResponse)
-async def rerank(req: RerankRequest, serving: Serving = Depends(_serving)) -> Response:
+async def rerank(
+    req: RerankRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
     # "document" only with return_documents
-    return json_response(await serving.rerank(req), exclude_none=True)
+    return json_response(await serving.rerank(req, _disconnected(request)), exclude_none=True)
 
 
 @router.get("/models", response_model=ModelList)
 async def models(serving: Serving = Depends(_serving)) -> Response:
-    return json_response(serving.models())
+    return json_response(await serving.models())

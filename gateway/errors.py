@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from gateway.api_models import ErrorBody, ErrorResponse
+from gateway.store import StoreUnavailable
 from worker.protocol import CLIENT_ERRORS, ItemError
 
 
@@ -28,8 +29,10 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.body = ErrorBody(message=message, type=type, param=param, code=code)
 
@@ -55,7 +58,17 @@ def item_error(error: ItemError, field: str, index: int, inputs: int) -> APIErro
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.response_json(), status_code=exc.status)
+    return JSONResponse(exc.response_json(), status_code=exc.status, headers=exc.headers)
+
+
+async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    err = APIError(
+        503,
+        f"The queue store is unavailable ({exc}); try again shortly.",
+        type="server_error",
+        code="queue_unavailable",
+    )
+    return JSONResponse(err.response_json(), status_code=503, headers={"Retry-After": "1"})
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -77,6 +90,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    """Render :class:`APIError` and request validation errors in OpenAI's shape."""
+    """Render :class:`APIError`, request validation errors (400) and an unreachable queue store
+    (503, ``queue_unavailable``) in OpenAI's shape."""
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "inference_gateway"
@@ -47,4 +47,32 @@ DEAD_LETTERS = Counter(
 )
 ITEMS_ENQUEUED = Counter(
     f"{_NS}_items_enqueued_total", "Inputs enqueued.", ["model", "task"], registry=REGISTRY
+)
+
+# Read from the queue store at every scrape: the same on every replica (Redis store), so
+# aggregate them with max() (or avg()), not sum(); the counters above are per replica: sum().
+QUEUE_DEPTH = Gauge(
+    f"{_NS}_queue_depth_items", "Inputs waiting for a worker.", ["model"], registry=REGISTRY
+)
+ITEMS_LEASED = Gauge(
+    f"{_NS}_items_leased",
+    "Inputs leased to workers, not yet answered.",
+    ["model"],
+    registry=REGISTRY,
+)
+WORKERS = Gauge(f"{_NS}_workers", "Live workers per model.", ["model"], registry=REGISTRY)
+STORE_UP = Gauge(
+    f"{_NS}_queue_store_up", "1 if the queue store answered the last scrape.", registry=REGISTRY
+)
+QUEUE_FULL = Counter(
+    f"{_NS}_queue_full_total",
+    "Requests refused with 429: the model's queue was at its limit.",
+    ["model"],
+    registry=REGISTRY,
+)
+RESULTS_REJECTED = Counter(
+    f"{_NS}_results_rejected_total",
+    "Worker results refused as malformed (not finite, wrong length...).",
+    ["model"],
+    registry=REGISTRY,
 )

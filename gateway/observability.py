@@ -1,61 +1,65 @@
-"""What operators watch: ``/metrics`` (Prometheus, the gateway's own registry), ``/healthz``,
-the request-metrics middleware and the queue collector read at scrape time."""
+"""What operators watch: ``/metrics`` (Prometheus, the gateway's own registry), the probes
+``/healthz`` (liveness) and ``/readyz`` (readiness: the queue store answers and the gateway is
+not draining), and the request-metrics middleware."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics
-from gateway.queue import WorkQueue
+from gateway.store import QueueStore, StoreUnavailable
 
 router = APIRouter()
 
 
 @router.get("/metrics")
-async def prometheus(_: Request) -> Response:
+async def prometheus(request: Request) -> Response:
+    await update_queue_gauges(request.app.state.store)
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
     return {"status": "ok"}
 
 
-class QueueCollector(Collector):
-    """Queue depth, leases and live workers per model, read from the queue at scrape time."""
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 200 while the queue store answers and the gateway is not draining."""
+    draining = bool(getattr(request.app.state, "draining", False))
+    store_ok = await request.app.state.store.ping()
+    ok = store_ok and not draining
+    body = {"ready": ok, "queue_store": store_ok, "draining": draining}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
-    def __init__(self, queue: WorkQueue):
-        self.queue = queue
 
-    def collect(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(
-            "inference_gateway_queue_depth_items", "Inputs waiting for a worker.", labels=["model"]
+async def update_queue_gauges(store: QueueStore) -> None:
+    """Queue depth, leases and live workers per model, read from the store (on every replica
+    the same figures); ``inference_gateway_queue_store_up`` 0 when it cannot be read."""
+    try:
+        depth, leased, models = (
+            await store.depth(),
+            await store.leased(),
+            await store.available_models(),
         )
-        for model, n in self.queue.depth().items():
-            depth.add_metric([model], n)
-        yield depth
-        leased = GaugeMetricFamily(
-            "inference_gateway_items_leased",
-            "Inputs leased to workers, not yet answered.",
-            labels=["model"],
-        )
-        for model, n in self.queue.leased().items():
-            leased.add_metric([model], n)
-        yield leased
-        workers = GaugeMetricFamily(
-            "inference_gateway_workers", "Live workers per model.", labels=["model"]
-        )
-        for model, (_, n) in self.queue.available_models().items():
-            workers.add_metric([model], n)
-        yield workers
+    except StoreUnavailable:
+        metrics.STORE_UP.set(0)
+        return
+    metrics.STORE_UP.set(1)
+    for gauge, values in (
+        (metrics.QUEUE_DEPTH, depth),
+        (metrics.ITEMS_LEASED, leased),
+        (metrics.WORKERS, {m: n for m, (_, n) in models.items()}),
+    ):
+        gauge.clear()
+        for model, n in values.items():
+            gauge.labels(model).set(n)
 
 
 class RequestMetrics:

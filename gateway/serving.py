@@ -6,7 +6,10 @@ Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 from gateway import inputs, metrics
 from gateway.api_models import (
@@ -21,25 +24,32 @@ from gateway.api_models import (
     Usage,
 )
 from gateway.errors import APIError, item_error
-from gateway.queue import NoWorker, RequestTimeout, WorkQueue
 from gateway.settings import GatewaySettings
+from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from worker.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
 
 _TASK_NAMES = {"embed": "embeddings", "score": "scoring (return_logits, rerank)"}
+#: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
+QUEUE_FULL_RETRY_AFTER = 5
+
+#: Returns once the client has gone away (its connection closed).
+Disconnected = Callable[[], Awaitable[None]]
 
 
 class Serving:
-    """Runs client requests through ``queue``."""
+    """Runs client requests through the queue ``store``."""
 
-    def __init__(self, queue: WorkQueue, settings: GatewaySettings):
-        self.queue = queue
+    def __init__(self, store: QueueStore, settings: GatewaySettings):
+        self.store = store
         self.settings = settings
+        #: Client requests being served now (a draining gateway waits for them).
+        self.in_flight = 0
 
-    def check_model(self, model: str, task: Task) -> ModelAdvert | None:
+    async def check_model(self, model: str, task: Task) -> ModelAdvert | None:
         """The model's latest advert (None for a model declared with ``--model`` that no
         worker advertised yet). Raises APIError 404 for an unknown model, 400 for a model
         that does not serve ``task``."""
-        advert = self.queue.advert(model)
+        advert = await self.store.advert(model)
         if advert is None:
             if model in self.settings.models:
                 return None
@@ -59,19 +69,46 @@ class Serving:
             )
         return advert
 
-    async def run(self, specs: list[ItemSpec], field: str) -> list[ItemResult]:
-        """Queue ``specs`` (one request's inputs) and wait for every result, in order.
+    async def run(
+        self, specs: list[ItemSpec], field: str, disconnected: Disconnected | None = None
+    ) -> list[ItemResult]:
+        """Queue ``specs`` (one request's inputs) and wait for every result, in order. A
+        client that goes away (``disconnected`` returns) takes its inputs out of the queue.
 
-        Raises APIError 503 if no worker took any of them within the pickup timeout, 504 if
-        they were not all answered within the request timeout, and the error of the first
-        failed input (:func:`~gateway.errors.item_error`, naming ``field[index]``)."""
+        Raises APIError 429 (``Retry-After``) if the model's queue is full (nothing queued
+        then), 503 if no worker took any input within the pickup timeout, 504 if not all
+        were answered within the request timeout, and the error of the first failed input
+        (:func:`~gateway.errors.item_error`, naming ``field[index]``)."""
         model, task = specs[0].model, specs[0].task
-        metrics.ITEMS_ENQUEUED.labels(model, task).inc(len(specs))
-        items = self.queue.submit(specs)
         try:
-            results = await self.queue.wait(
-                items, self.settings.pickup_timeout_seconds, self.settings.request_timeout_seconds
+            request = await self.store.submit(specs)
+        except QueueFull as e:
+            metrics.QUEUE_FULL.labels(model).inc()
+            raise APIError(
+                429,
+                f"The queue of model '{model}' is full ({e.queued} inputs wait; the limit is "
+                f"{e.limit}). Try again later.",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
+            ) from None
+        metrics.ITEMS_ENQUEUED.labels(model, task).inc(len(specs))
+        self.in_flight += 1
+        waiting = asyncio.ensure_future(
+            self.store.wait(
+                request, self.settings.pickup_timeout_seconds, self.settings.request_timeout_seconds
             )
+        )
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            if watcher is not None:
+                await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():  # the client went away: its inputs leave the queue
+                    waiting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiting
+                    raise APIError(499, "The client closed the request.", code="client_closed")
+            results = waiting.result() if waiting.done() else await waiting
         except NoWorker:
             raise APIError(
                 503,
@@ -87,23 +124,31 @@ class Serving:
                 type="server_error",
                 code="timeout",
             ) from None
+        finally:
+            self.in_flight -= 1
+            if watcher is not None:
+                watcher.cancel()
+            if not waiting.done():
+                waiting.cancel()
         for index, res in enumerate(results):
             if res.error is not None:
                 raise item_error(res.error, field, index, len(results))
         return results
 
-    async def embeddings(self, req: EmbeddingRequest) -> EmbeddingResponse:
+    async def embeddings(
+        self, req: EmbeddingRequest, disconnected: Disconnected | None = None
+    ) -> EmbeddingResponse:
         """``POST /v1/embeddings``: vectors, or the selected logits with ``return_logits``."""
         task: Task = "embed" if req.return_logits is None else "score"
         specs = inputs.embedding_specs(req, task)
-        advert = self.check_model(req.model, task)
+        advert = await self.check_model(req.model, task)
         if task == "score":
             if req.dimensions is not None:
                 raise APIError(
                     400, "'dimensions' cannot be combined with 'return_logits'.", param="dimensions"
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
-        results = await self.run(specs, "input")
+        results = await self.run(specs, "input", disconnected)
         data = []
         for i, res in enumerate(results):
             assert res.vector_b64 is not None
@@ -115,9 +160,11 @@ class Serving:
             data.append(EmbeddingData(index=i, embedding=emb))
         return EmbeddingResponse(data=data, model=req.model, usage=_usage(results))
 
-    async def rerank(self, req: RerankRequest) -> RerankResponse:
+    async def rerank(
+        self, req: RerankRequest, disconnected: Disconnected | None = None
+    ) -> RerankResponse:
         """``POST /v1/rerank``: documents sorted by P(true token), cut to ``top_n``."""
-        advert = self.check_model(req.model, "score")
+        advert = await self.check_model(req.model, "score")
         if advert is None or advert.rerank is None:
             raise APIError(
                 503,
@@ -125,7 +172,7 @@ class Serving:
                 type="server_error",
                 code="no_worker_available",
             )
-        results = await self.run(inputs.rerank_specs(req, advert.rerank), "documents")
+        results = await self.run(inputs.rerank_specs(req, advert.rerank), "documents", disconnected)
         scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
         data = [
@@ -138,9 +185,10 @@ class Serving:
         ]
         return RerankResponse(model=req.model, data=data, usage=_usage(results))
 
-    def models(self) -> ModelList:
+    async def models(self) -> ModelList:
         """``GET /v1/models``: models with a live worker, with what the workers advertise."""
         now = int(time.time())
+        available = await self.store.available_models()
         return ModelList(
             data=[
                 ModelCard(
@@ -152,7 +200,7 @@ class Serving:
                     checkpoint_name=adv.checkpoint_name,
                     description=adv.description,
                 )
-                for name, (adv, n) in sorted(self.queue.available_models().items())
+                for name, (adv, n) in sorted(available.items())
             ]
         )
 

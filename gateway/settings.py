@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 def _setting(
@@ -62,7 +62,48 @@ class GatewaySettings(BaseModel):
     worker_ttl_seconds: float = _setting(
         30.0, "--worker-ttl", "a worker counts as live this long after its last pull", gt=0
     )
+    queue_url: str = _setting(
+        "memory",
+        "--queue-url",
+        "the queue store: 'memory' (in this process, the default) or a Redis URL "
+        "(redis://[:password@]host:port/db, rediss:// for TLS) shared by gateway replicas",
+    )
+    queue_password_file: str | None = _setting(
+        None, "--queue-password-file", "a file holding the Redis password (wins over the URL's)"
+    )
+    max_queued_inputs: int = _setting(
+        50_000,
+        "--max-queued-inputs",
+        "inputs that may wait per model and task; a request that would pass it gets 429 "
+        "and nothing of it is queued",
+        ge=1,
+    )
+    drain_timeout_seconds: float = _setting(
+        30.0,
+        "--drain-timeout",
+        "after SIGTERM: seconds to keep serving workers and waiting clients (readiness 503, "
+        "no new client requests) before exiting",
+        ge=0,
+    )
     log_level: str = _setting("info", "--log-level", "uvicorn's log level", env="LOG_LEVEL")
+
+    @field_validator("queue_url")
+    @classmethod
+    def _known_store(cls, url: str) -> str:
+        if url != "memory" and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected 'memory' or a Redis URL (redis://, rediss://, unix://)")
+        return url
+
+    @field_validator("queue_password_file")
+    @classmethod
+    def _readable(cls, path: str | None) -> str | None:
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"cannot read {path}: {e}") from None
+        return path
 
 
 def _env_name(name: str, extra: dict[str, Any]) -> str:

@@ -1,0 +1,331 @@
+"""The in-memory queue store: the embedded default, one gateway process, no extra server.
+
+Per-(model, task) FIFO queues with leases (visibility timeouts) and long polling. A pulled
+input is leased for ``lease_seconds``; without a result in time the lease expires and the
+input goes back to the front of its queue for another attempt. The first result wins; after
+``max_attempts`` deliveries without one (or with only retryable errors) the input is
+dead-lettered: its client gets ``max_attempts_exceeded``. Everything is lost with the process:
+for replicas and restarts use :class:`gateway.redis_store.RedisStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gateway import metrics
+from gateway.store import (
+    Completion,
+    QueueFull,
+    QueueStore,
+    Request,
+    check_result,
+    dead_letter,
+)
+from worker.protocol import ItemResult, ItemSpec, ModelAdvert, WorkItem
+
+
+@dataclass(eq=False)
+class Item:
+    """One input waiting for, or leased to, a worker."""
+
+    item_id: str
+    spec: ItemSpec
+    future: asyncio.Future[ItemResult]
+    enqueued_at: float = 0.0
+    attempt: int = 0
+    lease_id: str | None = None
+    lease_deadline: float = 0.0
+    worker_id: str | None = None
+    est_tokens: int = 1
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+
+@dataclass
+class _WorkerSeen:
+    adverts: list[ModelAdvert]
+    last_seen: float
+    pulls_open: int = 0
+
+
+class MemoryStore(QueueStore):
+    """:class:`~gateway.store.QueueStore` in this process. Every method runs on the event loop
+    thread and never blocks; ``clock`` (seconds) drives leases and worker liveness (tests
+    give one they advance); long polls wait in real time."""
+
+    def __init__(
+        self,
+        *,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        worker_ttl_seconds: float = 30.0,
+        max_queued: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__(
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+            worker_ttl_seconds=worker_ttl_seconds,
+            max_queued=max_queued,
+        )
+        self._clock = clock
+        #: Waiting inputs per (model, task), in order; O(1) removal from anywhere.
+        self._pending: dict[tuple[str, str], OrderedDict[str, Item]] = {}
+        self._items: dict[str, Item] = {}
+        self._leased: dict[str, Item] = {}
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._workers: dict[str, _WorkerSeen] = {}
+        self._adverts: dict[str, ModelAdvert] = {}  # latest advert per model name
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        async def reap_forever() -> None:
+            while True:
+                await asyncio.sleep(min(0.5, self.lease_seconds / 4))
+                await self.reap()
+
+        self._reaper = asyncio.create_task(reap_forever(), name="memory-store-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+
+    # --- client side --------------------------------------------------------------------
+    async def submit(self, specs: list[ItemSpec]) -> Request:
+        model, task = specs[0].model, specs[0].task
+        waiting = self._waiting(model)
+        if waiting + len(specs) > self.max_queued:
+            raise QueueFull(model, waiting, self.max_queued)
+        loop = asyncio.get_running_loop()
+        now = self._clock()
+        queue = self._pending.setdefault((model, task), OrderedDict())
+        items = []
+        for spec in specs:
+            item = Item(
+                uuid.uuid4().hex,
+                spec,
+                loop.create_future(),
+                enqueued_at=now,
+                est_tokens=spec.estimate_tokens(),
+            )
+            self._items[item.item_id] = item
+            queue[item.item_id] = item
+            items.append(item)
+        self._wake()
+        return Request(model, task, [i.item_id for i in items], [i.future for i in items])
+
+    def _waiting(self, model: str) -> int:
+        return sum(len(q) for (m, _), q in self._pending.items() if m == model)
+
+    async def cancel(self, request: Request) -> None:
+        for item_id in request.item_ids:
+            item = self._items.pop(item_id, None)
+            if item is None:
+                continue
+            self._leased.pop(item_id, None)
+            self._pending.get((item.model, item.task), OrderedDict()).pop(item_id, None)
+            if not item.future.done():
+                item.future.cancel()
+
+    async def any_taken(self, request: Request) -> bool:
+        for item_id, future in zip(request.item_ids, request.futures, strict=True):
+            item = self._items.get(item_id)
+            if future.done() or (item is not None and item.attempt > 0):
+                return True
+        return False
+
+    # --- worker side --------------------------------------------------------------------
+    async def pull(
+        self,
+        worker_id: str,
+        adverts: list[ModelAdvert],
+        max_items: int,
+        wait_seconds: float,
+        max_tokens: int | None = None,
+    ) -> list[WorkItem]:
+        seen = self._workers.setdefault(worker_id, _WorkerSeen(adverts, self._clock()))
+        seen.adverts = adverts
+        seen.last_seen = self._clock()
+        for adv in adverts:
+            self._adverts[adv.name] = adv
+        keys = [(a.name, t) for a in adverts for t in a.tasks]
+        deadline = time.monotonic() + wait_seconds  # long polling runs in real time
+        seen.pulls_open += 1
+        try:
+            while True:
+                await self.reap()
+                leased = self._take(worker_id, keys, max_items, max_tokens)
+                remaining = deadline - time.monotonic()
+                if leased or remaining <= 0:
+                    return leased
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.add(waiter)
+                try:
+                    await asyncio.wait_for(waiter, timeout=min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    self._waiters.discard(waiter)
+        finally:
+            seen.pulls_open -= 1
+            seen.last_seen = self._clock()
+
+    def _take(
+        self,
+        worker_id: str,
+        keys: Sequence[tuple[str, str]],
+        max_items: int,
+        max_tokens: int | None,
+    ) -> list[WorkItem]:
+        """Lease inputs round-robin across ``keys``: up to ``max_items``, and no more estimated
+        tokens than ``max_tokens`` (at least one input)."""
+        out: list[WorkItem] = []
+        now = self._clock()
+        tokens = 0
+        budget = max_tokens if max_tokens is not None else float("inf")
+        progress = True
+        while len(out) < max_items and tokens < budget and progress:
+            progress = False
+            for key in keys:
+                queue = self._pending.get(key)
+                if not queue:
+                    continue
+                item = next(iter(queue.values()))
+                if out and tokens + item.est_tokens > budget:
+                    continue  # does not fit this pull; first in line next time
+                del queue[item.item_id]
+                out.append(self._lease(item, worker_id, now))
+                tokens += item.est_tokens
+                progress = True
+                if len(out) >= max_items or tokens >= budget:
+                    break
+        return out
+
+    def _lease(self, item: Item, worker_id: str, now: float) -> WorkItem:
+        item.attempt += 1
+        item.lease_id = uuid.uuid4().hex[:16]
+        item.lease_deadline = now + self.lease_seconds
+        item.worker_id = worker_id
+        self._leased[item.item_id] = item
+        if item.attempt == 1:
+            metrics.QUEUE_WAIT.labels(item.model).observe(now - item.enqueued_at)
+        else:
+            metrics.REDELIVERIES.labels(item.model).inc()
+        return WorkItem(
+            item_id=item.item_id,
+            lease_id=item.lease_id,
+            lease_seconds=self.lease_seconds,
+            attempt=item.attempt,
+            est_tokens=item.est_tokens,
+            **dict(item.spec),
+        )
+
+    async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
+        done = Completion()
+        for res in results:
+            item = self._items.get(res.item_id)
+            if item is None or item.future.done():
+                done.ignored += 1
+                continue
+            checked = check_result(res, item.spec)
+            if checked is not res:
+                done.rejected += 1
+            if checked.error is not None and checked.error.retryable:
+                if item.lease_id != res.lease_id:
+                    done.ignored += 1  # a stale lease: the input is with another worker
+                    continue
+                # Another worker may succeed; after the last attempt: the dead letter.
+                self._requeue(item, last_error=checked.error.message)
+                done.accepted += checked is res
+                continue
+            self._finish(item, checked)
+            done.accepted += 1
+        return done
+
+    async def release(
+        self, worker_id: str, leases: list[tuple[str, str]], count_attempt: bool = False
+    ) -> int:
+        n = 0
+        for item_id, lease_id in leases:
+            item = self._leased.get(item_id)
+            current = item is not None and item.lease_id == lease_id
+            if item is not None and current and item.worker_id == worker_id:
+                if not count_attempt:
+                    item.attempt -= 1
+                self._requeue(item)
+                n += 1
+        return n
+
+    async def reap(self) -> None:
+        now = self._clock()
+        expired = [i for i in self._leased.values() if i.lease_deadline <= now]
+        for item in expired:
+            metrics.LEASES_EXPIRED.labels(item.model).inc()
+            self._requeue(item)
+
+    def _requeue(self, item: Item, last_error: str | None = None) -> None:
+        """Back to the front of its queue for another attempt, or, out of attempts, the
+        dead letter."""
+        self._leased.pop(item.item_id, None)
+        item.lease_id = None
+        item.worker_id = None
+        if item.attempt >= self.max_attempts:
+            self._finish(item, dead_letter(item.item_id, item.attempt, last_error))
+            metrics.DEAD_LETTERS.labels(item.model).inc()
+            return
+        queue = self._pending.setdefault((item.model, item.task), OrderedDict())
+        queue[item.item_id] = item
+        queue.move_to_end(item.item_id, last=False)
+        self._wake()
+
+    def _finish(self, item: Item, result: ItemResult) -> None:
+        self._items.pop(item.item_id, None)
+        self._leased.pop(item.item_id, None)
+        self._pending.get((item.model, item.task), OrderedDict()).pop(item.item_id, None)
+        if not item.future.done():
+            item.future.set_result(result)
+
+    def _wake(self) -> None:
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
+        self._waiters.clear()
+
+    # --- views --------------------------------------------------------------------------
+    async def depth(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (model, _), queue in self._pending.items():
+            if queue:
+                out[model] = out.get(model, 0) + len(queue)
+        return out
+
+    async def leased(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for item in self._leased.values():
+            out[item.model] = out.get(item.model, 0) + 1
+        return out
+
+    async def available_models(self) -> dict[str, tuple[ModelAdvert, int]]:
+        now = self._clock()
+        out: dict[str, tuple[ModelAdvert, int]] = {}
+        for w in self._workers.values():
+            if w.pulls_open > 0 or now - w.last_seen <= self.worker_ttl:
+                for adv in w.adverts:
+                    _, n = out.get(adv.name, (adv, 0))
+                    out[adv.name] = (adv, n + 1)
+        return out
+
+    async def advert(self, model: str) -> ModelAdvert | None:
+        return self._adverts.get(model)

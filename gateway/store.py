@@ -1,0 +1,243 @@
+"""The queue store: where client inputs wait for workers, behind one interface.
+
+Two backends implement :class:`QueueStore`:
+
+- :class:`gateway.memory_store.MemoryStore` — in this process (the default; one gateway);
+- :class:`gateway.redis_store.RedisStore` — Redis >= 7 Streams with a consumer group, shared
+  by any number of stateless gateway replicas (``--queue-url redis://...``).
+
+Both give queue protocol v1's guarantees (``docs/queue-protocol.md``): leases with redelivery,
+idempotent results, release to the front, the dead letter, long polling. What differs is where
+the state lives; ``docs/queue-protocol.md`` ("Queue store") says what survives which failure.
+
+Common to both (this module): the client side of a request — futures per input resolved by
+the store, the pickup and request timeouts — and the checks of a worker's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from worker.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, WorkItem
+
+
+class NoWorker(Exception):
+    """No worker leased any of the request's inputs within the pickup timeout."""
+
+
+class RequestTimeout(Exception):
+    """Workers took the request but did not answer all of it within the request timeout."""
+
+
+class QueueFull(Exception):
+    """Enqueueing the request would put more than the per-model limit of inputs in the queue;
+    nothing of it was enqueued."""
+
+    def __init__(self, model: str, queued: int, limit: int):
+        super().__init__(f"{queued} inputs wait for '{model}' (limit {limit})")
+        self.model, self.queued, self.limit = model, queued, limit
+
+
+class StoreUnavailable(Exception):
+    """The store (Redis) cannot be reached right now."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One client request's inputs in the store: their ids (in input order) and the futures
+    the store resolves with their results."""
+
+    model: str
+    task: str
+    item_ids: list[str]
+    futures: list[asyncio.Future[ItemResult]]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Completion:
+    """What ``POST /queue/v1/results`` did with a batch of results."""
+
+    accepted: int = 0
+    #: Already answered, cancelled, unknown, or a retryable error from a lease not current.
+    ignored: int = 0
+    #: Malformed (not finite, wrong length, bad base64): treated as a retryable failure.
+    rejected: int = 0
+
+
+def check_result(result: ItemResult, spec: ItemSpec) -> ItemResult:
+    """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
+    a vector must be base64 of whole little-endian float32s, all finite, of the expected
+    length (``dimensions`` when set; ``len(return_logits)`` for scores)."""
+    if result.error is not None:
+        return result
+    why = None
+    if result.vector_b64 is None:
+        why = "a result without a vector or an error"
+    else:
+        try:
+            raw = base64.b64decode(result.vector_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+        if raw is None or len(raw) % 4 or not raw:
+            why = "the vector is not base64 of whole float32 values"
+        else:
+            vec = np.frombuffer(raw, dtype="<f4")
+            want = len(spec.return_logits or []) if spec.task == "score" else spec.dimensions
+            if want is not None and vec.size != want:
+                why = f"the vector has {vec.size} values, {want} were asked for"
+            elif not np.isfinite(vec).all():
+                why = "the vector has values that are not finite"
+    if why is None:
+        return result
+    return ItemResult(
+        item_id=result.item_id,
+        lease_id=result.lease_id,
+        error=ItemError(
+            code=ErrorCode.INTERNAL_ERROR,
+            message=f"the worker sent a bad result: {why}",
+            retryable=True,
+        ),
+    )
+
+
+def dead_letter(item_id: str, attempts: int, last_error: str | None = None) -> ItemResult:
+    """The answer of an item out of attempts: ``max_attempts_exceeded``."""
+    message = f"the input was delivered to workers {attempts} times without a result"
+    if last_error is not None:
+        message += f" (the last attempt failed: {last_error})"
+    return ItemResult(
+        item_id=item_id,
+        lease_id="",
+        error=ItemError(code=ErrorCode.MAX_ATTEMPTS_EXCEEDED, message=message + "; giving up"),
+    )
+
+
+class QueueStore(ABC):
+    """Where inputs wait: the client side (:meth:`submit`, :meth:`wait`, :meth:`cancel`), the
+    worker side (:meth:`pull`, :meth:`complete`, :meth:`release`), and the views behind
+    ``/metrics`` and ``/v1/models``. All methods are coroutines of the event loop; store
+    errors surface as :class:`StoreUnavailable`."""
+
+    def __init__(
+        self, *, lease_seconds: float, max_attempts: int, worker_ttl_seconds: float, max_queued: int
+    ) -> None:
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.worker_ttl = worker_ttl_seconds
+        #: Inputs that may wait per model; more is a :class:`QueueFull`.
+        self.max_queued = max_queued
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:  # noqa: B027 - a no-op unless the store has tasks
+        """Connect and start background tasks (reaper, reply reader)."""
+
+    async def close(self) -> None:  # noqa: B027 - a no-op unless the store has tasks
+        """Stop background tasks and disconnect."""
+
+    async def ping(self) -> bool:
+        """True while the store is reachable (gateway readiness)."""
+        return True
+
+    # --- client side --------------------------------------------------------------------
+    @abstractmethod
+    async def submit(self, specs: list[ItemSpec]) -> Request:
+        """Enqueue one request's inputs (one model and task), all or none. Raises
+        :class:`QueueFull` over the per-model limit."""
+
+    @abstractmethod
+    async def cancel(self, request: Request) -> None:
+        """Take the request's unanswered inputs out of the queue at once (nobody waits)."""
+
+    @abstractmethod
+    async def any_taken(self, request: Request) -> bool:
+        """True once a worker has leased any of the request's inputs."""
+
+    async def wait(
+        self, request: Request, pickup_timeout: float, request_timeout: float
+    ) -> list[ItemResult]:
+        """Every input's result, in order.
+
+        Raises :class:`NoWorker` if none of the inputs was leased within ``pickup_timeout``
+        seconds, :class:`RequestTimeout` if not all were answered within ``request_timeout``
+        (from the start); both cancel the request's remaining inputs, as does cancelling the
+        wait itself (a client that went away)."""
+        futures = request.futures
+        start = time.monotonic()
+        try:
+            _, pending = await asyncio.wait(futures, timeout=pickup_timeout)
+            if pending and not await self._taken_or_unknown(request):
+                raise NoWorker()
+            if pending:
+                left = max(0.0, request_timeout - (time.monotonic() - start))
+                _, pending = await asyncio.wait(pending, timeout=left)
+                if pending:
+                    raise RequestTimeout()
+        except BaseException:
+            await asyncio.shield(self.cancel(request))
+            raise
+        return [f.result() for f in futures]
+
+    async def _taken_or_unknown(self, request: Request) -> bool:
+        """:meth:`any_taken`, but True while the store cannot tell (unreachable): a request
+        is not failed for want of an answer the store will give once it is back."""
+        try:
+            return await self.any_taken(request)
+        except StoreUnavailable:
+            return True
+
+    # --- worker side --------------------------------------------------------------------
+    @abstractmethod
+    async def pull(
+        self,
+        worker_id: str,
+        adverts: list[ModelAdvert],
+        max_items: int,
+        wait_seconds: float,
+        max_tokens: int | None = None,
+    ) -> list[WorkItem]:
+        """Lease up to ``max_items`` inputs (and about ``max_tokens`` estimated tokens, at least
+        one) of the advertised models and tasks: at once when work waits, else after up to
+        ``wait_seconds`` (long polling), possibly none. Registers the worker."""
+
+    @abstractmethod
+    async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
+        """Record results (checked by :func:`check_result`). The first result for an item
+        wins; a retryable error counts only from the item's current lease and redelivers it
+        (or dead-letters it on its last attempt)."""
+
+    @abstractmethod
+    async def release(
+        self, worker_id: str, leases: list[tuple[str, str]], count_attempt: bool = False
+    ) -> int:
+        """Hand leased inputs back to the front at once; see ``ReleaseRequest``."""
+
+    @abstractmethod
+    async def reap(self) -> None:
+        """Requeue inputs whose lease expired; dead-letter those out of attempts."""
+
+    # --- views --------------------------------------------------------------------------
+    @abstractmethod
+    async def depth(self) -> dict[str, int]:
+        """Inputs waiting for a worker, per model."""
+
+    @abstractmethod
+    async def leased(self) -> dict[str, int]:
+        """Inputs leased to workers and not answered, per model."""
+
+    @abstractmethod
+    async def available_models(self) -> dict[str, tuple[ModelAdvert, int]]:
+        """Model name -> (latest advert, live workers), for workers that pulled within the
+        worker TTL or are pulling now."""
+
+    @abstractmethod
+    async def advert(self, model: str) -> ModelAdvert | None:
+        """The latest advert of ``model`` by any worker, or None."""
