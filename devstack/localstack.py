@@ -89,15 +89,86 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _spawn(
-    cmd: list[str], log_path: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+#: Every process this harness started, in order (see :func:`leftovers`).
+_STARTED: list[Proc] = []
+
+
+def start(
+    cmd: list[str],
+    log_path: Path,
+    *,
+    url: str = "",
+    ready: str | None = None,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Proc:
+    """Start ``cmd`` in a process group of its own, output to ``log_path``; if ``ready`` is a
+    URL, wait until it answers 200. A process that does not get ready is stopped (its whole
+    group) before the error is raised, so a failed start leaves nothing behind."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    out = open(log_path, "ab")  # noqa: SIM115 - owned by the child
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-    )
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+    proc = Proc(popen, log_path, url=url, extra=extra or {})
+    _STARTED.append(proc)
+    if ready is not None:
+        try:
+            wait_http(ready, proc, timeout)
+        except BaseException:
+            proc.stop(10)
+            raise
+    return proc
+
+
+def start_redis(log_dir: Path, *, port: int | None = None, appendonly: bool = True) -> Proc:
+    """``redis-server`` (Debian's package) on 127.0.0.1 with its data in ``log_dir`` (AOF on
+    unless told otherwise), waited for until it answers PING. ``url`` is its redis:// URL."""
+    import shutil
+
+    import redis
+
+    binary = shutil.which("redis-server")
+    assert binary, "install Debian's redis-server (make test does)"
+    port = port or free_port()
+    data = log_dir / f"redis-{port}"
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data),
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--save",
+        "",
+        "--protected-mode",
+        "no",
+    ]
+    proc = start(cmd, data / "redis.log", url=f"redis://127.0.0.1:{port}/0")
+    deadline = time.monotonic() + 30
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                proc.stop(5)
+                raise RuntimeError(f"redis-server did not start:\n{proc.log_tail()}") from None
+            time.sleep(0.05)
+    client.close()
+    return proc
+
+
+def leftovers() -> list[Proc]:
+    """Processes this harness started that are still running."""
+    return [p for p in _STARTED if p.popen.poll() is None]
 
 
 def wait_http(url: str, proc: Proc, timeout: float, ok: int = 200) -> None:
@@ -115,30 +186,28 @@ def wait_http(url: str, proc: Proc, timeout: float, ok: int = 200) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s:\n{proc.log_tail()}")
 
 
-def start_gateway(log_dir: Path, *, port: int | None = None, args: list[str] | None = None) -> Proc:
-    """``inference-gateway`` on 127.0.0.1 with :data:`API_KEY` and :data:`WORKER_TOKEN`."""
+def start_gateway(
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """``inference-gateway`` on 127.0.0.1 with :data:`API_KEY` and :data:`WORKER_TOKEN` (in
+    ``GATEWAY_API_KEYS`` / ``GATEWAY_WORKER_TOKENS``, as in production); ``env`` adds or
+    overrides variables."""
     port = port or free_port()
-    cmd = [
-        _bin("inference-gateway"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        "--worker-token",
-        WORKER_TOKEN,
-        "--log-level",
-        "warning",
-        *(args or []),
-    ]
-    proc = Proc(
-        _spawn(cmd, log_dir / f"gateway-{port}.log"),
-        log_dir / f"gateway-{port}.log",
-        url=f"http://127.0.0.1:{port}",
+    cmd = [_bin("inference-gateway"), "--host", "127.0.0.1", "--port", str(port), *(args or [])]
+    env = {
+        "GATEWAY_API_KEYS": API_KEY,
+        "GATEWAY_WORKER_TOKENS": WORKER_TOKEN,
+        "LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    url = f"http://127.0.0.1:{port}"
+    return start(
+        cmd, log_dir / f"gateway-{port}.log", url=url, ready=url + "/healthz", timeout=30, env=env
     )
-    wait_http(proc.url + "/healthz", proc, 30)
-    return proc
 
 
 def worker_config(
@@ -212,19 +281,16 @@ def start_worker(
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(config_text)
     port = Config.model_validate(tomllib.loads(config_text)).monitoring.metrics_port
-    proc = Proc(
-        _spawn(
-            [_bin("inference-worker"), "--config", str(cfg)],
-            log_dir / f"{name}.log",
-            env={"INFERENCE_WORKER_QUEUE_TOKEN": WORKER_TOKEN, **(env or {})},
-        ),
+    url = f"http://127.0.0.1:{port}"
+    return start(
+        [_bin("inference-worker"), "--config", str(cfg)],
         log_dir / f"{name}.log",
-        url=f"http://127.0.0.1:{port}",
+        url=url,
+        ready=url + "/readyz" if wait else None,
+        timeout=timeout,
+        env={"INFERENCE_WORKER_QUEUE_TOKEN": WORKER_TOKEN, **(env or {})},
         extra={"config": cfg},
     )
-    if wait:
-        wait_http(proc.url + "/readyz", proc, timeout)
-    return proc
 
 
 def start_vllm_serve(
@@ -256,14 +322,8 @@ def start_vllm_serve(
         "--disable-uvicorn-access-log",
         *args,
     ]
-    log = log_dir / f"{name}.log"
-    proc = Proc(_spawn(cmd, log), log, url=f"http://127.0.0.1:{port}")
-    try:
-        wait_http(proc.url + "/health", proc, timeout)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    url = f"http://127.0.0.1:{port}"
+    return start(cmd, log_dir / f"{name}.log", url=url, ready=url + "/health", timeout=timeout)
 
 
 #: The STS benchmark (English dev and train splits) carried by this repository, with its

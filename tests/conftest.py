@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from devstack import localstack as ls
+from tests.support import metric
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +23,9 @@ MODEL = "all-minilm-l6-v2"
 #: The test worker declares these matryoshka sizes (vLLM hf_overrides) so `dimensions` can
 #: be exercised; any other size must be refused.
 MATRYOSHKA = [128, 256, 384]
+
+
+__all__ = ["metric"]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +53,34 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def redis_server(stack_dir: Path) -> Iterator[ls.Proc]:
+    """A real ``redis-server`` (AOF on) on a free loopback port for the session."""
+    proc = ls.start_redis(stack_dir)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.slow)])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Runs a test against both queue stores (the Redis one on a real, emptied server)."""
+    kind: str = request.param
+    if kind == "redis":
+        import redis
+
+        server = request.getfixturevalue("redis_server")
+        redis.Redis.from_url(server.url).flushall()
+        request.node.redis_url = server.url
+    return kind
+
+
+@pytest.fixture
+def redis_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
+    return getattr(request.node, "redis_url", None)
 
 
 @pytest.fixture(scope="session")
@@ -140,16 +172,26 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(unit(a) * unit(b), axis=-1)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` (exact family sample name) in a /metrics text whose
-    labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every process the tests started must be gone when the session ends (their fixtures stop
+    them, also after a failure). Anything left is killed, named, and fails the run."""
+    import psutil
+
+    left = [f"{p.popen.args!r} (pid {p.pid})" for p in ls.leftovers()]
+    for p in ls.leftovers():
+        p.stop(timeout=5)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
             continue
-        head, value = line.rsplit(" ", 1)
-        if head != name and not head.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
+        if "multiprocessing.resource_tracker" in cmd:
+            continue  # Python's own helper, ends with this process
+        left.append(f"{cmd[:200]} (pid {child.pid})")
+        child.kill()
+    if left:
+        print(
+            "\nprocesses still running at the end of the session (killed now):\n  "
+            + "\n  ".join(left)
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -136,6 +136,47 @@ def test_custom_resources_point_at_real_objects(overlay):
     assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_replicas_share_a_persistent_redis(overlay):
+    """components/redis: 2+ gateway replicas rolled one by one, a PDB, readiness on the store,
+    the queue URL and password file pointing at the Redis StatefulSet (AOF on), whose Service
+    selects it; the KEDA query takes ``max`` over replicas (store-wide gauges)."""
+    docs = render(overlay)
+    gw = _one(docs, "Deployment", "inference-gateway")
+    spec = gw["spec"]
+    assert spec["replicas"] >= 2 and spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    redis = _one(docs, "StatefulSet", "inference-redis")
+    rsvc = _one(docs, "Service", "inference-redis")
+    assert env["GATEWAY_QUEUE_URL"] == f"redis://{rsvc['metadata']['name']}:6379/0"
+    assert (
+        rsvc["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    )
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    secret_vol = mounts[str(Path(env["GATEWAY_QUEUE_PASSWORD_FILE"]).parent)]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    secret = _one(docs, "Secret", "inference-redis")
+    assert vols[secret_vol]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert "password" in secret["stringData"]
+    args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--appendonly yes" in args and "requirepass" in args
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    pdb = _one(docs, "PodDisruptionBudget", "inference-gateway")
+    assert pdb["spec"]["minAvailable"] >= 1
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items()
+        <= spec["template"]["metadata"]["labels"].items()
+    )
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > 30  # the gateway's default --drain-timeout
+    query = _one(docs, "ScaledObject", "inference-worker")["spec"]["triggers"][0]["metadata"]
+    assert "sum(inference_gateway" not in query["query"] and "max(" in query["query"]
+
+
 def test_alerting_rules_pass_promtool():
     r = subprocess.run(
         [_tool("promtool"), "check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],

@@ -4,6 +4,8 @@ keeps the model's quality, and a causal LM serves as an embedding model (last-to
 
 from __future__ import annotations
 
+import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +24,11 @@ PHARIA = REPO / "configs" / "pharia-qwen3-embedding-8b.toml"
 PHARIA_MODEL = "qwen3-embedding-8b"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pharia_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
     """The example with only ``model_path`` (a tiny Qwen3, the architecture of
-    Qwen3-Embedding) and ``url`` changed: no dtype, no gpu_memory_utilization."""
+    Qwen3-Embedding) and ``url`` changed: no dtype, no gpu_memory_utilization. Logs as JSON
+    lines (``LOG_FORMAT=json``)."""
     original = PHARIA.read_text()
     text = original.replace(
         'model_path = "/path/to/weights/Qwen/Qwen3-Embedding-8B"', f'model_path = "{tiny_path}"'
@@ -37,9 +40,11 @@ def pharia_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
         (a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b
     ]
     assert len(changed) == 2 and len(original.splitlines()) == len(text.splitlines())
-    proc = ls.start_worker(text, stack_dir, "pharia-worker")
-    yield proc
-    assert proc.stop() == 0, proc.log_tail()
+    proc = ls.start_worker(text, stack_dir, "pharia-worker", env={"LOG_FORMAT": "json"})
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 class LastTokenReference:
@@ -63,12 +68,23 @@ class LastTokenReference:
         return unit(np.array(out))
 
 
+def json_log(proc: ls.Proc) -> list[dict[str, str]]:
+    """The worker's log, every line a JSON object (``LOG_FORMAT=json``; fails otherwise)."""
+    return [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.strip()]
+
+
 def test_pharia_example_serves_on_this_cpu_host(gateway, pharia_worker, tiny_path, stsb_sentences):
-    log = pharia_worker.log_path.read_text()
+    """Also: a causal LM served as an embedding model (last-token pooling, against
+    transformers), JSON log lines, the 400 for ``dimensions`` on a model without matryoshka
+    support, and SIGINT draining like SIGTERM."""
+    messages = [r["message"] for r in json_log(pharia_worker)]
+    assert all(
+        {"asctime", "levelname", "name", "message"} <= r.keys() for r in json_log(pharia_worker)
+    )
     auto = choose_dtype(CpuInfo.read())[0]
-    assert f"dtype = auto on this CPU host: using {auto}" in log
-    assert "gpu_memory_utilization not set: using 0." in log
-    assert "of NUMA node" in log and "GiB available now" in log
+    assert any(m.startswith(f"dtype = auto on this CPU host: using {auto}") for m in messages)
+    memory = [m for m in messages if m.startswith("gpu_memory_utilization not set: using 0.")]
+    assert memory and "of NUMA node" in memory[0] and "GiB available now" in memory[0]
 
     from openai import OpenAI
 
@@ -85,6 +101,18 @@ def test_pharia_example_serves_on_this_cpu_host(gateway, pharia_worker, tiny_pat
     assert cosine(got, want).min() >= (0.999 if auto == "float32" else 0.99)
     text = httpx.get(pharia_worker.url + "/metrics").text
     assert metric(text, "inference_worker_build_info", dtype=auto) == 1
+    r = httpx.post(
+        gateway.url + "/v1/embeddings",
+        headers={"Authorization": f"Bearer {ls.API_KEY}"},
+        json={"model": PHARIA_MODEL, "input": "x", "dimensions": 32},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_dimensions"
+    assert "matryoshka" in r.json()["error"]["message"].lower()
+    pharia_worker.signal(signal.SIGINT)
+    assert pharia_worker.popen.wait(60) == 0
+    assert "drained; exit code 0" in [r["message"] for r in json_log(pharia_worker)]
 
 
 def test_engine_that_cannot_start_says_why_in_one_line(gateway, stack_dir):

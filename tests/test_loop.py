@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from tests.support import FakeEngine, FaultyTransport, counter, worker_config
+from tests.support import FakeEngine, FaultyTransport, counter, wait_until, worker_config
 from worker import metrics
 from worker.config import Config, model_adverts
 from worker.health import Health
@@ -107,7 +107,7 @@ async def start_worker(gateway: FastAPI) -> AsyncIterator[Callable[..., Awaitabl
         running = Running(worker, engine, transport, asyncio.create_task(worker.run()))
         started.append(running)
         if registered:
-            await wait_until(lambda: gateway.state.queue.advert(MODEL) is not None)
+            await wait_until(lambda: _advertised(gateway))
         return running
 
     yield start
@@ -122,11 +122,8 @@ async def embed(client: httpx.AsyncClient, texts: list[str]) -> httpx.Response:
     return await client.post("/v1/embeddings", json={"model": MODEL, "input": texts})
 
 
-async def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+async def _advertised(gateway: FastAPI) -> bool:
+    return await gateway.state.store.advert(MODEL) is not None
 
 
 def vectors(r: httpx.Response) -> list[list[float]]:
@@ -209,33 +206,38 @@ async def test_drain_timeout_releases_unfinished_items_to_another_worker(
     t0 = time.monotonic()
     assert await first.stopped() == 0
     assert time.monotonic() - t0 < 2  # did not wait for the 30 s item
-    queue = gateway.state.queue
-    assert queue.depth() == {MODEL: 1} and queue.leased() == {}  # released, not leased
+    store = gateway.state.store
+    assert await store.depth() == {MODEL: 1} and await store.leased() == {}  # released, not leased
     second = await start_worker(engine=FakeEngine())
-    second.engine.run = first_engine_run_fast(second.engine)  # type: ignore[method-assign]
+    second.engine.run = harmless(second.engine)  # type: ignore[method-assign]
     assert len(vectors(await request)) == 1
     assert second.engine.runs == [("fast:stuck", 1)]  # the release counted no attempt
 
 
-def first_engine_run_fast(engine: FakeEngine) -> Any:
-    """The engine's run, with every ``slow:`` wait cut to nothing."""
+def harmless(engine: FakeEngine) -> Any:
+    """The engine's run with ``slow:<s>:x`` and ``die:x`` inputs run as a plain ``fast:x``."""
     original = engine.run
 
     async def run(item: Any, prompt: Any) -> Any:
         text = item.text or ""
-        if text.startswith("slow:"):
-            item = item.model_copy(update={"text": "fast:" + text.split(":", 2)[2]})
+        if text.startswith(("slow:", "die:")):
+            item = item.model_copy(update={"text": "fast:" + text.rsplit(":", 1)[1]})
         return await original(item, prompt)
 
     return run
 
 
-async def test_engine_death_stops_the_worker_with_exit_1(client, start_worker):
-    w = await start_worker()
-    request = asyncio.create_task(embed(client, ["die:now"]))
-    assert await asyncio.wait_for(w.task, 10) == 1
-    assert not w.worker.health.alive()
-    request.cancel()
+async def test_engine_death_exits_1_and_releases_with_the_attempt_counted(client, start_worker):
+    first = await start_worker()
+    request = asyncio.create_task(embed(client, ["die:now", "slow:0.5:bystander"]))
+    assert await asyncio.wait_for(first.task, 10) == 1
+    assert not first.worker.health.alive()
+    second = await start_worker(engine=FakeEngine())
+    second.engine.run = harmless(second.engine)  # type: ignore[method-assign]
+    assert len(vectors(await request)) == 2
+    # Released at once, and the death counted as an attempt of both (the queue cannot know
+    # which input killed the engine; one that kills every engine ends in the dead letter).
+    assert sorted(second.engine.runs) == [("fast:bystander", 2), ("fast:now", 2)]
 
 
 async def test_an_engine_that_dies_idle_is_noticed(start_worker):
@@ -251,7 +253,7 @@ async def test_queue_unreachable_then_back(client, start_worker, gateway):
     w.transport.fail["/queue/v1/pull"] = 3  # the client's 2 retries, then the loop backs off
     await wait_until(lambda: w.transport.calls.get("/queue/v1/pull", 0) >= 3)
     assert not w.worker.health.ready() and w.worker.health.alive()
-    await wait_until(lambda: gateway.state.queue.advert(MODEL) is not None)  # after its backoff
+    await wait_until(lambda: _advertised(gateway))  # after its backoff
     assert vectors(await embed(client, ["back"])) == [[4.0, 1.0]]
     assert w.worker.health.ready()
 
@@ -264,3 +266,41 @@ async def test_results_whose_post_fails_are_posted_again(client, start_worker):
     assert vectors(r) == [[12.0, 2.0]]
     assert w.transport.calls["/queue/v1/results"] == 4
     assert w.worker.in_flight == 0
+
+
+async def test_worker_metrics_move_as_documented(client, start_worker):
+    def read() -> dict[str, float]:
+        return {
+            "pulled": counter(metrics.ITEMS_PULLED, MODEL, "embed"),
+            "completed": counter(metrics.ITEMS_COMPLETED, MODEL, "embed"),
+            "failed": counter(metrics.ITEMS_FAILED, MODEL, "embed", "context_length_exceeded"),
+            "tokens": counter(metrics.PROMPT_TOKENS, MODEL, "embed"),
+            "batches": metrics.PULL_BATCH_SIZE._sum.get(),
+            "durations": sum(
+                b.get() for b in metrics.ITEM_DURATION.labels(MODEL, "embed")._buckets
+            ),
+            "retries": counter(metrics.QUEUE_RETRIES, "pull"),
+            "errors": counter(metrics.QUEUE_ERRORS, "pull", "ConnectError"),
+        }
+
+    w = await start_worker(registered=False)
+    w.transport.fail["/queue/v1/pull"] = 3  # 2 retries, then one failed pull
+    before = read()
+    await wait_until(w.worker.health.ready)
+    r = await embed(client, ["a b", "cc", "invalid:x"])
+    assert r.status_code == 400
+    await wait_until(lambda: w.worker.in_flight == 0)
+    after = read()
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta == {
+        "pulled": 3,
+        "completed": 2,
+        "failed": 1,
+        "tokens": 3 + 2,
+        "batches": 3,
+        "durations": 3,
+        "retries": 2,
+        "errors": 1,
+    }
+    assert metrics.ITEMS_IN_FLIGHT._value.get() == 0
+    assert metrics.QUEUE_REACHABLE._value.get() == 1

@@ -9,8 +9,11 @@ how many were lost (always asserted to be 0).
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -80,7 +83,15 @@ def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
         "w2",
         wait=False,
     )
-    seen = {"proc": w2, "tcp_port": tcp_port}
+    try:
+        yield _started_while_queue_down(w2, tcp_port, proxy)
+    finally:
+        w2.stop()
+
+
+def _started_while_queue_down(w2: ls.Proc, tcp_port: int, proxy: FaultInjectingProxy) -> dict:
+    """Wait for W2's engine while the queue is unreachable, note its probes, bring the queue up."""
+    seen: dict = {"proc": w2, "tcp_port": tcp_port}
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # engine loaded, queue still unreachable
         try:
@@ -104,8 +115,7 @@ def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
     )
     proxy.up()
     ls.wait_http(w2.url + "/readyz", w2, 60)
-    yield seen
-    w2.stop()
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -114,40 +124,48 @@ def w2(w2_start) -> ls.Proc:
 
 
 class Prometheus:
-    """A real Prometheus server on loopback scraping G2 and W2 every second, with the shipped
-    alerting rules loaded (their ``for:`` durations shortened to 3 s so tests stay short)."""
+    """A real Prometheus server on loopback scraping the gateway (job ``inference-gateway``)
+    and the workers (job ``inference-worker``, file-based discovery: :meth:`add_worker`) every
+    second, with the shipped alerting rules loaded (their ``for:`` durations shortened to 3 s
+    so tests stay short)."""
 
-    def __init__(self, targets: dict[str, str], workdir: Path):
-        import re
-
+    def __init__(self, gateway_url: str, workdir: Path):
         binary = shutil.which("prometheus")
         assert binary and shutil.which("promtool"), (
             "install Debian's prometheus package (make test does)"
         )
         rules = (REPO / "deploy" / "prometheus" / "alerts.yml").read_text()
         (workdir / "alerts.yml").write_text(re.sub(r"for: \d+m", "for: 3s", rules))
-        jobs = "".join(
-            f"""
-  - job_name: {job}
-    static_configs: [{{targets: ["{url.split("//")[1]}"]}}]"""
-            for job, url in targets.items()
-        )
+        self.workers_file = workdir / "workers.json"
+        self.workers: list[str] = []
+        self.workers_file.write_text("[]")
         (workdir / "prometheus.yml").write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            f"rule_files: [{workdir / 'alerts.yml'}]\nscrape_configs:{jobs}\n"
+            f"rule_files: [{workdir / 'alerts.yml'}]\n"
+            "scrape_configs:\n"
+            "  - job_name: inference-gateway\n"
+            f"    static_configs: [{{targets: ['{_host(gateway_url)}']}}]\n"
+            "  - job_name: inference-worker\n"
+            f"    file_sd_configs: [{{files: ['{self.workers_file}'], refresh_interval: 1s}}]\n"
         )
-        self.port = ls.free_port()
-        self.proc = subprocess.Popen(
+        port = ls.free_port()
+        self.proc = ls.start(
             [
                 binary,
                 f"--config.file={workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--web.listen-address=127.0.0.1:{port}",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            workdir / "prometheus.log",
+            ready=f"http://127.0.0.1:{port}/-/ready",
+            timeout=60,
         )
-        self.api = f"http://127.0.0.1:{self.port}/api/v1"
+        self.api = f"http://127.0.0.1:{port}/api/v1"
+
+    def add_worker(self, url: str) -> None:
+        """Scrape this worker too (as job ``inference-worker``, ``instance`` = host:port)."""
+        self.workers.append(_host(url))
+        self.workers_file.write_text(json.dumps([{"targets": self.workers}]))
 
     def query(self, q: str) -> float | None:
         try:
@@ -177,18 +195,21 @@ class Prometheus:
         return [a for a in alerts if a["state"] == "firing"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        self.proc.stop(30)
+
+
+def _host(url: str) -> str:
+    return url.split("//", 1)[1]
 
 
 @pytest.fixture(scope="module")
 def prom(g2, w2, tmp_path_factory) -> Iterator[Prometheus]:
-    p = Prometheus(
-        {"inference-gateway": g2.url, "inference-worker": w2.url},
-        tmp_path_factory.mktemp("prometheus"),
-    )
-    yield p
-    p.stop()
+    p = Prometheus(g2.url, tmp_path_factory.mktemp("prometheus"))
+    try:
+        p.add_worker(w2.url)
+        yield p
+    finally:
+        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +261,6 @@ def test_probes(w2):
 
 
 def test_tcp_probe_port_accepts_while_alive(w2_start):
-    import socket
 
     with socket.create_connection(("127.0.0.1", w2_start["tcp_port"]), timeout=2):
         pass
@@ -320,7 +340,7 @@ def test_queue_outage_of_30_s_mid_run(g2, w2, proxy, stsb_sentences, ops_ref):
 
     async def scenario() -> list[httpx.Response]:
         load = asyncio.create_task(_load(g2.url, batches, concurrency=30))
-        await asyncio.sleep(0.3)
+        await _in_flight(w2, 1)
         proxy.down()
         await asyncio.sleep(30)
         assert w2.popen.poll() is None
@@ -335,75 +355,108 @@ def test_queue_outage_of_30_s_mid_run(g2, w2, proxy, stsb_sentences, ops_ref):
     assert lost == 0
 
 
-def test_sigterm_during_load_drains_and_exits_0(g2, w2, stack_dir, stsb_sentences, ops_ref):
-    w3 = ls.start_worker(_ops_config(g2.url), stack_dir, "w3")  # takes over what W2 hands back
+async def _in_flight(worker: ls.Proc, n: int, timeout: float = 60) -> None:
+    """Wait until ``worker`` holds at least ``n`` items (its in-flight gauge)."""
+    deadline = time.monotonic() + timeout
+    while _metric(httpx.get(worker.url + "/metrics").text, "inference_worker_items_in_flight") < n:
+        assert time.monotonic() < deadline, f"{worker.url}: fewer than {n} items in flight"
+        await asyncio.sleep(0.05)
+
+
+def test_sigterm_drains_releases_the_rest_and_exits_0(
+    g2, w2, prom, stack_dir, stsb_sentences, ops_ref
+):
+    """SIGTERM under load: the worker stops pulling, finishes what it can within its drain
+    timeout (0.5 s here, with 512 items in flight), releases the rest at once (W2 serves them),
+    exits 0; Prometheus then fires InferenceWorkerDown for it. Its own worker: it is stopped."""
+    config = _ops_config(g2.url, queue_extra="max_items_in_flight = 512").replace(
+        "drain_timeout_seconds = 60", "drain_timeout_seconds = 0.5"
+    )
+    victim = ls.start_worker(config, stack_dir, "sigterm-victim")
     try:
+        prom.add_worker(victim.url)
+        prom.wait_for({f'up{{instance="{_host(victim.url)}"}}': lambda v: v == 1}, 30)
         batches = _batches(stsb_sentences[:200], 40, 64, offset=5)
 
         async def scenario() -> list[httpx.Response]:
             load = asyncio.create_task(_load(g2.url, batches, concurrency=40))
-            deadline = time.monotonic() + 60
-            while (
-                _metric(httpx.get(w2.url + "/metrics").text, "inference_worker_items_in_flight") < 1
-            ):
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-            w2.signal(signal.SIGTERM)
+            await _in_flight(victim, 256)
+            victim.signal(signal.SIGTERM)
             return await load
 
         t0 = time.monotonic()
         resps = asyncio.run(scenario())
         try:
-            code = w2.popen.wait(90)
+            code = victim.popen.wait(90)
         except subprocess.TimeoutExpired as e:
-            w2.signal(signal.SIGUSR1)  # stack dump into the log, then fail with it
+            victim.signal(signal.SIGUSR1)  # stack dump into the log, then fail with it
             time.sleep(2)
-            raise AssertionError("worker did not exit after SIGTERM:\n" + w2.log_tail(120)) from e
+            raise AssertionError(
+                "worker did not exit after SIGTERM:\n" + victim.log_tail(120)
+            ) from e
         lost = _check_answers(resps, batches, ops_ref)
+        log = victim.log_path.read_text()
+        released = re.search(r"released (\d+) unfinished items back to the queue", log)
         print(
             f"SIGTERM test: sent {len(batches)} requests, lost {lost}, exit {code}, "
-            f"{time.monotonic() - t0:.1f} s"
+            f"released {released and released[1]} items, {time.monotonic() - t0:.1f} s"
         )
-        assert code == 0, w2.log_tail()
+        assert code == 0, victim.log_tail()
         assert lost == 0
-        assert "drained; exit code 0" in w2.log_path.read_text()
-        _engine_death(g2, w3, stack_dir, stsb_sentences, ops_ref)
+        assert released is not None and int(released[1]) > 0, victim.log_tail(60)
+        assert "drain timeout" in log and "drained; exit code 0" in log
+        instance = _host(victim.url)
+        deadline = time.monotonic() + 60
+        down: list[dict] = []
+        while not down and time.monotonic() < deadline:
+            down = [
+                a
+                for a in prom.firing()
+                if a["labels"]["alertname"] == "InferenceWorkerDown"
+                and a["labels"]["instance"] == instance
+            ]
+            time.sleep(1)
+        assert down, prom.firing()
     finally:
-        w3.stop()
+        victim.stop()
 
 
-def _engine_death(
-    g2: ls.Proc, victim: ls.Proc, stack_dir: Path, texts: list[str], ref: dict[str, np.ndarray]
-) -> None:
-    """Kill the victim's vLLM engine process: the worker must report not-alive, exit non-zero,
-    and its leased items must reach another worker."""
-    w4 = ls.start_worker(_ops_config(g2.url), stack_dir, "w4")
+def test_engine_death_exits_1_and_its_items_reach_another_worker(
+    g2, w2, stack_dir, stsb_sentences, ops_ref
+):
+    """Kill a worker's vLLM engine process under load: the worker exits 1 with the cause in one
+    ERROR line, and the items it held reach W2 at once (released with the attempt counted).
+    Its probes in that state (/livez 503, TCP reset) are checked in tests/test_monitoring.py:
+    here the process is gone within milliseconds of noticing the death."""
+    victim = ls.start_worker(_ops_config(g2.url), stack_dir, "engine-victim")
     try:
-        batches = _batches(texts, 40, 64, offset=17)
+        batches = _batches(stsb_sentences[:200], 40, 64, offset=17)
         engine_procs = list(psutil.Process(victim.pid).children(recursive=True))
         assert engine_procs, "no vLLM engine process found"
 
         async def scenario() -> list[httpx.Response]:
             load = asyncio.create_task(_load(g2.url, batches, concurrency=40))
-            deadline = time.monotonic() + 60
-            while (
-                _metric(httpx.get(victim.url + "/metrics").text, "inference_worker_items_in_flight")
-                < 1
-            ):
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await _in_flight(victim, 1)
             for p in engine_procs:
                 p.kill()
             return await load
 
+        t0 = time.monotonic()
         resps = asyncio.run(scenario())
         code = victim.popen.wait(60)
-        lost = _check_answers(resps, batches, ref)
-        print(f"engine death test: sent {len(batches)} requests, lost {lost}, exit {code}")
-        assert code not in (0, None), victim.log_tail()
+        lost = _check_answers(resps, batches, ops_ref)
+        log = victim.log_path.read_text()
+        released = re.search(r"released (\d+) unfinished items back to the queue", log)
+        print(
+            f"engine death test: sent {len(batches)} requests, lost {lost}, exit {code}, "
+            f"released {released and released[1]}, {time.monotonic() - t0:.1f} s"
+        )
+        assert code == 1, victim.log_tail()
         assert lost == 0
+        assert released is not None and int(released[1]) > 0
+        assert len(re.findall(r" ERROR worker: vLLM engine died: \S", log)) == 1
     finally:
-        w4.stop()
+        victim.stop()
 
 
 def test_autoscaler_query_sees_queue_depth(g2, prom):
@@ -432,16 +485,3 @@ def test_autoscaler_query_sees_queue_depth(g2, prom):
             return value
 
     assert asyncio.run(scenario()) == backlog
-
-
-def test_worker_down_alert_fires_when_the_worker_is_gone(w2, prom):
-    """Runs after the SIGTERM test: W2's process has exited, so its target is down."""
-    assert w2.popen.poll() is not None
-    deadline = time.monotonic() + 60
-    names: set[str] = set()
-    while time.monotonic() < deadline:
-        names = {a["labels"]["alertname"] for a in prom.firing()}
-        if "InferenceWorkerDown" in names:
-            break
-        time.sleep(1)
-    assert "InferenceWorkerDown" in names, names

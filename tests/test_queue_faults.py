@@ -64,29 +64,37 @@ def test_items_of_a_killed_worker_are_redelivered(
         victim.stop()
 
 
-def test_worker_survives_queue_outage_and_resumes(gateway, embed_worker, client, stack_dir):
-    port = int(gateway.url.rsplit(":", 1)[1])
-    gateway.stop()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if httpx.get(embed_worker.url + "/readyz").status_code == 503:
-            break
-        time.sleep(0.25)
-    assert httpx.get(embed_worker.url + "/readyz").status_code == 503  # queue unreachable
-    time.sleep(3)
-    assert embed_worker.popen.poll() is None
-    assert httpx.get(embed_worker.url + "/livez").status_code == 200
-    log = embed_worker.log_path.read_text()
-    assert re.search(r"pull failed: queue pull: ConnectError", log)
-    restarted = ls.start_gateway(
-        stack_dir, port=port, args=["--lease-seconds", "8", "--pickup-timeout", "40"]
-    )
-    gateway.popen = restarted.popen  # the session fixture now owns the new process
-    # The new gateway knows the model once the worker's next pull advertises it.
-    deadline = time.monotonic() + 30
-    while httpx.get(embed_worker.url + "/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "worker did not come back"
-        time.sleep(0.25)
-    resp = client.embeddings.create(model=MODEL, input=["back again"], encoding_format="float")
-    assert len(resp.data[0].embedding) == 384
-    assert httpx.get(embed_worker.url + "/readyz").status_code == 200
+def test_worker_survives_a_gateway_restart_and_resumes(stack_dir):
+    """The gateway process stops and comes back on the same port: the worker stays alive,
+    turns not-ready, retries, and serves again. Its own gateway and worker (both are stopped)."""
+    from openai import OpenAI
+
+    gw = ls.start_gateway(stack_dir, args=["--lease-seconds", "8", "--pickup-timeout", "40"])
+    worker = None
+    try:
+        worker = ls.start_worker(embed_worker_config(gw.url), stack_dir, "restart-survivor")
+        port = int(gw.url.rsplit(":", 1)[1])
+        gw.stop()
+        deadline = time.monotonic() + 30
+        while httpx.get(worker.url + "/readyz").status_code != 503:  # queue unreachable
+            assert time.monotonic() < deadline, "worker stayed ready without its queue"
+            time.sleep(0.1)
+        time.sleep(3)  # a while without a queue: still alive, still retrying
+        assert worker.popen.poll() is None
+        assert httpx.get(worker.url + "/livez").status_code == 200
+        assert re.search(r"pull failed: queue pull: ConnectError", worker.log_path.read_text())
+        gw = ls.start_gateway(
+            stack_dir, port=port, args=["--lease-seconds", "8", "--pickup-timeout", "40"]
+        )
+        # The new gateway knows the model once the worker's next pull advertises it.
+        deadline = time.monotonic() + 30
+        while httpx.get(worker.url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "worker did not come back"
+            time.sleep(0.1)
+        client = OpenAI(base_url=gw.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=60)
+        resp = client.embeddings.create(model=MODEL, input=["back again"], encoding_format="float")
+        assert len(resp.data[0].embedding) == 384
+    finally:
+        if worker is not None:
+            assert worker.stop() == 0, worker.log_tail()
+        gw.stop()

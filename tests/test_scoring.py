@@ -15,7 +15,6 @@ import pytest
 from devstack import localstack as ls
 from tests.conftest import MODEL as EMBED_MODEL
 from tests.conftest import metric
-from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 
 pytestmark = pytest.mark.slow  # real processes on loopback
 
@@ -37,10 +36,14 @@ class QwenReference:
             return self.model(**enc).logits[0, -1].numpy()
 
     def rerank_prompt(self, query: str, doc: str) -> str:
+        """Qwen3-Reranker's prompt as its model card writes it (default instruction), typed out
+        here rather than taken from the project's template."""
         return (
-            QWEN3_RERANK_TEMPLATE.replace("{instruction}", QWEN3_RERANK_INSTRUCTION)
-            .replace("{query}", query)
-            .replace("{document}", doc)
+            "<|im_start|>system\nJudge whether the Document meets the requirements based on the "
+            'Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
+            "<|im_end|>\n<|im_start|>user\n<Instruct>: Given a web search query, retrieve "
+            f"relevant passages that answer the query\n<Query>: {query}\n<Document>: {doc}"
+            "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         )
 
     def relevance(self, query: str, doc: str) -> float:
@@ -254,7 +257,7 @@ def test_bad_logit_requests(sc, body, code, needle):
     r = sc.post("/v1/embeddings", json={"model": MODEL, **body})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert code is None or err["code"] == code
+    assert err["code"] == code
     assert needle in err["message"]
 
 

@@ -29,6 +29,10 @@ def test_every_setting_from_the_environment():
         "GATEWAY_PICKUP_TIMEOUT_SECONDS": "300",
         "GATEWAY_REQUEST_TIMEOUT_SECONDS": "60",
         "GATEWAY_WORKER_TTL_SECONDS": "9",
+        "GATEWAY_QUEUE_URL": "redis://redis:6379/1",
+        "GATEWAY_QUEUE_PASSWORD_FILE": __file__,
+        "GATEWAY_MAX_QUEUED_INPUTS": "1000",
+        "GATEWAY_DRAIN_TIMEOUT_SECONDS": "20",
         "LOG_LEVEL": "DEBUG",
     }
     s = parse([], env)
@@ -43,6 +47,10 @@ def test_every_setting_from_the_environment():
         pickup_timeout_seconds=300,
         request_timeout_seconds=60,
         worker_ttl_seconds=9,
+        queue_url="redis://redis:6379/1",
+        queue_password_file=__file__,
+        max_queued_inputs=1000,
+        drain_timeout_seconds=20,
         log_level="DEBUG",
     )
     assert len(GatewaySettings.model_fields) == len(env)  # every field has its variable
@@ -63,6 +71,12 @@ def test_a_flag_wins_over_the_environment():
         ([*KEYS, "--port", "x"], {}, "--port / $GATEWAY_PORT: Input should be a valid integer"),
         (KEYS, {"GATEWAY_MAX_ATTEMPTS": "0"}, "--max-attempts / $GATEWAY_MAX_ATTEMPTS"),
         ([*KEYS, "--lease-seconds", "-1"], {}, "--lease-seconds"),
+        ([*KEYS, "--queue-url", "postgres://db"], {}, "--queue-url / $GATEWAY_QUEUE_URL"),
+        (
+            KEYS,
+            {"GATEWAY_QUEUE_PASSWORD_FILE": "/nonexistent/pw"},
+            "$GATEWAY_QUEUE_PASSWORD_FILE: Value error, cannot read /nonexistent/pw",
+        ),
     ],
 )
 def test_bad_settings_exit_2_naming_flag_and_variable(argv, env, needle, capsys):

@@ -132,3 +132,109 @@ def worker_config(**queue: Any) -> dict[str, Any]:
         },
         "drain_timeout_seconds": 5,
     }
+
+
+def make_store(kind: str, redis_url: str | None, clock: FakeClock, **settings: Any) -> Any:
+    """A queue store of ``kind`` (``memory`` on ``clock``, or ``redis`` at ``redis_url``)."""
+    if kind == "memory":
+        from gateway.memory_store import MemoryStore
+
+        return MemoryStore(clock=clock, **settings)
+    from gateway.redis_store import RedisStore
+
+    assert redis_url is not None
+    return RedisStore(redis_url, **settings)
+
+
+async def age(kind: str, clock: FakeClock, seconds: float) -> None:
+    """Let ``seconds`` pass for the store: the memory store's clock at once, Redis' in real
+    time (its tests use sub-second leases)."""
+    if kind == "memory":
+        clock.advance(seconds)
+    else:
+        await asyncio.sleep(seconds)
+
+
+class InProcessGateway:
+    """The real gateway app (:func:`gateway.app.create_app`) in this process, reached over
+    ``httpx.ASGITransport``: ``client`` with an API key, ``worker`` with a worker token (on
+    ``/queue/v1``). On the memory store (``clock``) unless ``queue_url`` names a Redis. Use as
+    ``async with InProcessGateway(clock, **settings) as gw``."""
+
+    API_KEY = "client-key"
+    WORKER_TOKEN = "worker-token"
+
+    def __init__(self, clock: Any = None, **settings: Any):
+        import time
+
+        from gateway.app import create_app
+        from gateway.settings import GatewaySettings
+
+        self.settings = GatewaySettings(
+            api_keys=[self.API_KEY], worker_tokens=[self.WORKER_TOKEN], **settings
+        )
+        self.app = create_app(self.settings, clock=clock or time.monotonic)
+        self.transport = httpx.ASGITransport(app=self.app)
+        self.client = httpx.AsyncClient(
+            transport=self.transport,
+            base_url="http://gateway",
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.API_KEY}"},
+        )
+        self.worker = httpx.AsyncClient(
+            transport=self.transport,
+            base_url="http://gateway/queue/v1",
+            timeout=30,
+            headers={"Authorization": f"Bearer {self.WORKER_TOKEN}"},
+        )
+        self._lifespan: Any = None
+        #: Seconds of this gateway per second of the memory store's (tests on Redis scale).
+        self.scale = 1.0
+
+    @property
+    def store(self) -> Any:
+        return self.app.state.store
+
+    async def __aenter__(self) -> InProcessGateway:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        await self.worker.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+
+    async def metrics(self) -> str:
+        return (await self.client.get("/metrics")).text
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` (exact family sample name) in a /metrics text whose
+    labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if head != name and not head.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+async def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``check()`` (sync or async) every 10 ms until true; fail after ``timeout`` s."""
+    import inspect
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        ok = check()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        await asyncio.sleep(0.01)

@@ -1,0 +1,200 @@
+"""The docs held to the code: the configuration reference against the config models, the
+metric tables against what the processes export, the promises table against the tests."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from tests.support import InProcessGateway
+from worker import metrics as worker_metrics
+from worker.config import (
+    Config,
+    EmbeddingTask,
+    GeneratorConfig,
+    ModelEntry,
+    MonitoringConfig,
+    QueueConfig,
+    ScoringTask,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DOC = REPO / "docs" / "configuration.md"
+#: Section heading of docs/configuration.md -> the model whose fields its table documents.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "## Top level": Config,
+    "## `[generator]`": GeneratorConfig,
+    "## `[queue]`": QueueConfig,
+    '### `[queue.models."<name>"]`': ModelEntry,
+    "## `[monitoring]`": MonitoringConfig,
+}
+#: Tables of tables: documented as ``embedding_task.supported`` etc.
+NESTED: dict[str, type[BaseModel]] = {"embedding_task": EmbeddingTask, "scoring_task": ScoringTask}
+#: Defaults the table describes in words instead of a value.
+IN_WORDS = (
+    "required",
+    "vLLM's",
+    "from the model",
+    "see meaning",
+    "—",
+    "×",
+    "Qwen3-Reranker",
+    "`model_path`",
+)
+
+
+def config_tables() -> dict[str, list[list[str]]]:
+    """Section heading -> rows (cells) of its first table."""
+    tables: dict[str, list[list[str]]] = {}
+    section = None
+    for line in CONFIG_DOC.read_text().splitlines():
+        if line.startswith("#"):
+            section = next((h for h in SECTIONS if line.startswith(h)), None)
+            continue
+        if section and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            tables.setdefault(section, []).append(cells)
+    return tables
+
+
+def documented_keys(cell: str) -> list[str]:
+    return re.findall(r"`([a-z_.]+)`", cell.split(" / ", maxsplit=1)[0]) + [
+        f"scoring_task.{k}" for k in re.findall(r"`([a-z_]+)`", " / ".join(cell.split(" / ")[1:]))
+    ]
+
+
+def model_keys(model: type[BaseModel]) -> dict[str, Any]:
+    """Documented key -> the field's default (PydanticUndefined when required)."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if (model is Config and name in ("generator", "queue", "monitoring")) or (
+            model is QueueConfig and name == "models"
+        ):
+            continue  # tables of their own
+        sub = NESTED.get(name)
+        if sub is not None and model is ModelEntry:
+            out.update({f"{name}.{k}": f.default for k, f in sub.model_fields.items()})
+        else:
+            out[name] = (
+                field.default_factory()
+                if field.default_factory is not None  # type: ignore[call-arg]
+                else field.default
+            )
+    return out
+
+
+def test_every_config_key_is_documented_and_every_documented_key_exists():
+    tables = config_tables()
+    assert set(tables) == set(SECTIONS)
+    for section, model in SECTIONS.items():
+        documented = {k for row in tables[section] for k in documented_keys(row[0])}
+        assert documented == set(model_keys(model)), section
+
+
+def parse_default(text: str) -> Any:
+    text = text.strip().strip("`").strip('"')
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_documented_defaults_are_the_defaults(section):
+    defaults = model_keys(SECTIONS[section])
+    for row in config_tables()[section]:
+        keys, cell = documented_keys(row[0]), row[2]
+        if cell == "required":
+            assert all(defaults[k] is PydanticUndefined for k in keys), row
+            continue
+        if any(w in cell for w in IN_WORDS):
+            continue
+        values = [parse_default(v) for v in re.split(r",| / ", cell)]
+        assert [defaults[k] for k in keys] == values, row
+
+
+def test_worker_metrics_in_the_readme_are_exported():
+    readme = (REPO / "README.md").read_text()
+    table = readme[
+        readme.index("| `inference_worker_items_pulled_total`") : readme.index("| `vllm_*`")
+    ]
+    names = set()
+    for first in re.findall(r"^\| (`[^|]+)\|", table, re.M):
+        stems = re.findall(r"`([a-z_]+)`", first)
+        base = stems[0]
+        names.add(base)
+        names.update(base.rsplit("_", 2)[0] + s if s.startswith("_") else s for s in stems[1:])
+    exported = {m._name for m in vars(worker_metrics).values() if hasattr(m, "_name")}  # type: ignore[attr-defined]
+    exported |= {n + suffix for n in exported for suffix in ("_total", "_info")}
+    missing = sorted(n.removesuffix("_total") for n in names if n not in exported)
+    assert names and not missing, missing
+
+
+async def test_gateway_metrics_in_the_readme_are_exported():
+    readme = (REPO / "README.md").read_text()
+    part = readme[readme.index("The gateway's `/metrics`") : readme.index("**Probes**")]
+    names = set(re.findall(r"`(inference_gateway_[a-z_]+)\{", part))
+    assert len(names) >= 10
+    async with InProcessGateway() as gw:
+        text = await gw.metrics()
+    families = set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    assert names <= families | {
+        n.removesuffix("_total") for n in names if n.removesuffix("_total") in families
+    }
+
+
+PROMISES = REPO / "docs" / "promises.md"
+
+
+def _tests_in(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {
+        n.name
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test_")
+    }
+
+
+def test_every_promise_names_tests_that_exist():
+    rows = [
+        line
+        for line in PROMISES.read_text().splitlines()
+        if line.startswith("| ") and not line.startswith(("| promise", "| ---"))
+    ]
+    assert len(rows) >= 100
+    known: dict[str, set[str]] = {}
+    for row in rows:
+        refs = re.findall(r"`(tests/[a-z_]+\.py)::(test_[a-z0-9_]+)`", row)
+        assert refs, f"a promise without a test: {row}"
+        for file, name in refs:
+            if file not in known:
+                known[file] = _tests_in(REPO / file)
+            assert name in known[file], f"{file}::{name} does not exist ({row[:80]})"
+
+
+def test_ci_runs_lint_typecheck_and_the_readme_test_command():
+    readme = (REPO / "README.md").read_text().splitlines()
+    block = readme[readme.index("```sh") + 1 : readme.index("```sh") + 3]
+    assert [line.split()[:2] for line in block] == [["make", "demo"], ["make", "test"]]
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert ci[-3:] == ["make lint", "make typecheck", "make test"]
+    makefile = (REPO / "Makefile").read_text()
+    for target in ("demo", "test", "test-fast", "lint", "typecheck"):
+        assert re.search(rf"^{target}: setup$", makefile, re.M), target
+    assert "SHARED" not in (REPO / ".ci" / "run").read_text()

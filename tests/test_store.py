@@ -1,0 +1,412 @@
+"""The queue store's guarantees, in process, against both backends: the memory store (fast
+layer; time passes by a clock the test advances) and the Redis store on a real redis-server
+(slow; sub-second leases in real time). FIFO, long polling, token-aware pulls, round-robin,
+leases, redelivery, idempotent results, release, dead letter, cancellation, timeouts, the
+bounded queue, malformed results, and the views behind ``/metrics`` and ``/v1/models``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway import metrics
+from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
+from tests.support import FakeClock, age, counter, make_store
+from worker.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, encode_vector
+
+LEASE = 0.5
+TTL = 1.0
+ADVERT = ModelAdvert(name="m", checkpoint_name="c", tasks=["embed"])
+
+
+def spec(text: str, model: str = "m", **kw: Any) -> ItemSpec:
+    return ItemSpec(model=model, task="embed", text=text, **kw)
+
+
+def ok(item: Any, value: float = 1.0) -> ItemResult:
+    return ItemResult(
+        item_id=item.item_id,
+        lease_id=item.lease_id,
+        prompt_tokens=3,
+        vector_b64=encode_vector(np.array([value], dtype=np.float32)),
+    )
+
+
+def failed(item: Any, retryable: bool, code: ErrorCode = ErrorCode.INTERNAL_ERROR) -> ItemResult:
+    return ItemResult(
+        item_id=item.item_id,
+        lease_id=item.lease_id,
+        error=ItemError(code=code, message="boom", retryable=retryable),
+    )
+
+
+def value(result: ItemResult) -> float:
+    assert result.error is None and result.vector_b64 is not None
+    return float(np.frombuffer(__import__("base64").b64decode(result.vector_b64), "<f4")[0])
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def store(
+    store_kind: str, redis_url: str | None, clock: FakeClock
+) -> AsyncIterator[QueueStore]:
+    s = make_store(
+        store_kind,
+        redis_url,
+        clock,
+        lease_seconds=LEASE,
+        max_attempts=3,
+        worker_ttl_seconds=TTL,
+        max_queued=20,
+    )
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def later(store_kind: str, clock: FakeClock, seconds: float) -> None:
+    await age(store_kind, clock, seconds)
+
+
+async def pull(
+    store: QueueStore,
+    n: int = 10,
+    wait: float = 0,
+    worker: str = "w",
+    adverts: list[ModelAdvert] | None = None,
+    **kw: Any,
+) -> list[Any]:
+    return await store.pull(worker, adverts or [ADVERT], max_items=n, wait_seconds=wait, **kw)
+
+
+async def test_pull_returns_waiting_items_at_once_in_fifo_order(store):
+    await store.submit([spec("a"), spec("b")])
+    await store.submit([spec("c")])
+    t0 = time.monotonic()
+    items = await pull(store, wait=5)
+    assert time.monotonic() - t0 < 0.5
+    assert [i.text for i in items] == ["a", "b", "c"]
+    assert all(i.attempt == 1 and i.lease_seconds == LEASE and i.model == "m" for i in items)
+    assert len({i.item_id for i in items}) == 3 and all(i.lease_id for i in items)
+
+
+async def test_max_items_caps_a_pull(store):
+    await store.submit([spec(str(i)) for i in range(5)])
+    first = await pull(store, n=2)
+    rest = await pull(store, n=10)
+    assert [i.text for i in first] == ["0", "1"] and [i.text for i in rest] == ["2", "3", "4"]
+
+
+async def test_long_poll_returns_empty_after_its_wait(store):
+    t0 = time.monotonic()
+    assert await pull(store, n=1, wait=0.3) == []
+    assert 0.28 <= time.monotonic() - t0 < 1.5
+
+
+async def test_long_poll_answers_as_soon_as_work_arrives(store):
+    await pull(store, n=1)  # the model's queue exists
+    waiting = asyncio.create_task(pull(store, n=5, wait=10))
+    await asyncio.sleep(0.05)  # the pull is waiting
+    t0 = time.monotonic()
+    await store.submit([spec("late")])
+    items = await waiting
+    assert [i.text for i in items] == ["late"]
+    assert time.monotonic() - t0 < 0.5
+
+
+async def test_pull_only_takes_advertised_model_and_task(store):
+    await store.submit([spec("other", model="x")])
+    await store.submit([ItemSpec(model="m", task="score", text="s", return_logits=[1])])
+    assert await pull(store) == []
+    scorer = ModelAdvert(name="m", checkpoint_name="c", tasks=["score"])
+    assert [i.text for i in await pull(store, adverts=[scorer])] == ["s"]
+
+
+async def test_pull_size_follows_the_token_budget(store):
+    long_text = "word " * 200  # 1000 bytes: 252 estimated tokens
+    await store.submit([spec(long_text) for _ in range(6)])
+    first = await pull(store, n=100, max_tokens=600)
+    assert len(first) == 2 and all(i.est_tokens == 252 for i in first)
+    one = await pull(store, n=100, max_tokens=10)
+    assert len(one) == 1  # at least one item, even over budget
+    rest = await pull(store, n=100)
+    assert len(rest) == 3
+    assert all(i.attempt == 1 for i in rest)  # the one that did not fit spent no attempt
+
+
+async def test_round_robin_across_models(store):
+    other = ModelAdvert(name="n", checkpoint_name="c", tasks=["embed"])
+    await store.submit([spec("m1"), spec("m2"), spec("m3")])
+    await store.submit([spec("n1", model="n"), spec("n2", model="n")])
+    items = await pull(store, n=4, adverts=[ADVERT, other])
+    assert [i.text for i in items] == ["m1", "n1", "m2", "n2"]
+
+
+async def test_results_answer_in_order_and_the_first_result_wins(store):
+    request = await store.submit([spec("a"), spec("b")])
+    x, y = await pull(store, n=2)
+    done = await store.complete("w", [ok(y, 2.0), ok(x, 1.0)])
+    assert (done.accepted, done.ignored, done.rejected) == (2, 0, 0)
+    again = await store.complete("w", [ok(x, 9.0)])  # a duplicate post
+    assert (again.accepted, again.ignored) == (0, 1)
+    results = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert [value(r) for r in results] == [1.0, 2.0]
+    assert await store.depth() == {} and await store.leased() == {}
+
+
+async def test_expired_lease_goes_back_to_the_front_for_another_attempt(store, store_kind, clock):
+    await store.submit([spec("x"), spec("y")])
+    (first,) = await pull(store, n=1, worker="dies")
+    before = counter(metrics.LEASES_EXPIRED, "m")
+    await later(store_kind, clock, LEASE + 0.2)
+    await store.reap()
+    assert counter(metrics.LEASES_EXPIRED, "m") == before + 1
+    assert await store.depth() == {"m": 2} and await store.leased() == {}
+    again, after = await pull(store, n=2, worker="survives")
+    assert again.item_id == first.item_id and again.lease_id != first.lease_id
+    assert again.attempt == 2 and after.text == "y"
+
+
+async def test_a_pull_takes_expired_leases_itself(store, store_kind, clock):
+    await store.submit([spec("x")])
+    (first,) = await pull(store, n=1, worker="dies")
+    await later(store_kind, clock, LEASE + 0.2)
+    (again,) = await pull(store, n=1, worker="other")
+    assert again.item_id == first.item_id and again.attempt == 2
+
+
+async def test_late_result_after_lease_expiry_is_accepted_while_unanswered(
+    store, store_kind, clock
+):
+    request = await store.submit([spec("x")])
+    (first,) = await pull(store, n=1, worker="slow")
+    await later(store_kind, clock, LEASE + 0.2)
+    await store.reap()
+    assert (await store.complete("slow", [ok(first, 5.0)])).accepted == 1
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert value(result) == 5.0
+    assert await pull(store, n=1, worker="other") == []  # answered: not handed out again
+
+
+async def test_a_retryable_error_from_a_lease_no_longer_current_is_ignored(
+    store, store_kind, clock
+):
+    request = await store.submit([spec("x")])
+    (first,) = await pull(store, n=1, worker="slow")
+    await later(store_kind, clock, LEASE + 0.2)
+    (second,) = await pull(store, n=1, worker="other")
+    late = await store.complete("slow", [failed(first, retryable=True)])
+    assert (late.accepted, late.ignored) == (0, 1)
+    assert await pull(store, n=1, worker="third") == []  # still leased to "other", not requeued
+    await store.complete("other", [ok(second, 4.0)])
+    assert value((await store.wait(request, pickup_timeout=1, request_timeout=5))[0]) == 4.0
+
+
+async def test_dead_letter_after_max_attempts_without_a_result(store, store_kind, clock):
+    request = await store.submit([spec("poison")])
+    before = counter(metrics.DEAD_LETTERS, "m")
+    attempts = []
+    for _ in range(3):
+        attempts += [i.attempt for i in await pull(store, n=1)]
+        await later(store_kind, clock, LEASE + 0.2)
+        await store.reap()
+    assert attempts == [1, 2, 3]
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.error is not None and result.error.code == ErrorCode.MAX_ATTEMPTS_EXCEEDED
+    assert "3 times" in result.error.message
+    assert counter(metrics.DEAD_LETTERS, "m") == before + 1
+    assert await pull(store, n=1) == []  # not cycling
+
+
+async def test_retryable_error_is_redelivered(store):
+    request = await store.submit([spec("flaky")])
+    (first,) = await pull(store, n=1, worker="w1")
+    assert (await store.complete("w1", [failed(first, retryable=True)])).accepted == 1
+    (second,) = await pull(store, n=1, worker="w2")
+    assert second.item_id == first.item_id and second.attempt == 2
+    await store.complete("w2", [ok(second)])
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.error is None
+
+
+async def test_retryable_errors_to_the_last_attempt_are_dead_lettered(store):
+    """docs/queue-protocol.md: only retryable errors: ``max_attempts_exceeded`` (quoting the
+    last error), and the dead-letter counter moves by one."""
+    request = await store.submit([spec("flaky")])
+    before = counter(metrics.DEAD_LETTERS, "m")
+    for attempt in (1, 2, 3):
+        (leased,) = await pull(store, n=1)
+        assert leased.attempt == attempt
+        await store.complete("w", [failed(leased, retryable=True)])
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.error is not None and result.error.code == ErrorCode.MAX_ATTEMPTS_EXCEEDED
+    assert "boom" in result.error.message
+    assert counter(metrics.DEAD_LETTERS, "m") == before + 1
+    assert await pull(store, n=1) == []
+
+
+async def test_a_client_error_answers_the_item_at_once(store):
+    request = await store.submit([spec("too long")])
+    (leased,) = await pull(store, n=1)
+    await store.complete(
+        "w", [failed(leased, retryable=False, code=ErrorCode.CONTEXT_LENGTH_EXCEEDED)]
+    )
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.error is not None and result.error.code == ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    assert await pull(store, n=1) == []
+
+
+@pytest.mark.parametrize(
+    "vector,want",
+    [
+        ("AAA", "not base64 of whole float32"),
+        (encode_vector(np.array([1.0, np.nan], np.float32)), "not finite"),
+        (encode_vector(np.array([1.0, 2.0, 3.0], np.float32)), "3 values, 2 were asked for"),
+    ],
+)
+async def test_a_malformed_result_is_rejected_and_the_item_retried(store, vector, want):
+    request = await store.submit([spec("x", dimensions=2)])
+    (first,) = await pull(store, n=1, worker="bad")
+    bad = ItemResult(item_id=first.item_id, lease_id=first.lease_id, vector_b64=vector)
+    done = await store.complete("bad", [bad])
+    assert (done.accepted, done.rejected) == (0, 1)
+    (second,) = await pull(store, n=1, worker="good")
+    assert second.item_id == first.item_id and second.attempt == 2
+    good = encode_vector(np.array([0.6, 0.8], np.float32))
+    await store.complete(
+        "good", [ItemResult(item_id=second.item_id, lease_id=second.lease_id, vector_b64=good)]
+    )
+    assert (await store.wait(request, pickup_timeout=1, request_timeout=5))[0].vector_b64 == good
+
+
+async def test_release_hands_back_to_the_front_without_counting_an_attempt(store):
+    await store.submit([spec("x"), spec("y")])
+    (x,) = await pull(store, n=1, worker="draining")
+    assert await store.release("draining", [(x.item_id, "not-the-lease")]) == 0
+    assert await store.release("someone-else", [(x.item_id, x.lease_id)]) == 0
+    assert await store.release("draining", [(x.item_id, x.lease_id)]) == 1
+    assert await store.release("draining", [(x.item_id, x.lease_id)]) == 0  # no longer leased
+    again, y = await pull(store, n=2, worker="other")
+    assert again.item_id == x.item_id and again.attempt == 1 and y.text == "y"
+
+
+async def test_a_dying_workers_release_counts_the_attempt(store):
+    """An input that kills every engine it reaches is dead-lettered, not cycled forever."""
+    request = await store.submit([spec("poison")])
+    for attempt in (1, 2, 3):
+        (leased,) = await pull(store, n=1)
+        assert leased.attempt == attempt
+        assert (
+            await store.release("w", [(leased.item_id, leased.lease_id)], count_attempt=True) == 1
+        )
+    assert await pull(store, n=1) == []
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.error is not None and result.error.code == ErrorCode.MAX_ATTEMPTS_EXCEEDED
+
+
+async def test_no_worker_within_the_pickup_timeout(store):
+    request = await store.submit([spec("a"), spec("b")])
+    with pytest.raises(NoWorker):
+        await store.wait(request, pickup_timeout=0.1, request_timeout=5)
+    assert await store.depth() == {}  # cancelled: left the queue at once
+    assert await pull(store, n=5) == []
+
+
+async def test_no_worker_only_when_none_of_the_inputs_was_taken(store):
+    """A request being worked on waits for its other inputs past the pickup timeout."""
+    request = await store.submit([spec("a"), spec("b"), spec("c")])
+    (first,) = await pull(store, n=1, worker="slow")
+    waiting = asyncio.create_task(store.wait(request, pickup_timeout=0.1, request_timeout=5))
+    await asyncio.sleep(0.3)  # past the pickup timeout: "b" and "c" are still untaken
+    assert not waiting.done()
+    await store.complete("slow", [ok(first)])
+    rest = await pull(store, n=5, worker="slow")
+    await store.complete("slow", [ok(i) for i in rest])
+    assert [r.error for r in await waiting] == [None, None, None]
+
+
+async def test_taken_but_unanswered_within_the_request_timeout(store):
+    request = await store.submit([spec("a")])
+    await pull(store, n=1)
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        await store.wait(request, pickup_timeout=0.05, request_timeout=0.3)
+    assert 0.25 <= time.monotonic() - t0 < 1.5
+    assert await store.leased() == {}
+
+
+async def test_cancelled_inputs_leave_the_queue_at_once(store):
+    first = await store.submit([spec("a"), spec("b")])
+    await store.submit([spec("c")])
+    await store.cancel(first)
+    assert await store.depth() == {"m": 1}
+    assert [i.text for i in await pull(store, n=5)] == ["c"]
+
+
+async def test_a_cancelled_wait_cancels_the_inputs(store):
+    """A client that goes away: its wait is cancelled, its inputs leave the queue."""
+    request = await store.submit([spec("a"), spec("b")])
+    waiting = asyncio.create_task(store.wait(request, pickup_timeout=30, request_timeout=30))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await store.depth() == {}
+
+
+async def test_the_queue_is_bounded(store):
+    await store.submit([spec(str(i)) for i in range(15)])
+    with pytest.raises(QueueFull) as e:
+        await store.submit([spec(str(i)) for i in range(6)])  # 15 + 6 > 20
+    assert (e.value.queued, e.value.limit) == (15, 20)
+    assert await store.depth() == {"m": 15}  # nothing of it was queued
+    await store.submit([spec(str(i)) for i in range(5)])  # 20 is still fine
+    await pull(store, n=10)
+    assert await store.depth() == {"m": 10}
+    await store.submit([spec(str(i)) for i in range(10)])  # leased inputs do not count
+
+
+async def test_depth_and_leased_per_model(store):
+    await store.submit([spec("a"), spec("b"), spec("c")])
+    await store.submit([spec("n", model="n")])
+    await pull(store, n=1)
+    assert await store.depth() == {"m": 2, "n": 1}
+    assert await store.leased() == {"m": 1}
+
+
+async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):
+    assert await store.available_models() == {} and await store.advert("m") is None
+    await pull(store, n=1, worker="w1")
+    await pull(store, n=1, worker="w2")
+    models = await store.available_models()
+    assert models["m"][1] == 2 and models["m"][0].checkpoint_name == "c"
+    await later(store_kind, clock, TTL * 0.6)
+    newer = ModelAdvert(name="m", checkpoint_name="c2", tasks=["embed"])
+    await pull(store, n=1, worker="w2", adverts=[newer])
+    await later(store_kind, clock, TTL * 0.6)  # w1 last seen 1.2 TTL ago, w2 0.6
+    assert (await store.available_models())["m"][1] == 1
+    await asyncio.sleep(1.1)  # the advert cache of a replica lives a second
+    assert await store.advert("m") == newer
+    await later(store_kind, clock, TTL * 1.5)
+    assert await store.available_models() == {}
+    assert await store.advert("m") == newer  # the last advert is kept for validation
+
+
+async def test_a_worker_in_a_long_poll_stays_live(store, store_kind, clock):
+    waiting = asyncio.create_task(pull(store, n=1, wait=10, worker="polling"))
+    await asyncio.sleep(0.05)
+    await later(store_kind, clock, TTL * 2)
+    assert (await store.available_models())["m"][1] == 1
+    await store.submit([spec("x")])
+    assert len(await waiting) == 1

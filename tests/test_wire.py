@@ -1,0 +1,73 @@
+"""Queue protocol v1 wire models and the vector codec, against independent references."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from worker.protocol import ItemSpec, WorkItem, decode_vector, encode_vector
+
+
+def test_vectors_are_base64_of_little_endian_float32():
+    values = [1.0, -2.5, 3.1415927, 1e-30, 65504.0]
+    wire = encode_vector(np.array(values, dtype=np.float64))  # any float input
+    # Reference: the struct module packs little-endian IEEE-754 binary32.
+    assert wire == base64.b64encode(struct.pack("<5f", *values)).decode("ascii")
+    assert list(decode_vector(wire)) == list(struct.unpack("<5f", struct.pack("<5f", *values)))
+    # What the openai SDK does with encoding_format=base64: numpy float32 from the bytes.
+    v = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    sdk = np.frombuffer(base64.b64decode(encode_vector(v)), dtype="float32")
+    assert np.array_equal(sdk, v)
+
+
+@pytest.mark.parametrize("bad", ["abc", "AAA=!", base64.b64encode(b"12345").decode()])
+def test_bad_vectors_are_refused(bad):
+    with pytest.raises(ValueError):
+        decode_vector(bad)
+
+
+def test_item_spec_forbids_unknown_keys():
+    """A misspelled key is an error, not silently dropped (it once became None)."""
+    with pytest.raises(ValidationError, match="truncate_prompt_token"):
+        ItemSpec(model="m", task="embed", text="x", truncate_prompt_token=5)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"text": "a", "token_ids": [1]},
+        {"fields": {"a": "b"}},  # fields without their template
+        {"text": "a", "prompt_template": "{text}"},  # a template without fields
+    ],
+)
+def test_item_spec_has_exactly_one_input(fields):
+    with pytest.raises(ValidationError):
+        ItemSpec(model="m", task="embed", **fields)
+
+
+def test_estimated_tokens():
+    assert ItemSpec(model="m", task="embed", token_ids=[5, 6, 7]).estimate_tokens() == 3
+    assert ItemSpec(model="m", task="embed", text="x" * 40).estimate_tokens() == 12
+    assert ItemSpec(model="m", task="embed", text="é" * 20).estimate_tokens() == 12  # UTF-8 bytes
+    templated = ItemSpec(
+        model="m", task="embed", prompt_template="q: {text}", fields={"text": "y" * 31}
+    )
+    assert templated.estimate_tokens() == (9 + 31) // 4 + 2
+
+
+def test_work_item_is_lease_plus_spec():
+    item = WorkItem.model_validate_json(
+        '{"item_id": "i", "lease_id": "l", "lease_seconds": 30, "attempt": 2, "est_tokens": 4,'
+        ' "model": "m", "task": "score", "text": "t", "return_logits": [1, 2], "normalize": false}'
+    )
+    assert (item.attempt, item.return_logits, item.normalize) == (2, [1, 2], False)
+    with pytest.raises(ValidationError):
+        WorkItem.model_validate_json(
+            '{"item_id": "i", "lease_id": "l", "lease_seconds": 30,'
+            ' "model": "m", "task": "embed", "text": "t", "extra": 1}'
+        )
