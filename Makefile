@@ -1,5 +1,5 @@
 # The two commands of the README (demo, test) install into .venv first (idempotent).
-.PHONY: setup demo test test-fast lint typecheck format bench clean
+.PHONY: setup demo test test-fast lint typecheck format bench mutation clean
 
 setup:
 	scripts/setup.sh cpu,model,test
@@ -34,6 +34,13 @@ bench:
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/suite.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/dtype.py
+
+# Mutation score of the queue store and the worker loop against the fast layer (mutmut; slow:
+# about two hours on 2 cores, so not part of .ci/run). Results: .venv/bin/mutmut results.
+mutation: setup
+	HF_HUB_OFFLINE=1 .venv/bin/mutmut run --max-children 2
+	.venv/bin/mutmut export-cicd-stats 2>/dev/null || true
+	.venv/bin/mutmut results
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache .mypy_cache .ruff_cache

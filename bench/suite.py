@@ -5,10 +5,11 @@ same machine, same model (all-MiniLM-L6-v2), same dtype, same engine settings, s
 
 Paths:
   1. vLLM ``AsyncLLM`` in-process, every input submitted at once (the ceiling);
-  2. this project: client -> gateway -> queue -> worker (also: 2 workers on one queue);
+  2. this project: client -> gateway -> queue -> worker (also: 2 workers on one queue; the
+     queue on Redis; 2 gateway replicas on that Redis, clients split over both, the worker
+     pulling through one);
   3. ``vllm serve`` (vLLM's OpenAI server) ``/v1/embeddings``;
-  4. sentence-transformers ``encode`` on the same CPU: batches of 64, and one call per sentence
-     (what a server without cross-request batching does with one-sentence requests).
+  4. sentence-transformers ``encode`` on the same CPU, batches of 64.
 Client patterns for 2 and 3: 64 inputs per request with 4 requests in flight ("large"), and
 1 input per request with 64 clients ("small"). Inputs: distinct STS-benchmark sentences, and
 documents of ~500 tokens built from them. Also: p50/p99 latency of single one-sentence requests
@@ -16,7 +17,9 @@ at low load (2 and 3), and worker RSS over ``--memory-sentences`` sentences.
 
 Method: every path is started once and stays up (an idle engine costs ~1% of a core); then
 ``--rounds`` rounds run every measurement once each, in a rotated order, so slow phases of this
-VM (about +-10% between minutes) hit all paths alike. Tables give the median round and the
+VM (about +-10% between minutes) hit all paths alike; the low-load latency samples rotate too.
+Every path gets the same warm-up first (512 sentences and 8 documents through its own
+interface). Tables give the median round and the
 min-max. Per measurement the CPU seconds of each server's processes are read (psutil), split
 into vLLM's model process and everything else on the server side (frontend, gateway, engine
 core): on a 2-core host both come out of the same cores.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +39,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -47,6 +51,8 @@ from devstack import localstack as ls  # noqa: E402
 from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
+REDIS = "this project, Redis store"
+REPLICAS = "this project, Redis, 2 gateway replicas"
 MAX_LEN = 512  # BERT's 512 positions (sentence-transformers' own cap is 256)
 MAX_NUM_SEQS = 256
 GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache for BERT)
@@ -98,6 +104,8 @@ class Stack:
     procs: list[psutil.Process] = field(default_factory=list)
     #: Processes to count as the model besides vLLM's ``VLLM::Worker`` (sentence-transformers).
     model_pids: set[int] = field(default_factory=set)
+    #: The queue store's server (redis-server), counted apart.
+    store: psutil.Process | None = None
 
     @classmethod
     def of(cls, *roots: psutil.Process) -> Stack:
@@ -106,8 +114,8 @@ class Stack:
             ps += [r, *r.children(recursive=True)]
         return cls(ps)
 
-    def snapshot(self) -> tuple[float, float]:
-        """(CPU-s of the model process(es), CPU-s of the other server processes)."""
+    def snapshot(self) -> tuple[float, float, float]:
+        """CPU-s of (the model process(es), the other server processes, the queue store)."""
         model = rest = 0.0
         for p in self.procs:
             try:
@@ -118,7 +126,7 @@ class Stack:
                 model += _cpu(p)
             else:
                 rest += _cpu(p)
-        return model, rest
+        return model, rest, _cpu(self.store) if self.store is not None else 0.0
 
 
 # --- 1. in-process ----------------------------------------------------------------------------
@@ -177,7 +185,6 @@ class SentenceTransformers:
         torch.set_num_threads(os.cpu_count() or 2)
         self.m = SentenceTransformer(str(ls.minilm_path()), device="cpu")
         self.m.max_seq_length = MAX_LEN
-        self.m.encode(["warm-up"] * 64, batch_size=64)
         self.stack = Stack([psutil.Process()], model_pids={os.getpid()})
 
     def _tokens(self, texts: list[str]) -> int:
@@ -190,17 +197,10 @@ class SentenceTransformers:
         self.m.encode(texts, batch_size=64)
         return time.perf_counter() - t0, self._tokens(texts)
 
-    async def per_call(self, texts: list[str], start: Callable[[], None]) -> tuple[float, int]:
-        start()
-        t0 = time.perf_counter()
-        for t in texts:
-            self.m.encode([t])
-        return time.perf_counter() - t0, self._tokens(texts)
-
 
 # --- HTTP clients (2 and 3) ------------------------------------------------------------------
 async def http_load(
-    url: str,
+    url: str | list[str],
     key: str,
     texts: list[str],
     per_request: int,
@@ -211,7 +211,8 @@ async def http_load(
     a warm-up of one one-input request per connection. The load generator is aiohttp: on 2
     cores both the ``openai`` SDK and httpx's async pool burn more CPU per request than the
     servers under test (httpx reached ~70 req/s at 64 connections here). base64 vectors,
-    decoded with numpy as the SDK does."""
+    decoded with numpy as the SDK does. With several URLs (gateway replicas): requests take
+    turns."""
     import base64
 
     import aiohttp
@@ -220,16 +221,26 @@ async def http_load(
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
-    async with aiohttp.ClientSession(
-        base_url=url,
-        headers={"Authorization": f"Bearer {key}"},
-        connector=aiohttp.TCPConnector(limit=concurrency + 4),
-        timeout=aiohttp.ClientTimeout(total=900),
-    ) as client:
+    urls = [url] if isinstance(url, str) else url
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    base_url=u,
+                    headers={"Authorization": f"Bearer {key}"},
+                    connector=aiohttp.TCPConnector(limit=concurrency + 4),
+                    timeout=aiohttp.ClientTimeout(total=900),
+                )
+            )
+            for u in urls
+        ]
+        turn = 0
 
         async def one(chunk: list[str]) -> None:
-            nonlocal tokens
+            nonlocal tokens, turn
             async with sem:
+                client = clients[turn % len(clients)]
+                turn += 1
                 async with client.post(
                     "/v1/embeddings",
                     json={"model": MODEL, "input": chunk, "encoding_format": "base64"},
@@ -306,12 +317,18 @@ class Measurement:
     rounds: list[dict] = field(default_factory=list)
 
     async def once(self) -> None:
-        snap: list[tuple[float, float]] = []
+        snap: list[tuple[float, float, float]] = []
         sec, tok = await self.run(lambda: snap.append(self.stack.snapshot()))
-        m0, r0 = snap[0]
-        m1, r1 = self.stack.snapshot()
+        m0, r0, s0 = snap[0]
+        m1, r1, s1 = self.stack.snapshot()
         self.rounds.append(
-            {"seconds": sec, "tokens": tok, "model_cpu_s": m1 - m0, "other_cpu_s": r1 - r0}
+            {
+                "seconds": sec,
+                "tokens": tok,
+                "model_cpu_s": m1 - m0,
+                "other_cpu_s": r1 - r0,
+                "store_cpu_s": s1 - s0,
+            }
         )
         print(f"  {self.path} | {self.pattern}: {len(self.texts) / sec:.0f} inputs/s", flush=True)
 
@@ -346,7 +363,6 @@ async def run(
     try:
         if "inprocess" not in skip:
             inproc = InProcess(a.dtype)
-            await inproc.run(sents[:256])
             for name, texts in sets.items():
                 ms.append(
                     Measurement(
@@ -369,16 +385,7 @@ async def run(
                         st.stack,
                     )
                 )
-            ms.append(
-                Measurement(
-                    "sentence-transformers",
-                    "sentences, 1 per encode call",
-                    sents,
-                    lambda s: st.per_call(sents, s),
-                    st.stack,
-                )
-            )
-        http: dict[str, tuple[str, str, Stack]] = {}
+        http: dict[str, tuple[str | list[str], str, Stack]] = {}
         if "project" not in skip:
             gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
             procs.append(gw)
@@ -387,6 +394,24 @@ async def run(
                 gw.url,
                 ls.API_KEY,
                 Stack.of(psutil.Process(gw.pid), psutil.Process(wk.pid)),
+            )
+        if "redis" not in skip:
+            # The queue on Redis: one replica with its worker; then clients split over that
+            # replica and a second one on the same Redis (the worker pulls through the first).
+            redis_proc = ls.start_redis(logs)
+            procs.append(redis_proc)
+            store = psutil.Process(redis_proc.pid)
+            on_redis = ["--pickup-timeout", "600", "--queue-url", redis_proc.url]
+            r1 = ls.start_gateway(logs, args=on_redis)
+            r2 = ls.start_gateway(logs, args=on_redis)
+            procs += [r1, r2]
+            wr = start_worker(r1.url, "suite-worker-redis", {})
+            roots = [psutil.Process(r1.pid), psutil.Process(wr.pid)]
+            http[REDIS] = (r1.url, ls.API_KEY, replace(Stack.of(*roots), store=store))
+            http[REPLICAS] = (
+                [r1.url, r2.url],
+                ls.API_KEY,
+                replace(Stack.of(*roots, psutil.Process(r2.pid)), store=store),
             )
         if "serve" not in skip:
             serve = ls.start_vllm_serve(
@@ -424,6 +449,8 @@ async def run(
         for path, (url, key, stack) in http.items():
             if path.endswith("2 workers"):
                 pats = [("sentences", 64, 8)]
+            elif path in (REDIS, REPLICAS):
+                pats = [("sentences", 64, 4), ("sentences", 1, 64)]
             else:
                 pats = [("sentences", 64, 4), ("sentences", 1, 64), ("documents", 64, 4)]
                 if path == "this project" and "this project, 2 workers" in http:
@@ -441,7 +468,15 @@ async def run(
                         stack,
                     )
                 )
-        for url, key, _ in http.values():  # first batches of a fresh engine are slower
+        # The same warm-up for every path (the first batches of a fresh engine are slower):
+        # 512 sentences and 8 documents through the path's own interface.
+        if inproc is not None:
+            await inproc.run(sents[:512])
+            await inproc.run(docs[:8])
+        if "st" not in skip:
+            await st.batched(sents[:512], lambda: None)
+            await st.batched(docs[:8], lambda: None)
+        for url, key, _ in http.values():
             await http_load(url, key, sents[:512], 64, 8)
             await http_load(url, key, docs[:8], 4, 2)
         print(f"all paths up; {len(ms)} measurements x {a.rounds} rounds", flush=True)
@@ -451,10 +486,12 @@ async def run(
             k = (r * len(ms)) // max(a.rounds, 1)
             for m in ms[k:] + ms[:k]:  # rotated order
                 await m.once()
-            for path in ("this project", "vllm serve"):  # low-load latency, interleaved too
-                if path in http:
-                    url, key, _ = http[path]
-                    lat[path] += await latencies(url, key, sents, a.latency_requests // a.rounds)
+            paths = [p for p in ("this project", REDIS, "vllm serve") if p in http]
+            k = r % len(paths) if paths else 0
+            for path in paths[k:] + paths[:k]:  # low-load latency, rotated too
+                url, key, _ = http[path]
+                assert isinstance(url, str)
+                lat[path] += await latencies(url, key, sents, a.latency_requests // a.rounds)
         out["measurements"] = [
             {"path": m.path, "pattern": m.pattern, "inputs": len(m.texts), "rounds": m.rounds}
             for m in ms
@@ -483,7 +520,9 @@ def main() -> int:
         "--dtype", default="auto", help='auto: what the worker\'s dtype = "auto" picks on this CPU'
     )
     ap.add_argument("--memory-sentences", type=int, default=100_000)
-    ap.add_argument("--skip", default="", help="comma-separated: inprocess,project,two,serve,st")
+    ap.add_argument(
+        "--skip", default="", help="comma-separated: inprocess,project,two,redis,serve,st"
+    )
     a = ap.parse_args()
     _env()
     cpu = CpuInfo.read()
@@ -518,7 +557,7 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(
         "\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
-        "CPU-s per 1k inputs: model process / rest of server |\n"
+        "CPU-s per 1k inputs: model process / rest of server / redis-server |\n"
         "| --- | --- | --- | --- | --- | --- |"
     )
     rate: dict[tuple[str, str], float] = {}
@@ -530,7 +569,8 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
         print(
             f"| {m.path} | {m.pattern} | {med:.0f} | {min(rs):.0f}-{max(rs):.0f} | "
             f"{m.median('tokens') / m.median('seconds'):.0f} | "
-            f"{m.median('model_cpu_s') * k:.2f} / {m.median('other_cpu_s') * k:.2f} |"
+            f"{m.median('model_cpu_s') * k:.2f} / {m.median('other_cpu_s') * k:.2f} / "
+            f"{m.median('store_cpu_s') * k:.2f} |"
         )
 
     def ratio(mine: tuple[str, str], other: tuple[str, str]) -> str:
@@ -551,11 +591,16 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
         "vs sentence-transformers batch 64, sentences 64/request x4": ratio(
             (P, big), ("sentence-transformers", "sentences, batch 64")
         ),
-        "vs sentence-transformers 1 per call, sentences 1/request x64": ratio(
-            (P, small), ("sentence-transformers", "sentences, 1 per encode call")
-        ),
         "vs sentence-transformers batch 64, documents": ratio(
             (P, "documents, 64/request x4"), ("sentence-transformers", "documents, batch 64")
+        ),
+        "Redis store vs memory store, sentences 64/request x4": ratio((REDIS, big), (P, big)),
+        "Redis store vs memory store, sentences 1/request x64": ratio((REDIS, small), (P, small)),
+        "2 replicas on Redis vs memory store, sentences 64/request x4": ratio(
+            (REPLICAS, big), (P, big)
+        ),
+        "2 replicas on Redis vs memory store, sentences 1/request x64": ratio(
+            (REPLICAS, small), (P, small)
         ),
         "2 workers vs 1 worker, sentences 64/request x8": ratio(
             ("this project, 2 workers", "sentences, 64/request x8"), (P, "sentences, 64/request x8")
@@ -574,10 +619,12 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
             f"latency, 1 sentence, sequential, {path}: p50 {p50[path]:.1f} ms, "
             f"p99 {xs[int(0.99 * (len(xs) - 1))]:.1f} ms ({len(xs)} requests)"
         )
-    if len(p50) == 2:
+    if P in p50 and "vllm serve" in p50:
         print(
             f"added latency p50 (this project - vllm serve): {p50[P] - p50['vllm serve']:+.1f} ms"
         )
+    if P in p50 and REDIS in p50:
+        print(f"added latency p50 (Redis store - memory store): {p50[REDIS] - p50[P]:+.1f} ms")
     if "memory" in R:
         m = R["memory"]
         print(
