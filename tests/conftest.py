@@ -83,9 +83,27 @@ def redis_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
     return getattr(request.node, "redis_url", None)
 
 
+GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "20"]
+
+
 @pytest.fixture(scope="session")
-def gateway(stack_dir: Path) -> Iterator[ls.Proc]:
-    proc = ls.start_gateway(stack_dir, args=["--lease-seconds", "8", "--pickup-timeout", "20"])
+def memory_gateway(stack_dir: Path) -> Iterator[ls.Proc]:
+    """The session's gateway, on the memory store."""
+    proc = ls.start_gateway(stack_dir, args=GATEWAY_ARGS)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(memory_gateway: ls.Proc) -> ls.Proc:
+    """The session's gateway (memory store); ``tests/backends.py`` makes it both stores."""
+    return memory_gateway
+
+
+@pytest.fixture(scope="session")
+def redis_gateway(redis_server: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
+    """A second session gateway, on the Redis store (the session's redis-server)."""
+    proc = ls.start_gateway(stack_dir, args=[*GATEWAY_ARGS, "--queue-url", redis_server.url])
     yield proc
     proc.stop()
 
@@ -104,8 +122,22 @@ def embed_worker_config(queue_url: str, **kw: object) -> str:
 
 
 @pytest.fixture(scope="session")
-def embed_worker(gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
-    proc = ls.start_worker(embed_worker_config(gateway.url), stack_dir, "embed-worker")
+def embed_worker(memory_embed_worker: ls.Proc) -> ls.Proc:
+    """The session's embedding worker (on the memory store's gateway)."""
+    return memory_embed_worker
+
+
+@pytest.fixture(scope="session")
+def memory_embed_worker(memory_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
+    proc = ls.start_worker(embed_worker_config(memory_gateway.url), stack_dir, "embed-worker")
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def redis_embed_worker(redis_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
+    proc = ls.start_worker(embed_worker_config(redis_gateway.url), stack_dir, "embed-worker-redis")
     yield proc
     code = proc.stop()
     assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"

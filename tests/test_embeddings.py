@@ -7,6 +7,8 @@ import base64
 import numpy as np
 import pytest
 
+# Every test here runs on both queue stores (the session gateways on memory and on Redis).
+from tests.backends import client, embed_worker, gateway, http, store  # noqa: F401
 from tests.conftest import MODEL, cosine, unit
 
 pytestmark = pytest.mark.slow  # real processes on loopback

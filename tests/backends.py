@@ -1,0 +1,50 @@
+"""The end-to-end stack on both queue stores: a module that imports these fixtures runs each
+of its tests twice, against the session gateway on the memory store and against the one on
+the Redis store (each with its own all-MiniLM-L6-v2 worker). Tests read ``gateway``,
+``embed_worker``, ``client`` and ``http`` as usual."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from devstack import localstack as ls
+
+STORES = ["memory", "redis"]
+
+
+@pytest.fixture(scope="module", params=STORES)
+def store(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def gateway(store: str, request: pytest.FixtureRequest) -> ls.Proc:
+    name = "memory_gateway" if store == "memory" else "redis_gateway"
+    proc: ls.Proc = request.getfixturevalue(name)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def embed_worker(store: str, request: pytest.FixtureRequest) -> ls.Proc:
+    name = "memory_embed_worker" if store == "memory" else "redis_embed_worker"
+    proc: ls.Proc = request.getfixturevalue(name)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def client(gateway: ls.Proc, embed_worker: ls.Proc) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(gateway: ls.Proc, embed_worker: ls.Proc) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+    ) as c:
+        yield c
