@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -67,14 +68,17 @@ def redis_server(stack_dir: Path) -> Iterator[ls.Proc]:
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.slow)])
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """Runs a test against both queue stores (the Redis one on a real, emptied server)."""
+    """Runs a test against both queue stores (the Redis one on a real server, in a database of
+    its own emptied for the test)."""
     kind: str = request.param
     if kind == "redis":
         import redis
 
         server = request.getfixturevalue("redis_server")
-        redis.Redis.from_url(server.url).flushall()
-        request.node.redis_url = server.url
+        # Database 1, emptied for each test; the session's Redis gateway keeps database 0.
+        url = server.url.rsplit("/", 1)[0] + "/1"
+        redis.Redis.from_url(url).flushdb()
+        request.node.redis_url = url
     return kind
 
 
@@ -202,6 +206,17 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(unit(a) * unit(b), axis=-1)
+
+
+#: Lines fault tests report (requests sent, lost, ...): printed at the end of the run.
+FAULT_REPORTS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAULT_REPORTS:
+        terminalreporter.section("fault tests")
+        for line in FAULT_REPORTS:
+            terminalreporter.write_line(line)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from devstack import localstack as ls
-from tests.conftest import MODEL, cosine, embed_worker_config, unit
+from tests.conftest import FAULT_REPORTS, MODEL, cosine, embed_worker_config, unit
 from tests.support import metric
 
 pytestmark = pytest.mark.slow  # real processes on loopback
@@ -97,7 +97,8 @@ def total(replicas: list[ls.Proc], name: str, **labels: str) -> float:
 
 
 def report(test: str, **counts: Any) -> None:
-    print(f"\n[{test}] " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    """Printed in the run's summary (``fault tests`` section), also when the test passes."""
+    FAULT_REPORTS.append(f"[{test}] " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 def test_two_replicas_share_one_queue(
