@@ -58,6 +58,8 @@ T = TypeVar("T")
 PREFIX = "iw:"
 GROUP = "workers"
 RELEASED = "~released"
+#: Seconds an answer that arrived before its request's futures is kept for them.
+EARLY_RESULT_SECONDS = 60.0
 #: Seconds between two heartbeats of a replica.
 HEARTBEAT_SECONDS = 5.0
 #: Seconds a replica's heartbeat key (and its reply stream) outlives its last beat: inputs of
@@ -320,6 +322,9 @@ class RedisStore(QueueStore):
         self.replica = uuid.uuid4().hex[:12]
         self._reply_key = f"{PREFIX}reply:{self.replica}"
         self._futures: dict[str, asyncio.Future[ItemResult]] = {}
+        #: Results read before submit() registered their futures (a busy event loop can see a
+        #: fast worker's answer before the SUBMIT reply): item id -> (monotonic s, result).
+        self._early: dict[str, tuple[float, ItemResult]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._adverts: dict[str, tuple[float, ModelAdvert | None]] = {}  # model -> (at, advert)
         self._lease_ms = int(lease_seconds * 1000)
@@ -413,11 +418,22 @@ class RedisStore(QueueStore):
                 for entry_id, fields in entries:
                     ids.append(entry_id)
                     last = entry_id
-                    future = self._futures.pop(fields[b"i"].decode(), None)
-                    if future is not None and not future.done():
-                        future.set_result(ItemResult.model_validate_json(fields[b"r"]))
+                    item_id = fields[b"i"].decode()
+                    result = ItemResult.model_validate_json(fields[b"r"])
+                    future = self._futures.pop(item_id, None)
+                    if future is None:  # answered before submit() registered its futures
+                        self._early[item_id] = (time.monotonic(), result)
+                    elif not future.done():
+                        future.set_result(result)
+                self._forget_early()
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.xdel(self._reply_key, *ids)
+
+    def _forget_early(self) -> None:
+        """Drop early results nobody claimed within :data:`EARLY_RESULT_SECONDS`."""
+        cutoff = time.monotonic() - EARLY_RESULT_SECONDS
+        for item_id in [k for k, (at, _) in self._early.items() if at < cutoff]:
+            del self._early[item_id]
 
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
@@ -433,6 +449,11 @@ class RedisStore(QueueStore):
         item_ids = [f"{entry.decode()}@{key}" for entry in value]
         futures = [loop.create_future() for _ in item_ids]
         self._futures.update(zip(item_ids, futures, strict=True))
+        for item_id, future in zip(item_ids, futures, strict=True):
+            early = self._early.pop(item_id, None)
+            if early is not None:
+                self._futures.pop(item_id, None)
+                future.set_result(early[1])
         return Request(model, task, item_ids, futures)
 
     async def cancel(self, request: Request) -> None:
