@@ -110,14 +110,20 @@ return {0, ids}
 )
 
 #: KEYS: stream. ARGV: group, worker, lease_ms, max_items, token budget (-1: none),
-#: max_attempts, key prefix. Takes expired and released leases first (oldest first), then new
-#: entries. Returns {{id, spec, attempt, tokens}..., dead, expired, dropped}.
+#: max_attempts, key prefix, then the worker's registration (none: ''): its adverts as JSON,
+#: their TTL in ms, then (model, advert JSON) pairs. Takes expired and released leases first
+#: (oldest first), then new entries. Returns {{id, spec, attempt, tokens}..., dead, expired,
+#: dropped}.
 _PULL = (
     _LUA_HELPERS
     + """
 local key, group, worker = KEYS[1], ARGV[1], ARGV[2]
 local lease_ms, max_items = tonumber(ARGV[3]), tonumber(ARGV[4])
 local budget, max_att, prefix = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+if ARGV[8] ~= '' then
+  redis.call('SET', prefix .. 'worker:' .. worker, ARGV[8], 'PX', ARGV[9])
+  for i = 10, #ARGV, 2 do redis.call('SET', prefix .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
+end
 pcall(redis.call, 'XGROUP', 'CREATE', key, group, '0', 'MKSTREAM')
 local out, dead, expired, dropped, tokens = {}, 0, 0, 0, 0
 local function full() return #out >= max_items or (budget >= 0 and tokens >= budget) end
@@ -167,20 +173,22 @@ return out
 """
 )
 
-#: ARGV: group, worker, max_attempts, lease_ms, prefix, then per result: item id, lease
-#: deliveries, kind (ok | final | retry), result JSON, error message. Returns {accepted,
-#: ignored, dead-lettered item ids...}.
+#: ARGV: group, worker, max_attempts, lease_ms, prefix, this replica, then per result: item
+#: id, lease deliveries, kind (ok | final | retry), result JSON, error message. Returns a
+#: status per result: 'a' accepted (answer in its replica's reply stream, or requeued), 'l'
+#: accepted, the client is this replica's (answer it here: no reply stream), 'd' dead letter,
+#: 'i' ignored.
 _COMPLETE = (
     _LUA_HELPERS
     + """
-local group, worker, max_att, lease_ms, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]),
-  tonumber(ARGV[4]), ARGV[5]
-local accepted, ignored, dead = 0, 0, {}
-for i = 6, #ARGV, 5 do
+local group, worker, max_att, lease_ms, prefix, here = ARGV[1], ARGV[2], tonumber(ARGV[3]),
+  tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local out = {}
+for i = 7, #ARGV, 5 do
   local item, lease_d, kind, result, message = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
     ARGV[i + 3], ARGV[i + 4]
   local at = string.find(item, '@', 1, true)
-  local p = {}
+  local status, p = 'i', {}
   if at then
     local id, key = string.sub(item, 1, at - 1), string.sub(item, at + 1)
     local ok, pend = pcall(redis.call, 'XPENDING', key, group, 'IDLE', 0, id, id, 1)
@@ -189,28 +197,31 @@ for i = 6, #ARGV, 5 do
       local owner, deliveries = p[1][2], tonumber(p[1][4])
       local entry = redis.call('XRANGE', key, id, id)[1]
       if entry == nil then
-        redis.call('XACK', key, group, id); ignored = ignored + 1
+        redis.call('XACK', key, group, id)
       elseif kind == 'retry' then
-        if owner ~= worker or deliveries ~= lease_d then
-          ignored = ignored + 1
-        elseif deliveries >= max_att then
-          dead_letter(key, group, id, tbl(entry[2]).r, deliveries, message, prefix)
-          accepted = accepted + 1; dead[#dead + 1] = item
-        else
-          redis.call('XCLAIM', key, group, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
-          accepted = accepted + 1
+        if owner == worker and deliveries == lease_d then
+          if deliveries >= max_att then
+            dead_letter(key, group, id, tbl(entry[2]).r, deliveries, message, prefix)
+            status = 'd'
+          else
+            redis.call('XCLAIM', key, group, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
+            status = 'a'
+          end
         end
       else
-        redis.call('XADD', prefix .. 'reply:' .. tbl(entry[2]).r, '*', 'i', item, 'r', result)
+        local replica = tbl(entry[2]).r
+        if replica == here then
+          status = 'l'
+        else
+          redis.call('XADD', prefix .. 'reply:' .. replica, '*', 'i', item, 'r', result)
+          status = 'a'
+        end
         redis.call('XACK', key, group, id); redis.call('XDEL', key, id)
-        accepted = accepted + 1
       end
     end
   end
-  if #p == 0 then ignored = ignored + 1 end
+  out[#out + 1] = status
 end
-local out = {accepted, ignored}
-for _, item in ipairs(dead) do out[#out + 1] = item end
 return out
 """
 )
@@ -325,6 +336,10 @@ class RedisStore(QueueStore):
         #: Results read before submit() registered their futures (a busy event loop can see a
         #: fast worker's answer before the SUBMIT reply): item id -> (monotonic s, result).
         self._early: dict[str, tuple[float, ItemResult]] = {}
+        #: Specs of the items this replica handed out (item id -> (monotonic s, spec JSON)):
+        #: a worker usually posts to the replica it pulled from, which then checks the results
+        #: without reading the specs back from Redis.
+        self._handed: dict[str, tuple[float, bytes]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._adverts: dict[str, tuple[float, ModelAdvert | None]] = {}  # model -> (at, advert)
         self._lease_ms = int(lease_seconds * 1000)
@@ -390,6 +405,7 @@ class RedisStore(QueueStore):
         every pull); survives Redis outages."""
         while True:
             await asyncio.sleep(min(HEARTBEAT_SECONDS, self.lease_seconds / 2))
+            self._forget_handed()
             try:
                 await self._beat()
                 await self.reap()
@@ -418,22 +434,34 @@ class RedisStore(QueueStore):
                 for entry_id, fields in entries:
                     ids.append(entry_id)
                     last = entry_id
-                    item_id = fields[b"i"].decode()
                     result = ItemResult.model_validate_json(fields[b"r"])
-                    future = self._futures.pop(item_id, None)
-                    if future is None:  # answered before submit() registered its futures
-                        self._early[item_id] = (time.monotonic(), result)
-                    elif not future.done():
-                        future.set_result(result)
+                    self._resolve(fields[b"i"].decode(), result)
                 self._forget_early()
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.xdel(self._reply_key, *ids)
+
+    def _resolve(self, item_id: str, result: ItemResult) -> None:
+        """Answer a waiting client of this replica (or keep the answer for submit())."""
+        future = self._futures.pop(item_id, None)
+        if future is None:  # answered before submit() registered its futures
+            self._early[item_id] = (time.monotonic(), result)
+        elif not future.done():
+            future.set_result(result)
 
     def _forget_early(self) -> None:
         """Drop early results nobody claimed within :data:`EARLY_RESULT_SECONDS`."""
         cutoff = time.monotonic() - EARLY_RESULT_SECONDS
         for item_id in [k for k, (at, _) in self._early.items() if at < cutoff]:
             del self._early[item_id]
+
+    def _forget_handed(self) -> None:
+        """Drop cached specs of items handed out more than two leases ago (their results, if
+        any come, have the specs read from Redis)."""
+        cutoff = time.monotonic() - 2 * self.lease_seconds
+        for item_id, (at, _) in list(self._handed.items()):
+            if at >= cutoff:
+                break  # insertion order is hand-out order
+            del self._handed[item_id]
 
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
@@ -486,13 +514,14 @@ class RedisStore(QueueStore):
         return any(rows and rows[0]["times_delivered"] > 0 for rows in found)
 
     # --- worker side --------------------------------------------------------------------
-    async def _register(self, worker_id: str, adverts: list[ModelAdvert]) -> None:
+    def _registration(self, adverts: list[ModelAdvert]) -> list[Any]:
+        """The PULL script's registration arguments: the worker's adverts (TTL = the worker
+        TTL) and each model's latest advert."""
         blob = json.dumps([a.model_dump(exclude_none=True) for a in adverts])
-        async with self.redis.pipeline(transaction=False) as p:
-            p.set(f"{PREFIX}worker:{worker_id}", blob, px=max(1, int(self.worker_ttl * 1000)))
-            for adv in adverts:
-                p.set(f"{PREFIX}advert:{adv.name}", adv.model_dump_json(exclude_none=True))
-            await self._call(p.execute())
+        out: list[Any] = [blob, max(1, int(self.worker_ttl * 1000))]
+        for adv in adverts:
+            out += [adv.name, adv.model_dump_json(exclude_none=True)]
+        return out
 
     async def pull(
         self,
@@ -505,8 +534,7 @@ class RedisStore(QueueStore):
         keys = [stream_key(a.name, t) for a in adverts for t in a.tasks]
         deadline = time.monotonic() + wait_seconds
         while True:
-            await self._register(worker_id, adverts)
-            out = await self._take(worker_id, keys, max_items, max_tokens)
+            out = await self._take(worker_id, keys, max_items, max_tokens, adverts)
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 return out
@@ -545,10 +573,22 @@ class RedisStore(QueueStore):
         return out
 
     async def _take(
-        self, worker_id: str, keys: list[str], max_items: int, max_tokens: int | None
+        self,
+        worker_id: str,
+        keys: list[str],
+        max_items: int,
+        max_tokens: int | None,
+        adverts: list[ModelAdvert],
     ) -> list[WorkItem]:
-        """Lease up to ``max_items`` (and ``max_tokens``, at least one input) across ``keys``
-        round-robin: each key a fair share per round, the result interleaved key by key."""
+        """Register the worker and lease up to ``max_items`` (and ``max_tokens``, at least one
+        input) across ``keys`` round-robin: each key a fair share per round, the result
+        interleaved key by key."""
+        register = self._registration(adverts)
+        if not keys:  # nothing to pull from: the registration alone
+            await self._call(
+                self.redis.set(f"{PREFIX}worker:{worker_id}", register[0], px=register[1])
+            )
+            return []
         taken: dict[str, list[WorkItem]] = {k: [] for k in keys}
         remaining = max_items
         budget = max_tokens if max_tokens is not None else -1
@@ -558,7 +598,8 @@ class RedisStore(QueueStore):
             for key in list(active):
                 if remaining <= 0 or budget == 0:
                     break
-                got = await self._take_from(worker_id, key, min(share, remaining), budget)
+                got = await self._take_from(worker_id, key, min(share, remaining), budget, register)
+                register = [""]  # registered by the first call
                 taken[key] += got
                 remaining -= len(got)
                 if budget >= 0:
@@ -570,14 +611,13 @@ class RedisStore(QueueStore):
             out += [v[turn] for v in taken.values() if turn < len(v)]
         return out
 
-    async def _take_from(self, worker_id: str, key: str, n: int, budget: int) -> list[WorkItem]:
-        """One PULL script call on one stream; ``budget`` -1 for none."""
-        rows = await self._call(
-            self._pull(
-                keys=[key],
-                args=[GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts, PREFIX],
-            )
-        )
+    async def _take_from(
+        self, worker_id: str, key: str, n: int, budget: int, register: list[Any]
+    ) -> list[WorkItem]:
+        """One PULL script call on one stream; ``budget`` -1 for none; ``register``: see
+        :meth:`_registration` (``[""]``: none)."""
+        args: list[Any] = [GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts, PREFIX]
+        rows = await self._call(self._pull(keys=[key], args=args + register))
         *taken, dead, expired, _dropped = rows
         model = _model_of(key)
         if dead:
@@ -599,8 +639,11 @@ class RedisStore(QueueStore):
             metrics.QUEUE_WAIT.labels(model).observe(max(0.0, waited_ms) / 1000)
         else:
             metrics.REDELIVERIES.labels(model).inc()
+        item_id = f"{entry_id}@{key}"
+        self._handed.pop(item_id, None)  # re-inserted last: the dict stays in hand-out order
+        self._handed[item_id] = (time.monotonic(), spec)
         return WorkItem(
-            item_id=f"{entry_id}@{key}",
+            item_id=item_id,
             lease_id=f"{attempt}:{worker_id}",
             lease_seconds=self.lease_seconds,
             attempt=attempt,
@@ -612,9 +655,12 @@ class RedisStore(QueueStore):
         done = Completion()
         specs = await self._specs([r.item_id for r in results])
         args: list[Any] = [GROUP, worker_id, self.max_attempts, self._lease_ms, PREFIX]
+        args.append(self.replica)
+        checked_all: list[ItemResult] = []
         for res in results:
             spec = specs.get(res.item_id)
             checked = res if spec is None else check_result(res, spec)
+            checked_all.append(checked)
             if checked is not res:
                 done.rejected += 1
             if checked.error is None:
@@ -629,23 +675,40 @@ class RedisStore(QueueStore):
                 checked.model_dump_json(exclude_none=True),
                 checked.error.message if checked.error else "",
             ]
-        accepted, ignored, *dead = await self._call(self._complete(args=args))
-        # A rejected result counts as a failed attempt of its item, not as accepted.
-        done.accepted = max(0, int(accepted) - done.rejected)
-        done.ignored = int(ignored)
-        for item in dead:
-            metrics.DEAD_LETTERS.labels(_model_of(item.decode().partition("@")[2])).inc()
+        statuses = await self._call(self._complete(args=args))
+        for res, checked, raw in zip(results, checked_all, statuses, strict=True):
+            status = raw.decode()
+            if status == "i":
+                done.ignored += 1
+                continue
+            self._handed.pop(res.item_id, None)
+            # A rejected result counts as a failed attempt of its item, not as accepted.
+            done.accepted += checked is res
+            if status == "l":
+                self._resolve(res.item_id, checked)
+            elif status == "d":
+                metrics.DEAD_LETTERS.labels(_model_of(res.item_id.partition("@")[2])).inc()
         return done
 
     async def _specs(self, item_ids: list[str]) -> dict[str, ItemSpec]:
-        """The specs of still-queued items (to check their results against)."""
+        """The specs of the items (to check their results against): this replica's cache of
+        what it handed out, else read from the still-queued entries."""
+        out: dict[str, ItemSpec] = {}
+        missing: list[str] = []
+        for item_id in item_ids:
+            cached = self._handed.get(item_id)
+            if cached is None:
+                missing.append(item_id)
+            else:
+                out[item_id] = ItemSpec.model_validate_json(cached[1])
+        if not missing:
+            return out
         async with self.redis.pipeline(transaction=False) as p:
-            for item_id in item_ids:
+            for item_id in missing:
                 entry, _, key = item_id.partition("@")
                 p.xrange(key, min=entry, max=entry, count=1)
             rows = await self._call(p.execute())
-        out: dict[str, ItemSpec] = {}
-        for item_id, found in zip(item_ids, rows, strict=True):
+        for item_id, found in zip(missing, rows, strict=True):
             if found:
                 out[item_id] = ItemSpec.model_validate_json(found[0][1][b"s"])
         return out

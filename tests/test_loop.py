@@ -169,6 +169,20 @@ async def test_an_unexpected_error_is_retried_on_a_later_delivery(client, start_
     assert w.engine.runs == [("crash-once:x y", 1), ("crash-once:x y", 2)]
 
 
+async def test_an_unexpected_error_every_time_ends_in_the_dead_letter(client, start_worker, caplog):
+    w = await start_worker()
+    r = await embed(client, ["crash:always"])
+    # retryable each time (another delivery may succeed), then the dead letter quoting it
+    assert w.engine.runs == [("crash:always", 1), ("crash:always", 2), ("crash:always", 3)]
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["code"] == "max_attempts_exceeded"
+    assert "the last attempt failed: RuntimeError: injected crash" in error["message"]
+    logged = [rec for rec in caplog.records if rec.getMessage().endswith("failed unexpectedly")]
+    assert len(logged) == 3  # with the traceback, at ERROR
+    assert all(rec.exc_info is not None and rec.levelname == "ERROR" for rec in logged)
+
+
 async def test_items_in_flight_stay_within_capacity(client, start_worker):
     w = await start_worker(max_items_in_flight=4)
     r = await embed(client, ["slow:0.02:" + str(i) for i in range(24)])
@@ -238,6 +252,32 @@ async def test_engine_death_exits_1_and_releases_with_the_attempt_counted(client
     # Released at once, and the death counted as an attempt of both (the queue cannot know
     # which input killed the engine; one that kills every engine ends in the dead letter).
     assert sorted(second.engine.runs) == [("fast:bystander", 2), ("fast:now", 2)]
+
+
+async def test_engine_death_is_logged_once_with_its_cause(client, start_worker, caplog):
+    w = await start_worker()
+    request = asyncio.create_task(embed(client, ["die:one", "die:two"]))
+    assert await asyncio.wait_for(w.task, 10) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["vLLM engine failed (injected engine death); stopping"]
+    request.cancel()  # its inputs wait for another worker
+
+
+async def test_an_unexpected_error_from_a_dead_engine_is_engine_death(client, start_worker, caplog):
+    engine = FakeEngine()
+
+    async def dies_oddly(item: Any, prompt: Any) -> Any:
+        engine.alive = False
+        raise OSError("pipe closed")
+
+    engine.run = dies_oddly  # type: ignore[method-assign]
+    w = await start_worker(engine=engine)
+    request = asyncio.create_task(embed(client, ["a", "b"]))
+    assert await asyncio.wait_for(w.task, 10) == 1
+    assert not w.worker.health.alive()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["vLLM engine failed (OSError: pipe closed); stopping"]
+    request.cancel()  # its inputs wait for another worker
 
 
 async def test_an_engine_that_dies_idle_is_noticed(start_worker):

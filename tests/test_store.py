@@ -224,7 +224,10 @@ async def test_dead_letter_after_max_attempts_without_a_result(store, store_kind
     assert attempts == [1, 2, 3]
     (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
     assert result.error is not None and result.error.code == ErrorCode.MAX_ATTEMPTS_EXCEEDED
-    assert "3 times" in result.error.message
+    assert result.error.message == (
+        "the input was delivered to workers 3 times without a result; giving up"
+    )
+    assert result.lease_id == ""
     assert counter(metrics.DEAD_LETTERS, "m") == before + 1
     assert await pull(store, n=1) == []  # not cycling
 
@@ -251,7 +254,10 @@ async def test_retryable_errors_to_the_last_attempt_are_dead_lettered(store):
         await store.complete("w", [failed(leased, retryable=True)])
     (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
     assert result.error is not None and result.error.code == ErrorCode.MAX_ATTEMPTS_EXCEEDED
-    assert "boom" in result.error.message
+    assert result.error.message == (
+        "the input was delivered to workers 3 times without a result "
+        "(the last attempt failed: boom); giving up"
+    )
     assert counter(metrics.DEAD_LETTERS, "m") == before + 1
     assert await pull(store, n=1) == []
 
@@ -297,8 +303,12 @@ async def test_release_hands_back_to_the_front_without_counting_an_attempt(store
     assert await store.release("someone-else", [(x.item_id, x.lease_id)]) == 0
     assert await store.release("draining", [(x.item_id, x.lease_id)]) == 1
     assert await store.release("draining", [(x.item_id, x.lease_id)]) == 0  # no longer leased
+    no_lease = failed(x, retryable=True).model_copy(update={"lease_id": ""})
+    assert (await store.complete("draining", [no_lease])).ignored == 1  # waiting, not leased
     again, y = await pull(store, n=2, worker="other")
     assert again.item_id == x.item_id and again.attempt == 1 and y.text == "y"
+    assert await store.release("other", [(i.item_id, i.lease_id) for i in (again, y)]) == 2
+    assert sorted((i.text, i.attempt) for i in await pull(store, n=2)) == [("x", 1), ("y", 1)]
 
 
 async def test_a_dying_workers_release_counts_the_attempt(store):
@@ -369,7 +379,8 @@ async def test_the_queue_is_bounded(store):
     await store.submit([spec(str(i)) for i in range(15)])
     with pytest.raises(QueueFull) as e:
         await store.submit([spec(str(i)) for i in range(6)])  # 15 + 6 > 20
-    assert (e.value.queued, e.value.limit) == (15, 20)
+    assert (e.value.model, e.value.queued, e.value.limit) == ("m", 15, 20)
+    assert str(e.value) == "15 inputs wait for 'm' (limit 20)"
     assert await store.depth() == {"m": 15}  # nothing of it was queued
     await store.submit([spec(str(i)) for i in range(5)])  # 20 is still fine
     await pull(store, n=10)
@@ -383,6 +394,22 @@ async def test_depth_and_leased_per_model(store):
     await pull(store, n=1)
     assert await store.depth() == {"m": 2, "n": 1}
     assert await store.leased() == {"m": 1}
+    # per model: its tasks' queues add up
+    await store.submit([ItemSpec(model="m", task="score", text="s", return_logits=[1])])
+    assert await store.depth() == {"m": 3, "n": 1}
+
+
+async def test_cancel_ends_the_unanswered_inputs_and_can_be_repeated(store):
+    request = await store.submit([spec("a"), spec("b"), spec("c")])
+    (a,) = await pull(store, n=1)
+    await store.complete("w", [ok(a)])
+    (b,) = await pull(store, n=1)  # leased while the client goes away
+    await store.cancel(request)
+    await store.cancel(request)  # again: nothing left to do, no error
+    assert request.futures[0].done() and not request.futures[0].cancelled()
+    assert all(f.cancelled() for f in request.futures[1:])
+    assert await store.depth() == {} and await store.leased() == {}
+    assert (await store.complete("w", [ok(b)])).ignored == 1  # its late result goes nowhere
 
 
 async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):
@@ -410,3 +437,76 @@ async def test_a_worker_in_a_long_poll_stays_live(store, store_kind, clock):
     assert (await store.available_models())["m"][1] == 1
     await store.submit([spec("x")])
     assert len(await waiting) == 1
+
+
+@pytest.mark.slow
+async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
+    """Two Redis store replicas: a worker pulls through one and posts through either. A
+    result reaches the client's replica (answered in place, or through its reply stream), and
+    a replica that did not hand the item out checks the result against the spec in Redis."""
+    import redis
+
+    from gateway.redis_store import RedisStore
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    redis.Redis.from_url(url).flushdb()
+    a, b = (RedisStore(url, lease_seconds=5, max_attempts=3) for _ in range(2))
+    await a.start()
+    await b.start()
+    try:
+        mine = await a.submit([spec("x", dimensions=2), spec("y", dimensions=2)])
+        x, y = await pull(b, n=2, worker="w")
+        bad = ItemResult(item_id=x.item_id, lease_id=x.lease_id, vector_b64="AAA")
+        assert (await a.complete("w", [bad])).rejected == 1  # the spec read from Redis
+        two = encode_vector(np.array([0.6, 0.8], np.float32))
+        # y answered through B (A's reply stream), x's retry through A (in place)
+        y_done = ItemResult(item_id=y.item_id, lease_id=y.lease_id, vector_b64=two)
+        assert (await b.complete("w", [y_done])).accepted == 1
+        (x2,) = await pull(b, n=1, worker="w")
+        x_done = ItemResult(item_id=x2.item_id, lease_id=x2.lease_id, vector_b64=two)
+        assert (await a.complete("w", [x_done])).accepted == 1
+        results = await a.wait(mine, pickup_timeout=1, request_timeout=5)
+        assert [r.vector_b64 for r in results] == [two, two]
+        assert await a.depth() == {} and await b.leased() == {}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):
+    """Memory store: the TTL boundary on its clock (Redis' key TTL is Redis' own)."""
+    from gateway.memory_store import MemoryStore
+
+    store = MemoryStore(clock=clock, lease_seconds=LEASE, worker_ttl_seconds=TTL)
+    await store.start()
+    try:
+        await pull(store, n=1, worker="w1")
+        clock.advance(TTL)
+        assert (await store.available_models())["m"][1] == 1
+        clock.advance(0.001)
+        assert await store.available_models() == {}
+    finally:
+        await store.close()
+
+
+async def test_a_store_that_cannot_tell_whether_inputs_were_taken_keeps_waiting(clock):
+    """FAKE fault: a memory store whose ``any_taken`` raises StoreUnavailable, as the Redis
+    store's does while Redis is down. The request is not failed as "no worker" (503) at the
+    pickup timeout; it waits to the request timeout."""
+    from gateway.memory_store import MemoryStore
+    from gateway.store import StoreUnavailable
+
+    class Unreachable(MemoryStore):
+        async def any_taken(self, request: Any) -> bool:
+            raise StoreUnavailable("Redis: injected")
+
+    store = Unreachable(lease_seconds=LEASE)
+    await store.start()
+    try:
+        request = await store.submit([spec("a")])
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            await store.wait(request, pickup_timeout=0.05, request_timeout=0.3)
+        assert time.monotonic() - t0 >= 0.25
+    finally:
+        await store.close()
