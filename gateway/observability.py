@@ -62,11 +62,18 @@ async def update_queue_gauges(store: QueueStore) -> None:
             gauge.labels(model).set(n)
 
 
+#: The ``route`` label of a request to a path no route matches (one label for all of them,
+#: so made-up paths cannot grow ``/metrics``).
+UNMATCHED_ROUTE = "unmatched"
+
+
 class RequestMetrics:
     """ASGI middleware: ``inference_gateway_requests_total{route,status}`` and
     ``inference_gateway_request_duration_seconds{route}`` (seconds) for the client routes
-    (``/v1/...``). Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which costs a
-    task group and a memory stream per request."""
+    (``/v1/...``). ``route`` is the matched route's template (e.g. ``/v1/embeddings``), or
+    :data:`UNMATCHED_ROUTE`: a fixed set of labels whatever paths clients send. Plain ASGI
+    rather than Starlette's ``BaseHTTPMiddleware``, which costs a task group and a memory
+    stream per request."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -88,5 +95,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            matched = scope.get("route")  # set by the router on the shared scope
+            route = getattr(matched, "path", None) or UNMATCHED_ROUTE
             metrics.REQUESTS.labels(route, str(status)).inc()
             metrics.REQUEST_DURATION.labels(route).observe(time.monotonic() - t0)
