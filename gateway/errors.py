@@ -31,6 +31,9 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        # A message may quote client text: lone surrogates (valid JSON, not Unicode) are
+        # escaped so that the error can always be rendered.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.headers = headers
         self.status = status

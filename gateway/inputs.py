@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from gateway.api_models import MAX_INPUTS, EmbeddingRequest, RerankRequest
 from gateway.errors import APIError
 from worker import prompts
@@ -120,6 +122,37 @@ def check_inputs(items: list[Any], field: str) -> None:
                 else "token array"
             )
             raise APIError(400, f"{field}[{i}] is an empty {what}.", param=field)
+
+
+def check_unicode(value: Any, where: str) -> None:
+    """Raises APIError(400) naming the place (e.g. ``input[3]``) of the first string in
+    ``value`` (a request's field: strings, arrays and objects of them) that is not Unicode
+    text: a lone surrogate such as ``"\\ud800"`` is valid JSON but cannot be encoded."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(
+                400,
+                f"{where if '[' in where else repr(where)} is not valid Unicode: a lone "
+                f"surrogate at character {e.start}.",
+                param=where.split("[", 1)[0],
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, where)
+            check_unicode(v, where)
+    elif isinstance(value, list):
+        if value and not isinstance(value[0], (str, dict, list)):
+            return  # token ids
+        for i, v in enumerate(value):
+            check_unicode(v, f"{where}[{i}]" if where in ("input", "documents") else where)
+
+
+def check_request_unicode(req: BaseModel) -> None:
+    """:func:`check_unicode` over every field of a client request, before anything else."""
+    for name in type(req).model_fields:
+        check_unicode(getattr(req, name), name)
 
 
 def check_template(template: str) -> str:

@@ -139,6 +139,7 @@ class Serving:
         self, req: EmbeddingRequest, disconnected: Disconnected | None = None
     ) -> EmbeddingResponse:
         """``POST /v1/embeddings``: vectors, or the selected logits with ``return_logits``."""
+        inputs.check_request_unicode(req)
         task: Task = "embed" if req.return_logits is None else "score"
         specs = inputs.embedding_specs(req, task)
         advert = await self.check_model(req.model, task)
@@ -164,6 +165,7 @@ class Serving:
         self, req: RerankRequest, disconnected: Disconnected | None = None
     ) -> RerankResponse:
         """``POST /v1/rerank``: documents sorted by P(true token), cut to ``top_n``."""
+        inputs.check_request_unicode(req)
         advert = await self.check_model(req.model, "score")
         if advert is None or advert.rerank is None:
             raise APIError(

@@ -10,6 +10,22 @@ import pytest
 from tests.support import FakeClock, InProcessGateway, metric
 
 
+#: A pull that makes model ``m`` known (embed and score, with a rerank prompt).
+ADVERTISE = {
+    "worker_id": "w",
+    "models": [
+        {
+            "name": "m",
+            "checkpoint_name": "c",
+            "tasks": ["embed", "score"],
+            "rerank": {"template": "{query} {document}", "false_token_id": 0, "true_token_id": 1},
+        }
+    ],
+    "max_items": 1,
+    "wait_seconds": 0,
+}
+
+
 @pytest.fixture
 async def gw() -> AsyncIterator[InProcessGateway]:
     async with InProcessGateway(FakeClock(), pickup_timeout_seconds=0.2) as g:
@@ -32,3 +48,36 @@ async def test_made_up_paths_share_one_route_label(gw):
     )
     assert len(after) - len(before) < 2_000  # one new label set, not 300
     assert metric(after, "inference_gateway_requests_total", route="/v1/models") >= 1
+
+
+@pytest.mark.parametrize(
+    "path,body,where",
+    [
+        ("/v1/embeddings", b'{"model":"m","input":["fine","bad \\ud800 text"]}', "input[1]"),
+        (
+            "/v1/embeddings",
+            b'{"model":"m","input":[{"a":"\\ud800"}],"prompt_template":"{a}"}',
+            "input[0]",
+        ),
+        (
+            "/v1/embeddings",
+            b'{"model":"m","input":"x","prompt_template":"{text}\\udfff"}',
+            "'prompt_template'",
+        ),
+        ("/v1/embeddings", b'{"model":"m\\ud800","input":"x"}', "'model'"),
+        ("/v1/rerank", b'{"model":"m","query":"q","documents":["a","\\ud800"]}', "documents[1]"),
+        ("/v1/rerank", b'{"model":"m","query":"\\ud800","documents":["a"]}', "'query'"),
+    ],
+)
+async def test_a_lone_surrogate_is_a_400_naming_the_input_and_nothing_is_queued(
+    gw, path, body, where
+):
+    """Finding: a lone surrogate (valid JSON, not Unicode) was a plain-text 500 and the
+    request's earlier inputs stayed orphaned in the queue."""
+    await gw.worker.post("/pull", json=ADVERTISE)
+    r = await gw.client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(f"{where} is not valid Unicode: a lone surrogate")
+    assert error["type"] == "invalid_request_error"
+    assert await gw.store.depth() == {}
