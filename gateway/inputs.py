@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from gateway.api_models import MAX_INPUTS, EmbeddingRequest, RerankRequest
 from gateway.errors import APIError
 from worker import prompts
-from worker.protocol import ItemSpec, ModelAdvert, RerankSpec, Task
+from worker.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, RerankSpec, Task
 
 
 def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
@@ -168,11 +168,19 @@ def check_template(template: str) -> str:
 
 
 def check_logit_ids(ids: list[int], advert: ModelAdvert | None) -> None:
-    """Reject an empty ``return_logits`` or ids outside the model's vocabulary up front."""
+    """Reject an empty ``return_logits``, more than :data:`MAX_LOGIT_IDS` ids, or ids outside
+    the model's vocabulary up front (APIError 400, code ``invalid_token_ids``)."""
     if not ids:
         raise APIError(
             400,
             "'return_logits' must list at least one token id.",
+            param="return_logits",
+            code="invalid_token_ids",
+        )
+    if len(ids) > MAX_LOGIT_IDS:
+        raise APIError(
+            400,
+            f"'return_logits' lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed.",
             param="return_logits",
             code="invalid_token_ids",
         )

@@ -141,6 +141,8 @@ class Serving:
         """``POST /v1/embeddings``: vectors, or the selected logits with ``return_logits``."""
         inputs.check_request_unicode(req)
         task: Task = "embed" if req.return_logits is None else "score"
+        if task == "score":
+            inputs.check_logit_ids(req.return_logits or [], None)  # before any copies
         specs = inputs.embedding_specs(req, task)
         advert = await self.check_model(req.model, task)
         if task == "score":

@@ -9,7 +9,6 @@ import pytest
 
 from tests.support import FakeClock, InProcessGateway, metric
 
-
 #: A pull that makes model ``m`` known (embed and score, with a rerank prompt).
 ADVERTISE = {
     "worker_id": "w",
@@ -80,4 +79,18 @@ async def test_a_lone_surrogate_is_a_400_naming_the_input_and_nothing_is_queued(
     error = r.json()["error"]
     assert error["message"].startswith(f"{where} is not valid Unicode: a lone surrogate")
     assert error["type"] == "invalid_request_error"
+    assert await gw.store.depth() == {}
+
+
+async def test_return_logits_is_capped_in_the_gateway(gw):
+    """Finding: ``return_logits`` was not capped in the gateway (the README says 128 ids): a
+    300 KB body became one 51 MB pull. Now a 400 before anything is queued."""
+    await gw.worker.post("/pull", json=ADVERTISE)
+    ids = list(range(50_000))
+    body = {"model": "m", "input": ["x"] * 2048, "return_logits": ids}
+    r = await gw.client.post("/v1/embeddings", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_token_ids" and error["param"] == "return_logits"
+    assert error["message"] == ("'return_logits' lists 50000 token ids; at most 128 are allowed.")
     assert await gw.store.depth() == {}

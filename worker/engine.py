@@ -20,12 +20,9 @@ import numpy as np
 
 from worker import prompts
 from worker.config import GeneratorConfig
-from worker.protocol import ErrorCode, WorkItem
+from worker.protocol import MAX_LOGIT_IDS, ErrorCode, WorkItem
 
 log = logging.getLogger(__name__)
-
-#: vLLM caps ``logprob_token_ids`` per request at this many ids.
-MAX_LOGIT_IDS = 128
 
 #: An item's prompt for vLLM (:meth:`Engine.prepare`): token ids, or a text vLLM tokenizes
 #: and truncates itself.

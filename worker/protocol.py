@@ -15,6 +15,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PREFIX = "/queue/v1"
+#: Token ids per ``return_logits`` (vLLM caps ``logprob_token_ids`` per request at this many).
+MAX_LOGIT_IDS = 128
 
 #: What a worker does with an item: ``embed`` (pooled embedding) or ``score`` (logits of chosen
 #: token ids at the last position).
