@@ -210,3 +210,54 @@ def test_scoring_config_defaults_to_qwen3_reranker_prompt():
     )
     assert engine_kwargs(cfg.generator)["enable_prefix_caching"] is True
     assert engine_kwargs(cfg.generator)["runner"] == "generate"
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes((_good(ls.minilm_path()) + "# caf\xe9\n").encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"})
+    assert str(e.value).startswith(f"{path}: not a UTF-8 text file (byte ")
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (
+            lambda t: t.replace('url = "http', 'token = ["s3cret-value"]\nurl = "http'),
+            "queue.token",
+        ),
+        (lambda t: t.replace('url = "http://127.0.0.1:9"', "url = 's3cret-value'"), "queue.url"),
+        (
+            lambda t: t.replace(
+                'url = "http://127.0.0.1:9"', 'url = "http://u:s3cret-value@h:1"'
+            ).replace("max_num_seqs = 256", "max_num_seqs = 's3cret-value'"),
+            "generator.max_num_seqs",
+        ),
+    ],
+)
+def test_config_errors_never_echo_the_value(tmp_path, edit, key):
+    """A type error names the key and the expected type; the value (a token, a URL with
+    credentials) is never printed."""
+    text = edit(_good(ls.minilm_path()))
+    assert "s3cret-value" in text
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, {})
+    assert f"{path}: {key}: " in str(e.value) and "s3cret" not in str(e.value), str(e.value)
+
+
+def test_a_token_file_that_cannot_be_read_names_the_path_and_the_os_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(_good(ls.minilm_path()))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            path, {"INFERENCE_WORKER_QUEUE_TOKEN_FILE": str(folder)}, check_engine_args=False
+        )
+    assert str(e.value) == (
+        f"{path}: queue.token: $INFERENCE_WORKER_QUEUE_TOKEN_FILE names {folder}, which cannot "
+        "be read: Is a directory"
+    )
