@@ -27,7 +27,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-API_KEY = "sk-local-client"
+API_KEY = "sk-local-client-key-0001"
 WORKER_TOKEN = "local-worker-token"
 
 

@@ -5,7 +5,8 @@ API of queue protocol v1 (``docs/queue-protocol.md``), assembled into one FastAP
 - queue routes (worker tokens): :mod:`gateway.worker_api` over the store (:mod:`gateway.store`:
   :mod:`gateway.memory_store` or :mod:`gateway.redis_store`);
 - ``/metrics``, ``/healthz``, ``/readyz``: :mod:`gateway.observability`;
-- credentials: :mod:`gateway.auth`; errors in OpenAI's shape: :mod:`gateway.errors`.
+- credentials, body limits: :mod:`gateway.auth`, :mod:`gateway.edge` (before the body is
+  read); errors in OpenAI's shape: :mod:`gateway.errors`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from gateway import client_api, errors, observability, worker_api
+from gateway.auth import Credentials
+from gateway.edge import Edge
 from gateway.memory_store import MemoryStore
 from gateway.serving import Serving
 from gateway.settings import GatewaySettings
@@ -51,8 +54,9 @@ def create_app(
     store: QueueStore | None = None,
 ) -> FastAPI:
     """A gateway on ``store`` (default: :func:`make_store`). ``app.state`` holds ``settings``,
-    ``store``, ``serving`` and ``draining`` (set after SIGTERM); the lifespan starts and closes
-    the store. ``clock`` (seconds) drives the in-memory store's leases and worker liveness."""
+    ``store``, ``serving``, ``credentials`` and ``draining`` (set after SIGTERM); the lifespan
+    starts and closes the store. ``clock`` (seconds) drives the in-memory store's leases and
+    worker liveness."""
     store = store or make_store(settings, clock)
 
     @contextlib.asynccontextmanager
@@ -68,7 +72,15 @@ def create_app(
     app.state.store = store
     app.state.serving = Serving(store, settings)
     app.state.draining = False
+    app.state.credentials = Credentials.load(settings)
     errors.install(app)
+    # Outermost last: request metrics see every answer, also the edge's 401 / 408 / 413.
+    app.add_middleware(
+        Edge,
+        credentials=app.state.credentials,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout_seconds,
+    )
     app.add_middleware(observability.RequestMetrics)
     app.include_router(client_api.router)
     app.include_router(worker_api.router)

@@ -1,4 +1,5 @@
-"""Client routes (API keys): ``POST /v1/embeddings``, ``POST /v1/rerank``, ``GET /v1/models``.
+"""Client routes (API keys, checked by :mod:`gateway.edge`): ``POST /v1/embeddings``,
+``POST /v1/rerank``, ``GET /v1/models``.
 Thin handlers; the logic is in :mod:`gateway.serving`."""
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from gateway.api_models import (
     RerankResponse,
     json_response,
 )
-from gateway.auth import client_auth
 from gateway.errors import APIError
 from gateway.serving import Disconnected, Serving
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(client_auth)])
+#: Credentials are checked before the body is read: :class:`gateway.edge.Edge`.
+router = APIRouter(prefix="/v1")
 
 
 def _serving(request: Request) -> Serving:

@@ -139,6 +139,10 @@ class MemoryStore(QueueStore):
             if not item.future.done():
                 item.future.cancel()
 
+    def item_model(self, item_id: str) -> str | None:
+        item = self._items.get(item_id)
+        return item.model if item is not None else None
+
     async def any_taken(self, request: Request) -> bool:
         for item_id, future in zip(request.item_ids, request.futures, strict=True):
             item = self._items.get(item_id)

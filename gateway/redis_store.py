@@ -513,6 +513,13 @@ class RedisStore(QueueStore):
             found = await self._call(p.execute())
         return any(rows and rows[0]["times_delivered"] > 0 for rows in found)
 
+    def item_model(self, item_id: str) -> str | None:
+        """From the item id (``<entry>@<stream key>``): the stream key names the model."""
+        _, at, key = item_id.partition("@")
+        if not at or not key.startswith(f"{PREFIX}s:") or key.count(":") < 3:
+            return None
+        return _model_of(key)
+
     # --- worker side --------------------------------------------------------------------
     def _registration(self, adverts: list[ModelAdvert]) -> list[Any]:
         """The PULL script's registration arguments: the worker's adverts (TTL = the worker

@@ -13,7 +13,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 def _setting(
@@ -31,9 +38,25 @@ class GatewaySettings(BaseModel):
 
     host: str = _setting("127.0.0.1", "--host", "address to listen on")
     port: int = _setting(8000, "--port", "port to listen on", ge=0, le=65535)
-    api_keys: list[str] = _setting([], "--api-key", "client API key (repeatable)", min_length=1)
+    api_keys: list[str] = _setting(
+        [],
+        "--api-key",
+        "client API key (repeatable; on the command line it is visible to every user of the "
+        "host: prefer --api-key-file or the environment)",
+    )
+    api_key_file: str | None = _setting(
+        None, "--api-key-file", "a file of client API keys, one per line ('#' comments)"
+    )
     worker_tokens: list[str] = _setting(
-        [], "--worker-token", "worker token (repeatable)", min_length=1
+        [],
+        "--worker-token",
+        "worker token for every model (repeatable; prefer --worker-token-file or the environment)",
+    )
+    worker_token_file: str | None = _setting(
+        None,
+        "--worker-token-file",
+        "a file of worker tokens, one per line: 'TOKEN' (any model) or 'TOKEN MODEL [MODEL ...]' "
+        "(pulls for other models are refused with 403)",
     )
     models: list[str] = _setting(
         [],
@@ -85,6 +108,47 @@ class GatewaySettings(BaseModel):
         "no new client requests) before exiting",
         ge=0,
     )
+    max_body_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "--max-body-bytes",
+        "largest request body, bytes (413 above it, before any of it is parsed); the default "
+        "fits 2,048 inputs of 8,192 tokens at 4 bytes per token",
+        ge=1024,
+    )
+    max_chars_per_token: int = _setting(
+        16,
+        "--max-chars-per-token",
+        "a text longer than the model's max_model_len times this many characters is a 400 "
+        "before it is queued (also with truncation: such a text is no use)",
+        ge=1,
+    )
+    max_rerank_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "--max-rerank-bytes",
+        "a rerank's prompts in total (query and instruction copied into every document), "
+        "bytes; 400 above it",
+        ge=1024,
+    )
+    body_timeout_seconds: float = _setting(
+        30.0,
+        "--body-timeout",
+        "a request whose body has not fully arrived this many seconds after its headers gets "
+        "408 and its connection is closed",
+        gt=0,
+    )
+    header_timeout_seconds: float = _setting(
+        10.0,
+        "--header-timeout",
+        "a connection that has not sent a whole request head this many seconds after it "
+        "opened (or after its last response) is closed",
+        gt=0,
+    )
+    max_connections: int = _setting(
+        2048,
+        "--max-connections",
+        "concurrent connections (and requests); above it, new ones get 503 at once",
+        ge=1,
+    )
     log_level: str = _setting("info", "--log-level", "uvicorn's log level", env="LOG_LEVEL")
 
     @field_validator("queue_url")
@@ -93,6 +157,34 @@ class GatewaySettings(BaseModel):
         if url != "memory" and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected 'memory' or a Redis URL (redis://, rediss://, unix://)")
         return url
+
+    @field_validator("api_keys", "worker_tokens")
+    @classmethod
+    def _strong(cls, secrets: list[str]) -> list[str]:
+        for secret in secrets:
+            check_secret(secret)
+        return secrets
+
+    @field_validator("api_key_file", "worker_token_file")
+    @classmethod
+    def _secrets_file(cls, path: str | None) -> str | None:
+        if path is not None:
+            for secret, _ in read_secrets_file(path):
+                check_secret(secret, path)
+        return path
+
+    @model_validator(mode="after")
+    def _some_credentials(self) -> GatewaySettings:
+        if not (self.api_keys or self.api_key_file):
+            raise ValueError(
+                "no client API key: give --api-key-file, $GATEWAY_API_KEYS or --api-key"
+            )
+        if not (self.worker_tokens or self.worker_token_file):
+            raise ValueError(
+                "no worker token: give --worker-token-file, $GATEWAY_WORKER_TOKENS or "
+                "--worker-token"
+            )
+        return self
 
     @field_validator("queue_password_file")
     @classmethod
@@ -104,6 +196,47 @@ class GatewaySettings(BaseModel):
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot read {path}: {e}") from None
         return path
+
+
+#: Shortest API key or worker token accepted.
+MIN_SECRET_LENGTH = 16
+#: Values that are placeholders, not secrets (deploy/k8s/base/secret.yaml).
+PLACEHOLDER_PREFIXES = ("REPLACE-with", "change-me", "changeme")
+
+
+def check_secret(secret: str, where: str = "") -> None:
+    """Raises ValueError (never quoting the secret) for a placeholder value or one shorter
+    than :data:`MIN_SECRET_LENGTH` characters."""
+    at = f" in {where}" if where else ""
+    if secret.startswith(PLACEHOLDER_PREFIXES):
+        raise ValueError(
+            f"a placeholder{at} (from deploy/k8s/base/secret.yaml?) is not a secret: "
+            "generate one, e.g. openssl rand -hex 24"
+        )
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"a key or token{at} has {len(secret)} characters; at least {MIN_SECRET_LENGTH} "
+            "are required (e.g. openssl rand -hex 24)"
+        )
+
+
+def read_secrets_file(path: str) -> list[tuple[str, list[str]]]:
+    """The lines of a key or token file: ``(secret, [model, ...])`` per non-blank line, '#'
+    comments skipped. Raises ValueError naming the path and the OS error if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read {path}: {reason}") from None
+    out = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            out.append((words[0], words[1:]))
+    if not out:
+        raise ValueError(f"{path} holds no key or token")
+    return out
 
 
 def _env_name(name: str, extra: dict[str, Any]) -> str:
@@ -158,9 +291,13 @@ def parse(
         return GatewaySettings.model_validate(values)
     except ValidationError as e:
         lines = []
-        for err in e.errors():
+        for err in e.errors(include_input=False):
+            msg = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a rule across settings
+                lines.append(msg)
+                continue
             name = str(err["loc"][0])
             extra = GatewaySettings.model_fields[name].json_schema_extra  # type: ignore[assignment]
-            lines.append(f"{extra['flag']} / ${_env_name(name, extra)}: {err['msg']}")
+            lines.append(f"{extra['flag']} / ${_env_name(name, extra)}: {msg}")
         p.exit(2, "inference-gateway: " + "\ninference-gateway: ".join(lines) + "\n")
     raise AssertionError("unreachable")  # pragma: no cover

@@ -196,6 +196,10 @@ class QueueStore(ABC):
 
     # --- worker side --------------------------------------------------------------------
     @abstractmethod
+    def item_model(self, item_id: str) -> str | None:
+        """The model of an item in the store (None: not known here)."""
+
+    @abstractmethod
     async def pull(
         self,
         worker_id: str,

@@ -1,4 +1,5 @@
-"""Queue routes (worker tokens): queue protocol v1, ``docs/queue-protocol.md``.
+"""Queue routes (worker tokens, checked by :mod:`gateway.edge`): queue protocol v1,
+``docs/queue-protocol.md``.
 Thin handlers over the queue store (:class:`gateway.store.QueueStore`)."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from gateway.api_models import json_response
-from gateway.auth import worker_auth
+from gateway.auth import WorkerScope
 from gateway.store import QueueStore
 from worker.protocol import (
     PREFIX,
@@ -18,7 +19,9 @@ from worker.protocol import (
     ResultsResponse,
 )
 
-router = APIRouter(prefix=PREFIX, dependencies=[Depends(worker_auth)])
+#: Worker tokens are checked before the body is read (:class:`gateway.edge.Edge`); a scoped
+#: token's models are checked here (403).
+router = APIRouter(prefix=PREFIX)
 
 
 def _store(request: Request) -> QueueStore:
@@ -26,9 +29,23 @@ def _store(request: Request) -> QueueStore:
     return store
 
 
+def _scope(request: Request) -> WorkerScope:
+    scope: WorkerScope = request.state.worker_scope
+    return scope
+
+
+def _check_items(scope: WorkerScope, store: QueueStore, item_ids: list[str]) -> None:
+    """403 if any of the (known) items is of a model the token may not serve."""
+    if scope.models is not None:
+        scope.check([m for m in map(store.item_model, item_ids) if m is not None])
+
+
 @router.post("/pull", response_model=PullResponse)
-async def pull(req: PullRequest, store: QueueStore = Depends(_store)) -> Response:
+async def pull(
+    req: PullRequest, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
+) -> Response:
     """Lease up to ``max_items`` items, long-polling up to ``wait_seconds``."""
+    scope.check([m.name for m in req.models])
     items = await store.pull(
         req.worker_id, req.models, req.max_items, req.wait_seconds, req.max_tokens
     )
@@ -36,8 +53,11 @@ async def pull(req: PullRequest, store: QueueStore = Depends(_store)) -> Respons
 
 
 @router.post("/results", response_model=ResultsResponse)
-async def results(req: ResultsRequest, store: QueueStore = Depends(_store)) -> Response:
+async def results(
+    req: ResultsRequest, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
+) -> Response:
     """Answer items; idempotent (the first result wins)."""
+    _check_items(scope, store, [r.item_id for r in req.results])
     done = await store.complete(req.worker_id, req.results)
     return json_response(
         ResultsResponse(accepted=done.accepted, ignored=done.ignored, rejected=done.rejected)
@@ -45,7 +65,10 @@ async def results(req: ResultsRequest, store: QueueStore = Depends(_store)) -> R
 
 
 @router.post("/release", response_model=ReleaseResponse)
-async def release(req: ReleaseRequest, store: QueueStore = Depends(_store)) -> Response:
+async def release(
+    req: ReleaseRequest, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
+) -> Response:
     """Hand leased items back at once (drain)."""
+    _check_items(scope, store, [item_id for item_id, _ in req.leases])
     released = await store.release(req.worker_id, req.leases, count_attempt=req.count_attempt)
     return json_response(ReleaseResponse(released=released))

@@ -3,7 +3,11 @@ process over ``httpx.ASGITransport``): what a request can cost the gateway is bo
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -17,7 +21,12 @@ ADVERTISE = {
             "name": "m",
             "checkpoint_name": "c",
             "tasks": ["embed", "score"],
-            "rerank": {"template": "{query} {document}", "false_token_id": 0, "true_token_id": 1},
+            "rerank": {
+                "template": "{query} {document}",
+                "instruction": "",
+                "false_token_id": 0,
+                "true_token_id": 1,
+            },
         }
     ],
     "max_items": 1,
@@ -73,7 +82,7 @@ async def test_a_lone_surrogate_is_a_400_naming_the_input_and_nothing_is_queued(
 ):
     """Finding: a lone surrogate (valid JSON, not Unicode) was a plain-text 500 and the
     request's earlier inputs stayed orphaned in the queue."""
-    await gw.worker.post("/pull", json=ADVERTISE)
+    assert (await gw.worker.post("/pull", json=ADVERTISE)).status_code == 200
     r = await gw.client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -85,7 +94,7 @@ async def test_a_lone_surrogate_is_a_400_naming_the_input_and_nothing_is_queued(
 async def test_return_logits_is_capped_in_the_gateway(gw):
     """Finding: ``return_logits`` was not capped in the gateway (the README says 128 ids): a
     300 KB body became one 51 MB pull. Now a 400 before anything is queued."""
-    await gw.worker.post("/pull", json=ADVERTISE)
+    assert (await gw.worker.post("/pull", json=ADVERTISE)).status_code == 200
     ids = list(range(50_000))
     body = {"model": "m", "input": ["x"] * 2048, "return_logits": ids}
     r = await gw.client.post("/v1/embeddings", json=body)
@@ -94,3 +103,158 @@ async def test_return_logits_is_capped_in_the_gateway(gw):
     assert error["code"] == "invalid_token_ids" and error["param"] == "return_logits"
     assert error["message"] == ("'return_logits' lists 50000 token ids; at most 128 are allowed.")
     assert await gw.store.depth() == {}
+
+
+class RawCall:
+    """One request straight into the ASGI app, its body served by ``chunks`` (then, with
+    ``stall``, a receive that never returns): records how many body messages were read."""
+
+    def __init__(self, chunks: list[bytes], stall: bool = False):
+        self.chunks, self.stall, self.reads = list(chunks), stall, 0
+        self.status = 0
+        self.body = b""
+        self.headers: dict[bytes, bytes] = {}
+
+    async def run(self, app: Any, path: str, headers: dict[str, str]) -> RawCall:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            "client": ("127.0.0.1", 1),
+            "server": ("gateway", 80),
+            "state": {},
+        }
+
+        async def receive() -> dict[str, Any]:
+            self.reads += 1
+            if self.chunks:
+                chunk = self.chunks.pop(0)
+                more = bool(self.chunks) or self.stall
+                return {"type": "http.request", "body": chunk, "more_body": more}
+            if self.stall:
+                await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.headers = dict(message["headers"])
+            elif message["type"] == "http.response.body":
+                self.body += message.get("body", b"")
+
+        await app(scope, receive, send)
+        return self
+
+    def error(self) -> dict[str, Any]:
+        return json.loads(self.body)["error"]
+
+
+BIG = [b'{"model": "m", "input": ["' + b"x" * 1_000_000] * 3 + [b'"]}']
+
+
+async def test_credentials_are_checked_before_the_body_is_read(gw):
+    """Finding: the whole body was read and parsed before the API key was checked (a 205 MB
+    request without credentials took the gateway from 65 to 665 MB before its 401)."""
+    for path, headers, code in [
+        ("/v1/embeddings", {}, "invalid_api_key"),
+        ("/v1/embeddings", {"Authorization": "Bearer wrong-key-0123456789"}, "invalid_api_key"),
+        ("/queue/v1/pull", {}, "invalid_worker_token"),
+    ]:
+        call = await RawCall(BIG).run(gw.app, path, headers)
+        assert call.status == 401 and call.error()["code"] == code
+        assert call.reads == 0  # not a byte of the body was read
+        assert call.headers[b"connection"] == b"close"
+
+
+async def test_every_wrong_credential_gets_the_same_401(gw):
+    """A worker token on a client route, an API key on a queue route and a made-up key are
+    told apart by nothing: the message does not say which credentials exist."""
+    body = {"model": "m", "input": "x"}
+    for wrong in (gw.WORKER_TOKEN, "made-up-key-0123456789"):
+        r = await gw.client.post("/v1/embeddings", json=body, headers=_bearer(wrong))
+        assert (
+            r.status_code == 401 and r.json()["error"]["message"] == "Incorrect API key provided."
+        )
+    for wrong in (gw.API_KEY, "made-up-token-0123456789", None):
+        r = await gw.worker.post("/pull", json=ADVERTISE, headers=_bearer(wrong))
+        assert r.status_code == 401
+        assert r.json()["error"]["message"] == "Queue routes need a valid worker token."
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}" if token else ""}
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_read():
+    async with InProcessGateway(FakeClock(), max_body_bytes=100_000) as g:
+        auth = {"Authorization": f"Bearer {g.API_KEY}"}
+        declared = await RawCall(BIG).run(
+            g.app, "/v1/embeddings", {**auth, "Content-Length": str(3_000_030)}
+        )
+        assert declared.status == 413 and declared.reads == 0
+        assert declared.error() == {
+            "message": "The request body is 3000030 bytes; at most 100000 bytes are accepted.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+        chunked = await RawCall(BIG).run(g.app, "/v1/embeddings", auth)  # no Content-Length
+        assert chunked.status == 413 and chunked.reads == 1  # stopped at the first 1 MB
+        assert chunked.error()["code"] == "request_too_large"
+        fine = await g.client.post("/v1/embeddings", json={"model": "m", "input": "x" * 90_000})
+        assert fine.status_code != 413
+
+
+async def test_a_body_that_does_not_arrive_is_408():
+    async with InProcessGateway(FakeClock(), body_timeout_seconds=0.3) as g:
+        auth = {"Authorization": f"Bearer {g.API_KEY}"}
+        t0 = time.monotonic()
+        call = await RawCall([b'{"model": "m", "inp'], stall=True).run(
+            g.app, "/v1/embeddings", auth
+        )
+        assert call.status == 408 and call.error()["code"] == "request_timeout"
+        assert 0.25 <= time.monotonic() - t0 < 2
+
+
+async def test_a_scoped_worker_token_serves_only_its_models(tmp_path):
+    scoped = "scoped-worker-token-0001"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{scoped} m  # only model m\n")
+    async with InProcessGateway(FakeClock(), worker_token_file=str(tokens)) as g:
+        other = {**ADVERTISE, "models": [{"name": "n", "checkpoint_name": "c", "tasks": ["embed"]}]}
+        r = await g.worker.post("/pull", json=other, headers=_bearer(scoped))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        assert r.json()["error"]["message"] == "This worker token may not serve 'n'."
+        # an item of model n, leased by an unscoped worker: the scoped token cannot answer it
+        await g.worker.post("/pull", json=other)  # model n is known
+        request = asyncio.create_task(
+            g.client.post("/v1/embeddings", json={"model": "n", "input": "x"})
+        )
+        (item,) = (await g.worker.post("/pull", json={**other, "wait_seconds": 5})).json()["items"]
+        result = {
+            "item_id": item["item_id"],
+            "lease_id": item["lease_id"],
+            "prompt_tokens": 1,
+            "vector_b64": "AACAPw==",
+        }
+        post = {"worker_id": "w", "results": [result]}
+        r = await g.worker.post("/results", json=post, headers=_bearer(scoped))
+        assert r.status_code == 403
+        r = await g.worker.post(
+            "/release",
+            json={"worker_id": "w", "leases": [[item["item_id"], item["lease_id"]]]},
+            headers=_bearer(scoped),
+        )
+        assert r.status_code == 403
+        assert (
+            await g.worker.post("/pull", json=ADVERTISE, headers=_bearer(scoped))
+        ).status_code == 200
+        assert (await g.worker.post("/results", json=post)).json()["accepted"] == 1
+        assert (await request).status_code == 200

@@ -24,7 +24,7 @@ from worker.health import Health
 from worker.loop import Worker
 from worker.queue_client import QueueClient
 
-API_KEY = "client-key"
+API_KEY = "client-key-for-tests"
 MODEL = "fake"
 
 
@@ -32,7 +32,7 @@ MODEL = "fake"
 async def gateway() -> AsyncIterator[FastAPI]:
     settings = GatewaySettings(
         api_keys=[API_KEY],
-        worker_tokens=["worker-token"],
+        worker_tokens=["worker-token-for-tests"],
         lease_seconds=2,
         pickup_timeout_seconds=10,
         request_timeout_seconds=30,
@@ -93,7 +93,7 @@ async def start_worker(gateway: FastAPI) -> AsyncIterator[Callable[..., Awaitabl
         transport = FaultyTransport(httpx.ASGITransport(app=gateway))
         qc = QueueClient(
             cfg.queue.url,
-            "worker-token",
+            "worker-token-for-tests",
             retries=2,
             timeout_seconds=10,
             backoff_initial=0.01,

@@ -6,23 +6,30 @@ import pytest
 
 from gateway.settings import GatewaySettings, parse, parser
 
-KEYS = ["--api-key", "k1", "--worker-token", "t1"]
+K1, K2 = "client-key-one-0001", "client-key-two-0002"
+T1 = "worker-token-one-0001"
+KEYS = ["--api-key", K1, "--worker-token", T1]
 
 
 def test_defaults_and_flags():
-    s = parse([*KEYS, "--api-key", "k2", "--pickup-timeout", "5", "--model", "m"], {})
-    assert s.api_keys == ["k1", "k2"] and s.worker_tokens == ["t1"] and s.models == ["m"]
+    s = parse([*KEYS, "--api-key", K2, "--pickup-timeout", "5", "--model", "m"], {})
+    assert s.api_keys == [K1, K2] and s.worker_tokens == [T1] and s.models == ["m"]
     assert s.pickup_timeout_seconds == 5.0
     assert (s.host, s.port, s.lease_seconds, s.max_attempts) == ("127.0.0.1", 8000, 30.0, 3)
     assert (s.request_timeout_seconds, s.worker_ttl_seconds) == (600.0, 30.0)
 
 
-def test_every_setting_from_the_environment():
+def test_every_setting_from_the_environment(tmp_path):
+    keys, tokens = tmp_path / "keys", tmp_path / "tokens"
+    keys.write_text(f"# client keys\n{K2}\n")
+    tokens.write_text(f"{T1} model-a model-b\n")
     env = {
         "GATEWAY_HOST": "0.0.0.0",
         "GATEWAY_PORT": "9000",
-        "GATEWAY_API_KEYS": "a, b,",
-        "GATEWAY_WORKER_TOKENS": "w",
+        "GATEWAY_API_KEYS": f"{K1}, {K2},",
+        "GATEWAY_API_KEY_FILE": str(keys),
+        "GATEWAY_WORKER_TOKENS": T1,
+        "GATEWAY_WORKER_TOKEN_FILE": str(tokens),
         "GATEWAY_MODELS": "m1,m2",
         "GATEWAY_LEASE_SECONDS": "4",
         "GATEWAY_MAX_ATTEMPTS": "5",
@@ -33,14 +40,22 @@ def test_every_setting_from_the_environment():
         "GATEWAY_QUEUE_PASSWORD_FILE": __file__,
         "GATEWAY_MAX_QUEUED_INPUTS": "1000",
         "GATEWAY_DRAIN_TIMEOUT_SECONDS": "20",
+        "GATEWAY_MAX_BODY_BYTES": "100000",
+        "GATEWAY_MAX_CHARS_PER_TOKEN": "8",
+        "GATEWAY_MAX_RERANK_BYTES": "200000",
+        "GATEWAY_BODY_TIMEOUT_SECONDS": "5",
+        "GATEWAY_HEADER_TIMEOUT_SECONDS": "3",
+        "GATEWAY_MAX_CONNECTIONS": "64",
         "LOG_LEVEL": "DEBUG",
     }
     s = parse([], env)
     assert s == GatewaySettings(
         host="0.0.0.0",
         port=9000,
-        api_keys=["a", "b"],
-        worker_tokens=["w"],
+        api_keys=[K1, K2],
+        api_key_file=str(keys),
+        worker_tokens=[T1],
+        worker_token_file=str(tokens),
         models=["m1", "m2"],
         lease_seconds=4,
         max_attempts=5,
@@ -51,6 +66,12 @@ def test_every_setting_from_the_environment():
         queue_password_file=__file__,
         max_queued_inputs=1000,
         drain_timeout_seconds=20,
+        max_body_bytes=100_000,
+        max_chars_per_token=8,
+        max_rerank_bytes=200_000,
+        body_timeout_seconds=5,
+        header_timeout_seconds=3,
+        max_connections=64,
         log_level="DEBUG",
     )
     assert len(GatewaySettings.model_fields) == len(env)  # every field has its variable
@@ -59,15 +80,35 @@ def test_every_setting_from_the_environment():
 def test_a_flag_wins_over_the_environment():
     s = parse(
         [*KEYS, "--lease-seconds", "7"],
-        {"GATEWAY_LEASE_SECONDS": "4", "GATEWAY_API_KEYS": "env-key"},
+        {"GATEWAY_LEASE_SECONDS": "4", "GATEWAY_API_KEYS": K2},
     )
-    assert s.lease_seconds == 7 and s.api_keys == ["k1"]
+    assert s.lease_seconds == 7 and s.api_keys == [K1]
 
 
 @pytest.mark.parametrize(
     "argv,env,needle",
     [
-        ([], {}, "--api-key / $GATEWAY_API_KEYS"),
+        ([], {}, "no client API key: give --api-key-file, $GATEWAY_API_KEYS or --api-key"),
+        (
+            ["--api-key", K1],
+            {},
+            "no worker token: give --worker-token-file, $GATEWAY_WORKER_TOKENS or --worker-token",
+        ),
+        (
+            ["--worker-token", T1],
+            {"GATEWAY_API_KEYS": "REPLACE-with-client-api-keys-comma-separated"},
+            "--api-key / $GATEWAY_API_KEYS: a placeholder (from deploy/k8s/base/secret.yaml?)",
+        ),
+        (
+            ["--api-key", K1, "--worker-token", "short-token"],
+            {},
+            "--worker-token / $GATEWAY_WORKER_TOKENS: a key or token has 11 characters",
+        ),
+        (
+            [*KEYS, "--api-key-file", "/nonexistent/keys"],
+            {},
+            "--api-key-file / $GATEWAY_API_KEY_FILE: cannot read /nonexistent/keys: No such file",
+        ),
         ([*KEYS, "--port", "x"], {}, "--port / $GATEWAY_PORT: Input should be a valid integer"),
         (KEYS, {"GATEWAY_MAX_ATTEMPTS": "0"}, "--max-attempts / $GATEWAY_MAX_ATTEMPTS"),
         ([*KEYS, "--lease-seconds", "-1"], {}, "--lease-seconds"),
@@ -75,7 +116,7 @@ def test_a_flag_wins_over_the_environment():
         (
             KEYS,
             {"GATEWAY_QUEUE_PASSWORD_FILE": "/nonexistent/pw"},
-            "$GATEWAY_QUEUE_PASSWORD_FILE: Value error, cannot read /nonexistent/pw",
+            "$GATEWAY_QUEUE_PASSWORD_FILE: cannot read /nonexistent/pw",
         ),
     ],
 )
@@ -93,3 +134,13 @@ def test_help_lists_every_setting_with_its_variable():
         assert isinstance(extra, dict)
         assert str(extra["flag"]) in text
     assert "GATEWAY_PICKUP_TIMEOUT_SECONDS" in text and "LOG_LEVEL" in text
+
+
+def test_a_short_key_in_a_file_is_refused_without_printing_it(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    keys.write_text(f"{K1}\nshort-s3cret\n")
+    with pytest.raises(SystemExit) as e:
+        parse(["--api-key-file", str(keys), "--worker-token", T1], {})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"a key or token in {keys} has 12 characters" in err
+    assert "s3cret" not in err and K1 not in err

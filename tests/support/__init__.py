@@ -124,7 +124,7 @@ def worker_config(**queue: Any) -> dict[str, Any]:
         "generator": {"model_path": "/fake-model", "max_num_seqs": 8},
         "queue": {
             "url": "http://gateway",
-            "token": "worker-token",
+            "token": "worker-token-for-tests",
             "checkpoint_name": "fake",
             "pull_wait_seconds": 1,
             "models": {"fake": {"embedding_task": {"supported": True}}},
@@ -161,8 +161,8 @@ class InProcessGateway:
     ``/queue/v1``). On the memory store (``clock``) unless ``queue_url`` names a Redis. Use as
     ``async with InProcessGateway(clock, **settings) as gw``."""
 
-    API_KEY = "client-key"
-    WORKER_TOKEN = "worker-token"
+    API_KEY = "client-key-for-tests"
+    WORKER_TOKEN = "worker-token-for-tests"
 
     def __init__(self, clock: Any = None, **settings: Any):
         import time

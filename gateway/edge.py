@@ -1,0 +1,126 @@
+"""The gateway's edge: what is checked before a request's body is read, in the ASGI layer.
+
+For the client routes (``/v1/...``) and the queue routes (``/queue/v1/...``), in this order:
+
+1. credentials (:class:`gateway.auth.Credentials`): 401 without reading the body;
+2. the body's size: 413 at once when ``Content-Length`` passes ``--max-body-bytes``, or as soon
+   as the bytes read pass it (chunked bodies);
+3. the body's arrival: 408 if it has not fully arrived ``--body-timeout`` seconds after the
+   request's head.
+
+Errors are in OpenAI's shape (:mod:`gateway.errors`). The worker token's scope goes to the
+queue routes in ``request.state.worker_scope``. Plain ASGI (as :class:`RequestMetrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.auth import Credentials
+from gateway.errors import APIError
+from worker.protocol import PREFIX
+
+
+class _BodyLimit(Exception):
+    """The body broke a limit (too large, too slow); raised out of ``receive``."""
+
+
+class Edge:
+    """ASGI middleware: credentials, then body size and arrival time (see the module)."""
+
+    def __init__(
+        self, app: ASGIApp, credentials: Credentials, max_body_bytes: int, body_timeout: float
+    ):
+        self.app = app
+        self.credentials = credentials
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(("/v1/", PREFIX + "/")):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        try:
+            if path.startswith(PREFIX + "/"):
+                worker_scope = self.credentials.worker(authorization)
+                scope.setdefault("state", {})["worker_scope"] = worker_scope
+            else:
+                self.credentials.client(authorization)
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                raise self._too_large(int(length))
+        except APIError as e:
+            await _respond(send, e)
+            return
+        started = False
+        seen = 0
+        deadline = time.monotonic() + self.body_timeout
+        tripped: APIError | None = None  # the limit the body broke, answered instead of the app
+
+        async def bounded_receive() -> Message:
+            nonlocal seen, tripped
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                tripped = APIError(
+                    408,
+                    f"The request body did not arrive within {self.body_timeout:g} seconds.",
+                    code="request_timeout",
+                )
+                raise _BodyLimit from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    tripped = self._too_large(None)
+                    raise _BodyLimit
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            # FastAPI answers an error while reading the body with its own 400: replaced.
+            nonlocal started
+            if tripped is not None and not started:
+                if message["type"] == "http.response.start":
+                    started = True
+                    await _respond(send, tripped)
+                return
+            if tripped is not None:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, guarded_send)
+        except _BodyLimit:
+            if started or tripped is None:
+                raise
+            await _respond(send, tripped)
+
+    def _too_large(self, length: int | None) -> APIError:
+        size = f"{length} bytes" if length is not None else "larger"
+        return APIError(
+            413,
+            f"The request body is {size}; at most {self.max_body_bytes} bytes are accepted.",
+            code="request_too_large",
+        )
+
+
+async def _respond(send: Send, error: APIError) -> None:
+    """The error, and the connection closed after it: the body was not (all) read."""
+    body = json.dumps(error.response_json()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    for name, value in (error.headers or {}).items():
+        headers.append((name.lower().encode(), value.encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
