@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from gateway.app import create_app
+from gateway.connections import head_timeout_protocol
 from gateway.serving import Serving
 from gateway.settings import parse
 
@@ -63,6 +64,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     settings = parse(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -75,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level.lower(),
         access_log=settings.log_level.lower() == "debug",
         timeout_graceful_shutdown=10,
+        limit_concurrency=settings.max_connections,
+        http=head_timeout_protocol(settings.header_timeout_seconds),
     )
+    if any(a.startswith(("--api-key", "--worker-token")) and "-file" not in a for a in argv):
+        log.warning(
+            "a key or token on the command line is visible to every user of this host (ps); "
+            "use --api-key-file / --worker-token-file or GATEWAY_API_KEYS / GATEWAY_WORKER_TOKENS"
+        )
     DrainingServer(config, app, settings.drain_timeout_seconds).run()
     return 0
 
