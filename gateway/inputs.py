@@ -124,6 +124,60 @@ def check_inputs(items: list[Any], field: str) -> None:
             raise APIError(400, f"{field}[{i}] is an empty {what}.", param=field)
 
 
+#: The context length assumed for a model whose workers did not say (``--model`` declared).
+FALLBACK_MAX_MODEL_LEN = 32_768
+
+
+def max_input_chars(advert: ModelAdvert | None, chars_per_token: int) -> int:
+    """The longest input accepted for a model, in characters (or token ids): its
+    ``max_model_len`` times ``chars_per_token`` (``--max-chars-per-token``)."""
+    max_len = advert.max_model_len if advert and advert.max_model_len else FALLBACK_MAX_MODEL_LEN
+    return max_len * chars_per_token
+
+
+def _size(spec: ItemSpec) -> int:
+    """An input's size: characters of its text or template fields, or its token ids."""
+    if spec.token_ids is not None:
+        return len(spec.token_ids)
+    if spec.fields:
+        return sum(len(v) for v in spec.fields.values() if isinstance(v, str))
+    return len(spec.text or "")
+
+
+def check_sizes(specs: list[ItemSpec], field: str, limit: int) -> None:
+    """Raises APIError(400, ``context_length_exceeded``) naming the first input larger than
+    ``limit`` (see :func:`max_input_chars`): such an input cannot fit the model, even
+    truncated it is no use, and it would cost the gateway and the worker its size."""
+    for i, spec in enumerate(specs):
+        size = _size(spec)
+        if size > limit:
+            unit = "token ids" if spec.token_ids is not None else "characters"
+            raise APIError(
+                400,
+                f"{field}[{i}] has {size} {unit}; at most {limit} are accepted for "
+                f"'{spec.model}' (its context length times --max-chars-per-token).",
+                param=field,
+                code="context_length_exceeded",
+            )
+
+
+def check_rerank_size(req: RerankRequest, spec: RerankSpec, limit: int) -> None:
+    """The query (with the instruction and template) goes into every document's prompt:
+    raises APIError(400, param ``documents``) when the prompts would total more than
+    ``limit`` characters (``--max-rerank-bytes``)."""
+    shared = len(req.query) + len(spec.instruction) + len(req.prompt_template or spec.template)
+    total = shared * len(req.documents) + sum(len(d) for d in req.documents)
+    if total > limit:
+        raise APIError(
+            400,
+            f"The rerank's prompts would total {total} characters (the query is repeated in "
+            f"each of the {len(req.documents)} documents); at most {limit} are accepted: send "
+            "fewer documents per request or a shorter query.",
+            param="documents",
+            code="request_too_large",
+        )
+
+
 def check_unicode(value: Any, where: str) -> None:
     """Raises APIError(400) naming the place (e.g. ``input[3]``) of the first string in
     ``value`` (a request's field: strings, arrays and objects of them) that is not Unicode

@@ -69,6 +69,9 @@ class Serving:
             )
         return advert
 
+    def _max_chars(self, advert: ModelAdvert | None) -> int:
+        return inputs.max_input_chars(advert, self.settings.max_chars_per_token)
+
     async def run(
         self, specs: list[ItemSpec], field: str, disconnected: Disconnected | None = None
     ) -> list[ItemResult]:
@@ -151,6 +154,7 @@ class Serving:
                     400, "'dimensions' cannot be combined with 'return_logits'.", param="dimensions"
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
+        inputs.check_sizes(specs, "input", self._max_chars(advert))
         results = await self.run(specs, "input", disconnected)
         data = []
         for i, res in enumerate(results):
@@ -176,7 +180,18 @@ class Serving:
                 type="server_error",
                 code="no_worker_available",
             )
-        results = await self.run(inputs.rerank_specs(req, advert.rerank), "documents", disconnected)
+        inputs.check_rerank_size(req, advert.rerank, self.settings.max_rerank_bytes)
+        specs = inputs.rerank_specs(req, advert.rerank)
+        if len(req.query) > self._max_chars(advert):
+            raise APIError(
+                400,
+                f"'query' has {len(req.query)} characters; at most {self._max_chars(advert)} "
+                f"are accepted for '{req.model}'.",
+                param="query",
+                code="context_length_exceeded",
+            )
+        inputs.check_sizes(specs, "documents", self._max_chars(advert))
+        results = await self.run(specs, "documents", disconnected)
         scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
         data = [

@@ -21,6 +21,7 @@ ADVERTISE = {
             "name": "m",
             "checkpoint_name": "c",
             "tasks": ["embed", "score"],
+            "max_model_len": 128,
             "rerank": {
                 "template": "{query} {document}",
                 "instruction": "",
@@ -258,3 +259,42 @@ async def test_a_scoped_worker_token_serves_only_its_models(tmp_path):
         ).status_code == 200
         assert (await g.worker.post("/results", json=post)).json()["accepted"] == 1
         assert (await request).status_code == 200
+
+
+async def test_an_input_longer_than_the_model_can_take_is_a_400_before_it_is_queued(gw):
+    """Finding: no cap on a text's length. The cap: the model's max_model_len (128 here)
+    times --max-chars-per-token (16)."""
+    assert (await gw.worker.post("/pull", json=ADVERTISE)).status_code == 200
+    r = await gw.client.post("/v1/embeddings", json={"model": "m", "input": ["ok", "x" * 2049]})
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "input[1] has 2049 characters; at most 2048 are accepted for 'm' (its "
+        "context length times --max-chars-per-token).",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "context_length_exceeded",
+    }
+    ids = await gw.client.post("/v1/embeddings", json={"model": "m", "input": [[1] * 2049]})
+    assert ids.status_code == 400 and "2049 token ids" in ids.json()["error"]["message"]
+    fits = await gw.client.post("/v1/embeddings", json={"model": "m", "input": "x" * 2048})
+    assert fits.status_code == 503  # queued: no worker took it within the pickup timeout
+    assert await gw.store.depth() == {}
+
+
+async def test_a_rerank_is_bounded_by_its_prompts_in_total():
+    """Finding: rerank copies the query into every document (a 110 KB body cost 200 MB)."""
+    async with InProcessGateway(
+        FakeClock(), pickup_timeout_seconds=0.2, max_rerank_bytes=1_000_000
+    ) as g:
+        assert (await g.worker.post("/pull", json=ADVERTISE)).status_code == 200
+        body = {"model": "m", "query": "q" * 1000, "documents": ["d"] * 1000}
+        r = await g.client.post("/v1/rerank", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
+        assert r.json()["error"]["message"].startswith(
+            "The rerank's prompts would total 1019000 characters (the query is repeated in "
+            "each of the 1000 documents); at most 1000000 are accepted"
+        )
+        long_query = {"model": "m", "query": "q" * 2049, "documents": ["d"]}
+        r = await g.client.post("/v1/rerank", json=long_query)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "query"
+        assert await g.store.depth() == {}
