@@ -107,6 +107,9 @@ def test_opt_in_truncation(http, reference):
     )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == 256 + reference.n_tokens(["short"])[0]
+    # the same truncation as Hugging Face's (special tokens kept), the reference's max_length
+    got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+    assert cosine(got, reference.raw([text, "short"])).min() >= 0.9999
 
 
 def test_models_lists_the_served_model(client):

@@ -168,11 +168,10 @@ class Engine:
         without ``truncate_prompt_tokens`` tokenized in one call of the model's fast tokenizer.
 
         Returns per item: token ids (``list[int]``; ids equal vLLM's own tokenization,
-        ``add_special_tokens=True``), a text that vLLM tokenizes and truncates itself (``str``,
-        items with ``truncate_prompt_tokens``), or the :class:`InvalidInput` of that item (a
-        template error, text the tokenizer cannot encode). Handing vLLM token ids spares it a
-        thread-pool hop and a tokenizer call per request on the event loop that the pull and
-        post calls share.
+        ``add_special_tokens=True``, truncated to ``truncate_prompt_tokens`` when set), or the
+        :class:`InvalidInput` of that item (a template error, text the tokenizer cannot
+        encode). Handing vLLM token ids spares it a tokenizer call per request on the event
+        loop that the pull and post calls share: a long text never blocks that loop.
         """
         return await asyncio.to_thread(self._prepare, self.tokenizer, items)
 
@@ -212,6 +211,8 @@ class Engine:
             if item.truncate_prompt_tokens is None:
                 to_tokenize.append(i)
                 texts.append(text or "")
+            else:  # truncated here as vLLM would (special tokens kept), not on the event loop
+                out[i] = _encode_one(tok, text or "", item.truncate_prompt_tokens)
         try:
             encoded = tok(texts, add_special_tokens=True)["input_ids"] if texts else []
         except Exception:  # noqa: BLE001 - find the inputs that fail, keep the rest
@@ -336,7 +337,7 @@ class Engine:
         message = message.replace(repr(str(self.gen.model_path)), repr(self.model_name))
         message = message.replace(str(self.gen.model_path), self.model_name)
         if "maximum context length" in message or "maximum model length" in message:
-            if isinstance(prompt, str):  # vLLM truncated it to truncate_prompt_tokens
+            if item.truncate_prompt_tokens is not None:  # truncated, still too long
                 return InvalidInput(
                     ErrorCode.CONTEXT_LENGTH_EXCEEDED,
                     f"truncate_prompt_tokens is {item.truncate_prompt_tokens}, more than the "
@@ -380,10 +381,12 @@ def _request_id(item: WorkItem) -> str:
     return f"{item.item_id}-{item.lease_id}-{uuid.uuid4().hex[:8]}"
 
 
-def _encode_one(tok: Any, text: str) -> list[int] | InvalidInput:
-    """Token ids of one text, or the InvalidInput saying why the tokenizer refused it (e.g. a
-    lone surrogate, which cannot be encoded as UTF-8)."""
+def _encode_one(tok: Any, text: str, truncate: int | None = None) -> list[int] | InvalidInput:
+    """Token ids of one text (at most ``truncate`` of them, special tokens included, as
+    vLLM's ``truncate_prompt_tokens`` gives), or the InvalidInput saying why the tokenizer
+    refused it (e.g. a lone surrogate, which cannot be encoded as UTF-8)."""
+    kw: dict[str, Any] = {} if truncate is None else {"truncation": True, "max_length": truncate}
     try:
-        return list(tok(text, add_special_tokens=True)["input_ids"])
+        return list(tok(text, add_special_tokens=True, **kw)["input_ids"])
     except Exception as e:  # noqa: BLE001 - the tokenizer's own error, reported per input
         return InvalidInput(ErrorCode.INVALID_INPUT, f"the tokenizer cannot encode this text: {e}")
