@@ -195,6 +195,8 @@ def test_dockerfiles_pass_hadolint_and_install_as_the_readme_says(dockerfile):
     text = path.read_text()
     readme = (REPO / "README.md").read_text()
     assert re.search(r"^USER 10001$", text, re.M)
+    # the runtime user cannot change the code: root's, not writable by others, never chowned
+    assert "chown" not in text and text.count("chmod -R go-w /app") == text.count("USER 10001")
     if dockerfile == "Dockerfile":
         assert (
             "scripts/setup.sh cpu,model" in text
