@@ -212,7 +212,7 @@ async def test_stop_drains_in_flight_items_then_exits_0(client, start_worker):
 
 
 async def test_drain_timeout_releases_unfinished_items_to_another_worker(
-    client, start_worker, gateway
+    client, start_worker, gateway, caplog
 ):
     first = await start_worker(drain_timeout=0.1)
     request = asyncio.create_task(embed(client, ["slow:30:stuck"]))
@@ -220,12 +220,55 @@ async def test_drain_timeout_releases_unfinished_items_to_another_worker(
     t0 = time.monotonic()
     assert await first.stopped() == 0
     assert time.monotonic() - t0 < 2  # did not wait for the 30 s item
+    assert _logged(caplog, "worker.loop") == [
+        ("INFO", "stopping: no more pulls; draining 1 in-flight items"),
+        ("WARNING", "drain timeout: 1 items unfinished"),
+        ("INFO", "released 1 unfinished items back to the queue"),
+        ("INFO", "drained; exit code 0"),
+    ]
     store = gateway.state.store
     assert await store.depth() == {MODEL: 1} and await store.leased() == {}  # released, not leased
     second = await start_worker(engine=FakeEngine())
     second.engine.run = harmless(second.engine)  # type: ignore[method-assign]
     assert len(vectors(await request)) == 1
     assert second.engine.runs == [("fast:stuck", 1)]  # the release counted no attempt
+
+
+def _logged(caplog: Any, logger: str) -> list[tuple[str, str]]:
+    """(level, message) of ``logger``'s records, in order."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == logger]
+
+
+async def test_a_release_that_fails_is_logged_and_the_lease_runs_out(
+    client, start_worker, gateway, caplog
+):
+    first = await start_worker(drain_timeout=0.1)
+    request = asyncio.create_task(embed(client, ["slow:30:stuck"]))
+    await wait_until(lambda: first.engine.running == 1)
+    first.transport.fail["/queue/v1/release"] = 10  # the client's retries and more
+    assert await first.stopped() == 0
+    released = [m for lvl, m in _logged(caplog, "worker.loop") if m.startswith("release failed")]
+    assert len(released) == 1 and released[0].endswith("; 1 items return after their lease")
+    assert "injected: queue unreachable" in released[0]
+    assert await gateway.state.store.leased() == {MODEL: 1}  # still leased: not released
+    request.cancel()
+
+
+async def test_a_refused_pull_is_an_error_a_failed_one_a_warning(start_worker, caplog):
+    w = await start_worker(registered=False)
+    w.transport.fail["/queue/v1/pull"] = 3
+    await wait_until(lambda: w.transport.calls.get("/queue/v1/pull", 0) >= 4)
+    failed = [(lvl, m) for lvl, m in _logged(caplog, "worker.loop") if "pull failed" in m]
+    assert failed and failed[0][0] == "WARNING"
+    assert (
+        failed[0][1].startswith("pull failed: ") and "injected: queue unreachable" in failed[0][1]
+    )
+    assert failed[0][1].endswith(" s") and "; next try in 0." in failed[0][1]
+    caplog.clear()
+    w.transport.status, w.transport.fail["/queue/v1/pull"] = 401, 1
+    await wait_until(lambda: any("pull failed" in m for _, m in _logged(caplog, "worker.loop")))
+    assert [lvl for lvl, m in _logged(caplog, "worker.loop") if "pull failed" in m] == ["ERROR"]
+    assert not w.worker.health.ready()
 
 
 def harmless(engine: FakeEngine) -> Any:
@@ -323,14 +366,23 @@ async def test_worker_metrics_move_as_documented(client, start_worker):
             "errors": counter(metrics.QUEUE_ERRORS, "pull", "ConnectError"),
         }
 
+    def seconds() -> tuple[float, float]:
+        """Sums of the pull and item durations, seconds."""
+        return (
+            metrics.PULL_DURATION._sum.get(),
+            metrics.ITEM_DURATION.labels(MODEL, "embed")._sum.get(),
+        )
+
     w = await start_worker(registered=False)
     w.transport.fail["/queue/v1/pull"] = 3  # 2 retries, then one failed pull
-    before = read()
+    before, t0, secs0 = read(), time.monotonic(), seconds()
     await wait_until(w.worker.health.ready)
     r = await embed(client, ["a b", "cc", "invalid:x"])
     assert r.status_code == 400
     await wait_until(lambda: w.worker.in_flight == 0)
-    after = read()
+    after, elapsed, secs1 = read(), time.monotonic() - t0, seconds()
+    # durations are elapsed times: positive, within the test's own
+    assert all(0 < b - a <= elapsed * 3 for a, b in zip(secs0, secs1, strict=True))
     delta = {k: after[k] - before[k] for k in after}
     assert delta == {
         "pulled": 3,

@@ -16,7 +16,7 @@ import pytest
 
 from gateway import metrics
 from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
-from tests.support import FakeClock, age, counter, make_store
+from tests.support import FakeClock, age, counter, make_store, wait_until
 from worker.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, encode_vector
 
 LEASE = 0.5
@@ -351,8 +351,8 @@ async def test_taken_but_unanswered_within_the_request_timeout(store):
     await pull(store, n=1)
     t0 = time.monotonic()
     with pytest.raises(RequestTimeout):
-        await store.wait(request, pickup_timeout=0.05, request_timeout=0.3)
-    assert 0.25 <= time.monotonic() - t0 < 1.5
+        await store.wait(request, pickup_timeout=0.2, request_timeout=0.3)
+    assert 0.25 <= time.monotonic() - t0 < 0.6  # the request timeout counts from the start
     assert await store.leased() == {}
 
 
@@ -510,3 +510,67 @@ async def test_a_store_that_cannot_tell_whether_inputs_were_taken_keeps_waiting(
         assert time.monotonic() - t0 >= 0.25
     finally:
         await store.close()
+
+
+B64 = encode_vector  # numpy float32 -> base64, the wire's own codec
+
+
+@pytest.mark.parametrize(
+    "vector,task,want",
+    [
+        (None, "embed", "a result without a vector or an error"),
+        ("", "embed", "the vector is not base64 of whole float32 values"),
+        ("AAA", "embed", "the vector is not base64 of whole float32 values"),
+        ("AACAPw=*", "embed", "the vector is not base64 of whole float32 values"),  # not base64
+        ("AACA", "embed", "the vector is not base64 of whole float32 values"),  # 3 bytes
+        (
+            B64(np.array([1, np.inf], np.float32)),
+            "embed",
+            "the vector has values that are not finite",
+        ),
+        (
+            B64(np.array([1, 2, 3], np.float32)),
+            "embed",
+            "the vector has 3 values, 2 were asked for",
+        ),
+        (
+            B64(np.array([1, 2, 3], np.float32)),
+            "score",
+            "the vector has 3 values, 2 were asked for",
+        ),
+        (B64(np.array([0.6, 0.8], np.float32)), "embed", None),
+        (B64(np.array([0.1, 0.9], np.float32)), "score", None),
+    ],
+)
+def test_check_result_says_what_is_wrong_with_a_result(vector, task, want):
+    from gateway.store import check_result
+
+    kw = {"dimensions": 2} if task == "embed" else {"return_logits": [5, 7]}
+    item_spec = ItemSpec(model="m", task=task, text="x", **kw)
+    result = ItemResult(item_id="i", lease_id="1:w", vector_b64=vector)
+    checked = check_result(result, item_spec)
+    if want is None:
+        assert checked is result
+        return
+    assert checked.error is not None and checked.vector_b64 is None
+    assert checked.error.code == ErrorCode.INTERNAL_ERROR and checked.error.retryable
+    assert checked.error.message == f"the worker sent a bad result: {want}"
+    assert (checked.item_id, checked.lease_id) == ("i", "1:w")
+
+
+async def test_the_memory_stores_reaper_expires_leases_by_itself(clock):
+    """No pull and no explicit reap: the store's own task hands an expired lease back."""
+    from gateway.memory_store import MemoryStore
+
+    store = MemoryStore(clock=clock, lease_seconds=0.2)
+    await store.start()
+    try:
+        before = counter(metrics.LEASES_EXPIRED, "m")
+        await store.submit([spec("a")])
+        await pull(store, n=1)
+        clock.advance(0.3)
+        await wait_until(lambda: counter(metrics.LEASES_EXPIRED, "m") == before + 1, timeout=2)
+        assert await store.depth() == {"m": 1} and await store.leased() == {}
+    finally:
+        await store.close()
+    assert store._reaper is not None and store._reaper.done()

@@ -1,0 +1,94 @@
+"""The gateway fuzzed with schemathesis (property-based, from its own OpenAPI schema) on real
+processes: the client routes of the session's gateway with a real vLLM worker behind it, the
+queue routes of a gateway of their own (fuzzed pulls would advertise made-up models on the
+shared one). Every answer: no 5xx, every error body in OpenAI's shape; afterwards the gateway's
+RSS is bounded. A bounded number of examples per operation keeps it to about a minute."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import psutil
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from devstack import localstack as ls
+from tests.conftest import FAULT_REPORTS
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = 30
+#: Requests sent and statuses seen, per gateway ("client", "queue").
+SEEN: dict[str, Counter[int]] = {"client": Counter(), "queue": Counter()}
+RSS_MB: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def queue_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ls.Proc]:
+    proc = ls.start_gateway(tmp_path_factory.mktemp("fuzz"))
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _check(kind: str, case: schemathesis.Case, token: str) -> None:
+    if isinstance(case.body, dict) and isinstance(case.body.get("wait_seconds"), (int, float)):
+        # a long poll waits up to 60 s for work that never comes here: kept short
+        case.body["wait_seconds"] = min(case.body["wait_seconds"], 0.1)
+    response = case.call(headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    SEEN[kind][response.status_code] += 1
+    assert response.status_code < 500, (case.as_curl_command(), response.text[:500])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert isinstance(error["message"], str) and error["message"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+
+
+def _fuzz(kind: str, url: str, token: str, client_routes: bool) -> list[str]:
+    """Every operation of the gateway's schema at ``url`` (client routes or the others),
+    :data:`EXAMPLES` generated cases each (hypothesis, through schemathesis' strategies).
+    Returns the operations fuzzed."""
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    done = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        if op.path.startswith("/v1/") != client_routes:
+            continue
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+        def run(case: schemathesis.Case) -> None:
+            _check(kind, case, token)
+
+        run()
+        done.append(f"{op.method.upper()} {op.path}")
+    return done
+
+
+def test_fuzzed_client_routes(gateway: ls.Proc, embed_worker: ls.Proc) -> None:
+    RSS_MB["before"] = psutil.Process(gateway.pid).memory_info().rss / 2**20
+    done = _fuzz("client", gateway.url, ls.API_KEY, client_routes=True)
+    assert done == ["POST /v1/embeddings", "POST /v1/rerank", "GET /v1/models"]
+
+
+def test_fuzzed_queue_and_operator_routes(queue_gateway: ls.Proc) -> None:
+    done = _fuzz("queue", queue_gateway.url, ls.WORKER_TOKEN, client_routes=False)
+    assert "POST /queue/v1/pull" in done and "GET /metrics" in done
+
+
+def test_fuzzing_left_the_gateway_well(gateway: ls.Proc) -> None:
+    """Runs after the fuzzing (file order; in a random order it checks what ran before)."""
+    after = psutil.Process(gateway.pid).memory_info().rss / 2**20
+    sent = sum(sum(c.values()) for c in SEEN.values())
+    errors_5xx = sum(n for c in SEEN.values() for s, n in c.items() if s >= 500)
+    FAULT_REPORTS.append(
+        f"fuzz (schemathesis, {EXAMPLES} examples per operation): {sent} requests, "
+        f"{errors_5xx} 5xx; statuses {dict(SEEN['client'] + SEEN['queue'])}; session gateway "
+        f"RSS {RSS_MB.get('before', 0):.0f} -> {after:.0f} MB"
+    )
+    assert errors_5xx == 0
+    if "before" in RSS_MB:
+        assert after - RSS_MB["before"] < 100
