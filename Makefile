@@ -7,12 +7,12 @@ setup:
 demo: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python scripts/demo.py
 
-# Everything: the fast layer in a random order (pytest-randomly; the seed is printed), then
-# the end-to-end tests on real processes.
+# Everything, in a random order (pytest-randomly; the seed is printed, --randomly-seed=N
+# repeats it): the fast layer, then the end-to-end tests on real processes.
 test: setup
 	scripts/setup-system.sh
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -m slow tests
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -p randomly -m slow tests
 
 # The fast layer only (no vLLM, no subprocess): seconds.
 test-fast: setup

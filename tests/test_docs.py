@@ -198,3 +198,11 @@ def test_ci_runs_lint_typecheck_and_the_readme_test_command():
     for target in ("demo", "test", "test-fast", "lint", "typecheck"):
         assert re.search(rf"^{target}: setup$", makefile, re.M), target
     assert "SHARED" not in (REPO / ".ci" / "run").read_text()
+
+
+def test_make_test_runs_both_layers_in_a_random_order():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\ntest: setup\n", 1)[1].split("\n\n", 1)[0]
+    runs = [line for line in recipe.splitlines() if "pytest" in line]
+    assert len(runs) == 2 and all("-p randomly" in line for line in runs), runs
+    assert '-m "not slow"' in runs[0] and "-m slow" in runs[1]
