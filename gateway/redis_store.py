@@ -336,10 +336,10 @@ class RedisStore(QueueStore):
         #: Results read before submit() registered their futures (a busy event loop can see a
         #: fast worker's answer before the SUBMIT reply): item id -> (monotonic s, result).
         self._early: dict[str, tuple[float, ItemResult]] = {}
-        #: Specs of the items this replica handed out (item id -> (monotonic s, spec JSON)):
+        #: Specs of the items this replica handed out (item id -> (monotonic s, the item)):
         #: a worker usually posts to the replica it pulled from, which then checks the results
         #: without reading the specs back from Redis.
-        self._handed: dict[str, tuple[float, bytes]] = {}
+        self._handed: dict[str, tuple[float, ItemSpec]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._adverts: dict[str, tuple[float, ModelAdvert | None]] = {}  # model -> (at, advert)
         self._lease_ms = int(lease_seconds * 1000)
@@ -647,9 +647,7 @@ class RedisStore(QueueStore):
         else:
             metrics.REDELIVERIES.labels(model).inc()
         item_id = f"{entry_id}@{key}"
-        self._handed.pop(item_id, None)  # re-inserted last: the dict stays in hand-out order
-        self._handed[item_id] = (time.monotonic(), spec)
-        return WorkItem(
+        item = WorkItem(
             item_id=item_id,
             lease_id=f"{attempt}:{worker_id}",
             lease_seconds=self.lease_seconds,
@@ -657,6 +655,9 @@ class RedisStore(QueueStore):
             est_tokens=tokens,
             **json.loads(spec),
         )
+        self._handed.pop(item_id, None)  # re-inserted last: the dict stays in hand-out order
+        self._handed[item_id] = (time.monotonic(), item)
+        return item
 
     async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
         done = Completion()
@@ -707,7 +708,7 @@ class RedisStore(QueueStore):
             if cached is None:
                 missing.append(item_id)
             else:
-                out[item_id] = ItemSpec.model_validate_json(cached[1])
+                out[item_id] = cached[1]
         if not missing:
             return out
         async with self.redis.pipeline(transaction=False) as p:
