@@ -36,7 +36,7 @@ bench:
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/dtype.py
 
 # Mutation score of the queue store and the worker loop against the fast layer (mutmut; slow:
-# about two hours on 2 cores, so not part of .ci/run). Results: .venv/bin/mutmut results.
+# about 70 minutes on 2 cores, so not part of .ci/run). Results: .venv/bin/mutmut results.
 mutation: setup
 	HF_HUB_OFFLINE=1 .venv/bin/mutmut run --max-children 2
 	.venv/bin/mutmut export-cicd-stats 2>/dev/null || true
