@@ -323,11 +323,13 @@ async def test_an_unexpected_error_from_a_dead_engine_is_engine_death(client, st
     request.cancel()  # its inputs wait for another worker
 
 
-async def test_an_engine_that_dies_idle_is_noticed(start_worker):
+async def test_an_engine_that_dies_idle_is_noticed(start_worker, caplog):
     w = await start_worker()
     await wait_until(w.worker.health.ready)
     w.engine.alive = False
     assert await asyncio.wait_for(w.task, 5) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["vLLM engine failed (the engine is no longer alive); stopping"]
 
 
 async def test_queue_unreachable_then_back(client, start_worker, gateway):

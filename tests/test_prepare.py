@@ -1,0 +1,68 @@
+"""The worker's prompt preparation (:meth:`worker.engine.Engine.prepare`) with the real
+all-MiniLM-L6-v2 tokenizer and a FAKE vLLM engine object (only ``model_config`` and
+``get_tokenizer``; no vLLM): texts are tokenized, and truncated, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from devstack import localstack as ls
+from worker.config import GeneratorConfig
+from worker.engine import Engine
+from worker.protocol import WorkItem
+
+
+class FakeLLM:
+    """FAKE of vLLM's ``AsyncLLM``: the model's context length and its real tokenizer."""
+
+    def __init__(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(ls.minilm_path())
+        self.model_config = type("ModelConfig", (), {"max_model_len": 256})()
+
+    def get_tokenizer(self) -> Any:
+        return self.tok
+
+
+def item(text: str, **kw: Any) -> WorkItem:
+    return WorkItem(
+        item_id="i",
+        lease_id="1:w",
+        lease_seconds=30,
+        attempt=1,
+        model="m",
+        task="embed",
+        text=text,
+        **kw,
+    )
+
+
+async def test_a_long_text_is_tokenized_and_truncated_off_the_event_loop():
+    """Finding: an over-long text was tokenized on the worker's event loop (a 1 MB text
+    blocked it ~600 ms). Now the loop keeps ticking while it is tokenized."""
+    llm = FakeLLM()
+    engine = Engine(llm, GeneratorConfig(model_path=ls.minilm_path()), "m")
+    text = "the quick brown fox jumps over the lazy dog " * 25_000  # 1.1 MB
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    t0 = time.monotonic()
+    truncated, whole = await engine.prepare([item(text, truncate_prompt_tokens=100), item(text)])
+    took = time.monotonic() - t0
+    ticker.cancel()
+    want = llm.tok(text, truncation=True, max_length=100)["input_ids"]
+    assert truncated == want and len(want) == 100 and want[-1] == llm.tok.sep_token_id
+    assert isinstance(whole, list) and len(whole) > 200_000  # the 400 is worded from this
+    assert took > 0.2  # the work is real ...
+    assert max(gaps) < took / 2, (max(gaps), took)  # ... and the loop kept running
