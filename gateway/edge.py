@@ -64,8 +64,12 @@ class Edge:
         deadline = time.monotonic() + self.body_timeout
         tripped: APIError | None = None  # the limit the body broke, answered instead of the app
 
+        body_done = False
+
         async def bounded_receive() -> Message:
-            nonlocal seen, tripped
+            nonlocal seen, tripped, body_done
+            if body_done:  # e.g. waiting for the client to disconnect: no deadline
+                return await receive()
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     message = await receive()
@@ -81,6 +85,9 @@ class Edge:
                 if seen > self.max_body_bytes:
                     tripped = self._too_large(None)
                     raise _BodyLimit
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True  # disconnected
             return message
 
         async def guarded_send(message: Message) -> None:

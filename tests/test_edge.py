@@ -110,8 +110,9 @@ class RawCall:
     """One request straight into the ASGI app, its body served by ``chunks`` (then, with
     ``stall``, a receive that never returns): records how many body messages were read."""
 
-    def __init__(self, chunks: list[bytes], stall: bool = False):
+    def __init__(self, chunks: list[bytes], stall: bool = False, complete: bool = False):
         self.chunks, self.stall, self.reads = list(chunks), stall, 0
+        self.complete = complete  # the last chunk ends the body (then a stall is the wait)
         self.status = 0
         self.body = b""
         self.headers: dict[bytes, bytes] = {}
@@ -137,7 +138,7 @@ class RawCall:
             self.reads += 1
             if self.chunks:
                 chunk = self.chunks.pop(0)
-                more = bool(self.chunks) or self.stall
+                more = bool(self.chunks) or (self.stall and not self.complete)
                 return {"type": "http.request", "body": chunk, "more_body": more}
             if self.stall:
                 await asyncio.sleep(3600)
@@ -222,6 +223,19 @@ async def test_a_body_that_does_not_arrive_is_408():
         )
         assert call.status == 408 and call.error()["code"] == "request_timeout"
         assert 0.25 <= time.monotonic() - t0 < 2
+
+
+async def test_the_body_timeout_ends_with_the_body():
+    """A client whose body has arrived waits for its answer as long as the request takes:
+    the body timeout does not apply to that wait (the gateway listens for a disconnect)."""
+    async with InProcessGateway(
+        FakeClock(), body_timeout_seconds=0.2, pickup_timeout_seconds=0.6
+    ) as g:
+        assert (await g.worker.post("/pull", json=ADVERTISE)).status_code == 200
+        auth = {"Authorization": f"Bearer {g.API_KEY}", "Content-Type": "application/json"}
+        body = [b'{"model": "m", "input": "x"}']
+        call = await RawCall(body, stall=True, complete=True).run(g.app, "/v1/embeddings", auth)
+        assert call.status == 503 and call.error()["code"] == "no_worker_available"
 
 
 async def test_a_scoped_worker_token_serves_only_its_models(tmp_path):

@@ -122,6 +122,10 @@ def test_two_replicas_share_one_queue(
         data = httpx.get(r.url + "/v1/models", headers=HEADERS).json()["data"]
         return [(m["id"], m["workers"], m["tasks"]) for m in data]
 
+    # One live worker (a worker another test killed stays listed for the worker TTL).
+    deadline = time.monotonic() + 45
+    while models(replica_a) != [(MODEL, 1, ["embed"])] and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert models(replica_a) == models(replica_b) == [(MODEL, 1, ["embed"])]
     for name in ("inference_gateway_workers", "inference_gateway_queue_depth_items"):
         a = metric(httpx.get(replica_a.url + "/metrics").text, name, model=MODEL)
