@@ -37,6 +37,8 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -323,6 +325,10 @@ class RedisStore(QueueStore):
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "health_check_interval": 10,
+            # A pooled connection that Redis closed (a restart) is reconnected and the
+            # command sent again, twice at most, within about a second; then StoreUnavailable.
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         }
         if password is not None:
             kwargs["password"] = password

@@ -230,6 +230,7 @@ def test_redis_restarted_mid_run_serves_the_queued_inputs(
     queued = 0.0
     while queued == 0:  # the worker is busy and inputs wait: restart now
         assert time.monotonic() < deadline, "nothing queued"
+        assert "r" not in result, result["r"].text  # answered (or refused) before a restart
         queued = metric(
             httpx.get(replica_a.url + "/metrics").text,
             "inference_gateway_queue_depth_items",
