@@ -24,9 +24,8 @@ from worker.protocol import MAX_LOGIT_IDS, ErrorCode, WorkItem
 
 log = logging.getLogger(__name__)
 
-#: An item's prompt for vLLM (:meth:`Engine.prepare`): token ids, or a text vLLM tokenizes
-#: and truncates itself.
-Prompt = list[int] | str
+#: An item's prompt for vLLM (:meth:`Engine.prepare`): its token ids.
+Prompt = list[int]
 
 
 class InvalidInput(Exception):
@@ -207,12 +206,12 @@ class Engine:
                         )
                     )
                     continue
-            out.append(text or "")
-            if item.truncate_prompt_tokens is None:
-                to_tokenize.append(i)
-                texts.append(text or "")
-            else:  # truncated here as vLLM would (special tokens kept), not on the event loop
-                out[i] = _encode_one(tok, text or "", item.truncate_prompt_tokens)
+            if item.truncate_prompt_tokens is not None:  # truncated as vLLM would
+                out.append(_encode_one(tok, text or "", item.truncate_prompt_tokens))
+                continue
+            out.append([])  # its ids come from the one call below
+            to_tokenize.append(i)
+            texts.append(text or "")
         try:
             encoded = tok(texts, add_special_tokens=True)["input_ids"] if texts else []
         except Exception:  # noqa: BLE001 - find the inputs that fail, keep the rest
@@ -244,19 +243,13 @@ class Engine:
             return await self._embed(item, prompt)
         return await self._score(item, prompt)
 
-    def _prompt(self, item: WorkItem, prompt: Prompt) -> tuple[Any, dict[str, Any] | None]:
-        """vLLM's prompt: token ids as a rendered ``TokensInput`` (vLLM adds them without
-        another tokenizer pass), or the text with its truncation arguments."""
+    @staticmethod
+    def _vllm_prompt(prompt: Prompt) -> Any:
+        """The token ids as a rendered ``TokensInput``: vLLM adds them without another
+        tokenizer pass."""
         from vllm.inputs.engine import tokens_input
 
-        if not isinstance(prompt, str):
-            return tokens_input(prompt), None
-        if item.truncate_prompt_tokens is not None:
-            return prompt, {
-                "truncate_prompt_tokens": item.truncate_prompt_tokens,
-                "truncation_side": "right",
-            }
-        return prompt, None
+        return tokens_input(prompt)
 
     async def _embed(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
         from vllm import PoolingParams
@@ -265,7 +258,7 @@ class Engine:
             raise InvalidInput(
                 ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
             )
-        vllm_prompt, tok_kwargs = self._prompt(item, prompt)
+        vllm_prompt = self._vllm_prompt(prompt)
         params = PoolingParams(
             task="embed", dimensions=item.dimensions, use_activation=item.normalize
         )
@@ -273,9 +266,7 @@ class Engine:
         async for out in self._guard(  # noqa: B007 - the last output is used after the loop
             item,
             prompt,
-            self.llm.encode(
-                vllm_prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
-            ),
+            self.llm.encode(vllm_prompt, params, request_id=_request_id(item)),
         ):
             pass
         assert out is not None
@@ -295,7 +286,7 @@ class Engine:
                 ErrorCode.INVALID_TOKEN_IDS,
                 f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
             )
-        vllm_prompt, tok_kwargs = self._prompt(item, prompt)
+        vllm_prompt = self._vllm_prompt(prompt)
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), detokenize=False
         )
@@ -303,9 +294,7 @@ class Engine:
         async for out in self._guard(  # noqa: B007 - the last output is used after the loop
             item,
             prompt,
-            self.llm.generate(
-                vllm_prompt, params, request_id=_request_id(item), tokenization_kwargs=tok_kwargs
-            ),
+            self.llm.generate(vllm_prompt, params, request_id=_request_id(item)),
         ):
             pass
         assert out is not None
