@@ -15,9 +15,9 @@ queue routes in ``request.state.worker_scope``. Plain ASGI (as :class:`RequestMe
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Credentials
@@ -57,13 +57,12 @@ class Edge:
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 raise self._too_large(int(length))
         except APIError as e:
-            await _respond(send, e)
+            await _respond(scope, receive, send, e)
             return
         started = False
         seen = 0
         deadline = time.monotonic() + self.body_timeout
         tripped: APIError | None = None  # the limit the body broke, answered instead of the app
-
         body_done = False
 
         async def bounded_receive() -> Message:
@@ -93,22 +92,19 @@ class Edge:
         async def guarded_send(message: Message) -> None:
             # FastAPI answers an error while reading the body with its own 400: replaced.
             nonlocal started
-            if tripped is not None and not started:
-                if message["type"] == "http.response.start":
-                    started = True
-                    await _respond(send, tripped)
-                return
-            if tripped is not None:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+            if tripped is None:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+            elif not started and message["type"] == "http.response.start":
+                started = True
+                await _respond(scope, receive, send, tripped)
 
         try:
             await self.app(scope, bounded_receive, guarded_send)
         except _BodyLimit:
             if started or tripped is None:
                 raise
-            await _respond(send, tripped)
+            await _respond(scope, receive, send, tripped)
 
     def _too_large(self, length: int | None) -> APIError:
         size = f"{length} bytes" if length is not None else "larger"
@@ -119,15 +115,8 @@ class Edge:
         )
 
 
-async def _respond(send: Send, error: APIError) -> None:
-    """The error, and the connection closed after it: the body was not (all) read."""
-    body = json.dumps(error.response_json()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    for name, value in (error.headers or {}).items():
-        headers.append((name.lower().encode(), value.encode()))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _respond(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    """The error as :mod:`gateway.errors` renders it, and the connection closed after it: the
+    body was not (all) read."""
+    headers = {**(error.headers or {}), "Connection": "close"}
+    await JSONResponse(error.response_json(), error.status, headers)(scope, receive, send)
