@@ -56,6 +56,7 @@ from worker.protocol import ItemResult, ItemSpec, ModelAdvert, WorkItem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+V = TypeVar("V")
 
 PREFIX = "iw:"
 GROUP = "workers"
@@ -291,6 +292,23 @@ return out
 )
 
 
+def _keep(cache: dict[str, tuple[float, V]], key: str, value: V) -> None:
+    """Store ``value`` stamped now, last in the dict: its order stays the order of the
+    stamps (what :func:`_forget_older` relies on)."""
+    cache.pop(key, None)
+    cache[key] = (time.monotonic(), value)
+
+
+def _forget_older(cache: dict[str, tuple[float, Any]], seconds: float) -> None:
+    """Drop the entries stamped by :func:`_keep` more than ``seconds`` ago (oldest first)."""
+    cutoff = time.monotonic() - seconds
+    while cache:
+        oldest = next(iter(cache))
+        if cache[oldest][0] >= cutoff:
+            break
+        del cache[oldest]
+
+
 def stream_key(model: str, task: str) -> str:
     return f"{PREFIX}s:{task}:{model}"
 
@@ -450,24 +468,18 @@ class RedisStore(QueueStore):
         """Answer a waiting client of this replica (or keep the answer for submit())."""
         future = self._futures.pop(item_id, None)
         if future is None:  # answered before submit() registered its futures
-            self._early[item_id] = (time.monotonic(), result)
+            _keep(self._early, item_id, result)
         elif not future.done():
             future.set_result(result)
 
     def _forget_early(self) -> None:
         """Drop early results nobody claimed within :data:`EARLY_RESULT_SECONDS`."""
-        cutoff = time.monotonic() - EARLY_RESULT_SECONDS
-        for item_id in [k for k, (at, _) in self._early.items() if at < cutoff]:
-            del self._early[item_id]
+        _forget_older(self._early, EARLY_RESULT_SECONDS)
 
     def _forget_handed(self) -> None:
         """Drop cached specs of items handed out more than two leases ago (their results, if
         any come, have the specs read from Redis)."""
-        cutoff = time.monotonic() - 2 * self.lease_seconds
-        for item_id, (at, _) in list(self._handed.items()):
-            if at >= cutoff:
-                break  # insertion order is hand-out order
-            del self._handed[item_id]
+        _forget_older(self._handed, 2 * self.lease_seconds)
 
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
@@ -661,15 +673,20 @@ class RedisStore(QueueStore):
             est_tokens=tokens,
             **json.loads(spec),
         )
-        self._handed.pop(item_id, None)  # re-inserted last: the dict stays in hand-out order
-        self._handed[item_id] = (time.monotonic(), item)
+        _keep(self._handed, item_id, item)
         return item
 
     async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
         done = Completion()
         specs = await self._specs([r.item_id for r in results])
-        args: list[Any] = [GROUP, worker_id, self.max_attempts, self._lease_ms, PREFIX]
-        args.append(self.replica)
+        args: list[Any] = [
+            GROUP,
+            worker_id,
+            self.max_attempts,
+            self._lease_ms,
+            PREFIX,
+            self.replica,
+        ]
         checked_all: list[ItemResult] = []
         for res in results:
             spec = specs.get(res.item_id)
