@@ -182,15 +182,16 @@ class Serving:
             )
         inputs.check_rerank_size(req, advert.rerank, self.settings.max_rerank_bytes)
         specs = inputs.rerank_specs(req, advert.rerank)
-        if len(req.query) > self._max_chars(advert):
+        limit = self._max_chars(advert)
+        if len(req.query) > limit:
             raise APIError(
                 400,
-                f"'query' has {len(req.query)} characters; at most {self._max_chars(advert)} "
-                f"are accepted for '{req.model}'.",
+                f"'query' has {len(req.query)} characters; at most {limit} are accepted for "
+                f"'{req.model}'.",
                 param="query",
                 code="context_length_exceeded",
             )
-        inputs.check_sizes(specs, "documents", self._max_chars(advert))
+        inputs.check_sizes(specs, "documents", limit)
         results = await self.run(specs, "documents", disconnected)
         scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
