@@ -105,9 +105,9 @@ class MemoryStore(QueueStore):
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
         model, task = specs[0].model, specs[0].task
-        waiting = self._waiting(model)
-        if waiting + len(specs) > self.max_queued:
-            raise QueueFull(model, waiting, self.max_queued)
+        unanswered = self._unanswered(model)
+        if unanswered + len(specs) > self.max_queued:
+            raise QueueFull(model, unanswered, self.max_queued)
         loop = asyncio.get_running_loop()
         now = self._clock()
         queue = self._pending.setdefault((model, task), OrderedDict())
@@ -126,8 +126,10 @@ class MemoryStore(QueueStore):
         self._wake()
         return Request(model, task, [i.item_id for i in items], [i.future for i in items])
 
-    def _waiting(self, model: str) -> int:
-        return sum(len(q) for (m, _), q in self._pending.items() if m == model)
+    def _unanswered(self, model: str) -> int:
+        """The model's inputs waiting or leased (what ``max_queued`` bounds)."""
+        waiting = sum(len(q) for (m, _), q in self._pending.items() if m == model)
+        return waiting + sum(1 for item in self._leased.values() if item.model == model)
 
     async def cancel(self, request: Request) -> None:
         for item_id in request.item_ids:
@@ -262,7 +264,7 @@ class MemoryStore(QueueStore):
         self, worker_id: str, leases: list[tuple[str, str]], count_attempt: bool = False
     ) -> int:
         n = 0
-        for item_id, lease_id in leases:
+        for item_id, lease_id in reversed(leases):  # each to the front: their order kept
             item = self._leased.get(item_id)
             current = item is not None and item.lease_id == lease_id
             if item is not None and current and item.worker_id == worker_id:
@@ -275,7 +277,7 @@ class MemoryStore(QueueStore):
     async def reap(self) -> None:
         now = self._clock()
         expired = [i for i in self._leased.values() if i.lease_deadline <= now]
-        for item in expired:
+        for item in reversed(expired):  # each to the front: their order kept
             metrics.LEASES_EXPIRED.labels(item.model).inc()
             self._requeue(item)
 

@@ -3,14 +3,22 @@ through the official ``redis`` package's asyncio client.
 
 Data model (every key under ``iw:``):
 
-- ``iw:s:<task>:<model>`` — a Stream per (model, task); one entry per input: ``r`` the replica
-  that holds the client's connection, ``s`` the :class:`~worker.protocol.ItemSpec` as JSON,
-  ``t`` its estimated tokens. Consumer group ``workers``; a worker is a consumer.
-- Leases are the group's pending-entries list: a pull claims entries for the worker (delivery
-  count = attempt); ``XPENDING ... IDLE <lease>`` finds expired leases, which go back to the
-  front by being claimed for the placeholder consumer ``~released`` with an idle time of a
-  whole lease (``XCLAIM ... IDLE ... JUSTID``), the way a released input goes back too. A result
-  is ``XACK`` + ``XDEL`` of its entry; out of attempts, the dead letter.
+- ``iw:s:<task>:<model>`` — a Stream per (model, task), the line: one entry per chunk of a
+  request (up to :data:`INPUTS_PER_ENTRY` inputs and :data:`TOKENS_PER_ENTRY` estimated
+  tokens): the replica that holds the client's connection, the request id, and per input its
+  :class:`~worker.protocol.ItemSpec` (JSON), index in the request and estimated tokens.
+  Consumer group ``workers``; a worker is a consumer. An input's item id is
+  ``<entry id>/<input>@<stream>``.
+- ``iw:f:<task>:<model>`` — the front of that line, read first: inputs split off an entry
+  that a pull could not take whole, released or retried, as entries of their own that keep
+  their attempt count.
+- Leases are the groups' pending-entries lists: a pull claims entries for the worker (delivery
+  count + the entry's earlier attempts = attempt); ``XPENDING ... IDLE <lease>`` finds expired
+  leases, which go back to the front by being claimed for the placeholder consumer
+  ``~released`` with an idle time of a whole lease (``XCLAIM ... IDLE ... JUSTID``), the way a
+  released entry goes back too. Out of attempts, the dead letter, input by input.
+- ``iw:d:<entry>@<stream>`` — the inputs that left an entry, answered or moved (and where to);
+  the entry is ``XACK`` + ``XDEL``-ed with its last one. ``iw:n`` — unanswered inputs per model.
 - ``iw:reply:<replica>`` — a Stream per gateway replica: results for the clients it holds,
   written by whichever replica a worker posted to, read by its owner (``XREAD BLOCK``).
 - ``iw:replica:<replica>`` — the replica's heartbeat (TTL :data:`REPLICA_TTL_SECONDS`); inputs
@@ -32,8 +40,8 @@ import json
 import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -69,105 +77,227 @@ HEARTBEAT_SECONDS = 5.0
 #: a replica silent this long are dropped, not worked on for nobody. Long enough to outlast a
 #: Redis restart.
 REPLICA_TTL_SECONDS = 60
+#: Inputs of one request per stream entry at most (a 2,048-input request is 64 entries); one
+#: entry is leased as a whole unless it is more than a pull can take.
+INPUTS_PER_ENTRY = 32
+#: Estimated tokens per stream entry at most (an input over it is an entry of its own).
+TOKENS_PER_ENTRY = 4096
 
+#: Every script's ARGV starts with the key prefix and the consumer group. An entry's fields:
+#: ``r`` replica, ``q`` request id, ``a`` attempts before this entry (a requeued input keeps
+#: its count), ``n`` inputs, ``t`` their estimated tokens; per input ``k`` (1..n): ``x<k>`` its
+#: index in the request, ``s<k>`` its spec (JSON), ``t<k>`` its estimated tokens.
 _LUA_HELPERS = """
+local P, G = ARGV[1], ARGV[2]
 local function tbl(a) local t = {} for i = 1, #a, 2 do t[a[i]] = a[i + 1] end return t end
-local function dead_letter(key, group, id, replica, deliveries, last_error, prefix)
-  local msg = 'the input was delivered to workers ' .. deliveries .. ' times without a result'
-  if last_error ~= '' then msg = msg .. ' (the last attempt failed: ' .. last_error .. ')' end
-  local result = cjson.encode({item_id = id .. '@' .. key, lease_id = '',
-    error = {code = 'max_attempts_exceeded', message = msg .. '; giving up', retryable = false}})
-  redis.call('XADD', prefix .. 'reply:' .. replica, '*', 'i', id .. '@' .. key, 'r', result)
-  redis.call('XACK', key, group, id)
-  redis.call('XDEL', key, id)
+local function model_of(key) return string.match(key, '^[^:]*:[^:]*:[^:]*:(.*)$') end
+local function front_of(key) return P .. 'f:' .. string.sub(key, #P + 3) end
+local function entry(key, id)
+  local e = redis.call('XRANGE', key, id, id)[1]
+  if e then return tbl(e[2]) end
 end
-local function counts(key, group)
-  local len = redis.call('XLEN', key)
-  local pend = redis.call('XPENDING', key, group)
-  local released = 0
-  if pend[4] then
-    for _, c in ipairs(pend[4]) do if c[1] == '~released' then released = tonumber(c[2]) end end
+-- an entry's inputs no longer in it: k -> '' answered, or '<entry>/<j>@<stream>' moved there
+-- (field 'm' present once one moved); kept for a while after the entry went, for late posts
+local function done_key(key, id) return P .. 'd:' .. id .. '@' .. key end
+local function client_id(f, k) return f.q .. ':' .. f['x' .. k] end
+local function alive(replica) return redis.call('EXISTS', P .. 'replica:' .. replica) == 1 end
+-- the inputs (1..n) of an entry neither answered nor moved
+local function left(key, id, f)
+  local ks, n = {}, tonumber(f.n)
+  local done = redis.call('HKEYS', done_key(key, id))
+  if #done == 0 then for k = 1, n do ks[k] = k end return ks end
+  local gone = {}
+  for _, k in ipairs(done) do gone[tonumber(k) or 0] = true end
+  for k = 1, n do if not gone[k] then ks[#ks + 1] = k end end
+  return ks
+end
+-- where input k of an entry is now (its moves followed), and whether it was answered
+local function locate(key, id, k)
+  for _ = 1, 16 do
+    local v = redis.call('HGET', done_key(key, id), k)
+    if not v then return key, id, k, false end
+    if v == '' then break end
+    local id2, k2, key2 = string.match(v, '^([^/@]+)/(%d+)@(.+)$')
+    key, id, k = key2, id2, tonumber(k2)
   end
-  return len - pend[1] + released, pend[1] - released
+  return key, id, k, true
+end
+local function finish(key, id)
+  redis.call('XACK', key, G, id); redis.call('XDEL', key, id)
+  local dk = done_key(key, id)
+  if redis.call('HEXISTS', dk, 'm') == 1 then redis.call('EXPIRE', dk, 3600)
+  else redis.call('DEL', dk) end
+end
+-- inputs ks leave the entry: answered (no longer counted as unanswered; `to` nil) or moved
+-- (to[j]: where ks[j] went); the entry leaves the stream with its last input
+local function mark(key, id, f, ks, to)
+  if #ks == 0 then return end
+  if to == nil then redis.call('HINCRBY', P .. 'n', model_of(key), -#ks) end
+  local dk = done_key(key, id)
+  local gone = redis.call('HLEN', dk)
+  if gone > 0 and redis.call('HEXISTS', dk, 'm') == 1 then gone = gone - 1 end
+  if gone == 0 and #ks >= tonumber(f.n) then finish(key, id) return end
+  local args = {}
+  for j, k in ipairs(ks) do args[#args + 1] = k; args[#args + 1] = to and to[j] or '' end
+  if to then args[#args + 1] = 'm'; args[#args + 1] = '1' end
+  redis.call('HSET', dk, unpack(args))
+  if gone + #ks >= tonumber(f.n) then finish(key, id) end
+end
+local function dead_letter(key, id, f, ks, attempts, last_error)
+  local msg = 'the input was delivered to workers ' .. attempts .. ' times without a result'
+  if last_error ~= '' then msg = msg .. ' (the last attempt failed: ' .. last_error .. ')' end
+  for _, k in ipairs(ks) do
+    local result = cjson.encode({item_id = id .. '/' .. k .. '@' .. key, lease_id = '',
+      error = {code = 'max_attempts_exceeded', message = msg .. '; giving up', retryable = false}})
+    redis.call('XADD', P .. 'reply:' .. f.r, '*', 'i', client_id(f, k), 'r', result)
+  end
+  mark(key, id, f, ks, nil)
+end
+-- inputs ks of an entry go to the front of the line as an entry of their own (the model's
+-- front stream, read before its main stream), keeping their attempt count
+local function move(key, id, f, ks, attempts)
+  if #ks == 0 then return end
+  local args, tokens = {}, 0
+  for j, k in ipairs(ks) do
+    local t = f['t' .. k]
+    tokens = tokens + tonumber(t)
+    args[#args + 1] = 'x' .. j; args[#args + 1] = f['x' .. k]
+    args[#args + 1] = 's' .. j; args[#args + 1] = f['s' .. k]
+    args[#args + 1] = 't' .. j; args[#args + 1] = t
+  end
+  local front = front_of(key)
+  local id2 = redis.call('XADD', front, '*', 'r', f.r, 'q', f.q, 'a', attempts, 'n', #ks,
+                         't', tokens, unpack(args))
+  local to = {}
+  for j = 1, #ks do to[j] = id2 .. '/' .. j .. '@' .. front end
+  mark(key, id, f, ks, to)
+end
+local function drop(key, id, f)  -- out of the stream unanswered; returns the inputs dropped
+  local ks = left(key, id, f)
+  redis.call('HINCRBY', P .. 'n', model_of(key), -#ks)
+  finish(key, id)
+  return #ks
 end
 """
 
-#: KEYS: stream, streams set. ARGV: group, limit, replica, then (spec, tokens) pairs.
-#: Returns {-1, waiting} over the limit, else {0, ids}.
+#: KEYS: main stream, front stream, streams set. ARGV: prefix, group, limit, replica, request
+#: id, model, inputs per entry, estimated tokens per entry, then (spec, tokens) pairs. Returns
+#: {-1, unanswered} over the limit, else {0, entry ids}.
 _SUBMIT = (
     _LUA_HELPERS
     + """
-local key, group, limit, replica = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
-pcall(redis.call, 'XGROUP', 'CREATE', key, group, '0', 'MKSTREAM')
-redis.call('SADD', KEYS[2], key)
-local waiting = counts(key, group)
-local n = (#ARGV - 3) / 2
-if waiting + n > limit then return {-1, waiting} end
-local ids = {}
-for i = 0, n - 1 do
-  ids[#ids + 1] = redis.call('XADD', key, '*', 'r', replica, 's', ARGV[4 + 2 * i],
-                             't', ARGV[5 + 2 * i])
+local limit, replica, q, model = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local per_entry, tokens_per_entry = tonumber(ARGV[7]), tonumber(ARGV[8])
+for i = 1, 2 do
+  pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
+  redis.call('SADD', KEYS[3], KEYS[i])
 end
+local n = (#ARGV - 8) / 2
+local unanswered = tonumber(redis.call('HGET', P .. 'n', model) or '0')
+if unanswered + n > limit then return {-1, unanswered} end
+redis.call('HINCRBY', P .. 'n', model, n)
+local ids, chunk, tokens = {}, {}, 0
+local function flush()
+  if #chunk == 0 then return end
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'r', replica, 'q', q, 'a', 0,
+                             'n', #chunk / 6, 't', tokens, unpack(chunk))
+  chunk, tokens = {}, 0
+end
+for i = 0, n - 1 do
+  local t = tonumber(ARGV[10 + 2 * i])
+  if #chunk / 6 >= per_entry or (#chunk > 0 and tokens + t > tokens_per_entry) then flush() end
+  local j = #chunk / 6 + 1
+  chunk[#chunk + 1] = 'x' .. j; chunk[#chunk + 1] = i
+  chunk[#chunk + 1] = 's' .. j; chunk[#chunk + 1] = ARGV[9 + 2 * i]
+  chunk[#chunk + 1] = 't' .. j; chunk[#chunk + 1] = t
+  tokens = tokens + t
+end
+flush()
 return {0, ids}
 """
 )
 
-#: KEYS: stream. ARGV: group, worker, lease_ms, max_items, token budget (-1: none),
-#: max_attempts, key prefix, then the worker's registration (none: ''): its adverts as JSON,
-#: their TTL in ms, then (model, advert JSON) pairs. Takes expired and released leases first
-#: (oldest first), then new entries. Returns {{id, spec, attempt, tokens}..., dead, expired,
-#: dropped}.
+#: KEYS: front stream, main stream (of one model and task). ARGV: prefix, group, worker,
+#: lease_ms, max_items, token budget (-1: none), max_attempts, then the worker's registration
+#: (none: ''): its adverts as JSON, their TTL in ms, then (model, advert JSON) pairs. Takes
+#: expired and released leases first (oldest first, front stream first), then new entries.
+#: Whole entries while they fit; the first one taken may be split (what does not fit goes to
+#: the front). Returns {{item id, spec, attempt, tokens}..., dead, expired, dropped}.
 _PULL = (
     _LUA_HELPERS
     + """
-local key, group, worker = KEYS[1], ARGV[1], ARGV[2]
-local lease_ms, max_items = tonumber(ARGV[3]), tonumber(ARGV[4])
-local budget, max_att, prefix = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local worker, lease_ms, max_items = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local budget, max_att = tonumber(ARGV[6]), tonumber(ARGV[7])
 if ARGV[8] ~= '' then
-  redis.call('SET', prefix .. 'worker:' .. worker, ARGV[8], 'PX', ARGV[9])
-  for i = 10, #ARGV, 2 do redis.call('SET', prefix .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
+  redis.call('SET', P .. 'worker:' .. worker, ARGV[8], 'PX', ARGV[9])
+  for i = 10, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
 end
-pcall(redis.call, 'XGROUP', 'CREATE', key, group, '0', 'MKSTREAM')
+for _, key in ipairs(KEYS) do pcall(redis.call, 'XGROUP', 'CREATE', key, G, '0', 'MKSTREAM') end
 local out, dead, expired, dropped, tokens = {}, 0, 0, 0, 0
 local function full() return #out >= max_items or (budget >= 0 and tokens >= budget) end
-local function fits(t) return #out == 0 or budget < 0 or tokens + t <= budget end
-local function alive(replica) return redis.call('EXISTS', prefix .. 'replica:' .. replica) == 1 end
-local waiting = redis.call('XPENDING', key, group, 'IDLE', lease_ms, '-', '+', max_items + 64)
-for _, p in ipairs(waiting) do
-  if full() then break end
-  local id, owner, deliveries = p[1], p[2], tonumber(p[4])
-  local entry = redis.call('XRANGE', key, id, id)[1]
-  if entry == nil then
-    redis.call('XACK', key, group, id)
-  else
-    local f = tbl(entry[2])
-    if not alive(f.r) then
-      redis.call('XACK', key, group, id); redis.call('XDEL', key, id); dropped = dropped + 1
-    elseif deliveries >= max_att then
-      dead_letter(key, group, id, f.r, deliveries, '', prefix); dead = dead + 1
-    elseif fits(tonumber(f.t)) then
-      redis.call('XCLAIM', key, group, worker, 0, id, 'RETRYCOUNT', deliveries + 1, 'JUSTID')
-      out[#out + 1] = {id, f.s, deliveries + 1, f.t}
-      tokens = tokens + tonumber(f.t)
-      if owner ~= '~released' then expired = expired + 1 end
+-- how many of the inputs ks fit this pull: all or none, but the first entry may be split
+local function fitting(f, ks)
+  local m, t = 0, 0
+  for _, k in ipairs(ks) do
+    local tk = tonumber(f['t' .. k])
+    if #out + m >= max_items or (budget >= 0 and #out + m > 0 and tokens + t + tk > budget) then
+      break
+    end
+    m, t = m + 1, t + tk
+  end
+  if m < #ks and #out > 0 then return 0 end
+  return m
+end
+-- hand out the first m of inputs ks (attempt `before` + 1); the rest goes to the front
+local function take(key, id, f, ks, m, before)
+  for j = 1, m do
+    local k = ks[j]
+    out[#out + 1] = {id .. '/' .. k .. '@' .. key, f['s' .. k], before + 1, f['t' .. k]}
+    tokens = tokens + tonumber(f['t' .. k])
+  end
+  if m < #ks then move(key, id, f, {unpack(ks, m + 1)}, before) end
+end
+for _, key in ipairs(KEYS) do
+  local waiting = redis.call('XPENDING', key, G, 'IDLE', lease_ms, '-', '+', max_items + 64)
+  for _, p in ipairs(waiting) do
+    if full() then break end
+    local id, owner, deliveries = p[1], p[2], tonumber(p[4])
+    local f = entry(key, id)
+    if f == nil then
+      redis.call('XACK', key, G, id)
+    elseif not alive(f.r) then
+      dropped = dropped + drop(key, id, f)
+    else
+      local before, ks = tonumber(f.a) + deliveries, left(key, id, f)
+      if before >= max_att then
+        dead_letter(key, id, f, ks, before, ''); dead = dead + #ks
+      else
+        local m = fitting(f, ks)
+        if m > 0 then
+          redis.call('XCLAIM', key, G, worker, 0, id, 'RETRYCOUNT', deliveries + 1, 'JUSTID')
+          if owner ~= '~released' then expired = expired + #ks end
+          take(key, id, f, ks, m, before)
+        end
+      end
     end
   end
 end
-if not full() then
-  local got = redis.call('XREADGROUP', 'GROUP', group, worker, 'COUNT', max_items - #out,
-                         'STREAMS', key, '>')
-  if got then
-    for _, entry in ipairs(got[1][2]) do
-      local id, f = entry[1], tbl(entry[2])
-      if not alive(f.r) then
-        redis.call('XACK', key, group, id); redis.call('XDEL', key, id); dropped = dropped + 1
-      elseif fits(tonumber(f.t)) then
-        out[#out + 1] = {id, f.s, 1, f.t}
-        tokens = tokens + tonumber(f.t)
-      else  -- does not fit this pull: first in line next time, no attempt spent
-        redis.call('XCLAIM', key, group, '~released', 0, id, 'IDLE', lease_ms,
+for _, key in ipairs(KEYS) do
+  while not full() do
+    local got = redis.call('XREADGROUP', 'GROUP', G, worker, 'COUNT', 1, 'STREAMS', key, '>')
+    if not got then break end
+    local id, f = got[1][2][1][1], tbl(got[1][2][1][2])
+    if not alive(f.r) then
+      dropped = dropped + drop(key, id, f)
+    else
+      local ks = left(key, id, f)
+      local m = fitting(f, ks)
+      if m == 0 then  -- does not fit this pull: first in line next time, no attempt spent
+        redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
                    'RETRYCOUNT', 0, 'JUSTID')
+        break
       end
+      take(key, id, f, ks, m, tonumber(f.a))
     end
   end
 end
@@ -176,101 +306,165 @@ return out
 """
 )
 
-#: ARGV: group, worker, max_attempts, lease_ms, prefix, this replica, then per result: item
-#: id, lease deliveries, kind (ok | final | retry), result JSON, error message. Returns a
-#: status per result: 'a' accepted (answer in its replica's reply stream, or requeued), 'l'
-#: accepted, the client is this replica's (answer it here: no reply stream), 'd' dead letter,
-#: 'i' ignored.
+#: ARGV: prefix, group, worker, max_attempts, lease_ms, this replica, then per result: item
+#: id, lease attempt, kind (ok | final | retry), result JSON, error message. An input moved to
+#: another entry is followed there. Returns a status per result:
+#: 'a' accepted (answer in its replica's reply stream, or requeued), 'l<client id>' accepted,
+#: the client is this replica's (answer it here: no reply stream), 'd' dead letter, 'i' ignored.
 _COMPLETE = (
     _LUA_HELPERS
     + """
-local group, worker, max_att, lease_ms, prefix, here = ARGV[1], ARGV[2], tonumber(ARGV[3]),
-  tonumber(ARGV[4]), ARGV[5], ARGV[6]
-local out = {}
+local worker, max_att, lease_ms, here = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local out, entries, order = {}, {}, {}
+-- the entry's state while this call runs (false: gone); owner and attempt only while leased
+local function open(key, id)
+  local at = id .. '@' .. key
+  if entries[at] == nil then
+    entries[at] = false
+    local f = entry(key, id)
+    if f then
+      local e = {key = key, id = id, f = f, answered = {}, open = {}}
+      local ok, p = pcall(redis.call, 'XPENDING', key, G, 'IDLE', 0, id, id, 1)
+      if ok and #p == 1 then e.owner, e.attempt = p[1][2], tonumber(f.a) + tonumber(p[1][4]) end
+      for _, k in ipairs(left(key, id, f)) do e.open[k] = true end
+      entries[at] = e
+      order[#order + 1] = e
+    end
+  end
+  return entries[at]
+end
 for i = 7, #ARGV, 5 do
-  local item, lease_d, kind, result, message = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
+  local item, lease_a, kind, result, message = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
     ARGV[i + 3], ARGV[i + 4]
-  local at = string.find(item, '@', 1, true)
-  local status, p = 'i', {}
-  if at then
-    local id, key = string.sub(item, 1, at - 1), string.sub(item, at + 1)
-    local ok, pend = pcall(redis.call, 'XPENDING', key, group, 'IDLE', 0, id, id, 1)
-    if ok then p = pend end
-    if #p == 1 then
-      local owner, deliveries = p[1][2], tonumber(p[1][4])
-      local entry = redis.call('XRANGE', key, id, id)[1]
-      if entry == nil then
-        redis.call('XACK', key, group, id)
-      elseif kind == 'retry' then
-        if owner == worker and deliveries == lease_d then
-          if deliveries >= max_att then
-            dead_letter(key, group, id, tbl(entry[2]).r, deliveries, message, prefix)
-            status = 'd'
-          else
-            redis.call('XCLAIM', key, group, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
-            status = 'a'
-          end
-        end
+  local id, k, key = string.match(item, '^([^/@]+)/(%d+)@(.+)$')
+  local status, e, answered = 'i', nil, true
+  if id then
+    key, id, k, answered = locate(key, id, tonumber(k))
+    if not answered then e = open(key, id) end
+  end
+  if e and e.open[k] then
+    if kind ~= 'retry' then
+      e.open[k] = nil
+      e.answered[#e.answered + 1] = k
+      if e.f.r == here then
+        status = 'l' .. client_id(e.f, k)
       else
-        local replica = tbl(entry[2]).r
-        if replica == here then
-          status = 'l'
-        else
-          redis.call('XADD', prefix .. 'reply:' .. replica, '*', 'i', item, 'r', result)
-          status = 'a'
-        end
-        redis.call('XACK', key, group, id); redis.call('XDEL', key, id)
+        redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', result)
+        status = 'a'
+      end
+    elseif e.owner == worker and e.attempt == lease_a and item == id .. '/' .. k .. '@' .. key then
+      e.open[k] = nil
+      if lease_a >= max_att then
+        dead_letter(key, id, e.f, {k}, lease_a, message); status = 'd'
+      elseif next(e.open) == nil then  -- its last open input: the entry itself goes back
+        redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
+        status = 'a'
+      else
+        move(key, id, e.f, {k}, lease_a); status = 'a'
       end
     end
   end
   out[#out + 1] = status
 end
+for _, e in ipairs(order) do mark(e.key, e.id, e.f, e.answered, nil) end
 return out
 """
 )
 
-#: ARGV: group, worker, lease_ms, count_attempt (0 | 1), then (item id, lease deliveries).
-_RELEASE = """
-local group, worker, lease_ms, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
-local n = 0
-for i = 5, #ARGV, 2 do
-  local item, lease_d = ARGV[i], tonumber(ARGV[i + 1])
-  local at = string.find(item, '@', 1, true)
-  if at then
-    local id, key = string.sub(item, 1, at - 1), string.sub(item, at + 1)
-    local ok, p = pcall(redis.call, 'XPENDING', key, group, 'IDLE', 0, id, id, 1)
-    if ok and #p == 1 and p[1][2] == worker and tonumber(p[1][4]) == lease_d then
-      local retry = lease_d
-      if not count then retry = lease_d - 1 end
-      redis.call('XCLAIM', key, group, '~released', 0, id, 'IDLE', lease_ms,
-                 'RETRYCOUNT', retry, 'JUSTID')
-      n = n + 1
+#: ARGV: prefix, group, worker, lease_ms, count_attempt (0 | 1), then (item id, lease
+#: attempt) pairs. A whole entry goes back as it is; part of one, as an entry of its own.
+#: Returns the inputs released.
+_RELEASE = (
+    _LUA_HELPERS
+    + """
+local worker, lease_ms, count = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
+local asked, order, n = {}, {}, 0
+for i = 6, #ARGV, 2 do
+  local id, k, key = string.match(ARGV[i], '^([^/@]+)/(%d+)@(.+)$')
+  if id then
+    local at = id .. '@' .. key
+    if asked[at] == nil then
+      asked[at] = {key = key, id = id, lease_a = tonumber(ARGV[i + 1]), ks = {}}
+      order[#order + 1] = asked[at]
     end
+    asked[at].ks[tonumber(k)] = true
+  end
+end
+for _, r in ipairs(order) do
+  local key, id = r.key, r.id
+  local ok, p = pcall(redis.call, 'XPENDING', key, G, 'IDLE', 0, id, id, 1)
+  local f = ok and #p == 1 and entry(key, id)
+  if f and p[1][2] == worker and tonumber(f.a) + tonumber(p[1][4]) == r.lease_a then
+    local open, back = left(key, id, f), tonumber(p[1][4])
+    if not count then back = back - 1 end
+    local ks = {}
+    for _, k in ipairs(open) do if r.ks[k] then ks[#ks + 1] = k end end
+    if #ks == #open then
+      redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
+                 'RETRYCOUNT', back, 'JUSTID')
+    else
+      move(key, id, f, ks, tonumber(f.a) + back)
+    end
+    n = n + #ks
   end
 end
 return n
 """
+)
 
-#: KEYS: stream. ARGV: group, lease_ms, max_attempts, prefix. Returns {expired, dead}.
+#: ARGV: prefix, group, worker, lease_ms, then (stream, entry id) pairs that a long poll read
+#: but did not hand out: back to the front with no attempt spent.
+_UNREAD = """
+local G, worker, lease_ms = ARGV[2], ARGV[3], tonumber(ARGV[4])
+for i = 5, #ARGV, 2 do
+  local key, id = ARGV[i], ARGV[i + 1]
+  local p = redis.call('XPENDING', key, G, 'IDLE', 0, id, id, 1)
+  if #p == 1 and p[1][2] == worker then
+    redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
+               'RETRYCOUNT', tonumber(p[1][4]) - 1, 'JUSTID')
+  end
+end
+"""
+
+#: KEYS: front stream, main stream. ARGV: prefix, group, request id, then the entry ids the
+#: request was queued as (in the main stream). Its inputs moved to the front stream go too.
+_CANCEL = (
+    _LUA_HELPERS
+    + """
+local q = ARGV[3]
+for i = 4, #ARGV do
+  local f = entry(KEYS[2], ARGV[i])
+  if f and f.q == q then drop(KEYS[2], ARGV[i], f) end
+end
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  local f = tbl(e[2])
+  if f.q == q then drop(KEYS[1], e[1], f) end
+end
+"""
+)
+
+#: KEYS: stream. ARGV: prefix, group, lease_ms, max_attempts. Returns {expired, dead} inputs.
 _REAP = (
     _LUA_HELPERS
     + """
-local key, group, lease_ms, max_att, prefix = KEYS[1], ARGV[1], tonumber(ARGV[2]),
-  tonumber(ARGV[3]), ARGV[4]
+local key, lease_ms, max_att = KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local expired, dead = 0, 0
-local ok, pend = pcall(redis.call, 'XPENDING', key, group, 'IDLE', lease_ms, '-', '+', 1000)
+local ok, pend = pcall(redis.call, 'XPENDING', key, G, 'IDLE', lease_ms, '-', '+', 1000)
 if not ok then return {0, 0} end
 for _, p in ipairs(pend) do
   local id, owner, deliveries = p[1], p[2], tonumber(p[4])
   if owner ~= '~released' then
-    local entry = redis.call('XRANGE', key, id, id)[1]
-    if entry == nil then
-      redis.call('XACK', key, group, id)
-    elseif deliveries >= max_att then
-      dead_letter(key, group, id, tbl(entry[2]).r, deliveries, '', prefix); dead = dead + 1
+    local f = entry(key, id)
+    if f == nil then
+      redis.call('XACK', key, G, id)
     else
-      redis.call('XCLAIM', key, group, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
-      expired = expired + 1
+      local attempts, ks = tonumber(f.a) + deliveries, left(key, id, f)
+      if attempts >= max_att then
+        dead_letter(key, id, f, ks, attempts, ''); dead = dead + #ks
+      else
+        redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
+        expired = expired + #ks
+      end
     end
   end
 end
@@ -278,14 +472,29 @@ return {expired, dead}
 """
 )
 
-#: KEYS: streams set. Returns {key, waiting, leased, ...}.
+#: KEYS: streams set. Returns {model, unanswered, leased, ...}: leased = the inputs left in
+#: entries a worker holds (the pending-entries lists, page by page).
 _COUNTS = (
     _LUA_HELPERS
     + """
-local out = {}
+local leased = {}
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local ok, waiting, leased = pcall(counts, key, 'workers')
-  if ok then out[#out + 1] = key; out[#out + 1] = waiting; out[#out + 1] = leased end
+  local model, start = model_of(key), '-'
+  while true do
+    local ok, pend = pcall(redis.call, 'XPENDING', key, G, start, '+', 1000)
+    if not ok or #pend == 0 then break end
+    for _, p in ipairs(pend) do
+      if p[2] ~= '~released' then
+        local f = entry(key, p[1])
+        if f then leased[model] = (leased[model] or 0) + #left(key, p[1], f) end
+      end
+    end
+    start = '(' .. pend[#pend][1]
+  end
+end
+local out, counts = {}, redis.call('HGETALL', P .. 'n')
+for i = 1, #counts, 2 do
+  out[#out + 1] = counts[i]; out[#out + 1] = counts[i + 1]; out[#out + 1] = leased[counts[i]] or 0
 end
 return out
 """
@@ -313,8 +522,21 @@ def stream_key(model: str, task: str) -> str:
     return f"{PREFIX}s:{task}:{model}"
 
 
+def _front(key: str) -> str:
+    """The front stream of a main stream: inputs put back before the line (split off a pulled
+    entry, released, or to be retried)."""
+    return f"{PREFIX}f:{key[len(PREFIX) + 2 :]}"
+
+
 def _model_of(key: str) -> str:
     return key.split(":", 3)[3]
+
+
+@dataclass(eq=False)
+class _StreamRequest(Request):
+    """A request in the Redis store: also its entries (``<entry id>@<main stream>``)."""
+
+    entries: list[str] = field(default_factory=list)
 
 
 class RedisStore(QueueStore):
@@ -373,6 +595,8 @@ class RedisStore(QueueStore):
         self._release = self.redis.register_script(_RELEASE)
         self._reap = self.redis.register_script(_REAP)
         self._counts = self.redis.register_script(_COUNTS)
+        self._unread = self.redis.register_script(_UNREAD)
+        self._cancel = self.redis.register_script(_CANCEL)
         self._reachable = True  # until a call fails (then logged once)
         self._closing = False
 
@@ -485,14 +709,17 @@ class RedisStore(QueueStore):
     async def submit(self, specs: list[ItemSpec]) -> Request:
         model, task = specs[0].model, specs[0].task
         key = stream_key(model, task)
-        args: list[Any] = [GROUP, self.max_queued, self.replica]
-        for spec in specs:
-            args += [spec.model_dump_json(exclude_none=True), spec.estimate_tokens()]
-        status, value = await self._call(self._submit(keys=[key, f"{PREFIX}streams"], args=args))
+        request_id = uuid.uuid4().hex
+        args: list[Any] = [PREFIX, GROUP, self.max_queued, self.replica, request_id, model]
+        args += [INPUTS_PER_ENTRY, TOKENS_PER_ENTRY]
+        for s in specs:
+            args += [s.model_dump_json(exclude_none=True), s.estimate_tokens()]
+        keys = [key, _front(key), f"{PREFIX}streams"]
+        status, value = await self._call(self._submit(keys=keys, args=args))
         if status == -1:
             raise QueueFull(model, int(value), self.max_queued)
         loop = asyncio.get_running_loop()
-        item_ids = [f"{entry.decode()}@{key}" for entry in value]
+        item_ids = [f"{request_id}:{i}" for i in range(len(specs))]
         futures = [loop.create_future() for _ in item_ids]
         self._futures.update(zip(item_ids, futures, strict=True))
         for item_id, future in zip(item_ids, futures, strict=True):
@@ -500,41 +727,50 @@ class RedisStore(QueueStore):
             if early is not None:
                 self._futures.pop(item_id, None)
                 future.set_result(early[1])
-        return Request(model, task, item_ids, futures)
+        entries = [f"{entry.decode()}@{key}" for entry in value]
+        return _StreamRequest(model, task, item_ids, futures, request_id, entries)
 
     async def cancel(self, request: Request) -> None:
-        by_key: dict[str, list[str]] = defaultdict(list)
+        unanswered = False
         for item_id, future in zip(request.item_ids, request.futures, strict=True):
             self._futures.pop(item_id, None)
             if not future.done():
                 future.cancel()
-                entry, _, key = item_id.partition("@")
-                by_key[key].append(entry)
-        if not by_key:
+                unanswered = True
+        if not unanswered or not isinstance(request, _StreamRequest):
             return
+        key = stream_key(request.model, request.task)
+        entries = [e.partition("@")[0] for e in request.entries]
         try:
-            async with self.redis.pipeline(transaction=False) as p:
-                for key, entries in by_key.items():
-                    p.xack(key, GROUP, *entries)
-                    p.xdel(key, *entries)
-                await self._call(p.execute())
-        except (StoreUnavailable, RedisError) as e:  # the inputs are dropped at pull then
+            await self._call(
+                self._cancel(
+                    keys=[_front(key), key], args=[PREFIX, GROUP, request.request_id, *entries]
+                )
+            )
+        except (StoreUnavailable, RedisError) as e:  # the inputs are worked on for nobody
             log.warning("cancel: %s", e)
 
     async def any_taken(self, request: Request) -> bool:
+        """True if a future is done, or an entry of the request was delivered or is gone
+        (answered: its answer may still be on its way to this replica)."""
         if any(f.done() for f in request.futures):
             return True
+        assert isinstance(request, _StreamRequest)
         async with self.redis.pipeline(transaction=False) as p:
-            for item_id in request.item_ids:
-                entry, _, key = item_id.partition("@")
+            for at in request.entries:
+                entry, _, key = at.partition("@")
                 p.xpending_range(key, GROUP, min=entry, max=entry, count=1)
+                p.xrange(key, min=entry, max=entry, count=1)
             found = await self._call(p.execute())
-        return any(rows and rows[0]["times_delivered"] > 0 for rows in found)
+        for pending, present in zip(found[::2], found[1::2], strict=True):
+            if not present or (pending and pending[0]["times_delivered"] > 0):
+                return True
+        return False
 
     def item_model(self, item_id: str) -> str | None:
-        """From the item id (``<entry>@<stream key>``): the stream key names the model."""
+        """From the item id (``<entry>/<input>@<stream key>``): the stream key names the model."""
         _, at, key = item_id.partition("@")
-        if not at or not key.startswith(f"{PREFIX}s:") or key.count(":") < 3:
+        if not at or not key.startswith((f"{PREFIX}s:", f"{PREFIX}f:")) or key.count(":") < 3:
             return None
         return _model_of(key)
 
@@ -566,35 +802,43 @@ class RedisStore(QueueStore):
             # Long poll: block until a new entry arrives in any of the streams (or a second
             # passes: expired leases are looked for again, the registration refreshed).
             block_ms = max(1, int(min(remaining, 1.0, self.worker_ttl / 3) * 1000))
+            streams: dict[Any, Any] = {k: ">" for key in keys for k in (_front(key), key)}
             got: Any = await self._call(
-                self.redis.xreadgroup(
-                    GROUP, worker_id, dict.fromkeys(keys, ">"), count=max_items, block=block_ms
-                )
+                self.redis.xreadgroup(GROUP, worker_id, streams, count=max_items, block=block_ms)
             )
             if got:
-                return await self._hand_out(worker_id, got, max_items, max_tokens)
+                out = await self._hand_out(worker_id, got, max_items, max_tokens)
+                if out:
+                    return out
 
     async def _hand_out(
         self, worker_id: str, got: Any, max_items: int, max_tokens: int | None
     ) -> list[WorkItem]:
-        """Entries a long poll's XREADGROUP just leased to this worker (attempt 1), handed out
-        at once; those past ``max_items`` (XREADGROUP counts per stream) or the token budget
-        (at least one is handed out) go back to the front with no attempt spent."""
+        """Entries a long poll's XREADGROUP just leased to this worker (first delivery),
+        handed out at once while they fit whole in ``max_items`` and the token budget; the
+        others go back to the front with no attempt spent. Empty if the first does not fit
+        (the next PULL script splits it)."""
         out: list[WorkItem] = []
         back: list[Any] = []
         tokens = 0
         for raw_key, entries in got:
             key = raw_key.decode()
-            for entry_id, fields in entries:
-                t = int(fields[b"t"])
+            for raw_id, raw in entries:
+                entry_id = raw_id.decode()
+                fields = {k.decode(): v for k, v in raw.items()}
+                n, t = int(fields["n"]), int(fields["t"])
                 over_budget = max_tokens is not None and tokens + t > max_tokens
-                if out and (len(out) >= max_items or over_budget):
-                    back += [f"{entry_id.decode()}@{key}", 1]
+                if back or len(out) + n > max_items or (out and over_budget):
+                    back += [key, entry_id]
                     continue
                 tokens += t
-                out.append(self._work_item(worker_id, key, entry_id.decode(), fields[b"s"], 1, t))
+                attempt = int(fields["a"]) + 1
+                for k in range(1, n + 1):
+                    item_id = f"{entry_id}/{k}@{key}"
+                    spec, est = fields[f"s{k}"], int(fields[f"t{k}"])
+                    out.append(self._work_item(worker_id, item_id, spec, attempt, est))
         if back:
-            await self._call(self._release(args=[GROUP, worker_id, self._lease_ms, 0, *back]))
+            await self._call(self._unread(args=[PREFIX, GROUP, worker_id, self._lease_ms, *back]))
         return out
 
     async def _take(
@@ -630,7 +874,7 @@ class RedisStore(QueueStore):
                 if budget >= 0:
                     budget = max(0, budget - sum(i.est_tokens for i in got))
                 if len(got) < share:
-                    active.remove(key)  # drained (or out of token budget)
+                    active.remove(key)  # drained (or out of room for its next entry)
         out: list[WorkItem] = []
         for turn in range(max((len(v) for v in taken.values()), default=0)):
             out += [v[turn] for v in taken.values() if turn < len(v)]
@@ -639,10 +883,10 @@ class RedisStore(QueueStore):
     async def _take_from(
         self, worker_id: str, key: str, n: int, budget: int, register: list[Any]
     ) -> list[WorkItem]:
-        """One PULL script call on one stream; ``budget`` -1 for none; ``register``: see
-        :meth:`_registration` (``[""]``: none)."""
-        args: list[Any] = [GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts, PREFIX]
-        rows = await self._call(self._pull(keys=[key], args=args + register))
+        """One PULL script call on one model and task's streams; ``budget`` -1 for none;
+        ``register``: see :meth:`_registration` (``[""]``: none)."""
+        args: list[Any] = [PREFIX, GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts]
+        rows = await self._call(self._pull(keys=[_front(key), key], args=args + register))
         *taken, dead, expired, _dropped = rows
         model = _model_of(key)
         if dead:
@@ -650,21 +894,21 @@ class RedisStore(QueueStore):
         if expired:
             metrics.LEASES_EXPIRED.labels(model).inc(expired)
         return [
-            self._work_item(worker_id, key, entry.decode(), spec, int(attempt), int(tokens))
-            for entry, spec, attempt, tokens in taken
+            self._work_item(worker_id, item_id.decode(), spec, int(attempt), int(tokens))
+            for item_id, spec, attempt, tokens in taken
         ]
 
     def _work_item(
-        self, worker_id: str, key: str, entry_id: str, spec: bytes, attempt: int, tokens: int
+        self, worker_id: str, item_id: str, spec: bytes, attempt: int, tokens: int
     ) -> WorkItem:
-        """A leased entry as the worker sees it; counts its queue wait or redelivery."""
+        """A leased input as the worker sees it; counts its queue wait or redelivery."""
+        entry_id, _, key = item_id.partition("@")
         model = _model_of(key)
         if attempt == 1:
             waited_ms = time.time() * 1000 - int(entry_id.partition("-")[0])
             metrics.QUEUE_WAIT.labels(model).observe(max(0.0, waited_ms) / 1000)
         else:
             metrics.REDELIVERIES.labels(model).inc()
-        item_id = f"{entry_id}@{key}"
         item = WorkItem(
             item_id=item_id,
             lease_id=f"{attempt}:{worker_id}",
@@ -680,28 +924,25 @@ class RedisStore(QueueStore):
         done = Completion()
         specs = await self._specs([r.item_id for r in results])
         args: list[Any] = [
+            PREFIX,
             GROUP,
             worker_id,
             self.max_attempts,
             self._lease_ms,
-            PREFIX,
             self.replica,
         ]
         checked_all: list[ItemResult] = []
         for res in results:
-            spec = specs.get(res.item_id)
-            checked = res if spec is None else check_result(res, spec)
+            checked = check_result(res, specs.get(res.item_id))
             checked_all.append(checked)
-            if checked is not res:
-                done.rejected += 1
             if checked.error is None:
                 kind = "ok"
             else:
                 kind = "retry" if checked.error.retryable else "final"
-            deliveries = res.lease_id.partition(":")[0] or "0"
+            attempt = res.lease_id.partition(":")[0]
             args += [
                 res.item_id,
-                deliveries if deliveries.isdigit() else "0",
+                attempt if attempt.isdigit() else "0",
                 kind,
                 checked.model_dump_json(exclude_none=True),
                 checked.error.message if checked.error else "",
@@ -709,14 +950,16 @@ class RedisStore(QueueStore):
         statuses = await self._call(self._complete(args=args))
         for res, checked, raw in zip(results, checked_all, statuses, strict=True):
             status = raw.decode()
+            # Malformed: counted unless it is for an input this store does not know.
+            done.rejected += checked is not res and (res.item_id in specs or status != "i")
             if status == "i":
                 done.ignored += 1
                 continue
             self._handed.pop(res.item_id, None)
             # A rejected result counts as a failed attempt of its item, not as accepted.
             done.accepted += checked is res
-            if status == "l":
-                self._resolve(res.item_id, checked)
+            if status.startswith("l"):
+                self._resolve(status[1:], checked)
             elif status == "d":
                 metrics.DEAD_LETTERS.labels(_model_of(res.item_id.partition("@")[2])).inc()
         return done
@@ -725,34 +968,37 @@ class RedisStore(QueueStore):
         """The specs of the items (to check their results against): this replica's cache of
         what it handed out, else read from the still-queued entries."""
         out: dict[str, ItemSpec] = {}
-        missing: list[str] = []
+        missing: list[tuple[str, str, str, str]] = []  # item id, stream, entry, input
         for item_id in item_ids:
             cached = self._handed.get(item_id)
-            if cached is None:
-                missing.append(item_id)
-            else:
+            if cached is not None:
                 out[item_id] = cached[1]
+                continue
+            at, _, key = item_id.partition("@")
+            entry, _, k = at.partition("/")
+            if key and k.isdigit():
+                missing.append((item_id, key, entry, k))
         if not missing:
             return out
         async with self.redis.pipeline(transaction=False) as p:
-            for item_id in missing:
-                entry, _, key = item_id.partition("@")
+            for _, key, entry, _ in missing:
                 p.xrange(key, min=entry, max=entry, count=1)
             rows = await self._call(p.execute())
-        for item_id, found in zip(missing, rows, strict=True):
-            if found:
-                out[item_id] = ItemSpec.model_validate_json(found[0][1][b"s"])
+        for (item_id, _, _, k), found in zip(missing, rows, strict=True):
+            spec = found[0][1].get(f"s{k}".encode()) if found else None
+            if spec is not None:
+                out[item_id] = ItemSpec.model_validate_json(spec)
         return out
 
     async def release(
         self, worker_id: str, leases: list[tuple[str, str]], count_attempt: bool = False
     ) -> int:
-        args: list[Any] = [GROUP, worker_id, self._lease_ms, int(count_attempt)]
+        args: list[Any] = [PREFIX, GROUP, worker_id, self._lease_ms, int(count_attempt)]
         for item_id, lease_id in leases:
-            deliveries, _, holder = lease_id.partition(":")
-            if holder == worker_id and deliveries.isdigit():
-                args += [item_id, deliveries]
-        if len(args) == 4:
+            attempt, _, holder = lease_id.partition(":")
+            if holder == worker_id and attempt.isdigit():
+                args += [item_id, attempt]
+        if len(args) == 5:
             return 0
         return int(await self._call(self._release(args=args)))
 
@@ -761,7 +1007,7 @@ class RedisStore(QueueStore):
         for raw in keys:
             key = raw.decode()
             expired, dead = await self._call(
-                self._reap(keys=[key], args=[GROUP, self._lease_ms, self.max_attempts, PREFIX])
+                self._reap(keys=[key], args=[PREFIX, GROUP, self._lease_ms, self.max_attempts])
             )
             if expired:
                 metrics.LEASES_EXPIRED.labels(_model_of(key)).inc(expired)
@@ -770,25 +1016,19 @@ class RedisStore(QueueStore):
 
     # --- views --------------------------------------------------------------------------
     async def _queue_counts(self) -> list[tuple[str, int, int]]:
-        flat = await self._call(self._counts(keys=[f"{PREFIX}streams"]))
-        return [
-            (_model_of(flat[i].decode()), int(flat[i + 1]), int(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-        ]
+        """(model, waiting, leased) inputs."""
+        flat = await self._call(self._counts(keys=[f"{PREFIX}streams"], args=[PREFIX, GROUP]))
+        out = []
+        for i in range(0, len(flat), 3):
+            unanswered, leased = int(flat[i + 1]), int(flat[i + 2])
+            out.append((flat[i].decode(), max(0, unanswered - leased), leased))
+        return out
 
     async def depth(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for model, waiting, _ in await self._queue_counts():
-            if waiting:
-                out[model] = out.get(model, 0) + waiting
-        return out
+        return {model: waiting for model, waiting, _ in await self._queue_counts() if waiting}
 
     async def leased(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for model, _, leased in await self._queue_counts():
-            if leased:
-                out[model] = out.get(model, 0) + leased
-        return out
+        return {model: leased for model, _, leased in await self._queue_counts() if leased}
 
     async def _workers(self) -> AsyncIterator[list[ModelAdvert]]:
         keys = [k async for k in self.redis.scan_iter(match=f"{PREFIX}worker:*", count=500)]

@@ -38,8 +38,8 @@ class RequestTimeout(Exception):
 
 
 class QueueFull(Exception):
-    """Enqueueing the request would put more than the per-model limit of inputs in the queue;
-    nothing of it was enqueued."""
+    """Enqueueing the request would put more than the per-model limit of unanswered inputs
+    (waiting or leased) in the queue; nothing of it was enqueued."""
 
     def __init__(self, model: str, queued: int, limit: int):
         super().__init__(f"{queued} inputs wait for '{model}' (limit {limit})")
@@ -73,10 +73,11 @@ class Completion:
     rejected: int = 0
 
 
-def check_result(result: ItemResult, spec: ItemSpec) -> ItemResult:
+def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
     """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
     a vector must be base64 of whole little-endian float32s, all finite, of the expected
-    length (``dimensions`` when set; ``len(return_logits)`` for scores)."""
+    length (``dimensions`` when set; ``len(return_logits)`` for scores; not checked without
+    ``spec``)."""
     if result.error is not None:
         return result
     why = None
@@ -91,7 +92,9 @@ def check_result(result: ItemResult, spec: ItemSpec) -> ItemResult:
             why = "the vector is not base64 of whole float32 values"
         else:
             vec = np.frombuffer(raw, dtype="<f4")
-            want = len(spec.return_logits or []) if spec.task == "score" else spec.dimensions
+            want = None
+            if spec is not None:
+                want = len(spec.return_logits or []) if spec.task == "score" else spec.dimensions
             if want is not None and vec.size != want:
                 why = f"the vector has {vec.size} values, {want} were asked for"
             elif not np.isfinite(vec).all():
@@ -133,7 +136,7 @@ class QueueStore(ABC):
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.worker_ttl = worker_ttl_seconds
-        #: Inputs that may wait per model; more is a :class:`QueueFull`.
+        #: Unanswered inputs (waiting or leased) per model; more is a :class:`QueueFull`.
         self.max_queued = max_queued
 
     # --- lifecycle ----------------------------------------------------------------------

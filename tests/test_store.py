@@ -383,9 +383,12 @@ async def test_the_queue_is_bounded(store):
     assert str(e.value) == "15 inputs wait for 'm' (limit 20)"
     assert await store.depth() == {"m": 15}  # nothing of it was queued
     await store.submit([spec(str(i)) for i in range(5)])  # 20 is still fine
-    await pull(store, n=10)
+    items = await pull(store, n=10)
     assert await store.depth() == {"m": 10}
-    await store.submit([spec(str(i)) for i in range(10)])  # leased inputs do not count
+    with pytest.raises(QueueFull):  # leased inputs count: they are not answered yet
+        await store.submit([spec("x")])
+    await store.complete("w", [ok(i) for i in items])
+    await store.submit([spec(str(i)) for i in range(10)])  # answered ones do not
 
 
 async def test_depth_and_leased_per_model(store):
@@ -410,6 +413,89 @@ async def test_cancel_ends_the_unanswered_inputs_and_can_be_repeated(store):
     assert all(f.cancelled() for f in request.futures[1:])
     assert await store.depth() == {} and await store.leased() == {}
     assert (await store.complete("w", [ok(b)])).ignored == 1  # its late result goes nowhere
+
+
+async def test_one_requests_inputs_split_across_workers_answer_in_order(store):
+    """A request's inputs can be leased to several workers (the Redis store keeps up to 32 of
+    them in one stream entry and splits it when a pull has less room)."""
+    request = await store.submit([spec(str(i)) for i in range(20)])
+    a = await pull(store, n=5, worker="a")
+    b = await pull(store, n=100, worker="b")
+    assert [i.text for i in a + b] == [str(i) for i in range(20)]
+    assert await store.leased() == {"m": 20} and await store.depth() == {}
+    await store.complete("b", [ok(i, float(i.text)) for i in b[::-1]])
+    assert await store.leased() == {"m": 5}
+    await store.complete("a", [ok(i, float(i.text)) for i in a])
+    results = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert [value(r) for r in results] == [float(i) for i in range(20)]
+    assert await store.depth() == {} and await store.leased() == {}
+
+
+async def test_only_the_failed_input_of_a_pull_is_redelivered(store):
+    request = await store.submit([spec("a"), spec("b"), spec("c")])
+    a, b, c = await pull(store, n=3, worker="w1")
+    done = await store.complete("w1", [ok(a, 1.0), failed(b, retryable=True), ok(c, 3.0)])
+    assert done.accepted == 3
+    assert await store.depth() == {"m": 1} and await store.leased() == {}
+    (again,) = await pull(store, n=3, worker="w2")
+    assert (again.text, again.attempt) == ("b", 2)
+    late = await store.complete("w1", [ok(b, 9.0)])  # the old lease's late answer still wins
+    assert late.accepted == 1
+    assert (await store.complete("w2", [ok(again, 2.0)])).ignored == 1
+    results = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert [value(r) for r in results] == [1.0, 9.0, 3.0]
+
+
+async def test_an_expired_lease_redelivers_only_the_unanswered_inputs(store, store_kind, clock):
+    request = await store.submit([spec(t) for t in "abcd"])
+    a, _, c, _ = await pull(store, n=4, worker="dies")
+    await store.complete("dies", [ok(a, 1.0), ok(c, 3.0)])
+    await later(store_kind, clock, LEASE + 0.2)
+    again = await pull(store, n=10, worker="other")
+    assert [(i.text, i.attempt) for i in again] == [("b", 2), ("d", 2)]
+    await store.complete("other", [ok(again[0], 2.0), ok(again[1], 4.0)])
+    results = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert [value(r) for r in results] == [1.0, 2.0, 3.0, 4.0]
+
+
+async def test_a_partly_answered_pull_released_hands_back_the_rest(store):
+    request = await store.submit([spec(t) for t in "abc"])
+    a, b, c = await pull(store, n=3, worker="draining")
+    await store.complete("draining", [ok(a, 1.0)])
+    leases = [(i.item_id, i.lease_id) for i in (a, b, c)]
+    assert await store.release("draining", leases) == 2  # a is answered already
+    again = await pull(store, n=10, worker="other")
+    assert [(i.text, i.attempt) for i in again] == [("b", 1), ("c", 1)]
+    await store.complete("other", [ok(i, 7.0) for i in again])
+    results = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert [value(r) for r in results] == [1.0, 7.0, 7.0]
+
+
+async def test_a_pull_out_of_attempts_dead_letters_each_unanswered_input(store, store_kind, clock):
+    request = await store.submit([spec(t) for t in "abc"])
+    before = counter(metrics.DEAD_LETTERS, "m")
+    for attempt in (1, 2, 3):
+        items = await pull(store, n=3)
+        assert [i.attempt for i in items] == [attempt] * (3 if attempt < 3 else 2)
+        if attempt == 2:
+            await store.complete("w", [ok(items[0], 1.0)])
+        await later(store_kind, clock, LEASE + 0.2)
+        await store.reap()
+    results = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert value(results[0]) == 1.0
+    assert all(r.error is not None and r.error.code == "max_attempts_exceeded" for r in results[1:])
+    assert counter(metrics.DEAD_LETTERS, "m") == before + 2
+    assert await store.depth() == {} and await store.leased() == {}
+
+
+async def test_cancel_takes_out_inputs_split_off_a_pull(store):
+    request = await store.submit([spec(str(i)) for i in range(10)])
+    (first,) = await pull(store, n=1)
+    assert await store.depth() == {"m": 9}
+    await store.cancel(request)
+    assert await store.depth() == {} and await store.leased() == {}
+    assert await pull(store, n=10) == []
+    assert (await store.complete("w", [ok(first)])).ignored == 1
 
 
 async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):
@@ -471,6 +557,31 @@ async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.mark.slow
+async def test_redis_keeps_a_requests_inputs_in_few_stream_entries(redis_server):
+    """A 2,048-input request is 64 stream entries of 32 inputs, not 2,048 entries; entries are
+    bounded by estimated tokens too."""
+    import redis
+
+    from gateway.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, RedisStore, stream_key
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    store = RedisStore(url, lease_seconds=5)
+    await store.start()
+    try:
+        await store.submit([spec(str(i)) for i in range(2048)])
+        assert r.xlen(stream_key("m", "embed")) == 2048 // INPUTS_PER_ENTRY == 64
+        long_text = "word " * 800  # 1,000 estimated tokens each
+        await store.submit([spec(long_text, model="long") for _ in range(10)])
+        per_entry = TOKENS_PER_ENTRY // 1000
+        assert r.xlen(stream_key("long", "embed")) == -(-10 // per_entry)
+        assert await store.depth() == {"m": 2048, "long": 10}
+    finally:
+        await store.close()
 
 
 async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):
