@@ -189,8 +189,10 @@ _SUBMIT = (
 local limit, replica, q, model = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local per_entry, tokens_per_entry = tonumber(ARGV[7]), tonumber(ARGV[8])
 for i = 1, 2 do
-  pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
-  redis.call('SADD', KEYS[3], KEYS[i])
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
+    redis.call('SADD', KEYS[3], KEYS[i])
+  end
 end
 local n = (#ARGV - 8) / 2
 local unanswered = tonumber(redis.call('HGET', P .. 'n', model) or '0')
@@ -232,7 +234,11 @@ if ARGV[8] ~= '' then
   redis.call('SET', P .. 'worker:' .. worker, ARGV[8], 'PX', ARGV[9])
   for i = 10, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
 end
-for _, key in ipairs(KEYS) do pcall(redis.call, 'XGROUP', 'CREATE', key, G, '0', 'MKSTREAM') end
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    pcall(redis.call, 'XGROUP', 'CREATE', key, G, '0', 'MKSTREAM')
+  end
+end
 local out, dead, expired, dropped, tokens = {}, 0, 0, 0, 0
 local function full() return #out >= max_items or (budget >= 0 and tokens >= budget) end
 -- how many of the inputs ks fit this pull: all or none, but the first entry may be split
