@@ -26,7 +26,7 @@ from gateway.store import (
     check_result,
     dead_letter,
 )
-from worker.protocol import ItemResult, ItemSpec, ModelAdvert, WorkItem
+from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
 
 @dataclass(eq=False)
@@ -50,6 +50,11 @@ class Item:
     @property
     def task(self) -> str:
         return self.spec.task
+
+    @property
+    def queue(self) -> tuple[str, str, int]:
+        """Its line: (model, task, priority)."""
+        return (self.spec.model, self.spec.task, self.spec.priority or 0)
 
 
 @dataclass
@@ -81,7 +86,8 @@ class MemoryStore(QueueStore):
         )
         self._clock = clock
         #: Waiting inputs per (model, task), in order; O(1) removal from anywhere.
-        self._pending: dict[tuple[str, str], OrderedDict[str, Item]] = {}
+        #: (model, task, priority) -> the inputs waiting, in line order.
+        self._pending: dict[tuple[str, str, int], OrderedDict[str, Item]] = {}
         self._items: dict[str, Item] = {}
         self._leased: dict[str, Item] = {}
         self._waiters: set[asyncio.Future[None]] = set()
@@ -110,7 +116,7 @@ class MemoryStore(QueueStore):
             raise QueueFull(model, unanswered, self.max_queued)
         loop = asyncio.get_running_loop()
         now = self._clock()
-        queue = self._pending.setdefault((model, task), OrderedDict())
+        queue = self._pending.setdefault((model, task, specs[0].priority or 0), OrderedDict())
         items = []
         for spec in specs:
             item = Item(
@@ -128,7 +134,7 @@ class MemoryStore(QueueStore):
 
     def _unanswered(self, model: str) -> int:
         """The model's inputs waiting or leased (what ``max_queued`` bounds)."""
-        waiting = sum(len(q) for (m, _), q in self._pending.items() if m == model)
+        waiting = sum(len(q) for (m, _, _), q in self._pending.items() if m == model)
         return waiting + sum(1 for item in self._leased.values() if item.model == model)
 
     async def cancel(self, request: Request) -> None:
@@ -137,7 +143,7 @@ class MemoryStore(QueueStore):
             if item is None:
                 continue
             self._leased.pop(item_id, None)
-            self._pending.get((item.model, item.task), OrderedDict()).pop(item_id, None)
+            self._pending.get(item.queue, OrderedDict()).pop(item_id, None)
             if not item.future.done():
                 item.future.cancel()
 
@@ -196,27 +202,30 @@ class MemoryStore(QueueStore):
         max_tokens: int | None,
     ) -> list[WorkItem]:
         """Lease inputs round-robin across ``keys``: up to ``max_items``, and no more estimated
-        tokens than ``max_tokens`` (at least one input)."""
+        tokens than ``max_tokens`` (at least one input). Batch inputs only with the room that
+        interactive ones leave."""
         out: list[WorkItem] = []
         now = self._clock()
         tokens = 0
         budget = max_tokens if max_tokens is not None else float("inf")
-        progress = True
-        while len(out) < max_items and tokens < budget and progress:
-            progress = False
-            for key in keys:
-                queue = self._pending.get(key)
-                if not queue:
-                    continue
-                item = next(iter(queue.values()))
-                if out and tokens + item.est_tokens > budget:
-                    continue  # does not fit this pull; first in line next time
-                del queue[item.item_id]
-                out.append(self._lease(item, worker_id, now))
-                tokens += item.est_tokens
-                progress = True
-                if len(out) >= max_items or tokens >= budget:
-                    break
+        for priority in (0, BATCH_PRIORITY):
+            lines = [(model, task, priority) for model, task in keys]
+            progress = True
+            while len(out) < max_items and tokens < budget and progress:
+                progress = False
+                for line in lines:
+                    queue = self._pending.get(line)
+                    if not queue:
+                        continue
+                    item = next(iter(queue.values()))
+                    if out and tokens + item.est_tokens > budget:
+                        continue  # does not fit this pull; first in line next time
+                    del queue[item.item_id]
+                    out.append(self._lease(item, worker_id, now))
+                    tokens += item.est_tokens
+                    progress = True
+                    if len(out) >= max_items or tokens >= budget:
+                        break
         return out
 
     def _lease(self, item: Item, worker_id: str, now: float) -> WorkItem:
@@ -291,7 +300,7 @@ class MemoryStore(QueueStore):
             self._finish(item, dead_letter(item.item_id, item.attempt, last_error))
             metrics.DEAD_LETTERS.labels(item.model).inc()
             return
-        queue = self._pending.setdefault((item.model, item.task), OrderedDict())
+        queue = self._pending.setdefault(item.queue, OrderedDict())
         queue[item.item_id] = item
         queue.move_to_end(item.item_id, last=False)
         self._wake()
@@ -299,7 +308,7 @@ class MemoryStore(QueueStore):
     def _finish(self, item: Item, result: ItemResult) -> None:
         self._items.pop(item.item_id, None)
         self._leased.pop(item.item_id, None)
-        self._pending.get((item.model, item.task), OrderedDict()).pop(item.item_id, None)
+        self._pending.get(item.queue, OrderedDict()).pop(item.item_id, None)
         if not item.future.done():
             item.future.set_result(result)
 
@@ -312,7 +321,7 @@ class MemoryStore(QueueStore):
     # --- views --------------------------------------------------------------------------
     async def depth(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for (model, _), queue in self._pending.items():
+        for (model, _, _), queue in self._pending.items():
             if queue:
                 out[model] = out.get(model, 0) + len(queue)
         return out

@@ -60,7 +60,7 @@ from gateway.store import (
     StoreUnavailable,
     check_result,
 )
-from worker.protocol import ItemResult, ItemSpec, ModelAdvert, WorkItem
+from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,7 +91,10 @@ _LUA_HELPERS = """
 local P, G = ARGV[1], ARGV[2]
 local function tbl(a) local t = {} for i = 1, #a, 2 do t[a[i]] = a[i + 1] end return t end
 local function model_of(key) return string.match(key, '^[^:]*:[^:]*:[^:]*:(.*)$') end
-local function front_of(key) return P .. 'f:' .. string.sub(key, #P + 3) end
+local FRONT = {s = 'f', f = 'f', b = 'c', c = 'c'}
+local function front_of(key)
+  return P .. FRONT[string.sub(key, #P + 1, #P + 1)] .. string.sub(key, #P + 2)
+end
 local function entry(key, id)
   local e = redis.call('XRANGE', key, id, id)[1]
   if e then return tbl(e[2]) end
@@ -219,12 +222,13 @@ return {0, ids}
 """
 )
 
-#: KEYS: front stream, main stream (of one model and task). ARGV: prefix, group, worker,
-#: lease_ms, max_items, token budget (-1: none), max_attempts, then the worker's registration
-#: (none: ''): its adverts as JSON, their TTL in ms, then (model, advert JSON) pairs. Takes
-#: expired and released leases first (oldest first, front stream first), then new entries.
-#: Whole entries while they fit; the first one taken may be split (what does not fit goes to
-#: the front). Returns {{item id, spec, attempt, tokens}..., dead, expired, dropped}.
+#: KEYS: front stream, main stream (the interactive line of one model and task), then the
+#: same two of its batch line. ARGV: prefix, group, worker, lease_ms, max_items, token budget
+#: (-1: none), max_attempts, then the worker's registration (none: ''): its adverts as JSON,
+#: their TTL in ms, then (model, advert JSON) pairs. Per line, interactive first: expired and
+#: released leases first (oldest first, front stream first), then new entries.
+#: What does not fit of an entry is split off to the front. Returns {{item id, spec, attempt,
+#: tokens, client id}..., dead, expired, dropped}.
 _PULL = (
     _LUA_HELPERS
     + """
@@ -241,7 +245,7 @@ for _, key in ipairs(KEYS) do
 end
 local out, dead, expired, dropped, tokens = {}, 0, 0, 0, 0
 local function full() return #out >= max_items or (budget >= 0 and tokens >= budget) end
--- how many of the inputs ks fit this pull: all or none, but the first entry may be split
+-- how many of the inputs ks fit this pull (the rest of the entry is split off)
 local function fitting(f, ks)
   local m, t = 0, 0
   for _, k in ipairs(ks) do
@@ -251,59 +255,61 @@ local function fitting(f, ks)
     end
     m, t = m + 1, t + tk
   end
-  if m < #ks and #out > 0 then return 0 end
   return m
 end
 -- hand out the first m of inputs ks (attempt `before` + 1); the rest goes to the front
 local function take(key, id, f, ks, m, before)
   for j = 1, m do
     local k = ks[j]
-    out[#out + 1] = {id .. '/' .. k .. '@' .. key, f['s' .. k], before + 1, f['t' .. k]}
+    out[#out + 1] = {id .. '/' .. k .. '@' .. key, f['s' .. k], before + 1, f['t' .. k],
+                     client_id(f, k)}
     tokens = tokens + tonumber(f['t' .. k])
   end
   if m < #ks then move(key, id, f, {unpack(ks, m + 1)}, before) end
 end
-for _, key in ipairs(KEYS) do
-  local waiting = redis.call('XPENDING', key, G, 'IDLE', lease_ms, '-', '+', max_items + 64)
-  for _, p in ipairs(waiting) do
-    if full() then break end
-    local id, owner, deliveries = p[1], p[2], tonumber(p[4])
-    local f = entry(key, id)
-    if f == nil then
-      redis.call('XACK', key, G, id)
-    elseif not alive(f.r) then
-      dropped = dropped + drop(key, id, f)
-    else
-      local before, ks = tonumber(f.a) + deliveries, left(key, id, f)
-      if before >= max_att then
-        dead_letter(key, id, f, ks, before, ''); dead = dead + #ks
+for _, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- interactive, then batch
+  for _, key in ipairs(line) do
+    local waiting = redis.call('XPENDING', key, G, 'IDLE', lease_ms, '-', '+', max_items + 64)
+    for _, p in ipairs(waiting) do
+      if full() then break end
+      local id, owner, deliveries = p[1], p[2], tonumber(p[4])
+      local f = entry(key, id)
+      if f == nil then
+        redis.call('XACK', key, G, id)
+      elseif not alive(f.r) then
+        dropped = dropped + drop(key, id, f)
       else
-        local m = fitting(f, ks)
-        if m > 0 then
-          redis.call('XCLAIM', key, G, worker, 0, id, 'RETRYCOUNT', deliveries + 1, 'JUSTID')
-          if owner ~= '~released' then expired = expired + #ks end
-          take(key, id, f, ks, m, before)
+        local before, ks = tonumber(f.a) + deliveries, left(key, id, f)
+        if before >= max_att then
+          dead_letter(key, id, f, ks, before, ''); dead = dead + #ks
+        else
+          local m = fitting(f, ks)
+          if m > 0 then
+            redis.call('XCLAIM', key, G, worker, 0, id, 'RETRYCOUNT', deliveries + 1, 'JUSTID')
+            if owner ~= '~released' then expired = expired + #ks end
+            take(key, id, f, ks, m, before)
+          end
         end
       end
     end
   end
-end
-for _, key in ipairs(KEYS) do
-  while not full() do
-    local got = redis.call('XREADGROUP', 'GROUP', G, worker, 'COUNT', 1, 'STREAMS', key, '>')
-    if not got then break end
-    local id, f = got[1][2][1][1], tbl(got[1][2][1][2])
-    if not alive(f.r) then
-      dropped = dropped + drop(key, id, f)
-    else
-      local ks = left(key, id, f)
-      local m = fitting(f, ks)
-      if m == 0 then  -- does not fit this pull: first in line next time, no attempt spent
-        redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
-                   'RETRYCOUNT', 0, 'JUSTID')
-        break
+  for _, key in ipairs(line) do
+    while not full() do
+      local got = redis.call('XREADGROUP', 'GROUP', G, worker, 'COUNT', 1, 'STREAMS', key, '>')
+      if not got then break end
+      local id, f = got[1][2][1][1], tbl(got[1][2][1][2])
+      if not alive(f.r) then
+        dropped = dropped + drop(key, id, f)
+      else
+        local ks = left(key, id, f)
+        local m = fitting(f, ks)
+        if m == 0 then  -- does not fit this pull: first in line next time, no attempt spent
+          redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
+                     'RETRYCOUNT', 0, 'JUSTID')
+          break
+        end
+        take(key, id, f, ks, m, tonumber(f.a))
       end
-      take(key, id, f, ks, m, tonumber(f.a))
     end
   end
 end
@@ -524,14 +530,26 @@ def _forget_older(cache: dict[str, tuple[float, Any]], seconds: float) -> None:
         del cache[oldest]
 
 
-def stream_key(model: str, task: str) -> str:
-    return f"{PREFIX}s:{task}:{model}"
+#: Stream kinds: interactive line and its front, batch line and its front.
+_FRONT = {"s": "f", "f": "f", "b": "c", "c": "c"}
+
+
+def stream_key(model: str, task: str, priority: int | None = None) -> str:
+    """The line of a model and task: ``iw:s:...`` interactive, ``iw:b:...`` batch."""
+    kind = "b" if priority == BATCH_PRIORITY else "s"
+    return f"{PREFIX}{kind}:{task}:{model}"
 
 
 def _front(key: str) -> str:
-    """The front stream of a main stream: inputs put back before the line (split off a pulled
-    entry, released, or to be retried)."""
-    return f"{PREFIX}f:{key[len(PREFIX) + 2 :]}"
+    """The front stream of a line: inputs put back before it (split off a pulled entry,
+    released, or to be retried)."""
+    kind = key[len(PREFIX)]
+    return f"{PREFIX}{_FRONT[kind]}{key[len(PREFIX) + 1 :]}"
+
+
+def _batch_line(key: str) -> str:
+    """The batch line beside an interactive line."""
+    return f"{PREFIX}b{key[len(PREFIX) + 1 :]}"
 
 
 def _model_of(key: str) -> str:
@@ -591,7 +609,7 @@ class RedisStore(QueueStore):
         #: Specs of the items this replica handed out (item id -> (monotonic s, the item)):
         #: a worker usually posts to the replica it pulled from, which then checks the results
         #: without reading the specs back from Redis.
-        self._handed: dict[str, tuple[float, ItemSpec]] = {}
+        self._handed: dict[str, tuple[float, tuple[ItemSpec, str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._adverts: dict[str, tuple[float, ModelAdvert | None]] = {}  # model -> (at, advert)
         self._lease_ms = int(lease_seconds * 1000)
@@ -714,7 +732,7 @@ class RedisStore(QueueStore):
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
         model, task = specs[0].model, specs[0].task
-        key = stream_key(model, task)
+        key = stream_key(model, task, specs[0].priority)
         request_id = uuid.uuid4().hex
         args: list[Any] = [PREFIX, GROUP, self.max_queued, self.replica, request_id, model]
         args += [INPUTS_PER_ENTRY, TOKENS_PER_ENTRY]
@@ -745,7 +763,7 @@ class RedisStore(QueueStore):
                 unanswered = True
         if not unanswered or not isinstance(request, _StreamRequest):
             return
-        key = stream_key(request.model, request.task)
+        key = request.entries[0].partition("@")[2]
         entries = [e.partition("@")[0] for e in request.entries]
         try:
             await self._call(
@@ -776,7 +794,8 @@ class RedisStore(QueueStore):
     def item_model(self, item_id: str) -> str | None:
         """From the item id (``<entry>/<input>@<stream key>``): the stream key names the model."""
         _, at, key = item_id.partition("@")
-        if not at or not key.startswith((f"{PREFIX}s:", f"{PREFIX}f:")) or key.count(":") < 3:
+        kinds = tuple(f"{PREFIX}{kind}:" for kind in _FRONT)
+        if not at or not key.startswith(kinds) or key.count(":") < 3:
             return None
         return _model_of(key)
 
@@ -808,7 +827,8 @@ class RedisStore(QueueStore):
             # Long poll: block until a new entry arrives in any of the streams (or a second
             # passes: expired leases are looked for again, the registration refreshed).
             block_ms = max(1, int(min(remaining, 1.0, self.worker_ttl / 3) * 1000))
-            streams: dict[Any, Any] = {k: ">" for key in keys for k in (_front(key), key)}
+            lines = [line for key in keys for line in (key, _batch_line(key))]
+            streams: dict[Any, Any] = {k: ">" for line in lines for k in (_front(line), line)}
             got: Any = await self._call(
                 self.redis.xreadgroup(GROUP, worker_id, streams, count=max_items, block=block_ms)
             )
@@ -839,10 +859,12 @@ class RedisStore(QueueStore):
                     continue
                 tokens += t
                 attempt = int(fields["a"]) + 1
+                request_id = fields["q"].decode()
                 for k in range(1, n + 1):
                     item_id = f"{entry_id}/{k}@{key}"
                     spec, est = fields[f"s{k}"], int(fields[f"t{k}"])
-                    out.append(self._work_item(worker_id, item_id, spec, attempt, est))
+                    client = f"{request_id}:{fields[f'x{k}'].decode()}"
+                    out.append(self._work_item(worker_id, item_id, spec, attempt, est, client))
         if back:
             await self._call(self._unread(args=[PREFIX, GROUP, worker_id, self._lease_ms, *back]))
         return out
@@ -857,16 +879,17 @@ class RedisStore(QueueStore):
     ) -> list[WorkItem]:
         """Register the worker and lease up to ``max_items`` (and ``max_tokens``, at least one
         input) across ``keys`` round-robin: each key a fair share per round, the result
-        interleaved key by key."""
+        interleaved key by key. Per key, its batch line only with the room its interactive
+        line leaves (the PULL script)."""
         register = self._registration(adverts)
         if not keys:  # nothing to pull from: the registration alone
             await self._call(
                 self.redis.set(f"{PREFIX}worker:{worker_id}", register[0], px=register[1])
             )
             return []
+        budget = max_tokens if max_tokens is not None else -1
         taken: dict[str, list[WorkItem]] = {k: [] for k in keys}
         remaining = max_items
-        budget = max_tokens if max_tokens is not None else -1
         active = list(keys)
         while remaining > 0 and active and budget != 0:
             share = max(1, remaining // len(active))
@@ -892,7 +915,9 @@ class RedisStore(QueueStore):
         """One PULL script call on one model and task's streams; ``budget`` -1 for none;
         ``register``: see :meth:`_registration` (``[""]``: none)."""
         args: list[Any] = [PREFIX, GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts]
-        rows = await self._call(self._pull(keys=[_front(key), key], args=args + register))
+        batch = _batch_line(key)
+        keys = [_front(key), key, _front(batch), batch]
+        rows = await self._call(self._pull(keys=keys, args=args + register))
         *taken, dead, expired, _dropped = rows
         model = _model_of(key)
         if dead:
@@ -900,14 +925,17 @@ class RedisStore(QueueStore):
         if expired:
             metrics.LEASES_EXPIRED.labels(model).inc(expired)
         return [
-            self._work_item(worker_id, item_id.decode(), spec, int(attempt), int(tokens))
-            for item_id, spec, attempt, tokens in taken
+            self._work_item(
+                worker_id, item_id.decode(), spec, int(attempt), int(tokens), client.decode()
+            )
+            for item_id, spec, attempt, tokens, client in taken
         ]
 
     def _work_item(
-        self, worker_id: str, item_id: str, spec: bytes, attempt: int, tokens: int
+        self, worker_id: str, item_id: str, spec: bytes, attempt: int, tokens: int, client: str
     ) -> WorkItem:
-        """A leased input as the worker sees it; counts its queue wait or redelivery."""
+        """A leased input as the worker sees it (``client``: the id its client waits on);
+        counts its queue wait or redelivery."""
         entry_id, _, key = item_id.partition("@")
         model = _model_of(key)
         if attempt == 1:
@@ -923,7 +951,7 @@ class RedisStore(QueueStore):
             est_tokens=tokens,
             **json.loads(spec),
         )
-        _keep(self._handed, item_id, item)
+        _keep(self._handed, item_id, (item, client))
         return item
 
     async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
@@ -941,6 +969,9 @@ class RedisStore(QueueStore):
         for res in results:
             checked = check_result(res, specs.get(res.item_id))
             checked_all.append(checked)
+            handed = self._handed.get(res.item_id)
+            # A client of this replica is answered here: its result need not go to Redis.
+            local = handed is not None and handed[1][1] in self._futures
             if checked.error is None:
                 kind = "ok"
             else:
@@ -950,7 +981,7 @@ class RedisStore(QueueStore):
                 res.item_id,
                 attempt if attempt.isdigit() else "0",
                 kind,
-                checked.model_dump_json(exclude_none=True),
+                "" if local else checked.model_dump_json(exclude_none=True),
                 checked.error.message if checked.error else "",
             ]
         statuses = await self._call(self._complete(args=args))
@@ -978,7 +1009,7 @@ class RedisStore(QueueStore):
         for item_id in item_ids:
             cached = self._handed.get(item_id)
             if cached is not None:
-                out[item_id] = cached[1]
+                out[item_id] = cached[1][0]
                 continue
             at, _, key = item_id.partition("@")
             entry, _, k = at.partition("/")

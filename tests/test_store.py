@@ -17,7 +17,15 @@ import pytest
 from gateway import metrics
 from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from tests.support import FakeClock, age, counter, make_store, wait_until
-from worker.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, encode_vector
+from worker.protocol import (
+    BATCH_PRIORITY,
+    ErrorCode,
+    ItemError,
+    ItemResult,
+    ItemSpec,
+    ModelAdvert,
+    encode_vector,
+)
 
 LEASE = 0.5
 TTL = 1.0
@@ -496,6 +504,17 @@ async def test_cancel_takes_out_inputs_split_off_a_pull(store):
     assert await store.depth() == {} and await store.leased() == {}
     assert await pull(store, n=10) == []
     assert (await store.complete("w", [ok(first)])).ignored == 1
+
+
+async def test_batch_inputs_get_only_the_room_interactive_ones_leave(store):
+    await store.submit([spec("b1", priority=BATCH_PRIORITY), spec("b2", priority=BATCH_PRIORITY)])
+    await store.submit([spec("i1")])
+    assert [i.text for i in await pull(store, n=2)] == ["i1", "b1"]
+    await store.submit([spec("i2")])
+    assert [i.text for i in await pull(store, n=1)] == ["i2"]  # ahead of the waiting b2
+    (b2,) = await pull(store, n=5)
+    assert (b2.text, b2.priority) == ("b2", BATCH_PRIORITY)
+    assert await store.depth() == {} and await store.leased() == {"m": 4}
 
 
 async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):

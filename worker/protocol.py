@@ -95,6 +95,10 @@ class PullRequest(_Wire):
     wait_seconds: float = Field(default=10.0, ge=0, le=60)
 
 
+#: ``ItemSpec.priority`` of a batch job's inputs (interactive inputs: None, i.e. 0).
+BATCH_PRIORITY = 1
+
+
 class ItemSpec(BaseModel):
     """What one queue entry asks of a worker: one input of one client request and how to
     process it. Built by the gateway; unknown keys are an error, not silently dropped.
@@ -122,6 +126,10 @@ class ItemSpec(BaseModel):
     truncate_prompt_tokens: int | None = None
     #: score: token ids whose last-position logits are returned, in this order.
     return_logits: list[int] | None = None
+    #: ``None`` / 0: interactive. 1 (:data:`BATCH_PRIORITY`): a batch job's input, handed out
+    #: only when no interactive input waits; the worker passes it to vLLM's priority
+    #: scheduling (lower first).
+    priority: int | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> ItemSpec:
