@@ -194,13 +194,14 @@ def start_gateway(
     env: dict[str, str] | None = None,
 ) -> Proc:
     """``inference-gateway`` on 127.0.0.1 with :data:`API_KEY` and :data:`WORKER_TOKEN` (in
-    ``GATEWAY_API_KEYS`` / ``GATEWAY_WORKER_TOKENS``, as in production); ``env`` adds or
-    overrides variables."""
+    ``GATEWAY_API_KEYS`` / ``GATEWAY_WORKER_TOKENS``, as in production) and its files in
+    ``log_dir/files``; ``env`` adds or overrides variables."""
     port = port or free_port()
     cmd = [_bin("inference-gateway"), "--host", "127.0.0.1", "--port", str(port), *(args or [])]
     env = {
         "GATEWAY_API_KEYS": API_KEY,
         "GATEWAY_WORKER_TOKENS": WORKER_TOKEN,
+        "GATEWAY_FILES_DIR": str(log_dir / "files"),  # shared by a stack's replicas
         "LOG_LEVEL": "warning",
         **(env or {}),
     }

@@ -2,6 +2,8 @@
 API of queue protocol v1 (``docs/queue-protocol.md``), assembled into one FastAPI app.
 
 - client routes (API keys): :mod:`gateway.client_api`, logic in :mod:`gateway.serving`;
+  the Files and Batch APIs: :mod:`gateway.batch_api`, logic in :mod:`gateway.files`,
+  :mod:`gateway.batches`, run by :mod:`gateway.batch_runner`;
 - queue routes (worker tokens): :mod:`gateway.worker_api` over the store (:mod:`gateway.store`:
   :mod:`gateway.memory_store` or :mod:`gateway.redis_store`);
 - ``/metrics``, ``/healthz``, ``/readyz``: :mod:`gateway.observability`;
@@ -18,9 +20,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from gateway import client_api, errors, observability, worker_api
+from gateway import batch_api, client_api, errors, observability, worker_api
 from gateway.auth import Credentials
+from gateway.batch_runner import BatchRunner
+from gateway.batches import Batches
 from gateway.edge import Edge
+from gateway.files import FileStore
 from gateway.memory_store import MemoryStore
 from gateway.serving import Serving
 from gateway.settings import GatewaySettings
@@ -58,19 +63,27 @@ def create_app(
     starts and closes the store. ``clock`` (seconds) drives the in-memory store's leases and
     worker liveness."""
     store = store or make_store(settings, clock)
+    serving = Serving(store, settings)
+    files = FileStore(Path(settings.files_dir), settings.max_file_bytes)
+    runner = BatchRunner(store, files, serving, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.start()
+        await runner.start()
         try:
             yield
         finally:
+            await runner.close()
             await store.close()
 
     app = FastAPI(title="inference-gateway", lifespan=lifespan)
     app.state.settings = settings
     app.state.store = store
-    app.state.serving = Serving(store, settings)
+    app.state.serving = serving
+    app.state.files = files
+    app.state.batches = Batches(store, files, settings)
+    app.state.batch_runner = runner
     app.state.draining = False
     app.state.credentials = Credentials.load(settings)
     errors.install(app)
@@ -80,9 +93,11 @@ def create_app(
         credentials=app.state.credentials,
         max_body_bytes=settings.max_body_bytes,
         body_timeout=settings.body_timeout_seconds,
+        max_upload_bytes=settings.max_file_bytes,
     )
     app.add_middleware(observability.RequestMetrics)
     app.include_router(client_api.router)
+    app.include_router(batch_api.router)
     app.include_router(worker_api.router)
     app.include_router(observability.router)
     return app

@@ -69,7 +69,7 @@ class Credentials:
     def client(self, authorization: str | None) -> None:
         """Check a client route's ``Authorization`` header; raises APIError(401,
         ``invalid_api_key``)."""
-        token = _bearer(authorization)
+        token = bearer_token(authorization)
         if token is None:
             raise APIError(
                 401,
@@ -82,7 +82,7 @@ class Credentials:
     def worker(self, authorization: str | None) -> WorkerScope:
         """Check a queue route's ``Authorization`` header; returns the token's scope; raises
         APIError(401, ``invalid_worker_token``)."""
-        token = _bearer(authorization)
+        token = bearer_token(authorization)
         if token is not None:
             for known, scope in self.worker_tokens.items():
                 if hmac.compare_digest(token.encode(), known.encode()):
@@ -90,7 +90,8 @@ class Credentials:
         raise APIError(401, WRONG_WORKER_TOKEN, code="invalid_worker_token")
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, or None."""
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")

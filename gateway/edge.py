@@ -29,16 +29,28 @@ class _BodyLimit(Exception):
     """The body broke a limit (too large, too slow); raised out of ``receive``."""
 
 
+#: The upload route, and what a multipart form may add to a file's own bytes.
+UPLOADS = "/v1/files"
+UPLOAD_OVERHEAD_BYTES = 64 * 1024
+
+
 class Edge:
     """ASGI middleware: credentials, then body size and arrival time (see the module)."""
 
     def __init__(
-        self, app: ASGIApp, credentials: Credentials, max_body_bytes: int, body_timeout: float
+        self,
+        app: ASGIApp,
+        credentials: Credentials,
+        max_body_bytes: int,
+        body_timeout: float,
+        max_upload_bytes: int | None = None,
     ):
         self.app = app
         self.credentials = credentials
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
+        #: ``POST /v1/files`` (a whole file in a multipart form): its own limit.
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -53,9 +65,12 @@ class Edge:
                 scope.setdefault("state", {})["worker_scope"] = worker_scope
             else:
                 self.credentials.client(authorization)
+            limit = self.max_body_bytes
+            if path == UPLOADS and scope.get("method") == "POST":
+                limit = self.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
             length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                raise self._too_large(int(length))
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise self._too_large(int(length), limit)
         except APIError as e:
             await _respond(scope, receive, send, e)
             return
@@ -81,8 +96,8 @@ class Edge:
                 raise _BodyLimit from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    tripped = self._too_large(None)
+                if seen > limit:
+                    tripped = self._too_large(None, limit)
                     raise _BodyLimit
                 body_done = not message.get("more_body", False)
             else:
@@ -106,11 +121,11 @@ class Edge:
                 raise
             await _respond(scope, receive, send, tripped)
 
-    def _too_large(self, length: int | None) -> APIError:
+    def _too_large(self, length: int | None, limit: int) -> APIError:
         size = f"{length} bytes" if length is not None else "larger"
         return APIError(
             413,
-            f"The request body is {size}; at most {self.max_body_bytes} bytes are accepted.",
+            f"The request body is {size}; at most {limit} bytes are accepted.",
             code="request_too_large",
         )
 

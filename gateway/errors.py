@@ -76,7 +76,12 @@ async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    err = exc.errors()[0]
+    err = invalid_body(exc.errors()[0])
+    return JSONResponse(err.response_json(), status_code=400)
+
+
+def invalid_body(err: Any) -> APIError:
+    """The 400 for a request body that does not validate (``err``: pydantic's first error)."""
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     # pydantic reports union members as extra path parts; keep the field name.
     param = loc[0] if loc else None
@@ -89,7 +94,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         msg = f"'{param}' is a required property"
     else:
         msg = f"Invalid value for '{'.'.join(loc) or 'body'}': {err.get('msg')}"
-    return JSONResponse(APIError(400, msg, param=param).response_json(), status_code=400)
+    return APIError(400, msg, param=param)
 
 
 def install(app: FastAPI) -> None:

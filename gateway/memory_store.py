@@ -86,6 +86,9 @@ class MemoryStore(QueueStore):
         )
         self._clock = clock
         #: Waiting inputs per (model, task), in order; O(1) removal from anywhere.
+        self._batches: dict[str, str] = {}
+        self._batch_runners: dict[str, tuple[str, float]] = {}  # id -> (runner, until)
+        self._batch_cancels: dict[str, int] = {}
         #: (model, task, priority) -> the inputs waiting, in line order.
         self._pending: dict[tuple[str, str, int], OrderedDict[str, Item]] = {}
         self._items: dict[str, Item] = {}
@@ -166,6 +169,7 @@ class MemoryStore(QueueStore):
         max_items: int,
         wait_seconds: float,
         max_tokens: int | None = None,
+        max_batch_items: int | None = None,
     ) -> list[WorkItem]:
         seen = self._workers.setdefault(worker_id, _WorkerSeen(adverts, self._clock()))
         seen.adverts = adverts
@@ -178,7 +182,7 @@ class MemoryStore(QueueStore):
         try:
             while True:
                 await self.reap()
-                leased = self._take(worker_id, keys, max_items, max_tokens)
+                leased = self._take(worker_id, keys, max_items, max_tokens, max_batch_items)
                 remaining = deadline - time.monotonic()
                 if leased or remaining <= 0:
                     return leased
@@ -200,18 +204,22 @@ class MemoryStore(QueueStore):
         keys: Sequence[tuple[str, str]],
         max_items: int,
         max_tokens: int | None,
+        max_batch_items: int | None = None,
     ) -> list[WorkItem]:
         """Lease inputs round-robin across ``keys``: up to ``max_items``, and no more estimated
         tokens than ``max_tokens`` (at least one input). Batch inputs only with the room that
-        interactive ones leave."""
+        interactive ones leave, ``max_batch_items`` at most."""
         out: list[WorkItem] = []
         now = self._clock()
         tokens = 0
         budget = max_tokens if max_tokens is not None else float("inf")
         for priority in (0, BATCH_PRIORITY):
             lines = [(model, task, priority) for model, task in keys]
+            limit = max_items
+            if priority == BATCH_PRIORITY and max_batch_items is not None:
+                limit = min(max_items, len(out) + max_batch_items)
             progress = True
-            while len(out) < max_items and tokens < budget and progress:
+            while len(out) < limit and tokens < budget and progress:
                 progress = False
                 for line in lines:
                     queue = self._pending.get(line)
@@ -224,7 +232,7 @@ class MemoryStore(QueueStore):
                     out.append(self._lease(item, worker_id, now))
                     tokens += item.est_tokens
                     progress = True
-                    if len(out) >= max_items or tokens >= budget:
+                    if len(out) >= limit or tokens >= budget:
                         break
         return out
 
@@ -317,6 +325,30 @@ class MemoryStore(QueueStore):
             if not w.done():
                 w.set_result(None)
         self._waiters.clear()
+
+    # --- batch jobs ---------------------------------------------------------------------
+    async def save_batch(self, batch_id: str, record: str) -> None:
+        self._batches[batch_id] = record
+
+    async def load_batch(self, batch_id: str) -> str | None:
+        return self._batches.get(batch_id)
+
+    async def batch_ids(self) -> list[str]:
+        return list(self._batches)
+
+    async def claim_batch(self, batch_id: str, runner: str, seconds: float) -> bool:
+        holder, until = self._batch_runners.get(batch_id, (runner, 0.0))
+        now = self._clock()
+        if holder != runner and until > now:
+            return False
+        self._batch_runners[batch_id] = (runner, now + seconds)
+        return True
+
+    async def cancel_batch(self, batch_id: str) -> int:
+        return self._batch_cancels.setdefault(batch_id, int(time.time()))
+
+    async def batch_cancelled(self, batch_id: str) -> int | None:
+        return self._batch_cancels.get(batch_id)
 
     # --- views --------------------------------------------------------------------------
     async def depth(self) -> dict[str, int]:

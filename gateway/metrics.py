@@ -76,3 +76,9 @@ RESULTS_REJECTED = Counter(
     ["model"],
     registry=REGISTRY,
 )
+BATCH_LINES = Counter(
+    f"{_NS}_batch_lines_total",
+    "Lines of batch jobs: queued, then completed (status 200) or failed.",
+    ["model", "state"],
+    registry=REGISTRY,
+)

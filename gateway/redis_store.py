@@ -224,7 +224,8 @@ return {0, ids}
 
 #: KEYS: front stream, main stream (the interactive line of one model and task), then the
 #: same two of its batch line. ARGV: prefix, group, worker, lease_ms, max_items, token budget
-#: (-1: none), max_attempts, then the worker's registration (none: ''): its adverts as JSON,
+#: (-1: none), max_attempts, batch inputs at most (-1: no limit), then the worker's
+#: registration (none: ''): its adverts as JSON,
 #: their TTL in ms, then (model, advert JSON) pairs. Per line, interactive first: expired and
 #: released leases first (oldest first, front stream first), then new entries.
 #: What does not fit of an entry is split off to the front. Returns {{item id, spec, attempt,
@@ -233,10 +234,10 @@ _PULL = (
     _LUA_HELPERS
     + """
 local worker, lease_ms, max_items = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local budget, max_att = tonumber(ARGV[6]), tonumber(ARGV[7])
-if ARGV[8] ~= '' then
-  redis.call('SET', P .. 'worker:' .. worker, ARGV[8], 'PX', ARGV[9])
-  for i = 10, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
+local budget, max_att, batch_room = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+if ARGV[9] ~= '' then
+  redis.call('SET', P .. 'worker:' .. worker, ARGV[9], 'PX', ARGV[10])
+  for i = 11, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
 end
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then
@@ -267,7 +268,8 @@ local function take(key, id, f, ks, m, before)
   end
   if m < #ks then move(key, id, f, {unpack(ks, m + 1)}, before) end
 end
-for _, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- interactive, then batch
+for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- interactive, batch
+  if phase == 2 and batch_room >= 0 then max_items = math.min(max_items, #out + batch_room) end
   for _, key in ipairs(line) do
     local waiting = redis.call('XPENDING', key, G, 'IDLE', lease_ms, '-', '+', max_items + 64)
     for _, p in ipairs(waiting) do
@@ -436,6 +438,14 @@ for i = 5, #ARGV, 2 do
                'RETRYCOUNT', tonumber(p[1][4]) - 1, 'JUSTID')
   end
 end
+"""
+
+#: KEYS: the batch's runner key. ARGV: runner, ms. 1 if the runner holds it now.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 #: KEYS: front stream, main stream. ARGV: prefix, group, request id, then the entry ids the
@@ -620,6 +630,7 @@ class RedisStore(QueueStore):
         self._reap = self.redis.register_script(_REAP)
         self._counts = self.redis.register_script(_COUNTS)
         self._unread = self.redis.register_script(_UNREAD)
+        self._claim = self.redis.register_script(_CLAIM)
         self._cancel = self.redis.register_script(_CANCEL)
         self._reachable = True  # until a call fails (then logged once)
         self._closing = False
@@ -816,11 +827,13 @@ class RedisStore(QueueStore):
         max_items: int,
         wait_seconds: float,
         max_tokens: int | None = None,
+        max_batch_items: int | None = None,
     ) -> list[WorkItem]:
         keys = [stream_key(a.name, t) for a in adverts for t in a.tasks]
         deadline = time.monotonic() + wait_seconds
+        batch_room = -1 if max_batch_items is None else max_batch_items
         while True:
-            out = await self._take(worker_id, keys, max_items, max_tokens, adverts)
+            out = await self._take(worker_id, keys, max_items, max_tokens, adverts, batch_room)
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 return out
@@ -828,35 +841,41 @@ class RedisStore(QueueStore):
             # passes: expired leases are looked for again, the registration refreshed).
             block_ms = max(1, int(min(remaining, 1.0, self.worker_ttl / 3) * 1000))
             lines = [line for key in keys for line in (key, _batch_line(key))]
+            if batch_room == 0:  # no batch work wanted: wait for interactive work only
+                lines = keys
             streams: dict[Any, Any] = {k: ">" for line in lines for k in (_front(line), line)}
             got: Any = await self._call(
                 self.redis.xreadgroup(GROUP, worker_id, streams, count=max_items, block=block_ms)
             )
             if got:
-                out = await self._hand_out(worker_id, got, max_items, max_tokens)
+                out = await self._hand_out(worker_id, got, max_items, max_tokens, batch_room)
                 if out:
                     return out
 
     async def _hand_out(
-        self, worker_id: str, got: Any, max_items: int, max_tokens: int | None
+        self, worker_id: str, got: Any, max_items: int, max_tokens: int | None, batch_room: int
     ) -> list[WorkItem]:
         """Entries a long poll's XREADGROUP just leased to this worker (first delivery),
-        handed out at once while they fit whole in ``max_items`` and the token budget; the
-        others go back to the front with no attempt spent. Empty if the first does not fit
-        (the next PULL script splits it)."""
+        handed out at once while they fit whole in ``max_items``, the token budget and
+        ``batch_room`` (-1: no limit); the others go back to the front with no attempt spent.
+        Empty if the first does not fit (the next PULL script splits it)."""
         out: list[WorkItem] = []
         back: list[Any] = []
         tokens = 0
         for raw_key, entries in got:
             key = raw_key.decode()
+            batch = key[len(PREFIX)] in "bc"
             for raw_id, raw in entries:
                 entry_id = raw_id.decode()
                 fields = {k.decode(): v for k, v in raw.items()}
                 n, t = int(fields["n"]), int(fields["t"])
                 over_budget = max_tokens is not None and tokens + t > max_tokens
-                if back or len(out) + n > max_items or (out and over_budget):
+                no_room = batch and 0 <= batch_room < n
+                if back or len(out) + n > max_items or (out and over_budget) or no_room:
                     back += [key, entry_id]
                     continue
+                if batch and batch_room > 0:
+                    batch_room -= n
                 tokens += t
                 attempt = int(fields["a"]) + 1
                 request_id = fields["q"].decode()
@@ -876,11 +895,12 @@ class RedisStore(QueueStore):
         max_items: int,
         max_tokens: int | None,
         adverts: list[ModelAdvert],
+        batch_room: int = -1,
     ) -> list[WorkItem]:
         """Register the worker and lease up to ``max_items`` (and ``max_tokens``, at least one
         input) across ``keys`` round-robin: each key a fair share per round, the result
         interleaved key by key. Per key, its batch line only with the room its interactive
-        line leaves (the PULL script)."""
+        line leaves (the PULL script), ``batch_room`` batch inputs at most (-1: no limit)."""
         register = self._registration(adverts)
         if not keys:  # nothing to pull from: the registration alone
             await self._call(
@@ -896,8 +916,11 @@ class RedisStore(QueueStore):
             for key in list(active):
                 if remaining <= 0 or budget == 0:
                     break
-                got = await self._take_from(worker_id, key, min(share, remaining), budget, register)
+                n = min(share, remaining)
+                got = await self._take_from(worker_id, key, n, budget, batch_room, register)
                 register = [""]  # registered by the first call
+                if batch_room > 0:
+                    batch_room = max(0, batch_room - sum(1 for i in got if i.priority))
                 taken[key] += got
                 remaining -= len(got)
                 if budget >= 0:
@@ -910,11 +933,12 @@ class RedisStore(QueueStore):
         return out
 
     async def _take_from(
-        self, worker_id: str, key: str, n: int, budget: int, register: list[Any]
+        self, worker_id: str, key: str, n: int, budget: int, batch_room: int, register: list[Any]
     ) -> list[WorkItem]:
-        """One PULL script call on one model and task's streams; ``budget`` -1 for none;
-        ``register``: see :meth:`_registration` (``[""]``: none)."""
+        """One PULL script call on one model and task's streams; ``budget`` and
+        ``batch_room`` -1 for none; ``register``: see :meth:`_registration` (``[""]``: none)."""
         args: list[Any] = [PREFIX, GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts]
+        args.append(batch_room)
         batch = _batch_line(key)
         keys = [_front(key), key, _front(batch), batch]
         rows = await self._call(self._pull(keys=keys, args=args + register))
@@ -1050,6 +1074,31 @@ class RedisStore(QueueStore):
                 metrics.LEASES_EXPIRED.labels(_model_of(key)).inc(expired)
             if dead:
                 metrics.DEAD_LETTERS.labels(_model_of(key)).inc(dead)
+
+    # --- batch jobs ---------------------------------------------------------------------
+    async def save_batch(self, batch_id: str, record: str) -> None:
+        await self._call(self.redis.hset(f"{PREFIX}batches", batch_id, record))
+
+    async def load_batch(self, batch_id: str) -> str | None:
+        raw: Any = await self._call(self.redis.hget(f"{PREFIX}batches", batch_id))
+        return raw.decode() if raw is not None else None
+
+    async def batch_ids(self) -> list[str]:
+        raw: Any = await self._call(self.redis.hkeys(f"{PREFIX}batches"))
+        return [k.decode() for k in raw]
+
+    async def claim_batch(self, batch_id: str, runner: str, seconds: float) -> bool:
+        key, ms = f"{PREFIX}batch-runner:{batch_id}", max(1, int(seconds * 1000))
+        return bool(await self._call(self._claim(keys=[key], args=[runner, ms])))
+
+    async def cancel_batch(self, batch_id: str) -> int:
+        key = f"{PREFIX}batch-cancels"
+        await self._call(self.redis.hsetnx(key, batch_id, int(time.time())))
+        return int(await self._call(self.redis.hget(key, batch_id)))  # type: ignore[arg-type]
+
+    async def batch_cancelled(self, batch_id: str) -> int | None:
+        raw: Any = await self._call(self.redis.hget(f"{PREFIX}batch-cancels", batch_id))
+        return int(raw) if raw is not None else None
 
     # --- views --------------------------------------------------------------------------
     async def _queue_counts(self) -> list[tuple[str, int, int]]:

@@ -10,6 +10,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
 
 from gateway import inputs, metrics
 from gateway.api_models import (
@@ -34,6 +38,19 @@ QUEUE_FULL_RETRY_AFTER = 5
 
 #: Returns once the client has gone away (its connection closed).
 Disconnected = Callable[[], Awaitable[None]]
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+@dataclass
+class Prepared(Generic[R]):
+    """A checked client request: its queue entries, the request field they come from (for
+    error messages: ``field[index]``), and how their results, in order, become the response."""
+
+    specs: list[ItemSpec]
+    field: str
+    respond: Callable[[list[ItemResult]], R]
 
 
 class Serving:
@@ -142,6 +159,12 @@ class Serving:
         self, req: EmbeddingRequest, disconnected: Disconnected | None = None
     ) -> EmbeddingResponse:
         """``POST /v1/embeddings``: vectors, or the selected logits with ``return_logits``."""
+        prepared = await self.prepare_embeddings(req)
+        return prepared.respond(await self.run(prepared.specs, prepared.field, disconnected))
+
+    async def prepare_embeddings(self, req: EmbeddingRequest) -> Prepared[EmbeddingResponse]:
+        """Check an embeddings request and turn it into queue entries (raises APIError 4xx
+        for what is wrong with it)."""
         inputs.check_request_unicode(req)
         task: Task = "embed" if req.return_logits is None else "score"
         if task == "score":
@@ -155,22 +178,31 @@ class Serving:
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
         inputs.check_sizes(specs, "input", self._max_chars(advert))
-        results = await self.run(specs, "input", disconnected)
-        data = []
-        for i, res in enumerate(results):
-            assert res.vector_b64 is not None
-            emb: list[float] | str = (
-                res.vector_b64
-                if req.encoding_format == "base64"
-                else decode_vector(res.vector_b64).tolist()
-            )
-            data.append(EmbeddingData(index=i, embedding=emb))
-        return EmbeddingResponse(data=data, model=req.model, usage=_usage(results))
+
+        def respond(results: list[ItemResult]) -> EmbeddingResponse:
+            data = []
+            for i, res in enumerate(results):
+                assert res.vector_b64 is not None
+                emb: list[float] | str = (
+                    res.vector_b64
+                    if req.encoding_format == "base64"
+                    else decode_vector(res.vector_b64).tolist()
+                )
+                data.append(EmbeddingData(index=i, embedding=emb))
+            return EmbeddingResponse(data=data, model=req.model, usage=_usage(results))
+
+        return Prepared(specs, "input", respond)
 
     async def rerank(
         self, req: RerankRequest, disconnected: Disconnected | None = None
     ) -> RerankResponse:
         """``POST /v1/rerank``: documents sorted by P(true token), cut to ``top_n``."""
+        prepared = await self.prepare_rerank(req)
+        return prepared.respond(await self.run(prepared.specs, prepared.field, disconnected))
+
+    async def prepare_rerank(self, req: RerankRequest) -> Prepared[RerankResponse]:
+        """Check a rerank request and turn it into queue entries (raises APIError 4xx for
+        what is wrong with it; 503 before any worker advertised the model's rerank prompt)."""
         inputs.check_request_unicode(req)
         advert = await self.check_model(req.model, "score")
         if advert is None or advert.rerank is None:
@@ -192,18 +224,21 @@ class Serving:
                 code="context_length_exceeded",
             )
         inputs.check_sizes(specs, "documents", limit)
-        results = await self.run(specs, "documents", disconnected)
-        scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
-        data = [
-            RerankResult(
-                index=i,
-                relevance_score=scores[i],
-                document=req.documents[i] if req.return_documents else None,
-            )
-            for i in order
-        ]
-        return RerankResponse(model=req.model, data=data, usage=_usage(results))
+
+        def respond(results: list[ItemResult]) -> RerankResponse:
+            scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
+            data = [
+                RerankResult(
+                    index=i,
+                    relevance_score=scores[i],
+                    document=req.documents[i] if req.return_documents else None,
+                )
+                for i in order
+            ]
+            return RerankResponse(model=req.model, data=data, usage=_usage(results))
+
+        return Prepared(specs, "documents", respond)
 
     async def models(self) -> ModelList:
         """``GET /v1/models``: models with a live worker, with what the workers advertise."""

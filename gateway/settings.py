@@ -97,8 +97,8 @@ class GatewaySettings(BaseModel):
     max_queued_inputs: int = _setting(
         50_000,
         "--max-queued-inputs",
-        "inputs that may wait per model and task; a request that would pass it gets 429 "
-        "and nothing of it is queued",
+        "unanswered inputs (waiting or leased) per model; a request that would pass it gets "
+        "429 and nothing of it is queued",
         ge=1,
     )
     drain_timeout_seconds: float = _setting(
@@ -147,6 +147,34 @@ class GatewaySettings(BaseModel):
         2048,
         "--max-connections",
         "concurrent connections (and requests); above it, new ones get 503 at once",
+        ge=1,
+    )
+    files_dir: str = _setting(
+        "inference-files",
+        "--files-dir",
+        "directory of the Files API's files and of running batches' partial output (several "
+        "replicas: a volume they share)",
+    )
+    max_file_bytes: int = _setting(
+        200 * 1024 * 1024,
+        "--max-file-bytes",
+        "largest file upload, bytes (413 above it), as OpenAI's Files API",
+        ge=1024,
+    )
+    max_batch_lines: int = _setting(
+        50_000, "--max-batch-lines", "requests (lines) per batch input file, as OpenAI's", ge=1
+    )
+    max_batches_per_key: int = _setting(
+        4,
+        "--max-batches-per-key",
+        "batches one API key may have running (validating to finalizing); 429 above it",
+        ge=1,
+    )
+    batch_inputs_in_flight: int = _setting(
+        4096,
+        "--batch-inputs-in-flight",
+        "inputs of one batch in the queue at once (waiting or leased): enough to keep idle "
+        "workers busy, few enough that a cancel or a restart loses little",
         ge=1,
     )
     log_level: str = _setting("info", "--log-level", "uvicorn's log level", env="LOG_LEVEL")

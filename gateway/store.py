@@ -210,9 +210,11 @@ class QueueStore(ABC):
         max_items: int,
         wait_seconds: float,
         max_tokens: int | None = None,
+        max_batch_items: int | None = None,
     ) -> list[WorkItem]:
         """Lease up to ``max_items`` inputs (and about ``max_tokens`` estimated tokens, at least
-        one) of the advertised models and tasks: at once when work waits, else after up to
+        one) of the advertised models and tasks, interactive ones first and at most
+        ``max_batch_items`` batch-job inputs: at once when work waits, else after up to
         ``wait_seconds`` (long polling), possibly none. Registers the worker."""
 
     @abstractmethod
@@ -230,6 +232,32 @@ class QueueStore(ABC):
     @abstractmethod
     async def reap(self) -> None:
         """Requeue inputs whose lease expired; dead-letter those out of attempts."""
+
+    # --- batch jobs ---------------------------------------------------------------------
+    @abstractmethod
+    async def save_batch(self, batch_id: str, record: str) -> None:
+        """Keep a batch's record (JSON, :class:`~gateway.batch_models.BatchRecord`)."""
+
+    @abstractmethod
+    async def load_batch(self, batch_id: str) -> str | None:
+        """A batch's record, or None."""
+
+    @abstractmethod
+    async def batch_ids(self) -> list[str]:
+        """Every batch kept."""
+
+    @abstractmethod
+    async def claim_batch(self, batch_id: str, runner: str, seconds: float) -> bool:
+        """True if ``runner`` now holds the right to run the batch for ``seconds`` (it was
+        free, expired, or already ``runner``'s): one runner per batch across replicas."""
+
+    @abstractmethod
+    async def cancel_batch(self, batch_id: str) -> int:
+        """Ask for the batch to be cancelled; returns when that was first asked (Unix s)."""
+
+    @abstractmethod
+    async def batch_cancelled(self, batch_id: str) -> int | None:
+        """When cancelling the batch was asked (Unix s), or None."""
 
     # --- views --------------------------------------------------------------------------
     @abstractmethod

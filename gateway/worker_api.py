@@ -47,7 +47,12 @@ async def pull(
     """Lease up to ``max_items`` items, long-polling up to ``wait_seconds``."""
     scope.check([m.name for m in req.models])
     items = await store.pull(
-        req.worker_id, req.models, req.max_items, req.wait_seconds, req.max_tokens
+        req.worker_id,
+        req.models,
+        req.max_items,
+        req.wait_seconds,
+        req.max_tokens,
+        req.max_batch_items,
     )
     return json_response(PullResponse(items=items), exclude_none=True)
 

@@ -47,6 +47,7 @@ def test_pharia_example_loads_with_real_weights(tmp_path, monkeypatch):
     assert cfg.source == path
     kw = engine_kwargs(cfg.generator)
     assert kw["runner"] == "pooling" and kw["max_num_seqs"] == 16
+    assert kw["scheduling_policy"] == "priority"  # batch inputs wait behind interactive ones
     assert "gpu_memory_utilization" not in kw  # unset keys keep vLLM's defaults
     unchanged = pharia_example().replace("/path/to/weights/Qwen/Qwen3-Embedding-8B", "")
     assert pharia_example(ls.minilm_path()).replace(str(ls.minilm_path()), "") == unchanged

@@ -31,3 +31,6 @@ ITEMS_IN_FLIGHT_PER_SEQ = 2
 #: Estimated prompt tokens in flight when ``queue.max_tokens_in_flight`` is unset: this many x
 #: the engine's ``max_num_batched_tokens`` (a few engine steps of work).
 TOKENS_IN_FLIGHT_PER_STEP = 4
+#: Batch-job items a worker holds (leased) while interactive items flow; it pulls more only
+#: as they finish, so that its capacity stays free for interactive items.
+BATCH_ITEMS_HELD_WHILE_BUSY = 32

@@ -57,6 +57,8 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
         "pipeline_parallel_size": gen.pipeline_parallel_size,
         "trust_remote_code": gen.trust_remote_code,
         "disable_log_stats": False,
+        # Batch jobs' inputs (priority 1) wait in the engine behind interactive ones.
+        "scheduling_policy": "priority",
     }
     if gen.task == "score":
         kw["logprobs_mode"] = "raw_logits"
@@ -266,7 +268,9 @@ class Engine:
         async for out in self._guard(  # noqa: B007 - the last output is used after the loop
             item,
             prompt,
-            self.llm.encode(vllm_prompt, params, request_id=_request_id(item)),
+            self.llm.encode(
+                vllm_prompt, params, request_id=_request_id(item), priority=item.priority or 0
+            ),
         ):
             pass
         assert out is not None
@@ -294,7 +298,9 @@ class Engine:
         async for out in self._guard(  # noqa: B007 - the last output is used after the loop
             item,
             prompt,
-            self.llm.generate(vllm_prompt, params, request_id=_request_id(item)),
+            self.llm.generate(
+                vllm_prompt, params, request_id=_request_id(item), priority=item.priority or 0
+            ),
         ):
             pass
         assert out is not None

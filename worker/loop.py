@@ -7,7 +7,8 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
    estimated prompt tokens), prepares the batch's prompts in one call (templates,
    tokenization), and starts one engine request per item;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
-   its result or per-item error goes to the outbox;
+   its result or per-item error goes to the outbox. Batch-job items enter the engine behind
+   interactive ones, a few at a time while interactive items flow (:mod:`worker.batch_gate`);
 3. **post**: sends everything in the outbox in one call, again and again, so posting never
    stalls the engine. A failed post is retried until the items' leases run out (after that
    the queue has redelivered them anyway).
@@ -33,8 +34,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from worker import metrics
+from worker.batch_gate import BatchGate
 from worker.config import Config
 from worker.defaults import (
+    BATCH_ITEMS_HELD_WHILE_BUSY,
     ENGINE_WATCH_SECONDS,
     ITEMS_IN_FLIGHT_PER_SEQ,
     POST_BACKOFF,
@@ -100,6 +103,10 @@ class Worker:
             or TOKENS_IN_FLIGHT_PER_STEP * engine.max_num_batched_tokens
         )
         self._tokens_in_flight = 0
+        self._batch_held = 0  # batch-job items leased
+        self.batch_gate = BatchGate(
+            cfg.queue.batch_tokens_beside_interactive, cfg.queue.interactive_quiet_seconds
+        )
         self._leased: dict[str, _Leased] = {}
         self._outbox: list[tuple[ItemResult, _Leased]] = []
         self._outbox_ready = asyncio.Event()
@@ -124,12 +131,17 @@ class Worker:
                 self._capacity_freed.clear()
                 await self._capacity_freed.wait()
                 continue
+            max_batch, wait_seconds = None, self.cfg.queue.pull_wait_seconds
+            if self.batch_gate.busy:  # keep room for interactive items; look again once quiet
+                max_batch = max(0, BATCH_ITEMS_HELD_WHILE_BUSY - self._batch_held)
+                wait_seconds = min(wait_seconds, self.batch_gate.quiet_seconds)
             req = PullRequest(
                 worker_id=self.worker_id,
                 models=self.adverts,
                 max_items=free,
                 max_tokens=free_tokens,
-                wait_seconds=self.cfg.queue.pull_wait_seconds,
+                wait_seconds=wait_seconds,
+                max_batch_items=max_batch,
             )
             t0 = time.monotonic()
             try:
@@ -156,6 +168,10 @@ class Worker:
             leased = _Leased(item, now)
             self._leased[item.item_id] = leased
             self._tokens_in_flight += item.est_tokens
+            if item.priority:
+                self._batch_held += 1
+            else:
+                self.batch_gate.saw_interactive()
             metrics.ITEMS_PULLED.labels(item.model, item.task).inc()
             batch.append(leased)
         self._idle.clear()
@@ -176,7 +192,11 @@ class Worker:
     async def _infer(self, leased: _Leased, prompt: Prompt) -> None:
         item = leased.item
         try:
-            vector, n_tokens = await self.engine.run(item, prompt)
+            if item.priority:  # a batch job's input: after interactive ones (batch_gate)
+                async with self.batch_gate.admit(item.est_tokens):
+                    vector, n_tokens = await self.engine.run(item, prompt)
+            else:
+                vector, n_tokens = await self.engine.run(item, prompt)
             result = ItemResult.ok(item, vector, n_tokens)
             metrics.PROMPT_TOKENS.labels(item.model, item.task).inc(n_tokens)
         except InvalidInput as e:
@@ -249,6 +269,7 @@ class Worker:
     def _forget(self, lz: _Leased) -> None:
         if self._leased.pop(lz.item.item_id, None) is not None:
             self._tokens_in_flight -= lz.item.est_tokens
+            self._batch_held -= bool(lz.item.priority)
         if not self._leased:
             self._idle.set()
         metrics.ITEMS_IN_FLIGHT.set(self.in_flight)

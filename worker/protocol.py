@@ -93,6 +93,9 @@ class PullRequest(_Wire):
     #: (``WorkItem.est_tokens``) exceed it; at least one item is always returned.
     max_tokens: int | None = Field(default=None, ge=1)
     wait_seconds: float = Field(default=10.0, ge=0, le=60)
+    #: At most this many of the items may be batch-job inputs (``priority`` 1; None: up to
+    #: ``max_items``). A worker busy with interactive items keeps it small.
+    max_batch_items: int | None = Field(default=None, ge=0)
 
 
 #: ``ItemSpec.priority`` of a batch job's inputs (interactive inputs: None, i.e. 0).

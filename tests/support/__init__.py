@@ -165,14 +165,15 @@ class InProcessGateway:
     WORKER_TOKEN = "worker-token-for-tests"
 
     def __init__(self, clock: Any = None, **settings: Any):
+        import tempfile
         import time
 
         from gateway.app import create_app
         from gateway.settings import GatewaySettings
 
-        self.settings = GatewaySettings(
-            api_keys=[self.API_KEY], worker_tokens=[self.WORKER_TOKEN], **settings
-        )
+        settings.setdefault("files_dir", tempfile.mkdtemp(prefix="gateway-files-"))
+        settings.setdefault("api_keys", [self.API_KEY])
+        self.settings = GatewaySettings(worker_tokens=[self.WORKER_TOKEN], **settings)
         self.app = create_app(self.settings, clock=clock or time.monotonic)
         self.transport = httpx.ASGITransport(app=self.app)
         self.client = httpx.AsyncClient(

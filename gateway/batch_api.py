@@ -1,0 +1,113 @@
+"""Client routes of OpenAI's Files and Batch APIs (API keys, checked by :mod:`gateway.edge`):
+``/v1/files`` (upload, list, get, content, delete) and ``/v1/batches`` (create, list, get,
+cancel). Thin handlers; the logic is in :mod:`gateway.files` and :mod:`gateway.batches`.
+A file or batch belongs to the API key that made it: other keys get 404."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Form, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+
+from gateway.api_models import json_response
+from gateway.auth import bearer_token
+from gateway.batch_models import Batch, BatchCreate, BatchList, FileDeleted, FileList, FileObject
+from gateway.batches import Batches
+from gateway.files import FileStore, owner_of
+
+router = APIRouter(prefix="/v1")
+
+
+def _owner(request: Request) -> str:
+    token = bearer_token(request.headers.get("authorization"))
+    assert token is not None  # the edge let the request in
+    return owner_of(token)
+
+
+def _files(request: Request) -> FileStore:
+    files: FileStore = request.app.state.files
+    return files
+
+
+def _batches(request: Request) -> Batches:
+    batches: Batches = request.app.state.batches
+    return batches
+
+
+@router.post("/files", response_model=FileObject)
+async def upload_file(
+    file: UploadFile,
+    purpose: str = Form(...),
+    owner: str = Depends(_owner),
+    files: FileStore = Depends(_files),
+) -> Response:
+    stored = await files.upload(file.file, file.filename or "upload.jsonl", purpose, owner)
+    return json_response(stored.wire())
+
+
+@router.get("/files", response_model=FileList)
+def list_files(
+    purpose: str | None = None,
+    limit: int = Query(10_000, ge=1, le=10_000),
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+    owner: str = Depends(_owner),
+    files: FileStore = Depends(_files),
+) -> Response:
+    return json_response(files.page(owner, purpose, limit, after, order))
+
+
+@router.get("/files/{file_id}", response_model=FileObject)
+def get_file(
+    file_id: str, owner: str = Depends(_owner), files: FileStore = Depends(_files)
+) -> Response:
+    return json_response(files.get(file_id, owner).wire())
+
+
+@router.get("/files/{file_id}/content")
+def file_content(
+    file_id: str, owner: str = Depends(_owner), files: FileStore = Depends(_files)
+) -> FileResponse:
+    meta = files.get(file_id, owner)
+    return FileResponse(
+        files.path(file_id, owner), media_type="application/octet-stream", filename=meta.filename
+    )
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+def delete_file(
+    file_id: str, owner: str = Depends(_owner), files: FileStore = Depends(_files)
+) -> Response:
+    return json_response(files.delete(file_id, owner))
+
+
+@router.post("/batches", response_model=Batch)
+async def create_batch(
+    req: BatchCreate, owner: str = Depends(_owner), batches: Batches = Depends(_batches)
+) -> Response:
+    return json_response(await batches.create(req, owner))
+
+
+@router.get("/batches", response_model=BatchList)
+async def list_batches(
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    owner: str = Depends(_owner),
+    batches: Batches = Depends(_batches),
+) -> Response:
+    return json_response(await batches.page(owner, after, limit))
+
+
+@router.get("/batches/{batch_id}", response_model=Batch)
+async def get_batch(
+    batch_id: str, owner: str = Depends(_owner), batches: Batches = Depends(_batches)
+) -> Response:
+    return json_response(await batches.get(batch_id, owner))
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=Batch)
+async def cancel_batch(
+    batch_id: str, owner: str = Depends(_owner), batches: Batches = Depends(_batches)
+) -> Response:
+    return json_response(await batches.cancel(batch_id, owner))

@@ -1,0 +1,519 @@
+"""Runs batch jobs: their lines go through the same queue and workers as interactive requests,
+at batch priority (handed out only with the room interactive inputs leave), and their answers
+go to the output and error files.
+
+Every replica runs a :class:`BatchRunner`. A batch is run by one replica at a time: the one
+that holds its claim in the queue store (renewed while it runs; another replica takes over
+once it lapses, e.g. after the replica died). The work of a running batch is kept in
+``<files dir>/batches/<batch id>/``: ``plan.json`` (where each chunk of
+:data:`CHUNK_LINES` lines starts in the input file) and, per chunk done, ``<k>.out`` and
+``<k>.err`` (its output and error lines, written to a temporary name and renamed: a chunk is
+done when ``<k>.out`` exists). A runner that takes over redoes only the chunks not done, so
+every line is answered exactly once in the output, even when queue inputs were delivered
+twice. The data path of a chunk reads top to bottom: read lines -> prepare (as the interactive
+endpoint) -> submit at batch priority -> wait -> write the chunk's lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gateway import metrics
+from gateway.api_models import EmbeddingRequest, RerankRequest
+from gateway.batch_models import (
+    TERMINAL,
+    BatchError,
+    BatchErrors,
+    BatchInputLine,
+    BatchOutputLine,
+    BatchRecord,
+    BatchResponse,
+)
+from gateway.errors import APIError, invalid_body, item_error
+from gateway.files import FileStore, new_file_id
+from gateway.serving import Prepared, Serving
+from gateway.settings import GatewaySettings
+from gateway.store import QueueFull, QueueStore, Request, StoreUnavailable
+from worker.protocol import BATCH_PRIORITY, ItemResult, Task
+
+log = logging.getLogger(__name__)
+
+#: Lines per chunk: the unit of work written at once (and redone after a takeover).
+CHUNK_LINES = 256
+#: Seconds a runner's claim on a batch lasts; renewed every third of it.
+CLAIM_SECONDS = 15.0
+#: Seconds between two looks for batches to run (and for a cancel of a running one).
+SCAN_SECONDS = 1.0
+#: Problems of a malformed input file listed in the failed batch's ``errors``.
+MAX_REPORTED_ERRORS = 100
+
+
+class _Plan(BaseModel):
+    lines: int
+    offsets: list[int]  # byte offset of each chunk's first line
+    model: str
+
+
+@dataclass
+class _Line:
+    """One input line of a chunk, prepared: its custom id and the queue entries it became."""
+
+    custom_id: str
+    prepared: Prepared[Any] | None = None
+    answer: BatchOutputLine | None = None
+
+
+@dataclass
+class _Counts:
+    completed: int = 0
+    failed: int = 0
+    inputs_in_flight: int = 0
+    room: asyncio.Condition = field(default_factory=asyncio.Condition)
+    in_order: asyncio.Lock = field(default_factory=asyncio.Lock)  # chunks enter the queue
+
+
+class BatchRunner:
+    """Finds batches that need a runner, claims them, and runs them (see the module)."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        files: FileStore,
+        serving: Serving,
+        settings: GatewaySettings,
+    ):
+        self.store = store
+        self.files = files
+        self.serving = serving
+        self.settings = settings
+        self.runner_id = uuid.uuid4().hex[:12]
+        self.work_root = files.root / "batches"
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._scan: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._scan = asyncio.create_task(self._scan_forever(), name="batch-scan")
+
+    async def close(self) -> None:
+        tasks = [t for t in [self._scan, *self._running.values()] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _scan_forever(self) -> None:
+        while True:
+            try:
+                await self._scan_once()
+            except StoreUnavailable:
+                pass  # logged by the store
+            except Exception:
+                log.exception("batch scan failed")
+            await asyncio.sleep(SCAN_SECONDS)
+
+    async def _scan_once(self) -> None:
+        for batch_id in await self.store.batch_ids():
+            if batch_id in self._running:
+                continue
+            raw = await self.store.load_batch(batch_id)
+            if raw is None or BatchRecord.model_validate_json(raw).status in TERMINAL:
+                continue
+            if await self.store.claim_batch(batch_id, self.runner_id, CLAIM_SECONDS):
+                task = asyncio.create_task(self._run(batch_id), name=f"batch-{batch_id}")
+                self._running[batch_id] = task
+                task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        for batch_id, running in list(self._running.items()):
+            if running is task:
+                del self._running[batch_id]
+
+    async def _run(self, batch_id: str) -> None:
+        """Run one batch to its end while holding its claim."""
+        job = _Job(self, batch_id)
+        work = asyncio.create_task(job.run())
+        try:
+            while not work.done():
+                done, _ = await asyncio.wait({work}, timeout=CLAIM_SECONDS / 3)
+                if done:
+                    break
+                if not await self.store.claim_batch(batch_id, self.runner_id, CLAIM_SECONDS):
+                    log.warning("batch %s: claim lost; another replica runs it", batch_id)
+                    work.cancel()
+            await work
+        except asyncio.CancelledError:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            raise
+        except Exception:
+            log.exception("batch %s: runner failed; it is taken up again", batch_id)
+
+
+class _Job:
+    """One batch run by this replica: its record, its work directory, its chunks."""
+
+    def __init__(self, runner: BatchRunner, batch_id: str):
+        self.runner = runner
+        self.store = runner.store
+        self.batch_id = batch_id
+        self.work = runner.work_root / batch_id
+        self.record: BatchRecord
+        self.counts = _Counts()
+
+    async def run(self) -> None:
+        raw = await self.store.load_batch(self.batch_id)
+        assert raw is not None
+        self.record = BatchRecord.model_validate_json(raw)
+        while self.record.status not in TERMINAL:
+            if await self._stop_asked() is not None and self.record.status != "finalizing":
+                await self._finish()
+            elif self.record.status == "validating":
+                await self._validate()
+            elif self.record.status == "in_progress":
+                await self._process()
+            else:  # finalizing, cancelling
+                await self._finish()
+
+    async def _save(self, **changes: Any) -> None:
+        self.record = self.record.model_copy(update=changes)
+        await self.store.save_batch(self.batch_id, self.record.model_dump_json())
+
+    async def _stop_asked(self) -> str | None:
+        """``cancelled`` or ``expired`` once the batch must stop, else None."""
+        if await self.store.batch_cancelled(self.batch_id) is not None:
+            return "cancelled"
+        if self.record.expires_at is not None and time.time() >= self.record.expires_at:
+            return "expired"
+        return None
+
+    # --- validating ---------------------------------------------------------------------
+    async def _validate(self) -> None:
+        """Check every line (JSON, shape, url = the batch's endpoint, one model, unique custom
+        ids); a malformed file fails the batch with the lines named. A body the endpoint
+        refuses is that line's 400 in the error file, as OpenAI answers it."""
+        source = self.runner.files.path(self.record.input_file_id, self.record.owner)
+        errors, plan = await asyncio.to_thread(self._check_lines, source)
+        if plan is not None and not errors:
+            try:
+                task: Task = "embed" if self.record.endpoint == "/v1/embeddings" else "score"
+                await self.runner.serving.check_model(plan.model, task)
+            except APIError as e:
+                errors.append(BatchError(code=e.body.code, message=e.body.message, line=1))
+        now = int(time.time())
+        if errors or plan is None:
+            await self._save(status="failed", failed_at=now, errors=BatchErrors(data=errors))
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        (self.work / "plan.json").write_text(plan.model_dump_json())
+        counts = self.record.request_counts.model_copy(update={"total": plan.lines})
+        await self._save(
+            status="in_progress", in_progress_at=now, request_counts=counts, model=plan.model
+        )
+
+    def _check_lines(self, source: Path) -> tuple[list[BatchError], _Plan | None]:
+        errors: list[BatchError] = []
+        offsets: list[int] = []
+        seen: set[str] = set()
+        models: set[str] = set()
+        limit = self.runner.settings.max_batch_lines
+        n = 0
+
+        def problem(code: str, message: str, line: int, param: str | None = None) -> None:
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(BatchError(code=code, message=message, param=param, line=line))
+
+        with source.open("rb") as f:
+            offset = 0
+            for raw in f:
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                if n % CHUNK_LINES == 0:
+                    offsets.append(start)
+                n += 1
+                if n > limit:
+                    problem("too_many_requests", f"A batch has at most {limit} lines.", n)
+                    break
+                try:
+                    line = BatchInputLine.model_validate_json(raw)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    problem("invalid_request", f"{where}: {err['msg']}", n, where or None)
+                    continue
+                model = line.body.get("model")
+                if not isinstance(model, str):
+                    problem("invalid_request", "body.model: a string is required", n, "body.model")
+                    continue
+                if line.url != self.record.endpoint:
+                    problem(
+                        "invalid_url",
+                        f"The line's url is '{line.url}'; this batch's endpoint is "
+                        f"'{self.record.endpoint}'.",
+                        n,
+                        "url",
+                    )
+                if line.custom_id in seen:
+                    problem("duplicate_custom_id", f"custom_id '{line.custom_id}' again.", n)
+                seen.add(line.custom_id)
+                models.add(model)
+                if len(models) > 1:
+                    problem(
+                        "mismatched_model",
+                        f"All lines of a batch must use one model; this one uses '{model}'.",
+                        n,
+                        "body.model",
+                    )
+                    models = {next(iter(models - {model}), model)}
+        if n == 0:
+            problem("empty_file", "The input file has no lines.", 1)
+        if errors or not models:
+            return errors, None
+        return errors, _Plan(lines=n, offsets=offsets, model=next(iter(models)))
+
+    # --- in progress --------------------------------------------------------------------
+    async def _process(self) -> None:
+        """Run the chunks not done yet; stop early for a cancel or the end of the window."""
+        plan = _Plan.model_validate_json((self.work / "plan.json").read_text())
+        todo = []
+        for k in range(len(plan.offsets)):
+            if (self.work / f"{k}.out").exists():
+                self._count_done(k)
+            else:
+                todo.append(k)
+        await self._save_counts()
+        chunks = [asyncio.create_task(self._chunk(plan, k)) for k in todo]
+        try:
+            while chunks:
+                done, _ = await asyncio.wait(chunks, timeout=SCAN_SECONDS)
+                for task in done:
+                    task.result()  # a failure ends this run; the batch is taken up again
+                chunks = [c for c in chunks if not c.done()]
+                await self._save_counts()
+                if chunks and await self._stop_asked() is not None:
+                    return  # the loop in run() finishes it
+        finally:
+            for task in chunks:
+                task.cancel()
+            await asyncio.gather(*chunks, return_exceptions=True)
+        await self._save(status="finalizing", finalizing_at=int(time.time()))
+
+    def _count_done(self, k: int) -> None:
+        for suffix, attr in (("out", "completed"), ("err", "failed")):
+            path = self.work / f"{k}.{suffix}"
+            if path.exists():
+                with path.open("rb") as f:
+                    n = sum(1 for _ in f)
+                setattr(self.counts, attr, getattr(self.counts, attr) + n)
+
+    async def _save_counts(self) -> None:
+        counts = self.record.request_counts.model_copy(
+            update={"completed": self.counts.completed, "failed": self.counts.failed}
+        )
+        if counts != self.record.request_counts:
+            await self._save(request_counts=counts)
+
+    async def _chunk(self, plan: _Plan, k: int) -> None:
+        """Lines ``k * CHUNK_LINES ...`` of the input: prepared as the interactive endpoint
+        prepares them, queued at batch priority (chunks in input order), answered into
+        ``<k>.out`` / ``<k>.err``."""
+        async with self.counts.in_order:
+            raw_lines = await asyncio.to_thread(self._read_chunk, plan, k)
+            lines = [await self._prepare(raw) for raw in raw_lines]
+            todo = [line for line in lines if line.prepared is not None]
+            n_inputs = sum(len(line.prepared.specs) for line in todo if line.prepared)
+            await self._reserve(n_inputs)
+            try:
+                groups = await self._submit(todo)
+            except BaseException:
+                await self._release(n_inputs)
+                raise
+        metrics.BATCH_LINES.labels(plan.model, "queued").inc(len(raw_lines))
+        try:
+            for group, request in groups:
+                await self._collect(group, request)
+        finally:
+            await self._release(n_inputs)
+        await asyncio.to_thread(self._write_chunk, k, lines)
+        for line in lines:
+            assert line.answer is not None
+            ok = _succeeded(line.answer)
+            if ok:
+                self.counts.completed += 1
+            else:
+                self.counts.failed += 1
+            metrics.BATCH_LINES.labels(plan.model, "completed" if ok else "failed").inc()
+
+    def _read_chunk(self, plan: _Plan, k: int) -> list[bytes]:
+        source = self.runner.files.path(self.record.input_file_id, self.record.owner)
+        out: list[bytes] = []
+        with source.open("rb") as f:
+            f.seek(plan.offsets[k])
+            for raw in f:
+                if raw.strip():
+                    out.append(raw)
+                    if len(out) == CHUNK_LINES:
+                        break
+        return out
+
+    async def _prepare(self, raw: bytes) -> _Line:
+        line = BatchInputLine.model_validate_json(raw)  # checked while validating
+        out = _Line(line.custom_id)
+        serving = self.runner.serving
+        try:
+            if self.record.endpoint == "/v1/embeddings":
+                out.prepared = await serving.prepare_embeddings(
+                    EmbeddingRequest.model_validate(line.body)
+                )
+            else:
+                out.prepared = await serving.prepare_rerank(RerankRequest.model_validate(line.body))
+        except APIError as e:
+            out.answer = _answer(line.custom_id, e.status, e.response_json())
+        except ValidationError as e:  # the body's own problems: a 400, as interactively
+            err = invalid_body(e.errors()[0])
+            out.answer = _answer(line.custom_id, 400, err.response_json())
+        return out
+
+    async def _reserve(self, n: int) -> None:
+        """Wait for room: at most ``--batch-inputs-in-flight`` of this batch's inputs in the
+        queue (a chunk larger than that goes alone)."""
+        counts, limit = self.counts, self.runner.settings.batch_inputs_in_flight
+        async with counts.room:
+            await counts.room.wait_for(
+                lambda: counts.inputs_in_flight == 0 or counts.inputs_in_flight + n <= limit
+            )
+            counts.inputs_in_flight += n
+
+    async def _release(self, n: int) -> None:
+        async with self.counts.room:
+            self.counts.inputs_in_flight -= n
+            self.counts.room.notify_all()
+
+    async def _submit(self, lines: list[_Line]) -> list[tuple[list[_Line], Request]]:
+        """Queue the lines' inputs at batch priority, one store request per task."""
+        by_task: dict[str, list[_Line]] = {}
+        for line in lines:
+            assert line.prepared is not None
+            by_task.setdefault(line.prepared.specs[0].task, []).append(line)
+        out = []
+        for group in by_task.values():
+            specs = [
+                spec.model_copy(update={"priority": BATCH_PRIORITY})
+                for line in group
+                if line.prepared is not None
+                for spec in line.prepared.specs
+            ]
+            while True:
+                try:
+                    out.append((group, await self.store.submit(specs)))
+                    break
+                except QueueFull:
+                    await asyncio.sleep(1.0)  # the queue is at its limit: wait for room
+        return out
+
+    async def _collect(self, lines: list[_Line], request: Request) -> None:
+        """Wait for every result of ``request`` and turn each line's results into its
+        answer."""
+        window = max(1.0, (self.record.expires_at or 0) - time.time())
+        results = await self.store.wait(request, pickup_timeout=window, request_timeout=window)
+        at = 0
+        for line in lines:
+            assert line.prepared is not None
+            mine = results[at : at + len(line.prepared.specs)]
+            at += len(mine)
+            line.answer = _respond(line, mine)
+
+    def _write_chunk(self, k: int, lines: list[_Line]) -> None:
+        out = [line.answer for line in lines if line.answer and _succeeded(line.answer)]
+        err = [line.answer for line in lines if line.answer and not _succeeded(line.answer)]
+        for suffix, answers in (("err", err), ("out", out)):  # .out last: it marks the chunk
+            tmp = self.work / f"{k}.{suffix}.tmp"
+            with tmp.open("w", encoding="utf-8") as f:
+                for answer in answers:
+                    f.write(answer.model_dump_json(exclude_none=False) + "\n")
+            os.replace(tmp, self.work / f"{k}.{suffix}")
+
+    # --- finalizing ---------------------------------------------------------------------
+    async def _finish(self) -> None:
+        """Write the output and error files from the chunks done, and end the batch:
+        ``completed``, or ``cancelled`` / ``expired`` with what was done."""
+        stop = await self._stop_asked()
+        if stop == "cancelled" and self.record.status not in ("finalizing", "cancelling"):
+            asked = await self.store.batch_cancelled(self.batch_id)
+            await self._save(status="cancelling", cancelling_at=asked)
+        if self.record.output_file_id is None:  # ids first: a takeover writes the same files
+            await self._save(output_file_id=new_file_id(), error_file_id=new_file_id())
+        assert self.record.output_file_id is not None and self.record.error_file_id is not None
+        chunks = sorted(
+            (int(p.stem) for p in self.work.glob("*.out")) if self.work.exists() else []
+        )
+        self.counts = _Counts()
+        for k in chunks:
+            self._count_done(k)
+        owner, files = self.record.owner, self.runner.files
+        await files.write_lines(
+            self.record.output_file_id,
+            [self.work / f"{k}.out" for k in chunks],
+            f"{self.batch_id}_output.jsonl",
+            "batch_output",
+            owner,
+        )
+        error_file: str | None = self.record.error_file_id
+        if self.counts.failed:
+            await files.write_lines(
+                self.record.error_file_id,
+                [self.work / f"{k}.err" for k in chunks if (self.work / f"{k}.err").exists()],
+                f"{self.batch_id}_error.jsonl",
+                "batch_output",
+                owner,
+            )
+        else:
+            error_file = None
+        now = int(time.time())
+        if self.record.status == "finalizing":
+            end: dict[str, Any] = {"status": "completed", "completed_at": now}
+        elif stop == "expired":
+            end = {"status": "expired", "expired_at": now}
+        else:
+            end = {"status": "cancelled", "cancelled_at": now}
+        counts = self.record.request_counts.model_copy(
+            update={"completed": self.counts.completed, "failed": self.counts.failed}
+        )
+        await self._save(error_file_id=error_file, request_counts=counts, **end)
+        await asyncio.to_thread(shutil.rmtree, self.work, True)
+
+
+def _answer(custom_id: str, status: int, body: dict[str, Any]) -> BatchOutputLine:
+    return BatchOutputLine(
+        id=f"batch_req_{uuid.uuid4().hex[:24]}",
+        custom_id=custom_id,
+        response=BatchResponse(status_code=status, request_id=uuid.uuid4().hex, body=body),
+    )
+
+
+def _respond(line: _Line, results: list[ItemResult]) -> BatchOutputLine:
+    """A line's answer from its inputs' results: the endpoint's response, or the error of its
+    first failed input (as the interactive endpoint answers it)."""
+    assert line.prepared is not None
+    for index, res in enumerate(results):
+        if res.error is not None:
+            e = item_error(res.error, line.prepared.field, index, len(results))
+            return _answer(line.custom_id, e.status, e.response_json())
+    body = line.prepared.respond(results)
+    return _answer(line.custom_id, 200, json.loads(body.model_dump_json(exclude_none=True)))
+
+
+def _succeeded(answer: BatchOutputLine) -> bool:
+    return answer.response is not None and answer.response.status_code == 200

@@ -1,0 +1,141 @@
+"""OpenAI's Batch API over the queue: create, get, list and cancel batch jobs.
+
+A batch's record (:class:`~gateway.batch_models.BatchRecord`) lives in the queue store, so
+every replica answers for it; :mod:`gateway.batch_runner` runs it. Lifecycle (OpenAI's):
+``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed``; ``failed`` when the input
+file is malformed (``errors`` names the lines); ``cancelling`` -> ``cancelled`` after a cancel;
+``expired`` after the 24 h completion window. Output and error files keep what was done.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from gateway.batch_models import (
+    TERMINAL,
+    Batch,
+    BatchCreate,
+    BatchList,
+    BatchRecord,
+)
+from gateway.errors import APIError
+from gateway.files import FileStore
+from gateway.settings import GatewaySettings
+from gateway.store import QueueStore
+
+#: Seconds of OpenAI's only completion window, "24h".
+COMPLETION_WINDOW_SECONDS = 24 * 3600
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+class Batches:
+    """The Batch API's operations for one API key (``owner``) each."""
+
+    def __init__(self, store: QueueStore, files: FileStore, settings: GatewaySettings):
+        self.store = store
+        self.files = files
+        self.settings = settings
+
+    async def create(self, req: BatchCreate, owner: str) -> Batch:
+        """``POST /v1/batches``. Raises APIError 404 for an unknown input file, 400 for a
+        file that is not a batch input, 429 past ``--max-batches-per-key`` running."""
+        stored = self.files.get(req.input_file_id, owner)
+        if stored.purpose != "batch":
+            raise APIError(
+                400,
+                f"The file {req.input_file_id} has purpose '{stored.purpose}'; a batch needs "
+                "a file uploaded with purpose 'batch'.",
+                param="input_file_id",
+            )
+        running = [b for b in await self._records() if b.owner == owner and not _ended(b)]
+        if len(running) >= self.settings.max_batches_per_key:
+            raise APIError(
+                429,
+                f"This API key has {len(running)} batches running (the limit is "
+                f"{self.settings.max_batches_per_key}); wait for one to finish.",
+                type="rate_limit_error",
+                code="too_many_batches",
+                headers={"Retry-After": "60"},
+            )
+        now = int(time.time())
+        record = BatchRecord(
+            id=new_batch_id(),
+            endpoint=req.endpoint,
+            input_file_id=req.input_file_id,
+            completion_window=req.completion_window,
+            status="validating",
+            created_at=now,
+            expires_at=now + COMPLETION_WINDOW_SECONDS,
+            metadata=req.metadata,
+            owner=owner,
+        )
+        await self.store.save_batch(record.id, record.model_dump_json())
+        return record.wire()
+
+    async def get(self, batch_id: str, owner: str) -> Batch:
+        """``GET /v1/batches/{id}``; raises APIError 404 for another key's or no batch."""
+        return (await self._record(batch_id, owner)).wire()
+
+    async def page(self, owner: str, after: str | None, limit: int) -> BatchList:
+        """``GET /v1/batches``: newest first, ``limit`` after the batch ``after``."""
+        mine = [b for b in await self._records() if b.owner == owner]
+        mine.sort(key=lambda b: (b.created_at, b.id), reverse=True)
+        if after is not None:
+            ids = [b.id for b in mine]
+            mine = mine[ids.index(after) + 1 :] if after in ids else []
+        page = mine[:limit]
+        return BatchList(
+            data=[b.wire() for b in page],
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(mine) > limit,
+        )
+
+    async def cancel(self, batch_id: str, owner: str) -> Batch:
+        """``POST /v1/batches/{id}/cancel``: ``cancelling`` at once; the runner stops the
+        batch, keeps what was done and marks it ``cancelled``. Raises APIError 409 for a
+        batch that has ended."""
+        record = await self._record(batch_id, owner)
+        if record.status in TERMINAL:
+            raise APIError(
+                409,
+                f"The batch {batch_id} is {record.status}; only a running batch can be cancelled.",
+                code="batch_not_running",
+            )
+        await self.store.cancel_batch(batch_id)
+        return (await self._record(batch_id, owner)).wire()
+
+    async def _record(self, batch_id: str, owner: str) -> BatchRecord:
+        raw = await self.store.load_batch(batch_id)
+        record = BatchRecord.model_validate_json(raw) if raw is not None else None
+        if record is None or record.owner != owner:
+            raise APIError(
+                404, f"No such Batch object: {batch_id}", param="batch_id", code="batch_not_found"
+            )
+        return await self._with_cancel(record)
+
+    async def _records(self) -> list[BatchRecord]:
+        out = []
+        for batch_id in await self.store.batch_ids():
+            raw = await self.store.load_batch(batch_id)
+            if raw is not None:
+                out.append(await self._with_cancel(BatchRecord.model_validate_json(raw)))
+        return out
+
+    async def _with_cancel(self, record: BatchRecord) -> BatchRecord:
+        """A running batch that was asked to cancel is ``cancelling`` from that moment, also
+        before its runner saw it."""
+        if record.status in TERMINAL or record.status == "cancelling":
+            return record
+        asked = await self.store.batch_cancelled(record.id)
+        if asked is None:
+            return record
+        return record.model_copy(update={"status": "cancelling", "cancelling_at": asked})
+
+
+def _ended(record: BatchRecord) -> bool:
+    return record.status in TERMINAL

@@ -1,0 +1,337 @@
+"""The Files and Batch APIs in process (fast layer): the real gateway app on the memory store,
+with the test as the worker over queue protocol v1 (answering each input with a vector made
+from its text). Shapes as OpenAI's; validation, progress, per-line errors, cancel, limits,
+ownership, and batch inputs served after interactive ones."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway import batch_runner
+from tests.support import InProcessGateway, wait_until
+
+MODEL = "m"
+ADVERT = {"name": MODEL, "checkpoint_name": "ckpt", "tasks": ["embed"], "max_model_len": 64}
+OTHER_KEY = "another-client-key-for-tests"
+
+
+def vector(text: str) -> list[float]:
+    return [float(len(text)), 1.0]
+
+
+def line(custom_id: str, body: dict[str, Any], url: str = "/v1/embeddings") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def jsonl(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture
+async def gw(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_runner, "CHUNK_LINES", 4)
+    async with InProcessGateway(
+        api_keys=[InProcessGateway.API_KEY, OTHER_KEY], max_batches_per_key=2
+    ) as gw:
+        yield gw
+
+
+async def serve(gw: InProcessGateway, stop: asyncio.Event, seen: list[dict[str, Any]]) -> None:
+    """The test as a worker: pull, answer every input with :func:`vector` of its text."""
+    while not stop.is_set():
+        r = await gw.worker.post(
+            "/pull",
+            json={"worker_id": "w", "models": [ADVERT], "max_items": 8, "wait_seconds": 0.05},
+        )
+        items = r.json()["items"]
+        seen += items
+        results = [
+            {
+                "item_id": i["item_id"],
+                "lease_id": i["lease_id"],
+                "prompt_tokens": 2,
+                "vector_b64": base64.b64encode(
+                    np.array(vector(i["text"]), dtype="<f4").tobytes()
+                ).decode(),
+            }
+            for i in items
+        ]
+        if results:
+            await gw.worker.post("/results", json={"worker_id": "w", "results": results})
+
+
+async def upload(gw: InProcessGateway, data: bytes, key: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    r = await gw.client.post(
+        "/v1/files",
+        files={"file": ("in.jsonl", data, "application/jsonl")},
+        data={"purpose": "batch"},
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "file" and body["purpose"] == "batch" and body["bytes"] == len(data)
+    return str(body["id"])
+
+
+async def create(gw: InProcessGateway, file_id: str, **kw: Any) -> dict[str, Any]:
+    r = await gw.client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/embeddings",
+            "completion_window": "24h",
+            **kw,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def until(gw: InProcessGateway, batch_id: str, *statuses: str) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal got
+        got = (await gw.client.get(f"/v1/batches/{batch_id}")).json()
+        return got["status"] in statuses
+
+    await wait_until(reached, timeout=10, what=f"batch {statuses}")
+    return got
+
+
+async def content(gw: InProcessGateway, file_id: str) -> list[dict[str, Any]]:
+    r = await gw.client.get(f"/v1/files/{file_id}/content")
+    assert r.status_code == 200
+    return [json.loads(x) for x in r.text.splitlines()]
+
+
+async def test_a_batch_answers_every_line_once_as_the_endpoint_would(gw):
+    await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0})
+    texts = [f"text number {i}" + "!" * i for i in range(10)]
+    lines = [line(f"req-{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts)]
+    lines.append(line("two", {"model": MODEL, "input": ["ab", "abc"], "encoding_format": "base64"}))
+    lines.append(line("bad", {"model": MODEL, "input": "x", "dimensions": 0}))  # a 400
+    file_id = await upload(gw, jsonl(lines))
+    created = await create(gw, file_id, metadata={"job": "nightly"})
+    assert created["status"] == "validating" and created["object"] == "batch"
+    assert created["metadata"] == {"job": "nightly"} and created["completion_window"] == "24h"
+    assert created["expires_at"] - created["created_at"] == 24 * 3600
+    stop, seen = asyncio.Event(), []
+    worker = asyncio.create_task(serve(gw, stop, seen))
+    try:
+        done = await until(gw, created["id"], "completed", "failed")
+    finally:
+        stop.set()
+        await worker
+    assert done["status"] == "completed", done
+    assert done["request_counts"] == {"total": 12, "completed": 11, "failed": 1}
+    assert done["model"] == MODEL and done["in_progress_at"] and done["completed_at"]
+    assert all(i["priority"] == 1 for i in seen)  # batch inputs, as the worker sees them
+    out = await content(gw, done["output_file_id"])
+    assert sorted(o["custom_id"] for o in out) == sorted([f"req-{i}" for i in range(10)] + ["two"])
+    by_id = {o["custom_id"]: o for o in out}
+    for i, t in enumerate(texts):
+        resp = by_id[f"req-{i}"]["response"]
+        assert resp["status_code"] == 200 and by_id[f"req-{i}"]["error"] is None
+        assert resp["body"]["object"] == "list" and resp["body"]["model"] == MODEL
+        assert resp["body"]["data"][0]["embedding"] == vector(t)
+    two = by_id["two"]["response"]["body"]["data"]
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4").tolist() for d in two]
+    assert decoded == [vector("ab"), vector("abc")]
+    (err,) = await content(gw, done["error_file_id"])
+    assert err["custom_id"] == "bad" and err["response"]["status_code"] == 400
+    assert err["response"]["body"]["error"]["param"] == "dimensions"
+    meta = (await gw.client.get(f"/v1/files/{done['output_file_id']}")).json()
+    assert meta["purpose"] == "batch_output" and meta["filename"].endswith("_output.jsonl")
+    assert not (gw.app.state.files.root / "batches" / created["id"]).exists()  # cleaned up
+
+
+async def test_a_malformed_input_file_fails_the_batch_naming_the_lines(gw):
+    lines = [
+        line("a", {"model": MODEL, "input": "fine"}),
+        "{not json",
+        line("a", {"model": MODEL, "input": "again"}),  # a duplicate custom_id
+        line("c", {"model": MODEL, "input": "x"}, url="/v1/rerank"),
+        line("d", {"input": "no model"}),
+        line("e", {"model": "another-model", "input": "x"}),
+    ]
+    batch = await create(gw, await upload(gw, jsonl(lines)))
+    failed = await until(gw, batch["id"], "failed")
+    errors = {(e["line"], e["code"]) for e in failed["errors"]["data"]}
+    assert errors == {
+        (2, "invalid_request"),
+        (3, "duplicate_custom_id"),
+        (4, "invalid_url"),
+        (5, "invalid_request"),  # no model
+        (6, "mismatched_model"),
+    }
+    assert failed["failed_at"] and failed["output_file_id"] is None
+    assert failed["errors"]["object"] == "list"
+
+
+async def test_an_unknown_model_fails_the_batch(gw):
+    batch = await create(gw, await upload(gw, jsonl([line("a", {"model": "nope", "input": "x"})])))
+    failed = await until(gw, batch["id"], "failed")
+    assert [e["code"] for e in failed["errors"]["data"]] == ["model_not_found"]
+
+
+async def test_interactive_inputs_are_served_before_a_batchs(gw):
+    await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0})
+    lines = [line(f"b{i}", {"model": MODEL, "input": f"batch {i}"}) for i in range(8)]
+    batch = await create(gw, await upload(gw, jsonl(lines)))
+    await until(gw, batch["id"], "in_progress")
+    await wait_until(lambda: _depth_at_least(gw, 1), what="batch inputs queued")
+    interactive = asyncio.create_task(
+        gw.client.post("/v1/embeddings", json={"model": MODEL, "input": "now"})
+    )
+    await wait_until(
+        lambda: _depth_at_least(gw, 9), what="interactive input queued"
+    )
+    r = await gw.worker.post(
+        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 2, "max_batch_items": 0}
+    )
+    (first,) = r.json()["items"]  # no batch input with max_batch_items 0
+    assert first["text"] == "now" and "priority" not in first
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(gw, stop, []))
+    await gw.worker.post(
+        "/results",
+        json={
+            "worker_id": "w",
+            "results": [
+                {
+                    "item_id": first["item_id"],
+                    "lease_id": first["lease_id"],
+                    "vector_b64": base64.b64encode(np.ones(2, "<f4").tobytes()).decode(),
+                }
+            ],
+        },
+    )
+    assert (await interactive).status_code == 200
+    await until(gw, batch["id"], "completed")
+    stop.set()
+    await worker
+
+
+async def _depth_at_least(gw: InProcessGateway, n: int) -> bool:
+    return sum((await gw.store.depth()).values()) >= n
+
+
+async def test_cancel_keeps_what_was_done(gw):
+    await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0})
+    lines = [line(f"r{i}", {"model": MODEL, "input": f"t{i}"}) for i in range(40)]
+    batch = await create(gw, await upload(gw, jsonl(lines)))
+    await until(gw, batch["id"], "in_progress")
+    # Answer the first chunk of 4 lines only, then cancel.
+    r = await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 4})
+    items = r.json()["items"]
+    await gw.worker.post(
+        "/results",
+        json={
+            "worker_id": "w",
+            "results": [
+                {
+                    "item_id": i["item_id"],
+                    "lease_id": i["lease_id"],
+                    "vector_b64": base64.b64encode(np.ones(2, "<f4").tobytes()).decode(),
+                }
+                for i in items
+            ],
+        },
+    )
+    await wait_until(lambda: _completed_at_least(gw, batch["id"], 4), what="first chunk written")
+    r = await gw.client.post(f"/v1/batches/{batch['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling"
+    assert r.json()["cancelling_at"]
+    ended = await until(gw, batch["id"], "cancelled")
+    assert ended["cancelled_at"] and ended["request_counts"]["completed"] == 4
+    out = await content(gw, ended["output_file_id"])
+    assert [o["custom_id"] for o in out] == ["r0", "r1", "r2", "r3"]
+    assert await gw.store.depth() == {}  # its queued inputs left the queue
+    again = await gw.client.post(f"/v1/batches/{batch['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "batch_not_running"
+
+
+async def _completed_at_least(gw: InProcessGateway, batch_id: str, n: int) -> bool:
+    got = (await gw.client.get(f"/v1/batches/{batch_id}")).json()
+    return bool(got["request_counts"]["completed"] >= n)
+
+
+async def test_files_and_batches_belong_to_their_api_key(gw):
+    mine = await upload(gw, jsonl([line("a", {"model": MODEL, "input": "x"})]))
+    theirs = {"Authorization": f"Bearer {OTHER_KEY}"}
+    for path in (f"/v1/files/{mine}", f"/v1/files/{mine}/content"):
+        r = await gw.client.get(path, headers=theirs)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found"
+    batch = await create(gw, mine)
+    r = await gw.client.get(f"/v1/batches/{batch['id']}", headers=theirs)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "batch_not_found"
+    assert (await gw.client.get("/v1/batches", headers=theirs)).json()["data"] == []
+    assert [b["id"] for b in (await gw.client.get("/v1/batches")).json()["data"]] == [batch["id"]]
+    listed = (await gw.client.get("/v1/files", params={"purpose": "batch"})).json()
+    assert [f["id"] for f in listed["data"]] == [mine] and listed["has_more"] is False
+    assert (await gw.client.get("/v1/files", headers=theirs)).json()["data"] == []
+    r = await gw.client.delete(f"/v1/files/{mine}")
+    assert r.json() == {"id": mine, "object": "file", "deleted": True}
+    assert (await gw.client.get(f"/v1/files/{mine}")).status_code == 404
+
+
+async def test_batch_limits_are_4xx_in_openais_shape(gw):
+    file_id = await upload(gw, jsonl([line("a", {"model": "nope", "input": "x"})]))
+    r = await gw.client.post(
+        "/v1/files",
+        files={"file": ("x.jsonl", b"{}", "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    r = await gw.client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "endpoint"
+    r = await gw.client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": "file-000000000000000000000000",
+            "endpoint": "/v1/embeddings",
+            "completion_window": "24h",
+        },
+    )
+    assert r.status_code == 404
+    # The scan is stopped: batches stay "validating", i.e. running, for the per-key limit.
+    await gw.app.state.batch_runner.close()
+    await create(gw, file_id)
+    await create(gw, file_id)
+    r = await gw.client.post(
+        "/v1/batches",
+        json={"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"},
+    )
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_batches"
+    assert r.headers["retry-after"]
+    page = (await gw.client.get("/v1/batches", params={"limit": 1})).json()
+    assert len(page["data"]) == 1 and page["has_more"] is True
+    rest = (await gw.client.get("/v1/batches", params={"after": page["last_id"]})).json()
+    assert len(rest["data"]) == 1 and rest["has_more"] is False
+
+
+async def test_a_file_over_the_limit_is_413():
+    async with InProcessGateway(max_file_bytes=2048) as gw:
+        r = await gw.client.post(
+            "/v1/files",
+            files={"file": ("big.jsonl", b"x" * 4096, "application/jsonl")},
+            data={"purpose": "batch"},
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+        assert list(gw.app.state.files.root.iterdir()) == []  # nothing kept
