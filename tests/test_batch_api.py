@@ -67,6 +67,12 @@ async def serve(gw: InProcessGateway, stop: asyncio.Event, seen: list[dict[str, 
             await gw.worker.post("/results", json={"worker_id": "w", "results": results})
 
 
+async def register(gw: InProcessGateway) -> None:
+    """A pull that finds nothing: the model is advertised (and known) from now on."""
+    body = {"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
+    assert (await gw.worker.post("/pull", json=body)).json() == {"items": []}
+
+
 async def upload(gw: InProcessGateway, data: bytes, key: str | None = None) -> str:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     r = await gw.client.post(
@@ -114,7 +120,9 @@ async def content(gw: InProcessGateway, file_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_batch_answers_every_line_once_as_the_endpoint_would(gw):
-    await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0})
+    await gw.worker.post(
+        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
+    )
     texts = [f"text number {i}" + "!" * i for i in range(10)]
     lines = [line(f"req-{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts)]
     lines.append(line("two", {"model": MODEL, "input": ["ab", "abc"], "encoding_format": "base64"}))
@@ -184,7 +192,9 @@ async def test_an_unknown_model_fails_the_batch(gw):
 
 
 async def test_interactive_inputs_are_served_before_a_batchs(gw):
-    await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0})
+    await gw.worker.post(
+        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
+    )
     lines = [line(f"b{i}", {"model": MODEL, "input": f"batch {i}"}) for i in range(8)]
     batch = await create(gw, await upload(gw, jsonl(lines)))
     await until(gw, batch["id"], "in_progress")
@@ -192,9 +202,7 @@ async def test_interactive_inputs_are_served_before_a_batchs(gw):
     interactive = asyncio.create_task(
         gw.client.post("/v1/embeddings", json={"model": MODEL, "input": "now"})
     )
-    await wait_until(
-        lambda: _depth_at_least(gw, 9), what="interactive input queued"
-    )
+    await wait_until(lambda: _depth_at_least(gw, 9), what="interactive input queued")
     r = await gw.worker.post(
         "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 2, "max_batch_items": 0}
     )
@@ -226,7 +234,9 @@ async def _depth_at_least(gw: InProcessGateway, n: int) -> bool:
 
 
 async def test_cancel_keeps_what_was_done(gw):
-    await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0})
+    await gw.worker.post(
+        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
+    )
     lines = [line(f"r{i}", {"model": MODEL, "input": f"t{i}"}) for i in range(40)]
     batch = await create(gw, await upload(gw, jsonl(lines)))
     await until(gw, batch["id"], "in_progress")
@@ -335,3 +345,14 @@ async def test_a_file_over_the_limit_is_413():
         )
         assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
         assert list(gw.app.state.files.root.iterdir()) == []  # nothing kept
+
+
+async def test_a_file_over_max_batch_lines_fails_the_batch(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    async with InProcessGateway(max_batch_lines=3) as gw:
+        lines = [line(f"r{i}", {"model": MODEL, "input": "x"}) for i in range(4)]
+        batch = await create(gw, await upload(gw, jsonl(lines)))
+        failed = await until(gw, batch["id"], "failed")
+        assert [(e["line"], e["code"]) for e in failed["errors"]["data"]] == [
+            (4, "too_many_requests")
+        ]

@@ -46,6 +46,11 @@ def test_every_setting_from_the_environment(tmp_path):
         "GATEWAY_BODY_TIMEOUT_SECONDS": "5",
         "GATEWAY_HEADER_TIMEOUT_SECONDS": "3",
         "GATEWAY_MAX_CONNECTIONS": "64",
+        "GATEWAY_FILES_DIR": "/data/files",
+        "GATEWAY_MAX_FILE_BYTES": "5000",
+        "GATEWAY_MAX_BATCH_LINES": "100",
+        "GATEWAY_MAX_BATCHES_PER_KEY": "2",
+        "GATEWAY_BATCH_INPUTS_IN_FLIGHT": "512",
         "LOG_LEVEL": "DEBUG",
     }
     s = parse([], env)
@@ -72,6 +77,11 @@ def test_every_setting_from_the_environment(tmp_path):
         body_timeout_seconds=5,
         header_timeout_seconds=3,
         max_connections=64,
+        files_dir="/data/files",
+        max_file_bytes=5000,
+        max_batch_lines=100,
+        max_batches_per_key=2,
+        batch_inputs_in_flight=512,
         log_level="DEBUG",
     )
     assert len(GatewaySettings.model_fields) == len(env)  # every field has its variable

@@ -517,6 +517,20 @@ async def test_batch_inputs_get_only_the_room_interactive_ones_leave(store):
     assert await store.depth() == {} and await store.leased() == {"m": 4}
 
 
+async def test_a_pull_takes_at_most_max_batch_items_batch_inputs(store):
+    await store.submit([spec(f"b{i}", priority=BATCH_PRIORITY) for i in range(4)])
+    await store.submit([spec("i1"), spec("i2")])
+    got = await pull(store, n=10, max_batch_items=1)
+    assert [i.text for i in got] == ["i1", "i2", "b0"]
+    assert await pull(store, n=10, max_batch_items=0) == []
+    waiting = asyncio.create_task(pull(store, n=10, wait=5, max_batch_items=0))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # a long poll for interactive work only
+    await store.submit([spec("i3")])
+    assert [i.text for i in await waiting] == ["i3"]
+    assert [i.text for i in await pull(store, n=10)] == ["b1", "b2", "b3"]
+
+
 async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):
     assert await store.available_models() == {} and await store.advert("m") is None
     await pull(store, n=1, worker="w1")

@@ -166,7 +166,7 @@ class QueueConfig(_Strict):
     #: While interactive inputs flow: estimated tokens of batch-job inputs let into the
     #: engine at once (:mod:`worker.batch_gate`): small, so that an interactive input waits
     #: about one short engine step.
-    batch_tokens_beside_interactive: int = Field(default=32, gt=0)
+    batch_tokens_beside_interactive: int = Field(default=16, gt=0)
     #: Seconds without an interactive input after which batch inputs may fill the worker.
     interactive_quiet_seconds: Annotated[float, Field(strict=False)] = Field(default=2.0, gt=0)
     #: Timeout of one HTTP call to the queue, seconds (pulls add ``pull_wait_seconds``).
