@@ -140,7 +140,8 @@ def test_custom_resources_point_at_real_objects(overlay):
 def test_gateway_replicas_share_a_persistent_redis(overlay):
     """components/redis: 2+ gateway replicas rolled one by one, a PDB, readiness on the store,
     the queue URL and password file pointing at the Redis StatefulSet (AOF on), whose Service
-    selects it; the KEDA query takes ``max`` over replicas (store-wide gauges)."""
+    selects it; batch files on one ReadWriteMany volume; the KEDA query takes ``max`` over
+    replicas (store-wide gauges)."""
     docs = render(overlay)
     gw = _one(docs, "Deployment", "inference-gateway")
     spec = gw["spec"]
@@ -165,6 +166,11 @@ def test_gateway_replicas_share_a_persistent_redis(overlay):
     args = " ".join(redis["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "requirepass" in args
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    # batch jobs' files: one ReadWriteMany volume for every replica, at GATEWAY_FILES_DIR
+    files = vols[mounts[env["GATEWAY_FILES_DIR"]]]
+    assert set(files) == {"name", "persistentVolumeClaim"}  # the base's emptyDir replaced
+    pvc = _one(docs, "PersistentVolumeClaim", files["persistentVolumeClaim"]["claimName"])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     pdb = _one(docs, "PodDisruptionBudget", "inference-gateway")
     assert pdb["spec"]["minAvailable"] >= 1
     assert (
