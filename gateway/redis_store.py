@@ -194,8 +194,8 @@ local per_entry, tokens_per_entry = tonumber(ARGV[7]), tonumber(ARGV[8])
 for i = 1, 2 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
-    redis.call('SADD', KEYS[3], KEYS[i])
   end
+  redis.call('SADD', KEYS[3], KEYS[i])
 end
 local n = (#ARGV - 8) / 2
 local unanswered = tonumber(redis.call('HGET', P .. 'n', model) or '0')
@@ -242,6 +242,7 @@ end
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', key, G, '0', 'MKSTREAM')
+    redis.call('SADD', P .. 'streams', key)  -- reaped and counted from now on
   end
 end
 local out, dead, expired, dropped, tokens = {}, 0, 0, 0, 0

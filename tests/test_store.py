@@ -531,6 +531,20 @@ async def test_a_pull_takes_at_most_max_batch_items_batch_inputs(store):
     assert [i.text for i in await pull(store, n=10)] == ["b1", "b2", "b3"]
 
 
+async def test_a_line_first_made_by_a_pull_is_counted_and_reaped(store, store_kind, clock):
+    """A worker pulls before any client submits (the usual order): the model's line is then
+    counted in depth / leased and its expired leases are reaped by the store itself."""
+    assert await pull(store, n=1) == []
+    await store.submit([spec("a"), spec("b"), spec("c")])
+    await pull(store, n=2, worker="dies")
+    assert await store.depth() == {"m": 1} and await store.leased() == {"m": 2}
+    before = counter(metrics.LEASES_EXPIRED, "m")
+    await later(store_kind, clock, LEASE + 0.2)
+    await store.reap()
+    assert counter(metrics.LEASES_EXPIRED, "m") == before + 2
+    assert await store.depth() == {"m": 3} and await store.leased() == {}
+
+
 async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):
     assert await store.available_models() == {} and await store.advert("m") is None
     await pull(store, n=1, worker="w1")
