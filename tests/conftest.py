@@ -214,7 +214,7 @@ FAULT_REPORTS: list[str] = []
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if FAULT_REPORTS:
-        terminalreporter.section("fault tests")
+        terminalreporter.section("figures of the fault, fuzz and batch tests")
         for line in FAULT_REPORTS:
             terminalreporter.write_line(line)
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from devstack import localstack as ls
-from tests.conftest import MODEL, embed_worker_config
+from tests.conftest import FAULT_REPORTS, MODEL, embed_worker_config
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,8 @@ def test_a_20000_line_batch_matches_the_interactive_endpoint_and_spares_its_late
     assert batch.status == "completed", batch
     during = [ms for t0, ms in probes if t0 < (batch.completed_at or 0) - 1]
     busy = statistics.median(during)
-    print(
-        f"\n[batch latency] idle p50 {idle:.1f} ms, during the batch p50 {busy:.1f} ms "
+    FAULT_REPORTS.append(
+        f"[batch latency] idle p50 {idle:.1f} ms, during the batch p50 {busy:.1f} ms "
         f"(+{busy - idle:.1f} ms, {len(during)} probes); batch took "
         f"{batch.completed_at - batch.in_progress_at} s for {len(lines)} lines"
     )
@@ -117,7 +117,7 @@ def test_a_20000_line_batch_matches_the_interactive_endpoint_and_spares_its_late
         assert o["response"]["status_code"] == 200 and o["error"] is None
         vecs[int(o["custom_id"].split("-")[1])] = o["response"]["body"]["data"][0]["embedding"]
     cos = np.sum(vecs * np.concatenate([ref] * 4), axis=1)  # unit vectors
-    print(f"[batch vs interactive] min cosine {cos.min():.7f} over {len(cos)} lines")
+    FAULT_REPORTS.append(f"[batch vs interactive] min cosine {cos.min():.7f} over {len(cos)} lines")
     assert cos.min() >= 0.9999
 
 
@@ -131,7 +131,7 @@ def test_a_cancelled_batch_keeps_valid_partial_output(client: Any) -> None:
     assert client.batches.cancel(batch.id).status == "cancelling"
     ended = wait_for(client, batch.id, 120, lambda b: b.status == "cancelled")
     done = ended.request_counts.completed
-    print(f"\n[batch cancel] {done} of {len(texts)} lines answered before the cancel")
+    FAULT_REPORTS.append(f"[batch cancel] {done} of {len(texts)} lines answered before the cancel")
     assert 500 <= done < len(texts) and ended.cancelled_at
     out = output_lines(client, ended.output_file_id)
     assert len(out) == done and len({o["custom_id"] for o in out}) == done
@@ -170,8 +170,8 @@ def test_a_gateway_killed_mid_batch_and_restarted_finishes_it_exactly_once(
         assert ended.status == "completed", ended
         out = output_lines(client, ended.output_file_id)
         ids = [o["custom_id"] for o in out]
-        print(
-            f"\n[batch gateway kill] lines {len(texts)}, done at the kill "
+        FAULT_REPORTS.append(
+            f"[batch gateway kill] lines {len(texts)}, done at the kill "
             f"{before.request_counts.completed}, output lines {len(ids)}, distinct "
             f"{len(set(ids))}, lost {len(texts) - len(set(ids))}"
         )
