@@ -1,6 +1,7 @@
 """The gateway's edge on a real ``inference-gateway`` process (uvicorn on loopback), against
 clients written with plain sockets: what they cost the gateway is bounded (memory, connections,
-time). Each test reports its before/after figures in the run's summary ("figures of the fault, fuzz and batch tests")."""
+time). Each test reports its before/after figures in the run's summary ("figures of the
+fault, fuzz and batch tests")."""
 
 from __future__ import annotations
 
