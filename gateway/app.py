@@ -82,7 +82,7 @@ def create_app(
     app.state.store = store
     app.state.serving = serving
     app.state.files = files
-    app.state.batches = Batches(store, files, settings)
+    app.state.batches = Batches(store, files, settings, on_create=runner.wake)
     app.state.batch_runner = runner
     app.state.draining = False
     app.state.credentials = Credentials.load(settings)

@@ -37,9 +37,7 @@ from gateway.batch_models import (
     BatchError,
     BatchErrors,
     BatchInputLine,
-    BatchOutputLine,
     BatchRecord,
-    BatchResponse,
 )
 from gateway.errors import APIError, invalid_body, item_error
 from gateway.files import FileStore, new_file_id
@@ -67,12 +65,20 @@ class _Plan(BaseModel):
 
 
 @dataclass
+class _Answer:
+    """A line's answer: its status, and its output line (JSON, :class:`BatchOutputLine`)."""
+
+    status: int
+    text: str
+
+
+@dataclass
 class _Line:
     """One input line of a chunk, prepared: its custom id and the queue entries it became."""
 
     custom_id: str
     prepared: Prepared[Any] | None = None
-    answer: BatchOutputLine | None = None
+    answer: _Answer | None = None
 
 
 @dataclass
@@ -102,6 +108,7 @@ class BatchRunner:
         self.work_root = files.root / "batches"
         self._running: dict[str, asyncio.Task[None]] = {}
         self._scan: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
 
     async def start(self) -> None:
         self._scan = asyncio.create_task(self._scan_forever(), name="batch-scan")
@@ -112,15 +119,21 @@ class BatchRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def wake(self) -> None:
+        """Look for batches to run now (a batch was just created here), not at the next scan."""
+        self._woken.set()
+
     async def _scan_forever(self) -> None:
         while True:
+            self._woken.clear()
             try:
                 await self._scan_once()
             except StoreUnavailable:
                 pass  # logged by the store
             except Exception:
                 log.exception("batch scan failed")
-            await asyncio.sleep(SCAN_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), timeout=SCAN_SECONDS)
 
     async def _scan_once(self) -> None:
         for batch_id in await self.store.batch_ids():
@@ -380,10 +393,10 @@ class _Job:
             else:
                 out.prepared = await serving.prepare_rerank(RerankRequest.model_validate(line.body))
         except APIError as e:
-            out.answer = _answer(line.custom_id, e.status, e.response_json())
+            out.answer = _answer(line.custom_id, e.status, json.dumps(e.response_json()))
         except ValidationError as e:  # the body's own problems: a 400, as interactively
             err = invalid_body(e.errors()[0])
-            out.answer = _answer(line.custom_id, 400, err.response_json())
+            out.answer = _answer(line.custom_id, 400, json.dumps(err.response_json()))
         return out
 
     async def _reserve(self, n: int) -> None:
@@ -442,7 +455,7 @@ class _Job:
             tmp = self.work / f"{k}.{suffix}.tmp"
             with tmp.open("w", encoding="utf-8") as f:
                 for answer in answers:
-                    f.write(answer.model_dump_json(exclude_none=False) + "\n")
+                    f.write(answer.text + "\n")
             os.replace(tmp, self.work / f"{k}.{suffix}")
 
     # --- finalizing ---------------------------------------------------------------------
@@ -495,25 +508,25 @@ class _Job:
         await asyncio.to_thread(shutil.rmtree, self.work, True)
 
 
-def _answer(custom_id: str, status: int, body: dict[str, Any]) -> BatchOutputLine:
-    return BatchOutputLine(
-        id=f"batch_req_{uuid.uuid4().hex[:24]}",
-        custom_id=custom_id,
-        response=BatchResponse(status_code=status, request_id=uuid.uuid4().hex, body=body),
-    )
+def _answer(custom_id: str, status: int, body: str) -> _Answer:
+    """The output line of a request answered with ``status`` and ``body`` (JSON), in the
+    shape of :class:`BatchOutputLine`, serialised once."""
+    head = json.dumps({"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": custom_id})
+    response = f'{{"status_code": {status}, "request_id": "{uuid.uuid4().hex}", "body": {body}}}'
+    return _Answer(status, f'{head[:-1]}, "response": {response}, "error": null}}')
 
 
-def _respond(line: _Line, results: list[ItemResult]) -> BatchOutputLine:
+def _respond(line: _Line, results: list[ItemResult]) -> _Answer:
     """A line's answer from its inputs' results: the endpoint's response, or the error of its
     first failed input (as the interactive endpoint answers it)."""
     assert line.prepared is not None
     for index, res in enumerate(results):
         if res.error is not None:
             e = item_error(res.error, line.prepared.field, index, len(results))
-            return _answer(line.custom_id, e.status, e.response_json())
+            return _answer(line.custom_id, e.status, json.dumps(e.response_json()))
     body = line.prepared.respond(results)
-    return _answer(line.custom_id, 200, json.loads(body.model_dump_json(exclude_none=True)))
+    return _answer(line.custom_id, 200, body.model_dump_json(exclude_none=True))
 
 
-def _succeeded(answer: BatchOutputLine) -> bool:
-    return answer.response is not None and answer.response.status_code == 200
+def _succeeded(answer: _Answer) -> bool:
+    return answer.status == 200

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 from gateway.batch_models import (
     TERMINAL,
@@ -35,10 +36,18 @@ def new_batch_id() -> str:
 class Batches:
     """The Batch API's operations for one API key (``owner``) each."""
 
-    def __init__(self, store: QueueStore, files: FileStore, settings: GatewaySettings):
+    def __init__(
+        self,
+        store: QueueStore,
+        files: FileStore,
+        settings: GatewaySettings,
+        on_create: Callable[[], None] = lambda: None,
+    ):
         self.store = store
         self.files = files
         self.settings = settings
+        #: Called after a batch was created (the runner looks for it at once).
+        self.on_create = on_create
 
     async def create(self, req: BatchCreate, owner: str) -> Batch:
         """``POST /v1/batches``. Raises APIError 404 for an unknown input file, 400 for a
@@ -74,6 +83,7 @@ class Batches:
             owner=owner,
         )
         await self.store.save_batch(record.id, record.model_dump_json())
+        self.on_create()
         return record.wire()
 
     async def get(self, batch_id: str, owner: str) -> Batch:

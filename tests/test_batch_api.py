@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gateway import batch_runner
+from gateway.batch_models import BatchOutputLine
 from tests.support import InProcessGateway, wait_until
 
 MODEL = "m"
@@ -144,6 +145,8 @@ async def test_a_batch_answers_every_line_once_as_the_endpoint_would(gw):
     assert done["model"] == MODEL and done["in_progress_at"] and done["completed_at"]
     assert all(i["priority"] == 1 for i in seen)  # batch inputs, as the worker sees them
     out = await content(gw, done["output_file_id"])
+    for o in out:  # OpenAI's output line shape, field for field
+        assert BatchOutputLine.model_validate(o).model_dump() == o
     assert sorted(o["custom_id"] for o in out) == sorted([f"req-{i}" for i in range(10)] + ["two"])
     by_id = {o["custom_id"]: o for o in out}
     for i, t in enumerate(texts):
