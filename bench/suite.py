@@ -65,12 +65,7 @@ def _env() -> None:
 
 
 def load_inputs(n_sent: int, n_docs: int) -> tuple[list[str], list[str]]:
-    seen: dict[str, None] = {}
-    for split in ("dev", "train"):
-        for a, b, _ in ls.read_stsb(split):
-            seen.setdefault(a)
-            seen.setdefault(b)
-    sents = list(seen)
+    sents = ls.stsb_sentences(("dev", "train"))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ls.minilm_path())

@@ -345,3 +345,13 @@ def read_stsb(split: str = "dev", limit: int | None = None) -> list[tuple[str, s
             if limit and len(rows) >= limit:
                 break
     return rows
+
+
+def stsb_sentences(splits: tuple[str, ...] = ("dev",)) -> list[str]:
+    """The distinct sentences of the STS benchmark ``splits``, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for split in splits:
+        for a, b, _ in read_stsb(split):
+            seen.setdefault(a)
+            seen.setdefault(b)
+    return list(seen)

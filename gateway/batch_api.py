@@ -69,10 +69,8 @@ def get_file(
 def file_content(
     file_id: str, owner: str = Depends(_owner), files: FileStore = Depends(_files)
 ) -> FileResponse:
-    meta = files.get(file_id, owner)
-    return FileResponse(
-        files.path(file_id, owner), media_type="application/octet-stream", filename=meta.filename
-    )
+    meta, path = files.path(file_id, owner)
+    return FileResponse(path, media_type="application/octet-stream", filename=meta.filename)
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)

@@ -9,7 +9,7 @@ object, its request input and output lines); the ``openai`` package's ``types/ba
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
@@ -172,3 +172,21 @@ class BatchOutputLine(BaseModel):
     custom_id: str
     response: BatchResponse | None = None
     error: BatchLineError | None = None
+
+
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Page = TypeVar("Page", bound=_Identified)
+
+
+def cursor_page(items: list[Page], after: str | None, limit: int) -> tuple[list[Page], bool]:
+    """OpenAI's cursor pagination over ``items`` (already in list order): up to ``limit`` of
+    those after the one whose id is ``after`` (none if it is unknown), and whether more
+    follow."""
+    if after is not None:
+        ids = [item.id for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return items[:limit], len(items) > limit

@@ -184,6 +184,7 @@ class _Job:
         self.work = runner.work_root / batch_id
         self.record: BatchRecord
         self.counts = _Counts()
+        self._input: Path | None = None
 
     async def run(self) -> None:
         raw = await self.store.load_batch(self.batch_id)
@@ -198,6 +199,12 @@ class _Job:
                 await self._process()
             else:  # finalizing, cancelling
                 await self._finish()
+
+    def _source(self) -> Path:
+        """The input file (looked up once per run of the job)."""
+        if self._input is None:
+            _, self._input = self.runner.files.path(self.record.input_file_id, self.record.owner)
+        return self._input
 
     async def _save(self, **changes: Any) -> None:
         self.record = self.record.model_copy(update=changes)
@@ -216,8 +223,7 @@ class _Job:
         """Check every line (JSON, shape, url = the batch's endpoint, one model, unique custom
         ids); a malformed file fails the batch with the lines named. A body the endpoint
         refuses is that line's 400 in the error file, as OpenAI answers it."""
-        source = self.runner.files.path(self.record.input_file_id, self.record.owner)
-        errors, plan = await asyncio.to_thread(self._check_lines, source)
+        errors, plan = await asyncio.to_thread(self._check_lines, self._source())
         if plan is not None and not errors:
             try:
                 task: Task = "embed" if self.record.endpoint == "/v1/embeddings" else "score"
@@ -370,9 +376,8 @@ class _Job:
             metrics.BATCH_LINES.labels(plan.model, "completed" if ok else "failed").inc()
 
     def _read_chunk(self, plan: _Plan, k: int) -> list[bytes]:
-        source = self.runner.files.path(self.record.input_file_id, self.record.owner)
         out: list[bytes] = []
-        with source.open("rb") as f:
+        with self._source().open("rb") as f:
             f.seek(plan.offsets[k])
             for raw in f:
                 if raw.strip():

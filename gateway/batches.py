@@ -19,6 +19,7 @@ from gateway.batch_models import (
     BatchCreate,
     BatchList,
     BatchRecord,
+    cursor_page,
 )
 from gateway.errors import APIError
 from gateway.files import FileStore
@@ -94,15 +95,12 @@ class Batches:
         """``GET /v1/batches``: newest first, ``limit`` after the batch ``after``."""
         mine = [b for b in await self._records() if b.owner == owner]
         mine.sort(key=lambda b: (b.created_at, b.id), reverse=True)
-        if after is not None:
-            ids = [b.id for b in mine]
-            mine = mine[ids.index(after) + 1 :] if after in ids else []
-        page = mine[:limit]
+        page, more = cursor_page(mine, after, limit)
         return BatchList(
             data=[b.wire() for b in page],
             first_id=page[0].id if page else None,
             last_id=page[-1].id if page else None,
-            has_more=len(mine) > limit,
+            has_more=more,
         )
 
     async def cancel(self, batch_id: str, owner: str) -> Batch:

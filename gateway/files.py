@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.batch_models import FileDeleted, FileList, StoredFile
+from gateway.batch_models import FileDeleted, FileList, StoredFile, cursor_page
 from gateway.errors import APIError
 
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
@@ -130,10 +130,9 @@ class FileStore:
             )
         return meta
 
-    def path(self, file_id: str, owner: str) -> Path:
-        """Where the file's bytes are; raises APIError 404 as :meth:`get`."""
-        self.get(file_id, owner)
-        return self._data(file_id)
+    def path(self, file_id: str, owner: str) -> tuple[StoredFile, Path]:
+        """The file's metadata and where its bytes are; raises APIError 404 as :meth:`get`."""
+        return self.get(file_id, owner), self._data(file_id)
 
     def delete(self, file_id: str, owner: str) -> FileDeleted:
         self.get(file_id, owner)
@@ -155,13 +154,10 @@ class FileStore:
             if meta.owner == owner and (purpose is None or meta.purpose == purpose):
                 files.append(meta)
         files.sort(key=lambda f: (f.created_at, f.id), reverse=order == "desc")
-        if after is not None:
-            ids = [f.id for f in files]
-            files = files[ids.index(after) + 1 :] if after in ids else []
-        page = files[:limit]
+        page, more = cursor_page(files, after, limit)
         return FileList(
             data=[f.wire() for f in page],
             first_id=page[0].id if page else None,
             last_id=page[-1].id if page else None,
-            has_more=len(files) > limit,
+            has_more=more,
         )

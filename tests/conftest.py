@@ -32,12 +32,7 @@ __all__ = ["metric"]
 @pytest.fixture(scope="session")
 def stsb_sentences() -> list[str]:
     """200 distinct sentences from the STS benchmark dev set (``data/stsb``)."""
-    rows = ls.read_stsb("dev")
-    seen: dict[str, None] = {}
-    for a, b, _ in rows:
-        seen.setdefault(a)
-        seen.setdefault(b)
-    return list(seen)[:200]
+    return ls.stsb_sentences(("dev",))[:200]
 
 
 @pytest.fixture(scope="session")

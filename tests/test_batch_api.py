@@ -53,19 +53,24 @@ async def serve(gw: InProcessGateway, stop: asyncio.Event, seen: list[dict[str, 
         )
         items = r.json()["items"]
         seen += items
-        results = [
-            {
-                "item_id": i["item_id"],
-                "lease_id": i["lease_id"],
-                "prompt_tokens": 2,
-                "vector_b64": base64.b64encode(
-                    np.array(vector(i["text"]), dtype="<f4").tobytes()
-                ).decode(),
-            }
-            for i in items
-        ]
-        if results:
-            await gw.worker.post("/results", json={"worker_id": "w", "results": results})
+        if items:
+            await answer(gw, items)
+
+
+async def answer(gw: InProcessGateway, items: list[dict[str, Any]], ones: bool = False) -> None:
+    """Post a result for each item: :func:`vector` of its text (``ones``: [1, 1])."""
+    results = [
+        {
+            "item_id": i["item_id"],
+            "lease_id": i["lease_id"],
+            "prompt_tokens": 2,
+            "vector_b64": base64.b64encode(
+                np.array([1.0, 1.0] if ones else vector(i["text"]), dtype="<f4").tobytes()
+            ).decode(),
+        }
+        for i in items
+    ]
+    await gw.worker.post("/results", json={"worker_id": "w", "results": results})
 
 
 async def register(gw: InProcessGateway) -> None:
@@ -121,9 +126,7 @@ async def content(gw: InProcessGateway, file_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_batch_answers_every_line_once_as_the_endpoint_would(gw):
-    await gw.worker.post(
-        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
-    )
+    await register(gw)
     texts = [f"text number {i}" + "!" * i for i in range(10)]
     lines = [line(f"req-{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts)]
     lines.append(line("two", {"model": MODEL, "input": ["ab", "abc"], "encoding_format": "base64"}))
@@ -195,9 +198,7 @@ async def test_an_unknown_model_fails_the_batch(gw):
 
 
 async def test_interactive_inputs_are_served_before_a_batchs(gw):
-    await gw.worker.post(
-        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
-    )
+    await register(gw)
     lines = [line(f"b{i}", {"model": MODEL, "input": f"batch {i}"}) for i in range(8)]
     batch = await create(gw, await upload(gw, jsonl(lines)))
     await until(gw, batch["id"], "in_progress")
@@ -213,19 +214,7 @@ async def test_interactive_inputs_are_served_before_a_batchs(gw):
     assert first["text"] == "now" and "priority" not in first
     stop = asyncio.Event()
     worker = asyncio.create_task(serve(gw, stop, []))
-    await gw.worker.post(
-        "/results",
-        json={
-            "worker_id": "w",
-            "results": [
-                {
-                    "item_id": first["item_id"],
-                    "lease_id": first["lease_id"],
-                    "vector_b64": base64.b64encode(np.ones(2, "<f4").tobytes()).decode(),
-                }
-            ],
-        },
-    )
+    await answer(gw, [first], ones=True)
     assert (await interactive).status_code == 200
     await until(gw, batch["id"], "completed")
     stop.set()
@@ -237,29 +226,13 @@ async def _depth_at_least(gw: InProcessGateway, n: int) -> bool:
 
 
 async def test_cancel_keeps_what_was_done(gw):
-    await gw.worker.post(
-        "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0}
-    )
+    await register(gw)
     lines = [line(f"r{i}", {"model": MODEL, "input": f"t{i}"}) for i in range(40)]
     batch = await create(gw, await upload(gw, jsonl(lines)))
     await until(gw, batch["id"], "in_progress")
     # Answer the first chunk of 4 lines only, then cancel.
     r = await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 4})
-    items = r.json()["items"]
-    await gw.worker.post(
-        "/results",
-        json={
-            "worker_id": "w",
-            "results": [
-                {
-                    "item_id": i["item_id"],
-                    "lease_id": i["lease_id"],
-                    "vector_b64": base64.b64encode(np.ones(2, "<f4").tobytes()).decode(),
-                }
-                for i in items
-            ],
-        },
-    )
+    await answer(gw, r.json()["items"], ones=True)
     await wait_until(lambda: _completed_at_least(gw, batch["id"], 4), what="first chunk written")
     r = await gw.client.post(f"/v1/batches/{batch['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelling"

@@ -27,12 +27,7 @@ pytestmark = pytest.mark.slow
 
 def sentences(n: int) -> list[str]:
     """``n`` distinct STS benchmark sentences (train, then dev)."""
-    seen: dict[str, None] = {}
-    for split in ("train", "dev"):
-        for a, b, _ in ls.read_stsb(split):
-            seen.setdefault(a)
-            seen.setdefault(b)
-    out = list(seen)
+    out = ls.stsb_sentences(("train", "dev"))
     assert len(out) >= n
     return out[:n]
 
