@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from devstack import localstack as ls  # noqa: E402
+from worker.config import QueueConfig  # noqa: E402
 from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
@@ -55,6 +56,8 @@ REDIS = "this project, Redis store"
 REPLICAS = "this project, Redis, 2 gateway replicas"
 MAX_LEN = 512  # BERT's 512 positions (sentence-transformers' own cap is 256)
 MAX_NUM_SEQS = 256
+#: The worker's default ``queue.interactive_quiet_seconds`` (the bench's worker config keeps it).
+QUIET_SECONDS = QueueConfig.model_fields["interactive_quiet_seconds"].default
 GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache for BERT)
 
 
@@ -261,7 +264,11 @@ async def batch_load(
     url: str, key: str, texts: list[str], started: Callable[[], None]
 ) -> tuple[float, int]:
     """One batch job of ``texts`` (a line each) through the Files and Batch APIs: seconds
-    from its creation to its completion, and its prompt tokens (from the output)."""
+    from its creation to its completion, and its prompt tokens (from the output).
+
+    A batch job fills idle capacity: it starts once the worker has seen no interactive input
+    for its ``interactive_quiet_seconds`` (the measurement before may have been interactive
+    traffic, during which batch inputs enter the engine only a few at a time)."""
     import aiohttp
 
     lines = [
@@ -281,6 +288,7 @@ async def batch_load(
         form.add_field("file", ("\n".join(lines) + "\n").encode(), filename="bench.jsonl")
         async with c.post("/v1/files", data=form) as r:
             file_id = (await r.json())["id"]
+        await asyncio.sleep(QUIET_SECONDS + 0.2)
         started()
         t0 = time.perf_counter()
         body = {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}

@@ -82,6 +82,10 @@ REPLICA_TTL_SECONDS = 60
 INPUTS_PER_ENTRY = 32
 #: Estimated tokens per stream entry at most (an input over it is an entry of its own).
 TOKENS_PER_ENTRY = 4096
+#: Inputs per SUBMIT call at most: requests of one line that arrive while a SUBMIT of that
+#: line is in flight go together in the next call, up to this many inputs (one request always
+#: whole).
+INPUTS_PER_SUBMIT = 1024
 
 #: Every script's ARGV starts with the key prefix and the consumer group. An entry's fields:
 #: ``r`` replica, ``q`` request id, ``a`` attempts before this entry (a requeued input keeps
@@ -183,42 +187,56 @@ local function drop(key, id, f)  -- out of the stream unanswered; returns the in
 end
 """
 
-#: KEYS: main stream, front stream, streams set. ARGV: prefix, group, limit, replica, request
-#: id, model, inputs per entry, estimated tokens per entry, then (spec, tokens) pairs. Returns
-#: {-1, unanswered} over the limit, else {0, entry ids}.
+#: KEYS: main stream, front stream, streams set. ARGV: prefix, group, limit, replica, model,
+#: inputs per entry, estimated tokens per entry, then per request: its id, its number of inputs
+#: n, then n (spec, tokens) pairs. Several requests of one line in one call (see
+#: ``RedisStore.submit``), each whole or not at all. Returns per request {-1, unanswered} over
+#: the limit, else {0, entry ids}.
 _SUBMIT = (
     _LUA_HELPERS
     + """
-local limit, replica, q, model = tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
-local per_entry, tokens_per_entry = tonumber(ARGV[7]), tonumber(ARGV[8])
+local limit, replica, model = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local per_entry, tokens_per_entry = tonumber(ARGV[6]), tonumber(ARGV[7])
 for i = 1, 2 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
   end
   redis.call('SADD', KEYS[3], KEYS[i])
 end
-local n = (#ARGV - 8) / 2
 local unanswered = tonumber(redis.call('HGET', P .. 'n', model) or '0')
-if unanswered + n > limit then return {-1, unanswered} end
-redis.call('HINCRBY', P .. 'n', model, n)
-local ids, chunk, tokens = {}, {}, 0
-local function flush()
-  if #chunk == 0 then return end
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'r', replica, 'q', q, 'a', 0,
-                             'n', #chunk / 6, 't', tokens, unpack(chunk))
-  chunk, tokens = {}, 0
+local added, out, at = 0, {}, 8
+while at <= #ARGV do
+  local q, n = ARGV[at], tonumber(ARGV[at + 1])
+  local first = at + 2
+  at = first + 2 * n
+  if unanswered + n > limit then
+    out[#out + 1] = {-1, unanswered}
+  else
+    unanswered, added = unanswered + n, added + n
+    local ids, chunk, tokens = {}, {}, 0
+    local function flush()
+      if #chunk == 0 then return end
+      ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'r', replica, 'q', q, 'a', 0,
+                                 'n', #chunk / 6, 't', tokens, unpack(chunk))
+      chunk, tokens = {}, 0
+    end
+    for i = 0, n - 1 do
+      local t = tonumber(ARGV[first + 2 * i + 1])
+      if #chunk / 6 >= per_entry or (#chunk > 0 and tokens + t > tokens_per_entry) then
+        flush()
+      end
+      local j = #chunk / 6 + 1
+      chunk[#chunk + 1] = 'x' .. j; chunk[#chunk + 1] = i
+      chunk[#chunk + 1] = 's' .. j; chunk[#chunk + 1] = ARGV[first + 2 * i]
+      chunk[#chunk + 1] = 't' .. j; chunk[#chunk + 1] = t
+      tokens = tokens + t
+    end
+    flush()
+    out[#out + 1] = {0, ids}
+  end
 end
-for i = 0, n - 1 do
-  local t = tonumber(ARGV[10 + 2 * i])
-  if #chunk / 6 >= per_entry or (#chunk > 0 and tokens + t > tokens_per_entry) then flush() end
-  local j = #chunk / 6 + 1
-  chunk[#chunk + 1] = 'x' .. j; chunk[#chunk + 1] = i
-  chunk[#chunk + 1] = 's' .. j; chunk[#chunk + 1] = ARGV[9 + 2 * i]
-  chunk[#chunk + 1] = 't' .. j; chunk[#chunk + 1] = t
-  tokens = tokens + t
-end
-flush()
-return {0, ids}
+if added > 0 then redis.call('HINCRBY', P .. 'n', model, added) end
+return out
 """
 )
 
@@ -622,6 +640,10 @@ class RedisStore(QueueStore):
         #: without reading the specs back from Redis.
         self._handed: dict[str, tuple[float, tuple[ItemSpec, str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: Requests waiting to be sent, per line (stream key): (request id, specs, waiter).
+        self._submits: dict[str, list[tuple[str, list[ItemSpec], asyncio.Future[Request]]]] = {}
+        self._submitting: set[str] = set()  # lines with a SUBMIT call in flight
+        self._submit_tasks: set[asyncio.Task[None]] = set()
         self._adverts: dict[str, tuple[float, ModelAdvert | None]] = {}  # model -> (at, advert)
         self._lease_ms = int(lease_seconds * 1000)
         self._submit = self.redis.register_script(_SUBMIT)
@@ -647,7 +669,7 @@ class RedisStore(QueueStore):
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._submit_tasks]:
             task.cancel()
         await self._replies.aclose()
         if self._tasks:
@@ -743,28 +765,79 @@ class RedisStore(QueueStore):
 
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
-        model, task = specs[0].model, specs[0].task
-        key = stream_key(model, task, specs[0].priority)
-        request_id = uuid.uuid4().hex
-        args: list[Any] = [PREFIX, GROUP, self.max_queued, self.replica, request_id, model]
+        """Enqueue one request. Requests of one line (model, task, priority) that arrive while
+        a SUBMIT of that line is in flight wait for it and then go in one call together (one
+        round trip and one script run for many one-input requests); a request arriving at an
+        idle line is sent at once."""
+        key = stream_key(specs[0].model, specs[0].task, specs[0].priority)
+        waiter: asyncio.Future[Request] = asyncio.get_running_loop().create_future()
+        self._submits.setdefault(key, []).append((uuid.uuid4().hex, specs, waiter))
+        if key not in self._submitting:
+            self._submitting.add(key)
+            task = asyncio.create_task(self._send_submits(key), name="redis-submit")
+            self._submit_tasks.add(task)
+            task.add_done_callback(self._submit_tasks.discard)
+        return await waiter
+
+    async def _send_submits(self, key: str) -> None:
+        """Send the line's waiting requests, :data:`INPUTS_PER_SUBMIT` inputs per SUBMIT call,
+        until none wait; each waiter gets its request, :class:`QueueFull` or the call's error.
+        A request whose client went away meanwhile (its waiter cancelled) is cancelled again."""
+        waiting: list[tuple[str, list[ItemSpec], asyncio.Future[Request]]] = []
+        try:
+            while waiting := self._submits.pop(key, []):
+                take, inputs = 0, 0
+                while take < len(waiting) and (
+                    take == 0 or inputs + len(waiting[take][1]) <= INPUTS_PER_SUBMIT
+                ):
+                    inputs += len(waiting[take][1])
+                    take += 1
+                if take < len(waiting):  # the rest go first in the next call
+                    self._submits[key] = waiting[take:] + self._submits.get(key, [])
+                try:
+                    await self._submit_some(key, waiting[:take])
+                except (StoreUnavailable, RedisError) as e:
+                    for _, _, waiter in waiting[:take]:
+                        if not waiter.done():
+                            waiter.set_exception(e)
+        finally:  # cancelled (the store closing): no waiter is left waiting
+            self._submitting.discard(key)
+            for _, _, waiter in waiting + self._submits.pop(key, []):
+                waiter.cancel()
+
+    async def _submit_some(
+        self, key: str, batch: list[tuple[str, list[ItemSpec], asyncio.Future[Request]]]
+    ) -> None:
+        """One SUBMIT call for ``batch`` (requests of the line ``key``)."""
+        model, task = batch[0][1][0].model, batch[0][1][0].task
+        args: list[Any] = [PREFIX, GROUP, self.max_queued, self.replica, model]
         args += [INPUTS_PER_ENTRY, TOKENS_PER_ENTRY]
-        for s in specs:
-            args += [s.model_dump_json(exclude_none=True), s.estimate_tokens()]
+        for request_id, specs, _ in batch:
+            args += [request_id, len(specs)]
+            for s in specs:
+                args += [s.model_dump_json(exclude_none=True), s.estimate_tokens()]
         keys = [key, _front(key), f"{PREFIX}streams"]
-        status, value = await self._call(self._submit(keys=keys, args=args))
-        if status == -1:
-            raise QueueFull(model, int(value), self.max_queued)
+        rows = await self._call(self._submit(keys=keys, args=args))
         loop = asyncio.get_running_loop()
-        item_ids = [f"{request_id}:{i}" for i in range(len(specs))]
-        futures = [loop.create_future() for _ in item_ids]
-        self._futures.update(zip(item_ids, futures, strict=True))
-        for item_id, future in zip(item_ids, futures, strict=True):
-            early = self._early.pop(item_id, None)
-            if early is not None:
-                self._futures.pop(item_id, None)
-                future.set_result(early[1])
-        entries = [f"{entry.decode()}@{key}" for entry in value]
-        return _StreamRequest(model, task, item_ids, futures, request_id, entries)
+        for (request_id, specs, waiter), (status, value) in zip(batch, rows, strict=True):
+            if status == -1:
+                if not waiter.done():
+                    waiter.set_exception(QueueFull(model, int(value), self.max_queued))
+                continue
+            item_ids = [f"{request_id}:{i}" for i in range(len(specs))]
+            futures = [loop.create_future() for _ in item_ids]
+            self._futures.update(zip(item_ids, futures, strict=True))
+            for item_id, future in zip(item_ids, futures, strict=True):
+                early = self._early.pop(item_id, None)
+                if early is not None:
+                    self._futures.pop(item_id, None)
+                    future.set_result(early[1])
+            entries = [f"{entry.decode()}@{key}" for entry in value]
+            request = _StreamRequest(model, task, item_ids, futures, request_id, entries)
+            if waiter.done():  # the client went away while its request was being sent
+                await self.cancel(request)
+            else:
+                waiter.set_result(request)
 
     async def cancel(self, request: Request) -> None:
         unanswered = False

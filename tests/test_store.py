@@ -399,6 +399,30 @@ async def test_the_queue_is_bounded(store):
     await store.submit([spec(str(i)) for i in range(10)])  # answered ones do not
 
 
+async def test_concurrent_submits_are_each_whole_and_bounded_one_by_one(store):
+    """Requests submitted at once (the Redis store sends them in one call): each answered with
+    its own inputs in its own order; over the limit, exactly the requests that do not fit fail
+    and leave nothing queued."""
+    got = await asyncio.gather(
+        *(store.submit([spec(f"{10 * i + j}") for j in range(3)]) for i in range(8)),
+        return_exceptions=True,
+    )
+    full = [g for g in got if isinstance(g, QueueFull)]
+    requests = [g for g in got if not isinstance(g, BaseException)]
+    assert (len(requests), len(full)) == (6, 2)  # 6 x 3 = 18 <= 20; a 7th would make 21
+    assert await store.depth() == {"m": 18}
+    items = await pull(store, n=20)
+    assert len(items) == 18
+    await store.complete("w", [ok(i, value=float(i.text)) for i in items])
+    answers = [
+        [value(r) for r in await store.wait(q, pickup_timeout=5, request_timeout=5)]
+        for q in requests
+    ]
+    firsts = sorted(a[0] for a in answers)
+    assert all(a == [a[0], a[0] + 1, a[0] + 2] for a in answers), answers
+    assert len(set(firsts)) == 6 and all(f % 10 == 0 for f in firsts)
+
+
 async def test_depth_and_leased_per_model(store):
     await store.submit([spec("a"), spec("b"), spec("c")])
     await store.submit([spec("n", model="n")])
@@ -627,6 +651,41 @@ async def test_redis_keeps_a_requests_inputs_in_few_stream_entries(redis_server)
         per_entry = TOKENS_PER_ENTRY // 1000
         assert r.xlen(stream_key("long", "embed")) == -(-10 // per_entry)
         assert await store.depth() == {"m": 2048, "long": 10}
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_redis_sends_concurrent_submits_together(redis_server):
+    """64 one-input requests at once: one or two SUBMIT script calls (Redis' own command
+    counts), not 64; a client that goes away while its request is being sent leaves nothing
+    queued."""
+    import redis
+
+    from gateway.redis_store import RedisStore
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    store = RedisStore(url, lease_seconds=5)
+    await store.start()
+    try:
+        await store.submit([spec("warm")])  # the script is loaded
+        r.config_resetstat()
+        requests = await asyncio.gather(*(store.submit([spec(str(i))]) for i in range(64)))
+        calls = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
+        print(f"64 concurrent one-input submits: {calls} SUBMIT call(s)")
+        assert 1 <= calls <= 2
+        assert len({q.request_id for q in requests}) == 64
+        assert await store.depth() == {"m": 65}
+        gone = asyncio.create_task(store.submit([spec("gone")]))
+        await asyncio.sleep(0)  # queued for the sender, not sent yet
+        gone.cancel()
+        await wait_until(lambda: not store._submit_tasks, timeout=5)
+        await asyncio.sleep(0.1)
+        assert await store.depth() == {"m": 65}
+        texts = [i.text for i in await pull(store, n=100)]
+        assert "gone" not in texts and len(texts) == 65
     finally:
         await store.close()
 
