@@ -1,14 +1,16 @@
 """Rerank throughput: 1 query x 256 documents through client -> gateway -> worker, with and
 without prefix caching, the same prompts through vLLM ``AsyncLLM`` directly, and vLLM's own
 rerank endpoint (``vllm serve`` with the model converted to a yes/no sequence classifier, as
-vLLM documents for Qwen3-Reranker), in one run.
+vLLM documents for Qwen3-Reranker), in one run. Then a cross-encoder (a 1-label
+``BertForSequenceClassification``) through this project's ``/v1/rerank`` and ``vllm serve``'s
+``/rerank`` on the same model, the same documents, the same run.
 
-    python bench/rerank.py [--docs 256] [--dtype float32]
+    python bench/rerank.py [--docs 256] [--dtype float32] [--rounds 3]
 
-The model is a tiny random-weight Qwen3ForCausalLM built on the spot (no weights can be
-downloaded here); it has Qwen3-Reranker's architecture and prompt, so the shape of the work
-(a ~80-token shared prefix plus a sentence per document) is the real one. Prints docs/s and the
-ratios.
+The models are tiny random-weight ones built on the spot (no weights can be downloaded here):
+a Qwen3ForCausalLM with Qwen3-Reranker's architecture and prompt, so the shape of the work (a
+~80-token shared prefix plus a sentence per document) is the real one; a BERT cross-encoder of
+hidden size 256 and 4 layers with all-MiniLM-L6-v2's tokenizer. Prints docs/s and the ratios.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from devstack import localstack as ls  # noqa: E402
-from devstack import tiny_qwen3  # noqa: E402
+from devstack import tiny_bert, tiny_qwen3  # noqa: E402
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
 from worker.prompts import render  # noqa: E402
 
@@ -190,10 +192,74 @@ def vllm_serve(
         proc.stop()
 
 
+def cross_encoder(
+    path: Path, query: str, docs: list[str], dtype: str, rounds: int, logs: Path
+) -> tuple[float, float, float]:
+    """The cross-encoder through this project's ``/v1/rerank`` and ``vllm serve``'s
+    ``/rerank``, alternately ``rounds`` times after one warm-up request each. Returns (median
+    seconds through the gateway, median seconds through vllm serve, max score difference)."""
+    import statistics
+
+    gw = ls.start_gateway(logs)
+    cfg = ls.worker_config(
+        queue_url=gw.url,
+        model_name="tiny-cross-encoder",
+        model_path=path,
+        task="score",
+        dtype=dtype,
+        max_model_len=512,
+        max_num_seqs=256,
+    )
+    wk = ls.start_worker(cfg, logs, "rerank-worker-cross-encoder")
+    serve = ls.start_vllm_serve(
+        path,
+        "tiny-cross-encoder",
+        logs,
+        "vllm-serve-cross-encoder",
+        [
+            "--runner",
+            "pooling",
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "256",
+            "--gpu-memory-utilization",
+            "0.15",
+        ],
+    )
+    body = {"model": "tiny-cross-encoder", "query": query, "documents": docs}
+    warm = {**body, "query": "warm up"}
+    ours, theirs = [], []
+    try:
+        with (
+            httpx.Client(
+                base_url=gw.url, timeout=600, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+            ) as c,
+            httpx.Client(base_url=serve.url, timeout=600) as v,
+        ):
+            for _ in range(rounds):
+                ours.append(timed_rerank(c, "/v1/rerank", warm, body, "data"))
+                theirs.append(timed_rerank(v, "/rerank", warm, body, "results"))
+    finally:
+        serve.stop()
+        wk.stop()
+        gw.stop()
+    diff = max(abs(x - y) for x, y in zip(ours[-1][1], theirs[-1][1], strict=True))
+    return (
+        statistics.median(t for t, _ in ours),
+        statistics.median(t for t, _ in theirs),
+        diff,
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--docs", type=int, default=256)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--rounds", type=int, default=3, help="cross-encoder requests per path")
+    p.add_argument("--skip-causal", action="store_true", help="only the cross-encoder")
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -214,6 +280,23 @@ def main() -> int:
         f"dtype={a.dtype}, block_size=32"
     )
 
+    ce_path = tiny_bert.build_cross_encoder(
+        logs / "cross-encoder", seed=0, hidden_size=256, layers=4
+    )
+    g, v, diff = cross_encoder(ce_path, query, docs, a.dtype, a.rounds, logs)
+    n = len(docs)
+    print(
+        "\n| cross-encoder (BERT, 256 hidden, 4 layers) | this project /v1/rerank docs/s | "
+        "vllm serve /rerank docs/s | project / vllm serve | max score diff |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| 1 query x {n} docs, median of {a.rounds} | {n / g:.0f} | {n / v:.0f} | "
+        f"{v / g:.2f} | {diff:.1e} |"
+    )
+    if a.skip_causal:
+        return 0
+
     rows_out = []
     for prefix in (False, True):
         d = asyncio.run(in_process(path, texts, ids, a.dtype, prefix))
@@ -221,7 +304,6 @@ def main() -> int:
         v, theirs = vllm_serve(path, query, docs, a.dtype, prefix, logs)
         diff = max(abs(x - y) for x, y in zip(ours, theirs, strict=True))
         rows_out.append((prefix, d, g, v, diff))
-    n = len(docs)
     print(
         "\n| prefix caching | vLLM in-process docs/s | this project docs/s | vllm serve /rerank "
         "docs/s | project / in-process | project / vllm serve | max score diff |"

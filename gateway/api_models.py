@@ -1,8 +1,11 @@
 """Client-facing wire models: the OpenAI embeddings API with Fireworks' extensions
-(``dimensions``, ``normalize``, ``return_logits``) and Fireworks' ``/v1/rerank``.
+(``dimensions``, ``normalize``, ``return_logits``), Fireworks' ``/v1/rerank`` and vLLM's
+``/v1/score``.
 
 Sources: OpenAI API reference (embeddings, models, errors); Fireworks API reference
-(``/v1/embeddings`` with ``return_logits``, ``normalize``, ``prompt_template``; ``/v1/rerank``).
+(``/v1/embeddings`` with ``return_logits``, ``normalize``, ``prompt_template``; ``/v1/rerank``);
+vLLM's score API (``vllm/entrypoints/pooling/scoring/protocol.py``: ``ScoreTextRequest``,
+``ScoreResponse``).
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class RerankRequest(BaseModel):
     model: StrictStr
     query: StrictStr
     documents: list[StrictStr]
-    top_n: int | None = Field(default=None, ge=1)
+    #: The best ``top_n`` documents; None or 0 (vLLM's default): all of them.
+    top_n: int | None = Field(default=None, ge=0)
     return_documents: bool = False
     #: Replaces the model's rerank prompt for this request: fields ``query``, ``document``,
     #: ``instruction`` (:mod:`worker.prompts` syntax, as ``prompt_template`` on embeddings).
@@ -95,6 +99,45 @@ class RerankResponse(BaseModel):
     usage: Usage
 
 
+class ScoreRequest(BaseModel):
+    """``POST /v1/score`` (vLLM's ``ScoreTextRequest``): pairs (``text_1[i]``, ``text_2[i]``),
+    1:1, 1:N (one ``text_1`` for every ``text_2``) or N:N."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    text_1: StrictStr | list[StrictStr]
+    text_2: StrictStr | list[StrictStr]
+    #: vLLM: truncate each pair's prompt to this many tokens instead of refusing it.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    #: vLLM: the model's activation on the score (a cross-encoder's sigmoid; P(true token)
+    #: for a causal-LM reranker); false: the raw logit (log-odds). None: true.
+    use_activation: bool | None = None
+
+
+class ScoreData(BaseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
+class ScoreResponse(BaseModel):
+    """vLLM's ``ScoreResponse``."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: ScoreUsage
+
+
 class ModelCard(BaseModel):
     """One entry of ``GET /v1/models`` (OpenAI shape plus what the workers advertise)."""
 
@@ -107,6 +150,9 @@ class ModelCard(BaseModel):
     workers: int
     checkpoint_name: str
     description: str = ""
+    #: How the model scores (query, document) pairs, for models with task ``score``:
+    #: ``causal-lm``, ``cross-encoder``, ``late-interaction`` or ``bi-encoder``.
+    score_type: str | None = None
 
 
 class ModelList(BaseModel):

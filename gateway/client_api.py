@@ -1,5 +1,5 @@
 """Client routes (API keys, checked by :mod:`gateway.edge`): ``POST /v1/embeddings``,
-``POST /v1/rerank``, ``GET /v1/models``.
+``POST /v1/rerank``, ``POST /v1/score``, ``GET /v1/models``.
 Thin handlers; the logic is in :mod:`gateway.serving`."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from gateway.api_models import (
     ModelList,
     RerankRequest,
     RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
     json_response,
 )
 from gateway.errors import APIError
@@ -63,6 +65,13 @@ async def rerank(
 ) -> Response:
     # "document" only with return_documents
     return json_response(await serving.rerank(req, _disconnected(request)), exclude_none=True)
+
+
+@router.post("/score", response_model=ScoreResponse)
+async def score(
+    req: ScoreRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_response(await serving.score(req, _disconnected(request)))
 
 
 @router.get("/models", response_model=ModelList)

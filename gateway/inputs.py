@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gateway.api_models import MAX_INPUTS, EmbeddingRequest, RerankRequest
+from gateway.api_models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
 from worker import prompts
-from worker.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, RerankSpec, Task
+from worker.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, Task
 
 
 def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
@@ -34,27 +34,63 @@ def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
     ]
 
 
-def rerank_specs(req: RerankRequest, spec: RerankSpec) -> list[ItemSpec]:
-    """One scoring spec per document: the model's rerank prompt (or the request's
-    ``prompt_template``) with fields ``query``, ``document``, ``instruction``, scored by the
-    softmax over the logits of the model's (false, true) tokens. Raises APIError(400) for an
-    empty query, bad documents (:func:`check_inputs`) or a template that does not compile."""
-    if not req.query:
-        raise APIError(400, "'query' must not be empty.", param="query")
-    check_inputs(req.documents, "documents")
-    template = spec.template if req.prompt_template is None else check_template(req.prompt_template)
+def pair_specs(
+    model: str,
+    pairs: list[tuple[str, str]],
+    advert: ModelAdvert,
+    *,
+    normalize: bool = True,
+    truncate: int | None = None,
+    template: str | None = None,
+) -> list[ItemSpec]:
+    """One scoring spec per (query, document) pair, as the model's score type wants it
+    (:func:`score_type`): ``causal-lm``: the model's rerank prompt (or ``template``) with
+    fields ``query``, ``document``, ``instruction``, answered with the logits of its (false,
+    true) tokens (their softmax when ``normalize``); other types: the pair itself (``text``,
+    ``text_pair``), answered with one score. The caller checked the texts
+    (:func:`check_inputs`) and that a causal-LM advert has its ``rerank``."""
+    if score_type(advert) != "causal-lm":
+        return [
+            ItemSpec(
+                model=model,
+                task="score",
+                text=query,
+                text_pair=document,
+                normalize=normalize,
+                truncate_prompt_tokens=truncate,
+            )
+            for query, document in pairs
+        ]
+    spec = advert.rerank
+    assert spec is not None
     ids = [spec.false_token_id, spec.true_token_id]
     return [
         ItemSpec(
-            model=req.model,
+            model=model,
             task="score",
-            prompt_template=template,
-            fields={"query": req.query, "document": doc, "instruction": spec.instruction},
+            prompt_template=spec.template if template is None else template,
+            fields={"query": query, "document": document, "instruction": spec.instruction},
             return_logits=ids,
-            normalize=True,
+            normalize=normalize,
         )
-        for doc in req.documents
+        for query, document in pairs
     ]
+
+
+def pair_score(values: Any, causal: bool, normalize: bool) -> float:
+    """A pair's score from its item's vector (float32 [1], or [2] logits of a causal LM's
+    (false, true) tokens): the one score; P(true) when normalized; else the log-odds
+    ``logit(true) - logit(false)`` (whose sigmoid is P(true), as a cross-encoder's raw logit's
+    sigmoid is its score)."""
+    if not causal:
+        return float(values[0])
+    return float(values[1]) if normalize else float(values[1] - values[0])
+
+
+def score_type(advert: ModelAdvert) -> str:
+    """The advert's score type; an advert from a worker that predates score types and has a
+    rerank prompt is ``causal-lm``."""
+    return advert.score_type or "causal-lm"
 
 
 def input_fields(value: Any, template: str | None) -> list[dict[str, Any]]:
@@ -141,7 +177,7 @@ def _size(spec: ItemSpec) -> int:
         return len(spec.token_ids)
     if spec.fields:
         return sum(len(v) for v in spec.fields.values() if isinstance(v, str))
-    return len(spec.text or "")
+    return len(spec.text or "") + len(spec.text_pair or "")
 
 
 def check_sizes(specs: list[ItemSpec], field: str, limit: int) -> None:
@@ -161,19 +197,19 @@ def check_sizes(specs: list[ItemSpec], field: str, limit: int) -> None:
             )
 
 
-def check_rerank_size(req: RerankRequest, spec: RerankSpec, limit: int) -> None:
-    """The query (with the instruction and template) goes into every document's prompt:
-    raises APIError(400, param ``documents``) when the prompts would total more than
-    ``limit`` characters (``--max-rerank-bytes``)."""
-    shared = len(req.query) + len(spec.instruction) + len(req.prompt_template or spec.template)
-    total = shared * len(req.documents) + sum(len(d) for d in req.documents)
+def check_pairs_size(pairs: list[tuple[str, str]], extra: int, limit: int, field: str) -> None:
+    """A query goes into the prompt of every pair it is in: raises APIError(400, param
+    ``field``) when the pairs' texts (plus ``extra`` characters each: a rerank prompt's
+    instruction and template) would total more than ``limit`` characters
+    (``--max-rerank-bytes``)."""
+    total = sum(len(q) + len(d) + extra for q, d in pairs)
     if total > limit:
         raise APIError(
             400,
-            f"The rerank's prompts would total {total} characters (the query is repeated in "
-            f"each of the {len(req.documents)} documents); at most {limit} are accepted: send "
-            "fewer documents per request or a shorter query.",
-            param="documents",
+            f"The {len(pairs)} pairs would total {total} characters (the query is repeated "
+            f"in each pair); at most {limit} are accepted: send fewer documents per request "
+            "or a shorter query.",
+            param=field,
             code="request_too_large",
         )
 

@@ -1,7 +1,8 @@
 """The client API's logic: a request becomes queue entries, their results become the response.
 
 Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return_logits``,
-``normalize``, ``prompt_template``) and Fireworks' ``/v1/rerank`` (``gateway/api_models.py``).
+``normalize``, ``prompt_template``), Fireworks' ``/v1/rerank`` and vLLM's ``/v1/score``
+(``gateway/api_models.py``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -25,6 +27,10 @@ from gateway.api_models import (
     RerankRequest,
     RerankResponse,
     RerankResult,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreUsage,
     Usage,
 )
 from gateway.errors import APIError, item_error
@@ -32,7 +38,7 @@ from gateway.settings import GatewaySettings
 from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from worker.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
 
-_TASK_NAMES = {"embed": "embeddings", "score": "scoring (return_logits, rerank)"}
+_TASK_NAMES = {"embed": "embeddings", "score": "scoring (rerank, score, return_logits)"}
 #: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
 QUEUE_FULL_RETRY_AFTER = 5
 
@@ -172,6 +178,13 @@ class Serving:
         specs = inputs.embedding_specs(req, task)
         advert = await self.check_model(req.model, task)
         if task == "score":
+            if advert is not None and inputs.score_type(advert) != "causal-lm":
+                raise APIError(
+                    400,
+                    f"'return_logits' needs a causal-LM scoring model; '{req.model}' scores "
+                    f"pairs as {advert.score_type}: use /v1/score or /v1/rerank.",
+                    param="return_logits",
+                )
             if req.dimensions is not None:
                 raise APIError(
                     400, "'dimensions' cannot be combined with 'return_logits'.", param="dimensions"
@@ -196,24 +209,31 @@ class Serving:
     async def rerank(
         self, req: RerankRequest, disconnected: Disconnected | None = None
     ) -> RerankResponse:
-        """``POST /v1/rerank``: documents sorted by P(true token), cut to ``top_n``."""
+        """``POST /v1/rerank``: documents sorted by their score against the query, cut to
+        ``top_n``."""
         prepared = await self.prepare_rerank(req)
         return prepared.respond(await self.run(prepared.specs, prepared.field, disconnected))
 
     async def prepare_rerank(self, req: RerankRequest) -> Prepared[RerankResponse]:
-        """Check a rerank request and turn it into queue entries (raises APIError 4xx for
-        what is wrong with it; 503 before any worker advertised the model's rerank prompt)."""
+        """Check a rerank request and turn it into queue entries, one per document (raises
+        APIError 4xx for what is wrong with it; 503 before any worker said how the model
+        scores pairs)."""
         inputs.check_request_unicode(req)
-        advert = await self.check_model(req.model, "score")
-        if advert is None or advert.rerank is None:
-            raise APIError(
-                503,
-                f"No worker has advertised a rerank prompt for '{req.model}' yet.",
-                type="server_error",
-                code="no_worker_available",
-            )
-        inputs.check_rerank_size(req, advert.rerank, self.settings.max_rerank_bytes)
-        specs = inputs.rerank_specs(req, advert.rerank)
+        advert = await self._scoring_advert(req.model)
+        if not req.query:
+            raise APIError(400, "'query' must not be empty.", param="query")
+        inputs.check_inputs(req.documents, "documents")
+        causal = inputs.score_type(advert) == "causal-lm"
+        if req.prompt_template is not None:
+            if not causal:
+                raise APIError(
+                    400,
+                    f"'prompt_template' applies to causal-LM rerankers; '{req.model}' scores "
+                    f"pairs as {advert.score_type}.",
+                    param="prompt_template",
+                )
+            inputs.check_template(req.prompt_template)
+        pairs = [(req.query, doc) for doc in req.documents]
         limit = self._max_chars(advert)
         if len(req.query) > limit:
             raise APIError(
@@ -223,11 +243,14 @@ class Serving:
                 param="query",
                 code="context_length_exceeded",
             )
-        inputs.check_sizes(specs, "documents", limit)
+        specs = inputs.pair_specs(req.model, pairs, advert, template=req.prompt_template)
+        self._check_pairs(pairs, specs, advert, "documents", req.prompt_template)
 
         def respond(results: list[ItemResult]) -> RerankResponse:
-            scores = [float(decode_vector(r.vector_b64 or "")[1]) for r in results]
-            order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
+            scores = [
+                inputs.pair_score(decode_vector(r.vector_b64 or ""), causal, True) for r in results
+            ]
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n or None]
             data = [
                 RerankResult(
                     index=i,
@@ -239,6 +262,97 @@ class Serving:
             return RerankResponse(model=req.model, data=data, usage=_usage(results))
 
         return Prepared(specs, "documents", respond)
+
+    async def score(
+        self, req: ScoreRequest, disconnected: Disconnected | None = None
+    ) -> ScoreResponse:
+        """``POST /v1/score`` (vLLM's shape): one score per (``text_1``, ``text_2``) pair."""
+        prepared = await self.prepare_score(req)
+        return prepared.respond(await self.run(prepared.specs, prepared.field, disconnected))
+
+    async def prepare_score(self, req: ScoreRequest) -> Prepared[ScoreResponse]:
+        """Check a score request and turn it into queue entries, one per pair: 1:1, 1:N (one
+        ``text_1`` against every ``text_2``) or N:N, as vLLM pairs them. Raises APIError 4xx
+        for what is wrong with it (400 for lists of different lengths)."""
+        inputs.check_request_unicode(req)
+        advert = await self._scoring_advert(req.model)
+        first = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
+        second = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
+        inputs.check_inputs(first, "text_1")
+        inputs.check_inputs(second, "text_2")
+        if len(first) == 1:
+            first = first * len(second)
+        elif len(first) != len(second):
+            raise APIError(
+                400,
+                f"'text_1' has {len(first)} items and 'text_2' {len(second)}: pair them 1:1, "
+                "1:N (one text_1) or N:N.",
+                param="text_1",
+            )
+        causal = inputs.score_type(advert) == "causal-lm"
+        if causal and req.truncate_prompt_tokens is not None:
+            raise APIError(
+                400,
+                f"'truncate_prompt_tokens' would cut the end of the rerank prompt of "
+                f"'{req.model}' (a causal-LM reranker): its template truncates the document "
+                "itself.",
+                param="truncate_prompt_tokens",
+            )
+        normalize = req.use_activation is not False
+        pairs = list(zip(first, second, strict=True))
+        specs = inputs.pair_specs(
+            req.model, pairs, advert, normalize=normalize, truncate=req.truncate_prompt_tokens
+        )
+        self._check_pairs(pairs, specs, advert, "text_2", None)
+
+        def respond(results: list[ItemResult]) -> ScoreResponse:
+            data = [
+                ScoreData(
+                    index=i,
+                    score=inputs.pair_score(decode_vector(r.vector_b64 or ""), causal, normalize),
+                )
+                for i, r in enumerate(results)
+            ]
+            n = sum(r.prompt_tokens for r in results)
+            return ScoreResponse(
+                id=f"score-{uuid.uuid4().hex}",
+                created=int(time.time()),
+                model=req.model,
+                data=data,
+                usage=ScoreUsage(prompt_tokens=n, total_tokens=n),
+            )
+
+        return Prepared(specs, "text_2", respond)
+
+    async def _scoring_advert(self, model: str) -> ModelAdvert:
+        """The advert of a model that scores pairs; 404 / 400 as :meth:`check_model`, 503
+        before any worker advertised how it scores them."""
+        advert = await self.check_model(model, "score")
+        if advert is None or (inputs.score_type(advert) == "causal-lm" and advert.rerank is None):
+            raise APIError(
+                503,
+                f"No worker has advertised how it scores pairs for '{model}' yet.",
+                type="server_error",
+                code="no_worker_available",
+            )
+        return advert
+
+    def _check_pairs(
+        self,
+        pairs: list[tuple[str, str]],
+        specs: list[ItemSpec],
+        advert: ModelAdvert,
+        field: str,
+        template: str | None,
+    ) -> None:
+        """The request's size limits: all pairs together (``--max-rerank-bytes``; a causal-LM
+        prompt adds its instruction and template to each) and each pair (the model's context
+        length)."""
+        extra = 0
+        if advert.rerank is not None and inputs.score_type(advert) == "causal-lm":
+            extra = len(advert.rerank.instruction) + len(template or advert.rerank.template)
+        inputs.check_pairs_size(pairs, extra, self.settings.max_rerank_bytes, field)
+        inputs.check_sizes(specs, field, self._max_chars(advert))
 
     async def models(self) -> ModelList:
         """``GET /v1/models``: models with a live worker, with what the workers advertise."""
@@ -254,6 +368,7 @@ class Serving:
                     workers=n,
                     checkpoint_name=adv.checkpoint_name,
                     description=adv.description,
+                    score_type=adv.score_type,
                 )
                 for name, (adv, n) in sorted(available.items())
             ]

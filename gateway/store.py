@@ -76,8 +76,8 @@ class Completion:
 def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
     """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
     a vector must be base64 of whole little-endian float32s, all finite, of the expected
-    length (``dimensions`` when set; ``len(return_logits)`` for scores; not checked without
-    ``spec``)."""
+    length (``dimensions`` when set; ``len(return_logits)`` for logits, 1 for a pair's score;
+    not checked without ``spec``)."""
     if result.error is not None:
         return result
     why = None
@@ -94,7 +94,10 @@ def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
             vec = np.frombuffer(raw, dtype="<f4")
             want = None
             if spec is not None:
-                want = len(spec.return_logits or []) if spec.task == "score" else spec.dimensions
+                if spec.task == "embed":
+                    want = spec.dimensions
+                else:  # a pair's one score, or the selected logits
+                    want = 1 if spec.text_pair is not None else len(spec.return_logits or [])
             if want is not None and vec.size != want:
                 why = f"the vector has {vec.size} values, {want} were asked for"
             elif not np.isfinite(vec).all():

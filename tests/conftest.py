@@ -107,8 +107,12 @@ def redis_gateway(redis_server: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
     proc.stop()
 
 
-def embed_worker_config(queue_url: str, **kw: object) -> str:
+def embed_worker_config(queue_url: str, pairs: bool = False, **kw: object) -> str:
+    """The MiniLM worker's config; ``pairs``: the model also scores pairs (``/v1/score``,
+    ``/v1/rerank``) as a bi-encoder."""
     dims = ", ".join(map(str, MATRYOSHKA))
+    if pairs:
+        kw["model_extra"] = f'[queue.models."{MODEL}".scoring_task]\nsupported = true\n'
     return ls.worker_config(
         queue_url=queue_url,
         model_name=MODEL,
@@ -128,7 +132,9 @@ def embed_worker(memory_embed_worker: ls.Proc) -> ls.Proc:
 
 @pytest.fixture(scope="session")
 def memory_embed_worker(memory_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
-    proc = ls.start_worker(embed_worker_config(memory_gateway.url), stack_dir, "embed-worker")
+    proc = ls.start_worker(
+        embed_worker_config(memory_gateway.url, pairs=True), stack_dir, "embed-worker"
+    )
     yield proc
     code = proc.stop()
     assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
@@ -136,7 +142,9 @@ def memory_embed_worker(memory_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls
 
 @pytest.fixture(scope="session")
 def redis_embed_worker(redis_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
-    proc = ls.start_worker(embed_worker_config(redis_gateway.url), stack_dir, "embed-worker-redis")
+    proc = ls.start_worker(
+        embed_worker_config(redis_gateway.url, pairs=True), stack_dir, "embed-worker-redis"
+    )
     yield proc
     code = proc.stop()
     assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,82 @@ def test_a_token_file_that_cannot_be_read_names_the_path_and_the_os_error(tmp_pa
         f"{path}: queue.token: $INFERENCE_WORKER_QUEUE_TOKEN_FILE names {folder}, which cannot "
         "be read: Is a directory"
     )
+
+
+def _checkpoint(folder: Path, *architectures: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": list(architectures)}))
+    return folder
+
+
+class _Facts:
+    """Engine facts as a started vLLM would tell them (no engine)."""
+
+    max_model_len = 512
+    vocab_size = 100
+    num_labels = 1
+
+    def __init__(self, score_type: str, num_labels: int = 1):
+        self.score_type = score_type
+        self.num_labels = num_labels
+
+    def token_id(self, token: str) -> int:
+        return {"no": 1, "yes": 2}[token]
+
+
+def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkeypatch):
+    """A causal LM (or a folder without a readable config.json) runs the generate runner
+    (``causal-lm``); other architectures the pooling runner, typed by vLLM once started; an
+    embedding engine is a bi-encoder. A ``score_type`` that does not fit is a config error
+    naming the key and the file."""
+    from worker.config import GeneratorConfig, model_adverts
+    from worker.engine import score_type_of
+
+    def gen(path: Path, **kw: object) -> GeneratorConfig:
+        return GeneratorConfig(model_path=path, task="score", **kw)  # type: ignore[arg-type]
+
+    causal = _checkpoint(tmp_path / "lm", "Qwen3ForCausalLM")
+    cross = _checkpoint(tmp_path / "ce", "BertForSequenceClassification")
+    colbert = _checkpoint(tmp_path / "cb", "HF_ColBERT")
+    assert score_type_of(gen(causal)) == "causal-lm"
+    assert score_type_of(gen(tmp_path / "missing")) == "causal-lm"
+    assert score_type_of(gen(cross)) is None and score_type_of(gen(colbert)) is None
+    assert score_type_of(gen(cross, score_type="cross-encoder")) == "cross-encoder"
+    assert score_type_of(GeneratorConfig(model_path=cross, task="embed")) == "bi-encoder"
+    assert engine_kwargs(gen(causal))["runner"] == "generate"
+    assert "logprobs_mode" not in engine_kwargs(gen(cross))
+    assert engine_kwargs(gen(cross))["runner"] == "pooling"
+    assert engine_kwargs(gen(causal, score_type="cross-encoder"))["runner"] == "pooling"
+
+    monkeypatch.setenv("INFERENCE_WORKER_QUEUE_TOKEN", "t")
+    path = tmp_path / "score.toml"
+    text = ls.worker_config(
+        queue_url="http://127.0.0.1:9", model_path=cross, task="score", metrics_port=4000
+    )
+    path.write_text(
+        text.replace('task = "score"', 'task = "score"\nscore_type = "late-interaction"')
+    )
+    cfg = load_config(path, check_engine_args=False)
+    with pytest.raises(ConfigError) as e:
+        model_adverts(cfg, _Facts("cross-encoder"))
+    assert str(e.value).startswith(f'{path}: generator.score_type: "late-interaction" does not fit')
+    path.write_text(text)
+    cfg = load_config(path, check_engine_args=False)
+    with pytest.raises(
+        ConfigError, match=r"generator\.model_path: a cross-encoder reranker has one"
+    ):
+        model_adverts(cfg, _Facts("cross-encoder", num_labels=3))
+    (advert,) = model_adverts(cfg, _Facts("cross-encoder"))
+    assert (advert.score_type, advert.rerank, advert.vocab_size) == ("cross-encoder", None, None)
+    (lm,) = model_adverts(cfg, _Facts("causal-lm"))
+    assert lm.rerank is not None and (lm.rerank.false_token_id, lm.rerank.true_token_id) == (1, 2)
+
+    embed = tmp_path / "embed.toml"
+    embed.write_text(
+        _good(ls.minilm_path()).replace(
+            'task = "embed"', 'task = "embed"\nscore_type = "cross-encoder"'
+        )
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(embed, check_engine_args=False)
+    assert str(e.value).startswith(f'{embed}: generator.score_type: expected "bi-encoder"')

@@ -305,8 +305,8 @@ async def test_a_rerank_is_bounded_by_its_prompts_in_total():
         r = await g.client.post("/v1/rerank", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
         assert r.json()["error"]["message"].startswith(
-            "The rerank's prompts would total 1019000 characters (the query is repeated in "
-            "each of the 1000 documents); at most 1000000 are accepted"
+            "The 1000 pairs would total 1019000 characters (the query is repeated in each "
+            "pair); at most 1000000 are accepted"
         )
         long_query = {"model": "m", "query": "q" * 2049, "documents": ["d"]}
         r = await g.client.post("/v1/rerank", json=long_query)

@@ -116,7 +116,8 @@ def test_models_lists_the_served_model(client):
     models = {m.id: m for m in client.models.list().data}
     assert MODEL in models
     card = models[MODEL].model_dump()
-    assert card["tasks"] == ["embed"]
+    assert card["tasks"] == ["embed", "score"]  # the session worker scores pairs too
+    assert card["score_type"] == "bi-encoder"
     assert card["max_model_len"] == 256
     assert card["workers"] >= 1
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.api_models import MAX_INPUTS, EmbeddingRequest, RerankRequest
+from gateway.api_models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
-from gateway.inputs import check_logit_ids, embedding_specs, input_fields, rerank_specs
+from gateway.inputs import check_logit_ids, embedding_specs, input_fields, pair_score, pair_specs
 from worker.protocol import ModelAdvert, RerankSpec
 
 
@@ -69,14 +69,17 @@ def test_a_template_that_does_not_compile_is_refused_before_queueing():
     )
 
 
-def test_rerank_specs_use_the_models_prompt_or_the_requests():
+def test_pair_specs_use_the_models_prompt_or_the_requests():
     spec = RerankSpec(
         template="Q: {query} D: {document} I: {instruction}",
         instruction="judge",
         false_token_id=3,
         true_token_id=7,
     )
-    specs = rerank_specs(RerankRequest(model="m", query="q", documents=["d1", "d2"]), spec)
+    causal = ModelAdvert(
+        name="m", checkpoint_name="c", tasks=["score"], score_type="causal-lm", rerank=spec
+    )
+    specs = pair_specs("m", [("q", "d1"), ("q", "d2")], causal)
     assert [s.fields for s in specs] == [
         {"query": "q", "document": "d1", "instruction": "judge"},
         {"query": "q", "document": "d2", "instruction": "judge"},
@@ -85,13 +88,25 @@ def test_rerank_specs_use_the_models_prompt_or_the_requests():
         s.prompt_template == spec.template and s.return_logits == [3, 7] and s.normalize
         for s in specs
     )
-    own = rerank_specs(
-        RerankRequest(model="m", query="q", documents=["d"], prompt_template="{query}|{document}"),
-        spec,
-    )
+    own = pair_specs("m", [("q", "d")], causal, template="{query}|{document}")
     assert own[0].prompt_template == "{query}|{document}"
-    with pytest.raises(APIError, match="'query' must not be empty"):
-        rerank_specs(RerankRequest(model="m", query="", documents=["d"]), spec)
+    legacy = causal.model_copy(update={"score_type": None})  # a worker from before score types
+    assert pair_specs("m", [("q", "d")], legacy)[0].return_logits == [3, 7]
+    cross = ModelAdvert(name="m", checkpoint_name="c", tasks=["score"], score_type="cross-encoder")
+    pair = pair_specs("m", [("q", "d")], cross, normalize=False, truncate=9)[0]
+    assert (pair.text, pair.text_pair, pair.return_logits, pair.normalize) == (
+        "q",
+        "d",
+        None,
+        False,
+    )
+    assert pair.truncate_prompt_tokens == 9 and pair.estimate_tokens() == 2
+
+
+def test_a_pairs_score_from_its_vector():
+    assert pair_score([0.25], causal=False, normalize=True) == 0.25
+    assert pair_score([0.2, 0.8], causal=True, normalize=True) == 0.8  # P(true)
+    assert pair_score([1.0, 3.5], causal=True, normalize=False) == 2.5  # log-odds
 
 
 def test_logit_ids_are_checked_against_the_vocabulary():

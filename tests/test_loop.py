@@ -70,6 +70,8 @@ class FakeFacts:
 
     max_model_len = 128
     vocab_size = 1000
+    score_type = "causal-lm"
+    num_labels = 1
 
     def token_id(self, token: str) -> int:
         raise ValueError("no tokenizer")

@@ -195,6 +195,22 @@ def test_rerank_orders_by_reference_scores(sc, qref, stsb_sentences):
     assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
 
 
+def test_score_equals_rerank_and_the_log_odds_of_return_logits(sc, qref, stsb_sentences):
+    """``/v1/score`` on a causal-LM reranker: P("yes") of the rerank prompt, as ``/v1/rerank``
+    gives it; without activation the log-odds logit("yes") - logit("no") of the reference."""
+    query, docs = "A man is playing a guitar.", stsb_sentences[80:88]
+    body = {"model": MODEL, "text_1": query, "text_2": docs}
+    r = sc.post("/v1/score", json=body)
+    assert r.status_code == 200, r.text
+    got = [d["score"] for d in r.json()["data"]]
+    assert max(abs(g - qref.relevance(query, d)) for g, d in zip(got, docs, strict=True)) <= 1e-4
+    raw = sc.post("/v1/score", json={**body, "use_activation": False}).json()["data"]
+    no, yes = qref.tok.convert_tokens_to_ids(["no", "yes"])
+    for d, doc in zip(raw, docs, strict=True):
+        logits = qref.last_logits(qref.rerank_prompt(query, doc))
+        assert abs(d["score"] - (logits[yes] - logits[no])) <= 1e-4
+
+
 def test_rerank_with_a_request_prompt_template(sc, qref, stsb_sentences):
     """``prompt_template`` on /v1/rerank replaces the model's prompt for that request."""
     query = "A woman is slicing an onion."
@@ -288,9 +304,11 @@ def test_over_long_document_is_a_per_document_error(sc):
 
 
 def test_wrong_task_for_the_model(sc, embed_worker):
-    r = sc.post("/v1/rerank", json={"model": EMBED_MODEL, "query": "q", "documents": ["d"]})
+    # The session's embedding model scores pairs (bi-encoder) but has no logits to return.
+    r = sc.post("/v1/embeddings", json={"model": EMBED_MODEL, "input": "q", "return_logits": [1]})
     assert r.status_code == 400
-    assert "supports: embeddings" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "return_logits"
+    assert "needs a causal-LM scoring model" in r.json()["error"]["message"]
     r = sc.post("/v1/embeddings", json={"model": MODEL, "input": "plain embedding please"})
     assert r.status_code == 400
     assert "scoring" in r.json()["error"]["message"]

@@ -20,10 +20,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from worker import prompts
-from worker.protocol import ModelAdvert, RerankSpec, Task
+from worker.protocol import ModelAdvert, RerankSpec, ScoreType, Task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,8 +64,16 @@ class GeneratorConfig(_Strict):
 
     type: Literal["vllm"] = "vllm"
     model_path: LaxPath
-    #: ``embed``: pooled embeddings. ``score``: logits of chosen token ids at the last position.
+    #: ``embed``: pooled embeddings. ``score``: scores of (query, document) pairs and, on a
+    #: causal LM, logits of chosen token ids at the last position.
     task: Task = "embed"
+    #: How ``task = "score"`` scores a pair (:data:`~worker.protocol.ScoreType`). By default
+    #: from the checkpoint: a ``*ForCausalLM`` architecture is ``causal-lm`` (vLLM's generate
+    #: runner, ``return_logits``); any other is served by vLLM's pooling runner with the score
+    #: type vLLM gives it (a 1-label sequence classifier: ``cross-encoder``; ColBERT:
+    #: ``late-interaction``; an embedding model: ``bi-encoder``). An embedding worker
+    #: (``task = "embed"``) scores pairs as ``bi-encoder``.
+    score_type: ScoreType | None = None
     max_model_len: int | None = Field(default=None, gt=0)
     max_num_seqs: int = Field(default=256, gt=0)
     pipeline_parallel_size: int = Field(default=1, gt=0)
@@ -316,6 +331,12 @@ def _check_models(path: Path, cfg: Config) -> None:
             f'{path}: queue.models: expected at least one [queue.models."<name>"] table'
         )
     want = cfg.generator.task
+    if want == "embed" and cfg.generator.score_type not in (None, "bi-encoder"):
+        raise ConfigError(
+            f'{path}: generator.score_type: expected "bi-encoder" or no value with '
+            f'generator.task = "embed" (an embedding engine scores pairs by cosine); '
+            f'"{cfg.generator.score_type}" needs generator.task = "score"'
+        )
     for name, entry in cfg.queue.models.items():
         if want not in entry.tasks():
             table = "embedding_task" if want == "embed" else "scoring_task"
@@ -377,17 +398,38 @@ class EngineFacts(Protocol):
 
     def token_id(self, token: str) -> int: ...
 
+    @property
+    def score_type(self) -> ScoreType: ...
+
+    @property
+    def num_labels(self) -> int: ...
+
 
 def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
     """What the worker tells the queue about each ``queue.models."<name>"``, with the engine's
-    context length; for scoring, the vocabulary size and the rerank prompt with its
-    (false, true) token ids resolved by the model's tokenizer. Raises :class:`ConfigError`
-    naming the key if a rerank token is not one token of the tokenizer."""
-    scoring = cfg.generator.task == "score"
+    context length; for a model that scores, the engine's score type and, for ``causal-lm``,
+    the vocabulary size and the rerank prompt with its (false, true) token ids resolved by the
+    model's tokenizer. Raises :class:`ConfigError` naming the key if a rerank token is not one
+    token of the tokenizer."""
+    gen = cfg.generator
+    if gen.task == "score" and gen.score_type not in (None, engine.score_type):
+        raise ConfigError(
+            f'{cfg.source}: generator.score_type: "{gen.score_type}" does not fit this '
+            f'checkpoint: vLLM serves it as "{engine.score_type}" (leave the key out, or '
+            "convert the model with generator.engine_args, e.g. convert / hf_overrides)"
+        )
+    if gen.task == "score" and engine.score_type == "cross-encoder" and engine.num_labels != 1:
+        raise ConfigError(
+            f"{cfg.source}: generator.model_path: a cross-encoder reranker has one label; "
+            f"this sequence classifier has {engine.num_labels}"
+        )
     out = []
     for name, entry in cfg.queue.models.items():
+        tasks = entry.tasks()
+        score_type = engine.score_type if "score" in tasks else None
+        causal = score_type == "causal-lm"
         rerank = None
-        if scoring:
+        if causal:
             st = entry.scoring_task
             ids = {}
             for key in ("rerank_false_token", "rerank_true_token"):
@@ -409,11 +451,12 @@ def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
                 checkpoint_name=cfg.queue.checkpoint_name,
                 version=cfg.queue.version,
                 tags=cfg.queue.tags,
-                tasks=entry.tasks(),
+                tasks=tasks,
                 max_model_len=engine.max_model_len,
                 description=entry.description,
-                vocab_size=engine.vocab_size if scoring else None,
+                vocab_size=engine.vocab_size if causal else None,
                 rerank=rerank,
+                score_type=score_type,
             )
         )
     return out

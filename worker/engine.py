@@ -1,9 +1,18 @@
 """The vLLM engine: one ``AsyncLLM`` per worker process.
 
-``task = "embed"``: vLLM's pooling runner with ``PoolingParams(task="embed")``.
-``task = "score"``: vLLM's generate runner with ``logprobs_mode="raw_logits"`` and one output
-token per request; ``SamplingParams(logprob_token_ids=...)`` returns the raw logits of the
-requested ids at the last prompt position, so every request may ask for its own ids.
+``task = "embed"``: vLLM's pooling runner with ``PoolingParams(task="embed")``; a (query,
+document) pair scores as the cosine of the two embeddings (``bi-encoder``).
+``task = "score"``, by the checkpoint's score type (:func:`score_type_of`):
+
+- ``causal-lm``: vLLM's generate runner with ``logprobs_mode="raw_logits"`` and one output
+  token per request; ``SamplingParams(logprob_token_ids=...)`` returns the raw logits of the
+  requested ids at the last prompt position, so every request may ask for its own ids;
+- ``cross-encoder``: the pooling runner's ``classify`` task on the pair, tokenized as vLLM's
+  score API does (the tokenizer's own pair encoding with its token type ids, or query +
+  document for a model without a separator token); one logit, the model's activation;
+- ``late-interaction``: the ``token_embed`` task on each text, MaxSim (vLLM's
+  ``compute_maxsim_score``);
+- ``bi-encoder``: the ``embed`` task on each text, cosine.
 
 Per-input problems raise :class:`InvalidInput`; they never affect other inputs in flight.
 """
@@ -12,20 +21,65 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
 from worker import prompts
 from worker.config import GeneratorConfig
-from worker.protocol import MAX_LOGIT_IDS, ErrorCode, WorkItem
+from worker.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
 
 log = logging.getLogger(__name__)
 
-#: An item's prompt for vLLM (:meth:`Engine.prepare`): its token ids.
-Prompt = list[int]
+
+@dataclasses.dataclass
+class PairPrompt:
+    """A (query, document) pair's token ids: one sequence with its token type ids
+    (``cross-encoder``), or the two texts' own sequences (``late-interaction``,
+    ``bi-encoder``)."""
+
+    first: list[int]
+    second: list[int] | None = None
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second or [])
+
+
+#: An item's prompt for vLLM (:meth:`Engine.prepare`): its token ids, or a pair's.
+Prompt = list[int] | PairPrompt
+
+#: The pooling task each pair score type runs in vLLM (``vllm.tasks.SCORE_TYPE_MAP``).
+PoolingTask = Literal["classify", "token_embed", "embed"]
+POOLING_TASK: dict[str, PoolingTask] = {
+    "cross-encoder": "classify",
+    "late-interaction": "token_embed",
+    "bi-encoder": "embed",
+}
+
+
+def score_type_of(gen: GeneratorConfig) -> ScoreType | None:
+    """The score type the config or the checkpoint calls for before vLLM starts:
+    ``generator.score_type`` if set; ``bi-encoder`` for an embedding engine; for scoring,
+    None when the checkpoint's ``config.json`` names architectures and none of them is a
+    causal LM (``*ForCausalLM`` / ``*LMHeadModel``): vLLM's pooling runner then tells the
+    type once started; else ``causal-lm`` (also when ``config.json`` cannot be read)."""
+    if gen.score_type is not None:
+        return gen.score_type
+    if gen.task == "embed":
+        return "bi-encoder"
+    try:
+        config = json.loads((Path(gen.model_path) / "config.json").read_text(encoding="utf-8"))
+        archs = [str(a) for a in config.get("architectures") or []]
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return None
+    return "causal-lm"
 
 
 class InvalidInput(Exception):
@@ -48,9 +102,10 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
     Keys left unset in the config are not passed, so vLLM's defaults apply.
     ``generator.engine_args`` entries are passed through last and win.
     """
+    causal = gen.task == "score" and score_type_of(gen) == "causal-lm"
     kw: dict[str, Any] = {
         "model": str(gen.model_path),
-        "runner": "pooling" if gen.task == "embed" else "generate",
+        "runner": "generate" if causal else "pooling",
         "dtype": gen.dtype,
         "max_num_seqs": gen.max_num_seqs,
         "tensor_parallel_size": gen.tensor_parallel_size,
@@ -60,7 +115,7 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
         # Batch jobs' inputs (priority 1) wait in the engine behind interactive ones.
         "scheduling_policy": "priority",
     }
-    if gen.task == "score":
+    if causal:
         kw["logprobs_mode"] = "raw_logits"
         kw["max_logprobs"] = MAX_LOGIT_IDS
         # Rerank prompts share a long prefix (instruction + query): reuse its KV cache.
@@ -119,6 +174,17 @@ class Engine:
         self.max_model_len: int = llm.model_config.max_model_len
         self._tokenizer: Any = None
         self._truncator: prompts.TruncateTokens | None = None
+        chosen = score_type_of(gen)
+        #: How this engine scores a pair (:data:`~worker.protocol.ScoreType`): an embedding
+        #: engine's cosine, the causal-LM recipe, or the type vLLM gives the checkpoint.
+        self.score_type: ScoreType = llm.model_config.score_type if chosen is None else chosen
+        if gen.task == "score" and chosen not in (None, "causal-lm"):
+            # An explicit pooling type: what vLLM made of the checkpoint is what runs (a
+            # mismatch with the config is reported by model_adverts).
+            self.score_type = llm.model_config.score_type
+        #: A query's embedding being computed, shared by the pairs that have that query:
+        #: (pooling task, token ids) -> its output.
+        self._shared: dict[tuple[str, tuple[int, ...]], asyncio.Future[Any]] = {}
 
     @classmethod
     def start(cls, gen: GeneratorConfig, model_name: str) -> Engine:
@@ -141,6 +207,11 @@ class Engine:
     def max_num_batched_tokens(self) -> int:
         """Tokens the vLLM scheduler puts into one engine step."""
         return int(self.llm.vllm_config.scheduler_config.max_num_batched_tokens)
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of a sequence classifier (a cross-encoder reranker has one)."""
+        return int(getattr(self.llm.model_config.hf_config, "num_labels", 1) or 1)
 
     @property
     def vocab_size(self) -> int:
@@ -181,6 +252,18 @@ class Engine:
         to_tokenize: list[int] = []  # indices of the texts in ``texts``
         texts: list[str] = []
         for i, item in enumerate(items):
+            if item.text_pair is not None:
+                if self.score_type == "causal-lm":
+                    out.append(
+                        InvalidInput(
+                            ErrorCode.INVALID_INPUT,
+                            "a causal-LM reranker scores pairs through its rerank prompt "
+                            "(return_logits), not text_pair",
+                        )
+                    )
+                else:
+                    out.append(self._pair_prompt(tok, item.text or "", item.text_pair, item))
+                continue
             if item.token_ids is not None:
                 ids = item.token_ids
                 out.append(
@@ -222,13 +305,40 @@ class Engine:
             out[i] = list(ids) if not isinstance(ids, InvalidInput) else ids
         return out
 
+    def _pair_prompt(
+        self, tok: Any, query: str, document: str, item: WorkItem
+    ) -> PairPrompt | InvalidInput:
+        """A pair's token ids (see :class:`PairPrompt`), as vLLM's score API tokenizes it;
+        ``truncate_prompt_tokens`` cuts the document of a cross-encoder pair (the query is
+        kept whole) and each text of the other types."""
+        limit = item.truncate_prompt_tokens
+        if self.score_type == "cross-encoder":
+            if not self.llm.model_config.use_sep_token:  # an LLM as a reranker: one text
+                joined = _encode_one(tok, query + document, limit)
+                return joined if isinstance(joined, InvalidInput) else PairPrompt(joined)
+            kw: dict[str, Any] = {}
+            if limit is not None:
+                kw = {"truncation": "only_second", "max_length": limit}
+            try:
+                enc = tok(text=query, text_pair=document, add_special_tokens=True, **kw)
+            except Exception as e:  # noqa: BLE001 - the tokenizer's own error, per input
+                return InvalidInput(ErrorCode.INVALID_INPUT, f"the tokenizer cannot encode: {e}")
+            types = enc.get("token_type_ids")
+            return PairPrompt(list(enc["input_ids"]), token_type_ids=list(types) if types else None)
+        first, second = _encode_one(tok, query, limit), _encode_one(tok, document, limit)
+        if isinstance(first, InvalidInput):
+            return first
+        if isinstance(second, InvalidInput):
+            return second
+        return PairPrompt(first, second)
+
     def _truncate_tokens(self, tok: Any) -> prompts.TruncateTokens:
         """``truncate_tokens`` for templates; by default to the longest prompt the engine takes
         (``max_model_len`` less the tokenizer's special tokens, and less the one output token
         of the scoring runner)."""
         if self._truncator is None:
             room = self.max_model_len - tok.num_special_tokens_to_add(pair=False)
-            if self.gen.task == "score":
+            if self.gen.task == "score" and self.score_type == "causal-lm":
                 room -= 1
             self._truncator = prompts.token_truncator(tok, max(room, 0))
         return self._truncator
@@ -237,23 +347,96 @@ class Engine:
         """Embed or score one item; ``prompt`` is its entry from :meth:`prepare`.
 
         Returns (float32 vector, prompt token count): the embedding ``[dim]`` (L2-normalised
-        unless ``normalize`` is false, first ``dimensions`` components when set), or the logits
-        ``[len(return_logits)]`` at the last position (softmax over them when ``normalize``).
+        unless ``normalize`` is false, first ``dimensions`` components when set), the logits
+        ``[len(return_logits)]`` at the last position (softmax over them when ``normalize``),
+        or a pair's score ``[1]`` (:meth:`_score_pair`).
         Raises :class:`InvalidInput` for a bad input, :class:`EngineDead` if vLLM has died.
         """
+        if isinstance(prompt, PairPrompt):
+            return await self._score_pair(item, prompt)
         if item.task == "embed":
             return await self._embed(item, prompt)
+        if self.score_type != "causal-lm":
+            raise InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS,
+                f"return_logits needs a causal-LM scoring model; this one is {self.score_type}",
+            )
         return await self._score(item, prompt)
 
+    async def _score_pair(self, item: WorkItem, prompt: PairPrompt) -> tuple[np.ndarray, int]:
+        """A (query, document) pair's score ``[1]`` by this engine's score type: the
+        cross-encoder's logit (its activation, e.g. a sigmoid, when ``normalize``), MaxSim of
+        the token embeddings, or the cosine of the embeddings."""
+        from vllm import PoolingParams
+
+        if self.score_type == "cross-encoder":
+            params = PoolingParams(task="classify", use_activation=item.normalize)
+            if prompt.token_type_ids:
+                from vllm.entrypoints.pooling.scoring.utils import compress_token_type_ids
+
+                try:
+                    first_one = compress_token_type_ids(prompt.token_type_ids)
+                except ValueError as e:
+                    raise InvalidInput(ErrorCode.INVALID_INPUT, str(e)) from None
+                params.extra_kwargs = {"compressed_token_type_ids": first_one}
+            out = await self._encode(item, prompt.first, params)
+            return out.outputs.data.float().numpy()[:1], len(prompt)
+        task = POOLING_TASK[self.score_type]
+        assert prompt.second is not None
+        query, document = await asyncio.gather(
+            self._encode_shared(item, prompt.first, task),
+            self._encode(item, prompt.second, PoolingParams(task=task)),
+        )
+        q, d = query.outputs.data.float(), document.outputs.data.float()
+        if self.score_type == "late-interaction":
+            from vllm.entrypoints.pooling.scoring.utils import compute_maxsim_score
+
+            score = compute_maxsim_score(q, d)
+        else:
+            import torch.nn.functional as F
+
+            score = F.cosine_similarity(q, d, dim=0)
+        return np.array([float(score)], dtype=np.float32), len(prompt)
+
+    async def _encode(self, item: WorkItem, ids: list[int], params: Any) -> Any:
+        """One ``AsyncLLM.encode`` of token ids: its final output."""
+        out = None
+        async for out in self._guard(  # noqa: B007 - the last output is used after the loop
+            item,
+            ids,
+            self.llm.encode(
+                self._vllm_prompt(ids),
+                params,
+                request_id=_request_id(item),
+                priority=item.priority or 0,
+            ),
+        ):
+            pass
+        assert out is not None
+        return out
+
+    async def _encode_shared(self, item: WorkItem, ids: list[int], task: PoolingTask) -> Any:
+        """:meth:`_encode` of a query that other pairs in the engine may share: one vLLM
+        request per distinct query in flight (a rerank's 100 documents embed its query once)."""
+        from vllm import PoolingParams
+
+        key = (task, tuple(ids))
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._encode(item, ids, PoolingParams(task=task)))
+            self._shared[key] = shared
+            shared.add_done_callback(lambda _: self._shared.pop(key, None))
+        return await asyncio.shield(shared)
+
     @staticmethod
-    def _vllm_prompt(prompt: Prompt) -> Any:
+    def _vllm_prompt(prompt: list[int]) -> Any:
         """The token ids as a rendered ``TokensInput``: vLLM adds them without another
         tokenizer pass."""
         from vllm.inputs.engine import tokens_input
 
         return tokens_input(prompt)
 
-    async def _embed(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+    async def _embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         from vllm import PoolingParams
 
         if item.dimensions is not None and item.dimensions < 1:
@@ -277,7 +460,7 @@ class Engine:
         vec = out.outputs.data.float().numpy()
         return vec, len(out.prompt_token_ids)
 
-    async def _score(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+    async def _score(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         from vllm import SamplingParams
 
         ids = item.return_logits or []

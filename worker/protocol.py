@@ -22,6 +22,15 @@ MAX_LOGIT_IDS = 128
 #: token ids at the last position).
 Task = Literal["embed", "score"]
 
+#: How a scoring model turns a (query, document) pair into a score, as vLLM names them plus
+#: this project's causal-LM recipe: ``causal-lm`` (the raw logits of chosen token ids at the
+#: last position of a rendered prompt; ``return_logits``), ``cross-encoder`` (a 1-label
+#: sequence classifier on the pair, one forward pass), ``late-interaction`` (ColBERT MaxSim
+#: over the two texts' token embeddings), ``bi-encoder`` (cosine of the two embeddings).
+ScoreType = Literal["causal-lm", "cross-encoder", "late-interaction", "bi-encoder"]
+#: The score types whose items are (``text``, ``text_pair``) pairs answered with one score.
+PAIR_SCORE_TYPES: frozenset[str] = frozenset({"cross-encoder", "late-interaction", "bi-encoder"})
+
 
 class ErrorCode(str, Enum):
     """Why an item failed: one stable name per cause, the same on both sides of the queue.
@@ -79,8 +88,10 @@ class ModelAdvert(_Wire):
     description: str = ""
     #: Scoring workers: vocabulary size of the logits, so the gateway can reject bad ids early.
     vocab_size: int | None = None
-    #: Scoring workers: the rerank prompt and the yes/no token ids.
+    #: Scoring workers (causal-lm): the rerank prompt and the yes/no token ids.
     rerank: RerankSpec | None = None
+    #: Workers that serve ``score``: how the model scores a pair (:data:`ScoreType`).
+    score_type: ScoreType | None = None
 
 
 class PullRequest(_Wire):
@@ -120,9 +131,13 @@ class ItemSpec(BaseModel):
     #: ``truncate_tokens``: Fireworks' ``prompt_template``, and every rerank prompt.
     prompt_template: str | None = None
     fields: dict[str, Any] | None = None
+    #: score, pair score types (:data:`PAIR_SCORE_TYPES`): the document; ``text`` is the
+    #: query. The item's result is one float, the pair's score.
+    text_pair: str | None = None
     #: Matryoshka dimensions to keep (embed only).
     dimensions: int | None = None
-    #: embed: L2-normalise the vector. score: softmax over the selected logits.
+    #: embed: L2-normalise the vector. score: softmax over the selected logits (causal-lm);
+    #: the model's activation, e.g. a sigmoid, on a cross-encoder's logit.
     normalize: bool = True
     #: Truncate the prompt to this many tokens (keeping the start); ``None``: over-long is an
     #: error.
@@ -141,6 +156,8 @@ class ItemSpec(BaseModel):
             raise ValueError("exactly one of text, token_ids and fields must be set")
         if (self.fields is None) != (self.prompt_template is None):
             raise ValueError("fields and prompt_template go together")
+        if self.text_pair is not None and (self.text is None or self.task != "score"):
+            raise ValueError("text_pair goes with text, on a score item")
         return self
 
     def estimate_tokens(self) -> int:
@@ -154,7 +171,8 @@ class ItemSpec(BaseModel):
                 len(str(v).encode("utf-8")) for v in self.fields.values()
             )
             return size // 4 + 2
-        return len((self.text or "").encode("utf-8")) // 4 + 2
+        size = len((self.text or "").encode("utf-8")) + len((self.text_pair or "").encode("utf-8"))
+        return size // 4 + 2
 
 
 class WorkItem(ItemSpec):

@@ -1,0 +1,125 @@
+"""Tiny random-weight BERT rerankers, built on the spot: a 1-label
+``BertForSequenceClassification`` (a cross-encoder, as ms-marco-MiniLM is) and a ColBERT
+(``HF_ColBERT``: BERT + a linear projection of every token, as vLLM's ``ColBERTModel`` loads it).
+
+For tests and benchmarks of the scoring modes on CPU without downloading weights: fixed seed,
+``head_dim`` 32 (vLLM's CPU attention needs >= 32), and all-MiniLM-L6-v2's WordPiece tokenizer
+(copied from the bundled model), so the pair encoding and token type ids are a real BERT's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from devstack import localstack as ls
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+
+def _bert_config(hidden_size: int, layers: int, max_positions: int) -> dict[str, Any]:
+    source = json.loads((ls.minilm_path() / "config.json").read_text())
+    return {
+        "vocab_size": source["vocab_size"],
+        "hidden_size": hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden_size // 32,
+        "intermediate_size": 2 * hidden_size,
+        "max_position_embeddings": max_positions,
+        "type_vocab_size": 2,
+        "pad_token_id": source.get("pad_token_id", 0),
+    }
+
+
+def _copy_tokenizer(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        shutil.copy(ls.minilm_path() / name, path / name)
+
+
+def build_cross_encoder(
+    path: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2, max_positions: int = 512
+) -> Path:
+    """Write a 1-label ``BertForSequenceClassification`` + tokenizer to ``path``; return it."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    _copy_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(**_bert_config(hidden_size, layers, max_positions))
+    config.num_labels = 1
+    untyped: Any = BertForSequenceClassification  # an unannotated __init__
+    model = untyped(config)
+    with torch.no_grad():  # a wider spread of logits than the default init: no near-ties
+        model.classifier.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_colbert(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    max_positions: int = 512,
+    colbert_dim: int = 32,
+) -> Path:
+    """Write a ColBERT (``HF_ColBERT``: weights ``bert.*`` and ``linear.weight``
+    [colbert_dim, hidden]) + tokenizer to ``path``; return it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+
+    _copy_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(**_bert_config(hidden_size, layers, max_positions))
+    untyped: Any = BertModel  # transformers leaves its __init__ unannotated
+    bert = untyped(config, add_pooling_layer=False)
+    linear = torch.nn.Linear(hidden_size, colbert_dim, bias=False)
+    tensors = {f"bert.{k}": v.contiguous() for k, v in bert.state_dict().items()}
+    tensors["linear.weight"] = linear.weight.detach().contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    # No colbert_dim key: vLLM 0.32 takes the projection's size from linear.weight (given
+    # in the config, its ColBERTModel builds the layer before nn.Module.__init__ and fails).
+    cfg.update(architectures=["HF_ColBERT"], dtype="float32")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+class ColBERTReference:
+    """float32 ``transformers`` forward pass of a :func:`build_colbert` model: every token's
+    projected, L2-normalised embedding, and MaxSim (the sum over query tokens of the best dot
+    product with a document token)."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        weights = load_file(str(path / "model.safetensors"))
+        untyped: Any = BertModel  # transformers leaves its __init__ unannotated
+        self.bert = untyped(BertConfig.from_pretrained(path), add_pooling_layer=False).eval()
+        self.bert.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("bert.")})
+        self.linear = weights["linear.weight"]
+
+    def tokens(self, text: str) -> Any:
+        """float32 [n_tokens, colbert_dim], each row L2-normalised."""
+        with self.torch.no_grad():
+            enc = self.tok(text, return_tensors="pt")
+            hidden = self.bert(**enc).last_hidden_state[0] @ self.linear.T
+            return self.torch.nn.functional.normalize(hidden, dim=-1)
+
+    def maxsim(self, query: str, document: str) -> float:
+        q, d = self.tokens(query), self.tokens(document)
+        return float((q @ d.T).amax(dim=-1).sum())
