@@ -211,6 +211,12 @@ def start_gateway(
     )
 
 
+#: Workers of :func:`worker_config` run vLLM without ``torch.compile`` (``enforce_eager``):
+#: the tests set it (vLLM 0.32 on CPU recompiles the model at every engine start, 10-16 s,
+#: as its compile cache fails to load); the demo and the benchmarks keep vLLM's default.
+EAGER = False
+
+
 def worker_config(
     *,
     queue_url: str,
@@ -228,7 +234,9 @@ def worker_config(
 ) -> str:
     """A worker ``config.toml`` (edition 1) for a local stack; returns its text."""
     model_path = model_path or minilm_path()
-    task_table = "embedding_task" if task == "embed" else "scoring_task"
+    task_table = {"embed": "embedding_task", "score": "scoring_task"}.get(
+        task, "classification_task"
+    )
     return f"""edition = 1
 {top_extra}
 
@@ -242,6 +250,7 @@ tensor_parallel_size = 1
 task = "{task}"
 dtype = "{dtype}"
 gpu_memory_utilization = 0.15
+{"enforce_eager = true" if EAGER else ""}
 {generator_extra}
 
 [queue]

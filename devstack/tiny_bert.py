@@ -1,6 +1,7 @@
-"""Tiny random-weight BERT rerankers, built on the spot: a 1-label
-``BertForSequenceClassification`` (a cross-encoder, as ms-marco-MiniLM is) and a ColBERT
-(``HF_ColBERT``: BERT + a linear projection of every token, as vLLM's ``ColBERTModel`` loads it).
+"""Tiny random-weight BERT models, built on the spot: a ``BertForSequenceClassification``
+with one label (a cross-encoder, as ms-marco-MiniLM is) or several (a classifier), and a
+ColBERT (``HF_ColBERT``: BERT + a linear projection of every token, as vLLM's ``ColBERTModel``
+loads it).
 
 For tests and benchmarks of the scoring modes on CPU without downloading weights: fixed seed,
 ``head_dim`` 32 (vLLM's CPU attention needs >= 32), and all-MiniLM-L6-v2's WordPiece tokenizer
@@ -45,20 +46,38 @@ def _copy_tokenizer(path: Path) -> None:
 
 
 def build_cross_encoder(
-    path: Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2, max_positions: int = 512
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    max_positions: int = 512,
+    labels: tuple[str, ...] = (),
 ) -> Path:
-    """Write a 1-label ``BertForSequenceClassification`` + tokenizer to ``path``; return it."""
+    """Write a ``BertForSequenceClassification`` + tokenizer to ``path``; return it. One label
+    (a cross-encoder reranker) unless ``labels`` names the classes of a classifier (its
+    ``id2label``, in order)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     _copy_tokenizer(path)
     torch.manual_seed(seed)
     config = BertConfig(**_bert_config(hidden_size, layers, max_positions))
-    config.num_labels = 1
+    config.num_labels = max(1, len(labels))
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
     untyped: Any = BertForSequenceClassification  # an unannotated __init__
     model = untyped(config)
     with torch.no_grad():  # a wider spread of logits than the default init: no near-ties
         model.classifier.weight.normal_(0.0, 1.0)
+        if labels:  # centred on STS sentences, so the predicted class depends on the input
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+            texts = ls.stsb_sentences(("dev",))[:64]
+            logits = model.eval()(**tok(texts, padding=True, return_tensors="pt")).logits
+            model.classifier.bias -= logits.mean(0)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

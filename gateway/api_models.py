@@ -1,11 +1,11 @@
 """Client-facing wire models: the OpenAI embeddings API with Fireworks' extensions
-(``dimensions``, ``normalize``, ``return_logits``), Fireworks' ``/v1/rerank`` and vLLM's
-``/v1/score``.
+(``dimensions``, ``normalize``, ``return_logits``) and quantized types (``embedding_type``),
+Fireworks' ``/v1/rerank``, vLLM's ``/v1/score`` and ``/v1/classify``.
 
 Sources: OpenAI API reference (embeddings, models, errors); Fireworks API reference
 (``/v1/embeddings`` with ``return_logits``, ``normalize``, ``prompt_template``; ``/v1/rerank``);
 vLLM's score API (``vllm/entrypoints/pooling/scoring/protocol.py``: ``ScoreTextRequest``,
-``ScoreResponse``).
+``ScoreResponse``) and classify API (``vllm/entrypoints/pooling/classify/protocol.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from gateway.quantize import EmbeddingType
 
 #: Inputs per request, as OpenAI's embeddings endpoint allows.
 MAX_INPUTS = 2048
@@ -50,12 +52,16 @@ class EmbeddingRequest(BaseModel):
     return_logits: list[StrictInt] | None = None
     #: vLLM extension: truncate each input to this many tokens instead of refusing it.
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    #: Quantized vectors (sentence-transformers' precisions, :mod:`gateway.quantize`):
+    #: ``int8`` / ``uint8`` integers per component, ``binary`` / ``ubinary`` packed sign bits
+    #: (``dim / 8`` integers); with ``encoding_format="base64"`` the bytes of those integers.
+    embedding_type: EmbeddingType = "float"
 
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[int] | list[float] | str
 
 
 class Usage(BaseModel):
@@ -138,6 +144,39 @@ class ScoreResponse(BaseModel):
     usage: ScoreUsage
 
 
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify`` (vLLM's ``ClassificationRequest``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    input: StrictStr | list[StrictStr]
+    #: vLLM: truncate each input to this many tokens instead of refusing it.
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    #: ``probs`` are the softmax over the class logits (default); false: the raw logits.
+    normalize: bool | None = None
+    #: vLLM's name for ``normalize``; either false gives the raw logits.
+    use_activation: bool | None = None
+
+
+class ClassifyData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassifyResponse(BaseModel):
+    """vLLM's ``ClassificationResponse``."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassifyData]
+    usage: ScoreUsage
+
+
 class ModelCard(BaseModel):
     """One entry of ``GET /v1/models`` (OpenAI shape plus what the workers advertise)."""
 
@@ -153,6 +192,8 @@ class ModelCard(BaseModel):
     #: How the model scores (query, document) pairs, for models with task ``score``:
     #: ``causal-lm``, ``cross-encoder``, ``late-interaction`` or ``bi-encoder``.
     score_type: str | None = None
+    #: A classifier's class labels, in index order.
+    labels: list[str] | None = None
 
 
 class ModelList(BaseModel):

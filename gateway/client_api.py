@@ -1,5 +1,5 @@
 """Client routes (API keys, checked by :mod:`gateway.edge`): ``POST /v1/embeddings``,
-``POST /v1/rerank``, ``POST /v1/score``, ``GET /v1/models``.
+``POST /v1/rerank``, ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``.
 Thin handlers; the logic is in :mod:`gateway.serving`."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from gateway.api_models import (
+    ClassifyRequest,
+    ClassifyResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelList,
@@ -72,6 +74,13 @@ async def score(
     req: ScoreRequest, request: Request, serving: Serving = Depends(_serving_open)
 ) -> Response:
     return json_response(await serving.score(req, _disconnected(request)))
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+async def classify(
+    req: ClassifyRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_response(await serving.classify(req, _disconnected(request)))
 
 
 @router.get("/models", response_model=ModelList)

@@ -8,6 +8,7 @@ Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 import uuid
@@ -19,6 +20,9 @@ from pydantic import BaseModel
 
 from gateway import inputs, metrics
 from gateway.api_models import (
+    ClassifyData,
+    ClassifyRequest,
+    ClassifyResponse,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -34,11 +38,16 @@ from gateway.api_models import (
     Usage,
 )
 from gateway.errors import APIError, item_error
+from gateway.quantize import quantize
 from gateway.settings import GatewaySettings
 from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from worker.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
 
-_TASK_NAMES = {"embed": "embeddings", "score": "scoring (rerank, score, return_logits)"}
+_TASK_NAMES = {
+    "embed": "embeddings",
+    "score": "scoring (rerank, score, return_logits)",
+    "classify": "classification",
+}
 #: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
 QUEUE_FULL_RETRY_AFTER = 5
 
@@ -189,18 +198,34 @@ class Serving:
                 raise APIError(
                     400, "'dimensions' cannot be combined with 'return_logits'.", param="dimensions"
                 )
+            if req.embedding_type != "float":
+                raise APIError(
+                    400,
+                    "'embedding_type' cannot be combined with 'return_logits' (logits are float).",
+                    param="embedding_type",
+                )
             inputs.check_logit_ids(req.return_logits or [], advert)
         inputs.check_sizes(specs, "input", self._max_chars(advert))
+
+        kind = req.embedding_type
+        value_range = (advert.quantization_range if advert else None) or [-1.0, 1.0]
 
         def respond(results: list[ItemResult]) -> EmbeddingResponse:
             data = []
             for i, res in enumerate(results):
                 assert res.vector_b64 is not None
-                emb: list[float] | str = (
-                    res.vector_b64
-                    if req.encoding_format == "base64"
-                    else decode_vector(res.vector_b64).tolist()
-                )
+                emb: list[int] | list[float] | str
+                if kind != "float":
+                    packed = quantize(decode_vector(res.vector_b64)[None, :], kind, value_range)[0]
+                    emb = (
+                        base64.b64encode(packed.tobytes()).decode()
+                        if req.encoding_format == "base64"
+                        else packed.tolist()
+                    )
+                elif req.encoding_format == "base64":
+                    emb = res.vector_b64
+                else:
+                    emb = decode_vector(res.vector_b64).tolist()
                 data.append(EmbeddingData(index=i, embedding=emb))
             return EmbeddingResponse(data=data, model=req.model, usage=_usage(results))
 
@@ -324,6 +349,53 @@ class Serving:
 
         return Prepared(specs, "text_2", respond)
 
+    async def classify(
+        self, req: ClassifyRequest, disconnected: Disconnected | None = None
+    ) -> ClassifyResponse:
+        """``POST /v1/classify`` (vLLM's shape): each input's class probabilities and label."""
+        prepared = await self.prepare_classify(req)
+        return prepared.respond(await self.run(prepared.specs, prepared.field, disconnected))
+
+    async def prepare_classify(self, req: ClassifyRequest) -> Prepared[ClassifyResponse]:
+        """Check a classify request and turn it into queue entries, one per input (raises
+        APIError 4xx as for embeddings: empty input, over-long, a model without the task)."""
+        inputs.check_request_unicode(req)
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        inputs.check_inputs(texts, "input")
+        advert = await self.check_model(req.model, "classify")
+        normalize = req.normalize is not False and req.use_activation is not False
+        specs = [
+            ItemSpec(
+                model=req.model,
+                task="classify",
+                text=t,
+                normalize=normalize,
+                truncate_prompt_tokens=req.truncate_prompt_tokens,
+            )
+            for t in texts
+        ]
+        inputs.check_sizes(specs, "input", self._max_chars(advert))
+
+        known = list(advert.labels or []) if advert else []  # none yet: LABEL_<i>
+
+        def respond(results: list[ItemResult]) -> ClassifyResponse:
+            data = []
+            for i, r in enumerate(results):
+                probs = decode_vector(r.vector_b64 or "").tolist()
+                best = max(range(len(probs)), key=probs.__getitem__)
+                label = known[best] if best < len(known) else f"LABEL_{best}"
+                data.append(ClassifyData(index=i, label=label, probs=probs, num_classes=len(probs)))
+            n = sum(r.prompt_tokens for r in results)
+            return ClassifyResponse(
+                id=f"classify-{uuid.uuid4().hex}",
+                created=int(time.time()),
+                model=req.model,
+                data=data,
+                usage=ScoreUsage(prompt_tokens=n, total_tokens=n),
+            )
+
+        return Prepared(specs, "input", respond)
+
     async def _scoring_advert(self, model: str) -> ModelAdvert:
         """The advert of a model that scores pairs; 404 / 400 as :meth:`check_model`, 503
         before any worker advertised how it scores them."""
@@ -369,6 +441,7 @@ class Serving:
                     checkpoint_name=adv.checkpoint_name,
                     description=adv.description,
                     score_type=adv.score_type,
+                    labels=adv.labels,
                 )
                 for name, (adv, n) in sorted(available.items())
             ]

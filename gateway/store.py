@@ -77,7 +77,7 @@ def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
     """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
     a vector must be base64 of whole little-endian float32s, all finite, of the expected
     length (``dimensions`` when set; ``len(return_logits)`` for logits, 1 for a pair's score;
-    not checked without ``spec``)."""
+    not checked for class probabilities or without ``spec``)."""
     if result.error is not None:
         return result
     why = None
@@ -96,6 +96,8 @@ def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
             if spec is not None:
                 if spec.task == "embed":
                     want = spec.dimensions
+                elif spec.task == "classify":  # one value per class of the model
+                    want = None
                 else:  # a pair's one score, or the selected logits
                     want = 1 if spec.text_pair is not None else len(spec.return_logits or [])
             if want is not None and vec.size != want:

@@ -123,7 +123,7 @@ def _good(model_dir: Path) -> str:
         (
             lambda t: t.replace('task = "embed"', 'task = "generate"'),
             "generator.task",
-            "'embed' or 'score'",
+            "'embed', 'score' or 'classify'",
         ),
         (
             lambda t: t.replace("[monitoring]", "[monitoring]\nmetrics_port = 70000\n").replace(

@@ -4,6 +4,7 @@ metric tables against what the processes export, the promises table against the 
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from pydantic_core import PydanticUndefined
 from tests.support import InProcessGateway
 from worker import metrics as worker_metrics
 from worker.config import (
+    ClassificationTask,
     Config,
     EmbeddingTask,
     GeneratorConfig,
@@ -35,7 +37,11 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "## `[monitoring]`": MonitoringConfig,
 }
 #: Tables of tables: documented as ``embedding_task.supported`` etc.
-NESTED: dict[str, type[BaseModel]] = {"embedding_task": EmbeddingTask, "scoring_task": ScoringTask}
+NESTED: dict[str, type[BaseModel]] = {
+    "embedding_task": EmbeddingTask,
+    "scoring_task": ScoringTask,
+    "classification_task": ClassificationTask,
+}
 #: Defaults the table describes in words instead of a value.
 IN_WORDS = (
     "required",
@@ -125,7 +131,10 @@ def test_documented_defaults_are_the_defaults(section):
             continue
         if any(w in cell for w in IN_WORDS):
             continue
-        values = [parse_default(v) for v in re.split(r",| / ", cell)]
+        if cell.strip("`").startswith("[") and len(keys) == 1:  # one list value, e.g. [-1.0, 1.0]
+            values = [json.loads(cell.strip("`"))]
+        else:
+            values = [parse_default(v) for v in re.split(r",| / ", cell)]
         assert [defaults[k] for k in keys] == values, row
 
 

@@ -89,6 +89,8 @@ def test_fuzzed_client_routes(gateway: ls.Proc, embed_worker: ls.Proc) -> None:
     assert set(done) == {
         "POST /v1/embeddings",
         "POST /v1/rerank",
+        "POST /v1/score",
+        "POST /v1/classify",
         "GET /v1/models",
         "POST /v1/files",
         "GET /v1/files",

@@ -21,20 +21,24 @@ class FakeLLM:
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(ls.minilm_path())
-        self.model_config = type("ModelConfig", (), {"max_model_len": 256})()
+        self.model_config = type(
+            "ModelConfig",
+            (),
+            {"max_model_len": 256, "score_type": "cross-encoder", "use_sep_token": True},
+        )()
 
     def get_tokenizer(self) -> Any:
         return self.tok
 
 
-def item(text: str, **kw: Any) -> WorkItem:
+def item(text: str, task: str = "embed", **kw: Any) -> WorkItem:
     return WorkItem(
         item_id="i",
         lease_id="1:w",
         lease_seconds=30,
         attempt=1,
         model="m",
-        task="embed",
+        task=task,
         text=text,
         **kw,
     )
@@ -66,3 +70,26 @@ async def test_a_long_text_is_tokenized_and_truncated_off_the_event_loop():
     assert isinstance(whole, list) and len(whole) > 200_000  # the 400 is worded from this
     assert took > 0.2  # the work is real ...
     assert max(gaps) < took / 2, (max(gaps), took)  # ... and the loop kept running
+
+
+async def test_cross_encoder_pairs_are_encoded_together_as_the_tokenizer_encodes_a_pair():
+    """A pulled batch's cross-encoder pairs: one tokenizer call, the ids and token type ids of
+    each pair as ``tokenizer(query, document)`` gives them; a truncated pair keeps its query
+    whole; an item that cannot be encoded fails alone."""
+    llm = FakeLLM()
+    engine = Engine(llm, GeneratorConfig(model_path=ls.minilm_path(), task="score"), "m")
+    assert engine.score_type == "cross-encoder"
+    docs = ["Paris is the capital of France.", "Cats purr.", "word " * 40]
+    pairs = [item("capital of France?", text_pair=d, task="score") for d in docs]
+    pairs.append(item("q", text_pair="word " * 40, task="score", truncate_prompt_tokens=12))
+    pairs.append(item("q", text_pair="bad \ud800", task="score"))
+    got = await engine.prepare(pairs)
+    for prompt, doc in zip(got[:3], docs, strict=True):
+        want = llm.tok("capital of France?", doc)
+        assert prompt.first == want["input_ids"] and prompt.second is None
+        assert prompt.token_type_ids == want["token_type_ids"]
+    truncated = got[3]
+    cls_q, sep = llm.tok("q")["input_ids"][:2], llm.tok.sep_token_id
+    assert len(truncated.first) == 12 and truncated.first[:3] == [*cls_q, sep]  # query whole
+    assert truncated.token_type_ids == [0, 0, 0] + [1] * 9
+    assert "cannot encode" in got[4].message

@@ -65,7 +65,8 @@ class GeneratorConfig(_Strict):
     type: Literal["vllm"] = "vllm"
     model_path: LaxPath
     #: ``embed``: pooled embeddings. ``score``: scores of (query, document) pairs and, on a
-    #: causal LM, logits of chosen token ids at the last position.
+    #: causal LM, logits of chosen token ids at the last position. ``classify``: a sequence
+    #: classifier's class probabilities (vLLM's pooling runner, ``classify``).
     task: Task = "embed"
     #: How ``task = "score"`` scores a pair (:data:`~worker.protocol.ScoreType`). By default
     #: from the checkpoint: a ``*ForCausalLM`` architecture is ``causal-lm`` (vLLM's generate
@@ -95,6 +96,26 @@ class GeneratorConfig(_Strict):
 
 class EmbeddingTask(_Strict):
     """``[queue.models."<name>".embedding_task]``."""
+
+    supported: bool = False
+    #: The range [low, high] each component of an ``int8`` / ``uint8`` embedding is quantized
+    #: over (256 steps); the default fits L2-normalised vectors. Narrow it to the model's
+    #: observed range for finer steps.
+    quantization_range: list[Annotated[float, Field(strict=False)]] = Field(
+        default=[-1.0, 1.0], min_length=2, max_length=2
+    )
+
+    @field_validator("quantization_range")
+    @classmethod
+    def _ordered(cls, v: list[float]) -> list[float]:
+        if not v[0] < v[1]:
+            raise ValueError("expected [low, high] with low < high")
+        return v
+
+
+class ClassificationTask(_Strict):
+    """``[queue.models."<name>".classification_task]``: ``/v1/classify`` with a sequence
+    classification model (``generator.task = "classify"``)."""
 
     supported: bool = False
 
@@ -146,14 +167,17 @@ class ModelEntry(_Strict):
     description: str = ""
     embedding_task: EmbeddingTask = EmbeddingTask()
     scoring_task: ScoringTask = ScoringTask()
+    classification_task: ClassificationTask = ClassificationTask()
 
     def tasks(self) -> list[Task]:
-        """Task names advertised to the queue (``embed``, ``score``)."""
+        """Task names advertised to the queue (``embed``, ``score``, ``classify``)."""
         out: list[Task] = []
         if self.embedding_task.supported:
             out.append("embed")
         if self.scoring_task.supported:
             out.append("score")
+        if self.classification_task.supported:
+            out.append("classify")
         return out
 
 
@@ -339,7 +363,9 @@ def _check_models(path: Path, cfg: Config) -> None:
         )
     for name, entry in cfg.queue.models.items():
         if want not in entry.tasks():
-            table = "embedding_task" if want == "embed" else "scoring_task"
+            table = {"embed": "embedding_task", "score": "scoring_task"}.get(
+                want, "classification_task"
+            )
             raise ConfigError(
                 f'{path}: queue.models."{name}".{table}.supported: expected true, because '
                 f'generator.task = "{want}" (this model advertises: {entry.tasks() or "nothing"})'
@@ -404,14 +430,23 @@ class EngineFacts(Protocol):
     @property
     def num_labels(self) -> int: ...
 
+    @property
+    def labels(self) -> list[str]: ...
+
 
 def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
     """What the worker tells the queue about each ``queue.models."<name>"``, with the engine's
     context length; for a model that scores, the engine's score type and, for ``causal-lm``,
     the vocabulary size and the rerank prompt with its (false, true) token ids resolved by the
-    model's tokenizer. Raises :class:`ConfigError` naming the key if a rerank token is not one
-    token of the tokenizer."""
+    model's tokenizer; for a classifier its labels; for embeddings the int8 / uint8 range.
+    Raises :class:`ConfigError` naming the key if a rerank token is not one token of the
+    tokenizer, or a classifying engine's model is not a sequence classifier."""
     gen = cfg.generator
+    if gen.task == "classify" and engine.score_type != "cross-encoder":
+        raise ConfigError(
+            f'{cfg.source}: generator.task: "classify" needs a sequence classification model '
+            f"(e.g. *ForSequenceClassification); vLLM serves this one as {engine.score_type}"
+        )
     if gen.task == "score" and gen.score_type not in (None, engine.score_type):
         raise ConfigError(
             f'{cfg.source}: generator.score_type: "{gen.score_type}" does not fit this '
@@ -457,6 +492,10 @@ def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
                 vocab_size=engine.vocab_size if causal else None,
                 rerank=rerank,
                 score_type=score_type,
+                labels=engine.labels if "classify" in tasks else None,
+                quantization_range=(
+                    entry.embedding_task.quantization_range if "embed" in tasks else None
+                ),
             )
         )
     return out

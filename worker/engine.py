@@ -2,6 +2,8 @@
 
 ``task = "embed"``: vLLM's pooling runner with ``PoolingParams(task="embed")``; a (query,
 document) pair scores as the cosine of the two embeddings (``bi-encoder``).
+``task = "classify"``: the pooling runner's ``classify`` task on a sequence classifier; the
+class logits, their softmax by default.
 ``task = "score"``, by the checkpoint's score type (:func:`score_type_of`):
 
 - ``causal-lm``: vLLM's generate runner with ``logprobs_mode="raw_logits"`` and one output
@@ -174,14 +176,17 @@ class Engine:
         self.max_model_len: int = llm.model_config.max_model_len
         self._tokenizer: Any = None
         self._truncator: prompts.TruncateTokens | None = None
-        chosen = score_type_of(gen)
         #: How this engine scores a pair (:data:`~worker.protocol.ScoreType`): an embedding
-        #: engine's cosine, the causal-LM recipe, or the type vLLM gives the checkpoint.
-        self.score_type: ScoreType = llm.model_config.score_type if chosen is None else chosen
-        if gen.task == "score" and chosen not in (None, "causal-lm"):
-            # An explicit pooling type: what vLLM made of the checkpoint is what runs (a
-            # mismatch with the config is reported by model_adverts).
-            self.score_type = llm.model_config.score_type
+        #: engine's cosine, the causal-LM recipe on the generate runner, or else the type vLLM
+        #: gives the checkpoint on the pooling runner (a mismatch with ``generator.score_type``
+        #: is reported by ``model_adverts``).
+        self.score_type: ScoreType = (
+            "bi-encoder"
+            if gen.task == "embed"
+            else "causal-lm"
+            if gen.task == "score" and score_type_of(gen) == "causal-lm"
+            else llm.model_config.score_type
+        )
         #: A query's embedding being computed, shared by the pairs that have that query:
         #: (pooling task, token ids) -> its output.
         self._shared: dict[tuple[str, tuple[int, ...]], asyncio.Future[Any]] = {}
@@ -214,6 +219,14 @@ class Engine:
         return int(getattr(self.llm.model_config.hf_config, "num_labels", 1) or 1)
 
     @property
+    def labels(self) -> list[str]:
+        """A classifier's class labels in index order (``id2label``; ``LABEL_<i>`` where the
+        config names none)."""
+        id2label = getattr(self.llm.model_config.hf_config, "id2label", None) or {}
+        named = {int(k): str(v) for k, v in id2label.items()}
+        return [named.get(i, f"LABEL_{i}") for i in range(self.num_labels)]
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the model's logits (valid ``return_logits`` ids are below this)."""
         return int(self.llm.model_config.get_vocab_size())
@@ -240,7 +253,8 @@ class Engine:
         without ``truncate_prompt_tokens`` tokenized in one call of the model's fast tokenizer.
 
         Returns per item: token ids (``list[int]``; ids equal vLLM's own tokenization,
-        ``add_special_tokens=True``, truncated to ``truncate_prompt_tokens`` when set), or the
+        ``add_special_tokens=True``, truncated to ``truncate_prompt_tokens`` when set), a
+        pair's :class:`PairPrompt` (a cross-encoder's pairs encoded together in one call), or the
         :class:`InvalidInput` of that item (a template error, text the tokenizer cannot
         encode). Handing vLLM token ids spares it a tokenizer call per request on the event
         loop that the pull and post calls share: a long text never blocks that loop.
@@ -251,6 +265,8 @@ class Engine:
         out: list[Prompt | InvalidInput] = []
         to_tokenize: list[int] = []  # indices of the texts in ``texts``
         texts: list[str] = []
+        pairs: list[int] = []  # cross-encoder pairs encoded together in one call
+        one_call = self.score_type == "cross-encoder" and self.llm.model_config.use_sep_token
         for i, item in enumerate(items):
             if item.text_pair is not None:
                 if self.score_type == "causal-lm":
@@ -261,6 +277,9 @@ class Engine:
                             "(return_logits), not text_pair",
                         )
                     )
+                elif one_call and item.truncate_prompt_tokens is None:
+                    out.append(PairPrompt([]))  # its ids come from the pair call below
+                    pairs.append(i)
                 else:
                     out.append(self._pair_prompt(tok, item.text or "", item.text_pair, item))
                 continue
@@ -303,6 +322,23 @@ class Engine:
             encoded = [_encode_one(tok, t) for t in texts]
         for i, ids in zip(to_tokenize, encoded, strict=True):
             out[i] = list(ids) if not isinstance(ids, InvalidInput) else ids
+        if pairs:
+            try:
+                enc = tok(
+                    [items[i].text or "" for i in pairs],
+                    [items[i].text_pair or "" for i in pairs],
+                    add_special_tokens=True,
+                )
+                types = enc.get("token_type_ids")
+                for k, i in enumerate(pairs):
+                    out[i] = PairPrompt(
+                        list(enc["input_ids"][k]),
+                        token_type_ids=list(types[k]) if types else None,
+                    )
+            except Exception:  # noqa: BLE001 - find the pairs that fail, keep the rest
+                for i in pairs:
+                    pair = items[i]
+                    out[i] = self._pair_prompt(tok, pair.text or "", pair.text_pair or "", pair)
         return out
 
     def _pair_prompt(
@@ -349,13 +385,16 @@ class Engine:
         Returns (float32 vector, prompt token count): the embedding ``[dim]`` (L2-normalised
         unless ``normalize`` is false, first ``dimensions`` components when set), the logits
         ``[len(return_logits)]`` at the last position (softmax over them when ``normalize``),
-        or a pair's score ``[1]`` (:meth:`_score_pair`).
+        a pair's score ``[1]`` (:meth:`_score_pair`), or a classifier's class probabilities
+        ``[num_labels]`` (logits unless ``normalize``).
         Raises :class:`InvalidInput` for a bad input, :class:`EngineDead` if vLLM has died.
         """
         if isinstance(prompt, PairPrompt):
             return await self._score_pair(item, prompt)
         if item.task == "embed":
             return await self._embed(item, prompt)
+        if item.task == "classify":
+            return await self._classify(item, prompt)
         if self.score_type != "causal-lm":
             raise InvalidInput(
                 ErrorCode.INVALID_TOKEN_IDS,
@@ -459,6 +498,18 @@ class Engine:
         assert out is not None
         vec = out.outputs.data.float().numpy()
         return vec, len(out.prompt_token_ids)
+
+    async def _classify(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """A sequence classifier's class logits ``[num_labels]`` (vLLM's ``classify`` task
+        without its activation), their softmax when ``normalize``."""
+        from vllm import PoolingParams
+
+        out = await self._encode(item, prompt, PoolingParams(task="classify", use_activation=False))
+        logits = out.outputs.data.float().numpy().astype(np.float32)
+        if item.normalize:
+            z = np.exp(logits.astype(np.float64) - logits.max())
+            logits = (z / z.sum()).astype(np.float32)
+        return logits, len(out.prompt_token_ids)
 
     async def _score(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         from vllm import SamplingParams

@@ -18,9 +18,10 @@ PREFIX = "/queue/v1"
 #: Token ids per ``return_logits`` (vLLM caps ``logprob_token_ids`` per request at this many).
 MAX_LOGIT_IDS = 128
 
-#: What a worker does with an item: ``embed`` (pooled embedding) or ``score`` (logits of chosen
-#: token ids at the last position).
-Task = Literal["embed", "score"]
+#: What a worker does with an item: ``embed`` (pooled embedding), ``score`` (a pair's score, or
+#: logits of chosen token ids at the last position) or ``classify`` (a sequence classifier's
+#: class probabilities or logits).
+Task = Literal["embed", "score", "classify"]
 
 #: How a scoring model turns a (query, document) pair into a score, as vLLM names them plus
 #: this project's causal-LM recipe: ``causal-lm`` (the raw logits of chosen token ids at the
@@ -92,6 +93,12 @@ class ModelAdvert(_Wire):
     rerank: RerankSpec | None = None
     #: Workers that serve ``score``: how the model scores a pair (:data:`ScoreType`).
     score_type: ScoreType | None = None
+    #: Workers that serve ``classify``: the class labels in index order (the model's
+    #: ``id2label``).
+    labels: list[str] | None = None
+    #: Workers that serve ``embed``: the calibration range [low, high] of ``int8`` / ``uint8``
+    #: embeddings (each component's range; values outside it are clipped).
+    quantization_range: list[float] | None = None
 
 
 class PullRequest(_Wire):
@@ -137,7 +144,8 @@ class ItemSpec(BaseModel):
     #: Matryoshka dimensions to keep (embed only).
     dimensions: int | None = None
     #: embed: L2-normalise the vector. score: softmax over the selected logits (causal-lm);
-    #: the model's activation, e.g. a sigmoid, on a cross-encoder's logit.
+    #: the model's activation, e.g. a sigmoid, on a cross-encoder's logit. classify: softmax
+    #: over the class logits.
     normalize: bool = True
     #: Truncate the prompt to this many tokens (keeping the start); ``None``: over-long is an
     #: error.
