@@ -5,7 +5,7 @@ vLLM documents for Qwen3-Reranker), in one run. Then a cross-encoder (a 1-label
 ``BertForSequenceClassification``) through this project's ``/v1/rerank`` and ``vllm serve``'s
 ``/rerank`` on the same model, the same documents, the same run.
 
-    python bench/rerank.py [--docs 256] [--dtype float32] [--rounds 3]
+    python bench/rerank.py [--docs 256] [--dtype float32] [--rounds 15]
 
 The models are tiny random-weight ones built on the spot (no weights can be downloaded here):
 a Qwen3ForCausalLM with Qwen3-Reranker's architecture and prompt, so the shape of the work (a
@@ -258,7 +258,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--docs", type=int, default=256)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--rounds", type=int, default=3, help="cross-encoder requests per path")
+    p.add_argument("--rounds", type=int, default=15, help="cross-encoder requests per path")
     p.add_argument("--skip-causal", action="store_true", help="only the cross-encoder")
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
