@@ -338,13 +338,12 @@ class Serving:
                 )
                 for i, r in enumerate(results)
             ]
-            n = sum(r.prompt_tokens for r in results)
             return ScoreResponse(
                 id=f"score-{uuid.uuid4().hex}",
                 created=int(time.time()),
                 model=req.model,
                 data=data,
-                usage=ScoreUsage(prompt_tokens=n, total_tokens=n),
+                usage=ScoreUsage(**_usage(results).model_dump()),
             )
 
         return Prepared(specs, "text_2", respond)
@@ -385,13 +384,12 @@ class Serving:
                 best = max(range(len(probs)), key=probs.__getitem__)
                 label = known[best] if best < len(known) else f"LABEL_{best}"
                 data.append(ClassifyData(index=i, label=label, probs=probs, num_classes=len(probs)))
-            n = sum(r.prompt_tokens for r in results)
             return ClassifyResponse(
                 id=f"classify-{uuid.uuid4().hex}",
                 created=int(time.time()),
                 model=req.model,
                 data=data,
-                usage=ScoreUsage(prompt_tokens=n, total_tokens=n),
+                usage=ScoreUsage(**_usage(results).model_dump()),
             )
 
         return Prepared(specs, "input", respond)

@@ -5,7 +5,6 @@ end-to-end tests on real engines: ``test_classify.py``)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
@@ -41,27 +40,8 @@ async def gw() -> Any:
 
 
 async def serve(gw: InProcessGateway, call: Any, values: Any) -> tuple[Any, list[dict[str, Any]]]:
-    """Send ``call``, pull its items as the worker, answer each with ``values(item)``."""
-    response = asyncio.ensure_future(call)
-    items: list[dict[str, Any]] = []
-    while not response.done():
-        body = {"worker_id": "w", "models": MODELS, "max_items": 64, "wait_seconds": 0.2}
-        got = (await gw.worker.post("/pull", json=body)).json()["items"]
-        items += got
-        if got:
-            results = [
-                {
-                    "item_id": i["item_id"],
-                    "lease_id": i["lease_id"],
-                    "prompt_tokens": 4,
-                    "vector_b64": base64.b64encode(
-                        np.array(values(i), dtype="<f4").tobytes()
-                    ).decode(),
-                }
-                for i in got
-            ]
-            await gw.worker.post("/results", json={"worker_id": "w", "results": results})
-    return await response, items
+    """``call`` answered by this test as the worker (4 prompt tokens each; see ``answer_while``)."""
+    return await gw.answer_while(call, MODELS, values, prompt_tokens=4)
 
 
 PROBS = {"awful": [0.7, 0.2, 0.1], "fine": [0.2, 0.6, 0.2], "great": [0.05, 0.15, 0.8]}

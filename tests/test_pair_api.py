@@ -5,8 +5,6 @@ exactly, without vLLM (the end-to-end tests on real engines: ``test_pair_scoring
 
 from __future__ import annotations
 
-import asyncio
-import base64
 from typing import Any
 
 import numpy as np
@@ -39,28 +37,8 @@ async def gw() -> Any:
 
 
 async def serve(gw: InProcessGateway, call: Any, values: Any) -> tuple[Any, list[dict[str, Any]]]:
-    """Send ``call`` (a client request coroutine), pull its items as the worker and answer
-    each with ``values(item)`` (float32 list); returns (the response, the items)."""
-    response = asyncio.ensure_future(call)
-    items: list[dict[str, Any]] = []
-    while not response.done():
-        body = {"worker_id": "w", "models": [CROSS, CAUSAL], "max_items": 64, "wait_seconds": 0.2}
-        got = (await gw.worker.post("/pull", json=body)).json()["items"]
-        items += got
-        if got:
-            results = [
-                {
-                    "item_id": i["item_id"],
-                    "lease_id": i["lease_id"],
-                    "prompt_tokens": 5,
-                    "vector_b64": base64.b64encode(
-                        np.array(values(i), dtype="<f4").tobytes()
-                    ).decode(),
-                }
-                for i in got
-            ]
-            await gw.worker.post("/results", json={"worker_id": "w", "results": results})
-    return await response, items
+    """``call`` answered by this test as the worker (5 prompt tokens each; see ``answer_while``)."""
+    return await gw.answer_while(call, [CROSS, CAUSAL], values, prompt_tokens=5)
 
 
 SCORES = {"Paris is the capital.": 0.9, "Brasilia is a capital.": 0.2, "Cats purr.": 0.05}

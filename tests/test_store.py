@@ -630,36 +630,10 @@ async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
         await b.close()
 
 
-@pytest.mark.slow
-async def test_redis_keeps_a_requests_inputs_in_few_stream_entries(redis_server):
-    """A 2,048-input request is 64 stream entries of 32 inputs, not 2,048 entries; entries are
-    bounded by estimated tokens too."""
-    import redis
-
-    from gateway.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, RedisStore, stream_key
-
-    url = redis_server.url.rsplit("/", 1)[0] + "/2"
-    r = redis.Redis.from_url(url)
-    r.flushdb()
-    store = RedisStore(url, lease_seconds=5)
-    await store.start()
-    try:
-        await store.submit([spec(str(i)) for i in range(2048)])
-        assert r.xlen(stream_key("m", "embed")) == 2048 // INPUTS_PER_ENTRY == 64
-        long_text = "word " * 800  # 1,000 estimated tokens each
-        await store.submit([spec(long_text, model="long") for _ in range(10)])
-        per_entry = TOKENS_PER_ENTRY // 1000
-        assert r.xlen(stream_key("long", "embed")) == -(-10 // per_entry)
-        assert await store.depth() == {"m": 2048, "long": 10}
-    finally:
-        await store.close()
-
-
-@pytest.mark.slow
-async def test_redis_sends_concurrent_submits_together(redis_server):
-    """64 one-input requests at once: one or two SUBMIT script calls (Redis' own command
-    counts), not 64; a client that goes away while its request is being sent leaves nothing
-    queued."""
+@pytest.fixture
+async def redis_db2(redis_server: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """A Redis store on database 2 of the session's redis-server (emptied first), and a
+    plain ``redis`` client on that database to look at its keys."""
     import redis
 
     from gateway.redis_store import RedisStore
@@ -670,24 +644,49 @@ async def test_redis_sends_concurrent_submits_together(redis_server):
     store = RedisStore(url, lease_seconds=5)
     await store.start()
     try:
-        await store.submit([spec("warm")])  # the script is loaded
-        r.config_resetstat()
-        requests = await asyncio.gather(*(store.submit([spec(str(i))]) for i in range(64)))
-        calls = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
-        print(f"64 concurrent one-input submits: {calls} SUBMIT call(s)")
-        assert 1 <= calls <= 2
-        assert len({q.request_id for q in requests}) == 64
-        assert await store.depth() == {"m": 65}
-        gone = asyncio.create_task(store.submit([spec("gone")]))
-        await asyncio.sleep(0)  # queued for the sender, not sent yet
-        gone.cancel()
-        await wait_until(lambda: not store._submit_tasks, timeout=5)
-        await asyncio.sleep(0.1)
-        assert await store.depth() == {"m": 65}
-        texts = [i.text for i in await pull(store, n=100)]
-        assert "gone" not in texts and len(texts) == 65
+        yield r, store
     finally:
         await store.close()
+
+
+@pytest.mark.slow
+async def test_redis_keeps_a_requests_inputs_in_few_stream_entries(redis_db2):
+    """A 2,048-input request is 64 stream entries of 32 inputs, not 2,048 entries; entries are
+    bounded by estimated tokens too."""
+    from gateway.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, stream_key
+
+    r, store = redis_db2
+    await store.submit([spec(str(i)) for i in range(2048)])
+    assert r.xlen(stream_key("m", "embed")) == 2048 // INPUTS_PER_ENTRY == 64
+    long_text = "word " * 800  # 1,000 estimated tokens each
+    await store.submit([spec(long_text, model="long") for _ in range(10)])
+    per_entry = TOKENS_PER_ENTRY // 1000
+    assert r.xlen(stream_key("long", "embed")) == -(-10 // per_entry)
+    assert await store.depth() == {"m": 2048, "long": 10}
+
+
+@pytest.mark.slow
+async def test_redis_sends_concurrent_submits_together(redis_db2):
+    """64 one-input requests at once: one or two SUBMIT script calls (Redis' own command
+    counts), not 64; a client that goes away while its request is being sent leaves nothing
+    queued."""
+    r, store = redis_db2
+    await store.submit([spec("warm")])  # the script is loaded
+    r.config_resetstat()
+    requests = await asyncio.gather(*(store.submit([spec(str(i))]) for i in range(64)))
+    calls = int(r.info("commandstats")["cmdstat_evalsha"]["calls"])
+    print(f"64 concurrent one-input submits: {calls} SUBMIT call(s)")
+    assert 1 <= calls <= 2
+    assert len({q.request_id for q in requests}) == 64
+    assert await store.depth() == {"m": 65}
+    gone = asyncio.create_task(store.submit([spec("gone")]))
+    await asyncio.sleep(0)  # queued for the sender, not sent yet
+    gone.cancel()
+    await wait_until(lambda: not store._submit_tasks, timeout=5)
+    await asyncio.sleep(0.1)
+    assert await store.depth() == {"m": 65}
+    texts = [i.text for i in await pull(store, n=100)]
+    assert "gone" not in texts and len(texts) == 65
 
 
 async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):

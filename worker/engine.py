@@ -482,20 +482,10 @@ class Engine:
             raise InvalidInput(
                 ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
             )
-        vllm_prompt = self._vllm_prompt(prompt)
         params = PoolingParams(
             task="embed", dimensions=item.dimensions, use_activation=item.normalize
         )
-        out = None
-        async for out in self._guard(  # noqa: B007 - the last output is used after the loop
-            item,
-            prompt,
-            self.llm.encode(
-                vllm_prompt, params, request_id=_request_id(item), priority=item.priority or 0
-            ),
-        ):
-            pass
-        assert out is not None
+        out = await self._encode(item, prompt, params)
         vec = out.outputs.data.float().numpy()
         return vec, len(out.prompt_token_ids)
 
@@ -506,10 +496,7 @@ class Engine:
 
         out = await self._encode(item, prompt, PoolingParams(task="classify", use_activation=False))
         logits = out.outputs.data.float().numpy().astype(np.float32)
-        if item.normalize:
-            z = np.exp(logits.astype(np.float64) - logits.max())
-            logits = (z / z.sum()).astype(np.float32)
-        return logits, len(out.prompt_token_ids)
+        return (_softmax(logits) if item.normalize else logits), len(out.prompt_token_ids)
 
     async def _score(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         from vllm import SamplingParams
@@ -541,8 +528,7 @@ class Engine:
         step = out.outputs[0].logprobs[0]
         logits = np.array([step[i].logprob for i in ids], dtype=np.float32)
         if item.normalize:
-            z = np.exp(logits - logits.max())
-            logits = (z / z.sum()).astype(np.float32)
+            logits = _softmax(logits)
         return logits, len(out.prompt_token_ids)
 
     async def _guard(self, item: WorkItem, prompt: Prompt, gen: Any) -> Any:
@@ -604,6 +590,13 @@ class Engine:
     def alive(self) -> bool:
         """False once the engine core has died (or was shut down)."""
         return self.llm is not None and not self.llm.errored
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 softmax over ``logits`` [n] (computed in float64)."""
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    out: np.ndarray = (z / z.sum()).astype(np.float32)
+    return out
 
 
 def _request_id(item: WorkItem) -> str:

@@ -209,6 +209,38 @@ class InProcessGateway:
     async def metrics(self) -> str:
         return (await self.client.get("/metrics")).text
 
+    async def answer_while(
+        self, call: Any, models: list[dict[str, Any]], values: Any, prompt_tokens: int
+    ) -> tuple[Any, list[dict[str, Any]]]:
+        """Await ``call`` (a client request coroutine) while playing the worker of ``models``:
+        pull its items and answer each with ``values(item)`` (a float32 list) and
+        ``prompt_tokens``. Returns (the response, the items pulled)."""
+        import asyncio
+        import base64
+
+        import numpy as np
+
+        response = asyncio.ensure_future(call)
+        items: list[dict[str, Any]] = []
+        while not response.done():
+            body = {"worker_id": "w", "models": models, "max_items": 64, "wait_seconds": 0.2}
+            got = (await self.worker.post("/pull", json=body)).json()["items"]
+            items += got
+            if got:
+                results = [
+                    {
+                        "item_id": i["item_id"],
+                        "lease_id": i["lease_id"],
+                        "prompt_tokens": prompt_tokens,
+                        "vector_b64": base64.b64encode(
+                            np.array(values(i), dtype="<f4").tobytes()
+                        ).decode(),
+                    }
+                    for i in got
+                ]
+                await self.worker.post("/results", json={"worker_id": "w", "results": results})
+        return await response, items
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` (exact family sample name) in a /metrics text whose
