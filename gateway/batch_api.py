@@ -19,18 +19,18 @@ from gateway.files import FileStore, owner_of
 router = APIRouter(prefix="/v1")
 
 
-def _owner(request: Request) -> str:
+async def _owner(request: Request) -> str:
     token = bearer_token(request.headers.get("authorization"))
     assert token is not None  # the edge let the request in
     return owner_of(token)
 
 
-def _files(request: Request) -> FileStore:
+async def _files(request: Request) -> FileStore:
     files: FileStore = request.app.state.files
     return files
 
 
-def _batches(request: Request) -> Batches:
+async def _batches(request: Request) -> Batches:
     batches: Batches = request.app.state.batches
     return batches
 

@@ -25,7 +25,9 @@ from gateway.serving import Disconnected, Serving
 router = APIRouter(prefix="/v1")
 
 
-def _serving(request: Request) -> Serving:
+async def _serving(request: Request) -> Serving:
+    """(``async``: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop
+    per request.)"""
     serving: Serving = request.app.state.serving
     return serving
 
@@ -41,7 +43,7 @@ def _disconnected(request: Request) -> Disconnected:
     return wait
 
 
-def _serving_open(request: Request) -> Serving:
+async def _serving_open(request: Request) -> Serving:
     """The serving object; 503 while the gateway drains (after SIGTERM)."""
     if getattr(request.app.state, "draining", False):
         raise APIError(
@@ -51,7 +53,7 @@ def _serving_open(request: Request) -> Serving:
             code="draining",
             headers={"Retry-After": "1"},
         )
-    return _serving(request)
+    return await _serving(request)
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)

@@ -24,12 +24,12 @@ from worker.protocol import (
 router = APIRouter(prefix=PREFIX)
 
 
-def _store(request: Request) -> QueueStore:
+async def _store(request: Request) -> QueueStore:
     store: QueueStore = request.app.state.store
     return store
 
 
-def _scope(request: Request) -> WorkerScope:
+async def _scope(request: Request) -> WorkerScope:
     scope: WorkerScope = request.state.worker_scope
     return scope
 
