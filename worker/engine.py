@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,6 +176,8 @@ class Engine:
         self.max_model_len: int = llm.model_config.max_model_len
         self._tokenizer: Any = None
         self._truncator: prompts.TruncateTokens | None = None
+        #: The tokenizer's Rust backend for batches (:meth:`_encode_batch`); False: none.
+        self._backend: Any = None
         #: How this engine scores a pair (:data:`~worker.protocol.ScoreType`): an embedding
         #: engine's cosine, the causal-LM recipe on the generate runner, or else the type vLLM
         #: gives the checkpoint on the pooling runner (a mismatch with ``generator.score_type``
@@ -316,12 +318,13 @@ class Engine:
             out.append([])  # its ids come from the one call below
             to_tokenize.append(i)
             texts.append(text or "")
+        encoded: list[list[int]] | list[list[int] | InvalidInput]
         try:
-            encoded = tok(texts, add_special_tokens=True)["input_ids"] if texts else []
+            encoded = self._encode_batch(tok, texts) if texts else []
         except Exception:  # noqa: BLE001 - find the inputs that fail, keep the rest
             encoded = [_encode_one(tok, t) for t in texts]
-        for i, ids in zip(to_tokenize, encoded, strict=True):
-            out[i] = list(ids) if not isinstance(ids, InvalidInput) else ids
+        for i, encoding in zip(to_tokenize, encoded, strict=True):
+            out[i] = encoding
         if pairs:
             try:
                 enc = tok(
@@ -340,6 +343,24 @@ class Engine:
                     pair = items[i]
                     out[i] = self._pair_prompt(tok, pair.text or "", pair.text_pair or "", pair)
         return out
+
+    def _encode_batch(self, tok: Any, texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts`` (special tokens added, not truncated), as ``tok(texts)``
+        gives them: through the fast tokenizer's Rust backend (``tokenizers``), which encodes
+        the batch without holding the GIL, so the event loop and vLLM's engine thread keep
+        running meanwhile; ``tok`` itself where it has no such backend."""
+        if self._backend is None:
+            backend = getattr(tok, "_tokenizer", None)
+            if backend is not None and hasattr(backend, "encode_batch"):
+                # A copy: the tokenizer's own backend carries the truncation and padding of
+                # its last call (and tokenizer.json's defaults, e.g. MiniLM's 128).
+                backend = type(backend).from_str(backend.to_str())
+                backend.no_truncation()
+                backend.no_padding()
+            self._backend = backend or False
+        if self._backend is False:
+            return [list(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
 
     def _pair_prompt(
         self, tok: Any, query: str, document: str, item: WorkItem
@@ -599,8 +620,14 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Numbers vLLM request ids apart (an item's retry in this worker gets a new one).
+_REQUEST_NUMBERS = itertools.count()
+
+
 def _request_id(item: WorkItem) -> str:
-    return f"{item.item_id}-{item.lease_id}-{uuid.uuid4().hex[:8]}"
+    """A vLLM request id for one run of ``item``: unique in this process (vLLM adds a random
+    suffix of its own); a counter, not a uuid4 per input."""
+    return f"{item.item_id}-{item.lease_id}-{next(_REQUEST_NUMBERS)}"
 
 
 def _encode_one(tok: Any, text: str, truncate: int | None = None) -> list[int] | InvalidInput:
