@@ -5,18 +5,23 @@ Thin handlers over the queue store (:class:`gateway.store.QueueStore`)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
+from pydantic import ValidationError
 
 from gateway.api_models import json_response
 from gateway.auth import WorkerScope
+from gateway.errors import APIError, invalid_body
 from gateway.store import QueueStore
 from worker.protocol import (
     PREFIX,
+    RESULTS_BINARY,
     PullRequest,
     PullResponse,
     ReleaseRequest,
     ReleaseResponse,
+    ResultEncoding,
     ResultsRequest,
     ResultsResponse,
+    decode_results,
 )
 
 #: Worker tokens are checked before the body is read (:class:`gateway.edge.Edge`); a scoped
@@ -54,14 +59,42 @@ async def pull(
         req.max_tokens,
         req.max_batch_items,
     )
-    return json_response(PullResponse(items=items), exclude_none=True)
+    return json_response(
+        PullResponse(items=items, result_encodings=RESULT_ENCODINGS), exclude_none=True
+    )
 
 
-@router.post("/results", response_model=ResultsResponse)
+#: The results bodies this gateway takes, told to workers in every pull answer.
+RESULT_ENCODINGS: list[ResultEncoding] = ["json", "binary"]
+
+
+@router.post(
+    "/results",
+    response_model=ResultsResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": ResultsRequest.model_json_schema()},
+                RESULTS_BINARY: {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
 async def results(
-    req: ResultsRequest, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
+    request: Request, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
 ) -> Response:
-    """Answer items; idempotent (the first result wins)."""
+    """Answer items; idempotent (the first result wins). The body is JSON
+    (:class:`~worker.protocol.ResultsRequest`) or binary (``RESULTS_BINARY``); a malformed
+    one is a 400 naming what is wrong."""
+    body = await request.body()
+    binary = request.headers.get("content-type", "").split(";")[0].strip() == RESULTS_BINARY
+    try:
+        req = decode_results(body) if binary else ResultsRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise invalid_body(e.errors()[0]) from None
+    except ValueError as e:
+        raise APIError(400, f"Invalid binary results body: {e}") from None
     _check_items(scope, store, [r.item_id for r in req.results])
     done = await store.complete(req.worker_id, req.results)
     return json_response(

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 from devstack import localstack as ls
 from tests.conftest import FAULT_REPORTS
+from worker.protocol import RESULTS_BINARY
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,10 @@ def queue_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ls.Proc]
         yield proc
     finally:
         proc.stop()
+
+
+# The binary results body (docs/queue-protocol.md) is fuzzed as raw bytes, as octet-stream.
+schemathesis.serializer.alias(RESULTS_BINARY, "application/octet-stream")
 
 
 def _check(kind: str, case: schemathesis.Case, token: str) -> None:

@@ -423,3 +423,70 @@ async def test_a_full_queue_is_429_with_retry_after_and_nothing_of_it_queued(
             "/results", json={"worker_id": "w", "results": [ok(i, [1.0]) for i in items]}
         )
         assert (await waiting).status_code == 200
+
+
+async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
+    """A pull answer lists the results bodies the gateway takes; the worker's queue client
+    then posts the binary one (float32 values, no base64): the client gets the same vector,
+    and a malformed binary body is a 400 saying what is wrong."""
+    from worker.protocol import RESULTS_BINARY, ItemResult, PullRequest, WorkItem
+    from worker.queue_client import QueueClient
+
+    request = embed(gw, ["a", "b"])
+    qc = QueueClient("http://gateway", gw.WORKER_TOKEN, transport=gw.transport, retries=0)
+    sent: list[str] = []
+
+    async def record(req: httpx.Request) -> None:
+        sent.append(req.headers["content-type"])
+
+    qc._http.event_hooks["request"].append(record)
+    pulled: list[WorkItem] = []
+    while len(pulled) < 2:
+        pulled += await qc.pull(
+            PullRequest(worker_id="w", models=[ADVERT], max_items=8, wait_seconds=2)
+        )
+    assert qc.result_encodings == ["json", "binary"]
+    vectors = {"a": [0.25, -1.5, 3.0], "b": [1.0, 2.0, 0.0]}
+    done = await qc.post_results(
+        "w", [ItemResult.ok(i, np.array(vectors[i.text or ""]), 2) for i in pulled]
+    )
+    assert (done.accepted, done.rejected) == (2, 0)
+    assert sent[-1] == RESULTS_BINARY
+    body = (await request).json()
+    assert [d["embedding"] for d in body["data"]] == [vectors["a"], vectors["b"]]
+    head = b'{"worker_id": "w", "results": [{"item_id": "x", "lease_id": "y", "values": 3}]}'
+    bad = await gw.worker.post(
+        "/results",
+        content=b"IQR1" + len(head).to_bytes(4, "little") + head + b"\0" * 8,  # 2 of 3 values
+        headers={"Content-Type": RESULTS_BINARY},
+    )
+    message = bad.json()["error"]["message"]
+    assert bad.status_code == 400 and "binary results body" in message and "12" in message
+    await qc.aclose()
+
+
+async def test_a_queue_that_does_not_offer_the_binary_body_gets_json():
+    """An older queue answers pulls without ``result_encodings``: JSON results, as before."""
+    from worker.protocol import ItemResult, ResultsRequest, WorkItem
+    from worker.queue_client import QueueClient
+
+    seen: list[tuple[str, bytes]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append((req.headers["content-type"], req.content))
+        if req.url.path.endswith("/pull"):
+            return httpx.Response(200, json={"items": []})
+        return httpx.Response(200, json={"accepted": 1, "ignored": 0})
+
+    qc = QueueClient("http://old-queue", "t", transport=httpx.MockTransport(handler), retries=0)
+    from worker.protocol import PullRequest
+
+    await qc.pull(PullRequest(worker_id="w", models=[ADVERT], max_items=1, wait_seconds=0))
+    item = WorkItem(
+        item_id="i", lease_id="l", lease_seconds=30, model=MODEL, task="embed", text="t"
+    )
+    await qc.post_results("w", [ItemResult.ok(item, np.ones(2), 1)])
+    ctype, content = seen[-1]
+    assert ctype == "application/json"
+    assert ResultsRequest.model_validate_json(content).results[0].vector_b64 is not None
+    await qc.aclose()

@@ -71,3 +71,48 @@ def test_work_item_is_lease_plus_spec():
             '{"item_id": "i", "lease_id": "l", "lease_seconds": 30,'
             ' "model": "m", "task": "embed", "text": "t", "extra": 1}'
         )
+
+
+def test_the_binary_results_body_carries_what_its_json_twin_does():
+    """``RESULTS_BINARY``: a JSON header and the float32 values back to back; decoded, it is
+    the ResultsRequest the JSON body would be, vectors bit for bit."""
+    from worker.protocol import (
+        ErrorCode,
+        ItemResult,
+        ResultsRequest,
+        decode_results,
+        encode_results,
+    )
+
+    item = WorkItem(item_id="a", lease_id="1", lease_seconds=30, model="m", task="embed", text="t")
+    v = np.random.default_rng(1).standard_normal(384).astype(np.float32)
+    results = [
+        ItemResult.ok(item, v, 7),
+        ItemResult.failed(item.model_copy(update={"item_id": "b"}), ErrorCode.INVALID_INPUT, "no"),
+        ItemResult.ok(item.model_copy(update={"item_id": "c"}), np.array([0.5, -1.0]), 3),
+    ]
+    body = encode_results("w", results)
+    assert body[:4] == b"IQR1"
+    header = int.from_bytes(body[4:8], "little")
+    assert len(body) == 8 + header + 4 * (384 + 2)  # the values, and nothing else
+    assert np.array_equal(np.frombuffer(body[8 + header :][: 384 * 4], "<f4"), v)
+    json_twin = ResultsRequest(worker_id="w", results=results)
+    assert decode_results(body).model_dump() == json_twin.model_dump()
+
+
+@pytest.mark.parametrize(
+    "cut,why",
+    [
+        (lambda b: b"JSON" + b[4:], "no IQR1"),
+        (lambda b: b[:-4], "the header counts 12"),
+        (lambda b: b + b"\0\0\0\0", "the header counts 12"),
+        (lambda b: b[:8] + b"[" + b[9:], "Invalid JSON"),
+    ],
+)
+def test_a_malformed_binary_results_body_is_refused_saying_why(cut, why):
+    from worker.protocol import ItemResult, decode_results, encode_results
+
+    item = WorkItem(item_id="a", lease_id="1", lease_seconds=30, model="m", task="embed", text="t")
+    body = encode_results("w", [ItemResult.ok(item, np.ones(3), 1)])
+    with pytest.raises(ValueError, match=why):  # pydantic's ValidationError is a ValueError
+        decode_results(cut(body))

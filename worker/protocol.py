@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 PREFIX = "/queue/v1"
 #: Token ids per ``return_logits`` (vLLM caps ``logprob_token_ids`` per request at this many).
@@ -196,8 +196,16 @@ class WorkItem(ItemSpec):
     est_tokens: int = 1
 
 
+#: The encodings of a results body: ``json`` (:class:`ResultsRequest`) and ``binary``
+#: (:data:`RESULTS_BINARY`, :func:`encode_results`).
+ResultEncoding = Literal["json", "binary"]
+JSON_ONLY: tuple[ResultEncoding, ...] = ("json",)
+
+
 class PullResponse(_Wire):
     items: list[WorkItem] = Field(default_factory=list)
+    #: The results bodies this queue takes; a queue that does not say takes JSON only.
+    result_encodings: list[ResultEncoding] = Field(default_factory=lambda: list(JSON_ONLY))
 
 
 class ItemError(_Wire):
@@ -218,14 +226,20 @@ class ItemResult(_Wire):
     prompt_tokens: int = 0
     error: ItemError | None = None
 
+    #: The vector itself (float32), kept by :meth:`ok` for the binary body.
+    _vector: np.ndarray | None = PrivateAttr(default=None)
+
     @classmethod
     def ok(cls, item: WorkItem, vector: np.ndarray, prompt_tokens: int) -> ItemResult:
-        return cls(
+        vector = np.ascontiguousarray(vector, dtype="<f4")
+        result = cls(
             item_id=item.item_id,
             lease_id=item.lease_id,
             vector_b64=encode_vector(vector),
             prompt_tokens=prompt_tokens,
         )
+        result._vector = vector
+        return result
 
     @classmethod
     def failed(
@@ -281,3 +295,90 @@ def decode_vector(data: str) -> np.ndarray:
     if len(raw) % 4:
         raise ValueError("vector byte length is not a multiple of 4")
     return np.frombuffer(raw, dtype="<f4")
+
+
+#: ``Content-Type`` of the binary results body, offered beside JSON (``PullResponse.
+#: result_encodings``): ``b"IQR1"``, the length of a JSON header as a little-endian uint32,
+#: the header (:class:`BinaryResultsHeader`: every result but its vector, with the number of
+#: ``values`` it has), then every vector's little-endian float32 values back to back, in the
+#: header's order. No base64 and no JSON for the vectors; ``docs/queue-protocol.md``.
+RESULTS_BINARY = "application/vnd.inference-queue.results-v1+binary"
+_MAGIC = b"IQR1"
+
+
+class BinaryResult(_Wire):
+    """One result in a binary body's header: :class:`ItemResult` with ``values`` (the length
+    of its vector in the body) in place of ``vector_b64``."""
+
+    item_id: str
+    lease_id: str
+    values: int = Field(default=0, ge=0)
+    prompt_tokens: int = 0
+    error: ItemError | None = None
+
+
+class BinaryResultsHeader(_Wire):
+    worker_id: str
+    results: list[BinaryResult]
+
+
+def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
+    """``results`` as a binary body (:data:`RESULTS_BINARY`)."""
+    vectors: list[np.ndarray] = []
+    header = []
+    for r in results:
+        vec = r._vector
+        if vec is None and r.vector_b64 is not None:
+            vec = decode_vector(r.vector_b64)
+        n = 0 if vec is None else int(vec.size)
+        if vec is not None:
+            vectors.append(vec)
+        header.append(
+            BinaryResult(
+                item_id=r.item_id,
+                lease_id=r.lease_id,
+                values=n,
+                prompt_tokens=r.prompt_tokens,
+                error=r.error,
+            )
+        )
+    head = BinaryResultsHeader(worker_id=worker_id, results=header).model_dump_json(
+        exclude_none=True
+    )
+    data = np.concatenate(vectors).astype("<f4", copy=False) if vectors else np.empty(0, "<f4")
+    raw = head.encode()
+    return b"".join((_MAGIC, len(raw).to_bytes(4, "little"), raw, data.tobytes()))
+
+
+def decode_results(body: bytes) -> ResultsRequest:
+    """A binary body -> the :class:`ResultsRequest` its JSON twin would give (vectors as
+    ``vector_b64``). Raises ValueError for a body that is not one (bad framing, a length that
+    does not match the values the header counts), pydantic's ValidationError for a bad
+    header."""
+    if len(body) < 8 or body[:4] != _MAGIC:
+        raise ValueError("not a binary results body (no IQR1 header)")
+    size = int.from_bytes(body[4:8], "little")
+    if 8 + size > len(body):
+        raise ValueError("the header is longer than the body")
+    header = BinaryResultsHeader.model_validate_json(body[8 : 8 + size])
+    data = memoryview(body)[8 + size :]
+    want = 4 * sum(r.values for r in header.results)
+    if len(data) != want:
+        raise ValueError(f"the body has {len(data)} bytes of values, the header counts {want}")
+    out, at = [], 0
+    for r in header.results:
+        vector = None
+        if r.values:
+            chunk = data[at : at + 4 * r.values]
+            at += 4 * r.values
+            vector = base64.b64encode(chunk).decode("ascii")
+        out.append(
+            ItemResult(
+                item_id=r.item_id,
+                lease_id=r.lease_id,
+                vector_b64=vector,
+                prompt_tokens=r.prompt_tokens,
+                error=r.error,
+            )
+        )
+    return ResultsRequest(worker_id=header.worker_id, results=out)

@@ -24,15 +24,19 @@ from tenacity import (
 from worker import metrics
 from worker.config import QueueConfig
 from worker.protocol import (
+    JSON_ONLY,
     PREFIX,
+    RESULTS_BINARY,
     ItemResult,
     PullRequest,
     PullResponse,
     ReleaseRequest,
     ReleaseResponse,
+    ResultEncoding,
     ResultsRequest,
     ResultsResponse,
     WorkItem,
+    encode_results,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,8 @@ class QueueClient:
         )
         self._retries = retries
         self._timeout = timeout_seconds
+        #: The results bodies the queue said (in its last pull answer) it takes.
+        self.result_encodings: list[ResultEncoding] = list(JSON_ONLY)
         self._wait = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
 
     @classmethod
@@ -106,18 +112,18 @@ class QueueClient:
     async def pull(self, req: PullRequest) -> list[WorkItem]:
         """Lease up to ``req.max_items`` items; may wait ``req.wait_seconds`` at the queue."""
         timeout = self._timeout + req.wait_seconds
-        resp = await self._call("pull", "/pull", req, PullResponse, timeout)
+        resp = await self._call("pull", "/pull", _json(req), PullResponse, timeout)
+        self.result_encodings = resp.result_encodings
         return resp.items
 
     async def post_results(self, worker_id: str, results: list[ItemResult]) -> ResultsResponse:
-        """Post results; safe to repeat (the queue ignores results it already has)."""
-        return await self._call(
-            "results",
-            "/results",
-            ResultsRequest(worker_id=worker_id, results=results),
-            ResultsResponse,
-            self._timeout,
-        )
+        """Post results; safe to repeat (the queue ignores results it already has). As a binary
+        body (:data:`~worker.protocol.RESULTS_BINARY`) where the queue takes one, else JSON."""
+        if "binary" in self.result_encodings:
+            body = (encode_results(worker_id, results), RESULTS_BINARY)
+        else:
+            body = _json(ResultsRequest(worker_id=worker_id, results=results))
+        return await self._call("results", "/results", body, ResultsResponse, self._timeout)
 
     async def release(
         self, worker_id: str, items: list[WorkItem], count_attempt: bool = False
@@ -129,10 +135,14 @@ class QueueClient:
             leases=[(i.item_id, i.lease_id) for i in items],
             count_attempt=count_attempt,
         )
-        resp = await self._call("release", "/release", req, ReleaseResponse, self._timeout)
+        resp = await self._call("release", "/release", _json(req), ReleaseResponse, self._timeout)
         return resp.released
 
-    async def _call(self, op: str, path: str, body: BaseModel, out: type[R], timeout: float) -> R:
+    async def _call(
+        self, op: str, path: str, body: tuple[bytes, str], out: type[R], timeout: float
+    ) -> R:
+        """POST ``body`` (content, content type), with the retries above."""
+
         def _before_sleep(state: RetryCallState) -> None:
             metrics.QUEUE_RETRIES.labels(op).inc()
             exc = state.outcome.exception() if state.outcome else None
@@ -144,7 +154,7 @@ class QueueClient:
                 self._retries,
             )
 
-        payload = body.model_dump_json(exclude_none=True)
+        payload, content_type = body
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(is_transient),
@@ -158,7 +168,7 @@ class QueueClient:
                         path,
                         content=payload,
                         timeout=timeout,
-                        headers={"Content-Type": "application/json"},
+                        headers={"Content-Type": content_type},
                     )
                     r.raise_for_status()
                     return out.model_validate_json(r.content)
@@ -174,6 +184,10 @@ class QueueClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _json(body: BaseModel) -> tuple[bytes, str]:
+    return body.model_dump_json(exclude_none=True).encode(), "application/json"
 
 
 def _short(exc: BaseException | None) -> str:
