@@ -120,7 +120,8 @@ def embed_worker_config(queue_url: str, pairs: bool = False, **kw: object) -> st
         model_name=MODEL,
         dtype="float32",
         generator_extra=(
-            f"engine_args = {{ hf_overrides = {{ matryoshka_dimensions = [{dims}] }} }}"
+            f"engine_args = {{ hf_overrides = {{ matryoshka_dimensions = [{dims}] }} }}\n"
+            + str(kw.pop("generator_extra", ""))
         ),
         **kw,  # type: ignore[arg-type]
     )
@@ -144,8 +145,16 @@ def memory_embed_worker(memory_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls
 
 @pytest.fixture(scope="session")
 def redis_embed_worker(redis_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
+    """The Redis gateway's embedding worker runs vLLM's ``AsyncLLM`` with its engine-core
+    process (``engine_core = "process"``, the GPU hosts' default), the memory one the engine
+    in the worker process (``auto`` on this CPU host): the end-to-end tests that run on both
+    stores check both engine cores against the same references."""
     proc = ls.start_worker(
-        embed_worker_config(redis_gateway.url, pairs=True), stack_dir, "embed-worker-redis"
+        embed_worker_config(
+            redis_gateway.url, pairs=True, generator_extra='engine_core = "process"'
+        ),
+        stack_dir,
+        "embed-worker-redis",
     )
     yield proc
     code = proc.stop()

@@ -147,6 +147,13 @@ def _good(model_dir: Path) -> str:
             marks=pytest.mark.slow,  # reads vllm.AsyncEngineArgs
         ),
         (lambda t: t.replace("[generator]", "[generator\n"), "invalid TOML", "line"),
+        (
+            lambda t: t.replace(
+                "tensor_parallel_size = 1", 'tensor_parallel_size = 2\nengine_core = "thread"'
+            ),
+            "generator.engine_core",
+            "for one rank only",
+        ),
     ],
 )
 def test_config_errors_name_the_file_and_key(tmp_path, edit, key, expect):

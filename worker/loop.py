@@ -95,8 +95,10 @@ class Worker:
         self.adverts = adverts
         self.health = health or Health()
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        gen = cfg.generator
         self.capacity = (
-            cfg.queue.max_items_in_flight or ITEMS_IN_FLIGHT_PER_SEQ * cfg.generator.max_num_seqs
+            cfg.queue.max_items_in_flight
+            or ITEMS_IN_FLIGHT_PER_SEQ * gen.max_num_seqs * gen.replicas
         )
         self.token_capacity = (
             cfg.queue.max_tokens_in_flight

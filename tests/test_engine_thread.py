@@ -1,0 +1,146 @@
+"""The hand-off between the event loop and vLLM's engine stepped by a thread
+(:class:`worker.engine_thread.ThreadedLLM`), with a FAKE ``LLMEngine``: it answers each request
+one step after it was added, so that what the thread does with batches, per-request errors,
+cancellations and an engine that fails can be checked without vLLM (the real engine runs in
+every slow test's worker, where ``engine_core = "auto"`` is ``thread`` on this CPU host)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from worker.engine import EngineDead
+from worker.engine_thread import ThreadedLLM
+
+
+@dataclass
+class Out:
+    request_id: str
+    finished: bool = True
+
+
+class FakeLLMEngine:
+    """FAKE of vLLM's ``LLMEngine``: ``add_request`` refuses a prompt "bad" (as vLLM's
+    validation does, per request); each ``step`` finishes what was added before it; a step
+    with a prompt "boom" in it raises (an engine that died)."""
+
+    def __init__(self) -> None:
+        self.added: list[list[str]] = []  # request ids added between two steps
+        self.batch: list[str] = []
+        self.waiting: dict[str, Any] = {}
+        self.aborted: list[str] = []
+        self.steps = 0
+        self.shut_down = False
+        self.thread: str | None = None
+        self.engine_core = self  # LLMEngine.engine_core.shutdown()
+
+    def add_request(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> str:
+        self.thread = threading.current_thread().name
+        if prompt == "bad":
+            raise ValueError("the prompt is bad")
+        self.batch.append(request_id)
+        self.waiting[request_id] = prompt
+        return request_id
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+        for rid in request_ids:
+            self.waiting.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self) -> list[Out]:
+        self.steps += 1
+        if self.batch:
+            self.added.append(self.batch)
+            self.batch = []
+        if "boom" in self.waiting.values():
+            raise RuntimeError("the engine died")
+        done = [Out(rid) for rid in self.waiting]
+        self.waiting.clear()
+        return done
+
+    def do_log_stats(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+async def _one(llm: ThreadedLLM, prompt: str, rid: str) -> Any:
+    async for out in llm.encode(prompt, None, request_id=rid):
+        return out
+    raise AssertionError("no output")
+
+
+async def test_requests_submitted_together_enter_one_step_and_come_back_with_their_ids():
+    fake = FakeLLMEngine()
+    llm = ThreadedLLM.start(lambda: fake)
+    try:
+        outs = await asyncio.gather(*[_one(llm, f"p{i}", f"r{i}") for i in range(50)])
+        assert [o.request_id for o in outs] == [f"r{i}" for i in range(50)]
+        # The 50 submissions of one event-loop tick reach the engine between two steps.
+        assert len(fake.added[0]) == 50 and fake.steps == 1
+        assert fake.thread == "vllm-engine" and not llm.errored
+    finally:
+        llm.shutdown()
+    assert fake.shut_down and llm.errored  # shut down: no longer alive
+
+
+async def test_a_request_vllm_refuses_fails_alone():
+    llm = ThreadedLLM.start(FakeLLMEngine)
+    try:
+        results = await asyncio.gather(
+            _one(llm, "good", "a"), _one(llm, "bad", "b"), return_exceptions=True
+        )
+        assert results[0].request_id == "a"
+        assert isinstance(results[1], ValueError) and "bad" in str(results[1])
+        assert not llm.errored
+    finally:
+        llm.shutdown()
+
+
+async def test_a_cancelled_request_is_aborted_in_the_engine():
+    fake = FakeLLMEngine()
+    fake.step = list  # type: ignore[method-assign]  # nothing ever finishes
+    llm = ThreadedLLM.start(lambda: fake)
+    try:
+        task = asyncio.ensure_future(_one(llm, "slow", "s"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if fake.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.aborted == ["s"]
+    finally:
+        llm.shutdown()
+
+
+async def test_an_engine_that_fails_fails_every_waiter_and_reports_itself_dead():
+    llm = ThreadedLLM.start(FakeLLMEngine)
+    try:
+        results = await asyncio.gather(
+            _one(llm, "ok", "a"), _one(llm, "boom", "b"), return_exceptions=True
+        )
+        assert all(isinstance(r, EngineDead) for r in results), results
+        assert llm.errored and isinstance(llm.error, RuntimeError)
+        with pytest.raises(EngineDead):  # and later requests at once
+            await _one(llm, "late", "c")
+    finally:
+        llm.shutdown()
+
+
+async def test_an_engine_that_cannot_start_raises_from_start():
+    def broken() -> Any:
+        raise RuntimeError("no memory for the KV cache")
+
+    with pytest.raises(RuntimeError, match="KV cache"):
+        ThreadedLLM.start(broken)
