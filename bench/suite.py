@@ -1,35 +1,46 @@
 """Throughput suite: this project against what a user would run instead, one invocation,
-same machine, same model (all-MiniLM-L6-v2), same dtype, same engine settings, same inputs.
+same machine, same model, same dtype, same inputs, interleaved.
 
-    python bench/suite.py [--sentences 4000] [--docs 300] [--rounds 3] [--memory-sentences 100000]
+    python bench/suite.py [--engine minilm|fast] [--sentences 4000] [--docs 300] [--rounds 3]
+                          [--skip inprocess,project,two,redis,batch,serve,st,infinity,onnx]
 
+Models (``--engine``):
+  ``minilm`` — all-MiniLM-L6-v2 (the bundled model), where the engine's arithmetic is the limit;
+  ``fast`` — a tiny random-weight BERT (2 layers, hidden 128, MiniLM's tokenizer, mean pooling;
+  ``devstack.tiny_bert.build_embedder``, built at bench time), a stand-in for a GPU: the model
+  is so cheap that the serving path around it sets the pace.
 Paths:
-  1. vLLM ``AsyncLLM`` in-process, every input submitted at once (the ceiling);
-  2. this project: client -> gateway -> queue -> worker (also: 2 workers on one queue; the
-     queue on Redis; 2 gateway replicas on that Redis, clients split over both, the worker
-     pulling through one);
+  1. vLLM ``AsyncLLM`` in this process, every input submitted at once (vLLM's own ceiling);
+  2. this project: client -> gateway -> queue -> worker (also: 2 workers on one queue; the queue
+     on Redis; 2 gateway replicas on that Redis, clients split over both, the worker pulling
+     through one; a batch job through the Files and Batch APIs);
   3. ``vllm serve`` (vLLM's OpenAI server) ``/v1/embeddings``;
-  4. sentence-transformers ``encode`` on the same CPU, batches of 64.
-Client patterns for 2 and 3: 64 inputs per request with 4 requests in flight ("large"), and
-1 input per request with 64 clients ("small"). Inputs: distinct STS-benchmark sentences, and
-documents of ~500 tokens built from them. Also: p50/p99 latency of single one-sentence requests
-at low load (2 and 3), and worker RSS over ``--memory-sentences`` sentences.
+  4. Infinity (``infinity-emb``, in a venv of its own: ``bench/peers.py``) with its torch engine
+     and with ONNX Runtime (the model exported by ``optimum-cli`` and optimised as Infinity
+     does), ``/v1/embeddings``;
+  5. sentence-transformers ``encode`` on the same CPU, batches of 64.
+Client patterns for the HTTP paths: 64 inputs per request with 4 requests in flight, 1 input
+per request with 64 clients, and documents of ~500 tokens 64 per request. Inputs: distinct
+STS-benchmark sentences, and documents built from them. Also: p50/p99 latency of single
+one-sentence requests at low load, the vectors of every path against sentence-transformers
+(min cosine over 256 sentences), and (MiniLM) worker RSS over ``--memory-sentences`` sentences.
 
-Method: every path is started once and stays up (an idle engine costs ~1% of a core); then
+Method: every path is started once and stays up (an idle server costs ~1 % of a core); then
 ``--rounds`` rounds run every measurement once each, in a rotated order, so slow phases of this
-VM (about +-10% between minutes) hit all paths alike; the low-load latency samples rotate too.
-Every path gets the same warm-up first (512 sentences and 8 documents through its own
-interface). Tables give the median round and the
-min-max. Per measurement the CPU seconds of each server's processes are read (psutil), split
-into vLLM's model process and everything else on the server side (frontend, gateway, engine
-core): on a 2-core host both come out of the same cores.
-Prints tables and saves ``bench/results/suite.png`` and ``suite.json``.
+VM (about +-10 % between minutes) hit all paths alike; before each measurement the host
+settles for ``--settle`` seconds (vLLM's model process keeps about one core busy for 1-2 s
+after its last request, which would otherwise be charged to the next path). Every path gets
+the same warm-up first. Tables give the median round and the min-max. Per measurement the CPU
+seconds of each server's processes are read (psutil) by role: the model or engine process,
+the worker, the gateway, the server, redis-server; on a 2-core host all come out of the same
+cores. Prints tables and saves ``bench/results/suite-<engine>.png`` and ``.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -39,39 +50,50 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from devstack import localstack as ls  # noqa: E402
 from worker.config import QueueConfig  # noqa: E402
-from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
+from worker.cpu_host import CpuInfo  # noqa: E402
 
-MODEL = "all-minilm-l6-v2"
+MODEL = "all-minilm-l6-v2"  # the name every HTTP path serves its model as
+P = "this project"
 REDIS = "this project, Redis store"
 REPLICAS = "this project, Redis, 2 gateway replicas"
+TWO = "this project, 2 workers"
+SERVE = "vllm serve"
+INF = "Infinity (torch)"
+ONNX = "Infinity (ONNX Runtime)"
+ST = "sentence-transformers"
+INPROC = "vLLM AsyncLLM in-process"
 MAX_LEN = 512  # BERT's 512 positions (sentence-transformers' own cap is 256)
 MAX_NUM_SEQS = 256
 #: The worker's default ``queue.interactive_quiet_seconds`` (the bench's worker config keeps it).
 QUIET_SECONDS = QueueConfig.model_fields["interactive_quiet_seconds"].default
 GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache for BERT)
+#: Sentences whose vectors are compared across paths.
+CHECK_SENTENCES = 256
 
 
 def _env() -> None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # model has 512 positions
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # MiniLM's config says 256 positions
 
 
-def load_inputs(n_sent: int, n_docs: int) -> tuple[list[str], list[str]]:
+def load_inputs(model: Path, n_sent: int, n_docs: int) -> tuple[list[str], list[str]]:
     sents = ls.stsb_sentences(("dev", "train"))
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ls.minilm_path())
+    tok = AutoTokenizer.from_pretrained(model)
     docs, cur, n = [], [], 2  # [CLS] and [SEP]
     for s in sents:
         k = len(tok(s, add_special_tokens=False)["input_ids"])
@@ -95,50 +117,55 @@ def _cpu(p: psutil.Process) -> float:
         return 0.0
 
 
+ROLES = ("model", "engine core", "worker", "gateway", "server", "redis-server")
+
+
 @dataclass
 class Stack:
-    """The server-side processes of one path; ``model`` is vLLM's model process."""
+    """The server-side processes of one path, each with its role: ``model`` (vLLM's model
+    process; the process that runs the model where it has no other role), ``engine core``
+    (vLLM's), ``worker`` (the inference-worker process; with ``engine_core = "thread"`` the
+    engine runs in it), ``gateway``, ``server`` (vllm serve's or Infinity's API process),
+    ``redis-server``."""
 
-    procs: list[psutil.Process] = field(default_factory=list)
-    #: Processes to count as the model besides vLLM's ``VLLM::Worker`` (sentence-transformers).
-    model_pids: set[int] = field(default_factory=set)
-    #: The queue store's server (redis-server), counted apart.
-    store: psutil.Process | None = None
+    procs: list[tuple[str, psutil.Process]] = field(default_factory=list)
 
-    @classmethod
-    def of(cls, *roots: psutil.Process) -> Stack:
-        ps: list[psutil.Process] = []
-        for r in roots:
-            ps += [r, *r.children(recursive=True)]
-        return cls(ps)
-
-    def snapshot(self) -> tuple[float, float, float]:
-        """CPU-s of (the model process(es), the other server processes, the queue store)."""
-        model = rest = 0.0
-        for p in self.procs:
-            try:
-                name = p.name()
-            except psutil.NoSuchProcess:
-                continue
-            if name.startswith("VLLM::Worker") or p.pid in self.model_pids:
-                model += _cpu(p)
+    def add(self, role: str, root: psutil.Process) -> Stack:
+        """``root`` as ``role`` and its children by vLLM's process names."""
+        self.procs.append((role, root))
+        for child in root.children(recursive=True):
+            name = child.name()
+            if name.startswith("VLLM::Worker"):
+                self.procs.append(("model", child))
+            elif name.startswith("VLLM::EngineCor"):
+                self.procs.append(("engine core", child))
             else:
-                rest += _cpu(p)
-        return model, rest, _cpu(self.store) if self.store is not None else 0.0
+                self.procs.append((role, child))
+        return self
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for role, p in self.procs:
+            out[role] += _cpu(p)
+        return out
+
+
+def _pid(proc: ls.Proc) -> psutil.Process:
+    return psutil.Process(proc.pid)
 
 
 # --- 1. in-process ----------------------------------------------------------------------------
 class InProcess:
     """vLLM ``AsyncLLM`` in this process: every input submitted at once."""
 
-    def __init__(self, dtype: str):
+    def __init__(self, model: Path, dtype: str):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         self.llm = AsyncLLM.from_engine_args(
             AsyncEngineArgs(
-                model=str(ls.minilm_path()),
+                model=str(model),
                 runner="pooling",
                 dtype=dtype,
                 max_model_len=MAX_LEN,
@@ -146,12 +173,15 @@ class InProcess:
                 gpu_memory_utilization=GPU_MEM,
             )
         )
-        engine = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-        # The frontend is this process (which also runs the clients, idle during these runs).
-        self.stack = Stack([psutil.Process(), *engine])
+        self.stack = Stack()
+        self.stack.procs.append(("server", psutil.Process()))  # the frontend, and the clients
+        for p in psutil.Process().children(recursive=True):
+            if p.pid not in before:
+                role = "model" if p.name().startswith("VLLM::Worker") else "engine core"
+                self.stack.procs.append((role, p))
         self._ids = iter(range(10**9))
 
-    async def _one(self, text: str) -> int:
+    async def _one(self, text: str) -> tuple[int, np.ndarray]:
         from vllm import PoolingParams
 
         out = None
@@ -159,35 +189,41 @@ class InProcess:
             text, PoolingParams(task="embed"), request_id=f"r{next(self._ids)}"
         ):
             pass
-        return len(out.prompt_token_ids)
+        return len(out.prompt_token_ids), out.outputs.data.float().numpy()
+
+    async def vectors(self, texts: list[str]) -> np.ndarray:
+        return np.stack([v for _, v in await asyncio.gather(*[self._one(t) for t in texts])])
 
     async def run(
         self, texts: list[str], start: Callable[[], None] = lambda: None
     ) -> tuple[float, int]:
         start()
         t0 = time.perf_counter()
-        toks = await asyncio.gather(*[self._one(t) for t in texts])
-        return time.perf_counter() - t0, sum(toks)
+        outs = await asyncio.gather(*[self._one(t) for t in texts])
+        return time.perf_counter() - t0, sum(n for n, _ in outs)
 
     def shutdown(self) -> None:
         self.llm.shutdown()
         del self.llm
 
 
-# --- 4. sentence-transformers -----------------------------------------------------------------
+# --- 5. sentence-transformers -----------------------------------------------------------------
 class SentenceTransformers:
-    def __init__(self) -> None:
+    def __init__(self, model: Path) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(os.cpu_count() or 2)
-        self.m = SentenceTransformer(str(ls.minilm_path()), device="cpu")
+        self.m = SentenceTransformer(str(model), device="cpu")
         self.m.max_seq_length = MAX_LEN
-        self.stack = Stack([psutil.Process()], model_pids={os.getpid()})
+        self.stack = Stack([("model", psutil.Process())])
 
     def _tokens(self, texts: list[str]) -> int:
         ids = self.m.tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
         return sum(len(i) for i in ids)
+
+    def vectors(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.m.encode(texts, batch_size=64, normalize_embeddings=True))
 
     async def batched(self, texts: list[str], start: Callable[[], None]) -> tuple[float, int]:
         start()
@@ -196,7 +232,39 @@ class SentenceTransformers:
         return time.perf_counter() - t0, self._tokens(texts)
 
 
-# --- HTTP clients (2 and 3) ------------------------------------------------------------------
+# --- HTTP clients -----------------------------------------------------------------------------
+def _session(url: str, key: str, concurrency: int) -> object:
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        base_url=url,
+        headers={"Authorization": f"Bearer {key}"},
+        connector=aiohttp.TCPConnector(limit=concurrency + 4),
+        timeout=aiohttp.ClientTimeout(total=900),
+    )
+
+
+def _decode(body: dict, n: int) -> np.ndarray:
+    """float32 [n, dim] from a base64 embeddings response, in input order (``index``: a
+    server may list them in another order)."""
+    data = sorted(body["data"], key=lambda d: d["index"])
+    vecs = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data]
+    assert len(vecs) == n, body
+    return np.stack(vecs)
+
+
+async def http_vectors(url: str, key: str, texts: list[str]) -> np.ndarray:
+    """The path's vectors of ``texts`` (64 per request), float32 [n, dim]."""
+    out = []
+    async with _session(url, key, 1) as c:  # type: ignore[attr-defined]
+        for i in range(0, len(texts), 64):
+            chunk = texts[i : i + 64]
+            body = {"model": MODEL, "input": chunk, "encoding_format": "base64"}
+            async with c.post("/v1/embeddings", json=body) as r:
+                out.append(_decode(await r.json(), len(chunk)))
+    return np.concatenate(out)
+
+
 async def http_load(
     url: str | list[str],
     key: str,
@@ -211,27 +279,12 @@ async def http_load(
     servers under test (httpx reached ~70 req/s at 64 connections here). base64 vectors,
     decoded with numpy as the SDK does. With several URLs (gateway replicas): requests take
     turns."""
-    import base64
-
-    import aiohttp
-    import numpy as np
-
     chunks = [texts[i : i + per_request] for i in range(0, len(texts), per_request)]
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
     urls = [url] if isinstance(url, str) else url
     async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(
-                aiohttp.ClientSession(
-                    base_url=u,
-                    headers={"Authorization": f"Bearer {key}"},
-                    connector=aiohttp.TCPConnector(limit=concurrency + 4),
-                    timeout=aiohttp.ClientTimeout(total=900),
-                )
-            )
-            for u in urls
-        ]
+        clients = [await stack.enter_async_context(_session(u, key, concurrency)) for u in urls]  # type: ignore[arg-type]
         turn = 0
 
         async def one(chunk: list[str]) -> None:
@@ -244,11 +297,7 @@ async def http_load(
                     json={"model": MODEL, "input": chunk, "encoding_format": "base64"},
                 ) as r:
                     body = await r.json()
-                vecs = [
-                    np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
-                    for d in body["data"]
-                ]
-                assert len(vecs) == len(chunk), body
+                _decode(body, len(chunk))
                 tokens += body["usage"]["prompt_tokens"]
 
         await asyncio.gather(*[one(c[:1]) for c in chunks[:concurrency]])  # warm-up
@@ -361,20 +410,13 @@ class Measurement:
     stack: Stack
     rounds: list[dict] = field(default_factory=list)
 
-    async def once(self) -> None:
-        snap: list[tuple[float, float, float]] = []
+    async def once(self, settle: float) -> None:
+        await asyncio.sleep(settle)
+        snap: list[dict[str, float]] = []
         sec, tok = await self.run(lambda: snap.append(self.stack.snapshot()))
-        m0, r0, s0 = snap[0]
-        m1, r1, s1 = self.stack.snapshot()
-        self.rounds.append(
-            {
-                "seconds": sec,
-                "tokens": tok,
-                "model_cpu_s": m1 - m0,
-                "other_cpu_s": r1 - r0,
-                "store_cpu_s": s1 - s0,
-            }
-        )
+        after = self.stack.snapshot()
+        cpu = {role: after[role] - snap[0].get(role, 0.0) for role in after}
+        self.rounds.append({"seconds": sec, "tokens": tok, "cpu_s": cpu})
         print(f"  {self.path} | {self.pattern}: {len(self.texts) / sec:.0f} inputs/s", flush=True)
 
     def rates(self) -> list[float]:
@@ -383,84 +425,115 @@ class Measurement:
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.rounds)
 
+    def cpu_per_1k(self) -> dict[str, float]:
+        roles = {role for r in self.rounds for role in r["cpu_s"]}
+        k = 1000 / len(self.texts)
+        return {
+            role: statistics.median(r["cpu_s"].get(role, 0.0) for r in self.rounds) * k
+            for role in ROLES
+            if role in roles
+        }
+
+
+@dataclass
+class Http:
+    """An HTTP path: its URL(s), key and server processes; ``latency``: measure it."""
+
+    url: str | list[str]
+    key: str
+    stack: Stack
+    patterns: list[tuple[str, int, int]]
+    latency: bool = False
+
 
 async def run(
-    a: argparse.Namespace, sets: dict[str, list[str]], logs: Path
+    a: argparse.Namespace, model: Path, sets: dict[str, list[str]], logs: Path
 ) -> tuple[list[Measurement], dict]:
     """Starts the paths, runs the rounds; returns the measurements and the other results
-    (latency samples, memory)."""
+    (latency samples, vector checks, memory)."""
     skip = set(filter(None, a.skip.split(",")))
     sents, docs = sets["sentences"], sets["documents"]
     cores = os.cpu_count() or 1
     ms: list[Measurement] = []
     procs: list[ls.Proc] = []
-    inproc = None
+    inproc = st = None
     out: dict = {}
+    big, small, doc = ("sentences", 64, 4), ("sentences", 1, 64), ("documents", 64, 4)
 
     def start_worker(queue_url: str, name: str, env: dict[str, str]) -> ls.Proc:
         cfg = ls.worker_config(
-            queue_url=queue_url, dtype=a.dtype, max_model_len=MAX_LEN, max_num_seqs=MAX_NUM_SEQS
+            queue_url=queue_url,
+            model_path=model,
+            dtype=a.dtype,
+            max_model_len=MAX_LEN,
+            max_num_seqs=MAX_NUM_SEQS,
         )
         w = ls.start_worker(cfg, logs, name, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", **env})
         procs.append(w)
         return w
 
+    gw = wk = None
     try:
         if "inprocess" not in skip:
-            inproc = InProcess(a.dtype)
+            inproc = InProcess(model, a.dtype)
             for name, texts in sets.items():
                 ms.append(
                     Measurement(
-                        "vLLM AsyncLLM in-process",
-                        name,
-                        texts,
-                        lambda s, t=texts: inproc.run(t, s),
-                        inproc.stack,
+                        INPROC, name, texts, lambda s, t=texts: inproc.run(t, s), inproc.stack
                     )
                 )
         if "st" not in skip:
-            st = SentenceTransformers()
+            st = SentenceTransformers(model)
             for name, texts in sets.items():
                 ms.append(
                     Measurement(
-                        "sentence-transformers",
+                        ST,
                         f"{name}, batch 64",
                         texts,
                         lambda s, t=texts: st.batched(t, s),
                         st.stack,
                     )
                 )
-        http: dict[str, tuple[str | list[str], str, Stack]] = {}
+        http: dict[str, Http] = {}
         if "project" not in skip:
             gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
             procs.append(gw)
             wk = start_worker(gw.url, "suite-worker", {})
-            http["this project"] = (
-                gw.url,
-                ls.API_KEY,
-                Stack.of(psutil.Process(gw.pid), psutil.Process(wk.pid)),
-            )
+            stack = Stack().add("gateway", _pid(gw)).add("worker", _pid(wk))
+            pats = [big, small, doc] + ([("sentences", 64, 8)] if "two" not in skip else [])
+            http[P] = Http(gw.url, ls.API_KEY, stack, pats, latency=True)
+            if "batch" not in skip:
+                ms.append(
+                    Measurement(
+                        P,
+                        "sentences, batch job",
+                        sents,
+                        lambda s, u=gw.url: batch_load(u, ls.API_KEY, sents, s),
+                        stack,
+                    )
+                )
         if "redis" not in skip:
             # The queue on Redis: one replica with its worker; then clients split over that
             # replica and a second one on the same Redis (the worker pulls through the first).
             redis_proc = ls.start_redis(logs)
             procs.append(redis_proc)
-            store = psutil.Process(redis_proc.pid)
             on_redis = ["--pickup-timeout", "600", "--queue-url", redis_proc.url]
             r1 = ls.start_gateway(logs, args=on_redis)
             r2 = ls.start_gateway(logs, args=on_redis)
             procs += [r1, r2]
             wr = start_worker(r1.url, "suite-worker-redis", {})
-            roots = [psutil.Process(r1.pid), psutil.Process(wr.pid)]
-            http[REDIS] = (r1.url, ls.API_KEY, replace(Stack.of(*roots), store=store))
-            http[REPLICAS] = (
-                [r1.url, r2.url],
-                ls.API_KEY,
-                replace(Stack.of(*roots, psutil.Process(r2.pid)), store=store),
-            )
+
+            def redis_stack(*gateways: ls.Proc) -> Stack:
+                s = Stack().add("worker", _pid(wr)).add("redis-server", _pid(redis_proc))
+                for g in gateways:
+                    s.add("gateway", _pid(g))
+                return s
+
+            http[REDIS] = Http(r1.url, ls.API_KEY, redis_stack(r1), [big, small], latency=True)
+            http[REPLICAS] = Http([r1.url, r2.url], ls.API_KEY, redis_stack(r1, r2), [big, small])
         if "serve" not in skip:
             serve = ls.start_vllm_serve(
-                ls.minilm_path(),
+                model,
                 MODEL,
                 logs,
                 "vllm-serve",
@@ -478,49 +551,44 @@ async def run(
                 ],
             )
             procs.append(serve)
-            http["vllm serve"] = (serve.url, "none", Stack.of(psutil.Process(serve.pid)))
-        if "two" not in skip and "this project" in http:
+            http[SERVE] = Http(
+                serve.url, "none", Stack().add("server", _pid(serve)), [big, small, doc], True
+            )
+        for path, engine, flag in ((INF, "torch", "infinity"), (ONNX, "optimum", "onnx")):
+            if flag in skip:
+                continue
+            import peers
+
+            inf = peers.start_infinity(model, MODEL, engine, logs / "infinity", logs, a.dtype)
+            procs.append(inf)
+            http[path] = Http(
+                inf.url, "none", Stack().add("server", _pid(inf)), [big, small, doc], True
+            )
+            out.setdefault("peers", peers.versions())
+        if "two" not in skip and P in http:
             # Two workers on one queue split the host's cores: each engine binds its OpenMP
             # threads to its own core(s).
             gw2 = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
             procs.append(gw2)
             per = max(1, cores // 2)
-            roots = [psutil.Process(gw2.pid)]
+            stack = Stack().add("gateway", _pid(gw2))
             for i in range(2):
                 bind = f"{i * per}-{i * per + per - 1}" if per > 1 else str(i)
                 w = start_worker(gw2.url, f"suite-worker2-{i}", {"VLLM_CPU_OMP_THREADS_BIND": bind})
-                roots.append(psutil.Process(w.pid))
-            http["this project, 2 workers"] = (gw2.url, ls.API_KEY, Stack.of(*roots))
-        for path, (url, key, stack) in http.items():
-            if path.endswith("2 workers"):
-                pats = [("sentences", 64, 8)]
-            elif path in (REDIS, REPLICAS):
-                pats = [("sentences", 64, 4), ("sentences", 1, 64)]
-            else:
-                pats = [("sentences", 64, 4), ("sentences", 1, 64), ("documents", 64, 4)]
-                if path == "this project" and "this project, 2 workers" in http:
-                    pats.append(("sentences", 64, 8))  # the same client pattern as 2 workers
-            if path == "this project":
-                ms.append(
-                    Measurement(
-                        path,
-                        "sentences, batch job",
-                        sents,
-                        lambda s, u=url, k=key: batch_load(u, k, sents, s),
-                        stack,
-                    )
-                )
-            for name, per_req, conc in pats:
+                stack.add("worker", _pid(w))
+            http[TWO] = Http(gw2.url, ls.API_KEY, stack, [("sentences", 64, 8)])
+        for path, h in http.items():
+            for name, per_req, conc in h.patterns:
                 texts = sets[name]
                 ms.append(
                     Measurement(
                         path,
                         f"{name}, {per_req}/request x{conc}",
                         texts,
-                        lambda s, u=url, k=key, t=texts, p=per_req, c=conc: http_load(
-                            u, k, t, p, c, s
+                        lambda s, h=h, t=texts, p=per_req, c=conc: http_load(
+                            h.url, h.key, t, p, c, s
                         ),
-                        stack,
+                        h.stack,
                     )
                 )
         # The same warm-up for every path (the first batches of a fresh engine are slower):
@@ -528,32 +596,38 @@ async def run(
         if inproc is not None:
             await inproc.run(sents[:512])
             await inproc.run(docs[:8])
-        if "st" not in skip:
+        if st is not None:
             await st.batched(sents[:512], lambda: None)
             await st.batched(docs[:8], lambda: None)
-        for url, key, _ in http.values():
-            await http_load(url, key, sents[:512], 64, 8)
-            await http_load(url, key, docs[:8], 4, 2)
+        for h in http.values():
+            await http_load(h.url, h.key, sents[:512], 64, 8)
+            await http_load(h.url, h.key, docs[:8], 4, 2)
+        out["min_cosine_vs_sentence_transformers"] = await check_vectors(
+            model, sents[:CHECK_SENTENCES], http, inproc, st
+        )
         print(f"all paths up; {len(ms)} measurements x {a.rounds} rounds", flush=True)
         lat: dict[str, list[float]] = defaultdict(list)
+        lat_paths = [p for p, h in http.items() if h.latency]
         for r in range(a.rounds):
             print(f"round {r + 1}/{a.rounds}", flush=True)
             k = (r * len(ms)) // max(a.rounds, 1)
             for m in ms[k:] + ms[:k]:  # rotated order
-                await m.once()
-            paths = [p for p in ("this project", REDIS, "vllm serve") if p in http]
-            k = r % len(paths) if paths else 0
-            for path in paths[k:] + paths[:k]:  # low-load latency, rotated too
-                url, key, _ = http[path]
+                await m.once(a.settle)
+            k = r % len(lat_paths) if lat_paths else 0
+            for path in lat_paths[k:] + lat_paths[:k]:  # low-load latency, rotated too
+                await asyncio.sleep(a.settle)
+                url = http[path].url
                 assert isinstance(url, str)
-                lat[path] += await latencies(url, key, sents, a.latency_requests // a.rounds)
+                lat[path] += await latencies(
+                    url, http[path].key, sents, a.latency_requests // a.rounds
+                )
         out["measurements"] = [
             {"path": m.path, "pattern": m.pattern, "inputs": len(m.texts), "rounds": m.rounds}
             for m in ms
         ]
         out["latency_ms"] = dict(lat)
-        if a.memory_sentences and "this project" in http:
-            for p in procs:  # the other engines leave the cores to the worker under test
+        if a.memory_sentences and gw is not None and wk is not None:
+            for p in procs:  # the other servers leave the cores to the worker under test
                 if p not in (gw, wk):
                     p.stop()
             out["memory"] = await memory(gw.url, wk, sents, a.memory_sentences)
@@ -565,43 +639,80 @@ async def run(
     return ms, out
 
 
+async def check_vectors(
+    model: Path,
+    texts: list[str],
+    http: dict[str, Http],
+    inproc: InProcess | None,
+    st: SentenceTransformers | None,
+) -> dict[str, float]:
+    """Min cosine of every path's vectors of ``texts`` against sentence-transformers'."""
+    want = st.vectors(texts) if st is not None else SentenceTransformers(model).vectors(texts)
+    got: dict[str, np.ndarray] = {}
+    if inproc is not None:
+        got[INPROC] = await inproc.vectors(texts)
+    for path, h in http.items():
+        url = h.url if isinstance(h.url, str) else h.url[0]
+        got[path] = await http_vectors(url, h.key, texts)
+    out = {}
+    for path, vecs in got.items():
+        unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        out[path] = float(np.min(np.sum(unit * want, axis=1)))
+        print(f"vectors, {path}: min cosine vs sentence-transformers {out[path]:.7f}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", choices=["minilm", "fast"], default="minilm")
     ap.add_argument("--sentences", type=int, default=4000)
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before each")
     ap.add_argument("--latency-requests", type=int, default=300, help="per path, over all rounds")
     ap.add_argument(
-        "--dtype", default="auto", help='auto: what the worker\'s dtype = "auto" picks on this CPU'
+        "--dtype",
+        default="float32",
+        help="every path's dtype; float32 (the default) is the CPU default of every peer and "
+        "keeps the vectors comparable",
     )
-    ap.add_argument("--memory-sentences", type=int, default=100_000)
+    ap.add_argument("--memory-sentences", type=int, default=None, help="default: 100,000 (minilm)")
     ap.add_argument(
-        "--skip", default="", help="comma-separated: inprocess,project,two,redis,serve,st"
+        "--skip",
+        default="",
+        help="comma-separated: inprocess,project,two,redis,batch,serve,st,infinity,onnx",
     )
     a = ap.parse_args()
     _env()
     cpu = CpuInfo.read()
-    if a.dtype == "auto":
-        a.dtype = choose_dtype(cpu)[0]
-    sents, docs = load_inputs(a.sentences, a.docs)
-    sets = {"sentences": sents, "documents": docs}
     logs = Path(tempfile.mkdtemp(prefix="bench-suite-"))
+    if a.engine == "fast":
+        from devstack import tiny_bert
+
+        model = tiny_bert.build_embedder(logs / "tiny-bert-embedder")
+    else:
+        model = ls.minilm_path()
+    if a.memory_sentences is None:
+        a.memory_sentences = 100_000 if a.engine == "minilm" else 0
+    sents, docs = load_inputs(model, a.sentences, a.docs)
+    sets = {"sentences": sents, "documents": docs}
     print(
         f"CPU: {cpu.model_name}, {os.cpu_count()} cores, bfloat16 flags: "
         f"{', '.join(cpu.bf16_flags) or 'none'}",
         flush=True,
     )
     print(
-        f"{len(sents)} sentences, {len(docs)} documents, dtype={a.dtype}, "
-        f"{a.rounds} rounds; logs {logs}",
+        f"engine {a.engine} ({model}), {len(sents)} sentences, {len(docs)} documents, "
+        f"dtype={a.dtype}, {a.rounds} rounds, {a.settle:g} s settle; logs {logs}",
         flush=True,
     )
-    ms, R = asyncio.run(run(a, sets, logs))
+    ms, R = asyncio.run(run(a, model, sets, logs))
     R["host"] = {
         "cpu": cpu.model_name,
         "cores": os.cpu_count(),
         "bf16_flags": cpu.bf16_flags,
         "dtype": a.dtype,
+        "engine": a.engine,
     }
     report(ms, R, a)
     return 0
@@ -612,84 +723,85 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(
         "\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
-        "CPU-s per 1k inputs: model process / rest of server / redis-server |\n"
-        "| --- | --- | --- | --- | --- | --- |"
+        "CPU-s per 1k inputs by process |\n| --- | --- | --- | --- | --- | --- |"
     )
     rate: dict[tuple[str, str], float] = {}
     for m in ms:
         rs = m.rates()
         med = statistics.median(rs)
         rate[(m.path, m.pattern)] = med
-        k = 1000 / len(m.texts)
+        cpu = ", ".join(f"{role} {v:.2f}" for role, v in m.cpu_per_1k().items())
         print(
             f"| {m.path} | {m.pattern} | {med:.0f} | {min(rs):.0f}-{max(rs):.0f} | "
-            f"{m.median('tokens') / m.median('seconds'):.0f} | "
-            f"{m.median('model_cpu_s') * k:.2f} / {m.median('other_cpu_s') * k:.2f} / "
-            f"{m.median('store_cpu_s') * k:.2f} |"
+            f"{m.median('tokens') / m.median('seconds'):.0f} | {cpu} |"
         )
 
     def ratio(mine: tuple[str, str], other: tuple[str, str]) -> str:
         x, y = rate.get(mine), rate.get(other)
         return f"{x / y:.2f}x" if x and y else "n/a"
 
-    P = "this project"
     big, small = "sentences, 64/request x4", "sentences, 1/request x64"
+    docs = "documents, 64/request x4"
     ratios = {
-        "vs in-process, sentences 64/request": ratio(
-            (P, big), ("vLLM AsyncLLM in-process", "sentences")
-        ),
-        "vs vllm serve, sentences 64/request x4": ratio((P, big), ("vllm serve", big)),
-        "vs vllm serve, sentences 1/request x64": ratio((P, small), ("vllm serve", small)),
-        "vs vllm serve, documents 64/request x4": ratio(
-            (P, "documents, 64/request x4"), ("vllm serve", "documents, 64/request x4")
-        ),
-        "vs sentence-transformers batch 64, sentences 64/request x4": ratio(
-            (P, big), ("sentence-transformers", "sentences, batch 64")
-        ),
-        "vs sentence-transformers batch 64, documents": ratio(
-            (P, "documents, 64/request x4"), ("sentence-transformers", "documents, batch 64")
-        ),
-        "Redis store vs memory store, sentences 64/request x4": ratio((REDIS, big), (P, big)),
-        "Redis store vs memory store, sentences 1/request x64": ratio((REDIS, small), (P, small)),
-        "2 replicas on Redis vs memory store, sentences 64/request x4": ratio(
-            (REPLICAS, big), (P, big)
-        ),
-        "2 replicas on Redis vs memory store, sentences 1/request x64": ratio(
-            (REPLICAS, small), (P, small)
-        ),
-        "batch job vs sentences 64/request x4 (the best interactive pattern)": ratio(
-            (P, "sentences, batch job"), (P, big)
-        ),
-        "2 workers vs 1 worker, sentences 64/request x8": ratio(
-            ("this project, 2 workers", "sentences, 64/request x8"), (P, "sentences, 64/request x8")
-        ),
+        "vs in-process, sentences 64/request": ratio((P, big), (INPROC, "sentences")),
+        "vs in-process, documents": ratio((P, docs), (INPROC, "documents")),
     }
+    for peer in (SERVE, INF, ONNX):
+        for pat in (big, small, docs):
+            ratios[f"vs {peer}, {pat}"] = ratio((P, pat), (peer, pat))
+    ratios.update(
+        {
+            "vs sentence-transformers batch 64, sentences 64/request x4": ratio(
+                (P, big), (ST, "sentences, batch 64")
+            ),
+            "vs sentence-transformers batch 64, documents": ratio(
+                (P, docs), (ST, "documents, batch 64")
+            ),
+            "Redis store vs memory store, sentences 64/request x4": ratio((REDIS, big), (P, big)),
+            "Redis store vs memory store, sentences 1/request x64": ratio(
+                (REDIS, small), (P, small)
+            ),
+            "2 replicas on Redis vs memory store, sentences 64/request x4": ratio(
+                (REPLICAS, big), (P, big)
+            ),
+            "2 replicas on Redis vs memory store, sentences 1/request x64": ratio(
+                (REPLICAS, small), (P, small)
+            ),
+            "batch job vs sentences 64/request x4 (the best interactive pattern)": ratio(
+                (P, "sentences, batch job"), (P, big)
+            ),
+            "2 workers vs 1 worker, sentences 64/request x8": ratio(
+                (TWO, "sentences, 64/request x8"), (P, "sentences, 64/request x8")
+            ),
+        }
+    )
     print("\nthis project (medians of the rounds):")
     for k, v in ratios.items():
-        print(f"  {k}: {v}")
+        if v != "n/a":
+            print(f"  {k}: {v}")
     R["ratios"] = ratios
-    lat = R.get("latency_ms", {})
     p50 = {}
-    for path, samples in lat.items():
+    for path, samples in R.get("latency_ms", {}).items():
         xs = sorted(samples)
         p50[path] = statistics.median(xs)
         print(
             f"latency, 1 sentence, sequential, {path}: p50 {p50[path]:.1f} ms, "
             f"p99 {xs[int(0.99 * (len(xs) - 1))]:.1f} ms ({len(xs)} requests)"
         )
-    if P in p50 and "vllm serve" in p50:
-        print(
-            f"added latency p50 (this project - vllm serve): {p50[P] - p50['vllm serve']:+.1f} ms"
-        )
-    if P in p50 and REDIS in p50:
-        print(f"added latency p50 (Redis store - memory store): {p50[REDIS] - p50[P]:+.1f} ms")
-    if "memory" in R:
+    if P in p50:
+        for other in (SERVE, INF, ONNX):
+            if other in p50:
+                print(f"added latency p50 (this project - {other}): {p50[P] - p50[other]:+.1f} ms")
+        if REDIS in p50:
+            print(f"added latency p50 (Redis store - memory store): {p50[REDIS] - p50[P]:+.1f} ms")
+    if R.get("memory"):
         m = R["memory"]
         print(
             f"worker RSS over {m['sentences']} sentences: start {m['rss_start_mib']:.0f} MiB, "
             f"end {m['rss_end_mib']:.0f} MiB, max {m['rss_max_mib']:.0f} MiB"
         )
-    (out / "suite.json").write_text(json.dumps(R, indent=1, default=str))
+    name = f"suite-{a.engine}"
+    (out / f"{name}.json").write_text(json.dumps(R, indent=1, default=str))
     try:
         import matplotlib
 
@@ -703,18 +815,19 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
             [md - min(m.rates()) for md, m in zip(meds, ms[::-1], strict=True)],
             [max(m.rates()) - md for md, m in zip(meds, ms[::-1], strict=True)],
         ]
-        colors = ["tab:blue" if m.path.startswith("this project") else "tab:gray" for m in ms][::-1]
+        colors = ["tab:blue" if m.path.startswith(P) else "tab:gray" for m in ms][::-1]
         ax.barh(labels, meds, xerr=err, color=colors, capsize=3)
         for i, (v, hi) in enumerate(zip(meds, err[1], strict=True)):
             ax.text(v + hi, i, f"  {v:.0f}", va="center")
+        model = "all-MiniLM-L6-v2" if a.engine == "minilm" else "tiny BERT (fast engine)"
         ax.set_xlabel(
             f"inputs / s, median of {a.rounds} rounds, bars min-max "
-            f"(all-MiniLM-L6-v2, {a.dtype}, {os.cpu_count()} CPU cores)"
+            f"({model}, {a.dtype}, {os.cpu_count()} CPU cores)"
         )
         ax.set_title("Embedding throughput: this project vs. alternatives")
         fig.tight_layout()
-        fig.savefig(out / "suite.png", dpi=110)
-        print(f"chart: {out / 'suite.png'}")
+        fig.savefig(out / f"{name}.png", dpi=110)
+        print(f"chart: {out / f'{name}.png'}")
     except ImportError:
         print("matplotlib not installed: no chart")
 

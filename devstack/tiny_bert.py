@@ -1,5 +1,6 @@
 """Tiny random-weight BERT models, built on the spot: a ``BertForSequenceClassification``
-with one label (a cross-encoder, as ms-marco-MiniLM is) or several (a classifier), and a
+with one label (a cross-encoder, as ms-marco-MiniLM is) or several (a classifier), an
+embedder (``BertModel`` with mean pooling, the benchmarks' fast engine), and a
 ColBERT (``HF_ColBERT``: BERT + a linear projection of every token, as vLLM's ``ColBERTModel``
 loads it).
 
@@ -79,6 +80,38 @@ def build_cross_encoder(
             logits = model.eval()(**tok(texts, padding=True, return_tensors="pt")).logits
             model.classifier.bias -= logits.mean(0)
     model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_embedder(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 128,
+    layers: int = 2,
+    max_positions: int = 512,
+) -> Path:
+    """Write a tiny random-weight ``BertModel`` embedder to ``path`` in sentence-transformers'
+    layout (``modules.json``: Transformer -> mean Pooling -> Normalize, as all-MiniLM-L6-v2),
+    with MiniLM's tokenizer; return it. vLLM, sentence-transformers, and Infinity (torch or
+    ONNX) all load the same model from it. The benchmarks' "fast engine": a model so cheap
+    that the serving path around it, not its forward pass, sets the pace (as on a GPU)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    _copy_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(**_bert_config(hidden_size, layers, max_positions))
+    untyped: Any = BertModel  # transformers leaves its __init__ unannotated
+    untyped(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
+    source = ls.minilm_path()
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+        shutil.copy(source / name, path / name)
+    pooling = json.loads((source / "1_Pooling" / "config.json").read_text())
+    pooling["word_embedding_dimension"] = hidden_size
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    (path / "2_Normalize").mkdir(exist_ok=True)
     return path
 
 
