@@ -146,12 +146,13 @@ def memory_embed_worker(memory_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls
 @pytest.fixture(scope="session")
 def redis_embed_worker(redis_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
     """The Redis gateway's embedding worker runs vLLM's ``AsyncLLM`` with its engine-core
-    process (``engine_core = "process"``, the GPU hosts' default), the memory one the engine
-    in the worker process (``auto`` on this CPU host): the end-to-end tests that run on both
-    stores check both engine cores against the same references."""
+    process (``engine_core = "asyncllm"``, the GPU hosts' default), the memory one vLLM's
+    ``LLMEngine`` in a process of the worker's own (``auto`` = ``process`` on this CPU host):
+    the end-to-end tests that run on both stores check both engine cores against the same
+    references (the classifier of tests/test_classify.py runs the third, ``thread``)."""
     proc = ls.start_worker(
         embed_worker_config(
-            redis_gateway.url, pairs=True, generator_extra='engine_core = "process"'
+            redis_gateway.url, pairs=True, generator_extra='engine_core = "asyncllm"'
         ),
         stack_dir,
         "embed-worker-redis",

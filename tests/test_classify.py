@@ -41,6 +41,7 @@ def classifier(gateway: ls.Proc, stack_dir: Path, classifier_path: Path) -> Iter
         dtype="float32",
         max_model_len=512,
         max_num_seqs=64,
+        generator_extra='engine_core = "thread"',  # the one end-to-end worker of this mode
     )
     proc = ls.start_worker(text, stack_dir, "classifier")
     yield proc

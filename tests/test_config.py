@@ -154,6 +154,13 @@ def _good(model_dir: Path) -> str:
             "generator.engine_core",
             "for one rank only",
         ),
+        (
+            lambda t: t.replace(
+                "pipeline_parallel_size = 1", 'pipeline_parallel_size = 2\nengine_core = "process"'
+            ),
+            "generator.engine_core",
+            '"asyncllm"',
+        ),
     ],
 )
 def test_config_errors_name_the_file_and_key(tmp_path, edit, key, expect):

@@ -97,10 +97,12 @@ def test_resolve_on_this_host_fills_only_what_is_open():
     )
     assert via_engine_args.dtype == "auto"  # engine_args win in engine_kwargs
     assert via_engine_args.gpu_memory_utilization is None
-    # engine_core = "auto": the engine in the worker process for one rank only.
-    assert resolved.engine_core == "thread"
-    assert cpu_host.resolve(_gen(tensor_parallel_size=2)).engine_core == "process"
-    assert cpu_host.resolve(_gen(engine_core="process")).engine_core == "process"
+    # engine_core = "auto": vLLM's LLMEngine in a process of the worker's own for one rank,
+    # AsyncLLM for several; an explicit value stays.
+    assert resolved.engine_core == "process"
+    assert cpu_host.resolve(_gen(tensor_parallel_size=2)).engine_core == "asyncllm"
+    assert cpu_host.resolve(_gen(engine_core="thread")).engine_core == "thread"
+    assert cpu_host.resolve(_gen(engine_core="asyncllm")).engine_core == "asyncllm"
 
 
 def test_idle_openmp_threads_sleep_unless_the_operator_says_otherwise():

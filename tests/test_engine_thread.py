@@ -2,7 +2,7 @@
 (:class:`worker.engine_thread.ThreadedLLM`), with a FAKE ``LLMEngine``: it answers each request
 one step after it was added, so that what the thread does with batches, per-request errors,
 cancellations and an engine that fails can be checked without vLLM (the real engine runs in
-every slow test's worker, where ``engine_core = "auto"`` is ``thread`` on this CPU host)."""
+the classifier worker of tests/test_classify.py, ``engine_core = "thread"``)."""
 
 from __future__ import annotations
 

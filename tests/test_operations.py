@@ -428,9 +428,10 @@ def test_engine_death_exits_1_and_its_items_reach_another_worker(
     ERROR line, and the items it held reach W2 at once (released with the attempt counted).
     Its probes in that state (/livez 503, TCP reset) are checked in tests/test_monitoring.py:
     here the process is gone within milliseconds of noticing the death. The victim runs
-    ``engine_core = "process"`` (vLLM's engine-core process, which can die alone); with the
-    engine in the worker process a crash of it is the worker's (test_queue_faults), and a
-    failed engine thread is checked in tests/test_engine_thread.py."""
+    ``engine_core = "process"`` (the CPU hosts' default: vLLM's engine in a process of the
+    worker's own, which can die alone; ``asyncllm``'s engine-core process is its own the same
+    way); with the engine in the worker process a crash of it is the worker's
+    (test_queue_faults), and a failed engine thread is checked in tests/test_engine_thread.py."""
     victim = ls.start_worker(
         _ops_config(g2.url, generator_extra='engine_core = "process"'), stack_dir, "engine-victim"
     )

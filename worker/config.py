@@ -89,12 +89,13 @@ class GeneratorConfig(_Strict):
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enable_prefix_caching: bool | None = None
     trust_remote_code: bool = False
-    #: Where vLLM's engine core runs (:mod:`worker.engine_thread`): ``process`` — a process of
-    #: its own behind ``AsyncLLM`` (vLLM's online serving; what GPU hosts and multi-GPU
-    #: engines use); ``thread`` — vLLM's ``LLMEngine`` in the worker process, stepped by a
-    #: thread (no serialisation per input; about 40 % less CPU per input on a CPU host);
-    #: ``auto`` — ``thread`` on CPU hosts with one engine rank, else ``process``.
-    engine_core: Literal["auto", "process", "thread"] = "auto"
+    #: Where vLLM's engine core runs (:mod:`worker.engine_thread`, :mod:`worker.engine_process`):
+    #: ``asyncllm`` — behind vLLM's ``AsyncLLM``, in its engine-core process, each request and
+    #: output sent on its own (vLLM's online serving; GPU hosts, engines of several ranks);
+    #: ``process`` — vLLM's ``LLMEngine`` in a process of the worker's own, fed in batches
+    #: over a pipe; ``thread`` — that engine in the worker process, stepped by a thread;
+    #: ``auto`` — ``process`` on CPU hosts for an engine of one rank, else ``asyncllm``.
+    engine_core: Literal["auto", "asyncllm", "process", "thread"] = "auto"
     #: vLLM engines of this model in the worker, sharing its device (:mod:`worker.replicas`):
     #: each gets ``1 / replicas`` of ``gpu_memory_utilization`` and, on a CPU host, its own
     #: cores; pulled items go to the least busy one.
@@ -362,11 +363,13 @@ def _check_models(path: Path, cfg: Config) -> None:
     """At least one ``[queue.models."<name>"]``, each advertising the generator's task; an
     in-process engine core only for an engine of one rank."""
     gen = cfg.generator
-    if gen.engine_core == "thread" and gen.tensor_parallel_size * gen.pipeline_parallel_size > 1:
+    ranks = gen.tensor_parallel_size * gen.pipeline_parallel_size
+    if gen.engine_core in ("thread", "process") and ranks > 1:
         raise ConfigError(
-            f'{path}: generator.engine_core: "thread" runs the engine in the worker process, '
-            f"for one rank only; tensor_parallel_size = {gen.tensor_parallel_size} and "
-            f'pipeline_parallel_size = {gen.pipeline_parallel_size} need "process" (or "auto")'
+            f'{path}: generator.engine_core: "{gen.engine_core}" runs vLLM\'s LLMEngine with '
+            f"its model in one process, for one rank only; tensor_parallel_size = "
+            f"{gen.tensor_parallel_size} and pipeline_parallel_size = "
+            f'{gen.pipeline_parallel_size} need "asyncllm" (or "auto")'
         )
     if not cfg.queue.models:
         raise ConfigError(

@@ -10,14 +10,14 @@
   :data:`MEMORY_HEADROOM` of what is available instead (vLLM's figures: the NUMA node of the
   first CPU this process may run on, clamped to the cgroup limit).
 
-- ``engine_core = "auto"``: ``thread`` for an engine of one rank (vLLM's ``LLMEngine`` in the
-  worker process, :mod:`worker.engine_thread`), where the engine, the worker and often the
-  gateway share the same cores: no per-input serialisation between processes, about 40 %
-  less CPU per input than ``AsyncLLM``'s engine-core process (README "Performance"). An
-  engine of several ranks keeps ``process``.
+- ``engine_core = "auto"``: ``process`` for an engine of one rank (vLLM's ``LLMEngine`` in a
+  process of the worker's own, fed in batches, :mod:`worker.engine_process`), where the
+  engine, the worker and often the gateway share the same cores and every CPU-second of
+  per-input overhead is taken from the model (README "Performance"). An engine of several
+  ranks keeps ``asyncllm``.
 
 An explicit value in the config is always honoured. On GPU hosts nothing is changed
-(``engine_core = "auto"`` is ``process`` there: :func:`worker.engine.engine_core_of`).
+(``engine_core = "auto"`` is ``asyncllm`` there: :func:`worker.engine.engine_core_of`).
 
 Besides, :func:`set_openmp_env` (before torch loads) makes idle OpenMP threads sleep.
 """
@@ -144,13 +144,13 @@ def resolve(gen: GeneratorConfig) -> GeneratorConfig:
         updates["gpu_memory_utilization"] = fraction
     if gen.engine_core == "auto":
         ranks = gen.tensor_parallel_size * gen.pipeline_parallel_size
-        core = "thread" if ranks == 1 else "process"
+        core = "process" if ranks == 1 else "asyncllm"
         log.info(
             "engine_core = auto on this CPU host: using %s (%s)",
             core,
-            "vLLM's engine in the worker process, stepped by a thread"
-            if core == "thread"
-            else f"{ranks} engine ranks need vLLM's engine-core process",
+            "vLLM's LLMEngine in a process of the worker's own, fed in batches"
+            if core == "process"
+            else f"{ranks} engine ranks need vLLM's AsyncLLM",
         )
         updates["engine_core"] = core
     return gen.model_copy(update=updates)

@@ -84,10 +84,10 @@ def score_type_of(gen: GeneratorConfig) -> ScoreType | None:
     return "causal-lm"
 
 
-def engine_core_of(gen: GeneratorConfig) -> Literal["process", "thread"]:
+def engine_core_of(gen: GeneratorConfig) -> Literal["asyncllm", "process", "thread"]:
     """Where the engine core runs: ``generator.engine_core``; ``auto`` (left so on GPU hosts
-    by :func:`worker.cpu_host.resolve`) is ``process``, vLLM's own online setup."""
-    return "thread" if gen.engine_core == "thread" else "process"
+    by :func:`worker.cpu_host.resolve`) is ``asyncllm``, vLLM's own online setup."""
+    return "asyncllm" if gen.engine_core == "auto" else gen.engine_core
 
 
 class InvalidInput(Exception):
@@ -201,11 +201,18 @@ class Engine:
 
     @classmethod
     def start(cls, gen: GeneratorConfig, model_name: str) -> Engine:
-        """Start vLLM (takes ~25 s on CPU): ``AsyncLLM`` with its engine-core process, or
-        with ``engine_core = "thread"`` vLLM's ``LLMEngine`` in this process
-        (:mod:`worker.engine_thread`). Raises whatever vLLM raises if it cannot start."""
+        """Start vLLM (takes ~25 s on CPU) where ``generator.engine_core`` says: behind
+        ``AsyncLLM``, or vLLM's ``LLMEngine`` in a process of the worker's own
+        (:mod:`worker.engine_process`) or in this process (:mod:`worker.engine_thread`).
+        Call inside the event loop that will use it. Raises whatever vLLM raises (or a
+        RuntimeError with its reason) if it cannot start."""
         kwargs = {k: _config_object(k, v) for k, v in engine_kwargs(gen).items()}
-        if engine_core_of(gen) == "thread":
+        core = engine_core_of(gen)
+        if core == "process":
+            from worker.engine_process import ProcessLLM
+
+            return cls(ProcessLLM.start(kwargs), gen, model_name)
+        if core == "thread":
             from worker.engine_thread import ThreadedLLM, llm_engine
 
             return cls(ThreadedLLM.start(llm_engine(kwargs)), gen, model_name)

@@ -1,17 +1,18 @@
-"""vLLM's engine core in the worker process, stepped by one thread (``engine_core = "thread"``).
+"""vLLM's offline engine (``LLMEngine``) stepped by a thread: in the worker process
+(``engine_core = "thread"``, :class:`ThreadedLLM`), or in a process of the worker's own
+(``engine_core = "process"``, :mod:`worker.engine_process`, which runs the same
+:class:`StepLoop`).
 
-vLLM's online server runs its ``EngineCore`` in a process of its own (``AsyncLLM``): every
-request is serialised to it over ZeroMQ, every output back, and on a CPU host that process
-(and, with vLLM's multiprocess executor, a third one for the model) competes for the same
-cores as the worker. Here vLLM's offline engine (``LLMEngine`` with
-``VLLM_ENABLE_V1_MULTIPROCESSING=0``: its engine core and model runner in this process) is
-driven by a thread: requests reach it in batches through a queue, and the outputs of each
-engine step go back to the event loop in one call. Measured on a 2-core host with a tiny BERT
-(README "Performance"): about 40 % less CPU per input than ``AsyncLLM`` for the same work.
+vLLM's online server runs its ``EngineCore`` behind ``AsyncLLM`` (``engine_core =
+"asyncllm"``): every request is serialised to the engine-core process over ZeroMQ on its own,
+every output back, and each request has its own asyncio queue in the frontend. Here the
+engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: engine core and model runner in one process) is
+driven by a loop of ours: requests reach it in batches, and the finished outputs of each
+engine step leave it together. Measured in the README ("Performance").
 
 :class:`ThreadedLLM` offers the part of ``AsyncLLM``'s interface :class:`worker.engine.Engine`
 uses (``encode``, ``generate``, ``model_config``, ``vllm_config``, ``get_tokenizer``,
-``errored``, ``do_log_stats``, ``shutdown``), so the engine code is the same for both.
+``errored``, ``do_log_stats``, ``shutdown``), so the engine code is the same for all three.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,32 +31,129 @@ from worker.engine import EngineDead
 
 log = logging.getLogger(__name__)
 
-#: Seconds the engine thread may take to start the engine before :meth:`ThreadedLLM.start`
-#: gives up (loading a large checkpoint on CPU takes minutes).
+#: Seconds the engine may take to start before :meth:`ThreadedLLM.start` gives up (loading a
+#: large checkpoint on CPU takes minutes).
 START_TIMEOUT_SECONDS = 1800.0
 
 
 @dataclass
-class _Submit:
+class Submit:
+    """One request for the engine: vLLM's ``add_request`` arguments."""
+
     request_id: str
     prompt: Any
     params: Any
-    priority: int
+    priority: int = 0
+
+
+class StepLoop:
+    """Drives a vLLM ``LLMEngine`` from one thread (:meth:`run`): requests given to
+    :meth:`submit` (from any thread) enter the engine between two steps, all those given
+    meanwhile together; the finished outputs of each step go to ``on_finished`` in one call; a
+    request vLLM refuses goes to ``on_refused`` (request id, exception) and fails alone."""
+
+    def __init__(
+        self,
+        engine: Any,
+        on_finished: Callable[[list[Any]], None],
+        on_refused: Callable[[str, Exception], None],
+    ):
+        self.engine = engine
+        self._on_finished = on_finished
+        self._on_refused = on_refused
+        self._inbox: queue.SimpleQueue[list[Submit] | list[str]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._log_stats = False
+        #: Request ids in the engine now.
+        self.running: set[str] = set()
+
+    def submit(self, requests: list[Submit]) -> None:
+        self._inbox.put(requests)
+        self._wake.set()
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._inbox.put(request_ids)
+        self._wake.set()
+
+    def log_stats(self) -> None:
+        """Log vLLM's stats between two steps."""
+        self._log_stats = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+
+    def run(self) -> None:
+        """Step the engine until :meth:`stop`; raises what the engine raises (it is dead)."""
+        engine = self.engine
+        while not self._stop:
+            if not engine.has_unfinished_requests():
+                self._wake.wait()
+            self._wake.clear()
+            self._take_inbox()
+            if self._log_stats:
+                self._log_stats = False
+                engine.do_log_stats()
+            if self._stop or not engine.has_unfinished_requests():
+                continue
+            finished = [o for o in engine.step() if o.finished]
+            for out in finished:
+                self.running.discard(out.request_id)
+            if finished:
+                self._on_finished(finished)
+
+    def _take_inbox(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                got = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            for entry in got:
+                if isinstance(entry, str):  # an abort
+                    if entry in self.running:
+                        self.running.discard(entry)
+                        engine.abort_request([entry])
+                    continue
+                try:
+                    engine.add_request(
+                        entry.request_id, entry.prompt, entry.params, priority=entry.priority
+                    )
+                except Exception as e:  # noqa: BLE001 - vLLM's per-request error, to its caller
+                    self._on_refused(entry.request_id, e)
+                    continue
+                self.running.add(entry.request_id)
+
+    def waiting(self) -> list[str]:
+        """Request ids submitted but not taken into the engine (after :meth:`run` ended)."""
+        out: list[str] = []
+        while True:
+            try:
+                got = self._inbox.get_nowait()
+            except queue.Empty:
+                return out
+            out += [e.request_id for e in got if isinstance(e, Submit)]
+
+
+@dataclass
+class _Waiter:
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
 
 class ThreadedLLM:
-    """A vLLM ``LLMEngine`` stepped by a thread of its own; create with :meth:`start`."""
+    """A vLLM ``LLMEngine`` in this process, stepped by a thread of its own (a
+    :class:`StepLoop`); create with :meth:`start`."""
 
-    def __init__(self) -> None:
-        self._inbox: queue.SimpleQueue[_Submit | str] = queue.SimpleQueue()
-        self._wake = threading.Event()
+    def __init__(self, make_engine: Callable[[], Any]) -> None:
+        self._make_engine = make_engine
         self._ready = threading.Event()
-        self._stop = False
-        self._log_stats = False
-        self._pending: dict[str, _Submit] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._lock = threading.Lock()
         self._start_error: BaseException | None = None
+        self._steps: StepLoop | None = None
         #: Why the engine stopped working (an exception of ``step``), or None.
         self.error: BaseException | None = None
         self.engine: Any = None
@@ -67,16 +165,13 @@ class ThreadedLLM:
         :func:`llm_engine`) in the engine thread and wait until it is ready; raises what
         building it raised. Made in its own thread, the engine's CPU backend binds that
         thread (and its OpenMP team) to the cores, not the event loop's thread."""
-        llm = cls()
-        llm._make_engine = make_engine
+        llm = cls(make_engine)
         llm._thread.start()
         if not llm._ready.wait(START_TIMEOUT_SECONDS):
             raise TimeoutError(f"the vLLM engine did not start in {START_TIMEOUT_SECONDS:.0f} s")
         if llm._start_error is not None:
             raise llm._start_error
         return llm
-
-    _make_engine: Callable[[], Any]
 
     # --- AsyncLLM's interface, as worker.engine uses it ---------------------------------
     @property
@@ -101,130 +196,114 @@ class ThreadedLLM:
         """The request's final ``PoolingRequestOutput`` (one item, as ``AsyncLLM.encode``
         yields for a pooling request). Raises what vLLM raises for a bad request
         (``VLLMValidationError``), :class:`~worker.engine.EngineDead` if the engine failed."""
-        yield await self._submit(prompt, params, request_id, priority)
+        yield await self._submit(Submit(request_id, prompt, params, priority))
 
     async def generate(
         self, prompt: Any, params: Any, request_id: str, priority: int = 0
     ) -> AsyncIterator[Any]:
         """The request's final ``RequestOutput`` (``output_kind`` is vLLM's default,
         cumulative, so the last output holds everything)."""
-        yield await self._submit(prompt, params, request_id, priority)
+        yield await self._submit(Submit(request_id, prompt, params, priority))
 
     async def do_log_stats(self) -> None:
-        """Ask the engine thread to log vLLM's stats between two steps."""
-        self._log_stats = True
-        self._wake.set()
+        if self._steps is not None:
+            self._steps.log_stats()
 
     def shutdown(self) -> None:
         """Stop the thread (requests still in the engine fail with ``EngineDead``) and
         shut the engine down; blocks until done."""
-        self._stop = True
-        self._wake.set()
+        if self._steps is not None:
+            self._steps.stop()
         if self._thread.is_alive():
             self._thread.join()
 
     # --- the hand-off ------------------------------------------------------------------
-    async def _submit(self, prompt: Any, params: Any, request_id: str, priority: int) -> Any:
-        if self.errored:
+    async def _submit(self, request: Submit) -> Any:
+        if self.errored or self._steps is None:
             raise EngineDead(self._dead_reason())
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._inbox.put(_Submit(request_id, prompt, params, priority, future, loop))
-        self._wake.set()
+        with self._lock:
+            self._waiters[request.request_id] = _Waiter(future, loop)
+        self._steps.submit([request])
         try:
             return await future
         except asyncio.CancelledError:
-            self._inbox.put(request_id)  # abort it in the engine
-            self._wake.set()
+            with self._lock:
+                self._waiters.pop(request.request_id, None)
+            self._steps.abort([request.request_id])
             raise
+
+    def _finished(self, outputs: list[Any]) -> None:
+        """Resolve the futures of the finished requests: one call per event loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+        with self._lock:
+            for out in outputs:
+                waiter = self._waiters.pop(out.request_id, None)
+                if waiter is not None:
+                    by_loop.setdefault(waiter.loop, []).append((waiter.future, out))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_resolve, pairs)
+
+    def _refused(self, request_id: str, exc: Exception) -> None:
+        with self._lock:
+            waiter = self._waiters.pop(request_id, None)
+        if waiter is not None:
+            waiter.loop.call_soon_threadsafe(_fail, waiter.future, exc)
 
     # --- the engine thread -------------------------------------------------------------
     def _run_thread(self) -> None:
         try:
             self.engine = self._make_engine()
+            self._steps = StepLoop(self.engine, self._finished, self._refused)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._start_error = e
             self._ready.set()
             return
         self._ready.set()
         try:
-            self._loop()
+            self._steps.run()
         except BaseException as e:  # noqa: BLE001 - the engine is dead; every waiter is told
             log.error("the vLLM engine failed: %s: %s", type(e).__name__, e)
             self.error = e
         finally:
-            self._fail_pending()
+            self._fail_waiters()
             try:
                 self.engine.engine_core.shutdown()
             except Exception:
                 log.debug("engine shutdown failed", exc_info=True)
-
-    def _loop(self) -> None:
-        engine = self.engine
-        while not self._stop:
-            if not engine.has_unfinished_requests():
-                self._wake.wait()
-            self._wake.clear()
-            self._take_inbox()
-            if self._log_stats:
-                self._log_stats = False
-                engine.do_log_stats()
-            if self._stop or not engine.has_unfinished_requests():
-                continue
-            finished = [o for o in engine.step() if o.finished]
-            self._deliver(finished)
-
-    def _take_inbox(self) -> None:
-        """Add every submitted request to the engine (a bad one fails on its own), and abort
-        the cancelled ones."""
-        engine = self.engine
-        failed: list[tuple[_Submit, BaseException]] = []
-        while True:
-            try:
-                got = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(got, str):
-                if self._pending.pop(got, None) is not None:
-                    engine.abort_request([got])
-                continue
-            try:
-                engine.add_request(got.request_id, got.prompt, got.params, priority=got.priority)
-            except Exception as e:  # noqa: BLE001 - vLLM's per-request error, to its caller
-                failed.append((got, e))
-                continue
-            self._pending[got.request_id] = got
-        for sub, exc in failed:
-            sub.loop.call_soon_threadsafe(_fail, sub.future, exc)
-
-    def _deliver(self, outputs: list[Any]) -> None:
-        """Resolve the futures of the finished requests: one call per event loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-        for out in outputs:
-            sub = self._pending.pop(out.request_id, None)
-            if sub is not None:
-                by_loop.setdefault(sub.loop, []).append((sub.future, out))
-        for loop, pairs in by_loop.items():
-            loop.call_soon_threadsafe(_resolve, pairs)
 
     def _dead_reason(self) -> str:
         if self.error is None:
             return "the vLLM engine was shut down"
         return f"the vLLM engine failed: {type(self.error).__name__}: {self.error}"
 
-    def _fail_pending(self) -> None:
-        rest = list(self._pending.values())
-        self._pending.clear()
-        while True:
-            try:
-                got = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if not isinstance(got, str):
-                rest.append(got)
-        for sub in rest:
+    def _fail_waiters(self) -> None:
+        with self._lock:
+            rest = list(self._waiters.values())
+            self._waiters.clear()
+        for waiter in rest:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                sub.loop.call_soon_threadsafe(_fail, sub.future, EngineDead(self._dead_reason()))
+                waiter.loop.call_soon_threadsafe(
+                    _fail, waiter.future, EngineDead(self._dead_reason())
+                )
+
+
+@contextlib.contextmanager
+def environ(key: str, value: str | None) -> Iterator[None]:
+    """``os.environ[key] = value`` while the block runs (``None``: left as it is); vLLM reads
+    such settings when an engine is configured or started."""
+    old = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def llm_engine(engine_kwargs: dict[str, Any]) -> Callable[[], Any]:

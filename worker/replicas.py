@@ -15,16 +15,16 @@ GPU, sets the pace (README "GPU hosts").
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from worker.config import GeneratorConfig
 from worker.engine import Engine, InvalidInput, Prompt
+from worker.engine_thread import environ
 from worker.protocol import WorkItem
 
 log = logging.getLogger(__name__)
@@ -61,23 +61,6 @@ def replica_config(gen: GeneratorConfig, on_cpu: bool) -> GeneratorConfig:
     return gen.model_copy(update={"gpu_memory_utilization": round(fraction / n, 4)})
 
 
-@contextlib.contextmanager
-def _environ(key: str, value: str | None) -> Iterator[None]:
-    """``os.environ[key] = value`` while the block runs (vLLM reads it when an engine
-    starts: its engine-core process inherits it, or its engine thread reads it)."""
-    old = os.environ.get(key)
-    if value is not None:
-        os.environ[key] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
 def start(gen: GeneratorConfig, model_name: str, on_cpu: bool) -> Engine | ReplicaSet:
     """The engine of ``gen``, or with ``replicas > 1`` a :class:`ReplicaSet` of them, started
     one after the other (a failure stops those already started and is raised)."""
@@ -97,7 +80,7 @@ def start(gen: GeneratorConfig, model_name: str, on_cpu: bool) -> Engine | Repli
                 one.gpu_memory_utilization,
                 f", CPUs {bind}" if bind else "",
             )
-            with _environ("VLLM_CPU_OMP_THREADS_BIND", bind):
+            with environ("VLLM_CPU_OMP_THREADS_BIND", bind):
                 engines.append(Engine.start(one, model_name))
     except BaseException:
         for engine in engines:

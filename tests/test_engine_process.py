@@ -1,0 +1,227 @@
+"""The pipe between the worker and its engine process (:mod:`worker.engine_process`,
+``engine_core = "process"``): both ends as the worker runs them — :class:`ProcessLLM` on the
+event loop and :func:`serve` (the engine process's loop) — over a real ``multiprocessing`` pipe
+with real pickling, but with the serving end on a thread and a FAKE ``LLMEngine`` (what it does
+with batches, refusals, cancellations and a failure is checked without vLLM or a process; the
+real engine process runs in the slow tests' embedding and scoring workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import Gauge
+from prometheus_client.registry import CollectorRegistry
+
+from worker.engine import EngineDead
+from worker.engine_process import ProcessLLM, RelayedMetrics, WireOutput, from_wire, serve, to_wire
+
+
+@dataclass
+class Logprob:
+    logprob: float
+
+
+class FakeLLMEngine:
+    """FAKE of vLLM's ``LLMEngine``: a prompt is a list of numbers; each step finishes what was
+    added before it, as a pooling output (the numbers as float32) or, for a prompt starting with
+    -1, a generate output with the last position's logprobs {id: id / 10}. ``add_request``
+    refuses an empty prompt; a prompt [666] kills the engine in its step."""
+
+    def __init__(self) -> None:
+        self.added: list[list[str]] = []
+        self.batch: list[str] = []
+        self.waiting: dict[str, list[int]] = {}
+        self.aborted: list[str] = []
+        self.hold = False  # nothing finishes
+        self.shut_down = False
+        self.engine_core = self
+
+    def add_request(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> str:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        self.batch.append(request_id)
+        self.waiting[request_id] = prompt
+        return request_id
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+        for rid in request_ids:
+            self.waiting.pop(rid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting)
+
+    def step(self) -> list[Any]:
+        if self.batch:
+            self.added.append(self.batch)
+            self.batch = []
+        if self.hold:
+            return []
+        if [666] in self.waiting.values():
+            raise RuntimeError("the engine died")
+        done = [self._output(rid, p) for rid, p in self.waiting.items()]
+        self.waiting.clear()
+        return done
+
+    @staticmethod
+    def _output(rid: str, prompt: list[int]) -> Any:
+        if prompt[0] == -1:
+            logprobs = {t: Logprob(t / 10) for t in prompt[1:]}
+            outputs: Any = [SimpleNamespace(logprobs=[logprobs])]
+        else:
+            outputs = SimpleNamespace(data=torch.tensor(prompt, dtype=torch.float32))
+        return SimpleNamespace(
+            request_id=rid, prompt_token_ids=prompt, outputs=outputs, finished=True
+        )
+
+    def do_log_stats(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class FakeProcess:
+    """FAKE of the engine's ``multiprocessing.Process``: the serving thread stands in for it."""
+
+    def __init__(self, thread: threading.Thread):
+        self.thread = thread
+        self.exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.exitcode = 0
+
+    def kill(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[tuple[ProcessLLM, FakeLLMEngine]]:
+    fake = FakeLLMEngine()
+    ours, theirs = multiprocessing.Pipe()
+    thread = threading.Thread(target=serve, args=(theirs, fake), daemon=True)
+    thread.start()
+    assert ours.poll(10) and ours.recv_bytes()  # "ready"
+    config = SimpleNamespace(model_config=None)
+    llm = ProcessLLM(FakeProcess(thread), ours, config)
+    llm._attach(asyncio.get_running_loop())
+    yield llm, fake
+    llm.shutdown()
+    assert not thread.is_alive() and fake.shut_down
+
+
+async def _one(llm: ProcessLLM, prompt: list[int], rid: str) -> Any:
+    async for out in llm.encode(prompt, None, request_id=rid):
+        return out
+    raise AssertionError("no output")
+
+
+async def test_requests_of_one_tick_cross_in_one_message_and_come_back_as_sent(engine):
+    llm, fake = engine
+    prompts = [[i, i + 1, i + 2] for i in range(40)] + [[-1, 7, 9]]
+    outs = await asyncio.gather(*[_one(llm, p, f"r{i}") for i, p in enumerate(prompts)])
+    assert fake.added[0] == [f"r{i}" for i in range(41)]  # one batch between two steps
+    assert [o.request_id for o in outs] == [f"r{i}" for i in range(41)]
+    for out, prompt in zip(outs[:40], prompts, strict=False):
+        assert out.outputs.data.dtype == torch.float32
+        assert out.outputs.data.tolist() == prompt and len(out.prompt_token_ids) == 3
+    logprobs = outs[40].outputs[0].logprobs[0]
+    assert {t: lp.logprob for t, lp in logprobs.items()} == {7: 0.7, 9: 0.9}
+    assert not llm.errored
+
+
+async def test_a_refused_request_fails_alone(engine):
+    llm, _ = engine
+    results = await asyncio.gather(_one(llm, [1], "a"), _one(llm, [], "b"), return_exceptions=True)
+    assert results[0].outputs.data.tolist() == [1.0]
+    assert isinstance(results[1], ValueError) and "empty" in str(results[1])
+    assert not llm.errored
+
+
+async def test_a_cancelled_request_is_aborted_in_the_engine(engine):
+    llm, fake = engine
+    fake.hold = True
+    task = asyncio.ensure_future(_one(llm, [5], "s"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if fake.aborted:
+            break
+        await asyncio.sleep(0.01)
+    assert fake.aborted == ["s"]
+
+
+async def test_an_engine_that_fails_fails_every_waiter_and_later_requests(engine):
+    llm, _ = engine
+    results = await asyncio.gather(
+        _one(llm, [1], "a"), _one(llm, [666], "b"), return_exceptions=True
+    )
+    assert all(isinstance(r, EngineDead) for r in results), results
+    assert llm.errored and "the engine died" in (llm.error or "")
+    with pytest.raises(EngineDead):
+        await _one(llm, [2], "c")
+
+
+async def test_an_engine_process_that_exits_fails_its_waiters():
+    """The pipe closes under a waiting request (the engine process was killed)."""
+    ours, theirs = multiprocessing.Pipe()
+    killed = threading.Event()
+    process = threading.Thread(target=killed.wait)
+    process.start()
+    llm = ProcessLLM(FakeProcess(process), ours, SimpleNamespace(model_config=None))
+    llm._attach(asyncio.get_running_loop())
+    waiting = asyncio.ensure_future(_one(llm, [1], "a"))
+    await asyncio.sleep(0.05)
+    killed.set()
+    theirs.close()
+    with pytest.raises(EngineDead, match="exited"):
+        await asyncio.wait_for(waiting, 5)
+    assert llm.errored
+    llm.shutdown()
+
+
+def test_wire_output_round_trip_keeps_shape_and_dtype():
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = from_wire(WireOutput("x", 4, data=data))
+    assert out.outputs.data.shape == (2, 3) and out.outputs.data.dtype == torch.float32
+    assert len(out.prompt_token_ids) == 4 and out.finished
+    fake = FakeLLMEngine._output("y", [3, 1])
+    wire = to_wire(fake)
+    assert wire.n_prompt == 2 and wire.data is not None and wire.data.tolist() == [3.0, 1.0]
+
+
+def _families(value: float) -> list[Any]:
+    registry = CollectorRegistry()
+    Gauge("vllm:num_requests_running", "Running requests.", registry=registry).set(value)
+    return list(registry.collect())
+
+
+def test_relayed_metrics_pass_one_engine_through_and_label_several_by_replica():
+    relay = RelayedMetrics()
+    relay.sources[0] = _families(3)
+
+    def samples() -> Iterator[tuple[dict[str, str], float]]:
+        for family in relay.collect():
+            assert family.name == "vllm:num_requests_running"
+            for s in family.samples:
+                yield s.labels, s.value
+
+    assert list(samples()) == [({}, 3.0)]
+    relay.sources[1] = _families(5)
+    assert list(samples()) == [({"replica": "0"}, 3.0), ({"replica": "1"}, 5.0)]

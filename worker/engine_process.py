@@ -1,0 +1,398 @@
+"""vLLM's offline engine in a process of the worker's own (``engine_core = "process"``), fed
+in batches over a pipe.
+
+The engine process runs vLLM's ``LLMEngine`` (engine core and model runner in that process)
+under a :class:`~worker.engine_thread.StepLoop`, as ``engine_core = "thread"`` does in the
+worker process, but with the worker's own work (HTTP pulls and posts, tokenization) in another
+process, so the two do not share one GIL. What crosses the pipe is per batch, not per request:
+every request the worker submits within one event-loop tick goes in one message (token ids),
+and the finished requests of each engine step come back in one message (their vectors as
+NumPy arrays, pickled as raw bytes; a causal LM's last-position logits of the asked ids).
+vLLM's ``AsyncLLM`` instead sends each request and each output on its own (ZeroMQ, msgpack)
+and keeps an asyncio queue per request.
+
+:class:`ProcessLLM` offers ``AsyncLLM``'s interface as :class:`worker.engine.Engine` uses it.
+The engine process ends with the worker: a closed pipe (the worker stopped or died) stops it.
+vLLM's own metrics (``vllm:*``) are kept in the engine process and relayed to the worker's
+default registry at every :meth:`ProcessLLM.do_log_stats` (:class:`RelayedMetrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+import traceback
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from worker.engine import EngineDead
+from worker.engine_thread import START_TIMEOUT_SECONDS, StepLoop, Submit, environ
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WireOutput:
+    """One finished request as the engine process sends it back."""
+
+    request_id: str
+    n_prompt: int
+    #: A pooling output (float32, any shape), or None for a generate request.
+    data: np.ndarray | None = None
+    #: A generate request's logits at the last prompt position: token id -> raw logit.
+    logprobs: dict[int, float] | None = None
+
+
+def to_wire(out: Any) -> WireOutput:
+    """vLLM's ``PoolingRequestOutput`` / ``RequestOutput`` -> :class:`WireOutput`."""
+    n = len(out.prompt_token_ids or [])
+    pooled = getattr(out.outputs, "data", None)
+    if pooled is not None:
+        return WireOutput(out.request_id, n, data=pooled.float().numpy())
+    step = out.outputs[0].logprobs[0]
+    return WireOutput(out.request_id, n, logprobs={t: float(p.logprob) for t, p in step.items()})
+
+
+class _Length:
+    """Stands in for a request's ``prompt_token_ids`` where only its length is used."""
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+
+def from_wire(out: WireOutput) -> Any:
+    """A :class:`WireOutput` shaped as vLLM's output, as far as :mod:`worker.engine` reads it:
+    ``prompt_token_ids`` (its length), ``outputs.data`` (a torch tensor) or
+    ``outputs[0].logprobs[0][id].logprob``."""
+    if out.data is not None:
+        import torch
+
+        outputs: Any = SimpleNamespace(data=torch.from_numpy(out.data))
+    else:
+        logprobs = {t: SimpleNamespace(logprob=v) for t, v in (out.logprobs or {}).items()}
+        outputs = [SimpleNamespace(logprobs=[logprobs])]
+    return SimpleNamespace(
+        request_id=out.request_id,
+        prompt_token_ids=_Length(out.n_prompt),
+        outputs=outputs,
+        finished=True,
+    )
+
+
+class RelayedMetrics(Collector):
+    """vLLM's metric families as each engine process last sent them, in the worker's default
+    registry (whose ``/metrics`` renames them as it does vLLM's own: :mod:`worker.monitoring`).
+    With several engine processes (replicas) a family's samples are merged, each with a label
+    ``replica``."""
+
+    def __init__(self) -> None:
+        self.sources: dict[int, list[Metric]] = {}
+        self._registered = False
+
+    def attach(self) -> None:
+        if not self._registered:
+            REGISTRY.register(self)
+            self._registered = True
+
+    def collect(self) -> Iterator[Metric]:
+        if len(self.sources) == 1:
+            yield from next(iter(self.sources.values()))
+            return
+        merged: dict[str, Metric] = {}
+        for replica, families in sorted(self.sources.items()):
+            for family in families:
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                into.samples += [
+                    s._replace(labels={**s.labels, "replica": str(replica)}) for s in family.samples
+                ]
+        yield from merged.values()
+
+
+#: The one relay of this process (every engine process reports into it).
+RELAYED = RelayedMetrics()
+
+
+# --- the engine process ------------------------------------------------------------------
+def _vllm_families() -> list[Metric]:
+    return [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
+
+
+def engine_main(conn: Connection, vllm_config: Any) -> None:
+    """The engine process: build the engine of ``vllm_config``, say ``ready`` or why not, then
+    take batches from ``conn`` until it says ``stop`` or closes."""
+    try:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and model here
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine.from_vllm_config(vllm_config)
+    except BaseException as e:  # noqa: BLE001 - told to the worker, which reports it
+        first = (str(e).strip().splitlines() or [""])[0]
+        conn.send_bytes(pickle.dumps(("failed", f"{type(e).__name__}: {first}")))
+        log.debug("engine start failed:\n%s", traceback.format_exc())
+        return
+    serve(conn, engine)
+
+
+def serve(conn: Connection, engine: Any) -> None:
+    """Say ``ready``, then run ``engine`` (vLLM's ``LLMEngine`` or what offers its stepping
+    interface) under a :class:`~worker.engine_thread.StepLoop` on the batches ``conn`` brings,
+    until it says ``stop`` or closes; the engine is shut down at the end. The engine process's
+    main function after its engine started (and a test's, on a thread)."""
+    send_lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        with send_lock:
+            conn.send_bytes(data)
+
+    steps = StepLoop(
+        engine,
+        lambda outs: send(("out", [to_wire(o) for o in outs])),
+        lambda rid, exc: send(("refused", rid, f"{type(exc).__name__}: {exc}")),
+    )
+    send(("ready", None))
+
+    def read() -> None:
+        while True:
+            try:
+                message = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):  # the worker is gone
+                steps.stop()
+                return
+            kind = message[0]
+            if kind == "submit":
+                steps.submit(message[1])
+            elif kind == "abort":
+                steps.abort(message[1])
+            elif kind == "stats":
+                steps.log_stats()
+                send(("metrics", _vllm_families()))
+            elif kind == "stop":
+                steps.stop()
+                return
+
+    threading.Thread(target=read, name="engine-pipe", daemon=True).start()
+    try:
+        steps.run()
+    except BaseException as e:  # noqa: BLE001 - the engine died: the worker is told
+        with contextlib.suppress(OSError):
+            send(("dead", f"{type(e).__name__}: {e}"))
+    finally:
+        with contextlib.suppress(Exception):
+            engine.engine_core.shutdown()
+
+
+# --- the worker's side -------------------------------------------------------------------
+@dataclass
+class _State:
+    waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    batch: list[Submit] = field(default_factory=list)
+    flush_scheduled: bool = False
+
+
+class ProcessLLM:
+    """The worker's handle on the engine process; create with :meth:`start` inside the event
+    loop that will use it."""
+
+    def __init__(self, process: Any, conn: Connection, vllm_config: Any):
+        self._process = process
+        self._conn = conn
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self._tokenizer: Any = None
+        self._state = _State()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._source = len(RELAYED.sources)
+        #: Why the engine process stopped, once it did.
+        self.error: str | None = None
+        self._closed = False
+
+    @classmethod
+    def start(cls, engine_kwargs: dict[str, Any]) -> ProcessLLM:
+        """Configure the engine (``vllm.EngineArgs(**engine_kwargs)``, here: its model and
+        scheduler configs are what the worker reads), spawn the engine process with that
+        config and wait until its engine is ready (blocking; vLLM takes ~25 s on CPU).
+        Raises what vLLM raises for a bad configuration, RuntimeError with the engine's own
+        reason if it cannot start."""
+        from vllm import EngineArgs
+
+        # The single-process executor (vLLM's CPU backend keeps it only with this set).
+        with environ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+            vllm_config = EngineArgs(**engine_kwargs).create_engine_config()
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(
+            target=engine_main, args=(theirs, vllm_config), name="vllm-engine", daemon=True
+        )
+        process.start()
+        theirs.close()
+        if not ours.poll(START_TIMEOUT_SECONDS):
+            process.kill()
+            raise TimeoutError(f"the vLLM engine did not start in {START_TIMEOUT_SECONDS:.0f} s")
+        try:
+            kind, payload = pickle.loads(ours.recv_bytes())
+        except EOFError:
+            process.join(5)
+            raise RuntimeError(
+                f"the vLLM engine process exited with {process.exitcode} while starting"
+            ) from None
+        if kind != "ready":
+            process.join(10)
+            raise RuntimeError(payload)
+        llm = cls(process, ours, vllm_config)
+        llm._attach(asyncio.get_event_loop())
+        RELAYED.sources[llm._source] = []
+        RELAYED.attach()
+        return llm
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's messages in a thread of their own (blocking reads of whole
+        messages; an event loop's reader callback would see the pipe non-blocking, as uvloop
+        makes it) and handle them on ``loop``."""
+        self._loop = loop
+        threading.Thread(target=self._read, name="engine-pipe", daemon=True).start()
+
+    # --- AsyncLLM's interface, as worker.engine uses it ---------------------------------
+    def get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+            self._tokenizer = cached_tokenizer_from_config(self.model_config)
+        return self._tokenizer
+
+    @property
+    def errored(self) -> bool:
+        return self.error is not None or self._closed or not self._process.is_alive()
+
+    async def encode(
+        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        """The request's final output (see :func:`from_wire`). Raises ValueError with vLLM's
+        message for a request it refuses, :class:`~worker.engine.EngineDead` if the engine
+        process failed."""
+        yield await self._submit(Submit(request_id, prompt, params, priority))
+
+    async def generate(
+        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        yield await self._submit(Submit(request_id, prompt, params, priority))
+
+    async def do_log_stats(self) -> None:
+        """Ask the engine process to log vLLM's stats and send its metrics."""
+        self._send(("stats",))
+
+    def shutdown(self) -> None:
+        """Stop the engine process (blocking, up to 30 s, then killed)."""
+        if self._closed:
+            return
+        self.error = "the vLLM engine was shut down"
+        with contextlib.suppress(OSError):
+            self._conn.send_bytes(pickle.dumps(("stop",)))
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._close(self.error)
+        RELAYED.sources.pop(self._source, None)
+
+    # --- the hand-off ------------------------------------------------------------------
+    async def _submit(self, request: Submit) -> Any:
+        if self.errored:
+            raise EngineDead(self.error or "the vLLM engine process is gone")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        state = self._state
+        state.waiters[request.request_id] = future
+        state.batch.append(request)
+        if not state.flush_scheduled:  # everything submitted in this tick: one message
+            state.flush_scheduled = True
+            loop.call_soon(self._flush)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if state.waiters.pop(request.request_id, None) is not None:
+                self._send(("abort", [request.request_id]))
+            raise
+
+    def _flush(self) -> None:
+        state = self._state
+        state.flush_scheduled = False
+        batch, state.batch = state.batch, []
+        if batch:
+            self._send(("submit", batch))
+
+    def _send(self, message: Any) -> None:
+        if self._closed:
+            return
+        try:
+            self._conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError as e:
+            self._close(f"the vLLM engine process is gone ({e})")
+
+    def _read(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        while True:
+            try:
+                message = pickle.loads(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                self._process.join(5)
+                reason = f"the vLLM engine process exited (exit code {self._process.exitcode})"
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(self._close, reason)
+                return
+            try:
+                loop.call_soon_threadsafe(self._handle, message)
+            except RuntimeError:
+                return
+
+    def _handle(self, message: Any) -> None:
+        kind = message[0]
+        waiters = self._state.waiters
+        if kind == "out":
+            for out in message[1]:
+                future = waiters.pop(out.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(from_wire(out))
+        elif kind == "refused":
+            future = waiters.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_exception(ValueError(message[2]))
+        elif kind == "metrics":
+            RELAYED.sources[self._source] = message[1]
+        elif kind == "dead":
+            log.error("the vLLM engine failed: %s", message[1])
+            self._close(f"the vLLM engine failed: {message[1]}")
+
+    def _close(self, reason: str) -> None:
+        """The engine is gone: every waiter fails with EngineDead."""
+        if self.error is None:
+            self.error = reason
+            log.warning("%s", reason)
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._conn.close()
+        waiters = self._state.waiters
+        self._state.waiters = {}
+        for future in waiters.values():
+            if not future.done():
+                future.set_exception(EngineDead(self.error))
