@@ -27,6 +27,7 @@ No weights are downloaded (``HF_HUB_OFFLINE=1``); telemetry is off.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -95,6 +96,17 @@ def onnx_model(model: Path, out: Path) -> Path:
     return out
 
 
+def pooling_method(model: Path) -> str:
+    """Infinity's ``--pooling-method`` for the model's sentence-transformers pooling
+    (``1_Pooling/config.json``): its ``auto`` reads that file for the torch engine only and
+    takes CLS for an ONNX folder (MiniLM's vectors then differ from sentence-transformers',
+    cosine down to 0.63)."""
+    config = model / "1_Pooling" / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("pooling_mode_cls_token"):
+        return "cls"
+    return "mean"
+
+
 _OPTIMIZE = """
 import sys
 from pathlib import Path
@@ -140,6 +152,8 @@ def start_infinity(
         str(port),
         "--url-prefix",
         "/v1",
+        "--pooling-method",
+        pooling_method(model),
     ]
     cwd = None
     if engine == "optimum":
