@@ -125,7 +125,8 @@ class Stack:
     """The server-side processes of one path, each with its role: ``model`` (vLLM's model
     process; the process that runs the model where it has no other role), ``engine core``
     (vLLM's), ``worker`` (the inference-worker process; with ``engine_core = "thread"`` the
-    engine runs in it), ``gateway``, ``server`` (vllm serve's or Infinity's API process),
+    engine runs in it; with ``process`` its engine process, ``VLLM::LLMEngine``, is
+    ``model``), ``gateway``, ``server`` (vllm serve's or Infinity's API process),
     ``redis-server``."""
 
     procs: list[tuple[str, psutil.Process]] = field(default_factory=list)
@@ -135,7 +136,7 @@ class Stack:
         self.procs.append((role, root))
         for child in root.children(recursive=True):
             name = child.name()
-            if name.startswith("VLLM::Worker"):
+            if name.startswith(("VLLM::Worker", "VLLM::LLMEngine")):
                 self.procs.append(("model", child))
             elif name.startswith("VLLM::EngineCor"):
                 self.procs.append(("engine core", child))

@@ -152,7 +152,8 @@ def test_a_gateway_killed_mid_batch_and_restarted_finishes_it_exactly_once(
     port = ls.free_port()
     args = ["--queue-url", url, "--lease-seconds", "8"]
     gateway = ls.start_gateway(log_dir, port=port, args=args)
-    worker = ls.start_worker(embed_worker_config(gateway.url), log_dir, "worker")
+    # The session worker's config (pairs too): one model name, one advert on the gateway.
+    worker = ls.start_worker(embed_worker_config(gateway.url, pairs=True), log_dir, "worker")
     try:
         client = OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=3)
         texts = sentences(3000)

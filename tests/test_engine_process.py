@@ -225,3 +225,19 @@ def test_relayed_metrics_pass_one_engine_through_and_label_several_by_replica():
     assert list(samples()) == [({}, 3.0)]
     relay.sources[1] = _families(5)
     assert list(samples()) == [({"replica": "0"}, 3.0), ({"replica": "1"}, 5.0)]
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a: int, b: int):  # pickling re-creates it with one argument: fails
+        super().__init__(f"{a} {b}")
+
+
+def test_a_start_failure_reaches_the_worker_as_vllms_own_exception():
+    import pickle
+
+    from worker.engine_process import _picklable_failure
+
+    kind, exc = pickle.loads(_picklable_failure(ValueError("Available memory on node 0\nmore")))
+    assert kind == "failed" and type(exc) is ValueError and str(exc).startswith("Available")
+    _, fallback = pickle.loads(_picklable_failure(_Unpicklable(1, 2)))
+    assert type(fallback) is RuntimeError and str(fallback) == "_Unpicklable: 1 2"

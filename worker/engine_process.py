@@ -140,15 +140,30 @@ def engine_main(conn: Connection, vllm_config: Any) -> None:
     take batches from ``conn`` until it says ``stop`` or closes."""
     try:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and model here
+        from vllm.utils.system_utils import set_process_title
+
+        set_process_title("LLMEngine")  # VLLM::LLMEngine in ps, top and psutil, as vLLM names its
         from vllm.v1.engine.llm_engine import LLMEngine
 
         engine = LLMEngine.from_vllm_config(vllm_config)
     except BaseException as e:  # noqa: BLE001 - told to the worker, which reports it
-        first = (str(e).strip().splitlines() or [""])[0]
-        conn.send_bytes(pickle.dumps(("failed", f"{type(e).__name__}: {first}")))
+        conn.send_bytes(_picklable_failure(e))
         log.debug("engine start failed:\n%s", traceback.format_exc())
         return
     serve(conn, engine)
+
+
+def _picklable_failure(exc: BaseException) -> bytes:
+    """``("failed", exc)`` pickled, so the worker raises vLLM's own exception (its type names
+    the cause in the worker's one ERROR line); a RuntimeError with its first line where the
+    exception does not survive pickling."""
+    try:
+        data = pickle.dumps(("failed", exc))
+        pickle.loads(data)
+        return data
+    except Exception:  # noqa: BLE001 - any exception type may refuse to pickle
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return pickle.dumps(("failed", RuntimeError(f"{type(exc).__name__}: {first}")))
 
 
 def serve(conn: Connection, engine: Any) -> None:
@@ -256,7 +271,7 @@ class ProcessLLM:
             ) from None
         if kind != "ready":
             process.join(10)
-            raise RuntimeError(payload)
+            raise payload if isinstance(payload, BaseException) else RuntimeError(payload)
         llm = cls(process, ours, vllm_config)
         llm._attach(asyncio.get_event_loop())
         RELAYED.sources[llm._source] = []
