@@ -24,6 +24,7 @@ from gateway.store import (
     QueueStore,
     Request,
     check_result,
+    count_advert,
     dead_letter,
 )
 from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
@@ -370,8 +371,7 @@ class MemoryStore(QueueStore):
         for w in self._workers.values():
             if w.pulls_open > 0 or now - w.last_seen <= self.worker_ttl:
                 for adv in w.adverts:
-                    _, n = out.get(adv.name, (adv, 0))
-                    out[adv.name] = (adv, n + 1)
+                    count_advert(out, adv)
         return out
 
     async def advert(self, model: str) -> ModelAdvert | None:

@@ -59,6 +59,7 @@ from gateway.store import (
     Request,
     StoreUnavailable,
     check_result,
+    count_advert,
 )
 from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
@@ -1203,8 +1204,7 @@ class RedisStore(QueueStore):
         try:
             async for adverts in self._workers():
                 for adv in adverts:
-                    _, n = out.get(adv.name, (adv, 0))
-                    out[adv.name] = (adv, n + 1)
+                    count_advert(out, adv)
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
             raise StoreUnavailable(f"Redis: {e}") from None
         return out

@@ -117,6 +117,21 @@ def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
     )
 
 
+def count_advert(models: dict[str, tuple[ModelAdvert, int]], advert: ModelAdvert) -> None:
+    """Count one live worker's ``advert`` into ``models`` (name -> (advert, workers)): the
+    first advert seen stands for the model, with the tasks of all of them (in the order first
+    seen), so that a model two workers serve with different tasks lists each task."""
+    seen = models.get(advert.name)
+    if seen is None:
+        models[advert.name] = (advert, 1)
+        return
+    first, n = seen
+    tasks = list(first.tasks) + [t for t in advert.tasks if t not in first.tasks]
+    if tasks != list(first.tasks):
+        first = first.model_copy(update={"tasks": tasks})
+    models[advert.name] = (first, n + 1)
+
+
 def dead_letter(item_id: str, attempts: int, last_error: str | None = None) -> ItemResult:
     """The answer of an item out of attempts: ``max_attempts_exceeded``."""
     message = f"the input was delivered to workers {attempts} times without a result"
@@ -275,8 +290,8 @@ class QueueStore(ABC):
 
     @abstractmethod
     async def available_models(self) -> dict[str, tuple[ModelAdvert, int]]:
-        """Model name -> (latest advert, live workers), for workers that pulled within the
-        worker TTL or are pulling now."""
+        """Model name -> (advert, live workers), for workers that pulled within the worker TTL
+        or are pulling now; the advert's tasks are every live worker's (:func:`count_advert`)."""
 
     @abstractmethod
     async def advert(self, model: str) -> ModelAdvert | None:

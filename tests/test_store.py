@@ -587,6 +587,14 @@ async def test_workers_and_adverts_follow_the_ttl(store, store_kind, clock):
     assert await store.advert("m") == newer  # the last advert is kept for validation
 
 
+async def test_a_model_served_with_different_tasks_lists_every_task(store):
+    await pull(store, n=1, worker="w1", adverts=[ADVERT])  # tasks ["embed"]
+    both = ADVERT.model_copy(update={"tasks": ["embed", "score"]})
+    await pull(store, n=1, worker="w2", adverts=[both])
+    advert, workers = (await store.available_models())["m"]
+    assert workers == 2 and advert.tasks == ["embed", "score"]
+
+
 async def test_a_worker_in_a_long_poll_stays_live(store, store_kind, clock):
     waiting = asyncio.create_task(pull(store, n=1, wait=10, worker="polling"))
     await asyncio.sleep(0.05)
