@@ -21,6 +21,7 @@ import torch
 from prometheus_client import Gauge
 from prometheus_client.registry import CollectorRegistry
 
+from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
 from worker.engine_process import ProcessLLM, RelayedMetrics, WireOutput, from_wire, serve, to_wire
 
@@ -30,64 +31,27 @@ class Logprob:
     logprob: float
 
 
-class FakeLLMEngine:
-    """FAKE of vLLM's ``LLMEngine``: a prompt is a list of numbers; each step finishes what was
-    added before it, as a pooling output (the numbers as float32) or, for a prompt starting with
-    -1, a generate output with the last position's logprobs {id: id / 10}. ``add_request``
-    refuses an empty prompt; a prompt [666] kills the engine in its step."""
+class FakeLLMEngine(BaseFake):
+    """FAKE of vLLM's ``LLMEngine`` (:class:`tests.support.fake_llm_engine.FakeLLMEngine`): a
+    prompt is a list of numbers, finished as a pooling output (the numbers as float32) or, for
+    a prompt starting with -1, a generate output with the last position's logprobs
+    {id: id / 10}. It refuses an empty prompt; a prompt [666] kills the engine in its step."""
 
-    def __init__(self) -> None:
-        self.added: list[list[str]] = []
-        self.batch: list[str] = []
-        self.waiting: dict[str, list[int]] = {}
-        self.aborted: list[str] = []
-        self.hold = False  # nothing finishes
-        self.shut_down = False
-        self.engine_core = self
+    def refusal(self, prompt: Any) -> str | None:
+        return None if prompt else "the prompt is empty"
 
-    def add_request(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> str:
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        self.batch.append(request_id)
-        self.waiting[request_id] = prompt
-        return request_id
+    def kills(self, prompt: Any) -> bool:
+        return bool(prompt == [666])
 
-    def abort_request(self, request_ids: list[str]) -> None:
-        self.aborted += request_ids
-        for rid in request_ids:
-            self.waiting.pop(rid, None)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting)
-
-    def step(self) -> list[Any]:
-        if self.batch:
-            self.added.append(self.batch)
-            self.batch = []
-        if self.hold:
-            return []
-        if [666] in self.waiting.values():
-            raise RuntimeError("the engine died")
-        done = [self._output(rid, p) for rid, p in self.waiting.items()]
-        self.waiting.clear()
-        return done
-
-    @staticmethod
-    def _output(rid: str, prompt: list[int]) -> Any:
+    def output(self, request_id: str, prompt: Any) -> Any:
         if prompt[0] == -1:
             logprobs = {t: Logprob(t / 10) for t in prompt[1:]}
             outputs: Any = [SimpleNamespace(logprobs=[logprobs])]
         else:
             outputs = SimpleNamespace(data=torch.tensor(prompt, dtype=torch.float32))
         return SimpleNamespace(
-            request_id=rid, prompt_token_ids=prompt, outputs=outputs, finished=True
+            request_id=request_id, prompt_token_ids=prompt, outputs=outputs, finished=True
         )
-
-    def do_log_stats(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        self.shut_down = True
 
 
 class FakeProcess:
@@ -201,7 +165,7 @@ def test_wire_output_round_trip_keeps_shape_and_dtype():
     out = from_wire(WireOutput("x", 4, data=data))
     assert out.outputs.data.shape == (2, 3) and out.outputs.data.dtype == torch.float32
     assert len(out.prompt_token_ids) == 4 and out.finished
-    fake = FakeLLMEngine._output("y", [3, 1])
+    fake = FakeLLMEngine().output("y", [3, 1])
     wire = to_wire(fake)
     assert wire.n_prompt == 2 and wire.data is not None and wire.data.tolist() == [3.0, 1.0]
 

@@ -7,12 +7,12 @@ the classifier worker of tests/test_classify.py, ``engine_core = "thread"``)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
 from worker.engine_thread import ThreadedLLM
 
@@ -23,53 +23,18 @@ class Out:
     finished: bool = True
 
 
-class FakeLLMEngine:
-    """FAKE of vLLM's ``LLMEngine``: ``add_request`` refuses a prompt "bad" (as vLLM's
-    validation does, per request); each ``step`` finishes what was added before it; a step
-    with a prompt "boom" in it raises (an engine that died)."""
+class FakeLLMEngine(BaseFake):
+    """FAKE of vLLM's ``LLMEngine`` (:class:`tests.support.fake_llm_engine.FakeLLMEngine`):
+    it refuses a prompt "bad"; a step with a prompt "boom" in it raises."""
 
-    def __init__(self) -> None:
-        self.added: list[list[str]] = []  # request ids added between two steps
-        self.batch: list[str] = []
-        self.waiting: dict[str, Any] = {}
-        self.aborted: list[str] = []
-        self.steps = 0
-        self.shut_down = False
-        self.thread: str | None = None
-        self.engine_core = self  # LLMEngine.engine_core.shutdown()
+    def refusal(self, prompt: Any) -> str | None:
+        return "the prompt is bad" if prompt == "bad" else None
 
-    def add_request(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> str:
-        self.thread = threading.current_thread().name
-        if prompt == "bad":
-            raise ValueError("the prompt is bad")
-        self.batch.append(request_id)
-        self.waiting[request_id] = prompt
-        return request_id
+    def kills(self, prompt: Any) -> bool:
+        return bool(prompt == "boom")
 
-    def abort_request(self, request_ids: list[str]) -> None:
-        self.aborted += request_ids
-        for rid in request_ids:
-            self.waiting.pop(rid, None)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting)
-
-    def step(self) -> list[Out]:
-        self.steps += 1
-        if self.batch:
-            self.added.append(self.batch)
-            self.batch = []
-        if "boom" in self.waiting.values():
-            raise RuntimeError("the engine died")
-        done = [Out(rid) for rid in self.waiting]
-        self.waiting.clear()
-        return done
-
-    def do_log_stats(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        self.shut_down = True
+    def output(self, request_id: str, prompt: Any) -> Out:
+        return Out(request_id)
 
 
 async def _one(llm: ThreadedLLM, prompt: str, rid: str) -> Any:

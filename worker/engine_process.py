@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -128,6 +129,8 @@ class RelayedMetrics(Collector):
 
 #: The one relay of this process (every engine process reports into it).
 RELAYED = RelayedMetrics()
+#: Each engine process's key in :data:`RELAYED` (its ``replica`` label), in start order.
+_SOURCE_KEYS = itertools.count()
 
 
 # --- the engine process ------------------------------------------------------------------
@@ -235,7 +238,7 @@ class ProcessLLM:
         self._tokenizer: Any = None
         self._state = _State()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._source = len(RELAYED.sources)
+        self._source = next(_SOURCE_KEYS)
         #: Why the engine process stopped, once it did.
         self.error: str | None = None
         self._closed = False

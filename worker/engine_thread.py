@@ -126,16 +126,6 @@ class StepLoop:
                     continue
                 self.running.add(entry.request_id)
 
-    def waiting(self) -> list[str]:
-        """Request ids submitted but not taken into the engine (after :meth:`run` ended)."""
-        out: list[str] = []
-        while True:
-            try:
-                got = self._inbox.get_nowait()
-            except queue.Empty:
-                return out
-            out += [e.request_id for e in got if isinstance(e, Submit)]
-
 
 @dataclass
 class _Waiter:
