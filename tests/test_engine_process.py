@@ -205,3 +205,25 @@ def test_a_start_failure_reaches_the_worker_as_vllms_own_exception():
     assert kind == "failed" and type(exc) is ValueError and str(exc).startswith("Available")
     _, fallback = pickle.loads(_picklable_failure(_Unpicklable(1, 2)))
     assert type(fallback) is RuntimeError and str(fallback) == "_Unpicklable: 1 2"
+
+
+async def test_a_scrape_reads_the_engines_vllm_metrics_as_they_are_now(engine):
+    """``/metrics`` calls :meth:`RelayedMetrics.refresh` first: each engine process answers
+    with its ``vllm:*`` families as they are (here the serving thread reads this process's
+    default registry, where the FAKE engine's gauge is)."""
+    from prometheus_client import REGISTRY
+
+    from worker.engine_process import RELAYED
+
+    llm, _ = engine
+    gauge = Gauge("vllm:fake_requests_running", "Running requests (FAKE engine).")
+    RELAYED.refreshers[llm._source] = llm.refresh_metrics
+    try:
+        for value in (7.0, 9.0):
+            gauge.set(value)
+            await RELAYED.refresh()
+            assert [s.value for f in RELAYED.sources[llm._source] for s in f.samples] == [value]
+    finally:
+        REGISTRY.unregister(gauge)
+        RELAYED.refreshers.pop(llm._source, None)
+        RELAYED.sources.pop(llm._source, None)

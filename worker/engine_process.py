@@ -14,7 +14,9 @@ and keeps an asyncio queue per request.
 :class:`ProcessLLM` offers ``AsyncLLM``'s interface as :class:`worker.engine.Engine` uses it.
 The engine process ends with the worker: a closed pipe (the worker stopped or died) stops it.
 vLLM's own metrics (``vllm:*``) are kept in the engine process and relayed to the worker's
-default registry at every :meth:`ProcessLLM.do_log_stats` (:class:`RelayedMetrics`).
+default registry at every :meth:`ProcessLLM.do_log_stats` and before every scrape of the
+worker's ``/metrics`` (:meth:`RelayedMetrics.refresh`), so a scrape sees the engine's counts
+as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 import pickle
 import threading
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
@@ -104,7 +106,15 @@ class RelayedMetrics(Collector):
 
     def __init__(self) -> None:
         self.sources: dict[int, list[Metric]] = {}
+        #: Per source, what asks its engine process for its metrics now.
+        self.refreshers: dict[int, Callable[[], Awaitable[None]]] = {}
         self._registered = False
+
+    async def refresh(self) -> None:
+        """Ask every engine process for its metrics and wait for the answers (each bounded
+        by :data:`METRICS_TIMEOUT_SECONDS`; a late one keeps its last snapshot)."""
+        if self.refreshers:
+            await asyncio.gather(*(r() for r in list(self.refreshers.values())))
 
     def attach(self) -> None:
         if not self._registered:
@@ -127,6 +137,8 @@ class RelayedMetrics(Collector):
         yield from merged.values()
 
 
+#: Seconds a scrape waits for an engine process's metrics before serving the last snapshot.
+METRICS_TIMEOUT_SECONDS = 2.0
 #: The one relay of this process (every engine process reports into it).
 RELAYED = RelayedMetrics()
 #: Each engine process's key in :data:`RELAYED` (its ``replica`` label), in start order.
@@ -203,6 +215,8 @@ def serve(conn: Connection, engine: Any) -> None:
             elif kind == "stats":
                 steps.log_stats()
                 send(("metrics", _vllm_families()))
+            elif kind == "metrics":  # vLLM records them at every step: read them as they are
+                send(("metrics", _vllm_families()))
             elif kind == "stop":
                 steps.stop()
                 return
@@ -222,6 +236,7 @@ def serve(conn: Connection, engine: Any) -> None:
 @dataclass
 class _State:
     waiters: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    metrics_waiters: list[asyncio.Future[None]] = field(default_factory=list)
     batch: list[Submit] = field(default_factory=list)
     flush_scheduled: bool = False
 
@@ -278,6 +293,7 @@ class ProcessLLM:
         llm = cls(process, ours, vllm_config)
         llm._attach(asyncio.get_event_loop())
         RELAYED.sources[llm._source] = []
+        RELAYED.refreshers[llm._source] = llm.refresh_metrics
         RELAYED.attach()
         return llm
 
@@ -317,6 +333,18 @@ class ProcessLLM:
         """Ask the engine process to log vLLM's stats and send its metrics."""
         self._send(("stats",))
 
+    async def refresh_metrics(self) -> None:
+        """Ask the engine process for its vLLM metrics and wait until they are in
+        :data:`RELAYED` (at most :data:`METRICS_TIMEOUT_SECONDS`; nothing to wait for once
+        the engine is gone)."""
+        if self.errored:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._state.metrics_waiters.append(future)
+        self._send(("metrics",))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(future), METRICS_TIMEOUT_SECONDS)
+
     def shutdown(self) -> None:
         """Stop the engine process (blocking, up to 30 s, then killed)."""
         if self._closed:
@@ -330,6 +358,7 @@ class ProcessLLM:
             self._process.join(5)
         self._close(self.error)
         RELAYED.sources.pop(self._source, None)
+        RELAYED.refreshers.pop(self._source, None)
 
     # --- the hand-off ------------------------------------------------------------------
     async def _submit(self, request: Submit) -> Any:
@@ -396,6 +425,10 @@ class ProcessLLM:
                 future.set_exception(ValueError(message[2]))
         elif kind == "metrics":
             RELAYED.sources[self._source] = message[1]
+            answered, self._state.metrics_waiters = self._state.metrics_waiters, []
+            for future in answered:
+                if not future.done():
+                    future.set_result(None)
         elif kind == "dead":
             log.error("the vLLM engine failed: %s", message[1])
             self._close(f"the vLLM engine failed: {message[1]}")

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from worker.config import MonitoringConfig, VllmMetricNames
+from worker.engine_process import RELAYED
 from worker.health import Health
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def create_app(health: Health, vllm_metric_names: VllmMetricNames = "prometheus"
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        await RELAYED.refresh()  # engine processes' vLLM metrics as they are now
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/livez")
