@@ -21,6 +21,12 @@ What it does, as a user of Infinity would:
   CPUExecutionProvider/<model id>``) — Infinity then starts from it, as on its second start.
 - Infinity is started with ``--model-id .`` from the ONNX folder: given an absolute path it
   names the ONNX file by its absolute path, which optimum-onnx's loader does not find.
+- Every path embeds the same tokens: Infinity's torch engine (sentence-transformers inside)
+  truncates at the checkpoint's ``sentence_bert_config.json`` ``max_seq_length`` (256 for
+  all-MiniLM-L6-v2, and for the fast engine's copy of its files), while the other paths take
+  ``max_seq_length`` tokens (512); it is given a view of the checkpoint (links to its files) whose
+  ``max_seq_length`` says so, as a user who wants longer inputs would set it. Its ONNX engine
+  truncates at ``max_position_embeddings`` (512).
 
 No weights are downloaded (``HF_HUB_OFFLINE=1``); telemetry is off.
 """
@@ -127,12 +133,36 @@ if not list(out.glob("*_optimized.onnx")):
 """
 
 
+def with_max_seq_length(model: Path, max_seq_length: int, out: Path) -> Path:
+    """``model`` as sentence-transformers would load it with ``max_seq_length`` tokens: ``out``
+    holds links to every file of ``model`` but ``sentence_bert_config.json``, written with that
+    ``max_seq_length``. Returns ``model`` itself where it already says so."""
+    config = model / "sentence_bert_config.json"
+    st_config = json.loads(config.read_text()) if config.exists() else {}
+    if st_config.get("max_seq_length") == max_seq_length:
+        return model
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in model.iterdir():
+        link = out / entry.name
+        if entry.name != config.name and not link.exists():
+            link.symlink_to(entry.resolve())
+    (out / config.name).write_text(json.dumps({**st_config, "max_seq_length": max_seq_length}))
+    return out
+
+
 def start_infinity(
-    model: Path, name: str, engine: str, workdir: Path, log_dir: Path, dtype: str = "float32"
+    model: Path,
+    name: str,
+    engine: str,
+    workdir: Path,
+    log_dir: Path,
+    dtype: str = "float32",
+    max_seq_length: int = 512,
 ) -> ls.Proc:
     """Infinity's server on loopback serving ``model`` as ``name`` at ``/v1/embeddings``, with
-    its ``torch`` or ``optimum`` (ONNX Runtime) engine on the CPU; waited for on ``/health``
-    (outside the ``/v1`` prefix)."""
+    its ``torch`` or ``optimum`` (ONNX Runtime) engine on the CPU, inputs truncated at
+    ``max_seq_length`` tokens (the torch engine: see :func:`with_max_seq_length`); waited for
+    on ``/health`` (outside the ``/v1`` prefix)."""
     install()
     port = ls.free_port()
     hf_home = workdir / f"hf-{engine}"
@@ -164,7 +194,10 @@ def start_infinity(
         cmd += ["--model-id", "."]
         cwd = onnx
     else:
-        cmd += ["--model-id", str(model), "--dtype", dtype]
+        view = with_max_seq_length(
+            model, max_seq_length, workdir / f"{model.name}-{max_seq_length}"
+        )
+        cmd += ["--model-id", str(view), "--dtype", dtype]
     url = f"http://127.0.0.1:{port}"
     log_dir.mkdir(parents=True, exist_ok=True)
     here = os.getcwd()

@@ -79,8 +79,10 @@ MAX_NUM_SEQS = 256
 #: The worker's default ``queue.interactive_quiet_seconds`` (the bench's worker config keeps it).
 QUIET_SECONDS = QueueConfig.model_fields["interactive_quiet_seconds"].default
 GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache for BERT)
-#: Sentences whose vectors are compared across paths.
+#: Sentences and documents whose vectors are compared across paths (the documents also show
+#: that every path embeds all of their ~500 tokens: a path that truncated them would differ).
 CHECK_SENTENCES = 256
+CHECK_DOCUMENTS = 16
 
 
 def _env() -> None:
@@ -560,7 +562,9 @@ async def run(
                 continue
             import peers
 
-            inf = peers.start_infinity(model, MODEL, engine, logs / "infinity", logs, a.dtype)
+            inf = peers.start_infinity(
+                model, MODEL, engine, logs / "infinity", logs, a.dtype, max_seq_length=MAX_LEN
+            )
             procs.append(inf)
             http[path] = Http(
                 inf.url, "none", Stack().add("server", _pid(inf)), [big, small, doc], True
@@ -603,9 +607,14 @@ async def run(
         for h in http.values():
             await http_load(h.url, h.key, sents[:512], 64, 8)
             await http_load(h.url, h.key, docs[:8], 4, 2)
+        reference = st or SentenceTransformers(model)
         out["min_cosine_vs_sentence_transformers"] = await check_vectors(
-            model, sents[:CHECK_SENTENCES], http, inproc, st
+            reference, sents[:CHECK_SENTENCES], http, inproc, "sentences"
         )
+        out["min_cosine_documents_vs_sentence_transformers"] = await check_vectors(
+            reference, docs[:CHECK_DOCUMENTS], http, inproc, "documents"
+        )
+        del reference
         print(f"all paths up; {len(ms)} measurements x {a.rounds} rounds", flush=True)
         lat: dict[str, list[float]] = defaultdict(list)
         lat_paths = [p for p, h in http.items() if h.latency]
@@ -641,14 +650,15 @@ async def run(
 
 
 async def check_vectors(
-    model: Path,
+    reference: SentenceTransformers,
     texts: list[str],
     http: dict[str, Http],
     inproc: InProcess | None,
-    st: SentenceTransformers | None,
+    label: str,
 ) -> dict[str, float]:
-    """Min cosine of every path's vectors of ``texts`` against sentence-transformers'."""
-    want = st.vectors(texts) if st is not None else SentenceTransformers(model).vectors(texts)
+    """Min cosine of every path's vectors of ``texts`` (``label``: what they are) against
+    sentence-transformers' (``max_seq_length`` 512, as every path)."""
+    want = reference.vectors(texts)
     got: dict[str, np.ndarray] = {}
     if inproc is not None:
         got[INPROC] = await inproc.vectors(texts)
@@ -659,7 +669,11 @@ async def check_vectors(
     for path, vecs in got.items():
         unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
         out[path] = float(np.min(np.sum(unit * want, axis=1)))
-        print(f"vectors, {path}: min cosine vs sentence-transformers {out[path]:.7f}", flush=True)
+        print(
+            f"vectors of {len(texts)} {label}, {path}: min cosine vs sentence-transformers "
+            f"{out[path]:.7f}",
+            flush=True,
+        )
     return out
 
 
