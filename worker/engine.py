@@ -33,6 +33,7 @@ import numpy as np
 
 from worker import prompts
 from worker.config import GeneratorConfig
+from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
 
 log = logging.getLogger(__name__)
@@ -269,17 +270,22 @@ class Engine:
         await self.llm.do_log_stats()
 
     async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
-        """Each item's prompt, made for the whole pulled batch in one worker thread: templates
-        rendered (:mod:`worker.prompts`, with this model's ``truncate_tokens``), then every text
-        without ``truncate_prompt_tokens`` tokenized in one call of the model's fast tokenizer.
+        """Each item's prompt, made for the whole pulled batch in one call: templates rendered
+        (:mod:`worker.prompts`, with this model's ``truncate_tokens``), then every text without
+        ``truncate_prompt_tokens`` tokenized in one call of the model's fast tokenizer.
 
         Returns per item: token ids (``list[int]``; ids equal vLLM's own tokenization,
         ``add_special_tokens=True``, truncated to ``truncate_prompt_tokens`` when set), a
         pair's :class:`PairPrompt` (a cross-encoder's pairs encoded together in one call), or the
         :class:`InvalidInput` of that item (a template error, text the tokenizer cannot
         encode). Handing vLLM token ids spares it a tokenizer call per request on the event
-        loop that the pull and post calls share: a long text never blocks that loop.
+        loop that the pull and post calls share. A batch of at most
+        :data:`~worker.defaults.PREPARE_INLINE_TOKENS` estimated tokens is prepared on the
+        event loop (a thread hop costs more than its tokenization), a larger one in a worker
+        thread: a long text never blocks that loop.
         """
+        if sum(item.estimate_tokens() for item in items) <= PREPARE_INLINE_TOKENS:
+            return self._prepare(self.tokenizer, items)
         return await asyncio.to_thread(self._prepare, self.tokenizer, items)
 
     def _prepare(self, tok: Any, items: list[WorkItem]) -> list[Prompt | InvalidInput]:

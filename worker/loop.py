@@ -5,7 +5,7 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
 1. **pull**: long-polls the queue for as many items as there is free capacity
    (``max_items_in_flight`` minus items in flight, and ``max_tokens_in_flight`` minus their
    estimated prompt tokens), prepares the batch's prompts in one call (templates,
-   tokenization), and starts one engine request per item;
+   tokenization), and starts one engine request per item, before it pulls again;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
    its result or per-item error goes to the outbox. Batch-job items enter the engine behind
    interactive ones, a few at a time while interactive items flow (:mod:`worker.batch_gate`);
@@ -160,7 +160,9 @@ class Worker:
             metrics.PULL_DURATION.observe(time.monotonic() - t0)
             if items:
                 metrics.PULL_BATCH_SIZE.observe(len(items))
-                self._spawn(self._start(self._lease(items)))  # the next pull does not wait
+                # Prepared (a small batch on the loop, a large one in a thread) and handed to
+                # the engine before the next pull's HTTP call takes the loop.
+                await self._start(self._lease(items))
 
     def _lease(self, items: list[WorkItem]) -> list[_Leased]:
         """Count pulled items as in flight (they hold capacity until posted or released)."""
@@ -182,8 +184,15 @@ class Worker:
 
     async def _start(self, batch: list[_Leased]) -> None:
         """Prepare one pulled batch's prompts in one call (templates, tokenization), then start
-        one engine request per item; an item whose prompt failed is answered at once."""
-        prompts = await self.engine.prepare([lz.item for lz in batch])
+        one engine request per item; an item whose prompt failed is answered at once, and a
+        batch whose preparation failed unexpectedly is answered with a retryable error."""
+        try:
+            prompts = await self.engine.prepare([lz.item for lz in batch])
+        except Exception as e:
+            log.exception("preparing %d pulled items failed unexpectedly", len(batch))
+            for leased in batch:
+                self._answer(self._unexpected(leased.item, e), leased)
+            return
         for leased, prompt in zip(batch, prompts, strict=True):
             if isinstance(prompt, InvalidInput):
                 self._answer(ItemResult.failed(leased.item, prompt.code, prompt.message), leased)
@@ -211,10 +220,16 @@ class Worker:
                 self._engine_failed(f"{type(e).__name__}: {e}")
                 return
             log.exception("item %s failed unexpectedly", item.item_id)
-            result = ItemResult.failed(
-                item, ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}", retryable=True
-            )
+            result = self._unexpected(item, e)
         self._answer(result, leased)
+
+    @staticmethod
+    def _unexpected(item: WorkItem, exc: Exception) -> ItemResult:
+        """The result of an item that failed for a reason of this worker's, not of its input:
+        retryable (another worker, or this one later, may serve it)."""
+        return ItemResult.failed(
+            item, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", retryable=True
+        )
 
     def _answer(self, result: ItemResult, leased: _Leased) -> None:
         """Queue a result for the post loop."""

@@ -171,16 +171,20 @@ class ItemSpec(BaseModel):
     def estimate_tokens(self) -> int:
         """The prompt's tokens as the queue estimates them, without a tokenizer: exact for
         token ids, else UTF-8 bytes / 4 plus 2 special tokens (close for English BPE and
-        WordPiece vocabularies); a template counts with its fields."""
+        WordPiece vocabularies); a template counts with its fields. Total: a lone surrogate
+        (which the tokenizer will refuse) counts its 3 bytes."""
         if self.token_ids is not None:
             return max(1, len(self.token_ids))
         if self.fields is not None:
-            size = len((self.prompt_template or "").encode("utf-8")) + sum(
-                len(str(v).encode("utf-8")) for v in self.fields.values()
+            size = _utf8_size(self.prompt_template) + sum(
+                _utf8_size(str(v)) for v in self.fields.values()
             )
             return size // 4 + 2
-        size = len((self.text or "").encode("utf-8")) + len((self.text_pair or "").encode("utf-8"))
-        return size // 4 + 2
+        return (_utf8_size(self.text) + _utf8_size(self.text_pair)) // 4 + 2
+
+
+def _utf8_size(text: str | None) -> int:
+    return len((text or "").encode("utf-8", "surrogatepass"))
 
 
 class WorkItem(ItemSpec):
