@@ -7,6 +7,8 @@ scripted status codes; the real gateway cannot be made to return them on demand.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +22,14 @@ from worker import metrics
 from worker.protocol import ModelAdvert, PullRequest
 from worker.queue_client import QueueClient, QueueRejected, QueueUnavailable
 
+#: A scripted status that is no answer at first: the server waits 1 s (past the client's
+#: timeout), then answers 200.
+HANG = 0
+
 
 class FaultInjectingQueue:
-    """Answers ``/queue/v1/pull`` with the next scripted status (then 200 with no items)."""
+    """Answers ``/queue/v1/pull`` with the next scripted status (then 200 with no items);
+    :data:`HANG` waits a second instead of answering."""
 
     def __init__(self) -> None:
         self.script: list[int] = []
@@ -33,8 +40,10 @@ class FaultInjectingQueue:
         async def pull() -> Response:
             self.calls += 1
             status = self.script.pop(0) if self.script else 200
-            body = '{"items": []}' if status == 200 else '{"error": "injected"}'
-            return Response(body, status_code=status, media_type="application/json")
+            if status == HANG:
+                await asyncio.sleep(1.0)
+            body = '{"items": []}' if status in (200, HANG) else '{"error": "injected"}'
+            return Response(body, status_code=status or 200, media_type="application/json")
 
         self.port = ls.free_port()
         self.server = uvicorn.Server(
@@ -109,11 +118,59 @@ async def test_other_4xx_are_not_retried(faulty, status):
     assert faulty.calls == 1
 
 
+async def test_a_read_timeout_is_retried(faulty):
+    """The transport (aiohttp's, behind httpx's API) reports a read timeout as httpx does."""
+    faulty.script = [HANG]
+    client = QueueClient(
+        f"http://127.0.0.1:{faulty.port}", "t", retries=2, timeout_seconds=0.3,
+        backoff_initial=0.01, backoff_max=0.05,
+    )  # fmt: skip
+    before = metrics.QUEUE_RETRIES.labels("pull")._value.get()
+    assert await client.pull(REQ) == []
+    await client.aclose()
+    assert faulty.calls == 2
+    assert metrics.QUEUE_RETRIES.labels("pull")._value.get() - before == 1
+
+
+class DroppingServer:
+    """FAULT INJECTION: accepts a connection, reads the request and closes the connection
+    without an answer (a gateway that died mid-call)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.calls = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                self.calls += 1
+
+
+async def test_a_connection_closed_without_an_answer_is_retried_then_unavailable():
+    """Named as httpx names it (the worker's log and ``queue_errors_total``)."""
+    server = DroppingServer()
+    client = _client(server.port, retries=2)
+    before = metrics.QUEUE_ERRORS.labels("pull", "RemoteProtocolError")._value.get()
+    with pytest.raises(QueueUnavailable, match="RemoteProtocolError: Server disconnected"):
+        await client.pull(REQ)
+    await client.aclose()
+    server.sock.close()
+    assert server.calls == 3
+    assert metrics.QUEUE_ERRORS.labels("pull", "RemoteProtocolError")._value.get() == before + 1
+
+
 async def test_connection_refused_is_retried_then_unavailable():
     client = _client(ls.free_port(), retries=2)
     before = metrics.QUEUE_RETRIES.labels("pull")._value.get()
     t0 = time.monotonic()
-    with pytest.raises(QueueUnavailable):
+    with pytest.raises(QueueUnavailable, match="ConnectError: Cannot connect to host"):
         await client.pull(REQ)
     await client.aclose()
     assert metrics.QUEUE_RETRIES.labels("pull")._value.get() - before == 2
