@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.connections import head_timeout_protocol
 from gateway.serving import Serving
 from gateway.settings import parse
+from worker import heap
 
 log = logging.getLogger("gateway")
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "a key or token on the command line is visible to every user of this host (ps); "
             "use --api-key-file / --worker-token-file or GATEWAY_API_KEYS / GATEWAY_WORKER_TOKENS"
         )
+    heap.freeze_startup_heap()  # the app's and its imports' objects: out of the GC's walks
     DrainingServer(config, app, settings.drain_timeout_seconds).run()
     return 0
 

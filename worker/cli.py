@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from worker import __version__, cpu_host, logs, metrics
+from worker import __version__, cpu_host, heap, logs, metrics
 from worker.config import Config, ConfigError, GeneratorConfig, load_config, model_adverts
 from worker.health import Health
 from worker.vllm_output import OutputRelay
@@ -111,6 +111,7 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
         await mon.stop()
         return 1
     up = time.monotonic()
+    heap.freeze_startup_heap()  # vLLM, torch and the engine's objects: out of the GC's walks
     health.engine_started(engine)
     client = QueueClient.for_config(cfg.queue)
     try:
