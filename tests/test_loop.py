@@ -203,6 +203,22 @@ async def test_estimated_tokens_in_flight_stay_within_capacity(client, start_wor
     assert 54 <= w.engine.peak_tokens <= 60 + 27
 
 
+async def test_with_items_in_flight_a_pull_waits_for_an_engine_steps_worth_of_tokens(
+    client, start_worker
+):
+    """Inputs that finish one at a time do not bring pulls of one input each: with work in
+    flight, the worker pulls again once ``max_num_batched_tokens`` (here 100) are free."""
+    engine = FakeEngine(max_num_batched_tokens=100)
+    w = await start_worker(engine=engine, max_tokens_in_flight=200)
+    texts = [f"slow:{0.02 * (i % 7 + 1):.2f}:{i}".ljust(100, "w") for i in range(21)]  # 27 tokens
+    r = await embed(client, texts)
+    assert len(vectors(r)) == 21
+    assert w.worker.min_pull_tokens == 100
+    # The first pull takes 7 inputs (189 tokens); each later one had >= 100 tokens of room.
+    assert engine.prepared_batches[0] == 7
+    assert all(n >= 3 for n in engine.prepared_batches[1:-1]), engine.prepared_batches
+
+
 async def test_stop_drains_in_flight_items_then_exits_0(client, start_worker):
     w = await start_worker()
     request = asyncio.create_task(embed(client, ["slow:0.3:a", "slow:0.3:b"]))

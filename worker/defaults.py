@@ -31,6 +31,11 @@ ITEMS_IN_FLIGHT_PER_SEQ = 2
 #: Estimated prompt tokens in flight when ``queue.max_tokens_in_flight`` is unset: this many x
 #: the engine's ``max_num_batched_tokens`` (a few engine steps of work).
 TOKENS_IN_FLIGHT_PER_STEP = 4
+#: A worker with items in flight pulls again once this many engine steps' worth of estimated
+#: tokens (``max_num_batched_tokens`` each; at most half of ``max_tokens_in_flight``) are
+#: free: the engine still has work queued, and a pull brings a step's worth of long inputs at
+#: once (documents of ~500 tokens came one per pull, each pull and post a round trip).
+MIN_PULL_STEPS = 1
 #: Batch-job items a worker holds (leased) while interactive items flow; it pulls more only
 #: as they finish, so that its capacity stays free for interactive items.
 BATCH_ITEMS_HELD_WHILE_BUSY = 32

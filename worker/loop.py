@@ -4,8 +4,9 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
 
 1. **pull**: long-polls the queue for as many items as there is free capacity
    (``max_items_in_flight`` minus items in flight, and ``max_tokens_in_flight`` minus their
-   estimated prompt tokens), prepares the batch's prompts in one call (templates,
-   tokenization), and starts one engine request per item, before it pulls again;
+   estimated prompt tokens; with items in flight, once an engine step's worth of tokens is
+   free), prepares the batch's prompts in one call (templates, tokenization), and starts one
+   engine request per item, before it pulls again;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
    its result or per-item error goes to the outbox. Batch-job items enter the engine behind
    interactive ones, a few at a time while interactive items flow (:mod:`worker.batch_gate`);
@@ -40,6 +41,7 @@ from worker.defaults import (
     BATCH_ITEMS_HELD_WHILE_BUSY,
     ENGINE_WATCH_SECONDS,
     ITEMS_IN_FLIGHT_PER_SEQ,
+    MIN_PULL_STEPS,
     POST_BACKOFF,
     PULL_BACKOFF,
     TOKENS_IN_FLIGHT_PER_STEP,
@@ -104,6 +106,10 @@ class Worker:
             cfg.queue.max_tokens_in_flight
             or TOKENS_IN_FLIGHT_PER_STEP * engine.max_num_batched_tokens
         )
+        #: With items in flight, a pull waits until this many estimated tokens are free.
+        self.min_pull_tokens = min(
+            MIN_PULL_STEPS * engine.max_num_batched_tokens, self.token_capacity // 2
+        )
         self._tokens_in_flight = 0
         self._batch_held = 0  # batch-job items leased
         self.batch_gate = BatchGate(
@@ -129,7 +135,7 @@ class Worker:
         while not self._stopping.is_set():
             free = self.capacity - self.in_flight
             free_tokens = self.token_capacity - self._tokens_in_flight
-            if free <= 0 or free_tokens <= 0:
+            if free <= 0 or free_tokens < (self.min_pull_tokens if self._leased else 1):
                 self._capacity_freed.clear()
                 await self._capacity_freed.wait()
                 continue
