@@ -9,6 +9,7 @@ import pytest
 from worker import cpu_host
 from worker.config import GeneratorConfig
 from worker.cpu_host import CpuInfo, choose_dtype, choose_memory_fraction
+from worker.engine import engine_kwargs
 
 GIB = 1024**3
 
@@ -97,6 +98,13 @@ def test_resolve_on_this_host_fills_only_what_is_open():
     )
     assert via_engine_args.dtype == "auto"  # engine_args win in engine_kwargs
     assert via_engine_args.gpu_memory_utilization is None
+    # max_num_batched_tokens unset: vLLM's throughput mode (twice its default); a value set in
+    # the config or in engine_args stays, and so does an explicit performance_mode.
+    assert resolved.engine_args == {"performance_mode": "throughput"}
+    assert engine_kwargs(resolved)["performance_mode"] == "throughput"
+    assert "performance_mode" not in cpu_host.resolve(_gen(max_num_batched_tokens=8192)).engine_args
+    for args in ({"max_num_batched_tokens": 1024}, {"performance_mode": "interactivity"}):
+        assert cpu_host.resolve(_gen(engine_args=args)).engine_args == args
     # engine_core = "auto": vLLM's LLMEngine in a process of the worker's own for one rank,
     # AsyncLLM for several; an explicit value stays.
     assert resolved.engine_core == "process"

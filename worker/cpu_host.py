@@ -16,6 +16,12 @@
   per-input overhead is taken from the model (README "Performance"). An engine of several
   ranks keeps ``asyncllm``.
 
+- ``max_num_batched_tokens`` unset: vLLM's ``performance_mode = "throughput"``, which doubles
+  vLLM's default (2048 per rank on CPU, ``max_model_len`` at least) to 4096, the default of
+  vLLM's own offline ``LLM`` class on CPU: a worker, like that class, serves a queue of work
+  rather than one client at a time. Measured (README "Performance", interleaved A/B): ~500-token
+  documents on a small fast model 132 -> 156/s, sentences and all-MiniLM-L6-v2 unchanged.
+
 An explicit value in the config is always honoured. On GPU hosts nothing is changed
 (``engine_core = "auto"`` is ``asyncllm`` there: :func:`worker.engine.engine_core_of`).
 
@@ -142,6 +148,13 @@ def resolve(gen: GeneratorConfig) -> GeneratorConfig:
             MAX_MEMORY_FRACTION * total / gib,
         )
         updates["gpu_memory_utilization"] = fraction
+    open_keys = ("max_num_batched_tokens", "performance_mode")
+    if gen.max_num_batched_tokens is None and not any(k in gen.engine_args for k in open_keys):
+        log.info(
+            "max_num_batched_tokens not set: vLLM's throughput performance mode (twice its "
+            "default on CPU, as its offline LLM class)"
+        )
+        updates["engine_args"] = {**gen.engine_args, "performance_mode": "throughput"}
     if gen.engine_core == "auto":
         ranks = gen.tensor_parallel_size * gen.pipeline_parallel_size
         core = "process" if ranks == 1 else "asyncllm"
