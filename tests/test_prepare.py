@@ -1,15 +1,18 @@
 """The worker's prompt preparation (:meth:`worker.engine.Engine.prepare`) with the real
 all-MiniLM-L6-v2 tokenizer and a FAKE vLLM engine object (only ``model_config`` and
-``get_tokenizer``; no vLLM): texts are tokenized, and truncated, off the event loop."""
+``get_tokenizer``; no vLLM): texts are tokenized, and truncated, off the event loop (a small
+batch on it)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
 from devstack import localstack as ls
 from worker.config import GeneratorConfig
+from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.engine import Engine
 from worker.protocol import WorkItem
 
@@ -70,6 +73,28 @@ async def test_a_long_text_is_tokenized_and_truncated_off_the_event_loop():
     assert isinstance(whole, list) and len(whole) > 200_000  # the 400 is worded from this
     assert took > 0.2  # the work is real ...
     assert max(gaps) < took / 2, (max(gaps), took)  # ... and the loop kept running
+
+
+async def test_a_small_batch_is_tokenized_on_the_event_loop_a_large_one_in_a_thread():
+    """Up to ``PREPARE_INLINE_TOKENS`` estimated tokens a pulled batch is tokenized where it was
+    pulled (a thread hop costs more than its tokenization); a larger one in a worker thread."""
+    engine = Engine(FakeLLM(), GeneratorConfig(model_path=ls.minilm_path()), "m")
+    threads: list[int] = []
+    encode = engine._encode_batch
+
+    def spy(tok: Any, texts: list[str]) -> list[list[int]]:
+        threads.append(threading.get_ident())
+        return encode(tok, texts)
+
+    engine._encode_batch = spy  # type: ignore[method-assign]
+    small = [item("a short sentence"), item("another one")]
+    large = [item("word " * 200)]  # 1,000 bytes: 252 estimated tokens, with the one above 258
+    assert sum(i.estimate_tokens() for i in small) <= PREPARE_INLINE_TOKENS
+    assert sum(i.estimate_tokens() for i in [*large, small[0]]) > PREPARE_INLINE_TOKENS
+    await engine.prepare(small)
+    await engine.prepare([*large, small[0]])
+    assert threads[0] == threading.get_ident()
+    assert threads[1] != threading.get_ident()
 
 
 async def test_cross_encoder_pairs_are_encoded_together_as_the_tokenizer_encodes_a_pair():
