@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             "use --api-key-file / --worker-token-file or GATEWAY_API_KEYS / GATEWAY_WORKER_TOKENS"
         )
     heap.freeze_startup_heap()  # the app's and its imports' objects: out of the GC's walks
-    DrainingServer(config, app, settings.drain_timeout_seconds).run()
+    try:
+        DrainingServer(config, app, settings.drain_timeout_seconds).run()
+    finally:
+        heap.thaw_startup_heap()
     return 0
 
 

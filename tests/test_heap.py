@@ -21,4 +21,5 @@ def test_startup_objects_are_frozen_and_no_longer_walked():
         assert gc.is_tracked(later[0]) and any(o is later[0] for o in gc.get_objects())
         assert not any(o is startup[0] for o in gc.get_objects())
     finally:
-        gc.unfreeze()  # the rest of the test session collects as before
+        heap.thaw_startup_heap()  # the rest of the test session collects as before
+    assert gc.get_freeze_count() == 0

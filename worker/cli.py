@@ -134,6 +134,7 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
         log.info("vLLM engine shut down")
         await client.aclose()
         await mon.stop()
+        heap.thaw_startup_heap()
 
 
 def main(argv: list[str] | None = None) -> int:
