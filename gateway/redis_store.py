@@ -755,6 +755,15 @@ class RedisStore(QueueStore):
         elif not future.done():
             future.set_result(result)
 
+    def _answer_waiting(self, item_id: str, result: ItemResult) -> bool:
+        """Answer a client of this replica that waits for ``item_id`` now; False if none does."""
+        future = self._futures.get(item_id)
+        if future is None or future.done():
+            return False
+        del self._futures[item_id]
+        future.set_result(result)
+        return True
+
     def _forget_early(self) -> None:
         """Drop early results nobody claimed within :data:`EARLY_RESULT_SECONDS`."""
         _forget_older(self._early, EARLY_RESULT_SECONDS)
@@ -1065,6 +1074,7 @@ class RedisStore(QueueStore):
             self.replica,
         ]
         checked_all: list[ItemResult] = []
+        answered: set[str] = set()  # item ids whose client was answered before the call
         for res in results:
             checked = check_result(res, specs.get(res.item_id))
             checked_all.append(checked)
@@ -1073,6 +1083,10 @@ class RedisStore(QueueStore):
             local = handed is not None and handed[1][1] in self._futures
             if checked.error is None:
                 kind = "ok"
+                if local and handed is not None and self._answer_waiting(handed[1][1], checked):
+                    # A valid vector is the answer whoever holds the lease now: the client
+                    # has it before the COMPLETE round trip (which may still ignore it).
+                    answered.add(res.item_id)
             else:
                 kind = "retry" if checked.error.retryable else "final"
             attempt = res.lease_id.partition(":")[0]
@@ -1094,7 +1108,7 @@ class RedisStore(QueueStore):
             self._handed.pop(res.item_id, None)
             # A rejected result counts as a failed attempt of its item, not as accepted.
             done.accepted += checked is res
-            if status.startswith("l"):
+            if status.startswith("l") and res.item_id not in answered:
                 self._resolve(status[1:], checked)
             elif status == "d":
                 metrics.DEAD_LETTERS.labels(_model_of(res.item_id.partition("@")[2])).inc()

@@ -697,6 +697,30 @@ async def test_redis_sends_concurrent_submits_together(redis_db2):
     assert "gone" not in texts and len(texts) == 65
 
 
+@pytest.mark.slow
+async def test_redis_answers_its_own_client_before_the_complete_round_trip(redis_db2):
+    """A valid result for a client of the replica the worker posts to answers that client
+    before the COMPLETE script runs (a SPY around the script call looks at the client's
+    future); the entry is still completed in Redis, and a second post of it is ignored."""
+    _, store = redis_db2
+    request = await store.submit([spec("x")])
+    (item,) = await pull(store, n=1)
+    seen: list[bool] = []
+    script = store._complete
+
+    def spy(**kw: Any) -> Any:
+        seen.append(all(f.done() for f in request.futures))
+        return script(**kw)
+
+    store._complete = spy  # type: ignore[assignment]
+    done = await store.complete("w", [ok(item, 2.0)])
+    assert seen == [True] and done.accepted == 1
+    assert [value(res) for res in await store.wait(request, 1, 5)] == [2.0]
+    assert await store.depth() == {} and await store.leased() == {}
+    assert (await store.complete("w", [ok(item, 3.0)])).ignored == 1
+    assert not store._early  # nothing kept for a client that was answered
+
+
 async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):
     """Memory store: the TTL boundary on its clock (Redis' key TTL is Redis' own)."""
     from gateway.memory_store import MemoryStore
