@@ -749,19 +749,17 @@ class RedisStore(QueueStore):
 
     def _resolve(self, item_id: str, result: ItemResult) -> None:
         """Answer a waiting client of this replica (or keep the answer for submit())."""
-        future = self._futures.pop(item_id, None)
-        if future is None:  # answered before submit() registered its futures
+        if not self._answer_waiting(item_id, result):  # before submit() registered its futures
             _keep(self._early, item_id, result)
-        elif not future.done():
-            future.set_result(result)
 
     def _answer_waiting(self, item_id: str, result: ItemResult) -> bool:
-        """Answer a client of this replica that waits for ``item_id`` now; False if none does."""
-        future = self._futures.get(item_id)
-        if future is None or future.done():
+        """Answer the client of this replica whose future is registered for ``item_id`` (one
+        that went away is left as it is); False if no future is registered for it."""
+        future = self._futures.pop(item_id, None)
+        if future is None:
             return False
-        del self._futures[item_id]
-        future.set_result(result)
+        if not future.done():
+            future.set_result(result)
         return True
 
     def _forget_early(self) -> None:

@@ -166,8 +166,8 @@ class Worker:
             metrics.PULL_DURATION.observe(time.monotonic() - t0)
             if items:
                 metrics.PULL_BATCH_SIZE.observe(len(items))
-                # Prepared (a small batch on the loop, a large one in a thread) and handed to
-                # the engine before the next pull's HTTP call takes the loop.
+                # Prepared (a small batch on the loop, a large one in a thread) and its engine
+                # requests started before the next pull.
                 await self._start(self._lease(items))
 
     def _lease(self, items: list[WorkItem]) -> list[_Leased]:
