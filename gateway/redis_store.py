@@ -138,9 +138,9 @@ local function finish(key, id)
 end
 -- inputs ks leave the entry: answered (no longer counted as unanswered; `to` nil) or moved
 -- (to[j]: where ks[j] went); the entry leaves the stream with its last input
-local function mark(key, id, f, ks, to)
+local function mark(key, id, f, ks, to, counted)
   if #ks == 0 then return end
-  if to == nil then redis.call('HINCRBY', P .. 'n', model_of(key), -#ks) end
+  if to == nil and not counted then redis.call('HINCRBY', P .. 'n', model_of(key), -#ks) end
   local dk = done_key(key, id)
   local gone = redis.call('HLEN', dk)
   if gone > 0 and redis.call('HEXISTS', dk, 'm') == 1 then gone = gone - 1 end
@@ -190,9 +190,9 @@ end
 
 #: KEYS: main stream, front stream, streams set. ARGV: prefix, group, limit, replica, model,
 #: inputs per entry, estimated tokens per entry, then per request: its id, its number of inputs
-#: n, then n (spec, tokens) pairs. Several requests of one line in one call (see
-#: ``RedisStore.submit``), each whole or not at all. Returns per request {-1, unanswered} over
-#: the limit, else {0, entry ids}.
+#: n, then n inputs as ``<estimated tokens> <spec JSON>`` (one argument each: fewer to
+#: encode). Several requests of one line in one call (see ``RedisStore.submit``), each whole
+#: or not at all. Returns per request {-1, unanswered} over the limit, else {0, entry ids}.
 _SUBMIT = (
     _LUA_HELPERS
     + """
@@ -209,7 +209,7 @@ local added, out, at = 0, {}, 8
 while at <= #ARGV do
   local q, n = ARGV[at], tonumber(ARGV[at + 1])
   local first = at + 2
-  at = first + 2 * n
+  at = first + n
   if unanswered + n > limit then
     out[#out + 1] = {-1, unanswered}
   else
@@ -222,13 +222,15 @@ while at <= #ARGV do
       chunk, tokens = {}, 0
     end
     for i = 0, n - 1 do
-      local t = tonumber(ARGV[first + 2 * i + 1])
+      local arg = ARGV[first + i]
+      local sp = string.find(arg, ' ', 1, true)
+      local t = tonumber(string.sub(arg, 1, sp - 1))
       if #chunk / 6 >= per_entry or (#chunk > 0 and tokens + t > tokens_per_entry) then
         flush()
       end
       local j = #chunk / 6 + 1
       chunk[#chunk + 1] = 'x' .. j; chunk[#chunk + 1] = i
-      chunk[#chunk + 1] = 's' .. j; chunk[#chunk + 1] = ARGV[first + 2 * i]
+      chunk[#chunk + 1] = 's' .. j; chunk[#chunk + 1] = string.sub(arg, sp + 1)
       chunk[#chunk + 1] = 't' .. j; chunk[#chunk + 1] = t
       tokens = tokens + t
     end
@@ -316,22 +318,37 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
     end
   end
   for _, key in ipairs(line) do
-    while not full() do
-      local got = redis.call('XREADGROUP', 'GROUP', G, worker, 'COUNT', 1, 'STREAMS', key, '>')
+    local stop = false
+    while not (stop or full()) do
+      -- one read for as many entries as the pull has inputs left (an entry has at least one)
+      local want = max_items - #out
+      local got = redis.call('XREADGROUP', 'GROUP', G, worker, 'COUNT', want, 'STREAMS', key, '>')
       if not got then break end
-      local id, f = got[1][2][1][1], tbl(got[1][2][1][2])
-      if not alive(f.r) then
-        dropped = dropped + drop(key, id, f)
-      else
-        local ks = left(key, id, f)
-        local m = fitting(f, ks)
-        if m == 0 then  -- does not fit this pull: first in line next time, no attempt spent
+      local read = got[1][2]
+      for _, e in ipairs(read) do
+        local id = e[1]
+        if stop then  -- read, not handed out: first in line next time, no attempt spent
           redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
                      'RETRYCOUNT', 0, 'JUSTID')
-          break
+        else
+          local f = tbl(e[2])
+          if not alive(f.r) then
+            dropped = dropped + drop(key, id, f)
+          else
+            local ks = left(key, id, f)
+            local m = fitting(f, ks)
+            if m == 0 then  -- does not fit this pull: put back like the rest of the read
+              redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms,
+                         'RETRYCOUNT', 0, 'JUSTID')
+              stop = true
+            else
+              take(key, id, f, ks, m, tonumber(f.a))
+              stop = full()
+            end
+          end
         end
-        take(key, id, f, ks, m, tonumber(f.a))
       end
+      if #read < want then break end  -- the stream has no more new entries
     end
   end
 end
@@ -341,7 +358,9 @@ return out
 )
 
 #: ARGV: prefix, group, worker, max_attempts, lease_ms, this replica, then per result: item
-#: id, lease attempt, kind (ok | final | retry), result JSON, error message. An input moved to
+#: id, kind (ok | final | retry) and lease attempt as one (``ok2``), then the result JSON to
+#: send to another replica's client ('' for this replica's) or, for a retry, the error message
+#: (three arguments a result: fewer to encode). An input moved to
 #: another entry is followed there. Returns a status per result:
 #: 'a' accepted (answer in its replica's reply stream, or requeued), 'l<client id>' accepted,
 #: the client is this replica's (answer it here: no reply stream), 'd' dead letter, 'i' ignored.
@@ -358,8 +377,6 @@ local function open(key, id)
     local f = entry(key, id)
     if f then
       local e = {key = key, id = id, f = f, answered = {}, open = {}}
-      local ok, p = pcall(redis.call, 'XPENDING', key, G, 'IDLE', 0, id, id, 1)
-      if ok and #p == 1 then e.owner, e.attempt = p[1][2], tonumber(f.a) + tonumber(p[1][4]) end
       for _, k in ipairs(left(key, id, f)) do e.open[k] = true end
       entries[at] = e
       order[#order + 1] = e
@@ -367,9 +384,22 @@ local function open(key, id)
   end
   return entries[at]
 end
-for i = 7, #ARGV, 5 do
-  local item, lease_a, kind, result, message = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
-    ARGV[i + 3], ARGV[i + 4]
+-- who holds the entry's lease and its attempt (nil: nobody); read once, at its first retry
+-- (nothing before that in this call changes the entry's pending-entries list)
+local function lease(e)
+  if e.leased == nil then
+    e.leased = false
+    local ok, p = pcall(redis.call, 'XPENDING', e.key, G, 'IDLE', 0, e.id, e.id, 1)
+    if ok and #p == 1 then
+      e.leased, e.owner, e.attempt = true, p[1][2], tonumber(e.f.a) + tonumber(p[1][4])
+    end
+  end
+  return e.owner, e.attempt
+end
+for i = 7, #ARGV, 3 do
+  local item, kind, lease_a = ARGV[i], string.match(ARGV[i + 1], '^(%a+)(%d+)$')
+  local result, message = ARGV[i + 2], ARGV[i + 2]
+  lease_a = tonumber(lease_a)
   local id, k, key = string.match(item, '^([^/@]+)/(%d+)@(.+)$')
   local status, e, answered = 'i', nil, true
   if id then
@@ -386,7 +416,8 @@ for i = 7, #ARGV, 5 do
         redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', result)
         status = 'a'
       end
-    elseif e.owner == worker and e.attempt == lease_a and item == id .. '/' .. k .. '@' .. key then
+    elseif item == id .. '/' .. k .. '@' .. key and lease(e) == worker
+        and e.attempt == lease_a then
       e.open[k] = nil
       if lease_a >= max_att then
         dead_letter(key, id, e.f, {k}, lease_a, message); status = 'd'
@@ -400,7 +431,15 @@ for i = 7, #ARGV, 5 do
   end
   out[#out + 1] = status
 end
-for _, e in ipairs(order) do mark(e.key, e.id, e.f, e.answered, nil) end
+local answered = {}  -- per model: one HINCRBY for the call
+for _, e in ipairs(order) do
+  mark(e.key, e.id, e.f, e.answered, nil, true)
+  local model = model_of(e.key)
+  answered[model] = (answered[model] or 0) + #e.answered
+end
+for model, n in pairs(answered) do
+  if n > 0 then redis.call('HINCRBY', P .. 'n', model, -n) end
+end
 return out
 """
 )
@@ -822,8 +861,7 @@ class RedisStore(QueueStore):
         args += [INPUTS_PER_ENTRY, TOKENS_PER_ENTRY]
         for request_id, specs, _ in batch:
             args += [request_id, len(specs)]
-            for s in specs:
-                args += [s.model_dump_json(exclude_none=True), s.estimate_tokens()]
+            args += [f"{s.estimate_tokens()} {s.model_dump_json(exclude_none=True)}" for s in specs]
         keys = [key, _front(key), f"{PREFIX}streams"]
         rows = await self._call(self._submit(keys=keys, args=args))
         loop = asyncio.get_running_loop()
@@ -1088,13 +1126,11 @@ class RedisStore(QueueStore):
             else:
                 kind = "retry" if checked.error.retryable else "final"
             attempt = res.lease_id.partition(":")[0]
-            args += [
-                res.item_id,
-                attempt if attempt.isdigit() else "0",
-                kind,
-                "" if local else checked.model_dump_json(exclude_none=True),
-                checked.error.message if checked.error else "",
-            ]
+            if kind == "retry":
+                payload = checked.error.message if checked.error else ""
+            else:
+                payload = "" if local else checked.model_dump_json(exclude_none=True)
+            args += [res.item_id, kind + (attempt if attempt.isdigit() else "0"), payload]
         statuses = await self._call(self._complete(args=args))
         for res, checked, raw in zip(results, checked_all, statuses, strict=True):
             status = raw.decode()

@@ -153,6 +153,20 @@ async def test_pull_size_follows_the_token_budget(store):
     assert all(i.attempt == 1 for i in rest)  # the one that did not fit spent no attempt
 
 
+async def test_entries_past_the_token_budget_stay_first_in_line(store):
+    # Five one-input requests (five stream entries on Redis, read together by one pull):
+    # those past the budget go back in their order, first in line, with no attempt spent.
+    long_text = "word " * 200  # 252 estimated tokens
+    for i in range(5):
+        await store.submit([spec(f"{i} {long_text}")])
+    await store.submit([spec("later")])
+    first = await pull(store, n=100, max_tokens=600)
+    assert [i.text.split()[0] for i in first] == ["0", "1"]
+    rest = await pull(store, n=100)
+    assert [i.text.split()[0] for i in rest] == ["2", "3", "4", "later"]
+    assert all(i.attempt == 1 for i in first + rest)
+
+
 async def test_round_robin_across_models(store):
     other = ModelAdvert(name="n", checkpoint_name="c", tasks=["embed"])
     await store.submit([spec("m1"), spec("m2"), spec("m3")])
