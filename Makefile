@@ -34,6 +34,7 @@ bench:
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/suite.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/dtype.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/forward.py
 
 # Mutation score of the queue store and the worker loop against the fast layer (mutmut; slow:
 # about 70 minutes on 2 cores, so not part of .ci/run). Results: .venv/bin/mutmut results.
