@@ -318,10 +318,11 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
     end
   end
   for _, key in ipairs(line) do
-    local stop = false
+    -- entries are read a few at a time: first one, then as many as fit if the next ones are
+    -- as large as the largest read so far (inputs and tokens); those read that do not fit
+    -- go back (rare: entries of one request are alike)
+    local stop, want, per_n, per_t = false, 1, 1, 1
     while not (stop or full()) do
-      -- one read for as many entries as the pull has inputs left (an entry has at least one)
-      local want = max_items - #out
       local got = redis.call('XREADGROUP', 'GROUP', G, worker, 'COUNT', want, 'STREAMS', key, '>')
       if not got then break end
       local read = got[1][2]
@@ -332,6 +333,7 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
                      'RETRYCOUNT', 0, 'JUSTID')
         else
           local f = tbl(e[2])
+          per_n, per_t = math.max(per_n, tonumber(f.n)), math.max(per_t, tonumber(f.t))
           if not alive(f.r) then
             dropped = dropped + drop(key, id, f)
           else
@@ -349,6 +351,9 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
         end
       end
       if #read < want then break end  -- the stream has no more new entries
+      want = math.floor((max_items - #out) / per_n)
+      if budget >= 0 then want = math.min(want, math.floor((budget - tokens) / per_t)) end
+      want = math.max(1, want)
     end
   end
 end

@@ -167,6 +167,21 @@ async def test_entries_past_the_token_budget_stay_first_in_line(store):
     assert all(i.attempt == 1 for i in first + rest)
 
 
+async def test_entries_past_the_pull_size_stay_first_in_line(store):
+    # Requests of 1, 8, 1 and 1 inputs: a pull of 10 takes the first three whole; the last
+    # (read together with them on Redis) stays first in line, no attempt spent.
+    await store.submit([spec("a")])
+    await store.submit([spec(f"m{i}") for i in range(8)])
+    await store.submit([spec("b")])
+    await store.submit([spec("c")])
+    first = await pull(store, n=10)
+    assert [i.text for i in first] == ["a", *[f"m{i}" for i in range(8)], "b"]
+    await store.submit([spec("d")])
+    rest = await pull(store, n=10)
+    assert [i.text for i in rest] == ["c", "d"]
+    assert all(i.attempt == 1 for i in first + rest)
+
+
 async def test_round_robin_across_models(store):
     other = ModelAdvert(name="n", checkpoint_name="c", tasks=["embed"])
     await store.submit([spec("m1"), spec("m2"), spec("m3")])
