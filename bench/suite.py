@@ -347,7 +347,10 @@ async def batch_load(
         async with c.post("/v1/batches", json=body) as r:
             batch = await r.json()
         while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
-            await asyncio.sleep(0.1)
+            # Polled every 20 ms: the job's end is known to within that (the interactive
+            # patterns stop at their last answer; a 0.1 s poll added ~50 ms, ~3 % of a
+            # 4,000-sentence job on the fast engine).
+            await asyncio.sleep(0.02)
             async with c.get(f"/v1/batches/{batch['id']}") as r:
                 batch = await r.json()
         elapsed = time.perf_counter() - t0
