@@ -402,8 +402,8 @@ local function lease(e)
   return e.owner, e.attempt
 end
 for i = 7, #ARGV, 3 do
-  local item, kind, lease_a = ARGV[i], string.match(ARGV[i + 1], '^(%a+)(%d+)$')
-  local result, message = ARGV[i + 2], ARGV[i + 2]
+  local item, payload = ARGV[i], ARGV[i + 2]  -- payload: result JSON, or a retry's message
+  local kind, lease_a = string.match(ARGV[i + 1], '^(%a+)(.*)$')
   lease_a = tonumber(lease_a)
   local id, k, key = string.match(item, '^([^/@]+)/(%d+)@(.+)$')
   local status, e, answered = 'i', nil, true
@@ -418,14 +418,14 @@ for i = 7, #ARGV, 3 do
       if e.f.r == here then
         status = 'l' .. client_id(e.f, k)
       else
-        redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', result)
+        redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', payload)
         status = 'a'
       end
     elseif item == id .. '/' .. k .. '@' .. key and lease(e) == worker
         and e.attempt == lease_a then
       e.open[k] = nil
       if lease_a >= max_att then
-        dead_letter(key, id, e.f, {k}, lease_a, message); status = 'd'
+        dead_letter(key, id, e.f, {k}, lease_a, payload); status = 'd'
       elseif next(e.open) == nil then  -- its last open input: the entry itself goes back
         redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
         status = 'a'
