@@ -1120,21 +1120,19 @@ class RedisStore(QueueStore):
             checked = check_result(res, specs.get(res.item_id))
             checked_all.append(checked)
             handed = self._handed.get(res.item_id)
+            client = handed[1][1] if handed is not None else None
             # A client of this replica is answered here: its result need not go to Redis.
-            local = handed is not None and handed[1][1] in self._futures
-            if checked.error is None:
-                kind = "ok"
-                if local and handed is not None and self._answer_waiting(handed[1][1], checked):
-                    # A valid vector is the answer whoever holds the lease now: the client
-                    # has it before the COMPLETE round trip (which may still ignore it).
-                    answered.add(res.item_id)
+            local = client is not None and client in self._futures
+            if checked.error is not None and checked.error.retryable:
+                kind, payload = "retry", checked.error.message  # for the dead letter
             else:
-                kind = "retry" if checked.error.retryable else "final"
-            attempt = res.lease_id.partition(":")[0]
-            if kind == "retry":
-                payload = checked.error.message if checked.error else ""
-            else:
+                kind = "ok" if checked.error is None else "final"
                 payload = "" if local else checked.model_dump_json(exclude_none=True)
+            # A valid vector is the answer whoever holds the lease now: the client has it
+            # before the COMPLETE round trip (which may still ignore it).
+            if kind == "ok" and local and client and self._answer_waiting(client, checked):
+                answered.add(res.item_id)
+            attempt = res.lease_id.partition(":")[0]
             args += [res.item_id, kind + (attempt if attempt.isdigit() else "0"), payload]
         statuses = await self._call(self._complete(args=args))
         for res, checked, raw in zip(results, checked_all, statuses, strict=True):
