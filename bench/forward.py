@@ -34,12 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import suite  # noqa: E402
+
 from devstack import localstack as ls  # noqa: E402
 
 WARM_UP = 20
 
-#: Run in Infinity's venv from the optimised model's folder: argv = tokenizer folder, sentences
-#: file; prints the ms per call as JSON.
+#: Run in Infinity's venv from the ONNX export's folder: argv = tokenizer folder, sentences
+#: file, warm-up calls; prints the ms per call as JSON.
 _ORT = """
 import json, sys, time
 import numpy as np, onnxruntime as ort
@@ -61,7 +63,7 @@ def run(t):
     if "token_type_ids" in names:
         feed["token_type_ids"] = np.array([e.type_ids], dtype=np.int64)
     return s.run(None, feed)
-for t in sents[:WARM_UP]:
+for t in sents[:int(sys.argv[3])]:
     run(t)
 ms = []
 for t in sents:
@@ -104,22 +106,18 @@ def ort_ms(model: Path, sents: list[str], work: Path) -> list[float]:
 
     peers.install()
     onnx = peers.onnx_model(model, work / f"{model.name}-onnx")
+    peers.optimise_onnx(onnx, work / "hf")
     env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run(
-        [str(peers.VENV / "bin" / "python"), "-c", peers._OPTIMIZE],
-        cwd=onnx,
-        env=env,
-        check=True,
-    )
     data = work / "sentences.json"
     data.write_text(json.dumps(sents))
     out = subprocess.run(
         [
             str(peers.VENV / "bin" / "python"),
             "-c",
-            _ORT.replace("WARM_UP", str(WARM_UP)),
+            _ORT,
             str(onnx),
             str(data),
+            str(WARM_UP),
         ],
         cwd=onnx,
         env=env,
@@ -136,16 +134,9 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=300)
     a = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # MiniLM's config says 256 positions
+    suite._env()
     work = Path(tempfile.mkdtemp(prefix="bench-forward-"))
-    if a.engine == "fast":
-        from devstack import tiny_bert
-
-        model = tiny_bert.build_embedder(work / "tiny-bert-embedder")
-    else:
-        model = ls.minilm_path()
+    model = suite.bench_model(a.engine, work)
     sents = ls.stsb_sentences(("dev",))[: a.sentences]
     vllm = vllm_ms(model, sents)
     onnx = ort_ms(model, sents, work)

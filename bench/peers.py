@@ -150,6 +150,13 @@ def with_max_seq_length(model: Path, max_seq_length: int, out: Path) -> Path:
     return out
 
 
+def optimise_onnx(onnx: Path, hf_home: Path) -> None:
+    """Infinity's optimisation of the ONNX export in ``onnx`` (see the module docstring), into
+    the cache under ``hf_home`` where Infinity (``HF_HOME=hf_home``) reads it; once."""
+    env = {**os.environ, **_ENV, "HF_HOME": str(hf_home)}
+    subprocess.run([str(_py()), "-c", _OPTIMIZE], cwd=onnx, env=env, check=True)
+
+
 def start_infinity(
     model: Path,
     name: str,
@@ -188,9 +195,7 @@ def start_infinity(
     cwd = None
     if engine == "optimum":
         onnx = onnx_model(model, workdir / f"{model.name}-onnx")
-        subprocess.run(
-            [str(_py()), "-c", _OPTIMIZE], cwd=onnx, env={**os.environ, **env}, check=True
-        )
+        optimise_onnx(onnx, hf_home)
         cmd += ["--model-id", "."]
         cwd = onnx
     else:

@@ -91,6 +91,16 @@ def _env() -> None:
     os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"  # MiniLM's config says 256 positions
 
 
+def bench_model(engine: str, work: Path) -> Path:
+    """The checkpoint of ``--engine``: ``fast`` the tiny random BERT (built in ``work``),
+    ``minilm`` the bundled all-MiniLM-L6-v2."""
+    if engine == "fast":
+        from devstack import tiny_bert
+
+        return tiny_bert.build_embedder(work / "tiny-bert-embedder")
+    return ls.minilm_path()
+
+
 def load_inputs(model: Path, n_sent: int, n_docs: int) -> tuple[list[str], list[str]]:
     sents = ls.stsb_sentences(("dev", "train"))
     from transformers import AutoTokenizer
@@ -704,12 +714,7 @@ def main() -> int:
     _env()
     cpu = CpuInfo.read()
     logs = Path(tempfile.mkdtemp(prefix="bench-suite-"))
-    if a.engine == "fast":
-        from devstack import tiny_bert
-
-        model = tiny_bert.build_embedder(logs / "tiny-bert-embedder")
-    else:
-        model = ls.minilm_path()
+    model = bench_model(a.engine, logs)
     if a.memory_sentences is None:
         a.memory_sentences = 100_000 if a.engine == "minilm" else 0
     sents, docs = load_inputs(model, a.sentences, a.docs)
