@@ -111,6 +111,10 @@ def test_resolve_on_this_host_fills_only_what_is_open():
     assert cpu_host.resolve(_gen(tensor_parallel_size=2)).engine_core == "asyncllm"
     assert cpu_host.resolve(_gen(engine_core="thread")).engine_core == "thread"
     assert cpu_host.resolve(_gen(engine_core="asyncllm")).engine_core == "asyncllm"
+    # one_thread_step_tokens unset: small engine steps on one thread; 0 (off) or a value stays.
+    assert resolved.one_thread_step_tokens == cpu_host.ONE_THREAD_STEP_TOKENS == 128
+    for value in (0, 512):
+        assert cpu_host.resolve(_gen(one_thread_step_tokens=value)).one_thread_step_tokens == value
 
 
 def test_idle_openmp_threads_sleep_unless_the_operator_says_otherwise():

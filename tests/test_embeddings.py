@@ -33,6 +33,24 @@ def test_200_sts_sentences_match_transformers_float32(client, reference, stsb_se
     assert resp.usage.total_tokens == n
 
 
+def test_one_sentence_per_step_gives_the_vectors_of_a_large_step(client, reference, stsb_sentences):
+    """A request of one sentence is an engine step of ~12 tokens, which a CPU host runs on one
+    intra-op thread (``one_thread_step_tokens``, 128 unset); 200 sentences (~2,800 tokens) run
+    on all: the vectors are the same."""
+    texts = stsb_sentences[:8]
+    alone = np.array(
+        [
+            _vectors(client.embeddings.create(model=MODEL, input=t, encoding_format="float"))[0]
+            for t in texts
+        ]
+    )
+    together = _vectors(
+        client.embeddings.create(model=MODEL, input=stsb_sentences, encoding_format="float")
+    )[:8]
+    assert cosine(alone, together).min() >= 0.99999
+    assert cosine(alone, unit(reference.raw(texts))).min() >= 0.999
+
+
 def test_base64_equals_float(client, http, stsb_sentences):
     texts = stsb_sentences[:16]
     floats = _vectors(client.embeddings.create(model=MODEL, input=texts, encoding_format="float"))

@@ -7,6 +7,9 @@ the classifier worker of tests/test_classify.py, ``engine_core = "thread"``)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +17,8 @@ import pytest
 
 from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
-from worker.engine_thread import ThreadedLLM
+from worker.engine_thread import StepLoop, Submit, ThreadedLLM
+from worker.step_threads import StepThreads, prompt_tokens
 
 
 @dataclass
@@ -109,3 +113,60 @@ async def test_an_engine_that_cannot_start_raises_from_start():
 
     with pytest.raises(RuntimeError, match="KV cache"):
         ThreadedLLM.start(broken)
+
+
+class ThreadsSeen(FakeLLMEngine):
+    """The FAKE engine above, noting the intra-op thread count each step ran with."""
+
+    def __init__(self, threads: StepThreads) -> None:
+        super().__init__()
+        self.threads = threads
+        self.seen: list[int] = []
+
+    def step(self) -> list[Any]:
+        self.seen.append(self.threads.current)
+        return super().step()
+
+
+def test_a_step_of_few_prompt_tokens_runs_on_one_thread_a_larger_one_on_all():
+    calls: list[int] = []  # what torch.set_num_threads was asked (a recording stand-in)
+    threads = StepThreads(calls.append, max_tokens=128)
+    threads.full = threads.current = 4  # as engine_started() reads vLLM's binding
+    fake = ThreadsSeen(threads)
+    done: queue.SimpleQueue[str] = queue.SimpleQueue()
+    steps = StepLoop(
+        fake, lambda outs: [done.put(o.request_id) for o in outs], lambda r, e: done.put(r), threads
+    )
+    thread = threading.Thread(target=steps.run)
+    thread.start()
+
+    def step_of(*prompts: Any) -> None:  # one batch, one step, all answered
+        steps.submit([Submit(f"r{next(ids)}", p, None) for p in prompts])
+        for _ in prompts:
+            done.get(timeout=10)
+
+    ids = itertools.count()
+    ten = {"prompt_token_ids": list(range(10))}
+    try:
+        step_of(*[ten] * 12)  # 120 tokens
+        step_of(*[ten] * 13)  # 130
+        step_of({"prompt_token_ids": list(range(128))})  # 128: still one thread
+        step_of("a text prompt")  # its tokens unknown: all threads
+        step_of(ten, ten)
+        assert fake.seen == [1, 4, 1, 4, 1]
+        assert calls == [1, 4, 1, 4, 1]  # set only when the count changes
+        assert not steps.running and steps._running_tokens == 0
+    finally:
+        steps.stop()
+        thread.join(10)
+
+
+def test_prompt_tokens_reads_token_ids_and_nothing_else():
+    assert prompt_tokens({"type": "token", "prompt_token_ids": [5, 6, 7]}) == 3
+    assert prompt_tokens("text") is None
+    assert prompt_tokens({"prompt": "text"}) is None
+
+
+def test_no_step_threads_when_switched_off():
+    assert StepThreads.before_engine(None) is None
+    assert StepThreads.before_engine(0) is None

@@ -96,6 +96,11 @@ class GeneratorConfig(_Strict):
     #: over a pipe; ``thread`` — that engine in the worker process, stepped by a thread;
     #: ``auto`` — ``process`` on CPU hosts for an engine of one rank, else ``asyncllm``.
     engine_core: Literal["auto", "asyncllm", "process", "thread"] = "auto"
+    #: With ``engine_core`` ``process`` or ``thread``: an engine step of at most this many
+    #: prompt tokens runs on one intra-op thread instead of all (:mod:`worker.step_threads`;
+    #: waking sleeping OpenMP threads costs a small step more than they gain). 0: every step
+    #: on all threads. Unset: 128 on CPU hosts (:mod:`worker.cpu_host`), 0 elsewhere.
+    one_thread_step_tokens: int | None = Field(default=None, ge=0)
     #: vLLM engines of this model in the worker, sharing its device (:mod:`worker.replicas`):
     #: each gets ``1 / replicas`` of ``gpu_memory_utilization`` and, on a CPU host, its own
     #: cores; pulled items go to the least busy one.

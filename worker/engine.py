@@ -212,11 +212,12 @@ class Engine:
         if core == "process":
             from worker.engine_process import ProcessLLM
 
-            return cls(ProcessLLM.start(kwargs), gen, model_name)
+            return cls(ProcessLLM.start(kwargs, gen.one_thread_step_tokens), gen, model_name)
         if core == "thread":
             from worker.engine_thread import ThreadedLLM, llm_engine
 
-            return cls(ThreadedLLM.start(llm_engine(kwargs)), gen, model_name)
+            threaded = ThreadedLLM.start(llm_engine(kwargs), gen.one_thread_step_tokens)
+            return cls(threaded, gen, model_name)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

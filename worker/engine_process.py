@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from worker.engine import EngineDead
 from worker.engine_thread import START_TIMEOUT_SECONDS, StepLoop, Submit, environ
+from worker.step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,12 @@ def _vllm_families() -> list[Metric]:
     return [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
 
 
-def engine_main(conn: Connection, vllm_config: Any) -> None:
+def engine_main(
+    conn: Connection, vllm_config: Any, one_thread_step_tokens: int | None = None
+) -> None:
     """The engine process: build the engine of ``vllm_config``, say ``ready`` or why not, then
-    take batches from ``conn`` until it says ``stop`` or closes."""
+    take batches from ``conn`` until it says ``stop`` or closes. Steps of at most
+    ``one_thread_step_tokens`` prompt tokens run on one thread (:mod:`worker.step_threads`)."""
     try:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and model here
         from vllm.utils.system_utils import set_process_title
@@ -160,12 +164,15 @@ def engine_main(conn: Connection, vllm_config: Any) -> None:
         set_process_title("LLMEngine")  # VLLM::LLMEngine in ps, top and psutil, as vLLM names its
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        threads = StepThreads.before_engine(one_thread_step_tokens)
         engine = LLMEngine.from_vllm_config(vllm_config)
+        if threads is not None:
+            threads.engine_started()
     except BaseException as e:  # noqa: BLE001 - told to the worker, which reports it
         conn.send_bytes(_picklable_failure(e))
         log.debug("engine start failed:\n%s", traceback.format_exc())
         return
-    serve(conn, engine)
+    serve(conn, engine, threads)
 
 
 def _picklable_failure(exc: BaseException) -> bytes:
@@ -181,7 +188,7 @@ def _picklable_failure(exc: BaseException) -> bytes:
         return pickle.dumps(("failed", RuntimeError(f"{type(exc).__name__}: {first}")))
 
 
-def serve(conn: Connection, engine: Any) -> None:
+def serve(conn: Connection, engine: Any, threads: StepThreads | None = None) -> None:
     """Say ``ready``, then run ``engine`` (vLLM's ``LLMEngine`` or what offers its stepping
     interface) under a :class:`~worker.engine_thread.StepLoop` on the batches ``conn`` brings,
     until it says ``stop`` or closes; the engine is shut down at the end. The engine process's
@@ -197,6 +204,7 @@ def serve(conn: Connection, engine: Any) -> None:
         engine,
         lambda outs: send(("out", [to_wire(o) for o in outs])),
         lambda rid, exc: send(("refused", rid, f"{type(exc).__name__}: {exc}")),
+        threads,
     )
     send(("ready", None))
 
@@ -259,12 +267,15 @@ class ProcessLLM:
         self._closed = False
 
     @classmethod
-    def start(cls, engine_kwargs: dict[str, Any]) -> ProcessLLM:
+    def start(
+        cls, engine_kwargs: dict[str, Any], one_thread_step_tokens: int | None = None
+    ) -> ProcessLLM:
         """Configure the engine (``vllm.EngineArgs(**engine_kwargs)``, here: its model and
         scheduler configs are what the worker reads), spawn the engine process with that
         config and wait until its engine is ready (blocking; vLLM takes ~25 s on CPU).
-        Raises what vLLM raises for a bad configuration, RuntimeError with the engine's own
-        reason if it cannot start."""
+        Steps of at most ``one_thread_step_tokens`` prompt tokens run on one thread
+        (:mod:`worker.step_threads`; None or 0: all). Raises what vLLM raises for a bad
+        configuration, RuntimeError with the engine's own reason if it cannot start."""
         from vllm import EngineArgs
 
         # The single-process executor (vLLM's CPU backend keeps it only with this set).
@@ -273,7 +284,10 @@ class ProcessLLM:
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
         process = ctx.Process(
-            target=engine_main, args=(theirs, vllm_config), name="vllm-engine", daemon=True
+            target=engine_main,
+            args=(theirs, vllm_config, one_thread_step_tokens),
+            name="vllm-engine",
+            daemon=True,
         )
         process.start()
         theirs.close()

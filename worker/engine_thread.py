@@ -28,12 +28,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.engine import EngineDead
+from worker.step_threads import StepThreads, prompt_tokens
 
 log = logging.getLogger(__name__)
 
 #: Seconds the engine may take to start before :meth:`ThreadedLLM.start` gives up (loading a
 #: large checkpoint on CPU takes minutes).
 START_TIMEOUT_SECONDS = 1800.0
+#: Prompt tokens a request counts for in the size of an engine step (:class:`StepThreads`)
+#: when its prompt is not token ids: enough for all threads.
+UNKNOWN_PROMPT_TOKENS = 1 << 20
 
 
 @dataclass
@@ -57,16 +61,20 @@ class StepLoop:
         engine: Any,
         on_finished: Callable[[list[Any]], None],
         on_refused: Callable[[str, Exception], None],
+        threads: StepThreads | None = None,
     ):
         self.engine = engine
         self._on_finished = on_finished
         self._on_refused = on_refused
+        self._threads = threads
         self._inbox: queue.SimpleQueue[list[Submit] | list[str]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self._log_stats = False
-        #: Request ids in the engine now.
-        self.running: set[str] = set()
+        #: Request ids in the engine now -> their prompt tokens (a prompt not given as token
+        #: ids counts as a large step).
+        self.running: dict[str, int] = {}
+        self._running_tokens = 0
 
     def submit(self, requests: list[Submit]) -> None:
         self._inbox.put(requests)
@@ -98,9 +106,11 @@ class StepLoop:
                 engine.do_log_stats()
             if self._stop or not engine.has_unfinished_requests():
                 continue
+            if self._threads is not None:
+                self._threads.before_step(self._running_tokens)
             finished = [o for o in engine.step() if o.finished]
             for out in finished:
-                self.running.discard(out.request_id)
+                self._done(out.request_id)
             if finished:
                 self._on_finished(finished)
 
@@ -114,7 +124,7 @@ class StepLoop:
             for entry in got:
                 if isinstance(entry, str):  # an abort
                     if entry in self.running:
-                        self.running.discard(entry)
+                        self._done(entry)
                         engine.abort_request([entry])
                     continue
                 try:
@@ -124,7 +134,13 @@ class StepLoop:
                 except Exception as e:  # noqa: BLE001 - vLLM's per-request error, to its caller
                     self._on_refused(entry.request_id, e)
                     continue
-                self.running.add(entry.request_id)
+                tokens = prompt_tokens(entry.prompt)
+                tokens = UNKNOWN_PROMPT_TOKENS if tokens is None else tokens
+                self.running[entry.request_id] = tokens
+                self._running_tokens += tokens
+
+    def _done(self, request_id: str) -> None:
+        self._running_tokens -= self.running.pop(request_id, 0)
 
 
 @dataclass
@@ -137,8 +153,11 @@ class ThreadedLLM:
     """A vLLM ``LLMEngine`` in this process, stepped by a thread of its own (a
     :class:`StepLoop`); create with :meth:`start`."""
 
-    def __init__(self, make_engine: Callable[[], Any]) -> None:
+    def __init__(
+        self, make_engine: Callable[[], Any], one_thread_step_tokens: int | None = None
+    ) -> None:
         self._make_engine = make_engine
+        self._one_thread_step_tokens = one_thread_step_tokens
         self._ready = threading.Event()
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
@@ -150,12 +169,16 @@ class ThreadedLLM:
         self._thread = threading.Thread(target=self._run_thread, name="vllm-engine", daemon=True)
 
     @classmethod
-    def start(cls, make_engine: Callable[[], Any]) -> ThreadedLLM:
+    def start(
+        cls, make_engine: Callable[[], Any], one_thread_step_tokens: int | None = None
+    ) -> ThreadedLLM:
         """Build the engine with ``make_engine()`` (vLLM's ``LLMEngine.from_engine_args``, see
         :func:`llm_engine`) in the engine thread and wait until it is ready; raises what
         building it raised. Made in its own thread, the engine's CPU backend binds that
-        thread (and its OpenMP team) to the cores, not the event loop's thread."""
-        llm = cls(make_engine)
+        thread (and its OpenMP team) to the cores, not the event loop's thread. Steps of at
+        most ``one_thread_step_tokens`` prompt tokens run on one thread
+        (:mod:`worker.step_threads`; None or 0: all)."""
+        llm = cls(make_engine, one_thread_step_tokens)
         llm._thread.start()
         if not llm._ready.wait(START_TIMEOUT_SECONDS):
             raise TimeoutError(f"the vLLM engine did not start in {START_TIMEOUT_SECONDS:.0f} s")
@@ -244,8 +267,11 @@ class ThreadedLLM:
     # --- the engine thread -------------------------------------------------------------
     def _run_thread(self) -> None:
         try:
+            threads = StepThreads.before_engine(self._one_thread_step_tokens)
             self.engine = self._make_engine()
-            self._steps = StepLoop(self.engine, self._finished, self._refused)
+            if threads is not None:
+                threads.engine_started()
+            self._steps = StepLoop(self.engine, self._finished, self._refused, threads)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._start_error = e
             self._ready.set()
