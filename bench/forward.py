@@ -8,9 +8,11 @@ hand-offs) plus the engine's forward pass. This measures the second alone, so th
 read off the suite's p50. Each path embeds the same STS sentences one at a time (after 20
 warm-up calls) and prints p10 / p50 / p90 in ms:
 
-- vLLM's offline ``LLM.embed`` in this process: pooling runner, float32, eager, OpenMP threads
-  passive (``OMP_WAIT_POLICY=PASSIVE``, the worker's CPU default) — the engine's own floor,
-  below any server built on it;
+- vLLM's ``LLMEngine`` in this process as the worker's engine process runs it (engine core and
+  model runner in one process, vLLM's default compilation, float32, OpenMP threads passive:
+  ``OMP_WAIT_POLICY=PASSIVE``, the worker's CPU default), one engine step per sentence, on one
+  intra-op thread and on all (alternating; the worker's ``one_thread_step_tokens`` picks one
+  for a step this small) — the engine's own floor, below any server built on it;
 - ONNX Runtime 2 threads in Infinity's venv (``bench/peers.py``), on the ONNX export optimised
   as Infinity does (level 99, transformer fusions): tokenizer call (no padding) + session run.
 
@@ -77,26 +79,53 @@ def _stats(ms: list[float]) -> str:
     return f"p10 {q[0]:.2f}  p50 {statistics.median(ms):.2f}  p90 {q[-1]:.2f} ms"
 
 
-def vllm_ms(model: Path, sents: list[str]) -> list[float]:
-    """ms per ``LLM.embed([sentence])``, float32 [n]."""
-    from vllm import LLM
+def vllm_ms(model: Path, sents: list[str]) -> dict[int, list[float]]:
+    """ms per sentence through vLLM's ``LLMEngine`` as the worker's engine process runs it
+    (engine core and model in this process, vLLM's default compilation, float32), one step
+    per sentence, on one intra-op thread and on all (the two alternating on one engine):
+    {threads: float32 [n]}."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import EngineArgs, PoolingParams
+    from vllm.inputs.engine import tokens_input
+    from vllm.v1.engine.llm_engine import LLMEngine
 
-    llm = LLM(
-        model=str(model),
-        runner="pooling",
-        dtype="float32",
-        max_model_len=512,
-        enforce_eager=True,
-        gpu_memory_utilization=0.15,
+    from worker.step_threads import StepThreads
+
+    threads = StepThreads.before_engine(1 << 30)  # torch's own set_num_threads
+    assert threads is not None
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(
+            model=str(model),
+            runner="pooling",
+            dtype="float32",
+            max_model_len=512,
+            gpu_memory_utilization=0.15,
+        )
     )
-    for t in sents[:WARM_UP]:
-        llm.embed([t], use_tqdm=False)
-    ms = []
-    for t in sents:
+    threads.engine_started()
+    tok = engine.get_tokenizer()
+    ids = [tok(t)["input_ids"] for t in sents]
+    counts = sorted({1, threads.full})
+    n = 0
+
+    def one(x: list[int], k: int) -> float:
+        nonlocal n
+        threads.before_step(1 if k == 1 else 1 << 31)
+        n += 1
         t0 = time.perf_counter()
-        llm.embed([t], use_tqdm=False)
-        ms.append((time.perf_counter() - t0) * 1000)
-    llm.llm_engine.engine_core.shutdown()
+        engine.add_request(str(n), tokens_input(x), PoolingParams(task="embed"))
+        while not any(o.finished for o in engine.step()):
+            pass
+        return (time.perf_counter() - t0) * 1000
+
+    for x in ids[:WARM_UP]:
+        for k in counts:
+            one(x, k)
+    ms: dict[int, list[float]] = {k: [] for k in counts}
+    for i, x in enumerate(ids):
+        for k in counts if i % 2 else counts[::-1]:
+            ms[k].append(one(x, k))
+    engine.engine_core.shutdown()
     return ms
 
 
@@ -140,11 +169,15 @@ def main() -> int:
     sents = ls.stsb_sentences(("dev",))[: a.sentences]
     vllm = vllm_ms(model, sents)
     onnx = ort_ms(model, sents, work)
-    print(f"engine {a.engine}, {len(sents)} STS sentences one at a time, float32, 2 threads")
-    print(f"  vLLM LLM.embed (OMP {os.environ['OMP_WAIT_POLICY']}): {_stats(vllm)}")
-    print(f"  ONNX Runtime (Infinity's optimised export): {_stats(onnx)}")
-    gap = statistics.median(vllm) - statistics.median(onnx)
-    print(f"  vLLM - ONNX Runtime, p50: {gap:+.2f} ms")
+    print(f"engine {a.engine}, {len(sents)} STS sentences one at a time, float32")
+    for k, ms in vllm.items():
+        print(
+            f"  vLLM LLMEngine, {k} thread(s) (OMP {os.environ['OMP_WAIT_POLICY']}): {_stats(ms)}"
+        )
+    print(f"  ONNX Runtime, 2 threads (Infinity's optimised export): {_stats(onnx)}")
+    for k, ms in vllm.items():
+        gap = statistics.median(ms) - statistics.median(onnx)
+        print(f"  vLLM ({k} thread(s)) - ONNX Runtime, p50: {gap:+.2f} ms")
     return 0
 
 
