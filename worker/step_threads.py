@@ -20,7 +20,9 @@ step will run: one thread up to ``generator.one_thread_step_tokens``, all of the
 vLLM's CPU worker replaces ``torch.set_num_threads`` with a function that refuses (threads
 must not be added after it bound them to cores); this keeps torch's own function, captured
 before the engine starts, and only ever moves between one thread and the count vLLM bound
-(the bound threads stay in OpenMP's pool, with their affinity).
+(never above it). Steps on all threads after a switch ran as fast as on an engine that never
+switched (interleaved A/B of the full stack: 64 sentences per request and ~500-token documents
+within the runs' noise).
 """
 
 from __future__ import annotations
