@@ -84,25 +84,24 @@ def vllm_ms(model: Path, sents: list[str]) -> dict[int, list[float]]:
     (engine core and model in this process, vLLM's default compilation, float32), one step
     per sentence, on one intra-op thread and on all (the two alternating on one engine):
     {threads: float32 [n]}."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import EngineArgs, PoolingParams
+    from vllm import PoolingParams
     from vllm.inputs.engine import tokens_input
-    from vllm.v1.engine.llm_engine import LLMEngine
 
+    from worker.engine_thread import llm_engine
     from worker.step_threads import StepThreads
 
-    threads = StepThreads.before_engine(1 << 30)  # torch's own set_num_threads
-    assert threads is not None
-    engine = LLMEngine.from_engine_args(
-        EngineArgs(
-            model=str(model),
-            runner="pooling",
-            dtype="float32",
-            max_model_len=512,
-            gpu_memory_utilization=0.15,
-        )
+    make = llm_engine(
+        {
+            "model": str(model),
+            "runner": "pooling",
+            "dtype": "float32",
+            "max_model_len": 512,
+            "gpu_memory_utilization": 0.15,
+        }
     )
-    threads.engine_started()
+    # Any non-zero threshold gives the policy object; set() below picks the count per call.
+    engine, threads = StepThreads.build_engine(make, 1)
+    assert threads is not None
     tok = engine.get_tokenizer()
     ids = [tok(t)["input_ids"] for t in sents]
     counts = sorted({1, threads.full})
@@ -110,7 +109,7 @@ def vllm_ms(model: Path, sents: list[str]) -> dict[int, list[float]]:
 
     def one(x: list[int], k: int) -> float:
         nonlocal n
-        threads.before_step(1 if k == 1 else 1 << 31)
+        threads.set(k)
         n += 1
         t0 = time.perf_counter()
         engine.add_request(str(n), tokens_input(x), PoolingParams(task="embed"))
@@ -170,10 +169,9 @@ def main() -> int:
     vllm = vllm_ms(model, sents)
     onnx = ort_ms(model, sents, work)
     print(f"engine {a.engine}, {len(sents)} STS sentences one at a time, float32")
+    omp = os.environ["OMP_WAIT_POLICY"]
     for k, ms in vllm.items():
-        print(
-            f"  vLLM LLMEngine, {k} thread(s) (OMP {os.environ['OMP_WAIT_POLICY']}): {_stats(ms)}"
-        )
+        print(f"  vLLM LLMEngine, {k} thread(s) (OMP {omp}): {_stats(ms)}")
     print(f"  ONNX Runtime, 2 threads (Infinity's optimised export): {_stats(onnx)}")
     for k, ms in vllm.items():
         gap = statistics.median(ms) - statistics.median(onnx)

@@ -164,10 +164,9 @@ def engine_main(
         set_process_title("LLMEngine")  # VLLM::LLMEngine in ps, top and psutil, as vLLM names its
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        threads = StepThreads.before_engine(one_thread_step_tokens)
-        engine = LLMEngine.from_vllm_config(vllm_config)
-        if threads is not None:
-            threads.engine_started()
+        engine, threads = StepThreads.build_engine(
+            lambda: LLMEngine.from_vllm_config(vllm_config), one_thread_step_tokens
+        )
     except BaseException as e:  # noqa: BLE001 - told to the worker, which reports it
         conn.send_bytes(_picklable_failure(e))
         log.debug("engine start failed:\n%s", traceback.format_exc())

@@ -267,10 +267,9 @@ class ThreadedLLM:
     # --- the engine thread -------------------------------------------------------------
     def _run_thread(self) -> None:
         try:
-            threads = StepThreads.before_engine(self._one_thread_step_tokens)
-            self.engine = self._make_engine()
-            if threads is not None:
-                threads.engine_started()
+            self.engine, threads = StepThreads.build_engine(
+                self._make_engine, self._one_thread_step_tokens
+            )
             self._steps = StepLoop(self.engine, self._finished, self._refused, threads)
         except BaseException as e:  # noqa: BLE001 - handed to start()
             self._start_error = e

@@ -28,14 +28,16 @@ within the runs' noise).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+E = TypeVar("E")
 
 
 class StepThreads:
     """The intra-op thread count of each engine step: 1 for a step of at most ``max_tokens``
-    prompt tokens, else the count vLLM bound. Create with :meth:`before_engine` (before vLLM
-    builds its CPU worker), call :meth:`engine_started` in the thread that will step the
-    engine, then :meth:`before_step` (same thread) with the step's prompt tokens."""
+    prompt tokens, else the count vLLM bound. Create with :meth:`build_engine` in the thread
+    that will step the engine, then call :meth:`before_step` (same thread) with the step's
+    prompt tokens."""
 
     def __init__(self, set_threads: Callable[[int], None], max_tokens: int):
         self._set_threads = set_threads
@@ -43,6 +45,21 @@ class StepThreads:
         #: The engine's own thread count (vLLM's binding), read by :meth:`engine_started`.
         self.full = 1
         self.current = 1
+
+    @classmethod
+    def build_engine(
+        cls, make_engine: Callable[[], E], max_tokens: int | None
+    ) -> tuple[E, StepThreads | None]:
+        """``make_engine()`` (vLLM's ``LLMEngine``; call in the thread that will step it, which
+        vLLM's CPU backend binds to the cores) with torch's ``set_num_threads`` captured
+        before it, and the thread count it bound read after it: (engine, its thread policy),
+        None as the policy when ``max_tokens`` is None or 0. Raises what ``make_engine``
+        raises."""
+        threads = cls.before_engine(max_tokens)
+        engine = make_engine()
+        if threads is not None:
+            threads.engine_started()
+        return engine, threads
 
     @classmethod
     def before_engine(cls, max_tokens: int | None) -> StepThreads | None:
@@ -64,10 +81,14 @@ class StepThreads:
     def before_step(self, tokens: int) -> None:
         """Set the thread count for a step of ``tokens`` prompt tokens (a no-op when it is
         already right)."""
-        want = 1 if tokens <= self.max_tokens else self.full
-        if want != self.current:
-            self._set_threads(want)
-            self.current = want
+        self.set(1 if tokens <= self.max_tokens else self.full)
+
+    def set(self, threads: int) -> None:
+        """Run the next steps on ``threads`` intra-op threads (1 ... :attr:`full`; a no-op
+        when that is the count already)."""
+        if threads != self.current:
+            self._set_threads(threads)
+            self.current = threads
 
 
 def prompt_tokens(prompt: Any) -> int | None:
