@@ -155,7 +155,7 @@ def test_a_step_of_few_prompt_tokens_runs_on_one_thread_a_larger_one_on_all():
         step_of(ten, ten)
         assert fake.seen == [1, 4, 1, 4, 1]
         assert calls == [1, 4, 1, 4, 1]  # set only when the count changes
-        assert not steps.running and steps._running_tokens == 0
+        assert not steps.running
     finally:
         steps.stop()
         thread.join(10)

@@ -74,7 +74,6 @@ class StepLoop:
         #: Request ids in the engine now -> their prompt tokens (a prompt not given as token
         #: ids counts as a large step).
         self.running: dict[str, int] = {}
-        self._running_tokens = 0
 
     def submit(self, requests: list[Submit]) -> None:
         self._inbox.put(requests)
@@ -107,10 +106,10 @@ class StepLoop:
             if self._stop or not engine.has_unfinished_requests():
                 continue
             if self._threads is not None:
-                self._threads.before_step(self._running_tokens)
+                self._threads.before_step(sum(self.running.values()))
             finished = [o for o in engine.step() if o.finished]
             for out in finished:
-                self._done(out.request_id)
+                self.running.pop(out.request_id, None)
             if finished:
                 self._on_finished(finished)
 
@@ -124,7 +123,7 @@ class StepLoop:
             for entry in got:
                 if isinstance(entry, str):  # an abort
                     if entry in self.running:
-                        self._done(entry)
+                        del self.running[entry]
                         engine.abort_request([entry])
                     continue
                 try:
@@ -135,12 +134,7 @@ class StepLoop:
                     self._on_refused(entry.request_id, e)
                     continue
                 tokens = prompt_tokens(entry.prompt)
-                tokens = UNKNOWN_PROMPT_TOKENS if tokens is None else tokens
-                self.running[entry.request_id] = tokens
-                self._running_tokens += tokens
-
-    def _done(self, request_id: str) -> None:
-        self._running_tokens -= self.running.pop(request_id, 0)
+                self.running[entry.request_id] = UNKNOWN_PROMPT_TOKENS if tokens is None else tokens
 
 
 @dataclass
