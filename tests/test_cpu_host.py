@@ -100,11 +100,20 @@ def test_resolve_on_this_host_fills_only_what_is_open():
     assert via_engine_args.gpu_memory_utilization is None
     # max_num_batched_tokens unset: vLLM's throughput mode (twice its default); a value set in
     # the config or in engine_args stays, and so does an explicit performance_mode.
-    assert resolved.engine_args == {"performance_mode": "throughput"}
+    # block_size unset: 32 tokens per block (vLLM's CPU default 128); a value given stays.
+    assert resolved.engine_args == {"performance_mode": "throughput", "block_size": 32}
+    assert cpu_host.BLOCK_SIZE == 32
     assert engine_kwargs(resolved)["performance_mode"] == "throughput"
+    assert engine_kwargs(resolved)["block_size"] == 32
     assert "performance_mode" not in cpu_host.resolve(_gen(max_num_batched_tokens=8192)).engine_args
     for args in ({"max_num_batched_tokens": 1024}, {"performance_mode": "interactivity"}):
-        assert cpu_host.resolve(_gen(engine_args=args)).engine_args == args
+        assert cpu_host.resolve(_gen(engine_args=args)).engine_args == {**args, "block_size": 32}
+    for size in (16, 128):
+        args = {"block_size": size}
+        assert cpu_host.resolve(_gen(engine_args=args)).engine_args == {
+            "performance_mode": "throughput",
+            "block_size": size,
+        }
     # engine_core = "auto": vLLM's LLMEngine in a process of the worker's own for one rank,
     # AsyncLLM for several; an explicit value stays.
     assert resolved.engine_core == "process"
