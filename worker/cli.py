@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM's CPU backend reserves one core for the frontend by default: half the throughput
     # on small hosts. Ignored by the GPU backend.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    cpu_host.set_openmp_env()  # before torch loads OpenMP
+    cpu_host.set_cpu_env()  # before torch loads OpenMP
     try:
         cfg = load_config(args.config)
         if args.check:

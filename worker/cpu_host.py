@@ -38,7 +38,8 @@
 An explicit value in the config is always honoured. On GPU hosts nothing is changed
 (``engine_core = "auto"`` is ``asyncllm`` there: :func:`worker.engine.engine_core_of`).
 
-Besides, :func:`set_openmp_env` (before torch loads) makes idle OpenMP threads sleep.
+Besides, :func:`set_cpu_env` (before torch loads) makes idle OpenMP threads sleep and keeps
+the tokenizer on the thread that calls it.
 """
 
 from __future__ import annotations
@@ -200,13 +201,21 @@ def resolve(gen: GeneratorConfig) -> GeneratorConfig:
     return gen.model_copy(update=updates)
 
 
-#: OpenMP environment of the engine on a CPU host, unless the operator set it:
-#: ``OMP_WAIT_POLICY=PASSIVE`` — an OpenMP thread with no work sleeps at once instead of
-#: spinning (GNU OpenMP spins up to ~300,000 iterations between parallel regions), which
-#: on a host whose cores the engine shares with the worker's own threads, the tokenizer and
-#: the gateway took their CPU time. Measured (README "Performance"): a tiny BERT 1,716 ->
-#: 2,202 inputs/s at 64 inputs per request; all-MiniLM-L6-v2 unchanged within noise.
-OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: Environment of the worker and its engine on a CPU host, each unless the operator set it:
+#:
+#: - ``OMP_WAIT_POLICY=PASSIVE`` — an OpenMP thread with no work sleeps at once instead of
+#:   spinning (GNU OpenMP spins up to ~300,000 iterations between parallel regions), which
+#:   on a host whose cores the engine shares with the worker's own threads, the tokenizer and
+#:   the gateway took their CPU time. Measured (README "Performance"): a tiny BERT 1,716 ->
+#:   2,202 inputs/s at 64 inputs per request; all-MiniLM-L6-v2 unchanged within noise.
+#:   (A short spin instead, ``GOMP_SPINCOUNT`` 3,000 or 30,000: slower in every pattern.)
+#: - ``TOKENIZERS_PARALLELISM=false`` — the worker tokenizes a pulled batch in a thread beside
+#:   the engine; Hugging Face ``tokenizers`` would spread it over a pool of its own on every
+#:   core, whose threads then preempt the engine's OpenMP threads, and a parallel region
+#:   waits for its slowest thread. Tokenizing eight ~490-token documents: 5.0 ms of CPU on
+#:   one thread, 6.3 ms spread over two. Measured (interleaved A/B, 4 rounds, tiny BERT):
+#:   documents 178 -> 183/s, 64/request 3,154 -> 3,295/s, 1/request 1,203 -> 1,264/s.
+CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def is_cpu_build() -> bool:
@@ -222,12 +231,12 @@ def is_cpu_build() -> bool:
     return True
 
 
-def set_openmp_env(environ: dict[str, str] | None = None) -> None:
-    """Put :data:`OPENMP_ENV` into ``environ`` (default ``os.environ``) where unset, on a
+def set_cpu_env(environ: dict[str, str] | None = None) -> None:
+    """Put :data:`CPU_ENV` into ``environ`` (default ``os.environ``) where unset, on a
     CPU build of vLLM; call before torch is imported."""
     import os
 
     env: dict[str, str] = os.environ if environ is None else environ  # type: ignore[assignment]
     if is_cpu_build():
-        for key, value in OPENMP_ENV.items():
+        for key, value in CPU_ENV.items():
             env.setdefault(key, value)
