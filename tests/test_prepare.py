@@ -97,6 +97,20 @@ async def test_a_small_batch_is_tokenized_on_the_event_loop_a_large_one_in_a_thr
     assert threads[1] != threading.get_ident()
 
 
+async def test_a_batch_gets_the_ids_the_tokenizer_gives_each_text():
+    """The batch encoding (``encode_batch_fast`` of the Rust backend, no truncation) gives
+    every text the ids of ``tokenizer(text)``: 300 STS sentences and ten texts of 30 of them
+    each (200+ tokens: longer than MiniLM's ``model_max_length`` of 128, and not cut)."""
+    llm = FakeLLM()
+    engine = Engine(llm, GeneratorConfig(model_path=ls.minilm_path()), "m")
+    sents = ls.stsb_sentences(("dev",))[:300]
+    docs = [" ".join(sents[i : i + 30]) for i in range(0, 300, 30)]
+    got = await engine.prepare([item(t) for t in sents + docs])
+    want = [llm.tok(t, add_special_tokens=True)["input_ids"] for t in sents + docs]
+    assert got == want
+    assert min(len(ids) for ids in got[300:]) > 200
+
+
 async def test_cross_encoder_pairs_are_encoded_together_as_the_tokenizer_encodes_a_pair():
     """A pulled batch's cross-encoder pairs: one tokenizer call, the ids and token type ids of
     each pair as ``tokenizer(query, document)`` gives them; a truncated pair keeps its query

@@ -374,7 +374,10 @@ class Engine:
         """Token ids of ``texts`` (special tokens added, not truncated), as ``tok(texts)``
         gives them: through the fast tokenizer's Rust backend (``tokenizers``), which encodes
         the batch without holding the GIL, so the event loop and vLLM's engine thread keep
-        running meanwhile; ``tok`` itself where it has no such backend."""
+        running meanwhile; ``tok`` itself where it has no such backend. The backend's
+        ``encode_batch_fast`` (``tokenizers`` >= 0.21: no character offsets, which the worker
+        does not use) where it has one: ~490-token documents 0.65 -> 0.49 ms of CPU each,
+        sentences 16 -> 13 us."""
         if self._backend is None:
             backend = getattr(tok, "_tokenizer", None)
             if backend is not None and hasattr(backend, "encode_batch"):
@@ -386,7 +389,8 @@ class Engine:
             self._backend = backend or False
         if self._backend is False:
             return [list(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
-        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=True)]
+        encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+        return [e.ids for e in encode(texts, add_special_tokens=True)]
 
     def _pair_prompt(
         self, tok: Any, query: str, document: str, item: WorkItem
