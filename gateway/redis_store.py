@@ -975,7 +975,47 @@ class RedisStore(QueueStore):
             if got:
                 out = await self._hand_out(worker_id, got, max_items, max_tokens, batch_room)
                 if out:
-                    return out
+                    return out + await self._top_up(
+                        worker_id, keys, out, max_items, max_tokens, adverts, batch_room
+                    )
+
+    async def _top_up(
+        self,
+        worker_id: str,
+        keys: list[str],
+        out: list[WorkItem],
+        max_items: int,
+        max_tokens: int | None,
+        adverts: list[ModelAdvert],
+        batch_room: int,
+    ) -> list[WorkItem]:
+        """What else fits a long poll that woke with ``out``: the XREADGROUP returns with the
+        entries of the one SUBMIT that woke it, while more requests may be on their way in;
+        after one turn of the event loop, a PULL call takes what is queued by then, within the
+        room ``out`` leaves (items and tokens, strictly: an input over the token room goes
+        back, no attempt spent; none is asked for when the room is smaller than the largest
+        input woken with). Measured (interleaved A/B, fast engine): one-input requests from 64
+        clients came 16.8 to a pull, with it 24.9 (fewer, larger engine steps: model CPU per
+        input 0.45 -> 0.39 ms); p50 of one sentence alone +0.4 ms."""
+        room = max_items - len(out)
+        tokens = None if max_tokens is None else max_tokens - sum(i.est_tokens for i in out)
+        if room <= 0 or (tokens is not None and tokens < max(i.est_tokens for i in out)):
+            return []
+        if batch_room > 0:
+            batch_room = max(0, batch_room - sum(1 for i in out if i.priority))
+        await asyncio.sleep(0)
+        more = await self._take(worker_id, keys, room, tokens, adverts, batch_room)
+        if tokens is None:
+            return more
+        fits: list[WorkItem] = []
+        for item in more:
+            if item.est_tokens > tokens:
+                break
+            fits.append(item)
+            tokens -= item.est_tokens
+        if len(fits) < len(more):  # over the room (the PULL script lets a first input pass)
+            await self.release(worker_id, [(i.item_id, i.lease_id) for i in more[len(fits) :]])
+        return fits
 
     async def _hand_out(
         self, worker_id: str, got: Any, max_items: int, max_tokens: int | None, batch_room: int

@@ -727,6 +727,33 @@ async def test_redis_sends_concurrent_submits_together(redis_db2):
 
 
 @pytest.mark.slow
+async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
+    """After a long poll wakes, a PULL call tops it up with what is queued by then
+    (``RedisStore._top_up``), never with more tokens than the room the worker asked for: an
+    input over the room goes back with no attempt spent, and no PULL is made when the room
+    is smaller than the largest input woken with."""
+    from gateway.redis_store import stream_key
+
+    r, store = redis_db2
+    long_text = "word " * 200  # 252 estimated tokens
+    await store.submit([spec("small")])
+    (small,) = await pull(store, n=1)
+    await store.submit([spec(f"{i} {long_text}") for i in range(3)])
+    keys, room = [stream_key("m", "embed")], small.est_tokens
+    r.config_resetstat()
+    # the room left (1 token) is smaller than the largest input woken with: no PULL call
+    assert await store._top_up("w", keys, [small], 100, room + 1, [ADVERT], -1) == []
+    assert "cmdstat_evalsha" not in r.info("commandstats")
+    # 600 tokens of room: two of the 252-token inputs, the third stays first in line
+    two = await store._top_up("w", keys, [small], 100, room + 600, [ADVERT], -1)
+    assert [i.text.split()[0] for i in two] == ["0", "1"]
+    # 200 tokens: the PULL script lets a first input pass; it goes back, no attempt spent
+    assert await store._top_up("w", keys, [small], 100, room + 200, [ADVERT], -1) == []
+    (last,) = await pull(store, n=100)
+    assert last.text.split()[0] == "2" and last.attempt == 1
+
+
+@pytest.mark.slow
 async def test_redis_answers_its_own_client_before_the_complete_round_trip(redis_db2):
     """A valid result for a client of the replica the worker posts to answers that client
     before the COMPLETE script runs (a SPY around the script call looks at the client's
