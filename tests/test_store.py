@@ -728,10 +728,12 @@ async def test_redis_sends_concurrent_submits_together(redis_db2):
 
 @pytest.mark.slow
 async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
-    """After a long poll wakes, a PULL call tops it up with what is queued by then
-    (``RedisStore._top_up``), never with more tokens than the room the worker asked for: an
-    input over the room goes back with no attempt spent, and no PULL is made when the room
-    is smaller than the largest input woken with."""
+    """After a long poll wakes while this replica has SUBMIT calls of the pull's lines in
+    flight, a PULL call tops it up with what is queued by then (``RedisStore._top_up``),
+    never with more tokens than the room the worker asked for: an input over the room goes
+    back with no attempt spent. No PULL is made with no SUBMIT in flight (a lone request
+    pays no extra round trip) or when the room is smaller than the largest input woken
+    with."""
     from gateway.redis_store import stream_key
 
     r, store = redis_db2
@@ -741,6 +743,10 @@ async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
     await store.submit([spec(f"{i} {long_text}") for i in range(3)])
     keys, room = [stream_key("m", "embed")], small.est_tokens
     r.config_resetstat()
+    # no SUBMIT in flight: no PULL call, whatever the room
+    assert await store._top_up("w", keys, [small], 100, room + 600, [ADVERT], -1) == []
+    assert "cmdstat_evalsha" not in r.info("commandstats")
+    store._submitting.add(keys[0])  # as while a SUBMIT of that line is in flight
     # the room left (1 token) is smaller than the largest input woken with: no PULL call
     assert await store._top_up("w", keys, [small], 100, room + 1, [ADVERT], -1) == []
     assert "cmdstat_evalsha" not in r.info("commandstats")
@@ -749,6 +755,7 @@ async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
     assert [i.text.split()[0] for i in two] == ["0", "1"]
     # 200 tokens: the PULL script lets a first input pass; it goes back, no attempt spent
     assert await store._top_up("w", keys, [small], 100, room + 200, [ADVERT], -1) == []
+    store._submitting.discard(keys[0])
     (last,) = await pull(store, n=100)
     assert last.text.split()[0] == "2" and last.attempt == 1
 
