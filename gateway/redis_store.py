@@ -723,6 +723,10 @@ class RedisStore(QueueStore):
             await self.redis.delete(f"{PREFIX}replica:{self.replica}", self._reply_key)
         await self.redis.aclose()
 
+    def _closed(self) -> bool:
+        """True once :meth:`close` began (a call, not the attribute: read after awaits)."""
+        return self._closing
+
     async def ping(self) -> bool:
         try:
             await self._call(self.redis.ping())
@@ -753,8 +757,8 @@ class RedisStore(QueueStore):
 
     async def _background(self) -> None:
         """Heartbeat and lease reaping, every :data:`HEARTBEAT_SECONDS` (reaping also at
-        every pull); survives Redis outages."""
-        while True:
+        every pull); survives Redis outages; ends once the store closes."""
+        while not self._closing:
             await asyncio.sleep(min(HEARTBEAT_SECONDS, self.lease_seconds / 2))
             self._forget_handed()
             try:
@@ -766,15 +770,17 @@ class RedisStore(QueueStore):
                 log.warning("queue store: %s", e)
 
     async def _read_replies(self) -> None:
-        """Resolve this replica's waiting clients from its reply stream."""
+        """Resolve this replica's waiting clients from its reply stream. Ends once the store
+        closes, even where redis-py swallowed the task's cancellation mid-read (the loop would
+        otherwise reconnect and read on: a session's event loop then never finished)."""
         last = "0"
-        while True:
+        while not self._closing:
             try:
                 got: Any = await self._call(
                     self._replies.xread({self._reply_key: last}, count=1000, block=1000)
                 )
             except (StoreUnavailable, RedisError) as e:
-                if self._closing:
+                if self._closed():  # its client closed under it
                     return
                 if not isinstance(e, StoreUnavailable):
                     log.warning("queue store (replies): %s", e)
