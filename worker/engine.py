@@ -183,8 +183,9 @@ class Engine:
         self.max_model_len: int = llm.model_config.max_model_len
         self._tokenizer: Any = None
         self._truncator: prompts.TruncateTokens | None = None
-        #: The tokenizer's Rust backend for batches (:meth:`_encode_batch`); False: none.
-        self._backend: Any = None
+        #: The batch encoding of the tokenizer's Rust backend (:meth:`_encode_batch`), looked
+        #: up once; False: none.
+        self._batch_encode: Any = None
         #: How this engine scores a pair (:data:`~worker.protocol.ScoreType`): an embedding
         #: engine's cosine, the causal-LM recipe on the generate runner, or else the type vLLM
         #: gives the checkpoint on the pooling runner (a mismatch with ``generator.score_type``
@@ -378,7 +379,8 @@ class Engine:
         ``encode_batch_fast`` (``tokenizers`` >= 0.21: no character offsets, which the worker
         does not use) where it has one: ~490-token documents 0.65 -> 0.49 ms of CPU each,
         sentences 16 -> 13 us."""
-        if self._backend is None:
+        if self._batch_encode is None:
+            self._batch_encode = False
             backend = getattr(tok, "_tokenizer", None)
             if backend is not None and hasattr(backend, "encode_batch"):
                 # A copy: the tokenizer's own backend carries the truncation and padding of
@@ -386,11 +388,12 @@ class Engine:
                 backend = type(backend).from_str(backend.to_str())
                 backend.no_truncation()
                 backend.no_padding()
-            self._backend = backend or False
-        if self._backend is False:
+                self._batch_encode = (
+                    getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+                )
+        if self._batch_encode is False:
             return [list(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
-        encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
-        return [e.ids for e in encode(texts, add_special_tokens=True)]
+        return [e.ids for e in self._batch_encode(texts, add_special_tokens=True)]
 
     def _pair_prompt(
         self, tok: Any, query: str, document: str, item: WorkItem
