@@ -730,8 +730,8 @@ async def test_redis_sends_concurrent_submits_together(redis_db2):
 async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
     """After a long poll wakes while this replica has SUBMIT calls of the pull's lines in
     flight, a PULL call tops it up with what is queued by then (``RedisStore._top_up``),
-    never with more tokens than the room the worker asked for: an input over the room goes
-    back with no attempt spent. No PULL is made with no SUBMIT in flight (a lone request
+    never with more tokens than the room the worker asked for: an input over the room stays
+    first in line, no attempt spent. No PULL is made with no SUBMIT in flight (a lone request
     pays no extra round trip) or when the room is smaller than the largest input woken
     with."""
     from gateway.redis_store import stream_key
@@ -753,7 +753,7 @@ async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
     # 600 tokens of room: two of the 252-token inputs, the third stays first in line
     two = await store._top_up("w", keys, [small], 100, room + 600, [ADVERT], -1)
     assert [i.text.split()[0] for i in two] == ["0", "1"]
-    # 200 tokens: the PULL script lets a first input pass; it goes back, no attempt spent
+    # 200 tokens: the 252-token input is not leased (a strict budget); first in line still
     assert await store._top_up("w", keys, [small], 100, room + 200, [ADVERT], -1) == []
     store._submitting.discard(keys[0])
     (last,) = await pull(store, n=100)
