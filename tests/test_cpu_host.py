@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,49 @@ def test_memory_fraction_fits_what_is_available():
 )
 def test_memory_fraction_bounds(total, available, want):
     assert choose_memory_fraction(total, available) == want
+
+
+MINILM = {"num_hidden_layers": 6, "hidden_size": 384, "intermediate_size": 1536}
+TINY_BERT = {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256}
+
+
+def test_a_model_cheap_per_token_gets_longer_engine_steps():
+    """``max_num_batched_tokens`` unset: a step of 4,096 all-MiniLM-L6-v2 tokens' compute,
+    as a power of two, at most 16,384 and at least max_model_len; vLLM's throughput mode
+    (None) for a model as costly as all-MiniLM-L6-v2 or more, or of unknown size."""
+    assert cpu_host.flops_per_token(MINILM) == 21_233_664
+    assert cpu_host.STEP_FLOPS == 4096 * 21_233_664
+    assert cpu_host.choose_step_tokens(cpu_host.flops_per_token(MINILM)) is None
+    big = {"num_hidden_layers": 12, "hidden_size": 768, "intermediate_size": 3072}  # BERT-base
+    assert cpu_host.choose_step_tokens(cpu_host.flops_per_token(big)) is None
+    tiny = cpu_host.flops_per_token(TINY_BERT)
+    assert tiny == 2 * 2 * (4 * 128 * 128 + 2 * 128 * 256)
+    assert cpu_host.choose_step_tokens(tiny) == 16384  # ~166k tokens' worth, capped
+    assert cpu_host.choose_step_tokens(tiny, max_model_len=32768) == 32768
+    # Between: 4 x cheaper than all-MiniLM-L6-v2 -> 16,384; 3 x -> 12,288 -> 8,192.
+    assert cpu_host.choose_step_tokens(cpu_host.STEP_FLOPS // 16384) == 16384
+    assert cpu_host.choose_step_tokens(cpu_host.STEP_FLOPS // 12288) == 8192
+    assert cpu_host.choose_step_tokens(cpu_host.STEP_FLOPS // 4096) is None
+    for odd in ({}, {**MINILM, "hidden_size": None}, {**MINILM, "num_hidden_layers": True}):
+        assert cpu_host.flops_per_token(odd) is None
+    assert cpu_host.choose_step_tokens(None) is None
+
+
+def test_step_tokens_are_read_from_the_checkpoint_config(tmp_path: Path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({**TINY_BERT, "max_position_embeddings": 512}), encoding="utf-8"
+    )
+    gen = GeneratorConfig(model_path=tmp_path)
+    assert cpu_host.model_step_tokens(gen) == (cpu_host.flops_per_token(TINY_BERT), 16384)
+    long = {**TINY_BERT, "max_position_embeddings": 40960}
+    (tmp_path / "config.json").write_text(json.dumps(long), encoding="utf-8")
+    assert cpu_host.model_step_tokens(gen)[1] == 40960  # a step holds the longest input
+    assert cpu_host.model_step_tokens(gen.model_copy(update={"max_model_len": 512}))[1] == 16384
+    (tmp_path / "config.json").write_text(json.dumps(MINILM), encoding="utf-8")
+    assert cpu_host.model_step_tokens(gen)[1] is None
+    (tmp_path / "config.json").write_text("[1, 2]", encoding="utf-8")
+    assert cpu_host.model_step_tokens(gen) == (None, None)
+    assert cpu_host.model_step_tokens(_gen()) == (None, None)  # no config.json at /m
 
 
 def _gen(**kw: object) -> GeneratorConfig:

