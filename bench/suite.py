@@ -83,9 +83,10 @@ GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache f
 #: that every path embeds all of their ~500 tokens: a path that truncated them would differ).
 CHECK_SENTENCES = 256
 CHECK_DOCUMENTS = 16
-#: Documents of each path's warm-up: two requests of 64, the measured request size. With 8,
-#: this project's first documents round was its slowest in three runs of the fast engine
-#: (118, 174 and 192/s against 160-209 after it; its steps now hold up to 33 documents).
+#: Documents of each path's warm-up: two requests of 64, the measured request size (the fast
+#: engine's steps hold up to 33 documents). It did not remove this project's slow documents
+#: round in the full suite (README "Performance", runs 8 and 9): that round follows its own
+#: 1/request measurement, whatever the round's number.
 WARMUP_DOCUMENTS = 128
 
 
