@@ -126,7 +126,7 @@ def _gen(**kw: object) -> GeneratorConfig:
 
 
 @pytest.mark.slow  # asks vLLM's platform and NUMA helpers
-def test_resolve_on_this_host_fills_only_what_is_open():
+def test_resolve_on_this_host_fills_only_what_is_open(tmp_path: Path):
     """This machine runs vLLM's CPU backend: ``auto`` and an unset fraction are resolved from
     its own /proc/cpuinfo and NUMA node; explicit values are kept."""
     assert cpu_host.is_cpu_platform()
@@ -158,6 +158,16 @@ def test_resolve_on_this_host_fills_only_what_is_open():
             "performance_mode": "throughput",
             "block_size": size,
         }
+    # A checkpoint 40x cheaper per token than all-MiniLM-L6-v2: 16,384 tokens per step, in
+    # throughput mode (for max_num_seqs); a value in the config stays.
+    (tmp_path / "config.json").write_text(json.dumps(TINY_BERT), encoding="utf-8")
+    cheap = cpu_host.resolve(GeneratorConfig(model_path=tmp_path))
+    assert cheap.max_num_batched_tokens == 16384
+    assert cheap.engine_args["performance_mode"] == "throughput"
+    assert engine_kwargs(cheap)["max_num_batched_tokens"] == 16384
+    pinned = cpu_host.resolve(GeneratorConfig(model_path=tmp_path, max_num_batched_tokens=2048))
+    assert pinned.max_num_batched_tokens == 2048
+    assert resolved.max_num_batched_tokens is None  # no config.json at /m: vLLM's 4,096
     # engine_core = "auto": vLLM's LLMEngine in a process of the worker's own for one rank,
     # AsyncLLM for several; an explicit value stays.
     assert resolved.engine_core == "process"

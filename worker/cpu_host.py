@@ -175,7 +175,7 @@ def choose_step_tokens(flops: int | None, max_model_len: int = 0) -> int | None:
     4,096) when that is not more than :data:`THROUGHPUT_STEP_TOKENS` or ``flops`` is None."""
     if not flops or STEP_FLOPS // flops <= THROUGHPUT_STEP_TOKENS:
         return None
-    tokens = min(MAX_STEP_TOKENS, 1 << (STEP_FLOPS // flops).bit_length() - 1)
+    tokens = min(MAX_STEP_TOKENS, 1 << ((STEP_FLOPS // flops).bit_length() - 1))
     return max(tokens, max_model_len)
 
 
