@@ -14,6 +14,7 @@ the worker advertises to the queue once its engine runs.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -108,6 +109,16 @@ class GeneratorConfig(_Strict):
     #: Any other ``vllm.AsyncEngineArgs`` field, passed through unchanged
     #: (e.g. ``block_size``, ``hf_overrides``, ``distributed_executor_backend``).
     engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The checkpoint's Hugging Face ``config.json`` (in ``model_path``) as read before
+        vLLM starts; ``{}`` where it cannot be read or is not a JSON object."""
+        try:
+            text = (Path(self.model_path) / "config.json").read_text(encoding="utf-8")
+            config = json.loads(text)
+        except (OSError, ValueError):
+            return {}
+        return config if isinstance(config, dict) else {}
 
 
 class EmbeddingTask(_Strict):

@@ -55,7 +55,6 @@ the tokenizer on the thread that calls it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -173,9 +172,10 @@ def choose_step_tokens(flops: int | None, max_model_len: int = 0) -> int | None:
     unset: the power of two at or below :data:`STEP_FLOPS` / ``flops``, at most
     :data:`MAX_STEP_TOKENS` and at least ``max_model_len``; None (vLLM's throughput mode,
     4,096) when that is not more than :data:`THROUGHPUT_STEP_TOKENS` or ``flops`` is None."""
-    if not flops or STEP_FLOPS // flops <= THROUGHPUT_STEP_TOKENS:
+    same_compute = STEP_FLOPS // flops if flops else 0
+    if same_compute <= THROUGHPUT_STEP_TOKENS:
         return None
-    tokens = min(MAX_STEP_TOKENS, 1 << ((STEP_FLOPS // flops).bit_length() - 1))
+    tokens = min(MAX_STEP_TOKENS, 1 << (same_compute.bit_length() - 1))
     return max(tokens, max_model_len)
 
 
@@ -183,13 +183,7 @@ def model_step_tokens(gen: GeneratorConfig) -> tuple[int | None, int | None]:
     """(FLOPs per token, :func:`choose_step_tokens`) for the checkpoint's ``config.json``
     (a step holds ``max_model_len`` at least: the config's, else the checkpoint's
     ``max_position_embeddings``); (None, None) where it cannot be read."""
-    try:
-        path = Path(gen.model_path) / "config.json"
-        hf_config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, None
-    if not isinstance(hf_config, dict):
-        return None, None
+    hf_config = gen.checkpoint_config()
     flops = flops_per_token(hf_config)
     positions = hf_config.get("max_position_embeddings")
     longest = gen.max_model_len or (positions if isinstance(positions, int) else 0)

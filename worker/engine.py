@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -75,11 +73,7 @@ def score_type_of(gen: GeneratorConfig) -> ScoreType | None:
         return gen.score_type
     if gen.task == "embed":
         return "bi-encoder"
-    try:
-        config = json.loads((Path(gen.model_path) / "config.json").read_text(encoding="utf-8"))
-        archs = [str(a) for a in config.get("architectures") or []]
-    except (OSError, ValueError, AttributeError):
-        archs = []
+    archs = [str(a) for a in gen.checkpoint_config().get("architectures") or []]
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return None
     return "causal-lm"
