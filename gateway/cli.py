@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    heap.retain_freed_memory()  # freed memory reused in place, not faulted in again
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import psutil
+import pytest
+
+from devstack import localstack as ls
 from worker import heap
 
 
@@ -23,3 +31,114 @@ def test_startup_objects_are_frozen_and_no_longer_walked():
     finally:
         heap.thaw_startup_heap()  # the rest of the test session collects as before
     assert gc.get_freeze_count() == 0
+
+
+# --- freed memory kept for reuse (heap.retain_freed_memory) ---------------------------------
+
+#: Allocates and writes 64 MiB twice, freeing the first; prints the page faults of the second.
+#: argv[1]: "run" as started; "call": retain_freed_memory() first; "spawn": that, then the
+#: measurement in a child started as the worker starts its engine process (multiprocessing's
+#: spawn: a new interpreter that inherits the environment).
+FAULTS_SCRIPT = """
+import multiprocessing, resource, sys
+from worker import heap
+
+def second_block_faults(queue=None):
+    size = 64 << 20
+    block = b"x" * size  # malloc + write: every page touched
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = b"y" * size
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    if queue is None:
+        print(faults)
+    else:
+        queue.put(faults)
+
+if __name__ == "__main__":
+    if sys.argv[1] in ("call", "spawn"):
+        assert heap.retain_freed_memory()
+    if sys.argv[1] == "spawn":
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=second_block_faults, args=(queue,))
+        child.start()
+        print(queue.get(timeout=60))
+        child.join()
+    else:
+        second_block_faults()
+"""
+
+
+def _second_block_faults(mode: str, tmp_path: Path) -> int:
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in heap.MALLOC_TUNING}
+    env.pop("LD_PRELOAD", None)
+    env["PYTHONPATH"] = str(Path(heap.__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, str(script), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return int(out.stdout.strip())
+
+
+def test_an_operators_malloc_settings_are_left_alone() -> None:
+    """A glibc malloc variable, or an allocator preloaded, wins: nothing is changed."""
+    for env in (
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=8"},
+        {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+    ):
+        given = dict(env)
+        assert heap.retain_freed_memory(given) is False
+        assert given == env
+
+
+@pytest.mark.slow
+def test_freed_memory_is_reused_without_page_faults(tmp_path: Path) -> None:
+    """A 64 MiB block freed and allocated again: glibc's defaults unmap it and fault 16,384
+    new pages in; after retain_freed_memory(), and in a process spawned after it (as the
+    worker's engine process is), the freed block is reused in place."""
+    default = _second_block_faults("run", tmp_path)
+    called = _second_block_faults("call", tmp_path)
+    spawned = _second_block_faults("spawn", tmp_path)
+    print(
+        f"page faults of a second 64 MiB block: default {default}, retained {called}, "
+        f"spawned after {spawned}"
+    )
+    assert default > 8_000  # what is avoided: (64 MiB / 4 KiB) pages faulted in again
+    assert called < 1_000
+    assert spawned < 1_000
+
+
+@pytest.mark.slow
+def test_the_worker_keeps_freed_memory(embed_worker: ls.Proc) -> None:
+    """The worker says at start that freed memory is kept, and the processes it started
+    carry RETAIN_ENV. (vLLM's processes rename themselves, which overwrites the environment
+    /proc shows for them; the worker's other children, such as multiprocessing's resource
+    tracker, show what every child spawned from it inherits.)"""
+    assert "malloc: freed memory kept for reuse" in embed_worker.log_path.read_text(
+        errors="replace"
+    )
+    shown = []
+    for child in psutil.Process(embed_worker.pid).children(recursive=True):
+        environ = child.environ()
+        if "PATH" in environ:  # not overwritten
+            shown.append({k: environ.get(k) for k in heap.RETAIN_ENV})
+    assert shown and all(env == heap.RETAIN_ENV for env in shown), shown
+
+
+@pytest.mark.slow
+def test_the_gateway_keeps_freed_memory(tmp_path: Path) -> None:
+    """The gateway says at start (at its default log level) that freed memory is kept."""
+    gateway = ls.start_gateway(tmp_path, env={"LOG_LEVEL": "info"})
+    try:
+        log = gateway.log_path.read_text(errors="replace")
+    finally:
+        assert gateway.stop() == 0
+    assert "malloc: freed memory kept for reuse" in log, log

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     # on small hosts. Ignored by the GPU backend.
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     cpu_host.set_cpu_env()  # before torch loads OpenMP
+    # Freed memory reused in place, here and in the engine's processes (they inherit it).
+    heap.retain_freed_memory()
     try:
         cfg = load_config(args.config)
         if args.check:
