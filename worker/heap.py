@@ -82,8 +82,8 @@ def retain_freed_memory(environ: MutableMapping[str, str] | None = None) -> bool
     operating system, in this process (``mallopt``) and, through :data:`RETAIN_ENV` put into
     ``environ`` (default ``os.environ``), in the processes it starts (see the module
     docstring). Returns False, changing nothing, where the operator tunes malloc (a variable
-    of :data:`MALLOC_TUNING` set, e.g. an allocator in ``LD_PRELOAD``) or the C library is
-    not glibc; call first thing at start."""
+    of :data:`MALLOC_TUNING` set, or an allocator in ``LD_PRELOAD``: a library whose name
+    contains "malloc") or the C library is not glibc; call first thing at start."""
     env = os.environ if environ is None else environ
     tuned = sorted(name for name in MALLOC_TUNING if env.get(name))
     if "malloc" in env.get("LD_PRELOAD", ""):
