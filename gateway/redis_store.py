@@ -5,8 +5,9 @@ Data model (every key under ``iw:``):
 
 - ``iw:s:<task>:<model>`` — a Stream per (model, task), the line: one entry per chunk of a
   request (up to :data:`INPUTS_PER_ENTRY` inputs and :data:`TOKENS_PER_ENTRY` estimated
-  tokens): the replica that holds the client's connection, the request id, and per input its
-  :class:`~worker.protocol.ItemSpec` (JSON), index in the request and estimated tokens.
+  tokens): the replica that holds the client's connection, the request id, and its inputs'
+  :class:`~worker.protocol.ItemSpec` (JSON), indices in the request and estimated tokens as
+  three lists (eight fields an entry, whatever its size; see :data:`_LUA_HELPERS`).
   Consumer group ``workers``; a worker is a consumer. An input's item id is
   ``<entry id>/<input>@<stream>``.
 - ``iw:f:<task>:<model>`` — the front of that line, read first: inputs split off an entry
@@ -90,8 +91,11 @@ INPUTS_PER_SUBMIT = 1024
 
 #: Every script's ARGV starts with the key prefix and the consumer group. An entry's fields:
 #: ``r`` replica, ``q`` request id, ``a`` attempts before this entry (a requeued input keeps
-#: its count), ``n`` inputs, ``t`` their estimated tokens; per input ``k`` (1..n): ``x<k>`` its
-#: index in the request, ``s<k>`` its spec (JSON), ``t<k>`` its estimated tokens.
+#: its count), ``n`` inputs, ``t`` their estimated tokens; then its inputs as three lists in
+#: input order (k = 1..n): ``k`` their estimated tokens and ``x`` their indices in the request
+#: (comma-separated), ``s`` their specs (JSON, one per line: JSON text has no raw newline).
+#: Three fields, not three per input: the entry is written, read and handed out whole, and a
+#: script splits the lists only where it takes part of an entry.
 _LUA_HELPERS = """
 local P, G = ARGV[1], ARGV[2]
 local function tbl(a) local t = {} for i = 1, #a, 2 do t[a[i]] = a[i + 1] end return t end
@@ -107,7 +111,19 @@ end
 -- an entry's inputs no longer in it: k -> '' answered, or '<entry>/<j>@<stream>' moved there
 -- (field 'm' present once one moved); kept for a while after the entry went, for late posts
 local function done_key(key, id) return P .. 'd:' .. id .. '@' .. key end
-local function client_id(f, k) return f.q .. ':' .. f['x' .. k] end
+-- an entry's per-input lists (split once per entry and script run): tokens (numbers),
+-- request indices and specs (strings)
+local function split(list, sep, as_number)
+  local out = {}
+  for v in string.gmatch(list .. sep, '([^' .. sep .. ']*)' .. sep) do
+    out[#out + 1] = as_number and tonumber(v) or v
+  end
+  return out
+end
+local function tokens_of(f) f.ks = f.ks or split(f.k, ',', true) return f.ks end
+local function indices_of(f) f.xs = f.xs or split(f.x, ',') return f.xs end
+local function specs_of(f) f.ss = f.ss or split(f.s, '\\n') return f.ss end
+local function client_id(f, k) return f.q .. ':' .. indices_of(f)[k] end
 local function alive(replica) return redis.call('EXISTS', P .. 'replica:' .. replica) == 1 end
 -- the inputs (1..n) of an entry neither answered nor moved
 local function left(key, id, f)
@@ -165,17 +181,15 @@ end
 -- front stream, read before its main stream), keeping their attempt count
 local function move(key, id, f, ks, attempts)
   if #ks == 0 then return end
-  local args, tokens = {}, 0
+  local ts, xs, ss, tk, xk, sk, tokens = tokens_of(f), indices_of(f), specs_of(f), {}, {}, {}, 0
   for j, k in ipairs(ks) do
-    local t = f['t' .. k]
-    tokens = tokens + tonumber(t)
-    args[#args + 1] = 'x' .. j; args[#args + 1] = f['x' .. k]
-    args[#args + 1] = 's' .. j; args[#args + 1] = f['s' .. k]
-    args[#args + 1] = 't' .. j; args[#args + 1] = t
+    tokens = tokens + ts[k]
+    tk[j], xk[j], sk[j] = ts[k], xs[k], ss[k]
   end
   local front = front_of(key)
   local id2 = redis.call('XADD', front, '*', 'r', f.r, 'q', f.q, 'a', attempts, 'n', #ks,
-                         't', tokens, unpack(args))
+                         't', tokens, 'k', table.concat(tk, ','), 'x', table.concat(xk, ','),
+                         's', table.concat(sk, '\\n'))
   local to = {}
   for j = 1, #ks do to[j] = id2 .. '/' .. j .. '@' .. front end
   mark(key, id, f, ks, to)
@@ -189,15 +203,15 @@ end
 """
 
 #: KEYS: main stream, front stream, streams set. ARGV: prefix, group, limit, replica, model,
-#: inputs per entry, estimated tokens per entry, then per request: its id, its number of inputs
-#: n, then n inputs as ``<estimated tokens> <spec JSON>`` (one argument each: fewer to
-#: encode). Several requests of one line in one call (see ``RedisStore.submit``), each whole
-#: or not at all. Returns per request {-1, unanswered} over the limit, else {0, entry ids}.
+#: then per request: its id, its number of inputs, its number of entries e, then e entries as
+#: five arguments each: inputs, estimated tokens, then the ``k``, ``x`` and ``s`` lists (see
+#: ``RedisStore._entries``: the gateway cuts a request into entries). Several requests of one
+#: line in one call (see ``RedisStore.submit``), each whole or not at all. Returns per request
+#: {-1, unanswered} over the limit, else {0, entry ids}.
 _SUBMIT = (
     _LUA_HELPERS
     + """
 local limit, replica, model = tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local per_entry, tokens_per_entry = tonumber(ARGV[6]), tonumber(ARGV[7])
 for i = 1, 2 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
@@ -205,36 +219,21 @@ for i = 1, 2 do
   redis.call('SADD', KEYS[3], KEYS[i])
 end
 local unanswered = tonumber(redis.call('HGET', P .. 'n', model) or '0')
-local added, out, at = 0, {}, 8
+local added, out, at = 0, {}, 6
 while at <= #ARGV do
-  local q, n = ARGV[at], tonumber(ARGV[at + 1])
-  local first = at + 2
-  at = first + n
+  local q, n, e = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local first = at + 3
+  at = first + 5 * e
   if unanswered + n > limit then
     out[#out + 1] = {-1, unanswered}
   else
     unanswered, added = unanswered + n, added + n
-    local ids, chunk, tokens = {}, {}, 0
-    local function flush()
-      if #chunk == 0 then return end
+    local ids = {}
+    for j = first, at - 1, 5 do
       ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'r', replica, 'q', q, 'a', 0,
-                                 'n', #chunk / 6, 't', tokens, unpack(chunk))
-      chunk, tokens = {}, 0
+                                 'n', ARGV[j], 't', ARGV[j + 1], 'k', ARGV[j + 2],
+                                 'x', ARGV[j + 3], 's', ARGV[j + 4])
     end
-    for i = 0, n - 1 do
-      local arg = ARGV[first + i]
-      local sp = string.find(arg, ' ', 1, true)
-      local t = tonumber(string.sub(arg, 1, sp - 1))
-      if #chunk / 6 >= per_entry or (#chunk > 0 and tokens + t > tokens_per_entry) then
-        flush()
-      end
-      local j = #chunk / 6 + 1
-      chunk[#chunk + 1] = 'x' .. j; chunk[#chunk + 1] = i
-      chunk[#chunk + 1] = 's' .. j; chunk[#chunk + 1] = string.sub(arg, sp + 1)
-      chunk[#chunk + 1] = 't' .. j; chunk[#chunk + 1] = t
-      tokens = tokens + t
-    end
-    flush()
     out[#out + 1] = {0, ids}
   end
 end
@@ -250,8 +249,8 @@ return out
 #: registration (none: ''): its adverts as JSON,
 #: their TTL in ms, then (model, advert JSON) pairs. Per line, interactive first: expired and
 #: released leases first (oldest first, front stream first), then new entries.
-#: What does not fit of an entry is split off to the front. Returns {{item id, spec, attempt,
-#: tokens, client id}..., dead, expired, dropped}.
+#: What does not fit of an entry is split off to the front. Returns {rows..., dead, expired,
+#: dropped}: a row per entry taken (whole or in part), see ``take``.
 _PULL = (
     _LUA_HELPERS
     + """
@@ -268,33 +267,47 @@ for _, key in ipairs(KEYS) do
     redis.call('SADD', P .. 'streams', key)  -- reaped and counted from now on
   end
 end
-local out, dead, expired, dropped, tokens = {}, 0, 0, 0, 0
-local function full() return #out >= max_items or (budget >= 0 and tokens >= budget) end
+local out, dead, expired, dropped, tokens, taken = {}, 0, 0, 0, 0, 0
+local function full() return taken >= max_items or (budget >= 0 and tokens >= budget) end
 -- how many of the inputs ks fit this pull (the rest of the entry is split off)
 local function fitting(f, ks)
-  local m, t = 0, 0
+  if #ks == tonumber(f.n) and taken + #ks <= max_items
+      and (budget < 0 or tokens + tonumber(f.t) <= budget) then
+    return #ks  -- the whole entry (the lists need not be split)
+  end
+  local ts, m, t = tokens_of(f), 0, 0
   for _, k in ipairs(ks) do
-    local tk = tonumber(f['t' .. k])
-    if #out + m >= max_items or (budget >= 0 and (strict or #out + m > 0)
-                                 and tokens + t + tk > budget) then
+    local tk = ts[k]
+    if taken + m >= max_items or (budget >= 0 and (strict or taken + m > 0)
+                                  and tokens + t + tk > budget) then
       break
     end
     m, t = m + 1, t + tk
   end
   return m
 end
--- hand out the first m of inputs ks (attempt `before` + 1); the rest goes to the front
+-- hand out the first m of inputs ks (attempt `before` + 1) as one row {stream, entry id,
+-- attempt, inputs (k list; '' for all n), then their k, x and s lists, request id}; the
+-- rest goes to the front
 local function take(key, id, f, ks, m, before)
-  for j = 1, m do
-    local k = ks[j]
-    out[#out + 1] = {id .. '/' .. k .. '@' .. key, f['s' .. k], before + 1, f['t' .. k],
-                     client_id(f, k)}
-    tokens = tokens + tonumber(f['t' .. k])
+  if m == tonumber(f.n) then
+    out[#out + 1] = {key, id, before + 1, '', f.k, f.x, f.s, f.q}
+    tokens = tokens + tonumber(f.t)
+  else
+    local ts, xs, ss, kk, tk, xk, sk = tokens_of(f), indices_of(f), specs_of(f), {}, {}, {}, {}
+    for j = 1, m do
+      local k = ks[j]
+      kk[j], tk[j], xk[j], sk[j] = k, ts[k], xs[k], ss[k]
+      tokens = tokens + ts[k]
+    end
+    out[#out + 1] = {key, id, before + 1, table.concat(kk, ','), table.concat(tk, ','),
+                     table.concat(xk, ','), table.concat(sk, '\\n'), f.q}
   end
+  taken = taken + m
   if m < #ks then move(key, id, f, {unpack(ks, m + 1)}, before) end
 end
 for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- interactive, batch
-  if phase == 2 and batch_room >= 0 then max_items = math.min(max_items, #out + batch_room) end
+  if phase == 2 and batch_room >= 0 then max_items = math.min(max_items, taken + batch_room) end
   for _, key in ipairs(line) do
     local waiting = redis.call('XPENDING', key, G, 'IDLE', lease_ms, '-', '+', max_items + 64)
     for _, p in ipairs(waiting) do
@@ -354,7 +367,7 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
         end
       end
       if #read < want then break end  -- the stream has no more new entries
-      want = math.floor((max_items - #out) / per_n)
+      want = math.floor((max_items - taken) / per_n)
       if budget >= 0 then want = math.min(want, math.floor((budget - tokens) / per_t)) end
       want = math.max(1, want)
     end
@@ -366,12 +379,13 @@ return out
 )
 
 #: ARGV: prefix, group, worker, max_attempts, lease_ms, this replica, then per result: item
-#: id, kind (ok | final | retry) and lease attempt as one (``ok2``), then the result JSON to
-#: send to another replica's client ('' for this replica's) or, for a retry, the error message
-#: (three arguments a result: fewer to encode). An input moved to
-#: another entry is followed there. Returns a status per result:
-#: 'a' accepted (answer in its replica's reply stream, or requeued), 'l<client id>' accepted,
-#: the client is this replica's (answer it here: no reply stream), 'd' dead letter, 'i' ignored.
+#: id, kind (ok | final | retry) and lease attempt as one (``ok2``; the attempt is read for a
+#: retry only), then the result JSON to send to another replica's client ('' for a client
+#: the caller holds) or, for a retry, the error message (three arguments a result: fewer to
+#: encode). An input moved to another entry is followed there. Returns a status per result:
+#: 'a' accepted (answer in its replica's reply stream, or requeued), 'l' accepted, the caller
+#: holds the client (answer it there), 'l<client id>' accepted, the client is this replica's
+#: (answer it here: no reply stream), 'd' dead letter, 'i' ignored.
 _COMPLETE = (
     _LUA_HELPERS
     + """
@@ -406,26 +420,32 @@ local function lease(e)
 end
 for i = 7, #ARGV, 3 do
   local item, payload = ARGV[i], ARGV[i + 2]  -- payload: result JSON, or a retry's message
-  local kind, lease_a = string.match(ARGV[i + 1], '^(%a+)(.*)$')
-  lease_a = tonumber(lease_a)
+  local retry = string.byte(ARGV[i + 1]) == 114  -- 'r': retry
   local id, k, key = string.match(item, '^([^/@]+)/(%d+)@(.+)$')
   local status, e, answered = 'i', nil, true
   if id then
-    key, id, k, answered = locate(key, id, tonumber(k))
-    if not answered then e = open(key, id) end
+    k = tonumber(k)
+    e = open(key, id)
+    if not (e and e.open[k]) then  -- answered, or moved to another entry: followed there
+      key, id, k, answered = locate(key, id, k)
+      e = not answered and open(key, id) or nil
+    end
   end
   if e and e.open[k] then
-    if kind ~= 'retry' then
+    if not retry then
       e.open[k] = nil
       e.answered[#e.answered + 1] = k
-      if e.f.r == here then
+      if payload == '' then  -- the caller holds the client and knows its id
+        status = 'l'
+      elseif e.f.r == here then
         status = 'l' .. client_id(e.f, k)
       else
         redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', payload)
         status = 'a'
       end
     elseif item == id .. '/' .. k .. '@' .. key and lease(e) == worker
-        and e.attempt == lease_a then
+        and e.attempt == tonumber(string.sub(ARGV[i + 1], 6)) then
+      local lease_a = e.attempt
       e.open[k] = nil
       if lease_a >= max_att then
         dead_letter(key, id, e.f, {k}, lease_a, payload); status = 'd'
@@ -631,6 +651,46 @@ def _batch_line(key: str) -> str:
 
 def _model_of(key: str) -> str:
     return key.split(":", 3)[3]
+
+
+def _entries(specs: list[ItemSpec]) -> list[list[Any]]:
+    """A request's inputs cut into stream entries (consecutive inputs, up to
+    :data:`INPUTS_PER_ENTRY` and :data:`TOKENS_PER_ENTRY` estimated tokens; an input over it
+    is an entry of its own), each as the SUBMIT script's five arguments: inputs, estimated
+    tokens, then the ``k``, ``x`` and ``s`` lists (see :data:`_LUA_HELPERS`)."""
+    cuts: list[tuple[int, int, list[int]]] = []  # (first input, its end, estimated tokens)
+    first, tokens = 0, [spec.estimate_tokens() for spec in specs]
+    total = 0
+    for i, t in enumerate(tokens):
+        if i > first and (i - first >= INPUTS_PER_ENTRY or total + t > TOKENS_PER_ENTRY):
+            cuts.append((first, i, tokens[first:i]))
+            first, total = i, 0
+        total += t
+    cuts.append((first, len(specs), tokens[first:]))
+    return [
+        [
+            end - start,
+            sum(est),
+            ",".join(map(str, est)),
+            ",".join(map(str, range(start, end))),
+            "\n".join(s.model_dump_json(exclude_none=True) for s in specs[start:end]),
+        ]
+        for start, end, est in cuts
+    ]
+
+
+def _inputs(
+    key: str, entry_id: str, ks: bytes, tokens: bytes, indices: bytes, specs: bytes
+) -> list[tuple[str, int, bytes, bytes]]:
+    """Inputs of an entry from its lists: all of them (``ks`` empty) or the part ``ks``
+    (comma-separated input numbers): (item id, estimated tokens, request index, spec JSON)
+    each. Raises ValueError if the lists differ in length."""
+    est = tokens.split(b",")
+    numbers = ks.decode().split(",") if ks else range(1, len(est) + 1)
+    return [
+        (f"{entry_id}/{k}@{key}", int(t), x, spec)
+        for k, t, x, spec in zip(numbers, est, indices.split(b","), specs.split(b"\n"), strict=True)
+    ]
 
 
 @dataclass(eq=False)
@@ -872,10 +932,11 @@ class RedisStore(QueueStore):
         """One SUBMIT call for ``batch`` (requests of the line ``key``)."""
         model, task = batch[0][1][0].model, batch[0][1][0].task
         args: list[Any] = [PREFIX, GROUP, self.max_queued, self.replica, model]
-        args += [INPUTS_PER_ENTRY, TOKENS_PER_ENTRY]
         for request_id, specs, _ in batch:
-            args += [request_id, len(specs)]
-            args += [f"{s.estimate_tokens()} {s.model_dump_json(exclude_none=True)}" for s in specs]
+            chunks = _entries(specs)
+            args += [request_id, len(specs), len(chunks)]
+            for chunk in chunks:
+                args += chunk
         keys = [key, _front(key), f"{PREFIX}streams"]
         rows = await self._call(self._submit(keys=keys, args=args))
         loop = asyncio.get_running_loop()
@@ -1047,10 +1108,9 @@ class RedisStore(QueueStore):
                 tokens += t
                 attempt = int(fields["a"]) + 1
                 request_id = fields["q"].decode()
-                for k in range(1, n + 1):
-                    item_id = f"{entry_id}/{k}@{key}"
-                    spec, est = fields[f"s{k}"], int(fields[f"t{k}"])
-                    client = f"{request_id}:{fields[f'x{k}'].decode()}"
+                lists = fields["k"], fields["x"], fields["s"]
+                for item_id, est, x, spec in _inputs(key, entry_id, b"", *lists):
+                    client = f"{request_id}:{x.decode()}"
                     out.append(self._work_item(worker_id, item_id, spec, attempt, est, client))
         if back:
             await self._call(self._unread(args=[PREFIX, GROUP, worker_id, self._lease_ms, *back]))
@@ -1126,12 +1186,17 @@ class RedisStore(QueueStore):
             metrics.DEAD_LETTERS.labels(model).inc(dead)
         if expired:
             metrics.LEASES_EXPIRED.labels(model).inc(expired)
-        return [
-            self._work_item(
-                worker_id, item_id.decode(), spec, int(attempt), int(tokens), client.decode()
-            )
-            for item_id, spec, attempt, tokens, client in taken
-        ]
+        out: list[WorkItem] = []
+        for stream, entry_id, attempt, ks, tokens, indices, specs, request_id in taken:
+            request = request_id.decode()
+            inputs = _inputs(stream.decode(), entry_id.decode(), ks, tokens, indices, specs)
+            out += [
+                self._work_item(
+                    worker_id, item_id, spec, int(attempt), est, f"{request}:{x.decode()}"
+                )
+                for item_id, est, x, spec in inputs
+            ]
+        return out
 
     def _work_item(
         self, worker_id: str, item_id: str, spec: bytes, attempt: int, tokens: int, client: str
@@ -1168,6 +1233,7 @@ class RedisStore(QueueStore):
             self.replica,
         ]
         checked_all: list[ItemResult] = []
+        clients: list[str] = []  # per result: its client's id where this replica holds it
         answered: set[str] = set()  # item ids whose client was answered before the call
         for res in results:
             checked = check_result(res, specs.get(res.item_id))
@@ -1176,6 +1242,7 @@ class RedisStore(QueueStore):
             client = handed[1][1] if handed is not None else None
             # A client of this replica is answered here: its result need not go to Redis.
             local = client is not None and client in self._futures
+            clients.append(client if local and client else "")
             if checked.error is not None and checked.error.retryable:
                 kind, payload = "retry", checked.error.message  # for the dead letter
             else:
@@ -1188,7 +1255,7 @@ class RedisStore(QueueStore):
             attempt = res.lease_id.partition(":")[0]
             args += [res.item_id, kind + (attempt if attempt.isdigit() else "0"), payload]
         statuses = await self._call(self._complete(args=args))
-        for res, checked, raw in zip(results, checked_all, statuses, strict=True):
+        for res, checked, raw, client in zip(results, checked_all, statuses, clients, strict=True):
             status = raw.decode()
             # Malformed: counted unless it is for an input this store does not know.
             done.rejected += checked is not res and (res.item_id in specs or status != "i")
@@ -1199,7 +1266,7 @@ class RedisStore(QueueStore):
             # A rejected result counts as a failed attempt of its item, not as accepted.
             done.accepted += checked is res
             if status.startswith("l") and res.item_id not in answered:
-                self._resolve(status[1:], checked)
+                self._resolve(status[1:] or client, checked)
             elif status == "d":
                 metrics.DEAD_LETTERS.labels(_model_of(res.item_id.partition("@")[2])).inc()
         return done
@@ -1225,9 +1292,9 @@ class RedisStore(QueueStore):
                 p.xrange(key, min=entry, max=entry, count=1)
             rows = await self._call(p.execute())
         for (item_id, _, _, k), found in zip(missing, rows, strict=True):
-            spec = found[0][1].get(f"s{k}".encode()) if found else None
-            if spec is not None:
-                out[item_id] = ItemSpec.model_validate_json(spec)
+            specs = found[0][1].get(b"s", b"").split(b"\n") if found else []
+            if 1 <= int(k) <= len(specs):
+                out[item_id] = ItemSpec.model_validate_json(specs[int(k) - 1])
         return out
 
     async def release(

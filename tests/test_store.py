@@ -648,19 +648,20 @@ async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
     await a.start()
     await b.start()
     try:
-        mine = await a.submit([spec("x", dimensions=2), spec("y", dimensions=2)])
+        mine = await a.submit([spec("x", dimensions=2), spec("y", dimensions=3)])
         x, y = await pull(b, n=2, worker="w")
-        bad = ItemResult(item_id=x.item_id, lease_id=x.lease_id, vector_b64="AAA")
-        assert (await a.complete("w", [bad])).rejected == 1  # the spec read from Redis
+        three = encode_vector(np.array([0.6, 0.8, 0.0], np.float32))  # y's length, not x's
+        bad = ItemResult(item_id=x.item_id, lease_id=x.lease_id, vector_b64=three)
+        assert (await a.complete("w", [bad])).rejected == 1  # x's spec read from Redis
         two = encode_vector(np.array([0.6, 0.8], np.float32))
         # y answered through B (A's reply stream), x's retry through A (in place)
-        y_done = ItemResult(item_id=y.item_id, lease_id=y.lease_id, vector_b64=two)
+        y_done = ItemResult(item_id=y.item_id, lease_id=y.lease_id, vector_b64=three)
         assert (await b.complete("w", [y_done])).accepted == 1
         (x2,) = await pull(b, n=1, worker="w")
         x_done = ItemResult(item_id=x2.item_id, lease_id=x2.lease_id, vector_b64=two)
         assert (await a.complete("w", [x_done])).accepted == 1
         results = await a.wait(mine, pickup_timeout=1, request_timeout=5)
-        assert [r.vector_b64 for r in results] == [two, two]
+        assert [r.vector_b64 for r in results] == [two, three]
         assert await a.depth() == {} and await b.leased() == {}
     finally:
         await a.close()
@@ -684,6 +685,33 @@ async def redis_db2(redis_server: Any) -> AsyncIterator[tuple[Any, Any]]:
         yield r, store
     finally:
         await store.close()
+
+
+def test_redis_entries_carry_each_inputs_spec_index_and_tokens_whole():
+    """The Redis store's entry lists (no server): a request cut into entries by inputs and
+    estimated tokens, read back input by input — texts with newlines, commas and non-ASCII
+    included — and a part of an entry read by its input numbers."""
+    from gateway.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, _entries, _inputs
+
+    specs = [spec(f"line {i}\nnext, ünïcode", dimensions=i + 1) for i in range(70)]
+    specs.insert(40, spec("word " * 4000))  # over TOKENS_PER_ENTRY alone: an entry of its own
+    entries = _entries(specs)
+    assert [e[0] for e in entries] == [INPUTS_PER_ENTRY, 8, 1, 30]
+    assert all(e[1] <= TOKENS_PER_ENTRY or e[0] == 1 for e in entries)
+    got = []
+    for n, tokens, ks, xs, ss in entries:
+        inputs = _inputs("iw:s:embed:m", "1-0", b"", ks.encode(), xs.encode(), ss.encode())
+        assert len(inputs) == n and sum(t for _, t, _, _ in inputs) == tokens
+        got += inputs
+    assert [int(x) for _, _, x, _ in got] == list(range(71))
+    assert [ItemSpec.model_validate_json(s) for _, _, _, s in got] == specs
+    assert [t for _, t, _, _ in got] == [s.estimate_tokens() for s in specs]
+    assert got[1][0] == "1-0/2@iw:s:embed:m"
+    part = _inputs("iw:f:embed:m", "2-0", b"2,5", b"7,9", b"11,14", b"{}\n[]")
+    assert part == [
+        ("2-0/2@iw:f:embed:m", 7, b"11", b"{}"),
+        ("2-0/5@iw:f:embed:m", 9, b"14", b"[]"),
+    ]
 
 
 @pytest.mark.slow
