@@ -760,9 +760,9 @@ async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
     flight, a PULL call tops it up with what is queued by then (``RedisStore._top_up``),
     never with more tokens than the room the worker asked for: an input over the room stays
     first in line, no attempt spent. No PULL is made with no SUBMIT in flight (a lone request
-    pays no extra round trip) or when the room is smaller than the largest input woken
-    with."""
-    from gateway.redis_store import stream_key
+    pays no extra round trip), when the room is smaller than the largest input woken with, or
+    when the poll woke with a full entry's worth of inputs (an engine step's worth)."""
+    from gateway.redis_store import INPUTS_PER_ENTRY, stream_key
 
     r, store = redis_db2
     long_text = "word " * 200  # 252 estimated tokens
@@ -786,6 +786,16 @@ async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
     store._submitting.discard(keys[0])
     (last,) = await pull(store, n=100)
     assert last.text.split()[0] == "2" and last.attempt == 1
+    # woken with a full entry's worth (INPUTS_PER_ENTRY inputs): handed out as it is
+    await store.submit([spec(str(i)) for i in range(INPUTS_PER_ENTRY)])
+    full = await pull(store, n=100)
+    await store.submit([spec("next")])
+    store._submitting.add(keys[0])
+    r.config_resetstat()
+    assert await store._top_up("w", keys, full, 100, None, [ADVERT], -1) == []
+    assert "cmdstat_evalsha" not in r.info("commandstats")
+    store._submitting.discard(keys[0])
+    assert [i.text for i in await pull(store, n=100)] == ["next"]
 
 
 @pytest.mark.slow
