@@ -1043,52 +1043,14 @@ class RedisStore(QueueStore):
                 self.redis.xreadgroup(GROUP, worker_id, streams, count=max_items, block=block_ms)
             )
             if got:
+                # Handed out as they came: waiting for more requests on their way in (a
+                # top-up PULL while a SUBMIT of these lines was in flight, until 2026-12-05)
+                # left the engine idle longer. Interleaved A/B, 10 rounds, fast engine: 1/request
+                # x 64 1,118 -> 1,179/s (ahead in 9 of 10 paired rounds), 64/request 3,227 ->
+                # 3,264/s.
                 out = await self._hand_out(worker_id, got, max_items, max_tokens, batch_room)
                 if out:
-                    return out + await self._top_up(
-                        worker_id, keys, out, max_items, max_tokens, adverts, batch_room
-                    )
-
-    async def _top_up(
-        self,
-        worker_id: str,
-        keys: list[str],
-        out: list[WorkItem],
-        max_items: int,
-        max_tokens: int | None,
-        adverts: list[ModelAdvert],
-        batch_room: int,
-    ) -> list[WorkItem]:
-        """What else fits a long poll that woke with ``out``: the XREADGROUP returns with the
-        entries of the one SUBMIT that woke it, while this replica may have more SUBMIT calls
-        of the pull's lines in flight (requests on their way in). Only then, one turn of the
-        event loop later, a PULL call takes what is queued by then (Redis runs those SUBMITs
-        first), within the room ``out`` leaves (items and tokens, strictly: an input over the
-        token room stays first in line; none is asked for when the room is smaller than the
-        largest input woken with). A lone request (nothing in flight) pays no extra
-        round trip. Measured (interleaved A/B, 3 rounds, fast engine): one-input requests
-        from 64 clients came 15.9 to a pull, now 23.0 (fewer, larger engine steps: model CPU
-        per input 0.55 -> 0.45 ms), 1/request 956 -> 1,101/s, 64/request unchanged, p50 of
-        a lone sentence 7.5 -> 5.9 ms.
-
-        A poll woken with :data:`INPUTS_PER_ENTRY` inputs or more (an engine step's worth)
-        is not topped up: waiting for the next request only left the engine idle longer.
-        Measured (fast engine, 64 inputs/request x 4, engine idle time from its step loop):
-        idle 19-27 % of the time with the top-up, 13-22 % without it (memory store: 13-24 %);
-        interleaved A/B, 8 rounds: 64/request 2,957 -> 3,063/s (memory store 3,182),
-        1/request 1,060 -> 1,101/s (1,214), p50 of a lone sentence 7.5 -> 7.0 ms (5.9)."""
-        room = max_items - len(out)
-        tokens = None if max_tokens is None else max_tokens - sum(i.est_tokens for i in out)
-        if room <= 0 or (tokens is not None and tokens < max(i.est_tokens for i in out)):
-            return []
-        if len(out) >= INPUTS_PER_ENTRY:  # a full entry's worth already: an engine step
-            return []
-        await asyncio.sleep(0)  # the SUBMIT that woke the poll may finish meanwhile
-        if self._submitting.isdisjoint([*keys, *(_batch_line(k) for k in keys)]):
-            return []
-        if batch_room > 0:
-            batch_room = max(0, batch_room - sum(1 for i in out if i.priority))
-        return await self._take(worker_id, keys, room, tokens, adverts, batch_room, strict=True)
+                    return out
 
     async def _hand_out(
         self, worker_id: str, got: Any, max_items: int, max_tokens: int | None, batch_room: int

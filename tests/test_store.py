@@ -755,47 +755,34 @@ async def test_redis_sends_concurrent_submits_together(redis_db2):
 
 
 @pytest.mark.slow
-async def test_redis_long_poll_top_up_stays_within_the_token_room(redis_db2):
-    """After a long poll wakes while this replica has SUBMIT calls of the pull's lines in
-    flight, a PULL call tops it up with what is queued by then (``RedisStore._top_up``),
-    never with more tokens than the room the worker asked for: an input over the room stays
-    first in line, no attempt spent. No PULL is made with no SUBMIT in flight (a lone request
-    pays no extra round trip), when the room is smaller than the largest input woken with, or
-    when the poll woke with a full entry's worth of inputs (an engine step's worth)."""
-    from gateway.redis_store import INPUTS_PER_ENTRY, stream_key
+async def test_redis_long_poll_hands_out_what_woke_it(redis_db2, redis_server):
+    """A long poll returns the entries that woke it at once: no further PULL call for requests
+    still on their way in, even while this replica has a SUBMIT of the pull's line in flight
+    (a top-up that was measured to leave the engine idle longer)."""
+    from gateway.redis_store import RedisStore, stream_key
 
-    r, store = redis_db2
-    long_text = "word " * 200  # 252 estimated tokens
-    await store.submit([spec("small")])
-    (small,) = await pull(store, n=1)
-    await store.submit([spec(f"{i} {long_text}") for i in range(3)])
-    keys, room = [stream_key("m", "embed")], small.est_tokens
-    r.config_resetstat()
-    # no SUBMIT in flight: no PULL call, whatever the room
-    assert await store._top_up("w", keys, [small], 100, room + 600, [ADVERT], -1) == []
-    assert "cmdstat_evalsha" not in r.info("commandstats")
-    store._submitting.add(keys[0])  # as while a SUBMIT of that line is in flight
-    # the room left (1 token) is smaller than the largest input woken with: no PULL call
-    assert await store._top_up("w", keys, [small], 100, room + 1, [ADVERT], -1) == []
-    assert "cmdstat_evalsha" not in r.info("commandstats")
-    # 600 tokens of room: two of the 252-token inputs, the third stays first in line
-    two = await store._top_up("w", keys, [small], 100, room + 600, [ADVERT], -1)
-    assert [i.text.split()[0] for i in two] == ["0", "1"]
-    # 200 tokens: the 252-token input is not leased (a strict budget); first in line still
-    assert await store._top_up("w", keys, [small], 100, room + 200, [ADVERT], -1) == []
-    store._submitting.discard(keys[0])
-    (last,) = await pull(store, n=100)
-    assert last.text.split()[0] == "2" and last.attempt == 1
-    # woken with a full entry's worth (INPUTS_PER_ENTRY inputs): handed out as it is
-    await store.submit([spec(str(i)) for i in range(INPUTS_PER_ENTRY)])
-    full = await pull(store, n=100)
-    await store.submit([spec("next")])
-    store._submitting.add(keys[0])
-    r.config_resetstat()
-    assert await store._top_up("w", keys, full, 100, None, [ADVERT], -1) == []
-    assert "cmdstat_evalsha" not in r.info("commandstats")
-    store._submitting.discard(keys[0])
-    assert [i.text for i in await pull(store, n=100)] == ["next"]
+    _, a = redis_db2
+    b = RedisStore(redis_server.url.rsplit("/", 1)[0] + "/2", lease_seconds=5)  # a replica
+    await b.start()
+    try:
+        a._submitting.add(stream_key("m", "embed"))  # as while a SUBMIT of the line is in flight
+        takes: list[int] = []  # a SPY on A's PULL calls
+        take = a._take
+
+        async def spy(*args: Any, **kw: Any) -> Any:
+            takes.append(1)
+            return await take(*args, **kw)
+
+        a._take = spy  # type: ignore[method-assign]
+        poll = asyncio.ensure_future(pull(a, n=100, wait=5))
+        await asyncio.sleep(0.3)  # the poll made its PULL and is blocked in XREADGROUP now
+        assert takes == [1]
+        await b.submit([spec("one")])
+        assert [i.text for i in await asyncio.wait_for(poll, 5)] == ["one"]
+        assert takes == [1]  # no PULL after the wake
+    finally:
+        a._submitting.clear()
+        await b.close()
 
 
 @pytest.mark.slow
