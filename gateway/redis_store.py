@@ -120,7 +120,7 @@ local function split(list, sep, as_number)
   end
   return out
 end
-local function tokens_of(f) f.ks = f.ks or split(f.k, ',', true) return f.ks end
+local function tokens_of(f) f.ts = f.ts or split(f.k, ',', true) return f.ts end
 local function indices_of(f) f.xs = f.xs or split(f.x, ',') return f.xs end
 local function specs_of(f) f.ss = f.ss or split(f.s, '\\n') return f.ss end
 local function client_id(f, k) return f.q .. ':' .. indices_of(f)[k] end
@@ -244,10 +244,9 @@ return out
 
 #: KEYS: front stream, main stream (the interactive line of one model and task), then the
 #: same two of its batch line. ARGV: prefix, group, worker, lease_ms, max_items, token budget
-#: (-1: none), max_attempts, batch inputs at most (-1: no limit), strict ('1': the budget
-#: binds the first input too; else one input passes whatever its size), then the worker's
-#: registration (none: ''): its adverts as JSON,
-#: their TTL in ms, then (model, advert JSON) pairs. Per line, interactive first: expired and
+#: (-1: none; the first input passes whatever its size), max_attempts, batch inputs at most
+#: (-1: no limit), then the worker's registration (none: ''): its adverts as JSON, their TTL
+#: in ms, then (model, advert JSON) pairs. Per line, interactive first: expired and
 #: released leases first (oldest first, front stream first), then new entries.
 #: What does not fit of an entry is split off to the front. Returns {rows..., dead, expired,
 #: dropped}: a row per entry taken (whole or in part), see ``take``.
@@ -256,10 +255,9 @@ _PULL = (
     + """
 local worker, lease_ms, max_items = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local budget, max_att, batch_room = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local strict = ARGV[9] == '1'
-if ARGV[10] ~= '' then
-  redis.call('SET', P .. 'worker:' .. worker, ARGV[10], 'PX', ARGV[11])
-  for i = 12, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
+if ARGV[9] ~= '' then
+  redis.call('SET', P .. 'worker:' .. worker, ARGV[9], 'PX', ARGV[10])
+  for i = 11, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
 end
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then
@@ -278,7 +276,7 @@ local function fitting(f, ks)
   local ts, m, t = tokens_of(f), 0, 0
   for _, k in ipairs(ks) do
     local tk = ts[k]
-    if taken + m >= max_items or (budget >= 0 and (strict or taken + m > 0)
+    if taken + m >= max_items or (budget >= 0 and taken + m > 0
                                   and tokens + t + tk > budget) then
       break
     end
@@ -1095,10 +1093,9 @@ class RedisStore(QueueStore):
         max_tokens: int | None,
         adverts: list[ModelAdvert],
         batch_room: int = -1,
-        strict: bool = False,
     ) -> list[WorkItem]:
         """Register the worker and lease up to ``max_items`` (and ``max_tokens``, at least one
-        input unless ``strict``) across ``keys`` round-robin: each key a fair share per round,
+        input) across ``keys`` round-robin: each key a fair share per round,
         the result interleaved key by key. Per key, its batch line only with the room its
         interactive line leaves (the PULL script), ``batch_room`` batch inputs at most (-1: no
         limit)."""
@@ -1118,7 +1115,7 @@ class RedisStore(QueueStore):
                 if remaining <= 0 or budget == 0:
                     break
                 n = min(share, remaining)
-                got = await self._take_from(worker_id, key, n, budget, batch_room, register, strict)
+                got = await self._take_from(worker_id, key, n, budget, batch_room, register)
                 register = [""]  # registered by the first call
                 if batch_room > 0:
                     batch_room = max(0, batch_room - sum(1 for i in got if i.priority))
@@ -1141,13 +1138,11 @@ class RedisStore(QueueStore):
         budget: int,
         batch_room: int,
         register: list[Any],
-        strict: bool = False,
     ) -> list[WorkItem]:
         """One PULL script call on one model and task's streams; ``budget`` and
-        ``batch_room`` -1 for none; ``strict``: the budget binds the first input too;
-        ``register``: see :meth:`_registration` (``[""]``: none)."""
+        ``batch_room`` -1 for none; ``register``: see :meth:`_registration` (``[""]``: none)."""
         args: list[Any] = [PREFIX, GROUP, worker_id, self._lease_ms, n, budget, self.max_attempts]
-        args += [batch_room, "1" if strict else "0"]
+        args.append(batch_room)
         batch = _batch_line(key)
         keys = [_front(key), key, _front(batch), batch]
         rows = await self._call(self._pull(keys=keys, args=args + register))
