@@ -10,15 +10,18 @@ vLLM's score API (``vllm/entrypoints/pooling/scoring/protocol.py``: ``ScoreTextR
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from gateway.quantize import EmbeddingType
+from worker.protocol import MAX_NAME_LENGTH
 
 #: Inputs per request, as OpenAI's embeddings endpoint allows.
 MAX_INPUTS = 2048
+#: A model as a client names it: what the gateway looks up is bounded in length.
+ModelName = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 #: OpenAI's input forms, plus Fireworks' structured objects (fields for ``prompt_template``).
 EmbeddingInput = (
@@ -36,7 +39,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: ModelName
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
     #: Matryoshka: keep the first ``dimensions`` components (OpenAI / Fireworks).
@@ -81,7 +84,7 @@ class RerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: ModelName
     query: StrictStr
     documents: list[StrictStr]
     #: The best ``top_n`` documents; None or 0 (vLLM's default): all of them.
@@ -111,7 +114,7 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: ModelName
     text_1: StrictStr | list[StrictStr]
     text_2: StrictStr | list[StrictStr]
     #: vLLM: truncate each pair's prompt to this many tokens instead of refusing it.
@@ -149,7 +152,7 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: ModelName
     input: StrictStr | list[StrictStr]
     #: vLLM: truncate each input to this many tokens instead of refusing it.
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)

@@ -12,10 +12,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from gateway.api_models import ErrorBody, ErrorResponse
 from gateway.store import StoreUnavailable
 from worker.protocol import CLIENT_ERRORS, ItemError
+
+#: Characters of an error message at most (a message may quote what a client sent).
+MAX_MESSAGE = 1024
 
 
 class APIError(Exception):
@@ -34,6 +38,8 @@ class APIError(Exception):
         # A message may quote client text: lone surrogates (valid JSON, not Unicode) are
         # escaped so that the error can always be rendered.
         message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
         super().__init__(message)
         self.headers = headers
         self.status = status
@@ -65,13 +71,39 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    # What failed (host, port, errno) goes to the log (the store logs it once per outage),
+    # not to clients.
     err = APIError(
         503,
-        f"The queue store is unavailable ({exc}); try again shortly.",
+        "The queue store is unavailable; try again shortly.",
         type="server_error",
         code="queue_unavailable",
     )
     return JSONResponse(err.response_json(), status_code=503, headers={"Retry-After": "1"})
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        message = f"Invalid URL ({request.method} {request.url.path[:200]})"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path[:200]}"
+    else:
+        message = str(exc.detail)
+    err = APIError(
+        exc.status_code,
+        message,
+        type="invalid_request_error" if exc.status_code < 500 else "server_error",
+        headers=dict(exc.headers) if exc.headers else None,
+    )
+    return JSONResponse(err.response_json(), status_code=err.status, headers=err.headers)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """A bug or an unexpected store error: a plain 500 in OpenAI's shape, no internals (the
+    server logs the traceback: Starlette raises the exception on after this answer)."""
+    err = APIError(500, "The server had an error processing the request.", type="server_error")
+    return JSONResponse(err.response_json(), status_code=500)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -92,14 +124,19 @@ def invalid_body(err: Any) -> APIError:
         )
     elif err.get("type") == "missing":
         msg = f"'{param}' is a required property"
+    elif err.get("type") == "string_unicode":  # a lone surrogate: valid JSON, not Unicode
+        msg = f"'{param}' is not valid Unicode: a lone surrogate."
     else:
         msg = f"Invalid value for '{'.'.join(loc) or 'body'}': {err.get('msg')}"
     return APIError(400, msg, param=param)
 
 
 def install(app: FastAPI) -> None:
-    """Render :class:`APIError`, request validation errors (400) and an unreachable queue store
-    (503, ``queue_unavailable``) in OpenAI's shape."""
+    """Render :class:`APIError`, request validation errors (400), Starlette's own HTTP errors
+    (unknown route 404, a body that cannot be parsed 400), an unreachable queue store (503,
+    ``queue_unavailable``) and any other exception (500, logged) in OpenAI's shape."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

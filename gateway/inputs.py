@@ -3,6 +3,7 @@ every input the gateway can reject before anything is queued."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel
@@ -176,8 +177,19 @@ def _size(spec: ItemSpec) -> int:
     if spec.token_ids is not None:
         return len(spec.token_ids)
     if spec.fields:
-        return sum(len(v) for v in spec.fields.values() if isinstance(v, str))
+        return _chars(spec.fields)
     return len(spec.text or "") + len(spec.text_pair or "")
+
+
+def _chars(value: Any) -> int:
+    """Characters of a structured input: its strings (keys too), and 8 for any other value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(k) + _chars(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_chars(v) for v in value) + len(value)
+    return 8
 
 
 def check_sizes(specs: list[ItemSpec], field: str, limit: int) -> None:
@@ -214,35 +226,84 @@ def check_pairs_size(pairs: list[tuple[str, str]], extra: int, limit: int, field
         )
 
 
-def check_unicode(value: Any, where: str) -> None:
-    """Raises APIError(400) naming the place (e.g. ``input[3]``) of the first string in
-    ``value`` (a request's field: strings, arrays and objects of them) that is not Unicode
-    text: a lone surrogate such as ``"\\ud800"`` is valid JSON but cannot be encoded."""
+#: Nesting of a structured input (an object of ``prompt_template`` fields): objects and
+#: arrays inside it, at most this deep.
+MAX_FIELD_DEPTH = 16
+#: The largest token id accepted where the model's vocabulary is not known yet (int32).
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def check_value(value: Any, where: str, depth: int = 0, structured: bool = False) -> None:
+    """Raises APIError(400) naming the place (e.g. ``input[3]``) of the first part of
+    ``value`` (a request's field) that no worker could be handed: a string that is not
+    Unicode text (a lone surrogate such as ``"\\ud800"`` is valid JSON but cannot be encoded),
+    a number that is not finite (``1e999``, ``NaN``), or, inside a structured input
+    (``structured``: an object and what it holds), nesting deeper than
+    :data:`MAX_FIELD_DEPTH`. Arrays of token ids at the top of a typed field (every element an
+    int, as the request model validated) are not walked."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
             raise APIError(
                 400,
-                f"{where if '[' in where else repr(where)} is not valid Unicode: a lone "
-                f"surrogate at character {e.start}.",
+                f"{_place(where)} is not valid Unicode: a lone surrogate at character {e.start}.",
                 param=where.split("[", 1)[0],
             ) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_unicode(k, where)
-            check_unicode(v, where)
-    elif isinstance(value, list):
-        if value and not isinstance(value[0], (str, dict, list)):
-            return  # token ids
-        for i, v in enumerate(value):
-            check_unicode(v, f"{where}[{i}]" if where in ("input", "documents") else where)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise APIError(
+                400,
+                f"{_place(where)} holds a number that is not finite ({value}).",
+                param=where.split("[", 1)[0],
+            )
+    elif isinstance(value, dict) or (structured and isinstance(value, list)):
+        if depth >= MAX_FIELD_DEPTH:
+            raise APIError(
+                400,
+                f"{_place(where)} nests objects and arrays more than {MAX_FIELD_DEPTH} deep.",
+                param=where.split("[", 1)[0],
+            )
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check_value(k, where, depth + 1, True)
+                check_value(v, where, depth + 1, True)
+        else:
+            for v in value:
+                check_value(v, where, depth + 1, True)
+    elif isinstance(value, list) and value and not isinstance(value[0], int):
+        for i, v in enumerate(value):  # a typed field's strings, objects or token arrays
+            check_value(v, f"{where}[{i}]" if where in _LISTS else where)
 
 
-def check_request_unicode(req: BaseModel) -> None:
-    """:func:`check_unicode` over every field of a client request, before anything else."""
+#: Request fields whose items an error names by index (``input[3]``).
+_LISTS = ("input", "documents", "text_1", "text_2")
+
+
+def _place(where: str) -> str:
+    return where if "[" in where else repr(where)
+
+
+def check_request(req: BaseModel) -> None:
+    """:func:`check_value` over every field of a client request, before anything else."""
     for name in type(req).model_fields:
-        check_unicode(getattr(req, name), name)
+        check_value(getattr(req, name), name)
+
+
+def check_token_ids(specs: list[ItemSpec], field: str, advert: ModelAdvert | None) -> None:
+    """Raises APIError(400, ``invalid_token_ids``) for the first input with a token id outside
+    the model's vocabulary (``advert.vocab_size``; :data:`MAX_TOKEN_ID` where no worker said
+    yet)."""
+    vocab = advert.vocab_size if advert is not None and advert.vocab_size else MAX_TOKEN_ID + 1
+    for i, spec in enumerate(specs):
+        if spec.token_ids is not None and max(spec.token_ids) >= vocab:
+            raise APIError(
+                400,
+                f"{field}[{i}] has a token id outside the vocabulary of '{spec.model}' "
+                f"(ids are below {vocab}).",
+                param=field,
+                code="invalid_token_ids",
+            )
 
 
 def check_template(template: str) -> str:

@@ -117,6 +117,10 @@ class Serving:
         model, task = specs[0].model, specs[0].task
         try:
             request = await self.store.submit(specs)
+        except ValueError as e:  # an input the store cannot encode (the edge checks for it)
+            raise APIError(
+                400, f"The input cannot be queued: {str(e)[:200]}", param=field
+            ) from None
         except QueueFull as e:
             metrics.QUEUE_FULL.labels(model).inc()
             raise APIError(
@@ -180,7 +184,7 @@ class Serving:
     async def prepare_embeddings(self, req: EmbeddingRequest) -> Prepared[EmbeddingResponse]:
         """Check an embeddings request and turn it into queue entries (raises APIError 4xx
         for what is wrong with it)."""
-        inputs.check_request_unicode(req)
+        inputs.check_request(req)
         task: Task = "embed" if req.return_logits is None else "score"
         if task == "score":
             inputs.check_logit_ids(req.return_logits or [], None)  # before any copies
@@ -206,6 +210,7 @@ class Serving:
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
         inputs.check_sizes(specs, "input", self._max_chars(advert))
+        inputs.check_token_ids(specs, "input", advert)
 
         kind = req.embedding_type
         value_range = (advert.quantization_range if advert else None) or [-1.0, 1.0]
@@ -243,7 +248,7 @@ class Serving:
         """Check a rerank request and turn it into queue entries, one per document (raises
         APIError 4xx for what is wrong with it; 503 before any worker said how the model
         scores pairs)."""
-        inputs.check_request_unicode(req)
+        inputs.check_request(req)
         advert = await self._scoring_advert(req.model)
         if not req.query:
             raise APIError(400, "'query' must not be empty.", param="query")
@@ -299,7 +304,7 @@ class Serving:
         """Check a score request and turn it into queue entries, one per pair: 1:1, 1:N (one
         ``text_1`` against every ``text_2``) or N:N, as vLLM pairs them. Raises APIError 4xx
         for what is wrong with it (400 for lists of different lengths)."""
-        inputs.check_request_unicode(req)
+        inputs.check_request(req)
         advert = await self._scoring_advert(req.model)
         first = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
         second = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
@@ -358,7 +363,7 @@ class Serving:
     async def prepare_classify(self, req: ClassifyRequest) -> Prepared[ClassifyResponse]:
         """Check a classify request and turn it into queue entries, one per input (raises
         APIError 4xx as for embeddings: empty input, over-long, a model without the task)."""
-        inputs.check_request_unicode(req)
+        inputs.check_request(req)
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         inputs.check_inputs(texts, "input")
         advert = await self.check_model(req.model, "classify")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -97,9 +98,23 @@ class GatewaySettings(BaseModel):
     max_queued_inputs: int = _setting(
         50_000,
         "--max-queued-inputs",
-        "unanswered inputs (waiting or leased) per model; a request that would pass it gets "
-        "429 and nothing of it is queued",
+        "unanswered interactive inputs (waiting or leased) per model; a request that would "
+        "pass it gets 429 and nothing of it is queued",
         ge=1,
+    )
+    max_queued_batch_inputs: int = _setting(
+        50_000,
+        "--max-queued-batch-inputs",
+        "unanswered inputs of batch jobs per model, counted apart from interactive ones (a "
+        "batch never takes their room); a batch waits for room",
+        ge=1,
+    )
+    advert_ttl_seconds: float = _setting(
+        3600.0,
+        "--advert-ttl",
+        "a model no worker has pulled for this many seconds is forgotten (404; its empty "
+        "queue lines dropped), unless declared with --model",
+        gt=0,
     )
     drain_timeout_seconds: float = _setting(
         30.0,
@@ -146,8 +161,26 @@ class GatewaySettings(BaseModel):
     max_connections: int = _setting(
         2048,
         "--max-connections",
-        "concurrent connections (and requests); above it, new ones get 503 at once",
+        "open connections per listener; at the limit a new connection closes the one idle "
+        "longest (between requests, or not yet a whole request head), and gets 503 only "
+        "when every connection is serving a request",
         ge=1,
+    )
+    write_timeout_seconds: float = _setting(
+        30.0,
+        "--write-timeout",
+        "a connection whose client has not taken any of its answer for this many seconds "
+        "(the send buffer full) is closed",
+        gt=0,
+    )
+    internal_port: int | None = _setting(
+        None,
+        "--internal-port",
+        "a second listener (same --host) for workers and probes only: the queue routes, "
+        "/healthz, /readyz, /metrics, with a connection budget of its own (client routes "
+        "404 there); point workers, probes and Prometheus at it",
+        ge=0,
+        le=65535,
     )
     files_dir: str = _setting(
         "inference-files",
@@ -161,6 +194,25 @@ class GatewaySettings(BaseModel):
         "largest file upload, bytes (413 above it), as OpenAI's Files API",
         ge=1024,
     )
+    max_files_per_key: int = _setting(
+        10_000,
+        "--max-files-per-key",
+        "files one API key may keep (uploads and batch outputs); 429 above it",
+        ge=1,
+    )
+    max_file_bytes_per_key: int = _setting(
+        10 * 1024**3,
+        "--max-file-bytes-per-key",
+        "bytes of files one API key may keep; 429 above it",
+        ge=1024,
+    )
+    file_expiry_seconds: float = _setting(
+        30 * 86400.0,
+        "--file-expiry",
+        "a file is deleted this many seconds after it was made, unless its upload asked for "
+        "less (OpenAI's expires_after)",
+        gt=0,
+    )
     max_batch_lines: int = _setting(
         50_000, "--max-batch-lines", "requests (lines) per batch input file, as OpenAI's", ge=1
     )
@@ -169,6 +221,26 @@ class GatewaySettings(BaseModel):
         "--max-batches-per-key",
         "batches one API key may have running (validating to finalizing); 429 above it",
         ge=1,
+    )
+    max_batch_records_per_key: int = _setting(
+        1000,
+        "--max-batch-records-per-key",
+        "batch records one API key keeps; a new batch forgets the key's oldest ended ones "
+        "past it, with their output files",
+        ge=1,
+    )
+    batch_retention_seconds: float = _setting(
+        30 * 86400.0,
+        "--batch-retention",
+        "an ended batch's record and output files are deleted this many seconds after it ended",
+        gt=0,
+    )
+    max_batch_line_bytes: int = _setting(
+        8 * 1024 * 1024,
+        "--max-batch-line-bytes",
+        "largest line of a batch input file, bytes: a longer line is that line's error "
+        "(413), never parsed",
+        ge=1024,
     )
     batch_inputs_in_flight: int = _setting(
         4096,
@@ -184,6 +256,9 @@ class GatewaySettings(BaseModel):
     def _known_store(cls, url: str) -> str:
         if url != "memory" and not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected 'memory' or a Redis URL (redis://, rediss://, unix://)")
+        password = queue_url_password(url)
+        if password is not None:
+            check_not_placeholder(password, "the URL's password")
         return url
 
     @field_validator("api_keys", "worker_tokens")
@@ -220,7 +295,7 @@ class GatewaySettings(BaseModel):
         if path is not None:
             try:
                 with open(path, encoding="utf-8") as f:
-                    f.read()
+                    check_not_placeholder(f.read().strip(), path)
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"cannot read {path}: {e}") from None
         return path
@@ -232,15 +307,30 @@ MIN_SECRET_LENGTH = 16
 PLACEHOLDER_PREFIXES = ("REPLACE-with", "change-me", "changeme")
 
 
+def check_not_placeholder(secret: str, where: str = "") -> None:
+    """Raises ValueError (never quoting the secret) for a placeholder value of the manifests
+    (``deploy/k8s``)."""
+    if secret.startswith(PLACEHOLDER_PREFIXES):
+        at = f" in {where}" if where else ""
+        raise ValueError(
+            f"a placeholder{at} (from the manifests in deploy/k8s?) is not a secret: "
+            "generate one, e.g. openssl rand -hex 24"
+        )
+
+
+def queue_url_password(url: str) -> str | None:
+    """The password a Redis URL carries (``redis://:PASSWORD@host``), or None."""
+    if url == "memory":
+        return None
+    password = urllib.parse.urlsplit(url).password
+    return urllib.parse.unquote(password) if password else None
+
+
 def check_secret(secret: str, where: str = "") -> None:
     """Raises ValueError (never quoting the secret) for a placeholder value or one shorter
     than :data:`MIN_SECRET_LENGTH` characters."""
     at = f" in {where}" if where else ""
-    if secret.startswith(PLACEHOLDER_PREFIXES):
-        raise ValueError(
-            f"a placeholder{at} (from deploy/k8s/base/secret.yaml?) is not a secret: "
-            "generate one, e.g. openssl rand -hex 24"
-        )
+    check_not_placeholder(secret, where)
     if len(secret) < MIN_SECRET_LENGTH:
         raise ValueError(
             f"a key or token{at} has {len(secret)} characters; at least {MIN_SECRET_LENGTH} "

@@ -14,6 +14,9 @@ from gateway.store import QueueStore
 from worker.protocol import (
     PREFIX,
     RESULTS_BINARY,
+    ErrorCode,
+    ItemError,
+    ItemResult,
     PullRequest,
     PullResponse,
     ReleaseRequest,
@@ -21,6 +24,7 @@ from worker.protocol import (
     ResultEncoding,
     ResultsRequest,
     ResultsResponse,
+    WorkItem,
     decode_results,
 )
 
@@ -59,13 +63,37 @@ async def pull(
         req.max_tokens,
         req.max_batch_items,
     )
-    return json_response(
-        PullResponse(items=items, result_encodings=RESULT_ENCODINGS), exclude_none=True
-    )
+    try:
+        body = PullResponse(items=items, result_encodings=RESULT_ENCODINGS).model_dump_json(
+            exclude_none=True
+        )
+    except ValueError:  # an item that is not JSON: the others go out, it is answered alone
+        body = await _item_by_item(store, req.worker_id, items)
+    return Response(body, media_type="application/json")
 
 
 #: The results bodies this gateway takes, told to workers in every pull answer.
 RESULT_ENCODINGS: list[ResultEncoding] = ["json", "binary"]
+
+
+async def _item_by_item(store: QueueStore, worker_id: str, items: list[WorkItem]) -> str:
+    """A pull answer serialised item by item: an item that cannot be (what the edge let
+    through and JSON cannot carry) is not handed out but answered at once with
+    ``invalid_input``, so that it never fails a pull nor comes back beside other inputs."""
+    parts, failed = [], []
+    for item in items:
+        try:
+            parts.append(item.model_dump_json(exclude_none=True))
+        except ValueError as e:
+            error = ItemError(
+                code=ErrorCode.INVALID_INPUT,
+                message=f"the input cannot be sent to a worker: {str(e)[:200]}",
+            )
+            failed.append(ItemResult(item_id=item.item_id, lease_id=item.lease_id, error=error))
+    if failed:
+        await store.complete(worker_id, failed)
+    encodings = ",".join(f'"{e}"' for e in RESULT_ENCODINGS)
+    return f'{{"items":[{",".join(parts)}],"result_encodings":[{encodings}]}}'
 
 
 @router.post(

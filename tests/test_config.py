@@ -343,7 +343,8 @@ def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkey
     ):
         model_adverts(cfg, _Facts("cross-encoder", num_labels=3))
     (advert,) = model_adverts(cfg, _Facts("cross-encoder"))
-    assert (advert.score_type, advert.rerank, advert.vocab_size) == ("cross-encoder", None, None)
+    # every model advertises its vocabulary (token-id inputs are checked against it)
+    assert (advert.score_type, advert.rerank, advert.vocab_size) == ("cross-encoder", None, 100)
     (lm,) = model_adverts(cfg, _Facts("causal-lm"))
     assert lm.rerank is not None and (lm.rerank.false_token_id, lm.rerank.true_token_id) == (1, 2)
 

@@ -51,6 +51,16 @@ def test_every_setting_from_the_environment(tmp_path):
         "GATEWAY_MAX_BATCH_LINES": "100",
         "GATEWAY_MAX_BATCHES_PER_KEY": "2",
         "GATEWAY_BATCH_INPUTS_IN_FLIGHT": "512",
+        "GATEWAY_MAX_QUEUED_BATCH_INPUTS": "3000",
+        "GATEWAY_ADVERT_TTL_SECONDS": "120",
+        "GATEWAY_WRITE_TIMEOUT_SECONDS": "7",
+        "GATEWAY_INTERNAL_PORT": "9001",
+        "GATEWAY_MAX_FILES_PER_KEY": "50",
+        "GATEWAY_MAX_FILE_BYTES_PER_KEY": "500000",
+        "GATEWAY_FILE_EXPIRY_SECONDS": "7200",
+        "GATEWAY_MAX_BATCH_RECORDS_PER_KEY": "20",
+        "GATEWAY_BATCH_RETENTION_SECONDS": "3600",
+        "GATEWAY_MAX_BATCH_LINE_BYTES": "65536",
         "LOG_LEVEL": "DEBUG",
     }
     s = parse([], env)
@@ -82,6 +92,16 @@ def test_every_setting_from_the_environment(tmp_path):
         max_batch_lines=100,
         max_batches_per_key=2,
         batch_inputs_in_flight=512,
+        max_queued_batch_inputs=3000,
+        advert_ttl_seconds=120,
+        write_timeout_seconds=7,
+        internal_port=9001,
+        max_files_per_key=50,
+        max_file_bytes_per_key=500_000,
+        file_expiry_seconds=7200,
+        max_batch_records_per_key=20,
+        batch_retention_seconds=3600,
+        max_batch_line_bytes=65536,
         log_level="DEBUG",
     )
     assert len(GatewaySettings.model_fields) == len(env)  # every field has its variable
@@ -107,7 +127,12 @@ def test_a_flag_wins_over_the_environment():
         (
             ["--worker-token", T1],
             {"GATEWAY_API_KEYS": "REPLACE-with-client-api-keys-comma-separated"},
-            "--api-key / $GATEWAY_API_KEYS: a placeholder (from deploy/k8s/base/secret.yaml?)",
+            "--api-key / $GATEWAY_API_KEYS: a placeholder (from the manifests in deploy/k8s?)",
+        ),
+        (
+            [*KEYS, "--queue-url", "redis://:REPLACE-with-a-random-redis-password@r:6379/0"],
+            {},
+            "--queue-url / $GATEWAY_QUEUE_URL: a placeholder in the URL's password",
         ),
         (
             ["--api-key", K1, "--worker-token", "short-token"],

@@ -526,7 +526,7 @@ def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
                 tasks=tasks,
                 max_model_len=engine.max_model_len,
                 description=entry.description,
-                vocab_size=engine.vocab_size if causal else None,
+                vocab_size=engine.vocab_size,
                 rerank=rerank,
                 score_type=score_type,
                 labels=engine.labels if "classify" in tasks else None,

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import base64
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 PREFIX = "/queue/v1"
 #: Token ids per ``return_logits`` (vLLM caps ``logprob_token_ids`` per request at this many).
 MAX_LOGIT_IDS = 128
+#: Characters of a model name (clients' ``model``, adverts' ``name``), of a worker id, an
+#: item id and a lease id at most: what the gateway keys by is bounded, whoever sends it.
+MAX_NAME_LENGTH = 256
+#: Characters of an item error's message kept (a longer one is cut).
+MAX_ERROR_MESSAGE = 4096
+#: Models one pull may advertise.
+MAX_MODELS_PER_PULL = 256
+
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 #: What a worker does with an item: ``embed`` (pooled embedding), ``score`` (a pair's score, or
 #: logits of chosen token ids at the last position) or ``classify`` (a sequence classifier's
@@ -69,8 +78,8 @@ class RerankSpec(_Wire):
     template (:mod:`worker.prompts` syntax; fields ``query``, ``document``, ``instruction``),
     rendered by the worker."""
 
-    template: str
-    instruction: str
+    template: str = Field(max_length=65_536)
+    instruction: str = Field(max_length=65_536)
     #: Token ids (from the model's tokenizer) whose logits are compared: [false, true].
     false_token_id: int
     true_token_id: int
@@ -79,33 +88,36 @@ class RerankSpec(_Wire):
 class ModelAdvert(_Wire):
     """One model a worker serves, as clients name it (``queue.models."<name>"``)."""
 
-    name: str
-    checkpoint_name: str
+    name: Name
+    checkpoint_name: Name
     version: int = 1
-    tags: list[str] = Field(default_factory=list)
-    tasks: list[Task]
+    tags: list[Name] = Field(default_factory=list, max_length=64)
+    tasks: list[Task] = Field(max_length=3)
     #: Longest prompt in tokens the engine accepts (vLLM ``max_model_len``).
-    max_model_len: int | None = None
-    description: str = ""
-    #: Scoring workers: vocabulary size of the logits, so the gateway can reject bad ids early.
-    vocab_size: int | None = None
+    max_model_len: int | None = Field(default=None, ge=1)
+    description: str = Field(default="", max_length=4096)
+    #: The model's vocabulary size, so the gateway can refuse token ids (inputs,
+    #: ``return_logits``) outside it before they are queued.
+    vocab_size: int | None = Field(default=None, ge=1)
     #: Scoring workers (causal-lm): the rerank prompt and the yes/no token ids.
     rerank: RerankSpec | None = None
     #: Workers that serve ``score``: how the model scores a pair (:data:`ScoreType`).
     score_type: ScoreType | None = None
     #: Workers that serve ``classify``: the class labels in index order (the model's
     #: ``id2label``).
-    labels: list[str] | None = None
+    labels: list[Annotated[str, Field(max_length=MAX_NAME_LENGTH)]] | None = Field(
+        default=None, max_length=16_384
+    )
     #: Workers that serve ``embed``: the calibration range [low, high] of ``int8`` / ``uint8``
     #: embeddings (each component's range; values outside it are clipped).
-    quantization_range: list[float] | None = None
+    quantization_range: list[float] | None = Field(default=None, min_length=2, max_length=2)
 
 
 class PullRequest(_Wire):
     """``POST /queue/v1/pull``: lease up to ``max_items`` items, waiting up to ``wait_seconds``."""
 
-    worker_id: str
-    models: list[ModelAdvert] = Field(min_length=1)
+    worker_id: Name
+    models: list[ModelAdvert] = Field(min_length=1, max_length=MAX_MODELS_PER_PULL)
     max_items: int = Field(ge=1, le=4096)
     #: Free token capacity: the queue stops adding items once their estimated prompt tokens
     #: (``WorkItem.est_tokens``) exceed it; at least one item is always returned.
@@ -219,15 +231,22 @@ class ItemError(_Wire):
     message: str
     retryable: bool = False
 
+    @field_validator("message")
+    @classmethod
+    def _cut(cls, message: str) -> str:
+        return message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE] + "..."
+
 
 class ItemResult(_Wire):
     """The outcome of one item: a vector and its prompt-token count, or an error."""
 
-    item_id: str
-    lease_id: str
+    item_id: Name
+    lease_id: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
     #: base64 of little-endian float32 [dim]; set when ``error`` is None.
     vector_b64: str | None = None
-    prompt_tokens: int = 0
+    #: Tokens of the input's prompt, as the engine counted them (the gateway refuses more
+    #: than the model's context length as a bad result).
+    prompt_tokens: int = Field(default=0, ge=0)
     error: ItemError | None = None
 
     #: The vector itself (float32), kept by :meth:`ok` for the binary body.
@@ -259,7 +278,7 @@ class ItemResult(_Wire):
 class ResultsRequest(_Wire):
     """``POST /queue/v1/results``: idempotent; a result for an item already answered is ignored."""
 
-    worker_id: str
+    worker_id: Name
     results: list[ItemResult]
 
 
@@ -276,8 +295,10 @@ class ReleaseRequest(_Wire):
     """``POST /queue/v1/release``: hand leased items back at once (drain), instead of waiting
     for their leases to expire."""
 
-    worker_id: str
-    leases: list[tuple[str, str]] = Field(description="(item_id, lease_id) pairs")
+    worker_id: Name
+    leases: list[tuple[Name, Annotated[str, Field(max_length=MAX_NAME_LENGTH)]]] = Field(
+        description="(item_id, lease_id) pairs"
+    )
     #: False (a drain): the delivery does not count as an attempt. True: the items failed with
     #: their worker (its engine died), so the delivery counts; an input that kills every
     #: engine it reaches is dead-lettered after ``max_attempts`` instead of cycling.
@@ -314,15 +335,15 @@ class BinaryResult(_Wire):
     """One result in a binary body's header: :class:`ItemResult` with ``values`` (the length
     of its vector in the body) in place of ``vector_b64``."""
 
-    item_id: str
-    lease_id: str
+    item_id: Name
+    lease_id: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
     values: int = Field(default=0, ge=0)
-    prompt_tokens: int = 0
+    prompt_tokens: int = Field(default=0, ge=0)
     error: ItemError | None = None
 
 
 class BinaryResultsHeader(_Wire):
-    worker_id: str
+    worker_id: Name
     results: list[BinaryResult]
 
 
