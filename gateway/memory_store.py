@@ -11,6 +11,7 @@ for replicas and restarts use :class:`gateway.redis_store.RedisStore`.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from gateway import metrics
 from gateway.store import (
+    BatchIndex,
     Completion,
     QueueFull,
     QueueStore,
@@ -26,6 +28,7 @@ from gateway.store import (
     check_result,
     count_advert,
     dead_letter,
+    prompt_token_limit,
 )
 from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
@@ -65,6 +68,12 @@ class _WorkerSeen:
     pulls_open: int = 0
 
 
+@dataclass
+class _Batch:
+    record: str
+    index: BatchIndex
+
+
 class MemoryStore(QueueStore):
     """:class:`~gateway.store.QueueStore` in this process. Every method runs on the event loop
     thread and never blocks; ``clock`` (seconds) drives leases and worker liveness (tests
@@ -77,6 +86,8 @@ class MemoryStore(QueueStore):
         max_attempts: int = 3,
         worker_ttl_seconds: float = 30.0,
         max_queued: int = 100_000,
+        max_queued_batch: int | None = None,
+        advert_ttl_seconds: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         super().__init__(
@@ -84,10 +95,11 @@ class MemoryStore(QueueStore):
             max_attempts=max_attempts,
             worker_ttl_seconds=worker_ttl_seconds,
             max_queued=max_queued,
+            max_queued_batch=max_queued_batch,
+            advert_ttl_seconds=advert_ttl_seconds,
         )
         self._clock = clock
-        #: Waiting inputs per (model, task), in order; O(1) removal from anywhere.
-        self._batches: dict[str, str] = {}
+        self._batches: dict[str, _Batch] = {}
         self._batch_runners: dict[str, tuple[str, float]] = {}  # id -> (runner, until)
         self._batch_cancels: dict[str, int] = {}
         #: (model, task, priority) -> the inputs waiting, in line order.
@@ -96,14 +108,19 @@ class MemoryStore(QueueStore):
         self._leased: dict[str, Item] = {}
         self._waiters: set[asyncio.Future[None]] = set()
         self._workers: dict[str, _WorkerSeen] = {}
-        self._adverts: dict[str, ModelAdvert] = {}  # latest advert per model name
+        #: The latest advert per model name, and when a worker last pulled for it.
+        self._adverts: dict[str, tuple[ModelAdvert, float]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         async def reap_forever() -> None:
+            rounds = 0
             while True:
                 await asyncio.sleep(min(0.5, self.lease_seconds / 4))
                 await self.reap()
+                rounds += 1
+                if rounds % 10 == 0:
+                    self._forget()
 
         self._reaper = asyncio.create_task(reap_forever(), name="memory-store-reaper")
 
@@ -114,13 +131,13 @@ class MemoryStore(QueueStore):
 
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:
-        model, task = specs[0].model, specs[0].task
-        unanswered = self._unanswered(model)
-        if unanswered + len(specs) > self.max_queued:
-            raise QueueFull(model, unanswered, self.max_queued)
+        model, task, priority = specs[0].model, specs[0].task, specs[0].priority or 0
+        unanswered, limit = self._unanswered(model, priority), self.queue_limit(priority)
+        if unanswered + len(specs) > limit:
+            raise QueueFull(model, unanswered, limit)
         loop = asyncio.get_running_loop()
         now = self._clock()
-        queue = self._pending.setdefault((model, task, specs[0].priority or 0), OrderedDict())
+        queue = self._pending.setdefault((model, task, priority), OrderedDict())
         items = []
         for spec in specs:
             item = Item(
@@ -136,10 +153,14 @@ class MemoryStore(QueueStore):
         self._wake()
         return Request(model, task, [i.item_id for i in items], [i.future for i in items])
 
-    def _unanswered(self, model: str) -> int:
-        """The model's inputs waiting or leased (what ``max_queued`` bounds)."""
-        waiting = sum(len(q) for (m, _, _), q in self._pending.items() if m == model)
-        return waiting + sum(1 for item in self._leased.values() if item.model == model)
+    def _unanswered(self, model: str, priority: int) -> int:
+        """The model's inputs of ``priority`` waiting or leased (what :meth:`queue_limit`
+        bounds)."""
+        waiting = sum(
+            len(q) for (m, _, p), q in self._pending.items() if (m, p) == (model, priority)
+        )
+        leased = self._leased.values()
+        return waiting + sum(1 for i in leased if i.model == model and i.queue[2] == priority)
 
     async def cancel(self, request: Request) -> None:
         for item_id in request.item_ids:
@@ -176,7 +197,7 @@ class MemoryStore(QueueStore):
         seen.adverts = adverts
         seen.last_seen = self._clock()
         for adv in adverts:
-            self._adverts[adv.name] = adv
+            self._adverts[adv.name] = (adv, seen.last_seen)
         keys = [(a.name, t) for a in adverts for t in a.tasks]
         deadline = time.monotonic() + wait_seconds  # long polling runs in real time
         seen.pulls_open += 1
@@ -239,7 +260,7 @@ class MemoryStore(QueueStore):
 
     def _lease(self, item: Item, worker_id: str, now: float) -> WorkItem:
         item.attempt += 1
-        item.lease_id = uuid.uuid4().hex[:16]
+        item.lease_id = secrets.token_hex(16)  # unguessable: only its holder can answer
         item.lease_deadline = now + self.lease_seconds
         item.worker_id = worker_id
         self._leased[item.item_id] = item
@@ -260,16 +281,20 @@ class MemoryStore(QueueStore):
         done = Completion()
         for res in results:
             item = self._items.get(res.item_id)
-            if item is None or item.future.done():
+            if (
+                item is None
+                or item.future.done()
+                or item.lease_id != res.lease_id  # not (or no longer) its lease
+                or item.worker_id != worker_id
+            ):
                 done.ignored += 1
                 continue
-            checked = check_result(res, item.spec)
+            advert = self._adverts.get(item.model, (None, 0.0))[0]
+            checked = check_result(res, item.spec, prompt_token_limit(item.spec, advert))
             if checked is not res:
                 done.rejected += 1
+                metrics.RESULTS_REJECTED.labels(item.model).inc()
             if checked.error is not None and checked.error.retryable:
-                if item.lease_id != res.lease_id:
-                    done.ignored += 1  # a stale lease: the input is with another worker
-                    continue
                 # Another worker may succeed; after the last attempt: the dead letter.
                 self._requeue(item, last_error=checked.error.message)
                 done.accepted += checked is res
@@ -298,6 +323,23 @@ class MemoryStore(QueueStore):
         for item in reversed(expired):  # each to the front: their order kept
             metrics.LEASES_EXPIRED.labels(item.model).inc()
             self._requeue(item)
+
+    def _forget(self) -> None:
+        """Drop what no live worker stands for (the reaper, every few seconds): workers silent
+        past the worker TTL, adverts past the advert TTL, and lines with nothing in them."""
+        now = self._clock()
+        for worker_id, w in list(self._workers.items()):
+            if w.pulls_open == 0 and now - w.last_seen > self.worker_ttl:
+                del self._workers[worker_id]
+            elif w.pulls_open:  # a long poll is a worker seen now
+                for adv in w.adverts:
+                    self._adverts[adv.name] = (adv, now)
+        for model, (_, seen) in list(self._adverts.items()):
+            if now - seen > self.advert_ttl:
+                del self._adverts[model]
+        for line, queue in list(self._pending.items()):
+            if not queue:
+                del self._pending[line]
 
     def _requeue(self, item: Item, last_error: str | None = None) -> None:
         """Back to the front of its queue for another attempt, or, out of attempts, the
@@ -328,14 +370,50 @@ class MemoryStore(QueueStore):
         self._waiters.clear()
 
     # --- batch jobs ---------------------------------------------------------------------
-    async def save_batch(self, batch_id: str, record: str) -> None:
-        self._batches[batch_id] = record
+    async def save_batch(self, batch_id: str, record: str, index: BatchIndex) -> None:
+        self._batches[batch_id] = _Batch(record, index)
 
     async def load_batch(self, batch_id: str) -> str | None:
-        return self._batches.get(batch_id)
+        batch = self._batches.get(batch_id)
+        return batch.record if batch is not None else None
 
-    async def batch_ids(self) -> list[str]:
-        return list(self._batches)
+    async def running_batches(self, owner: str | None = None) -> list[str]:
+        return [
+            batch_id
+            for batch_id, b in self._batches.items()
+            if b.index.ended_at is None and owner in (None, b.index.owner)
+        ]
+
+    def _owned(self, owner: str) -> list[str]:
+        """``owner``'s batch ids, newest first."""
+        mine = [(b.index.created_at, i) for i, b in self._batches.items() if b.index.owner == owner]
+        return [i for _, i in sorted(mine, reverse=True)]
+
+    async def owner_batches(
+        self, owner: str, after: str | None, limit: int
+    ) -> tuple[list[str], bool]:
+        ids = self._owned(owner)
+        if after is not None:
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
+        return [self._batches[i].record for i in ids[:limit]], len(ids) > limit
+
+    async def trim_batches(self, owner: str, keep: int) -> list[str]:
+        ids = self._owned(owner)
+        ended = [i for i in reversed(ids) if self._batches[i].index.ended_at is not None]
+        return [self._drop_batch(i) for i in ended[: max(0, len(ids) - keep)]]
+
+    async def expire_batches(self, ended_before: float) -> list[str]:
+        old = [
+            (b.index.ended_at, i)
+            for i, b in self._batches.items()
+            if b.index.ended_at is not None and b.index.ended_at < ended_before
+        ]
+        return [self._drop_batch(i) for _, i in sorted(old)[:100]]
+
+    def _drop_batch(self, batch_id: str) -> str:
+        self._batch_runners.pop(batch_id, None)
+        self._batch_cancels.pop(batch_id, None)
+        return self._batches.pop(batch_id).record
 
     async def claim_batch(self, batch_id: str, runner: str, seconds: float) -> bool:
         holder, until = self._batch_runners.get(batch_id, (runner, 0.0))
@@ -375,4 +453,5 @@ class MemoryStore(QueueStore):
         return out
 
     async def advert(self, model: str) -> ModelAdvert | None:
-        return self._adverts.get(model)
+        known = self._adverts.get(model)  # past the advert TTL: dropped by _forget()
+        return known[0] if known is not None else None

@@ -37,10 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import re
+import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -54,6 +59,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import metrics
 from gateway.store import (
+    BatchIndex,
     Completion,
     QueueFull,
     QueueStore,
@@ -61,8 +67,17 @@ from gateway.store import (
     StoreUnavailable,
     check_result,
     count_advert,
+    prompt_token_limit,
 )
-from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
+from worker.protocol import (
+    BATCH_PRIORITY,
+    ErrorCode,
+    ItemError,
+    ItemResult,
+    ItemSpec,
+    ModelAdvert,
+    WorkItem,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +85,16 @@ V = TypeVar("V")
 
 PREFIX = "iw:"
 GROUP = "workers"
-RELEASED = "~released"
+#: The random key lease ids are signed with (one per Redis, made by the first replica).
+LEASE_KEY = f"{PREFIX}lease-key"
+#: Batch records (a hash by batch id) and, under ``<BATCHES>:...``, their indexes.
+BATCHES = f"{PREFIX}batches"
+#: An item id: ``<entry id>/<input>@<stream key>`` of a line (``s``, ``f``, ``b``, ``c``).
+_ITEM_ID = re.compile(rf"\d+-\d+/\d+@{re.escape(PREFIX)}[sfbc]:(?:embed|score|classify):[^\n]+\Z")
+#: Models whose adverts one replica caches (a name a client made up is one of them).
+ADVERTS_CACHED = 1024
+#: Seconds between two passes over the streams for those of models no worker serves.
+FORGET_SECONDS = 60.0
 #: Seconds an answer that arrived before its request's futures is kept for them.
 EARLY_RESULT_SECONDS = 60.0
 #: Seconds between two heartbeats of a replica.
@@ -108,9 +132,13 @@ local function entry(key, id)
   local e = redis.call('XRANGE', key, id, id)[1]
   if e then return tbl(e[2]) end
 end
--- an entry's inputs no longer in it: k -> '' answered, or '<entry>/<j>@<stream>' moved there
--- (field 'm' present once one moved); kept for a while after the entry went, for late posts
+-- an entry's inputs no longer in it (answered, or moved to another entry): k -> ''
 local function done_key(key, id) return P .. 'd:' .. id .. '@' .. key end
+-- the unanswered-inputs counts of a stream's line (per model): interactive or batch
+local function count_key(key)
+  local kind = string.sub(key, #P + 1, #P + 1)
+  return P .. ((kind == 'b' or kind == 'c') and 'nb' or 'n')
+end
 -- an entry's per-input lists (split once per entry and script run): tokens (numbers),
 -- request indices and specs (strings)
 local function split(list, sep, as_number)
@@ -135,35 +163,23 @@ local function left(key, id, f)
   for k = 1, n do if not gone[k] then ks[#ks + 1] = k end end
   return ks
 end
--- where input k of an entry is now (its moves followed), and whether it was answered
-local function locate(key, id, k)
-  for _ = 1, 16 do
-    local v = redis.call('HGET', done_key(key, id), k)
-    if not v then return key, id, k, false end
-    if v == '' then break end
-    local id2, k2, key2 = string.match(v, '^([^/@]+)/(%d+)@(.+)$')
-    key, id, k = key2, id2, tonumber(k2)
-  end
-  return key, id, k, true
-end
 local function finish(key, id)
   redis.call('XACK', key, G, id); redis.call('XDEL', key, id)
-  local dk = done_key(key, id)
-  if redis.call('HEXISTS', dk, 'm') == 1 then redis.call('EXPIRE', dk, 3600)
-  else redis.call('DEL', dk) end
+  redis.call('DEL', done_key(key, id))
 end
--- inputs ks leave the entry: answered (no longer counted as unanswered; `to` nil) or moved
--- (to[j]: where ks[j] went); the entry leaves the stream with its last input
-local function mark(key, id, f, ks, to, counted)
+-- inputs ks leave the entry: answered (no longer counted as unanswered, unless `counted`) or
+-- moved (`moved`: they are counted in their new entry); the entry leaves the stream with its
+-- last input
+local function mark(key, id, f, ks, moved, counted)
   if #ks == 0 then return end
-  if to == nil and not counted then redis.call('HINCRBY', P .. 'n', model_of(key), -#ks) end
+  if not moved and not counted then
+    redis.call('HINCRBY', count_key(key), model_of(key), -#ks)
+  end
   local dk = done_key(key, id)
   local gone = redis.call('HLEN', dk)
-  if gone > 0 and redis.call('HEXISTS', dk, 'm') == 1 then gone = gone - 1 end
   if gone == 0 and #ks >= tonumber(f.n) then finish(key, id) return end
   local args = {}
-  for j, k in ipairs(ks) do args[#args + 1] = k; args[#args + 1] = to and to[j] or '' end
-  if to then args[#args + 1] = 'm'; args[#args + 1] = '1' end
+  for _, k in ipairs(ks) do args[#args + 1] = k; args[#args + 1] = '' end
   redis.call('HSET', dk, unpack(args))
   if gone + #ks >= tonumber(f.n) then finish(key, id) end
 end
@@ -175,7 +191,7 @@ local function dead_letter(key, id, f, ks, attempts, last_error)
       error = {code = 'max_attempts_exceeded', message = msg .. '; giving up', retryable = false}})
     redis.call('XADD', P .. 'reply:' .. f.r, '*', 'i', client_id(f, k), 'r', result)
   end
-  mark(key, id, f, ks, nil)
+  mark(key, id, f, ks, false)
 end
 -- inputs ks of an entry go to the front of the line as an entry of their own (the model's
 -- front stream, read before its main stream), keeping their attempt count
@@ -187,16 +203,15 @@ local function move(key, id, f, ks, attempts)
     tk[j], xk[j], sk[j] = ts[k], xs[k], ss[k]
   end
   local front = front_of(key)
-  local id2 = redis.call('XADD', front, '*', 'r', f.r, 'q', f.q, 'a', attempts, 'n', #ks,
-                         't', tokens, 'k', table.concat(tk, ','), 'x', table.concat(xk, ','),
-                         's', table.concat(sk, '\\n'))
-  local to = {}
-  for j = 1, #ks do to[j] = id2 .. '/' .. j .. '@' .. front end
-  mark(key, id, f, ks, to)
+  redis.call('XADD', front, '*', 'r', f.r, 'q', f.q, 'a', attempts, 'n', #ks, 't', tokens,
+             'k', table.concat(tk, ','), 'x', table.concat(xk, ','),
+             's', table.concat(sk, '\\n'))
+  redis.call('SADD', P .. 'active', front)
+  mark(key, id, f, ks, true)
 end
 local function drop(key, id, f)  -- out of the stream unanswered; returns the inputs dropped
   local ks = left(key, id, f)
-  redis.call('HINCRBY', P .. 'n', model_of(key), -#ks)
+  redis.call('HINCRBY', count_key(key), model_of(key), -#ks)
   finish(key, id)
   return #ks
 end
@@ -215,10 +230,12 @@ local limit, replica, model = tonumber(ARGV[3]), ARGV[4], ARGV[5]
 for i = 1, 2 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
+    redis.call('SADD', KEYS[3], KEYS[i])
   end
-  redis.call('SADD', KEYS[3], KEYS[i])
 end
-local unanswered = tonumber(redis.call('HGET', P .. 'n', model) or '0')
+redis.call('SADD', P .. 'active', KEYS[1])  -- reaped and counted while it has entries
+local counts = count_key(KEYS[1])
+local unanswered = tonumber(redis.call('HGET', counts, model) or '0')
 local added, out, at = 0, {}, 6
 while at <= #ARGV do
   local q, n, e = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
@@ -237,7 +254,7 @@ while at <= #ARGV do
     out[#out + 1] = {0, ids}
   end
 end
-if added > 0 then redis.call('HINCRBY', P .. 'n', model, added) end
+if added > 0 then redis.call('HINCRBY', counts, model, added) end
 return out
 """
 )
@@ -246,8 +263,9 @@ return out
 #: same two of its batch line. ARGV: prefix, group, worker, lease_ms, max_items, token budget
 #: (-1: none; the first input passes whatever its size), max_attempts, batch inputs at most
 #: (-1: no limit), then the worker's registration (none: ''): its adverts as JSON, their TTL
-#: in ms, then (model, advert JSON) pairs. Per line, interactive first: expired and
-#: released leases first (oldest first, front stream first), then new entries.
+#: in ms, the models' advert TTL in ms, then (model, advert JSON) pairs. Per line,
+#: interactive first: expired and released leases first (oldest first, front stream first),
+#: then new entries.
 #: What does not fit of an entry is split off to the front. Returns {rows..., dead, expired,
 #: dropped}: a row per entry taken (whole or in part), see ``take``.
 _PULL = (
@@ -257,12 +275,14 @@ local worker, lease_ms, max_items = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]
 local budget, max_att, batch_room = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 if ARGV[9] ~= '' then
   redis.call('SET', P .. 'worker:' .. worker, ARGV[9], 'PX', ARGV[10])
-  for i = 11, #ARGV, 2 do redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1]) end
+  for i = 12, #ARGV, 2 do
+    redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1], 'PX', ARGV[11])
+  end
 end
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', key, G, '0', 'MKSTREAM')
-    redis.call('SADD', P .. 'streams', key)  -- reaped and counted from now on
+    redis.call('SADD', P .. 'streams', key)  -- dropped once no worker advertises its model
   end
 end
 local out, dead, expired, dropped, tokens, taken = {}, 0, 0, 0, 0, 0
@@ -377,10 +397,12 @@ return out
 )
 
 #: ARGV: prefix, group, worker, max_attempts, lease_ms, this replica, then per result: item
-#: id, kind (ok | final | retry) and lease attempt as one (``ok2``; the attempt is read for a
-#: retry only), then the result JSON to send to another replica's client ('' for a client
-#: the caller holds) or, for a retry, the error message (three arguments a result: fewer to
-#: encode). An input moved to another entry is followed there. Returns a status per result:
+#: id, kind (ok | final | retry) and lease attempt as one (``ok2``: the caller checked the
+#: lease id), then the result JSON to send to another replica's client ('' for a client the
+#: caller holds) or, for a retry, the error message (three arguments a result: fewer to
+#: encode). A result counts only from the current lease: the entry is held by ``worker`` at
+#: that attempt and the input is still in it (not answered, not moved). Returns a status per
+#: result:
 #: 'a' accepted (answer in its replica's reply stream, or requeued), 'l' accepted, the caller
 #: holds the client (answer it there), 'l<client id>' accepted, the client is this replica's
 #: (answer it here: no reply stream), 'd' dead letter, 'i' ignored.
@@ -404,7 +426,7 @@ local function open(key, id)
   end
   return entries[at]
 end
--- who holds the entry's lease and its attempt (nil: nobody); read once, at its first retry
+-- who holds the entry's lease and its attempt (nil: nobody); read once, at its first result
 -- (nothing before that in this call changes the entry's pending-entries list)
 local function lease(e)
   if e.leased == nil then
@@ -419,19 +441,17 @@ end
 for i = 7, #ARGV, 3 do
   local item, payload = ARGV[i], ARGV[i + 2]  -- payload: result JSON, or a retry's message
   local retry = string.byte(ARGV[i + 1]) == 114  -- 'r': retry
+  local attempt = tonumber(string.match(ARGV[i + 1], '%d+$'))
   local id, k, key = string.match(item, '^([^/@]+)/(%d+)@(.+)$')
-  local status, e, answered = 'i', nil, true
+  local status, e = 'i', nil
   if id then
     k = tonumber(k)
     e = open(key, id)
-    if not (e and e.open[k]) then  -- answered, or moved to another entry: followed there
-      key, id, k, answered = locate(key, id, k)
-      e = not answered and open(key, id) or nil
-    end
   end
-  if e and e.open[k] then
+  -- only from the current lease: its holder, its attempt, the input still in its entry
+  if e and e.open[k] and lease(e) == worker and e.attempt == attempt then
+    e.open[k] = nil
     if not retry then
-      e.open[k] = nil
       e.answered[#e.answered + 1] = k
       if payload == '' then  -- the caller holds the client and knows its id
         status = 'l'
@@ -441,30 +461,28 @@ for i = 7, #ARGV, 3 do
         redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', payload)
         status = 'a'
       end
-    elseif item == id .. '/' .. k .. '@' .. key and lease(e) == worker
-        and e.attempt == tonumber(string.sub(ARGV[i + 1], 6)) then
-      local lease_a = e.attempt
-      e.open[k] = nil
-      if lease_a >= max_att then
-        dead_letter(key, id, e.f, {k}, lease_a, payload); status = 'd'
-      elseif next(e.open) == nil then  -- its last open input: the entry itself goes back
-        redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
-        status = 'a'
-      else
-        move(key, id, e.f, {k}, lease_a); status = 'a'
-      end
+    elseif attempt >= max_att then
+      dead_letter(key, id, e.f, {k}, attempt, payload); status = 'd'
+    elseif next(e.open) == nil then  -- its last open input: the entry itself goes back
+      redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
+      status = 'a'
+    else
+      move(key, id, e.f, {k}, attempt); status = 'a'
     end
   end
   out[#out + 1] = status
 end
-local answered = {}  -- per model: one HINCRBY for the call
+local answered = {}  -- [counts key][model]: one HINCRBY each for the call
 for _, e in ipairs(order) do
-  mark(e.key, e.id, e.f, e.answered, nil, true)
-  local model = model_of(e.key)
-  answered[model] = (answered[model] or 0) + #e.answered
+  mark(e.key, e.id, e.f, e.answered, false, true)
+  local counts, model = count_key(e.key), model_of(e.key)
+  answered[counts] = answered[counts] or {}
+  answered[counts][model] = (answered[counts][model] or 0) + #e.answered
 end
-for model, n in pairs(answered) do
-  if n > 0 then redis.call('HINCRBY', P .. 'n', model, -n) end
+for counts, models in pairs(answered) do
+  for model, n in pairs(models) do
+    if n > 0 then redis.call('HINCRBY', counts, model, -n) end
+  end
 end
 return out
 """
@@ -550,42 +568,52 @@ end
 """
 )
 
-#: KEYS: stream. ARGV: prefix, group, lease_ms, max_attempts. Returns {expired, dead} inputs.
+#: ARGV: prefix, group, lease_ms, max_attempts. Over the streams with entries (``iw:active``):
+#: expired leases go back to the front of their line (dead-lettered out of attempts); a
+#: stream found empty leaves the set. Returns {stream, expired, dead, ...} for the streams
+#: where either is not 0.
 _REAP = (
     _LUA_HELPERS
     + """
-local key, lease_ms, max_att = KEYS[1], tonumber(ARGV[3]), tonumber(ARGV[4])
-local expired, dead = 0, 0
-local ok, pend = pcall(redis.call, 'XPENDING', key, G, 'IDLE', lease_ms, '-', '+', 1000)
-if not ok then return {0, 0} end
-for _, p in ipairs(pend) do
-  local id, owner, deliveries = p[1], p[2], tonumber(p[4])
-  if owner ~= '~released' then
-    local f = entry(key, id)
-    if f == nil then
-      redis.call('XACK', key, G, id)
-    else
-      local attempts, ks = tonumber(f.a) + deliveries, left(key, id, f)
-      if attempts >= max_att then
-        dead_letter(key, id, f, ks, attempts, ''); dead = dead + #ks
+local lease_ms, max_att = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out = {}
+for _, key in ipairs(redis.call('SMEMBERS', P .. 'active')) do
+  local expired, dead = 0, 0
+  local ok, pend = pcall(redis.call, 'XPENDING', key, G, 'IDLE', lease_ms, '-', '+', 1000)
+  for _, p in ipairs(ok and pend or {}) do
+    local id, owner, deliveries = p[1], p[2], tonumber(p[4])
+    if owner ~= '~released' then
+      local f = entry(key, id)
+      if f == nil then
+        redis.call('XACK', key, G, id)
       else
-        redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
-        expired = expired + #ks
+        local attempts, ks = tonumber(f.a) + deliveries, left(key, id, f)
+        if attempts >= max_att then
+          dead_letter(key, id, f, ks, attempts, ''); dead = dead + #ks
+        else
+          redis.call('XCLAIM', key, G, '~released', 0, id, 'IDLE', lease_ms, 'JUSTID')
+          expired = expired + #ks
+        end
       end
     end
   end
+  if expired + dead > 0 then
+    out[#out + 1] = key; out[#out + 1] = expired; out[#out + 1] = dead
+  end
+  if redis.call('XLEN', key) == 0 then redis.call('SREM', P .. 'active', key) end
 end
-return {expired, dead}
+return out
 """
 )
 
-#: KEYS: streams set. Returns {model, unanswered, leased, ...}: leased = the inputs left in
-#: entries a worker holds (the pending-entries lists, page by page).
+#: ARGV: prefix, group. Returns {model, unanswered, leased, ...}: unanswered from the counts
+#: of both lines (interactive and batch), leased = the inputs left in entries a worker holds
+#: (the pending-entries lists of the streams with entries, page by page).
 _COUNTS = (
     _LUA_HELPERS
     + """
 local leased = {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, key in ipairs(redis.call('SMEMBERS', P .. 'active')) do
   local model, start = model_of(key), '-'
   while true do
     local ok, pend = pcall(redis.call, 'XPENDING', key, G, start, '+', 1000)
@@ -599,13 +627,60 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     start = '(' .. pend[#pend][1]
   end
 end
-local out, counts = {}, redis.call('HGETALL', P .. 'n')
-for i = 1, #counts, 2 do
-  out[#out + 1] = counts[i]; out[#out + 1] = counts[i + 1]; out[#out + 1] = leased[counts[i]] or 0
+local unanswered, order = {}, {}
+for _, counts in ipairs({P .. 'n', P .. 'nb'}) do
+  local flat = redis.call('HGETALL', counts)
+  for i = 1, #flat, 2 do
+    if unanswered[flat[i]] == nil then order[#order + 1] = flat[i] end
+    unanswered[flat[i]] = (unanswered[flat[i]] or 0) + tonumber(flat[i + 1])
+  end
+end
+local out = {}
+for _, model in ipairs(order) do
+  out[#out + 1] = model; out[#out + 1] = unanswered[model]; out[#out + 1] = leased[model] or 0
 end
 return out
 """
 )
+
+#: ARGV: prefix, group, SSCAN cursor. Over a page of the stream keys: a stream with no entries
+#: whose model no worker advertises any longer (its advert key expired) is deleted, with the
+#: model's zero counts. Returns {next cursor, streams deleted}.
+_FORGET = (
+    _LUA_HELPERS
+    + """
+local page = redis.call('SSCAN', P .. 'streams', ARGV[3], 'COUNT', 500)
+local deleted = 0
+for _, key in ipairs(page[2]) do
+  local model = model_of(key)
+  if redis.call('EXISTS', P .. 'advert:' .. model) == 0 and redis.call('XLEN', key) == 0 then
+    redis.call('DEL', key)
+    redis.call('SREM', P .. 'streams', key)
+    redis.call('SREM', P .. 'active', key)
+    local counts = count_key(key)
+    if tonumber(redis.call('HGET', counts, model) or '1') <= 0 then
+      redis.call('HDEL', counts, model)
+    end
+    deleted = deleted + 1
+  end
+end
+return {page[1], deleted}
+"""
+)
+
+#: KEYS: the batch records (hash), the owner's index (zset by created_at), the running
+#: batches (set), the owner's running batches (set), the ended ones (zset by ended_at).
+#: ARGV: batch id, record, created_at, ended_at ('' while it runs).
+_SAVE_BATCH = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if ARGV[4] == '' then
+  redis.call('SADD', KEYS[3], ARGV[1]); redis.call('SADD', KEYS[4], ARGV[1])
+else
+  redis.call('SREM', KEYS[3], ARGV[1]); redis.call('SREM', KEYS[4], ARGV[1])
+  redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+end
+"""
 
 
 def _keep(cache: dict[str, tuple[float, V]], key: str, value: V) -> None:
@@ -692,6 +767,23 @@ def _inputs(
 
 
 @dataclass(eq=False)
+class _Submission:
+    """A request waiting to be sent: its id, specs, stream entries (:func:`_entries`) and the
+    caller's waiter."""
+
+    request_id: str
+    specs: list[ItemSpec]
+    entries: list[list[Any]]
+    waiter: asyncio.Future[Request]
+
+
+def _fail(batch: list[_Submission], error: Exception) -> None:
+    for sub in batch:
+        if not sub.waiter.done():
+            sub.waiter.set_exception(error)
+
+
+@dataclass(eq=False)
 class _StreamRequest(Request):
     """A request in the Redis store: also its entries (``<entry id>@<main stream>``)."""
 
@@ -713,12 +805,16 @@ class RedisStore(QueueStore):
         max_attempts: int = 3,
         worker_ttl_seconds: float = 30.0,
         max_queued: int = 100_000,
+        max_queued_batch: int | None = None,
+        advert_ttl_seconds: float = 3600.0,
     ):
         super().__init__(
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
             worker_ttl_seconds=worker_ttl_seconds,
             max_queued=max_queued,
+            max_queued_batch=max_queued_batch,
+            advert_ttl_seconds=advert_ttl_seconds,
         )
         kwargs: dict[str, Any] = {
             "socket_timeout": 10,
@@ -744,19 +840,25 @@ class RedisStore(QueueStore):
         #: Specs of the items this replica handed out (item id -> (monotonic s, the item)):
         #: a worker usually posts to the replica it pulled from, which then checks the results
         #: without reading the specs back from Redis.
-        self._handed: dict[str, tuple[float, tuple[ItemSpec, str]]] = {}
+        self._handed: dict[str, tuple[float, tuple[WorkItem, str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        #: Requests waiting to be sent, per line (stream key): (request id, specs, waiter).
-        self._submits: dict[str, list[tuple[str, list[ItemSpec], asyncio.Future[Request]]]] = {}
+        #: Requests waiting to be sent, per line (stream key), their entries encoded.
+        self._submits: dict[str, list[_Submission]] = {}
         self._submitting: set[str] = set()  # lines with a SUBMIT call in flight
         self._submit_tasks: set[asyncio.Task[None]] = set()
-        self._adverts: dict[str, tuple[float, ModelAdvert | None]] = {}  # model -> (at, advert)
+        #: model -> (monotonic s, advert or None), at most :data:`ADVERTS_CACHED` models.
+        self._adverts: OrderedDict[str, tuple[float, ModelAdvert | None]] = OrderedDict()
+        #: The key lease ids are signed with (:meth:`_lease_id`), shared by the replicas.
+        self._lease_key: bytes | None = None
+        self._forgotten_at = 0.0  # monotonic s of the last pass over dead models' streams
         self._lease_ms = int(lease_seconds * 1000)
         self._submit = self.redis.register_script(_SUBMIT)
         self._pull = self.redis.register_script(_PULL)
         self._complete = self.redis.register_script(_COMPLETE)
         self._release = self.redis.register_script(_RELEASE)
         self._reap = self.redis.register_script(_REAP)
+        self._forget = self.redis.register_script(_FORGET)
+        self._save_batch = self.redis.register_script(_SAVE_BATCH)
         self._counts = self.redis.register_script(_COUNTS)
         self._unread = self.redis.register_script(_UNREAD)
         self._claim = self.redis.register_script(_CLAIM)
@@ -768,6 +870,7 @@ class RedisStore(QueueStore):
     async def start(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self._beat()
+            await self._index_batches()
         self._tasks = [
             asyncio.create_task(self._read_replies(), name="redis-replies"),
             asyncio.create_task(self._background(), name="redis-beat-reap"),
@@ -810,25 +913,71 @@ class RedisStore(QueueStore):
         return result
 
     async def _beat(self) -> None:
+        """The replica's heartbeat; the lease key agreed on (the first replica's; after Redis
+        lost its data, whichever replica beats first sets it again for all)."""
         ttl = REPLICA_TTL_SECONDS
         async with self.redis.pipeline(transaction=False) as p:
             p.set(f"{PREFIX}replica:{self.replica}", "1", ex=ttl)
             p.expire(self._reply_key, ttl)
-            await self._call(p.execute())
+            p.set(LEASE_KEY, self._lease_key or secrets.token_bytes(32), nx=True)
+            p.get(LEASE_KEY)
+            *_, key = await self._call(p.execute())
+        self._lease_key = key
+
+    async def _leases(self) -> bytes:
+        """The lease key (from Redis at the first call after a start without Redis)."""
+        if self._lease_key is None:
+            await self._beat()
+        assert self._lease_key is not None
+        return self._lease_key
+
+    def _lease_id(self, item_id: str, attempt: int, worker_id: str) -> str:
+        """The lease id of ``item_id``'s delivery ``attempt`` to ``worker_id``: the attempt and
+        an HMAC-SHA256 of the three under the replicas' shared random key (128 bits shown).
+        Unguessable without the key, and checked without a Redis read; whether the lease is
+        still current is for the scripts to say (the entry's holder and attempt)."""
+        assert self._lease_key is not None
+        message = f"{item_id}\n{attempt}\n{worker_id}".encode()
+        return f"{attempt}:{hmac.new(self._lease_key, message, hashlib.sha256).hexdigest()[:32]}"
+
+    def _lease_attempt(self, item_id: str, lease_id: str, worker_id: str) -> int | None:
+        """The attempt of a lease id this store issued for ``item_id`` to ``worker_id``; None
+        for any other (forged, another worker's, an item id that names no queue entry)."""
+        attempt = lease_id.partition(":")[0]
+        if not (attempt.isdigit() and _ITEM_ID.match(item_id)):
+            return None
+        mine = self._lease_id(item_id, int(attempt), worker_id)
+        return int(attempt) if hmac.compare_digest(mine, lease_id) else None
 
     async def _background(self) -> None:
         """Heartbeat and lease reaping, every :data:`HEARTBEAT_SECONDS` (reaping also at
-        every pull); survives Redis outages; ends once the store closes."""
+        every pull), and the streams of models no worker serves dropped; survives Redis
+        outages; ends once the store closes."""
         while not self._closing:
             await asyncio.sleep(min(HEARTBEAT_SECONDS, self.lease_seconds / 2))
             self._forget_handed()
             try:
                 await self._beat()
                 await self.reap()
+                if time.monotonic() - self._forgotten_at >= min(FORGET_SECONDS, self.advert_ttl):
+                    await self._forget_models()
             except StoreUnavailable:
                 pass  # logged by _call, once per outage
             except RedisError as e:
                 log.warning("queue store: %s", e)
+
+    async def _forget_models(self) -> None:
+        """Drop the empty streams of models whose adverts expired (the advert TTL): what
+        workers advertise and then abandon costs nothing after that."""
+        self._forgotten_at = time.monotonic()
+        cursor, deleted = b"0", 0
+        while True:
+            cursor, n = await self._call(self._forget(args=[PREFIX, GROUP, cursor]))
+            deleted += int(n)
+            if cursor in (b"0", 0, "0"):
+                break
+        if deleted:
+            log.info("dropped %d empty streams of models no worker serves", deleted)
 
     async def _read_replies(self) -> None:
         """Resolve this replica's waiting clients from its reply stream. Ends once the store
@@ -887,10 +1036,12 @@ class RedisStore(QueueStore):
         """Enqueue one request. Requests of one line (model, task, priority) that arrive while
         a SUBMIT of that line is in flight wait for it and then go in one call together (one
         round trip and one script run for many one-input requests); a request arriving at an
-        idle line is sent at once."""
+        idle line is sent at once. The request is encoded here, in its caller's task: what
+        cannot be encoded (ValueError) fails this request alone, before any other joins it."""
         key = stream_key(specs[0].model, specs[0].task, specs[0].priority)
         waiter: asyncio.Future[Request] = asyncio.get_running_loop().create_future()
-        self._submits.setdefault(key, []).append((uuid.uuid4().hex, specs, waiter))
+        submission = _Submission(uuid.uuid4().hex, specs, _entries(specs), waiter)
+        self._submits.setdefault(key, []).append(submission)
         if key not in self._submitting:
             self._submitting.add(key)
             task = asyncio.create_task(self._send_submits(key), name="redis-submit")
@@ -900,50 +1051,60 @@ class RedisStore(QueueStore):
 
     async def _send_submits(self, key: str) -> None:
         """Send the line's waiting requests, :data:`INPUTS_PER_SUBMIT` inputs per SUBMIT call,
-        until none wait; each waiter gets its request, :class:`QueueFull` or the call's error.
-        A request whose client went away meanwhile (its waiter cancelled) is cancelled again."""
-        waiting: list[tuple[str, list[ItemSpec], asyncio.Future[Request]]] = []
+        until none wait; each waiter gets its request, :class:`QueueFull` or the error of its
+        own call (:meth:`_submit_alone`). A request whose client went away meanwhile (its
+        waiter cancelled) is cancelled again."""
+        waiting: list[_Submission] = []
         try:
             while waiting := self._submits.pop(key, []):
                 take, inputs = 0, 0
                 while take < len(waiting) and (
-                    take == 0 or inputs + len(waiting[take][1]) <= INPUTS_PER_SUBMIT
+                    take == 0 or inputs + len(waiting[take].specs) <= INPUTS_PER_SUBMIT
                 ):
-                    inputs += len(waiting[take][1])
+                    inputs += len(waiting[take].specs)
                     take += 1
                 if take < len(waiting):  # the rest go first in the next call
                     self._submits[key] = waiting[take:] + self._submits.get(key, [])
-                try:
-                    await self._submit_some(key, waiting[:take])
-                except (StoreUnavailable, RedisError) as e:
-                    for _, _, waiter in waiting[:take]:
-                        if not waiter.done():
-                            waiter.set_exception(e)
+                await self._submit_alone(key, waiting[:take])
         finally:  # cancelled (the store closing): no waiter is left waiting
             self._submitting.discard(key)
-            for _, _, waiter in waiting + self._submits.pop(key, []):
-                waiter.cancel()
+            for sub in waiting + self._submits.pop(key, []):
+                sub.waiter.cancel()
 
-    async def _submit_some(
-        self, key: str, batch: list[tuple[str, list[ItemSpec], asyncio.Future[Request]]]
-    ) -> None:
+    async def _submit_alone(self, key: str, batch: list[_Submission]) -> None:
+        """:meth:`_submit_some`; if Redis refuses the call itself (a script error, not an
+        outage), each request of it is sent again on its own, so that a request that breaks
+        the script fails alone and never the requests coalesced with it."""
+        try:
+            await self._submit_some(key, batch)
+        except StoreUnavailable as e:
+            _fail(batch, e)
+        except Exception as e:  # noqa: BLE001 - whatever it is, it is this call's alone
+            if len(batch) == 1:
+                log.warning("SUBMIT of one request failed: %s", e)
+                _fail(batch, e)
+                return
+            for one in batch:
+                await self._submit_alone(key, [one])
+
+    async def _submit_some(self, key: str, batch: list[_Submission]) -> None:
         """One SUBMIT call for ``batch`` (requests of the line ``key``)."""
-        model, task = batch[0][1][0].model, batch[0][1][0].task
-        args: list[Any] = [PREFIX, GROUP, self.max_queued, self.replica, model]
-        for request_id, specs, _ in batch:
-            chunks = _entries(specs)
-            args += [request_id, len(specs), len(chunks)]
-            for chunk in chunks:
+        first = batch[0].specs[0]
+        model, task, limit = first.model, first.task, self.queue_limit(first.priority)
+        args: list[Any] = [PREFIX, GROUP, limit, self.replica, model]
+        for sub in batch:
+            args += [sub.request_id, len(sub.specs), len(sub.entries)]
+            for chunk in sub.entries:
                 args += chunk
         keys = [key, _front(key), f"{PREFIX}streams"]
         rows = await self._call(self._submit(keys=keys, args=args))
         loop = asyncio.get_running_loop()
-        for (request_id, specs, waiter), (status, value) in zip(batch, rows, strict=True):
+        for sub, (status, value) in zip(batch, rows, strict=True):
             if status == -1:
-                if not waiter.done():
-                    waiter.set_exception(QueueFull(model, int(value), self.max_queued))
+                if not sub.waiter.done():
+                    sub.waiter.set_exception(QueueFull(model, int(value), limit))
                 continue
-            item_ids = [f"{request_id}:{i}" for i in range(len(specs))]
+            item_ids = [f"{sub.request_id}:{i}" for i in range(len(sub.specs))]
             futures = [loop.create_future() for _ in item_ids]
             self._futures.update(zip(item_ids, futures, strict=True))
             for item_id, future in zip(item_ids, futures, strict=True):
@@ -952,11 +1113,11 @@ class RedisStore(QueueStore):
                     self._futures.pop(item_id, None)
                     future.set_result(early[1])
             entries = [f"{entry.decode()}@{key}" for entry in value]
-            request = _StreamRequest(model, task, item_ids, futures, request_id, entries)
-            if waiter.done():  # the client went away while its request was being sent
+            request = _StreamRequest(model, task, item_ids, futures, sub.request_id, entries)
+            if sub.waiter.done():  # the client went away while its request was being sent
                 await self.cancel(request)
             else:
-                waiter.set_result(request)
+                sub.waiter.set_result(request)
 
     async def cancel(self, request: Request) -> None:
         unanswered = False
@@ -996,19 +1157,22 @@ class RedisStore(QueueStore):
         return False
 
     def item_model(self, item_id: str) -> str | None:
-        """From the item id (``<entry>/<input>@<stream key>``): the stream key names the model."""
-        _, at, key = item_id.partition("@")
-        kinds = tuple(f"{PREFIX}{kind}:" for kind in _FRONT)
-        if not at or not key.startswith(kinds) or key.count(":") < 3:
+        """From the item id (``<entry>/<input>@<stream key>``): the stream key names the model;
+        None for an id that names no queue entry (:data:`_ITEM_ID`)."""
+        if not _ITEM_ID.match(item_id):
             return None
-        return _model_of(key)
+        return _model_of(item_id.partition("@")[2])
 
     # --- worker side --------------------------------------------------------------------
     def _registration(self, adverts: list[ModelAdvert]) -> list[Any]:
         """The PULL script's registration arguments: the worker's adverts (TTL = the worker
-        TTL) and each model's latest advert."""
+        TTL) and each model's latest advert (TTL = the advert TTL)."""
         blob = json.dumps([a.model_dump(exclude_none=True) for a in adverts])
-        out: list[Any] = [blob, max(1, int(self.worker_ttl * 1000))]
+        out: list[Any] = [
+            blob,
+            max(1, int(self.worker_ttl * 1000)),
+            max(1, int(self.advert_ttl * 1000)),
+        ]
         for adv in adverts:
             out += [adv.name, adv.model_dump_json(exclude_none=True)]
         return out
@@ -1025,6 +1189,7 @@ class RedisStore(QueueStore):
         keys = [stream_key(a.name, t) for a in adverts for t in a.tasks]
         deadline = time.monotonic() + wait_seconds
         batch_room = -1 if max_batch_items is None else max_batch_items
+        await self._leases()
         while True:
             out = await self._take(worker_id, keys, max_items, max_tokens, adverts, batch_room)
             remaining = deadline - time.monotonic()
@@ -1041,11 +1206,8 @@ class RedisStore(QueueStore):
                 self.redis.xreadgroup(GROUP, worker_id, streams, count=max_items, block=block_ms)
             )
             if got:
-                # Handed out as they came: waiting for more requests on their way in (a
-                # top-up PULL while a SUBMIT of these lines was in flight, until 2026-12-05)
-                # left the engine idle longer. Interleaved A/B, 10 rounds, fast engine: 1/request
-                # x 64 1,118 -> 1,179/s (ahead in 9 of 10 paired rounds), 64/request 3,227 ->
-                # 3,264/s.
+                # Handed out as they came: waiting for more requests on their way in left
+                # the engine idle longer (docs/benchmarks.md).
                 out = await self._hand_out(worker_id, got, max_items, max_tokens, batch_room)
                 if out:
                     return out
@@ -1057,7 +1219,7 @@ class RedisStore(QueueStore):
         handed out at once while they fit whole in ``max_items``, the token budget and
         ``batch_room`` (-1: no limit); the others go back to the front with no attempt spent.
         Empty if the first does not fit (the next PULL script splits it)."""
-        out: list[WorkItem] = []
+        rows: list[tuple[str, int, str, bytes, int]] = []
         back: list[Any] = []
         tokens = 0
         for raw_key, entries in got:
@@ -1069,7 +1231,7 @@ class RedisStore(QueueStore):
                 n, t = int(fields["n"]), int(fields["t"])
                 over_budget = max_tokens is not None and tokens + t > max_tokens
                 no_room = batch and 0 <= batch_room < n
-                if back or len(out) + n > max_items or (out and over_budget) or no_room:
+                if back or len(rows) + n > max_items or (rows and over_budget) or no_room:
                     back += [key, entry_id]
                     continue
                 if batch and batch_room > 0:
@@ -1078,12 +1240,13 @@ class RedisStore(QueueStore):
                 attempt = int(fields["a"]) + 1
                 request_id = fields["q"].decode()
                 lists = fields["k"], fields["x"], fields["s"]
-                for item_id, est, x, spec in _inputs(key, entry_id, b"", *lists):
-                    client = f"{request_id}:{x.decode()}"
-                    out.append(self._work_item(worker_id, item_id, spec, attempt, est, client))
+                rows += [
+                    (item_id, est, f"{request_id}:{x.decode()}", spec, attempt)
+                    for item_id, est, x, spec in _inputs(key, entry_id, b"", *lists)
+                ]
         if back:
             await self._call(self._unread(args=[PREFIX, GROUP, worker_id, self._lease_ms, *back]))
-        return out
+        return await self._work_items(worker_id, rows)
 
     async def _take(
         self,
@@ -1145,67 +1308,93 @@ class RedisStore(QueueStore):
         args.append(batch_room)
         batch = _batch_line(key)
         keys = [_front(key), key, _front(batch), batch]
-        rows = await self._call(self._pull(keys=keys, args=args + register))
-        *taken, dead, expired, _dropped = rows
+        *taken, dead, expired, _dropped = await self._call(
+            self._pull(keys=keys, args=args + register)
+        )
         model = _model_of(key)
         if dead:
             metrics.DEAD_LETTERS.labels(model).inc(dead)
         if expired:
             metrics.LEASES_EXPIRED.labels(model).inc(expired)
-        out: list[WorkItem] = []
+        rows: list[tuple[str, int, str, bytes, int]] = []
         for stream, entry_id, attempt, ks, tokens, indices, specs, request_id in taken:
             request = request_id.decode()
             inputs = _inputs(stream.decode(), entry_id.decode(), ks, tokens, indices, specs)
-            out += [
-                self._work_item(
-                    worker_id, item_id, spec, int(attempt), est, f"{request}:{x.decode()}"
-                )
+            rows += [
+                (item_id, est, f"{request}:{x.decode()}", spec, int(attempt))
                 for item_id, est, x, spec in inputs
             ]
-        return out
+        return await self._work_items(worker_id, rows)
 
-    def _work_item(
-        self, worker_id: str, item_id: str, spec: bytes, attempt: int, tokens: int, client: str
-    ) -> WorkItem:
-        """A leased input as the worker sees it (``client``: the id its client waits on);
-        counts its queue wait or redelivery."""
-        entry_id, _, key = item_id.partition("@")
-        model = _model_of(key)
-        if attempt == 1:
-            waited_ms = time.time() * 1000 - int(entry_id.partition("-")[0])
-            metrics.QUEUE_WAIT.labels(model).observe(max(0.0, waited_ms) / 1000)
-        else:
-            metrics.REDELIVERIES.labels(model).inc()
-        item = WorkItem(
-            item_id=item_id,
-            lease_id=f"{attempt}:{worker_id}",
-            lease_seconds=self.lease_seconds,
-            attempt=attempt,
-            est_tokens=tokens,
-            **json.loads(spec),
-        )
-        _keep(self._handed, item_id, (item, client))
-        return item
+    async def _work_items(
+        self, worker_id: str, rows: list[tuple[str, int, str, bytes, int]]
+    ) -> list[WorkItem]:
+        """Leased inputs as the worker sees them, from rows (item id, estimated tokens, the id
+        its client waits on, spec JSON, attempt); counts their queue wait or redelivery. An
+        input whose spec cannot be read is not handed out but answered alone with
+        ``invalid_input``."""
+        out: list[WorkItem] = []
+        broken: list[ItemResult] = []
+        for item_id, tokens, client, spec, attempt in rows:
+            entry_id, _, key = item_id.partition("@")
+            model = _model_of(key)
+            if attempt == 1:
+                waited_ms = time.time() * 1000 - int(entry_id.partition("-")[0])
+                metrics.QUEUE_WAIT.labels(model).observe(max(0.0, waited_ms) / 1000)
+            else:
+                metrics.REDELIVERIES.labels(model).inc()
+            lease_id = self._lease_id(item_id, attempt, worker_id)
+            try:
+                item = WorkItem(
+                    item_id=item_id,
+                    lease_id=lease_id,
+                    lease_seconds=self.lease_seconds,
+                    attempt=attempt,
+                    est_tokens=tokens,
+                    **json.loads(spec),
+                )
+            except ValueError as e:
+                error = ItemError(code=ErrorCode.INVALID_INPUT, message=f"unreadable input: {e}")
+                broken.append(ItemResult(item_id=item_id, lease_id=lease_id, error=error))
+                continue
+            _keep(self._handed, item_id, (item, client))
+            out.append(item)
+        if broken:
+            await self.complete(worker_id, broken)
+        return out
 
     async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
         done = Completion()
-        specs = await self._specs([r.item_id for r in results])
-        args: list[Any] = [
-            PREFIX,
-            GROUP,
-            worker_id,
-            self.max_attempts,
-            self._lease_ms,
-            self.replica,
-        ]
+        await self._leases()
+        mine: list[tuple[ItemResult, int]] = []  # results with a lease id issued to this worker
+        for res in results:
+            attempt = self._lease_attempt(res.item_id, res.lease_id, worker_id)
+            if attempt is None:
+                done.ignored += 1  # forged, another worker's, or no queue entry at all
+            else:
+                mine.append((res, attempt))
+        if not mine:
+            return done
+        specs = await self._specs([r.item_id for r, _ in mine])
+        models = {_model_of(r.item_id.partition("@")[2]) for r, _ in mine}
+        adverts = {m: await self.advert(m) for m in models}
+        args: list[Any] = [PREFIX, GROUP, worker_id, self.max_attempts, self._lease_ms]
+        args.append(self.replica)
         checked_all: list[ItemResult] = []
         clients: list[str] = []  # per result: its client's id where this replica holds it
         answered: set[str] = set()  # item ids whose client was answered before the call
-        for res in results:
-            checked = check_result(res, specs.get(res.item_id))
+        now = time.monotonic()
+        for res, attempt in mine:
+            spec = specs.get(res.item_id)
+            model = _model_of(res.item_id.partition("@")[2])
+            checked = check_result(res, spec, prompt_token_limit(spec, adverts[model]))
             checked_all.append(checked)
             handed = self._handed.get(res.item_id)
-            client = handed[1][1] if handed is not None else None
+            client, current = None, False
+            if handed is not None:
+                handed_at, (item, client) = handed
+                # the lease this replica handed out and that cannot have expired yet
+                current = item.lease_id == res.lease_id and now - handed_at < self.lease_seconds
             # A client of this replica is answered here: its result need not go to Redis.
             local = client is not None and client in self._futures
             clients.append(client if local and client else "")
@@ -1214,23 +1403,26 @@ class RedisStore(QueueStore):
             else:
                 kind = "ok" if checked.error is None else "final"
                 payload = "" if local else checked.model_dump_json(exclude_none=True)
-            # A valid vector is the answer whoever holds the lease now: the client has it
-            # before the COMPLETE round trip (which may still ignore it).
-            if kind == "ok" and local and client and self._answer_waiting(client, checked):
+            # A valid vector from the current lease: the client has it before the COMPLETE
+            # round trip.
+            if kind == "ok" and local and current and self._answer_waiting(client or "", checked):
                 answered.add(res.item_id)
-            attempt = res.lease_id.partition(":")[0]
-            args += [res.item_id, kind + (attempt if attempt.isdigit() else "0"), payload]
+            args += [res.item_id, f"{kind}{attempt}", payload]
         statuses = await self._call(self._complete(args=args))
-        for res, checked, raw, client in zip(results, checked_all, statuses, clients, strict=True):
+        for (res, _), checked, raw, client in zip(
+            mine, checked_all, statuses, clients, strict=True
+        ):
             status = raw.decode()
-            # Malformed: counted unless it is for an input this store does not know.
-            done.rejected += checked is not res and (res.item_id in specs or status != "i")
-            if status == "i":
+            if status == "i":  # no longer its lease (expired, released) or already answered
                 done.ignored += 1
                 continue
             self._handed.pop(res.item_id, None)
             # A rejected result counts as a failed attempt of its item, not as accepted.
-            done.accepted += checked is res
+            if checked is not res:
+                done.rejected += 1
+                metrics.RESULTS_REJECTED.labels(_model_of(res.item_id.partition("@")[2])).inc()
+            else:
+                done.accepted += 1
             if status.startswith("l") and res.item_id not in answered:
                 self._resolve(status[1:] or client, checked)
             elif status == "d":
@@ -1249,7 +1441,7 @@ class RedisStore(QueueStore):
                 continue
             at, _, key = item_id.partition("@")
             entry, _, k = at.partition("/")
-            if key and k.isdigit():
+            if _ITEM_ID.match(item_id):
                 missing.append((item_id, key, entry, k))
         if not missing:
             return out
@@ -1266,38 +1458,117 @@ class RedisStore(QueueStore):
     async def release(
         self, worker_id: str, leases: list[tuple[str, str]], count_attempt: bool = False
     ) -> int:
+        await self._leases()
         args: list[Any] = [PREFIX, GROUP, worker_id, self._lease_ms, int(count_attempt)]
         for item_id, lease_id in leases:
-            attempt, _, holder = lease_id.partition(":")
-            if holder == worker_id and attempt.isdigit():
+            attempt = self._lease_attempt(item_id, lease_id, worker_id)
+            if attempt is not None:
                 args += [item_id, attempt]
         if len(args) == 5:
             return 0
         return int(await self._call(self._release(args=args)))
 
     async def reap(self) -> None:
-        keys: Any = await self._call(self.redis.smembers(f"{PREFIX}streams"))
-        for raw in keys:
-            key = raw.decode()
-            expired, dead = await self._call(
-                self._reap(keys=[key], args=[PREFIX, GROUP, self._lease_ms, self.max_attempts])
-            )
+        flat = await self._call(self._reap(args=[PREFIX, GROUP, self._lease_ms, self.max_attempts]))
+        for i in range(0, len(flat), 3):
+            model, expired, dead = _model_of(flat[i].decode()), int(flat[i + 1]), int(flat[i + 2])
             if expired:
-                metrics.LEASES_EXPIRED.labels(_model_of(key)).inc(expired)
+                metrics.LEASES_EXPIRED.labels(model).inc(expired)
             if dead:
-                metrics.DEAD_LETTERS.labels(_model_of(key)).inc(dead)
+                metrics.DEAD_LETTERS.labels(model).inc(dead)
 
     # --- batch jobs ---------------------------------------------------------------------
-    async def save_batch(self, batch_id: str, record: str) -> None:
-        await self._call(self.redis.hset(f"{PREFIX}batches", batch_id, record))
+    def _batch_keys(self, owner: str) -> list[str]:
+        """The batch records, the owner's index, the running batches (all, the owner's) and
+        the ended ones: ``_SAVE_BATCH``'s KEYS."""
+        return [
+            BATCHES,
+            f"{BATCHES}:by-owner:{owner}",
+            f"{BATCHES}:running",
+            f"{BATCHES}:running:{owner}",
+            f"{BATCHES}:ended",
+        ]
+
+    async def save_batch(self, batch_id: str, record: str, index: BatchIndex) -> None:
+        ended = "" if index.ended_at is None else index.ended_at
+        args: list[Any] = [batch_id, record, index.created_at, ended]
+        await self._call(self._save_batch(keys=self._batch_keys(index.owner), args=args))
+
+    async def _index_batches(self) -> None:
+        """Index the records a gateway from before the indexes kept (once per Redis)."""
+        from gateway.batch_models import BatchRecord
+
+        if await self._call(self.redis.exists(f"{BATCHES}:indexed")):
+            return
+        async for batch_id, raw in self.redis.hscan_iter(BATCHES):
+            record = BatchRecord.model_validate_json(raw)
+            await self.save_batch(batch_id.decode(), raw.decode(), record.index())
+        await self._call(self.redis.set(f"{BATCHES}:indexed", 1))
 
     async def load_batch(self, batch_id: str) -> str | None:
-        raw: Any = await self._call(self.redis.hget(f"{PREFIX}batches", batch_id))
+        raw: Any = await self._call(self.redis.hget(BATCHES, batch_id))
         return raw.decode() if raw is not None else None
 
-    async def batch_ids(self) -> list[str]:
-        raw: Any = await self._call(self.redis.hkeys(f"{PREFIX}batches"))
-        return [k.decode() for k in raw]
+    async def running_batches(self, owner: str | None = None) -> list[str]:
+        key = f"{BATCHES}:running" + (f":{owner}" if owner is not None else "")
+        ids: Any = await self._call(self.redis.smembers(key))
+        return [i.decode() for i in ids]
+
+    async def owner_batches(
+        self, owner: str, after: str | None, limit: int
+    ) -> tuple[list[str], bool]:
+        index = f"{BATCHES}:by-owner:{owner}"
+        start = 0
+        if after is not None:
+            rank = await self._call(self.redis.zrevrank(index, after))
+            if rank is None:
+                return [], False
+            start = int(rank) + 1  # type: ignore[arg-type]
+        ids: Any = await self._call(self.redis.zrevrange(index, start, start + limit))
+        page = ids[:limit]
+        records: Any = await self._call(self.redis.hmget(BATCHES, page)) if page else []
+        return [r.decode() for r in records if r is not None], len(ids) > limit
+
+    async def trim_batches(self, owner: str, keep: int) -> list[str]:
+        index = f"{BATCHES}:by-owner:{owner}"
+        over = int(await self._call(self.redis.zcard(index))) - keep
+        if over <= 0:
+            return []
+        # the oldest first; running ones (at most --max-batches-per-key) are passed over
+        oldest: Any = await self._call(self.redis.zrange(index, 0, over + 64))
+        async with self.redis.pipeline(transaction=False) as p:
+            for batch_id in oldest:
+                p.zscore(f"{BATCHES}:ended", batch_id)
+            ended = await self._call(p.execute())
+        gone = [i.decode() for i, at in zip(oldest, ended, strict=True) if at is not None]
+        return await self._drop_batches(gone[:over])
+
+    async def expire_batches(self, ended_before: float) -> list[str]:
+        ids: Any = await self._call(
+            self.redis.zrangebyscore(f"{BATCHES}:ended", "-inf", f"({ended_before}", 0, 100)
+        )
+        return await self._drop_batches([i.decode() for i in ids])
+
+    async def _drop_batches(self, batch_ids: list[str]) -> list[str]:
+        """Forget the batches: records, indexes, cancels, runner claims. Their records."""
+        from gateway.batch_models import BatchRecord
+
+        if not batch_ids:
+            return []
+        raws: Any = await self._call(self.redis.hmget(BATCHES, batch_ids))
+        async with self.redis.pipeline(transaction=True) as p:
+            for batch_id, raw in zip(batch_ids, raws, strict=True):
+                if raw is not None:
+                    owner = BatchRecord.model_validate_json(raw).owner
+                    p.zrem(f"{BATCHES}:by-owner:{owner}", batch_id)
+                    p.srem(f"{BATCHES}:running:{owner}", batch_id)
+                p.hdel(BATCHES, batch_id)
+                p.srem(f"{BATCHES}:running", batch_id)
+                p.zrem(f"{BATCHES}:ended", batch_id)
+                p.hdel(f"{PREFIX}batch-cancels", batch_id)
+                p.delete(f"{PREFIX}batch-runner:{batch_id}")
+            await self._call(p.execute())
+        return [raw.decode() for raw in raws if raw is not None]
 
     async def claim_batch(self, batch_id: str, runner: str, seconds: float) -> bool:
         key, ms = f"{PREFIX}batch-runner:{batch_id}", max(1, int(seconds * 1000))
@@ -1315,7 +1586,7 @@ class RedisStore(QueueStore):
     # --- views --------------------------------------------------------------------------
     async def _queue_counts(self) -> list[tuple[str, int, int]]:
         """(model, waiting, leased) inputs."""
-        flat = await self._call(self._counts(keys=[f"{PREFIX}streams"], args=[PREFIX, GROUP]))
+        flat = await self._call(self._counts(args=[PREFIX, GROUP]))
         out = []
         for i in range(0, len(flat), 3):
             unanswered, leased = int(flat[i + 1]), int(flat[i + 2])
@@ -1347,11 +1618,16 @@ class RedisStore(QueueStore):
         return out
 
     async def advert(self, model: str) -> ModelAdvert | None:
-        """The model's latest advert (cached for a second: every client request asks)."""
+        """The model's latest advert (cached for a second: every client request asks; at most
+        :data:`ADVERTS_CACHED` models, the oldest looked up dropped first: clients choose the
+        names)."""
         at, cached = self._adverts.get(model, (0.0, None))
         if time.monotonic() - at < 1.0:
             return cached
         blob = await self._call(self.redis.get(f"{PREFIX}advert:{model}"))
         advert = ModelAdvert.model_validate_json(blob) if blob is not None else None
+        self._adverts.pop(model, None)
         self._adverts[model] = (time.monotonic(), advert)
+        while len(self._adverts) > ADVERTS_CACHED:
+            self._adverts.popitem(last=False)
         return advert

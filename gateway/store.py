@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, WorkItem
+from worker.protocol import (
+    BATCH_PRIORITY,
+    ErrorCode,
+    ItemError,
+    ItemResult,
+    ItemSpec,
+    ModelAdvert,
+    WorkItem,
+)
 
 
 class NoWorker(Exception):
@@ -62,6 +70,16 @@ class Request:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+@dataclass(frozen=True)
+class BatchIndex:
+    """What a batch record is found by: its owner (an API key's hash), when it was created and
+    when it ended (Unix s; None while it runs)."""
+
+    owner: str
+    created_at: int
+    ended_at: int | None = None
+
+
 @dataclass
 class Completion:
     """What ``POST /queue/v1/results`` did with a batch of results."""
@@ -73,15 +91,36 @@ class Completion:
     rejected: int = 0
 
 
-def check_result(result: ItemResult, spec: ItemSpec | None) -> ItemResult:
+#: ``prompt_tokens`` a result may claim for a model whose context length is not known.
+MAX_PROMPT_TOKENS = 1 << 20
+
+
+def prompt_token_limit(spec: ItemSpec | None, advert: ModelAdvert | None) -> int:
+    """The most prompt tokens a result for ``spec`` may claim: the model's context length
+    (twice for a pair, whose two texts a bi-encoder or late-interaction model embeds apart);
+    :data:`MAX_PROMPT_TOKENS` where the advert does not say."""
+    limit = advert.max_model_len if advert is not None and advert.max_model_len else None
+    if limit is None:
+        return MAX_PROMPT_TOKENS
+    return limit * (2 if spec is not None and spec.text_pair is not None else 1)
+
+
+def check_result(
+    result: ItemResult, spec: ItemSpec | None, max_prompt_tokens: int = MAX_PROMPT_TOKENS
+) -> ItemResult:
     """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
     a vector must be base64 of whole little-endian float32s, all finite, of the expected
     length (``dimensions`` when set; ``len(return_logits)`` for logits, 1 for a pair's score;
-    not checked for class probabilities or without ``spec``)."""
+    not checked for class probabilities or without ``spec``), and ``prompt_tokens`` at most
+    ``max_prompt_tokens`` (:func:`prompt_token_limit`)."""
     if result.error is not None:
         return result
     why = None
-    if result.vector_b64 is None:
+    if result.prompt_tokens > max_prompt_tokens:
+        why = (
+            f"{result.prompt_tokens} prompt tokens, more than the model takes ({max_prompt_tokens})"
+        )
+    elif result.vector_b64 is None:
         why = "a result without a vector or an error"
     else:
         try:
@@ -151,13 +190,31 @@ class QueueStore(ABC):
     errors surface as :class:`StoreUnavailable`."""
 
     def __init__(
-        self, *, lease_seconds: float, max_attempts: int, worker_ttl_seconds: float, max_queued: int
+        self,
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        worker_ttl_seconds: float,
+        max_queued: int,
+        max_queued_batch: int | None = None,
+        advert_ttl_seconds: float = 3600.0,
     ) -> None:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.worker_ttl = worker_ttl_seconds
-        #: Unanswered inputs (waiting or leased) per model; more is a :class:`QueueFull`.
+        #: Unanswered interactive inputs (waiting or leased) per model; more is a
+        #: :class:`QueueFull`.
         self.max_queued = max_queued
+        #: The same for batch jobs' inputs (``priority`` :data:`BATCH_PRIORITY`), counted
+        #: apart: a batch never takes the room of interactive requests.
+        self.max_queued_batch = max_queued if max_queued_batch is None else max_queued_batch
+        #: Seconds a model's advert is kept after the last pull of a worker serving it; then
+        #: the model is unknown (404) and its empty lines are dropped.
+        self.advert_ttl = advert_ttl_seconds
+
+    def queue_limit(self, priority: int | None) -> int:
+        """The unanswered inputs a model's line of ``priority`` may hold."""
+        return self.max_queued_batch if priority == BATCH_PRIORITY else self.max_queued
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:  # noqa: B027 - a no-op unless the store has tasks
@@ -173,8 +230,8 @@ class QueueStore(ABC):
     # --- client side --------------------------------------------------------------------
     @abstractmethod
     async def submit(self, specs: list[ItemSpec]) -> Request:
-        """Enqueue one request's inputs (one model and task), all or none. Raises
-        :class:`QueueFull` over the per-model limit."""
+        """Enqueue one request's inputs (one model, task and priority), all or none. Raises
+        :class:`QueueFull` over the model's limit for that priority (:meth:`queue_limit`)."""
 
     @abstractmethod
     async def cancel(self, request: Request) -> None:
@@ -239,9 +296,11 @@ class QueueStore(ABC):
 
     @abstractmethod
     async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
-        """Record results (checked by :func:`check_result`). The first result for an item
-        wins; a retryable error counts only from the item's current lease and redelivers it
-        (or dead-letters it on its last attempt)."""
+        """Record results (checked by :func:`check_result`; a malformed one counts in
+        ``inference_gateway_results_rejected_total``). A result counts only from the item's
+        current lease: its lease id (unguessable, issued to ``worker_id``) while the lease
+        holds; any other is ignored. The first result wins; a retryable error redelivers the
+        item (or dead-letters it on its last attempt)."""
 
     @abstractmethod
     async def release(
@@ -255,16 +314,36 @@ class QueueStore(ABC):
 
     # --- batch jobs ---------------------------------------------------------------------
     @abstractmethod
-    async def save_batch(self, batch_id: str, record: str) -> None:
-        """Keep a batch's record (JSON, :class:`~gateway.batch_models.BatchRecord`)."""
+    async def save_batch(self, batch_id: str, record: str, index: BatchIndex) -> None:
+        """Keep a batch's record (JSON, :class:`~gateway.batch_models.BatchRecord`), new or
+        changed, indexed by ``index``: by its owner, newest first, and among the running
+        batches until it ends."""
 
     @abstractmethod
     async def load_batch(self, batch_id: str) -> str | None:
         """A batch's record, or None."""
 
     @abstractmethod
-    async def batch_ids(self) -> list[str]:
-        """Every batch kept."""
+    async def running_batches(self, owner: str | None = None) -> list[str]:
+        """The ids of the batches that have not ended: ``owner``'s, or every key's."""
+
+    @abstractmethod
+    async def owner_batches(
+        self, owner: str, after: str | None, limit: int
+    ) -> tuple[list[str], bool]:
+        """Up to ``limit`` of ``owner``'s records, newest first, after the batch ``after``
+        (none if it is not ``owner``'s), and whether more follow: a page reads only its
+        records."""
+
+    @abstractmethod
+    async def trim_batches(self, owner: str, keep: int) -> list[str]:
+        """Forget ``owner``'s oldest ended batches until at most ``keep`` remain (running ones
+        are kept); returns the records forgotten (their files are the caller's to delete)."""
+
+    @abstractmethod
+    async def expire_batches(self, ended_before: float) -> list[str]:
+        """Forget up to 100 batches that ended before ``ended_before`` (Unix s), oldest first;
+        returns their records."""
 
     @abstractmethod
     async def claim_batch(self, batch_id: str, runner: str, seconds: float) -> bool:

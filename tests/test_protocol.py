@@ -100,8 +100,10 @@ def error(item: dict[str, Any], code: str, message: str, retryable: bool = False
     }
 
 
-async def post(gw: InProcessGateway, results: list[dict[str, Any]]) -> dict[str, Any]:
-    r = await gw.worker.post("/results", json={"worker_id": "test-worker", "results": results})
+async def post(
+    gw: InProcessGateway, results: list[dict[str, Any]], worker_id: str = "test-worker"
+) -> dict[str, Any]:
+    r = await gw.worker.post("/results", json={"worker_id": worker_id, "results": results})
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
@@ -165,23 +167,31 @@ async def test_expired_lease_is_redelivered_and_a_late_duplicate_ignored(gw, clo
     (second,) = await pull(gw, worker_id="survives")
     assert second["item_id"] == first["item_id"] and second["lease_id"] != first["lease_id"]
     assert second["attempt"] == 2
-    assert (await post(gw, [ok(second, [0.5])]))["accepted"] == 1
-    assert (await post(gw, [ok(first, [9.0])]))["ignored"] == 1  # late, harmless
+    assert (await post(gw, [ok(second, [0.5])], "survives"))["accepted"] == 1
+    assert (await post(gw, [ok(first, [9.0])], "dies"))["ignored"] == 1  # late, harmless
     assert (await req).json()["data"][0]["embedding"] == [0.5]
     after = await gw.metrics()
     for name in ("inference_gateway_leases_expired_total", "inference_gateway_redeliveries_total"):
         assert metric(after, name, model=MODEL) - metric(before, name, model=MODEL) == 1
 
 
-async def test_a_late_result_after_lease_expiry_is_accepted_while_unanswered(gw, clock):
+async def test_a_result_after_its_lease_expired_is_ignored_and_the_input_redelivered(gw, clock):
+    """A result counts only from the input's current lease: once it expired, the slow
+    worker's answer is ignored and the input goes to the next worker."""
     await pull(gw, wait=0)
     req = embed(gw, "slow")
     (item,) = await pull(gw, worker_id="slow")
     await elapse(gw, clock, LEASE + 0.1)
     await gw.store.reap()  # the lease expires: back in the queue
-    assert (await post(gw, [ok(item, [7.0])])) == {"accepted": 1, "ignored": 0, "rejected": 0}
-    assert (await req).json()["data"][0]["embedding"] == [7.0]
-    assert await pull(gw, wait=0) == []  # answered: not handed out again
+    assert (await post(gw, [ok(item, [7.0])], "slow")) == {
+        "accepted": 0,
+        "ignored": 1,
+        "rejected": 0,
+    }
+    (again,) = await pull(gw, worker_id="next")
+    assert again["item_id"] == item["item_id"] and again["attempt"] == 2
+    assert (await post(gw, [ok(again, [8.0])], "next"))["accepted"] == 1
+    assert (await req).json()["data"][0]["embedding"] == [8.0]
 
 
 async def test_item_that_never_succeeds_is_dead_lettered(gw, clock):
@@ -259,7 +269,7 @@ async def test_release_hands_items_back_to_the_front_at_once(gw):
     again, following = await pull(gw, worker_id="other")  # at once, not after the lease
     assert again["item_id"] == item["item_id"] and again["attempt"] == 1  # not an attempt
     assert following["text"] == "next"
-    await post(gw, [ok(again, [3.0]), ok(following, [4.0])])
+    await post(gw, [ok(again, [3.0]), ok(following, [4.0])], "other")
     assert (await req).status_code == 200
 
 
@@ -331,7 +341,7 @@ async def test_round_robin_takes_turns_within_one_pull(gw):
     items = (await gw.worker.post("/pull", json={**both, "max_items": 4})).json()["items"]
     assert [i["text"] for i in items] == ["m1", "o1", "m2", "o2"]
     items += (await gw.worker.post("/pull", json={**both, "max_items": 4})).json()["items"]
-    await post(gw, [ok(i, [1.0]) for i in items])
+    await post(gw, [ok(i, [1.0]) for i in items], "w")
     for req in reqs:
         assert (await req).status_code == 200
 
