@@ -42,6 +42,8 @@ def make_store(
         "max_attempts": settings.max_attempts,
         "worker_ttl_seconds": settings.worker_ttl_seconds,
         "max_queued": settings.max_queued_inputs,
+        "max_queued_batch": settings.max_queued_batch_inputs,
+        "advert_ttl_seconds": settings.advert_ttl_seconds,
     }
     if settings.queue_url == "memory":
         return MemoryStore(clock=clock, **common)  # type: ignore[arg-type]
@@ -64,8 +66,16 @@ def create_app(
     worker liveness."""
     store = store or make_store(settings, clock)
     serving = Serving(store, settings)
-    files = FileStore(Path(settings.files_dir), settings.max_file_bytes)
-    runner = BatchRunner(store, files, serving, settings)
+    files = FileStore(
+        Path(settings.files_dir),
+        settings.max_file_bytes,
+        max_files=settings.max_files_per_key,
+        max_owner_bytes=settings.max_file_bytes_per_key,
+        expiry_seconds=settings.file_expiry_seconds,
+    )
+    batches = Batches(store, files, settings)
+    runner = BatchRunner(store, files, serving, settings, batches)
+    batches.on_create = runner.wake
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -82,7 +92,7 @@ def create_app(
     app.state.store = store
     app.state.serving = serving
     app.state.files = files
-    app.state.batches = Batches(store, files, settings, on_create=runner.wake)
+    app.state.batches = batches
     app.state.batch_runner = runner
     app.state.draining = False
     app.state.credentials = Credentials.load(settings)

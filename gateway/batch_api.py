@@ -14,7 +14,8 @@ from gateway.api_models import json_response
 from gateway.auth import bearer_token
 from gateway.batch_models import Batch, BatchCreate, BatchList, FileDeleted, FileList, FileObject
 from gateway.batches import Batches
-from gateway.files import FileStore, owner_of
+from gateway.errors import APIError
+from gateway.files import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS, FileStore, owner_of
 
 router = APIRouter(prefix="/v1")
 
@@ -39,10 +40,28 @@ async def _batches(request: Request) -> Batches:
 async def upload_file(
     file: UploadFile,
     purpose: str = Form(...),
+    anchor: str | None = Form(None, alias="expires_after[anchor]"),
+    seconds: int | None = Form(None, alias="expires_after[seconds]"),
     owner: str = Depends(_owner),
     files: FileStore = Depends(_files),
 ) -> Response:
-    stored = await files.upload(file.file, file.filename or "upload.jsonl", purpose, owner)
+    """Upload; OpenAI's ``expires_after`` (``anchor`` ``created_at``, ``seconds`` 3,600 to
+    2,592,000) as its multipart fields."""
+    if anchor not in (None, "created_at") or (seconds is None) != (anchor is None):
+        raise APIError(
+            400,
+            "'expires_after' needs anchor 'created_at' and seconds.",
+            param="expires_after",
+        )
+    if seconds is not None and not MIN_EXPIRY_SECONDS <= seconds <= MAX_EXPIRY_SECONDS:
+        raise APIError(
+            400,
+            f"'expires_after.seconds' must be between {MIN_EXPIRY_SECONDS} and "
+            f"{MAX_EXPIRY_SECONDS}.",
+            param="expires_after",
+        )
+    name = file.filename or "upload.jsonl"
+    stored = await files.upload(file.file, name, purpose, owner, expires_after=seconds)
     return json_response(stored.wire())
 
 
@@ -74,9 +93,15 @@ def file_content(
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-def delete_file(
-    file_id: str, owner: str = Depends(_owner), files: FileStore = Depends(_files)
+async def delete_file(
+    file_id: str,
+    owner: str = Depends(_owner),
+    files: FileStore = Depends(_files),
+    batches: Batches = Depends(_batches),
 ) -> Response:
+    """Delete a file; 409 (``file_in_use``) while a running batch reads it."""
+    files.get(file_id, owner)  # 404 first
+    await batches.check_unused(file_id, owner)
     return json_response(files.delete(file_id, owner))
 
 

@@ -9,9 +9,11 @@ object, its request input and output lines); the ``openai`` package's ``types/ba
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from gateway.store import BatchIndex
 
 #: A batch's states, in OpenAI's words. Terminal: failed, completed, expired, cancelled.
 BatchStatus = Literal[
@@ -91,11 +93,17 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: StrictStr
+    input_file_id: Annotated[StrictStr, Field(max_length=64)]
     endpoint: BatchEndpoint
     completion_window: Literal["24h"]
     #: Up to 16 pairs; keys up to 64 characters, values up to 512 (OpenAI's limits).
-    metadata: dict[StrictStr, StrictStr] | None = Field(default=None, max_length=16)
+    metadata: (
+        dict[
+            Annotated[StrictStr, Field(max_length=64)],
+            Annotated[StrictStr, Field(max_length=512)],
+        ]
+        | None
+    ) = Field(default=None, max_length=16)
 
 
 class Batch(BaseModel):
@@ -131,6 +139,18 @@ class BatchRecord(Batch):
 
     def wire(self) -> Batch:
         return Batch.model_validate(self.model_dump(exclude={"owner"}))
+
+    def index(self) -> BatchIndex:
+        """What the queue store finds the record by: owner, creation, and its end (the time
+        of its terminal status; None while it runs)."""
+        ended = {
+            "completed": self.completed_at,
+            "failed": self.failed_at,
+            "expired": self.expired_at,
+            "cancelled": self.cancelled_at,
+        }
+        ended_at = (ended[self.status] or self.created_at) if self.status in TERMINAL else None
+        return BatchIndex(self.owner, self.created_at, ended_at)
 
 
 class BatchList(BaseModel):

@@ -10,8 +10,15 @@ once it lapses, e.g. after the replica died). The work of a running batch is kep
 ``<k>.err`` (its output and error lines, written to a temporary name and renamed: a chunk is
 done when ``<k>.out`` exists). A runner that takes over redoes only the chunks not done, so
 every line is answered exactly once in the output, even when queue inputs were delivered
-twice. The data path of a chunk reads top to bottom: read lines -> prepare (as the interactive
-endpoint) -> submit at batch priority -> wait -> write the chunk's lines.
+twice. The data path of a chunk reads top to bottom: read and parse lines (in a thread) ->
+prepare (as the interactive endpoint) -> submit at batch priority, in pieces that fit the
+queue -> wait -> write the chunk's lines.
+
+What a batch costs is bounded by configuration, not by its file: a line over
+``--max-batch-line-bytes`` fails validation unread, a chunk holds at most :data:`CHUNK_LINES`
+lines and :data:`CHUNK_BYTES` bytes, and its inputs enter the queue in pieces of at most
+``--batch-inputs-in-flight`` (and the queue's batch room, ``--max-queued-batch-inputs``),
+never more than that many of one batch at once.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
 
@@ -40,23 +48,29 @@ from gateway.batch_models import (
     BatchInputLine,
     BatchRecord,
 )
+from gateway.batches import Batches
 from gateway.errors import APIError, invalid_body, item_error
 from gateway.files import FileStore, new_file_id
 from gateway.serving import Prepared, Serving
 from gateway.settings import GatewaySettings
 from gateway.store import QueueFull, QueueStore, Request, StoreUnavailable
-from worker.protocol import BATCH_PRIORITY, ItemResult, Task
+from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, Task
 
 log = logging.getLogger(__name__)
 
 #: Lines per chunk: the unit of work written at once (and redone after a takeover).
 CHUNK_LINES = 256
+#: Bytes of input lines per chunk at most (a longer line is a chunk of its own).
+CHUNK_BYTES = 16 * 1024 * 1024
 #: Seconds a runner's claim on a batch lasts; renewed every third of it.
 CLAIM_SECONDS = 15.0
 #: Seconds between two looks for batches to run (and for a cancel of a running one).
 SCAN_SECONDS = 1.0
 #: Problems of a malformed input file listed in the failed batch's ``errors``.
 MAX_REPORTED_ERRORS = 100
+#: Seconds between two passes that forget expired batches and delete expired files (less
+#: where a retention is shorter).
+SWEEP_SECONDS = 60.0
 
 
 class _Plan(BaseModel):
@@ -75,11 +89,23 @@ class _Answer:
 
 @dataclass
 class _Line:
-    """One input line of a chunk, prepared: its custom id and the queue entries it became."""
+    """One input line of a chunk: its custom id, its request (parsed), then the queue
+    entries it became and their results; or its answer where it was refused."""
 
     custom_id: str
+    request: EmbeddingRequest | RerankRequest | None = None
     prepared: Prepared[Any] | None = None
+    results: list[ItemResult | None] = field(default_factory=list)
     answer: _Answer | None = None
+
+
+@dataclass
+class _Piece:
+    """Inputs of a chunk that enter the queue as one store request (one task, at most the
+    piece size): their specs, and the line and input each result goes to."""
+
+    specs: list[ItemSpec] = field(default_factory=list)
+    places: list[tuple[_Line, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +118,8 @@ class _Counts:
 
 
 class BatchRunner:
-    """Finds batches that need a runner, claims them, and runs them (see the module)."""
+    """Finds batches that need a runner, claims them, and runs them (see the module); forgets
+    expired batches and deletes expired files."""
 
     def __init__(
         self,
@@ -100,11 +127,14 @@ class BatchRunner:
         files: FileStore,
         serving: Serving,
         settings: GatewaySettings,
+        batches: Batches,
     ):
         self.store = store
         self.files = files
         self.serving = serving
         self.settings = settings
+        self.batches = batches
+        self._swept = 0.0  # monotonic s of the last sweep
         self.runner_id = uuid.uuid4().hex[:12]
         self.work_root = files.root / "batches"
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -137,7 +167,14 @@ class BatchRunner:
                 await asyncio.wait_for(self._woken.wait(), timeout=SCAN_SECONDS)
 
     async def _scan_once(self) -> None:
-        for batch_id in await self.store.batch_ids():
+        every = min(
+            SWEEP_SECONDS,
+            self.settings.batch_retention_seconds / 2,
+            self.settings.file_expiry_seconds / 2,
+        )
+        if time.monotonic() - self._swept >= every:
+            await self._sweep()
+        for batch_id in await self.store.running_batches():
             if batch_id in self._running:
                 continue
             raw = await self.store.load_batch(batch_id)
@@ -147,6 +184,17 @@ class BatchRunner:
                 task = asyncio.create_task(self._run(batch_id), name=f"batch-{batch_id}")
                 self._running[batch_id] = task
                 task.add_done_callback(self._ended)
+
+    async def _sweep(self) -> None:
+        """Forget batches past their retention and delete expired files (but the inputs of
+        running batches)."""
+        self._swept = time.monotonic()
+        now = time.time()
+        forgotten = await self.batches.forget_expired(now)
+        keep = await self.batches.running_inputs()
+        deleted = await asyncio.to_thread(self.files.expire, now, keep)
+        if forgotten or deleted:
+            log.info("forgot %d ended batches; deleted %d expired files", forgotten, deleted)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         for batch_id, running in list(self._running.items()):
@@ -192,14 +240,36 @@ class _Job:
         assert raw is not None
         self.record = BatchRecord.model_validate_json(raw)
         while self.record.status not in TERMINAL:
-            if await self._stop_asked() is not None and self.record.status != "finalizing":
-                await self._finish()
-            elif self.record.status == "validating":
-                await self._validate()
-            elif self.record.status == "in_progress":
-                await self._process()
-            else:  # finalizing, cancelling
-                await self._finish()
+            try:
+                await self._step()
+            except APIError as e:
+                if e.body.code != "file_not_found":
+                    raise
+                await self._input_gone()
+
+    async def _step(self) -> None:
+        if await self._stop_asked() is not None and self.record.status != "finalizing":
+            await self._finish()
+        elif self.record.status == "validating":
+            await self._validate()
+        elif self.record.status == "in_progress":
+            await self._process()
+        else:  # finalizing, cancelling
+            await self._finish()
+
+    async def _input_gone(self) -> None:
+        """The input file went (expired) under a running batch: it fails, once, with what was
+        done kept."""
+        log.warning("batch %s: its input file %s is gone", self.batch_id, self.record.input_file_id)
+        error = BatchError(
+            code="file_not_found",
+            message=f"The input file {self.record.input_file_id} no longer exists.",
+            param="input_file_id",
+        )
+        await self._save(
+            status="failed", failed_at=int(time.time()), errors=BatchErrors(data=[error])
+        )
+        await asyncio.to_thread(shutil.rmtree, self.work, True)
 
     def _source(self) -> Path:
         """The input file (looked up once per run of the job)."""
@@ -209,7 +279,9 @@ class _Job:
 
     async def _save(self, **changes: Any) -> None:
         self.record = self.record.model_copy(update=changes)
-        await self.store.save_batch(self.batch_id, self.record.model_dump_json())
+        await self.store.save_batch(
+            self.batch_id, self.record.model_dump_json(), self.record.index()
+        )
 
     async def _stop_asked(self) -> str | None:
         """``cancelled`` or ``expired`` once the batch must stop, else None."""
@@ -247,8 +319,10 @@ class _Job:
         offsets: list[int] = []
         seen: set[str] = set()
         models: set[str] = set()
-        limit = self.runner.settings.max_batch_lines
+        settings = self.runner.settings
+        limit, max_line = settings.max_batch_lines, settings.max_batch_line_bytes
         n = 0
+        chunk_lines = chunk_bytes = 0
 
         def problem(code: str, message: str, line: int, param: str | None = None) -> None:
             if len(errors) < MAX_REPORTED_ERRORS:
@@ -256,16 +330,26 @@ class _Job:
 
         with source.open("rb") as f:
             offset = 0
-            for raw in f:
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
+            for raw, size in _lines(f, max_line):
+                start, offset = offset, offset + size
+                if raw is not None and not raw.strip():
                     continue
-                if n % CHUNK_LINES == 0:
+                if chunk_lines == 0 or chunk_lines >= CHUNK_LINES or chunk_bytes >= CHUNK_BYTES:
                     offsets.append(start)
+                    chunk_lines = chunk_bytes = 0
+                chunk_lines, chunk_bytes = chunk_lines + 1, chunk_bytes + size
                 n += 1
                 if n > limit:
                     problem("too_many_requests", f"A batch has at most {limit} lines.", n)
                     break
+                if raw is None:  # not read: over the limit
+                    problem(
+                        "request_too_large",
+                        f"The line has {size} bytes; at most {max_line} are accepted "
+                        "(--max-batch-line-bytes).",
+                        n,
+                    )
+                    continue
                 try:
                     line = BatchInputLine.model_validate_json(raw)
                 except ValidationError as e:
@@ -280,7 +364,7 @@ class _Job:
                 if line.url != self.record.endpoint:
                     problem(
                         "invalid_url",
-                        f"The line's url is '{line.url}'; this batch's endpoint is "
+                        f"The line's url is '{line.url[:200]}'; this batch's endpoint is "
                         f"'{self.record.endpoint}'.",
                         n,
                         "url",
@@ -292,7 +376,7 @@ class _Job:
                 if len(models) > 1:
                     problem(
                         "mismatched_model",
-                        f"All lines of a batch must use one model; this one uses '{model}'.",
+                        f"All lines of a batch must use one model; this one uses '{model[:256]}'.",
                         n,
                         "body.model",
                     )
@@ -346,26 +430,32 @@ class _Job:
             await self._save(request_counts=counts)
 
     async def _chunk(self, plan: _Plan, k: int) -> None:
-        """Lines ``k * CHUNK_LINES ...`` of the input: prepared as the interactive endpoint
-        prepares them, queued at batch priority (chunks in input order), answered into
-        ``<k>.out`` / ``<k>.err``."""
-        async with self.counts.in_order:
-            raw_lines = await asyncio.to_thread(self._read_chunk, plan, k)
-            lines = [await self._prepare(raw) for raw in raw_lines]
-            todo = [line for line in lines if line.prepared is not None]
-            n_inputs = sum(len(line.prepared.specs) for line in todo if line.prepared)
-            await self._reserve(n_inputs)
-            try:
-                groups = await self._submit(todo)
-            except BaseException:
-                await self._release(n_inputs)
-                raise
-        metrics.BATCH_LINES.labels(plan.model, "queued").inc(len(raw_lines))
+        """Chunk ``k`` of the input (the lines from ``plan.offsets[k]`` to the next chunk's):
+        read and parsed in a thread, prepared as the interactive endpoint prepares them,
+        queued at batch priority in pieces (chunks in input order), answered into ``<k>.out``
+        / ``<k>.err``."""
+        waits: list[asyncio.Task[None]] = []
         try:
-            for group, request in groups:
-                await self._collect(group, request)
+            async with self.counts.in_order:
+                lines = await asyncio.to_thread(self._read_chunk, plan, k)
+                for line in lines:
+                    await self._prepare(line)
+                for piece in _pieces(lines, self._piece_size()):
+                    await self._reserve(len(piece.specs))
+                    try:
+                        request = await self._submit(piece.specs)
+                    except BaseException:
+                        await self._release(len(piece.specs))
+                        raise
+                    waits.append(asyncio.create_task(self._collect(piece, request)))
+            metrics.BATCH_LINES.labels(plan.model, "queued").inc(len(lines))
+            await asyncio.gather(*waits)
         finally:
-            await self._release(n_inputs)
+            for wait in waits:
+                wait.cancel()
+        for line in lines:
+            if line.answer is None:
+                line.answer = _respond(line)
         await asyncio.to_thread(self._write_chunk, k, lines)
         for line in lines:
             assert line.answer is not None
@@ -376,38 +466,57 @@ class _Job:
                 self.counts.failed += 1
             metrics.BATCH_LINES.labels(plan.model, "completed" if ok else "failed").inc()
 
-    def _read_chunk(self, plan: _Plan, k: int) -> list[bytes]:
-        out: list[bytes] = []
+    def _read_chunk(self, plan: _Plan, k: int) -> list[_Line]:
+        """The chunk's lines, parsed (their bodies as the endpoint's request; a body the
+        endpoint refuses is that line's 400). Runs in a thread: a long line does not hold the
+        event loop while it is parsed."""
+        end = plan.offsets[k + 1] if k + 1 < len(plan.offsets) else None
+        out: list[_Line] = []
         with self._source().open("rb") as f:
             f.seek(plan.offsets[k])
+            at = plan.offsets[k]
             for raw in f:
+                if end is not None and at >= end:
+                    break
+                at += len(raw)
                 if raw.strip():
-                    out.append(raw)
-                    if len(out) == CHUNK_LINES:
-                        break
+                    out.append(self._parse(raw))
         return out
 
-    async def _prepare(self, raw: bytes) -> _Line:
+    def _parse(self, raw: bytes) -> _Line:
         line = BatchInputLine.model_validate_json(raw)  # checked while validating
         out = _Line(line.custom_id)
-        serving = self.runner.serving
+        model = EmbeddingRequest if self.record.endpoint == "/v1/embeddings" else RerankRequest
         try:
-            if self.record.endpoint == "/v1/embeddings":
-                out.prepared = await serving.prepare_embeddings(
-                    EmbeddingRequest.model_validate(line.body)
-                )
-            else:
-                out.prepared = await serving.prepare_rerank(RerankRequest.model_validate(line.body))
-        except APIError as e:
-            out.answer = _answer(line.custom_id, e.status, json.dumps(e.response_json()))
+            out.request = model.model_validate(line.body)
         except ValidationError as e:  # the body's own problems: a 400, as interactively
             err = invalid_body(e.errors()[0])
             out.answer = _answer(line.custom_id, 400, json.dumps(err.response_json()))
         return out
 
+    async def _prepare(self, line: _Line) -> None:
+        """The line's queue entries, as the interactive endpoint makes them (or its 4xx)."""
+        if line.request is None:
+            return
+        serving = self.runner.serving
+        try:
+            if isinstance(line.request, EmbeddingRequest):
+                line.prepared = await serving.prepare_embeddings(line.request)
+            else:
+                line.prepared = await serving.prepare_rerank(line.request)
+        except APIError as e:
+            line.answer = _answer(line.custom_id, e.status, json.dumps(e.response_json()))
+            return
+        line.results = [None] * len(line.prepared.specs)
+
+    def _piece_size(self) -> int:
+        """Inputs per store request: what may be in flight for one batch, and what the
+        queue's batch room takes."""
+        return max(1, min(self.runner.settings.batch_inputs_in_flight, self.store.max_queued_batch))
+
     async def _reserve(self, n: int) -> None:
         """Wait for room: at most ``--batch-inputs-in-flight`` of this batch's inputs in the
-        queue (a chunk larger than that goes alone)."""
+        queue."""
         counts, limit = self.counts, self.runner.settings.batch_inputs_in_flight
         async with counts.room:
             await counts.room.wait_for(
@@ -420,36 +529,27 @@ class _Job:
             self.counts.inputs_in_flight -= n
             self.counts.room.notify_all()
 
-    async def _submit(self, lines: list[_Line]) -> list[tuple[list[_Line], Request]]:
-        """Queue the lines' inputs at batch priority, one store request per task."""
-        by_task: dict[str, list[_Line]] = {}
-        for line in lines:
-            assert line.prepared is not None
-            by_task.setdefault(line.prepared.specs[0].task, []).append(line)
-        out = []
-        for group in by_task.values():
-            specs = [spec for line in group if line.prepared for spec in line.prepared.specs]
-            for spec in specs:  # the line's own specs: set in place, no copy per input
-                spec.priority = BATCH_PRIORITY
-            while True:
-                try:
-                    out.append((group, await self.store.submit(specs)))
-                    break
-                except QueueFull:
-                    await asyncio.sleep(1.0)  # the queue is at its limit: wait for room
-        return out
+    async def _submit(self, specs: list[ItemSpec]) -> Request:
+        """Queue a piece's inputs at batch priority, waiting while the queue's batch room is
+        full (a piece always fits an empty one)."""
+        for spec in specs:  # the lines' own specs: set in place, no copy per input
+            spec.priority = BATCH_PRIORITY
+        while True:
+            try:
+                return await self.store.submit(specs)
+            except QueueFull:
+                await asyncio.sleep(1.0)  # the batch room is taken: wait for it
 
-    async def _collect(self, lines: list[_Line], request: Request) -> None:
-        """Wait for every result of ``request`` and turn each line's results into its
-        answer."""
-        window = max(1.0, (self.record.expires_at or 0) - time.time())
-        results = await self.store.wait(request, pickup_timeout=window, request_timeout=window)
-        at = 0
-        for line in lines:
-            assert line.prepared is not None
-            mine = results[at : at + len(line.prepared.specs)]
-            at += len(mine)
-            line.answer = _respond(line, mine)
+    async def _collect(self, piece: _Piece, request: Request) -> None:
+        """Wait for every result of a piece, put each in its line; the piece's room goes
+        back to the batch."""
+        try:
+            window = max(1.0, (self.record.expires_at or 0) - time.time())
+            results = await self.store.wait(request, pickup_timeout=window, request_timeout=window)
+        finally:
+            await self._release(len(piece.specs))
+        for (line, i), result in zip(piece.places, results, strict=True):
+            line.results[i] = result
 
     def _write_chunk(self, k: int, lines: list[_Line]) -> None:
         out = [line.answer for line in lines if line.answer and _succeeded(line.answer)]
@@ -517,6 +617,19 @@ _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count()
 
 
+def _lines(f: BinaryIO, max_line: int) -> Iterator[tuple[bytes | None, int]]:
+    """The lines of ``f`` with their sizes in bytes (newline included); a line longer than
+    ``max_line`` comes as (None, its size) and is never held in memory whole."""
+    while raw := f.readline(max_line + 1):
+        if len(raw) <= max_line or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+            size += len(rest)
+        yield None, size + len(rest)
+
+
 def _answer(custom_id: str, status: int, body: str) -> _Answer:
     """The output line of a request answered with ``status`` and ``body`` (JSON), in the
     shape of :class:`BatchOutputLine` (ids of 24 and 32 hex digits), serialised once."""
@@ -526,10 +639,28 @@ def _answer(custom_id: str, status: int, body: str) -> _Answer:
     return _Answer(status, f'{head[:-1]}, "response": {response}, "error": null}}')
 
 
-def _respond(line: _Line, results: list[ItemResult]) -> _Answer:
+def _pieces(lines: list[_Line], size: int) -> list[_Piece]:
+    """The prepared lines' inputs as pieces of at most ``size`` inputs of one task each, in
+    input order."""
+    by_task: dict[str, list[_Piece]] = {}
+    for line in lines:
+        if line.prepared is None:
+            continue
+        pieces = by_task.setdefault(line.prepared.specs[0].task, [_Piece()])
+        for i, spec in enumerate(line.prepared.specs):
+            if len(pieces[-1].specs) >= size:
+                pieces.append(_Piece())
+            pieces[-1].specs.append(spec)
+            pieces[-1].places.append((line, i))
+    return [piece for pieces in by_task.values() for piece in pieces if piece.specs]
+
+
+def _respond(line: _Line) -> _Answer:
     """A line's answer from its inputs' results: the endpoint's response, or the error of its
     first failed input (as the interactive endpoint answers it)."""
     assert line.prepared is not None
+    results = [r for r in line.results if r is not None]
+    assert len(results) == len(line.results)
     for index, res in enumerate(results):
         if res.error is not None:
             e = item_error(res.error, line.prepared.field, index, len(results))

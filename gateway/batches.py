@@ -5,6 +5,11 @@ every replica answers for it; :mod:`gateway.batch_runner` runs it. Lifecycle (Op
 ``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed``; ``failed`` when the input
 file is malformed (``errors`` names the lines); ``cancelling`` -> ``cancelled`` after a cancel;
 ``expired`` after the 24 h completion window. Output and error files keep what was done.
+
+What one key keeps is bounded: ``--max-batches-per-key`` running, ``--max-batch-records-per-key``
+records (a new batch forgets the key's oldest ended ones), each record for
+``--batch-retention`` after it ended (:meth:`Batches.forget_expired`), its metadata as
+OpenAI's (16 pairs, keys up to 64 characters, values up to 512).
 """
 
 from __future__ import annotations
@@ -13,14 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from gateway.batch_models import (
-    TERMINAL,
-    Batch,
-    BatchCreate,
-    BatchList,
-    BatchRecord,
-    cursor_page,
-)
+from gateway.batch_models import TERMINAL, Batch, BatchCreate, BatchList, BatchRecord
 from gateway.errors import APIError
 from gateway.files import FileStore
 from gateway.settings import GatewaySettings
@@ -61,7 +59,7 @@ class Batches:
                 "a file uploaded with purpose 'batch'.",
                 param="input_file_id",
             )
-        running = [b for b in await self._records() if b.owner == owner and not _ended(b)]
+        running = await self.store.running_batches(owner)
         if len(running) >= self.settings.max_batches_per_key:
             raise APIError(
                 429,
@@ -83,7 +81,9 @@ class Batches:
             metadata=req.metadata,
             owner=owner,
         )
-        await self.store.save_batch(record.id, record.model_dump_json())
+        keep = self.settings.max_batch_records_per_key - 1
+        self._delete_files(await self.store.trim_batches(owner, keep))
+        await self.store.save_batch(record.id, record.model_dump_json(), record.index())
         self.on_create()
         return record.wire()
 
@@ -92,10 +92,10 @@ class Batches:
         return (await self._record(batch_id, owner)).wire()
 
     async def page(self, owner: str, after: str | None, limit: int) -> BatchList:
-        """``GET /v1/batches``: newest first, ``limit`` after the batch ``after``."""
-        mine = [b for b in await self._records() if b.owner == owner]
-        mine.sort(key=lambda b: (b.created_at, b.id), reverse=True)
-        page, more = cursor_page(mine, after, limit)
+        """``GET /v1/batches``: newest first, ``limit`` after the batch ``after`` (the page's
+        records are read, no others)."""
+        raws, more = await self.store.owner_batches(owner, after, limit)
+        page = [await self._with_cancel(BatchRecord.model_validate_json(raw)) for raw in raws]
         return BatchList(
             data=[b.wire() for b in page],
             first_id=page[0].id if page else None,
@@ -126,13 +126,45 @@ class Batches:
             )
         return await self._with_cancel(record)
 
-    async def _records(self) -> list[BatchRecord]:
-        out = []
-        for batch_id in await self.store.batch_ids():
+    async def check_unused(self, file_id: str, owner: str) -> None:
+        """Raises APIError 409 (``file_in_use``) if a running batch of ``owner`` reads the
+        file: deleting it would fail the batch."""
+        for batch_id in await self.store.running_batches(owner):
+            raw = await self.store.load_batch(batch_id)
+            if raw is not None and BatchRecord.model_validate_json(raw).input_file_id == file_id:
+                raise APIError(
+                    409,
+                    f"The file {file_id} is the input of the running batch {batch_id}; cancel "
+                    "the batch first, or delete the file once it has ended.",
+                    param="file_id",
+                    code="file_in_use",
+                )
+
+    async def running_inputs(self) -> set[str]:
+        """The input files of every running batch (they do not expire under it)."""
+        out = set()
+        for batch_id in await self.store.running_batches():
             raw = await self.store.load_batch(batch_id)
             if raw is not None:
-                out.append(await self._with_cancel(BatchRecord.model_validate_json(raw)))
+                out.add(BatchRecord.model_validate_json(raw).input_file_id)
         return out
+
+    async def forget_expired(self, now: float) -> int:
+        """Forget the batches that ended ``--batch-retention`` ago, with their output files;
+        returns how many."""
+        n = 0
+        while raws := await self.store.expire_batches(now - self.settings.batch_retention_seconds):
+            self._delete_files(raws)
+            n += len(raws)
+        return n
+
+    def _delete_files(self, raws: list[str]) -> None:
+        """The output and error files of forgotten batches' records."""
+        for raw in raws:
+            record = BatchRecord.model_validate_json(raw)
+            for file_id in (record.output_file_id, record.error_file_id):
+                if file_id is not None:
+                    self.files.remove(file_id, record.owner)
 
     async def _with_cancel(self, record: BatchRecord) -> BatchRecord:
         """A running batch that was asked to cancel is ``cancelling`` from that moment, also
@@ -143,7 +175,3 @@ class Batches:
         if asked is None:
             return record
         return record.model_copy(update={"status": "cancelling", "cancelling_at": asked})
-
-
-def _ended(record: BatchRecord) -> bool:
-    return record.status in TERMINAL

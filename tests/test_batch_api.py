@@ -320,7 +320,7 @@ async def test_a_file_over_the_limit_is_413():
             data={"purpose": "batch"},
         )
         assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
-        assert list(gw.app.state.files.root.iterdir()) == []  # nothing kept
+        assert [p for p in gw.app.state.files.root.rglob("*") if p.is_file()] == []  # none kept
 
 
 async def test_a_file_over_max_batch_lines_fails_the_batch(monkeypatch: pytest.MonkeyPatch):
