@@ -163,8 +163,11 @@ class BatchRunner:
                 pass  # logged by the store
             except Exception:
                 log.exception("batch scan failed")
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the task's
+            # cancellation, and the scan then outlived close() (a test's teardown hung)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), timeout=SCAN_SECONDS)
+                async with asyncio.timeout(SCAN_SECONDS):
+                    await self._woken.wait()
 
     async def _scan_once(self) -> None:
         every = min(

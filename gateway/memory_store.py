@@ -210,9 +210,10 @@ class MemoryStore(QueueStore):
                     return leased
                 waiter = asyncio.get_running_loop().create_future()
                 self._waiters.add(waiter)
-                try:
-                    await asyncio.wait_for(waiter, timeout=min(remaining, 1.0))
-                except asyncio.TimeoutError:
+                try:  # asyncio.timeout: Python 3.11's wait_for can swallow a cancellation
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await waiter
+                except TimeoutError:
                     pass
                 finally:
                     self._waiters.discard(waiter)

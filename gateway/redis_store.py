@@ -669,10 +669,11 @@ return {page[1], deleted}
 )
 
 #: KEYS: the batch records (hash), the owner's index (zset by created_at), the running
-#: batches (set), the owner's running batches (set), the ended ones (zset by ended_at).
-#: ARGV: batch id, record, created_at, ended_at ('' while it runs).
+#: batches (set), the owner's running batches (set), the ended ones (zset by ended_at), the
+#: owners (hash). ARGV: batch id, record, created_at, ended_at ('' while it runs), owner.
 _SAVE_BATCH = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[4] == '' then
   redis.call('SADD', KEYS[3], ARGV[1]); redis.call('SADD', KEYS[4], ARGV[1])
@@ -1479,19 +1480,20 @@ class RedisStore(QueueStore):
 
     # --- batch jobs ---------------------------------------------------------------------
     def _batch_keys(self, owner: str) -> list[str]:
-        """The batch records, the owner's index, the running batches (all, the owner's) and
-        the ended ones: ``_SAVE_BATCH``'s KEYS."""
+        """The batch records, the owner's index, the running batches (all, the owner's), the
+        ended ones and the owners: ``_SAVE_BATCH``'s KEYS."""
         return [
             BATCHES,
             f"{BATCHES}:by-owner:{owner}",
             f"{BATCHES}:running",
             f"{BATCHES}:running:{owner}",
             f"{BATCHES}:ended",
+            f"{BATCHES}:owners",
         ]
 
     async def save_batch(self, batch_id: str, record: str, index: BatchIndex) -> None:
         ended = "" if index.ended_at is None else index.ended_at
-        args: list[Any] = [batch_id, record, index.created_at, ended]
+        args: list[Any] = [batch_id, record, index.created_at, ended, index.owner]
         await self._call(self._save_batch(keys=self._batch_keys(index.owner), args=args))
 
     async def _index_batches(self) -> None:
@@ -1551,18 +1553,17 @@ class RedisStore(QueueStore):
 
     async def _drop_batches(self, batch_ids: list[str]) -> list[str]:
         """Forget the batches: records, indexes, cancels, runner claims. Their records."""
-        from gateway.batch_models import BatchRecord
-
         if not batch_ids:
             return []
         raws: Any = await self._call(self.redis.hmget(BATCHES, batch_ids))
+        owners: Any = await self._call(self.redis.hmget(f"{BATCHES}:owners", batch_ids))
         async with self.redis.pipeline(transaction=True) as p:
-            for batch_id, raw in zip(batch_ids, raws, strict=True):
-                if raw is not None:
-                    owner = BatchRecord.model_validate_json(raw).owner
-                    p.zrem(f"{BATCHES}:by-owner:{owner}", batch_id)
-                    p.srem(f"{BATCHES}:running:{owner}", batch_id)
+            for batch_id, owner in zip(batch_ids, owners, strict=True):
+                if owner is not None:
+                    p.zrem(f"{BATCHES}:by-owner:{owner.decode()}", batch_id)
+                    p.srem(f"{BATCHES}:running:{owner.decode()}", batch_id)
                 p.hdel(BATCHES, batch_id)
+                p.hdel(f"{BATCHES}:owners", batch_id)
                 p.srem(f"{BATCHES}:running", batch_id)
                 p.zrem(f"{BATCHES}:ended", batch_id)
                 p.hdel(f"{PREFIX}batch-cancels", batch_id)

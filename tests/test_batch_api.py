@@ -332,3 +332,111 @@ async def test_a_file_over_max_batch_lines_fails_the_batch(monkeypatch: pytest.M
         assert [(e["line"], e["code"]) for e in failed["errors"]["data"]] == [
             (4, "too_many_requests")
         ]
+
+
+# --- what one key keeps is bounded (docs/security.md) ---------------------------------------
+
+
+async def test_files_per_key_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    async with InProcessGateway(
+        api_keys=[InProcessGateway.API_KEY, OTHER_KEY],
+        max_files_per_key=3,
+        max_file_bytes_per_key=4096,
+        file_expiry_seconds=60,
+    ) as gw:
+        ids = [await upload(gw, b"{}\n") for _ in range(3)]
+        r = await gw.client.post(
+            "/v1/files",
+            files={"file": ("x.jsonl", b"{}\n", "application/jsonl")},
+            data={"purpose": "batch"},
+        )
+        assert r.status_code == 429 and r.json()["error"]["code"] == "file_quota_exceeded"
+        assert await upload(gw, b"{}\n", key=OTHER_KEY)  # another key's quota is its own
+        await gw.client.delete(f"/v1/files/{ids[0]}")
+        r = await gw.client.post(  # within the count, over the bytes
+            "/v1/files",
+            files={"file": ("x.jsonl", b"x" * 5000, "application/jsonl")},
+            data={"purpose": "batch"},
+        )
+        assert r.status_code == 429 and "bytes" in r.json()["error"]["message"]
+        # OpenAI's expires_after: between an hour and 30 days, at most --file-expiry here
+        r = await gw.client.post(
+            "/v1/files",
+            files={"file": ("x.jsonl", b"{}\n", "application/jsonl")},
+            data={
+                "purpose": "batch",
+                "expires_after[anchor]": "created_at",
+                "expires_after[seconds]": "10",
+            },
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "expires_after"
+        got = (await gw.client.get(f"/v1/files/{ids[1]}")).json()
+        assert got["expires_at"] == got["created_at"] + 60
+        # past its expiry a file is gone (404 at once; swept from the disk)
+        files = gw.app.state.files
+        assert files.expire(got["expires_at"] - 1) == 0
+        assert files.expire(got["expires_at"] + 1) == 3  # both of this key's, the other's
+        assert (await gw.client.get(f"/v1/files/{ids[1]}")).status_code == 404
+        assert list(files.root.glob("*/file-*")) == []
+
+
+async def test_batch_metadata_records_and_inputs_in_use_are_bounded(gw):
+    await register(gw)
+    file_id = await upload(gw, jsonl([line("a", {"model": MODEL, "input": "x"})]))
+
+    async def batch(**kw: Any) -> Any:
+        body = {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}
+        return await gw.client.post("/v1/batches", json={**body, **kw})
+
+    running = (await batch(metadata={"k": "v" * 512})).json()
+    for meta, status in (
+        ({"k": "v" * 512}, 200),
+        ({"k": "v" * 513}, 400),
+        ({"k" * 65: "v"}, 400),
+        ({f"k{i}": "v" for i in range(17)}, 400),
+    ):
+        r = await batch(metadata=meta)
+        assert r.status_code == status, (meta, r.text)
+        if status == 400:
+            assert r.json()["error"]["param"] == "metadata"
+    deleted = await gw.client.delete(f"/v1/files/{file_id}")  # its batch is running
+    assert deleted.status_code == 409 and deleted.json()["error"]["code"] == "file_in_use"
+    stop = asyncio.Event()
+    seen: list[dict[str, Any]] = []
+    server = asyncio.create_task(serve(gw, stop, seen))
+    await until(gw, running["id"], "completed")
+    stop.set()
+    await server
+    assert (await gw.client.delete(f"/v1/files/{file_id}")).status_code == 200
+
+
+async def test_a_key_keeps_its_newest_batch_records_and_ended_ones_expire(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    async with InProcessGateway(max_batch_records_per_key=3, batch_retention_seconds=3600) as gw:
+        file_id = await upload(gw, jsonl([line("a", {"model": "nobody", "input": "x"})]))
+        ids = []
+        for _ in range(5):  # each fails at once (no such model) and ends
+            ids.append((await create(gw, file_id))["id"])
+            await until(gw, ids[-1], "failed")
+        listed = [b["id"] for b in (await gw.client.get("/v1/batches")).json()["data"]]
+        assert listed == ids[::-1][:3]  # the newest three, newest first
+        assert (await gw.client.get(f"/v1/batches/{ids[0]}")).status_code == 404
+        forgotten = await gw.app.state.batches.forget_expired(__import__("time").time() + 3601)
+        assert forgotten == 3 and (await gw.client.get("/v1/batches")).json()["data"] == []
+
+
+async def test_a_batch_line_over_the_limit_fails_validation_unread(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    async with InProcessGateway(max_batch_line_bytes=1024) as gw:
+        lines = [
+            line("small", {"model": MODEL, "input": "x"}),
+            line("big", {"model": MODEL, "input": "y" * 5000}),
+        ]
+        batch = await create(gw, await upload(gw, jsonl(lines)))
+        failed = await until(gw, batch["id"], "failed")
+        assert [(e["line"], e["code"]) for e in failed["errors"]["data"]] == [
+            (2, "request_too_large")
+        ]

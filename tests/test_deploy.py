@@ -247,3 +247,40 @@ def test_dashboard_queries_only_exported_metrics(gateway, embed_worker, client):
         for m in re.findall(r"\binference_[a-z_]+", r["expr"])
     }
     assert not sorted(m for m in rule_metrics if _base(m) not in exported)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateways_internal_listener_serves_workers_probes_and_prometheus(overlay):
+    """docs/security.md: the gateway's workers, probes and Prometheus use its internal
+    listener (``--internal-port``), which a NetworkPolicy opens only to the workers (and a
+    monitoring namespace); the client port stays the Service's ``http``."""
+    docs = render(overlay)
+    gw = _one(docs, "Deployment", "inference-gateway")
+    c = gw["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert f"--internal-port={ports['internal']}" in c["args"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == "internal"
+    svc = _one(docs, "Service", "inference-gateway")
+    by_name = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert by_name["internal"]["targetPort"] == "internal" and by_name["http"]["port"] == 8000
+    cm = _one(docs, "ConfigMap", "inference-worker-config")
+    url = tomllib.loads(cm["data"]["config.toml"])["queue"]["url"]
+    assert url == f"http://{svc['metadata']['name']}:{by_name['internal']['port']}"
+    annotations = gw["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["internal"])
+    policy = _one(docs, "NetworkPolicy", "inference-gateway")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
+        gw["spec"]["template"]["metadata"]["labels"].items()
+    )
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+    assert rules[8000] is None  # clients: open
+    worker = _one(docs, "Deployment", "inference-worker")
+    sources = [
+        s["podSelector"]["matchLabels"] for s in rules[ports["internal"]] if "podSelector" in s
+    ]
+    assert any(
+        m.items() <= worker["spec"]["template"]["metadata"]["labels"].items() for m in sources
+    )
+    sm = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert all(e["port"] == "internal" for m in sm for e in m["spec"]["endpoints"])

@@ -215,3 +215,31 @@ def test_make_test_runs_both_layers_in_a_random_order():
     runs = [line for line in recipe.splitlines() if "pytest" in line]
     assert len(runs) == 2 and all("-p randomly" in line for line in runs), runs
     assert '-m "not slow"' in runs[0] and "-m slow" in runs[1]
+
+
+def test_the_security_pages_limits_are_the_settings_and_their_defaults():
+    """docs/security.md's table of limits: every flag exists, with the default it says; and
+    every setting that bounds what a client or worker can cost is in the table."""
+    from gateway.settings import GatewaySettings
+
+    text = (REPO / "docs" / "security.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+) \|", text, re.MULTILINE)
+    by_flag = {
+        f.json_schema_extra["flag"]: f  # type: ignore[index]
+        for f in GatewaySettings.model_fields.values()
+    }
+    assert len(rows) >= 20
+    for flag, default in rows:
+        assert flag in by_flag, f"docs/security.md names {flag}, which does not exist"
+        want = by_flag[flag].default
+        same = str(want) if want is None else float(want)
+        assert (default.strip() if want is None else float(default)) == same, (flag, default)
+    bounding = {
+        "--max-body-bytes", "--body-timeout", "--header-timeout", "--write-timeout",
+        "--max-connections", "--internal-port", "--max-chars-per-token", "--max-rerank-bytes",
+        "--max-queued-inputs", "--max-queued-batch-inputs", "--advert-ttl", "--max-file-bytes",
+        "--max-files-per-key", "--max-file-bytes-per-key", "--file-expiry", "--max-batch-lines",
+        "--max-batch-line-bytes", "--max-batches-per-key", "--max-batch-records-per-key",
+        "--batch-retention", "--batch-inputs-in-flight",
+    }  # fmt: skip
+    assert bounding <= {flag for flag, _ in rows}

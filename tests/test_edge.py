@@ -312,3 +312,116 @@ async def test_a_rerank_is_bounded_by_its_prompts_in_total():
         r = await g.client.post("/v1/rerank", json=long_query)
         assert r.status_code == 400 and r.json()["error"]["param"] == "query"
         assert await g.store.depth() == {}
+
+
+# --- what a worker will be handed is checked at the edge (docs/security.md) -----------------
+
+VOCAB_ADVERT = {
+    **ADVERTISE,
+    "models": [{**ADVERTISE["models"][0], "vocab_size": 1000}],
+}
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "body,code_or_where",
+    [
+        ({"input": [{"a": [0, "\ud800"]}], "prompt_template": "{a}"}, "input[0]"),
+        ({"input": [{"a": nested(16)}], "prompt_template": "{a}"}, "input[0]"),
+        ({"input": {"a": {"b": nested(15)}}, "prompt_template": "{a}"}, "'input'"),
+        ({"input": [[5, 1000]]}, "invalid_token_ids"),
+        ({"input": [5, 2**80]}, "invalid_token_ids"),
+        ({"model": "m" * 257, "input": "x"}, "model"),
+    ],
+)
+async def test_what_no_worker_could_use_is_refused_before_it_is_queued(gw, body, code_or_where):
+    assert (await gw.worker.post("/pull", json=VOCAB_ADVERT)).status_code == 200
+    raw = json.dumps({"model": "m", **body}).encode()  # \ud800 escaped, as a client may send it
+    r = await gw.client.post(
+        "/v1/embeddings", content=raw, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert code_or_where in (error["code"], error["param"]) or error["message"].startswith(
+        code_or_where
+    ), error
+    assert await gw.store.depth() == {}
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"NaN", b"-Infinity"])
+async def test_a_number_that_is_not_finite_is_refused(gw, number):
+    assert (await gw.worker.post("/pull", json=VOCAB_ADVERT)).status_code == 200
+    body = b'{"model":"m","input":[{"a":' + number + b'}],"prompt_template":"{a}"}'
+    r = await gw.client.post(
+        "/v1/embeddings", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not finite" in r.json()["error"]["message"]
+    assert await gw.store.depth() == {}
+
+
+async def test_within_the_bounds_a_structured_input_is_queued_and_handed_out(gw):
+    assert (await gw.worker.post("/pull", json=VOCAB_ADVERT)).status_code == 200
+    call = asyncio.ensure_future(
+        gw.client.post(
+            "/v1/embeddings",
+            json={"model": "m", "input": [{"a": nested(15)}], "prompt_template": "{a}"},
+        )
+    )
+    pulled = await gw.worker.post("/pull", json={**VOCAB_ADVERT, "wait_seconds": 5})
+    (item,) = pulled.json()["items"]
+    assert item["fields"] == {"a": nested(15)}
+    call.cancel()
+
+
+async def test_errors_of_starlette_itself_are_in_openais_shape(gw):
+    unknown = await gw.client.post("/v1/nothing", json={})
+    deep = await gw.client.post(
+        "/v1/embeddings",
+        content=b"[" * 50_000 + b"]" * 50_000,
+        headers={"content-type": "application/json"},
+    )
+    for r, status in ((unknown, 404), (deep, 400)):
+        assert r.status_code == status
+        assert sorted(r.json()["error"]) == ["code", "message", "param", "type"], r.text
+    assert unknown.json()["error"]["message"] == "Invalid URL (POST /v1/nothing)"
+
+
+def test_the_connection_budget_evicts_the_idle_longest_and_refuses_only_when_all_serve():
+    from gateway.connections import Budget
+
+    class Conn:
+        def __init__(self, busy: bool = False):
+            self.busy, self.closed = busy, False
+            self.transport = self
+
+        def serving(self) -> bool:
+            return self.busy
+
+        def close(self) -> None:
+            self.closed = True
+
+    budget = Budget(3)
+    conns = [Conn() for _ in range(3)]
+    for c in conns:
+        budget.open.add(c)
+        budget.idle_now(c)
+        assert budget.make_room(c)
+    conns[0].busy = True  # serving a request: not evicted
+    new = Conn()
+    budget.open.add(new)
+    budget.idle_now(new)
+    assert budget.make_room(new) and conns[1].closed and not conns[0].closed
+    budget.forget(conns[1])
+    for c in (conns[2], new):
+        c.busy = True
+    last = Conn()
+    budget.open.add(last)
+    budget.idle_now(last)
+    assert not budget.make_room(last)  # every other connection serves a request
+    assert budget.evicted == 1

@@ -109,8 +109,9 @@ def test_big_bodies_without_credentials_or_over_the_limit_cost_nothing(edge_gate
 
 def test_slow_request_heads_are_cut_off_and_connections_are_bounded(edge_gateway):
     """Finding: 200 half-sent requests were still held after 25 s. Now a connection without
-    a whole request head is closed after --header-timeout; over --max-connections new
-    requests get 503 at once; service comes back by itself."""
+    a whole request head is closed after --header-timeout; over --max-connections a new
+    connection closes the one idle longest (a head never finished is idle), so a request
+    meanwhile is served at once (it got 503 while uvicorn counted idle connections)."""
     url = edge_gateway.url
     held = []
     for _ in range(200):
@@ -127,11 +128,12 @@ def test_slow_request_heads_are_cut_off_and_connections_are_bounded(edge_gateway
             closed += s.recv(1) == b""
         s.close()
     waited = time.monotonic() - t0
-    assert crowded == 503  # over --max-connections: refused at once, not queued
+    assert crowded == 200  # over --max-connections: the oldest half-sent head made room
     assert closed == 200 and waited < HEAD_TIMEOUT + 2
     assert httpx.get(url + "/healthz", timeout=5).status_code == 200
     FAULT_REPORTS.append(
-        f"edge: 200 half-sent request heads: a new request meanwhile {crowded}; "
+        f"edge: 200 half-sent request heads (--max-connections {MAX_CONNECTIONS}): a new "
+        f"request meanwhile {crowded}; "
         f"{closed} closed by the gateway within {waited:.1f} s (--header-timeout "
         f"{HEAD_TIMEOUT:g}); /healthz 200 again"
     )

@@ -912,3 +912,116 @@ async def test_the_memory_stores_reaper_expires_leases_by_itself(clock):
     finally:
         await store.close()
     assert store._reaper is not None and store._reaper.done()
+
+
+# --- the trust boundary (docs/security.md) --------------------------------------------------
+
+
+async def test_a_result_needs_the_lease_issued_to_the_posting_worker(store):
+    """A result with a lease id the store did not issue for this delivery, or posted by
+    another worker, is ignored; only the holder answers."""
+    request = await store.submit([spec("x")])
+    (item,) = await pull(store, n=1, worker="holder")
+    forged = [
+        ItemResult(**{**ok(item, 6.0).model_dump(), "lease_id": lease})
+        for lease in ("1:holder", "1:thief", "0" * 32, item.lease_id[:-1] + "x", "")
+    ]
+    assert (await store.complete("holder", forged)).ignored == len(forged)
+    assert (await store.complete("thief", [ok(item, 6.0)])).ignored == 1  # not its lease
+    assert (await store.complete("thief", [failed(item, retryable=True)])).ignored == 1
+    assert await store.release("thief", [(item.item_id, item.lease_id)]) == 0
+    assert (await store.complete("holder", [ok(item, 2.0)])).accepted == 1
+    assert value((await store.wait(request, pickup_timeout=1, request_timeout=5))[0]) == 2.0
+
+
+async def test_prompt_tokens_past_the_context_are_a_rejected_result(store):
+    before = counter(metrics.RESULTS_REJECTED, "m")
+    advert = ModelAdvert(name="m", checkpoint_name="c", tasks=["embed"], max_model_len=64)
+    request = await store.submit([spec("x")])
+    (item,) = await pull(store, n=1, adverts=[advert])
+    too_many = ok(item, 1.0).model_copy(update={"prompt_tokens": 2**70})
+    done = await store.complete("w", [too_many])
+    assert (done.accepted, done.rejected) == (0, 1)
+    assert counter(metrics.RESULTS_REJECTED, "m") == before + 1
+    (again,) = await pull(store, n=1, adverts=[advert])  # a failed attempt: delivered again
+    assert again.attempt == 2
+    await store.complete("w", [ok(again, 1.0).model_copy(update={"prompt_tokens": 64})])
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.prompt_tokens == 64
+
+
+async def test_batch_inputs_have_a_room_of_their_own(store_kind, redis_url, clock):
+    s = make_store(
+        store_kind,
+        redis_url,
+        clock,
+        lease_seconds=LEASE,
+        worker_ttl_seconds=TTL,
+        max_queued=3,
+        max_queued_batch=5,
+    )
+    await s.start()
+    try:
+        await s.submit([spec(f"b{i}", priority=BATCH_PRIORITY) for i in range(5)])
+        with pytest.raises(QueueFull) as full:
+            await s.submit([spec("b5", priority=BATCH_PRIORITY)])
+        assert full.value.limit == 5
+        await s.submit([spec(f"i{i}") for i in range(3)])  # the interactive room is whole
+        with pytest.raises(QueueFull) as full:
+            await s.submit([spec("i3")])
+        assert (full.value.queued, full.value.limit) == (3, 3)
+        assert await s.depth() == {"m": 8}
+    finally:
+        await s.close()
+
+
+def record(batch_id: str, owner: str, created: int, ended: int | None = None) -> str:
+    return f'{{"id": "{batch_id}", "owner": "{owner}", "created_at": {created}, "ended": {ended}}}'
+
+
+async def test_batch_records_by_owner_running_trimmed_and_expired(store):
+    from gateway.store import BatchIndex
+
+    for i in range(6):  # a0..a5 of owner a (a0, a1, a3 ended), b0 of owner b
+        ended = 100 + i if i in (0, 1, 3) else None
+        await store.save_batch(f"a{i}", record(f"a{i}", "a", i, ended), BatchIndex("a", i, ended))
+    await store.save_batch("b0", record("b0", "b", 3, None), BatchIndex("b", 3))
+    assert sorted(await store.running_batches("a")) == ["a2", "a4", "a5"]
+    assert sorted(await store.running_batches()) == ["a2", "a4", "a5", "b0"]
+    page, more = await store.owner_batches("a", None, 4)
+    assert [r.split('"')[3] for r in page] == ["a5", "a4", "a3", "a2"] and more
+    page, more = await store.owner_batches("a", "a2", 4)
+    assert [r.split('"')[3] for r in page] == ["a1", "a0"] and not more
+    assert await store.owner_batches("a", "b0", 4) == ([], False)  # another owner's cursor
+    # a batch ends: out of the running ones
+    await store.save_batch("a2", record("a2", "a", 2, 150), BatchIndex("a", 2, 150))
+    assert sorted(await store.running_batches("a")) == ["a4", "a5"]
+    # keep 4 of a's 6: the two oldest ended go (a0, a1), running ones stay
+    gone = await store.trim_batches("a", 4)
+    assert sorted(r.split('"')[3] for r in gone) == ["a0", "a1"]
+    assert await store.load_batch("a0") is None and await store.load_batch("a4") is not None
+    # ended before 149: a3 (103); a2 (150) stays
+    expired = await store.expire_batches(149)
+    assert [r.split('"')[3] for r in expired] == ["a3"]
+    page, _ = await store.owner_batches("a", None, 10)
+    assert [r.split('"')[3] for r in page] == ["a5", "a4", "a2"]
+    assert await store.load_batch("b0") is not None
+
+
+async def test_the_memory_store_forgets_silent_workers_and_old_adverts(clock):
+    from gateway.memory_store import MemoryStore
+
+    s = MemoryStore(lease_seconds=LEASE, worker_ttl_seconds=TTL, advert_ttl_seconds=10, clock=clock)
+    adverts = [
+        ModelAdvert(name=f"made-up-{i}", checkpoint_name="c", tasks=["embed"]) for i in range(50)
+    ]
+    for i in range(0, 50, 10):
+        await s.pull(f"flood-{i}", adverts[i : i + 10], max_items=1, wait_seconds=0)
+    assert len(await s.available_models()) == 50 and await s.advert("made-up-3") is not None
+    clock.advance(5)
+    s._forget()
+    assert len(s._workers) == 0  # past the worker TTL
+    assert await s.advert("made-up-3") is not None  # within the advert TTL
+    clock.advance(6)
+    s._forget()
+    assert await s.advert("made-up-3") is None and s._adverts == {} and s._pending == {}
