@@ -242,6 +242,26 @@ def batch_line(i: int, body: dict[str, Any], url: str = "/v1/embeddings") -> str
     return json.dumps({"custom_id": f"l{i}", "method": "POST", "url": url, "body": body})
 
 
+async def post_batch(c: httpx.AsyncClient, file_id: str, **extra: Any) -> httpx.Response:
+    body = {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}
+    return await c.post("/v1/batches", json={**body, **extra})
+
+
+async def create_batch(c: httpx.AsyncClient, lines: list[str]) -> tuple[str, str]:
+    """Upload ``lines`` and start a batch on them: (file id, batch id)."""
+    file_id = (await upload(c, ("\n".join(lines) + "\n").encode())).json()["id"]
+    r = await post_batch(c, file_id)
+    assert r.status_code == 200, r.text
+    return file_id, str(r.json()["id"])
+
+
+async def register(gw: Gateway) -> None:
+    """Make model ``m`` known (a worker's pull that takes nothing)."""
+    worker = gw.worker(worker_id="reg")
+    await worker.register()
+    await worker.http.aclose()
+
+
 async def upload(c: httpx.AsyncClient, data: bytes, **form: str) -> httpx.Response:
     return await c.post(
         "/v1/files",
@@ -308,16 +328,7 @@ async def test_batch_metadata_is_bounded_as_openais(gw):
         statuses = []
         for b in range(16):
             meta = {f"k{j}": f"{b}{j}" + "v" * (160 * 1024) for j in range(16)}
-            r = await c.post(
-                "/v1/batches",
-                json={
-                    "input_file_id": file_id,
-                    "endpoint": "/v1/embeddings",
-                    "completion_window": "24h",
-                    "metadata": meta,
-                },
-            )
-            statuses.append(r.status_code)
+            statuses.append((await post_batch(c, file_id, metadata=meta)).status_code)
         stop, samples = peak_rss(gw)
         listed = await c.get("/v1/batches", params={"limit": 100})
         stop.set()
@@ -330,15 +341,7 @@ async def test_batch_metadata_is_bounded_as_openais(gw):
             "64-character key": {"k" * 64: "v"},
             "65-character key": {"k" * 65: "v"},
         }.items():
-            r = await c.post(
-                "/v1/batches",
-                json={
-                    "input_file_id": file_id,
-                    "endpoint": "/v1/embeddings",
-                    "completion_window": "24h",
-                    "metadata": meta,
-                },
-            )
+            r = await post_batch(c, file_id, metadata=meta)
             edges[name] = r.status_code
             if r.status_code == 400:
                 assert r.json()["error"]["param"] == "metadata", r.text
@@ -364,17 +367,8 @@ async def test_ended_batch_records_expire(gw):
     """Finding 2: no batch record was ever deleted. An ended batch's record (and its files)
     go ``--batch-retention`` after it ended."""
     async with gw.client(ATTACKER) as c:
-        data = (batch_line(0, {"model": "nobody-serves-this", "input": "x"}) + "\n").encode()
-        file_id = (await upload(c, data)).json()["id"]
-        r = await c.post(
-            "/v1/batches",
-            json={
-                "input_file_id": file_id,
-                "endpoint": "/v1/embeddings",
-                "completion_window": "24h",
-            },
-        )
-        batch_id = r.json()["id"]
+        lines = [batch_line(0, {"model": "nobody-serves-this", "input": "x"})]
+        _, batch_id = await create_batch(c, lines)
 
         async def status() -> int:
             return (await c.get(f"/v1/batches/{batch_id}")).status_code
@@ -603,16 +597,6 @@ async def test_results_are_accepted_only_with_the_current_lease(gw):
 # --- 6. batch jobs vs interactive traffic ---------------------------------------------------
 
 
-async def create_batch(c: httpx.AsyncClient, lines: list[str]) -> str:
-    file_id = (await upload(c, ("\n".join(lines) + "\n").encode())).json()["id"]
-    r = await c.post(
-        "/v1/batches",
-        json={"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"},
-    )
-    assert r.status_code == 200, r.text
-    return str(r.json()["id"])
-
-
 async def batch_status(c: httpx.AsyncClient, batch_id: str) -> dict[str, Any]:
     return dict((await c.get(f"/v1/batches/{batch_id}")).json())
 
@@ -621,11 +605,9 @@ async def test_a_batch_never_fills_the_queue_interactive_requests_use(gw):
     """Finding 6: a batch chunk went into the model's queue whole (49,999 of 50,000 inputs):
     every other key got 429 until it drained."""
     async with gw.client(ATTACKER) as bad, gw.client(VICTIM) as good:
-        register = gw.worker(worker_id="reg")
-        await register.pull(wait=0)
-        await register.http.aclose()
+        await register(gw)
         inputs = [f"b{i}" for i in range(MAX_QUEUED - 10)]
-        batch_id = await create_batch(bad, [batch_line(0, {"model": "m", "input": inputs})])
+        _, batch_id = await create_batch(bad, [batch_line(0, {"model": "m", "input": inputs})])
         await wait_until(
             lambda: status_is_in(bad, batch_id, "in_progress"), 10, "batch in progress"
         )
@@ -661,7 +643,7 @@ async def test_a_batch_chunk_larger_than_the_queue_is_split_not_stuck(gw):
             batch_line(i, {"model": "m", "input": [f"l{i} t{j}" for j in range(2048)]})
             for i in range(2)
         ]
-        batch_id = await create_batch(c, lines)
+        _, batch_id = await create_batch(c, lines)
         t0 = time.monotonic()
         done = True
         try:
@@ -682,20 +664,8 @@ async def test_deleting_the_input_file_of_a_running_batch_is_refused(gw):
     """Finding 6: deleting the input file of a running batch logged a traceback every ~1.2 s
     until the batch expired."""
     async with gw.client(ATTACKER) as c:
-        register = gw.worker(worker_id="reg")
-        await register.pull(wait=0)
-        await register.http.aclose()
-        data = (batch_line(0, {"model": "m", "input": "x"}) + "\n").encode()
-        file_id = (await upload(c, data)).json()["id"]
-        r = await c.post(
-            "/v1/batches",
-            json={
-                "input_file_id": file_id,
-                "endpoint": "/v1/embeddings",
-                "completion_window": "24h",
-            },
-        )
-        batch_id = r.json()["id"]
+        await register(gw)
+        file_id, batch_id = await create_batch(c, [batch_line(0, {"model": "m", "input": "x"})])
         await wait_until(lambda: status_is_in(c, batch_id, "in_progress"), 10, "in progress")
         tracebacks = gw.log().count("Traceback")
         deleted = await c.delete(f"/v1/files/{file_id}")
@@ -799,18 +769,10 @@ async def test_a_huge_batch_line_is_never_parsed_and_a_big_one_off_the_event_loo
         huge = batch_line(0, {"model": "m", "input": ["y" * 75_000] * 2000})  # 150 MB
         big = batch_line(0, {"model": "m", "input": ["z" * 1_500] * 2000})  # 3 MB
         ended, worst = [], []
-        for lines in ([huge], [big]):
-            file_id = (await upload(c, ("\n".join(lines) + "\n").encode())).json()["id"]
-            with Prober(gw) as prober:
-                r = await c.post(
-                    "/v1/batches",
-                    json={
-                        "input_file_id": file_id,
-                        "endpoint": "/v1/embeddings",
-                        "completion_window": "24h",
-                    },
-                )
-                batch_id = r.json()["id"]
+        for line in (huge, big):
+            file_id = (await upload(c, (line + "\n").encode())).json()["id"]
+            with Prober(gw) as prober:  # from the batch's creation to its end
+                batch_id = (await post_batch(c, file_id)).json()["id"]
                 await wait_until(
                     lambda b=batch_id: status_is_in(c, b, "completed", "failed"), 60, "ended"
                 )
