@@ -29,10 +29,10 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.prompts import render  # noqa: E402
 from devstack import localstack as ls  # noqa: E402
 from devstack import tiny_bert, tiny_qwen3  # noqa: E402
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
-from worker.prompts import render  # noqa: E402
 
 MODEL = "tiny-qwen3-reranker"
 

@@ -75,7 +75,7 @@ class _Wire(BaseModel):
 
 class RerankSpec(_Wire):
     """How the gateway turns (query, document) into a scoring item for this model: the prompt
-    template (:mod:`worker.prompts` syntax; fields ``query``, ``document``, ``instruction``),
+    template (:mod:`common.prompts` syntax; fields ``query``, ``document``, ``instruction``),
     rendered by the worker."""
 
     template: str = Field(max_length=65_536)
@@ -137,7 +137,7 @@ class ItemSpec(BaseModel):
     process it. Built by the gateway; unknown keys are an error, not silently dropped.
 
     The input is exactly one of ``text``, ``token_ids``, or ``prompt_template`` with ``fields``
-    (rendered by the worker, :mod:`worker.prompts`).
+    (rendered by the worker, :mod:`common.prompts`).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from common.protocol import MAX_NAME_LENGTH
 from gateway.quantize import EmbeddingType
-from worker.protocol import MAX_NAME_LENGTH
 
 #: Inputs per request, as OpenAI's embeddings endpoint allows.
 MAX_INPUTS = 2048
@@ -91,7 +91,7 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(default=None, ge=0)
     return_documents: bool = False
     #: Replaces the model's rerank prompt for this request: fields ``query``, ``document``,
-    #: ``instruction`` (:mod:`worker.prompts` syntax, as ``prompt_template`` on embeddings).
+    #: ``instruction`` (:mod:`common.prompts` syntax, as ``prompt_template`` on embeddings).
     prompt_template: StrictStr | None = None
 
 

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
 
+from common.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, Task
 from gateway import metrics
 from gateway.api_models import EmbeddingRequest, RerankRequest
 from gateway.batch_models import (
@@ -54,7 +55,6 @@ from gateway.files import FileStore, new_file_id
 from gateway.serving import Prepared, Serving
 from gateway.settings import GatewaySettings
 from gateway.store import QueueFull, QueueStore, Request, StoreUnavailable
-from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, Task
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common import heap
+from common.protocol import PREFIX
 from gateway.app import create_app
 from gateway.connections import Budget, gateway_protocol
 from gateway.errors import APIError
 from gateway.serving import Serving
 from gateway.settings import GatewaySettings, parse, queue_url_password
-from worker import heap
-from worker.protocol import PREFIX
 
 log = logging.getLogger("gateway")
 

@@ -20,9 +20,9 @@ import time
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.protocol import PREFIX
 from gateway.auth import Credentials
 from gateway.errors import APIError
-from worker.protocol import PREFIX
 
 
 class _BodyLimit(Exception):

@@ -14,9 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from common.protocol import CLIENT_ERRORS, ItemError
 from gateway.api_models import ErrorBody, ErrorResponse
 from gateway.store import StoreUnavailable
-from worker.protocol import CLIENT_ERRORS, ItemError
 
 #: Characters of an error message at most (a message may quote what a client sent).
 MAX_MESSAGE = 1024
@@ -51,7 +51,7 @@ class APIError(Exception):
 
 def item_error(error: ItemError, field: str, index: int, inputs: int) -> APIError:
     """The client's answer for a request one of whose inputs failed: 400 for the codes in
-    :data:`~worker.protocol.CLIENT_ERRORS` (``param`` names the field), 500 for the others
+    :data:`~common.protocol.CLIENT_ERRORS` (``param`` names the field), 500 for the others
     (``internal_error``, ``max_attempts_exceeded``). With several inputs the message starts
     with ``<field>[<index>]: ``."""
     client_fault = error.code in CLIENT_ERRORS

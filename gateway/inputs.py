@@ -1,4 +1,4 @@
-"""Client inputs -> queue entries (:class:`~worker.protocol.ItemSpec`), with a clear 400 for
+"""Client inputs -> queue entries (:class:`~common.protocol.ItemSpec`), with a clear 400 for
 every input the gateway can reject before anything is queued."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from common import prompts
+from common.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, Task
 from gateway.api_models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
-from worker import prompts
-from worker.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, Task
 
 
 def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from common.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 from gateway import metrics
 from gateway.store import (
     BatchIndex,
@@ -30,7 +31,6 @@ from gateway.store import (
     dead_letter,
     prompt_token_limit,
 )
-from worker.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 
 
 @dataclass(eq=False)

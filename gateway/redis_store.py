@@ -6,7 +6,7 @@ Data model (every key under ``iw:``):
 - ``iw:s:<task>:<model>`` — a Stream per (model, task), the line: one entry per chunk of a
   request (up to :data:`INPUTS_PER_ENTRY` inputs and :data:`TOKENS_PER_ENTRY` estimated
   tokens): the replica that holds the client's connection, the request id, and its inputs'
-  :class:`~worker.protocol.ItemSpec` (JSON), indices in the request and estimated tokens as
+  :class:`~common.protocol.ItemSpec` (JSON), indices in the request and estimated tokens as
   three lists (eight fields an entry, whatever its size; see :data:`_LUA_HELPERS`).
   Consumer group ``workers``; a worker is a consumer. An input's item id is
   ``<entry id>/<input>@<stream>``.
@@ -57,6 +57,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from common.protocol import (
+    BATCH_PRIORITY,
+    ErrorCode,
+    ItemError,
+    ItemResult,
+    ItemSpec,
+    ModelAdvert,
+    WorkItem,
+)
 from gateway import metrics
 from gateway.store import (
     BatchIndex,
@@ -68,15 +77,6 @@ from gateway.store import (
     check_result,
     count_advert,
     prompt_token_limit,
-)
-from worker.protocol import (
-    BATCH_PRIORITY,
-    ErrorCode,
-    ItemError,
-    ItemResult,
-    ItemSpec,
-    ModelAdvert,
-    WorkItem,
 )
 
 log = logging.getLogger(__name__)

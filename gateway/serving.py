@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
+from common.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
 from gateway import inputs, metrics
 from gateway.api_models import (
     ClassifyData,
@@ -41,7 +42,6 @@ from gateway.errors import APIError, item_error
 from gateway.quantize import quantize
 from gateway.settings import GatewaySettings
 from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
-from worker.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
 
 _TASK_NAMES = {
     "embed": "embeddings",

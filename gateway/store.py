@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.protocol import (
+from common.protocol import (
     BATCH_PRIORITY,
     ErrorCode,
     ItemError,

@@ -7,11 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import ValidationError
 
-from gateway.api_models import json_response
-from gateway.auth import WorkerScope
-from gateway.errors import APIError, invalid_body
-from gateway.store import QueueStore
-from worker.protocol import (
+from common.protocol import (
     PREFIX,
     RESULTS_BINARY,
     ErrorCode,
@@ -27,6 +23,10 @@ from worker.protocol import (
     WorkItem,
     decode_results,
 )
+from gateway.api_models import json_response
+from gateway.auth import WorkerScope
+from gateway.errors import APIError, invalid_body
+from gateway.store import QueueStore
 
 #: Worker tokens are checked before the body is read (:class:`gateway.edge.Edge`); a scoped
 #: token's models are checked here (403).
@@ -113,7 +113,7 @@ async def results(
     request: Request, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
 ) -> Response:
     """Answer items; idempotent (the first result wins). The body is JSON
-    (:class:`~worker.protocol.ResultsRequest`) or binary (``RESULTS_BINARY``); a malformed
+    (:class:`~common.protocol.ResultsRequest`) or binary (``RESULTS_BINARY``); a malformed
     one is a 400 naming what is wrong."""
     body = await request.body()
     binary = request.headers.get("content-type", "").split(";")[0].strip() == RESULTS_BINARY

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.protocol import WorkItem
 from worker.config import GeneratorConfig
-from worker.protocol import WorkItem
 from worker.replicas import ReplicaSet, cpu_ranges, replica_config
 
 

@@ -15,9 +15,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from common.protocol import RESULTS_BINARY
 from devstack import localstack as ls
 from tests.conftest import FAULT_REPORTS
-from worker.protocol import RESULTS_BINARY
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The startup heap is moved out of the garbage collector's walks (``worker.heap``)."""
+"""The startup heap is moved out of the garbage collector's walks (``common.heap``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common import heap
 from devstack import localstack as ls
-from worker import heap
 
 
 def test_startup_objects_are_frozen_and_no_longer_walked():
@@ -41,7 +41,7 @@ def test_startup_objects_are_frozen_and_no_longer_walked():
 #: spawn: a new interpreter that inherits the environment).
 FAULTS_SCRIPT = """
 import multiprocessing, resource, sys
-from worker import heap
+from common import heap
 
 def second_block_faults(queue=None):
     size = 64 << 20

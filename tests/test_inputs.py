@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from common.protocol import ModelAdvert, RerankSpec
 from gateway.api_models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
 from gateway.inputs import check_logit_ids, embedding_specs, input_fields, pair_score, pair_specs
-from worker.protocol import ModelAdvert, RerankSpec
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ import threading
 import time
 from typing import Any
 
+from common.protocol import WorkItem
 from devstack import localstack as ls
 from worker.config import GeneratorConfig
 from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.engine import Engine
-from worker.protocol import WorkItem
 
 
 class FakeLLM:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from common import prompts
+from common.prompts import TemplateError, render
 from devstack import localstack as ls
-from worker import prompts
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
-from worker.prompts import TemplateError, render
 
 
 def _no_truncation(s: str, n: int | None = None) -> str:

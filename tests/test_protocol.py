@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
+from common.protocol import encode_vector
 from tests.support import FakeClock, InProcessGateway, metric, wait_until
-from worker.protocol import encode_vector
 
 MODEL = "proto-model"
 LEASE = 10.0
@@ -439,7 +439,7 @@ async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
     """A pull answer lists the results bodies the gateway takes; the worker's queue client
     then posts the binary one (float32 values, no base64): the client gets the same vector,
     and a malformed binary body is a 400 saying what is wrong."""
-    from worker.protocol import RESULTS_BINARY, ItemResult, PullRequest, WorkItem
+    from common.protocol import RESULTS_BINARY, ItemResult, PullRequest, WorkItem
     from worker.queue_client import QueueClient
 
     await pull(gw, wait=0)  # registers the model before the client asks for it
@@ -481,7 +481,7 @@ async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
 
 async def test_a_queue_that_does_not_offer_the_binary_body_gets_json():
     """An older queue answers pulls without ``result_encodings``: JSON results, as before."""
-    from worker.protocol import ItemResult, ResultsRequest, WorkItem
+    from common.protocol import ItemResult, ResultsRequest, WorkItem
     from worker.queue_client import QueueClient
 
     seen: list[tuple[str, bytes]] = []
@@ -493,7 +493,7 @@ async def test_a_queue_that_does_not_offer_the_binary_body_gets_json():
         return httpx.Response(200, json={"accepted": 1, "ignored": 0})
 
     qc = QueueClient("http://old-queue", "t", transport=httpx.MockTransport(handler), retries=0)
-    from worker.protocol import PullRequest
+    from common.protocol import PullRequest
 
     await qc.pull(PullRequest(worker_id="w", models=[ADVERT], max_items=1, wait_seconds=0))
     item = WorkItem(

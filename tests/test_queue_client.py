@@ -17,9 +17,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Response
 
+from common.protocol import ModelAdvert, PullRequest
 from devstack import localstack as ls
 from worker import metrics
-from worker.protocol import ModelAdvert, PullRequest
 from worker.queue_client import QueueClient, QueueRejected, QueueUnavailable
 
 #: A scripted status that is no answer at first: the server waits 1 s (past the client's

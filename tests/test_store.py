@@ -14,10 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import metrics
-from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
-from tests.support import FakeClock, age, counter, make_store, wait_until
-from worker.protocol import (
+from common.protocol import (
     BATCH_PRIORITY,
     ErrorCode,
     ItemError,
@@ -26,6 +23,9 @@ from worker.protocol import (
     ModelAdvert,
     encode_vector,
 )
+from gateway import metrics
+from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
+from tests.support import FakeClock, age, counter, make_store, wait_until
 
 LEASE = 0.5
 TTL = 1.0

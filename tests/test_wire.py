@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from worker.protocol import ItemSpec, WorkItem, decode_vector, encode_vector
+from common.protocol import ItemSpec, WorkItem, decode_vector, encode_vector
 
 
 def test_vectors_are_base64_of_little_endian_float32():
@@ -76,7 +76,7 @@ def test_work_item_is_lease_plus_spec():
 def test_the_binary_results_body_carries_what_its_json_twin_does():
     """``RESULTS_BINARY``: a JSON header and the float32 values back to back; decoded, it is
     the ResultsRequest the JSON body would be, vectors bit for bit."""
-    from worker.protocol import (
+    from common.protocol import (
         ErrorCode,
         ItemResult,
         ResultsRequest,
@@ -110,7 +110,7 @@ def test_the_binary_results_body_carries_what_its_json_twin_does():
     ],
 )
 def test_a_malformed_binary_results_body_is_refused_saying_why(cut, why):
-    from worker.protocol import ItemResult, decode_results, encode_results
+    from common.protocol import ItemResult, decode_results, encode_results
 
     item = WorkItem(item_id="a", lease_id="1", lease_seconds=30, model="m", task="embed", text="t")
     body = encode_results("w", [ItemResult.ok(item, np.ones(3), 1)])

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
-from worker import __version__, cpu_host, heap, logs, metrics
+from common import heap
+from worker import __version__, cpu_host, logs, metrics
 from worker.config import Config, ConfigError, GeneratorConfig, load_config, model_adverts
 from worker.health import Health
 from worker.vllm_output import OutputRelay

@@ -30,8 +30,8 @@ from pydantic import (
     field_validator,
 )
 
-from worker import prompts
-from worker.protocol import ModelAdvert, RerankSpec, ScoreType, Task
+from common import prompts
+from common.protocol import ModelAdvert, RerankSpec, ScoreType, Task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,7 +69,7 @@ class GeneratorConfig(_Strict):
     #: causal LM, logits of chosen token ids at the last position. ``classify``: a sequence
     #: classifier's class probabilities (vLLM's pooling runner, ``classify``).
     task: Task = "embed"
-    #: How ``task = "score"`` scores a pair (:data:`~worker.protocol.ScoreType`). By default
+    #: How ``task = "score"`` scores a pair (:data:`~common.protocol.ScoreType`). By default
     #: from the checkpoint: a ``*ForCausalLM`` architecture is ``causal-lm`` (vLLM's generate
     #: runner, ``return_logits``); any other is served by vLLM's pooling runner with the score
     #: type vLLM gives it (a 1-label sequence classifier: ``cross-encoder``; ColBERT:

@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from worker import prompts
+from common import prompts
+from common.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
 from worker.config import GeneratorConfig
 from worker.defaults import PREPARE_INLINE_TOKENS
-from worker.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class Engine:
         #: The batch encoding of the tokenizer's Rust backend (:meth:`_encode_batch`), looked
         #: up once; False: none.
         self._batch_encode: Any = None
-        #: How this engine scores a pair (:data:`~worker.protocol.ScoreType`): an embedding
+        #: How this engine scores a pair (:data:`~common.protocol.ScoreType`): an embedding
         #: engine's cosine, the causal-LM recipe on the generate runner, or else the type vLLM
         #: gives the checkpoint on the pooling runner (a mismatch with ``generator.score_type``
         #: is reported by ``model_adverts``).
@@ -267,7 +267,7 @@ class Engine:
 
     async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
         """Each item's prompt, made for the whole pulled batch in one call: templates rendered
-        (:mod:`worker.prompts`, with this model's ``truncate_tokens``), then every text without
+        (:mod:`common.prompts`, with this model's ``truncate_tokens``), then every text without
         ``truncate_prompt_tokens`` tokenized in one call of the model's fast tokenizer.
 
         Returns per item: token ids (``list[int]``; ids equal vLLM's own tokenization,

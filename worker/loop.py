@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from common.protocol import ErrorCode, ItemResult, ModelAdvert, PullRequest, WorkItem
 from worker import metrics
 from worker.batch_gate import BatchGate
 from worker.config import Config
@@ -48,7 +49,6 @@ from worker.defaults import (
 )
 from worker.engine import EngineDead, InvalidInput, Prompt
 from worker.health import Health
-from worker.protocol import ErrorCode, ItemResult, ModelAdvert, PullRequest, WorkItem
 from worker.queue_client import QueueClient, QueueError, QueueRejected
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from worker import metrics
-from worker.config import QueueConfig
-from worker.protocol import (
+from common.protocol import (
     JSON_ONLY,
     PREFIX,
     RESULTS_BINARY,
@@ -47,6 +45,8 @@ from worker.protocol import (
     WorkItem,
     encode_results,
 )
+from worker import metrics
+from worker.config import QueueConfig
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -156,7 +156,7 @@ class QueueClient:
 
     async def post_results(self, worker_id: str, results: list[ItemResult]) -> ResultsResponse:
         """Post results; safe to repeat (the queue ignores results it already has). As a binary
-        body (:data:`~worker.protocol.RESULTS_BINARY`) where the queue takes one, else JSON."""
+        body (:data:`~common.protocol.RESULTS_BINARY`) where the queue takes one, else JSON."""
         if "binary" in self.result_encodings:
             body = (encode_results(worker_id, results), RESULTS_BINARY)
         else:
@@ -167,7 +167,7 @@ class QueueClient:
         self, worker_id: str, items: list[WorkItem], count_attempt: bool = False
     ) -> int:
         """Hand leased items back to the queue at once (``count_attempt``: see
-        :class:`~worker.protocol.ReleaseRequest`). Returns how many it took back."""
+        :class:`~common.protocol.ReleaseRequest`). Returns how many it took back."""
         req = ReleaseRequest(
             worker_id=worker_id,
             leases=[(i.item_id, i.lease_id) for i in items],

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from common.protocol import WorkItem
 from worker.config import GeneratorConfig
 from worker.engine import Engine, InvalidInput, Prompt
 from worker.engine_thread import environ
-from worker.protocol import WorkItem
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 from prometheus_client import Counter
 
+from common.protocol import ErrorCode, WorkItem
 from worker.engine import EngineDead, InvalidInput, Prompt
-from worker.protocol import ErrorCode, WorkItem
 
 
 class FakeClock:
