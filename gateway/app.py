@@ -1,14 +1,13 @@
 """The gateway: the OpenAI-compatible client API in front of the queue store, and the worker
 API of queue protocol v1 (``docs/queue-protocol.md``), assembled into one FastAPI app.
 
-- client routes (API keys): :mod:`gateway.client_api`, logic in :mod:`gateway.serving`;
-  the Files and Batch APIs: :mod:`gateway.batch_api`, logic in :mod:`gateway.files`,
-  :mod:`gateway.batches`, run by :mod:`gateway.batch_runner`;
-- queue routes (worker tokens): :mod:`gateway.worker_api` over the store (:mod:`gateway.store`:
-  :mod:`gateway.memory_store` or :mod:`gateway.redis_store`);
-- ``/metrics``, ``/healthz``, ``/readyz``: :mod:`gateway.observability`;
-- credentials, body limits: :mod:`gateway.auth`, :mod:`gateway.edge` (before the body is
-  read); errors in OpenAI's shape: :mod:`gateway.errors`.
+- client routes (API keys): :mod:`gateway.api` (routes, their logic, input checks);
+- the Files and Batch APIs and the batch runner: :mod:`gateway.batch`;
+- queue routes (worker tokens) over the queue store: :mod:`gateway.queue` (the memory or the
+  Redis store);
+- the HTTP edge: credentials and body limits before a body is read, connections, ``/metrics``,
+  ``/healthz``, ``/readyz``: :mod:`gateway.http`; errors in OpenAI's shape:
+  :mod:`gateway.errors`.
 """
 
 from __future__ import annotations
@@ -20,16 +19,20 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from gateway import batch_api, client_api, errors, observability, worker_api
-from gateway.auth import Credentials
-from gateway.batch_runner import BatchRunner
-from gateway.batches import Batches
-from gateway.edge import Edge
-from gateway.files import FileStore
-from gateway.memory_store import MemoryStore
-from gateway.serving import Serving
+from gateway import errors
+from gateway.api import routes as client_routes
+from gateway.api.serving import Serving
+from gateway.batch import routes as batch_routes
+from gateway.batch.files import FileStore
+from gateway.batch.jobs import Batches
+from gateway.batch.runner import BatchRunner
+from gateway.http import observability
+from gateway.http.auth import Credentials
+from gateway.http.edge import Edge
+from gateway.queue import routes as worker_routes
+from gateway.queue.memory import MemoryStore
+from gateway.queue.store import QueueStore
 from gateway.settings import GatewaySettings
-from gateway.store import QueueStore
 
 
 def make_store(
@@ -47,7 +50,7 @@ def make_store(
     }
     if settings.queue_url == "memory":
         return MemoryStore(clock=clock, **common)  # type: ignore[arg-type]
-    from gateway.redis_store import RedisStore
+    from gateway.queue.redis_store import RedisStore
 
     password = None
     if settings.queue_password_file:
@@ -106,8 +109,8 @@ def create_app(
         max_upload_bytes=settings.max_file_bytes,
     )
     app.add_middleware(observability.RequestMetrics)
-    app.include_router(client_api.router)
-    app.include_router(batch_api.router)
-    app.include_router(worker_api.router)
+    app.include_router(client_routes.router)
+    app.include_router(batch_routes.router)
+    app.include_router(worker_routes.router)
     app.include_router(observability.router)
     return app

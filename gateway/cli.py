@@ -32,10 +32,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import heap
 from common.protocol import PREFIX
+from gateway.api.serving import Serving
 from gateway.app import create_app
-from gateway.connections import Budget, gateway_protocol
 from gateway.errors import APIError
-from gateway.serving import Serving
+from gateway.http.connections import Budget, gateway_protocol
 from gateway.settings import GatewaySettings, parse, queue_url_password
 
 log = logging.getLogger("gateway")
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 def _config(
     settings: GatewaySettings, app: ASGIApp, port: int, lifespan: Literal["auto", "off"] = "auto"
 ) -> uvicorn.Config:
-    """A listener on ``port``, with a connection budget of its own (:mod:`gateway.connections`)."""
+    """A listener on ``port``, with a connection budget of its own
+    (:mod:`gateway.http.connections`)."""
     protocol = gateway_protocol(
         settings.header_timeout_seconds,
         settings.write_timeout_seconds,

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from common.protocol import CLIENT_ERRORS, ItemError
-from gateway.api_models import ErrorBody, ErrorResponse
-from gateway.store import StoreUnavailable
+from gateway.api.models import ErrorBody, ErrorResponse
+from gateway.queue.store import StoreUnavailable
 
 #: Characters of an error message at most (a message may quote what a client sent).
 MAX_MESSAGE = 1024

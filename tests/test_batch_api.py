@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway import batch_runner
-from gateway.batch_models import BatchOutputLine
+from gateway.batch import runner as batch_runner
+from gateway.batch.models import BatchOutputLine
 from tests.support import InProcessGateway, wait_until
 
 MODEL = "m"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack import localstack as ls
-from gateway.batch_cli import batch_lines
+from gateway.batch.cli import batch_lines
 from tests.conftest import MODEL
 
 

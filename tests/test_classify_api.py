@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.quantize import quantize
+from gateway.api.quantize import quantize
 from tests.support import InProcessGateway
 
 LABELS = ["neg", "neu", "pos"]

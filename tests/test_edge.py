@@ -393,7 +393,7 @@ async def test_errors_of_starlette_itself_are_in_openais_shape(gw):
 
 
 def test_the_connection_budget_evicts_the_idle_longest_and_refuses_only_when_all_serve():
-    from gateway.connections import Budget
+    from gateway.http.connections import Budget
 
     class Conn:
         def __init__(self, busy: bool = False):

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 
 from common.protocol import ModelAdvert, RerankSpec
-from gateway.api_models import MAX_INPUTS, EmbeddingRequest
+from gateway.api.inputs import (
+    check_logit_ids,
+    embedding_specs,
+    input_fields,
+    pair_score,
+    pair_specs,
+)
+from gateway.api.models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
-from gateway.inputs import check_logit_ids, embedding_specs, input_fields, pair_score, pair_specs
 
 
 @pytest.mark.parametrize(

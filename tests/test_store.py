@@ -24,7 +24,7 @@ from common.protocol import (
     encode_vector,
 )
 from gateway import metrics
-from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
+from gateway.queue.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from tests.support import FakeClock, age, counter, make_store, wait_until
 
 LEASE = 0.5
@@ -642,7 +642,7 @@ async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
     a replica that did not hand the item out checks the result against the spec in Redis."""
     import redis
 
-    from gateway.redis_store import RedisStore
+    from gateway.queue.redis_store import RedisStore
 
     url = redis_server.url.rsplit("/", 1)[0] + "/2"
     redis.Redis.from_url(url).flushdb()
@@ -676,7 +676,7 @@ async def redis_db2(redis_server: Any) -> AsyncIterator[tuple[Any, Any]]:
     plain ``redis`` client on that database to look at its keys."""
     import redis
 
-    from gateway.redis_store import RedisStore
+    from gateway.queue.redis_store import RedisStore
 
     url = redis_server.url.rsplit("/", 1)[0] + "/2"
     r = redis.Redis.from_url(url)
@@ -693,7 +693,7 @@ def test_redis_entries_carry_each_inputs_spec_index_and_tokens_whole():
     """The Redis store's entry lists (no server): a request cut into entries by inputs and
     estimated tokens, read back input by input — texts with newlines, commas and non-ASCII
     included — and a part of an entry read by its input numbers."""
-    from gateway.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, _entries, _inputs
+    from gateway.queue.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, _entries, _inputs
 
     specs = [spec(f"line {i}\nnext, ünïcode", dimensions=i + 1) for i in range(70)]
     specs.insert(40, spec("word " * 4000))  # over TOKENS_PER_ENTRY alone: an entry of its own
@@ -720,7 +720,7 @@ def test_redis_entries_carry_each_inputs_spec_index_and_tokens_whole():
 async def test_redis_keeps_a_requests_inputs_in_few_stream_entries(redis_db2):
     """A 2,048-input request is 64 stream entries of 32 inputs, not 2,048 entries; entries are
     bounded by estimated tokens too."""
-    from gateway.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, stream_key
+    from gateway.queue.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, stream_key
 
     r, store = redis_db2
     await store.submit([spec(str(i)) for i in range(2048)])
@@ -761,7 +761,7 @@ async def test_redis_long_poll_hands_out_what_woke_it(redis_db2, redis_server):
     """A long poll returns the entries that woke it at once: no further PULL call for requests
     still on their way in, even while this replica has a SUBMIT of the pull's line in flight
     (a top-up that was measured to leave the engine idle longer)."""
-    from gateway.redis_store import RedisStore, stream_key
+    from gateway.queue.redis_store import RedisStore, stream_key
 
     _, a = redis_db2
     b = RedisStore(redis_server.url.rsplit("/", 1)[0] + "/2", lease_seconds=5)  # a replica
@@ -813,7 +813,7 @@ async def test_redis_answers_its_own_client_before_the_complete_round_trip(redis
 
 async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):
     """Memory store: the TTL boundary on its clock (Redis' key TTL is Redis' own)."""
-    from gateway.memory_store import MemoryStore
+    from gateway.queue.memory import MemoryStore
 
     store = MemoryStore(clock=clock, lease_seconds=LEASE, worker_ttl_seconds=TTL)
     await store.start()
@@ -831,8 +831,8 @@ async def test_a_store_that_cannot_tell_whether_inputs_were_taken_keeps_waiting(
     """FAKE fault: a memory store whose ``any_taken`` raises StoreUnavailable, as the Redis
     store's does while Redis is down. The request is not failed as "no worker" (503) at the
     pickup timeout; it waits to the request timeout."""
-    from gateway.memory_store import MemoryStore
-    from gateway.store import StoreUnavailable
+    from gateway.queue.memory import MemoryStore
+    from gateway.queue.store import StoreUnavailable
 
     class Unreachable(MemoryStore):
         async def any_taken(self, request: Any) -> bool:
@@ -881,7 +881,7 @@ B64 = encode_vector  # numpy float32 -> base64, the wire's own codec
     ],
 )
 def test_check_result_says_what_is_wrong_with_a_result(vector, task, want):
-    from gateway.store import check_result
+    from gateway.queue.store import check_result
 
     kw = {"dimensions": 2} if task == "embed" else {"return_logits": [5, 7]}
     item_spec = ItemSpec(model="m", task=task, text="x", **kw)
@@ -898,7 +898,7 @@ def test_check_result_says_what_is_wrong_with_a_result(vector, task, want):
 
 async def test_the_memory_stores_reaper_expires_leases_by_itself(clock):
     """No pull and no explicit reap: the store's own task hands an expired lease back."""
-    from gateway.memory_store import MemoryStore
+    from gateway.queue.memory import MemoryStore
 
     store = MemoryStore(clock=clock, lease_seconds=0.2)
     await store.start()
@@ -980,7 +980,7 @@ def record(batch_id: str, owner: str, created: int, ended: int | None = None) ->
 
 
 async def test_batch_records_by_owner_running_trimmed_and_expired(store):
-    from gateway.store import BatchIndex
+    from gateway.queue.store import BatchIndex
 
     for i in range(6):  # a0..a5 of owner a (a0, a1, a3 ended), b0 of owner b
         ended = 100 + i if i in (0, 1, 3) else None
@@ -1009,7 +1009,7 @@ async def test_batch_records_by_owner_running_trimmed_and_expired(store):
 
 
 async def test_the_memory_store_forgets_silent_workers_and_old_adverts(clock):
-    from gateway.memory_store import MemoryStore
+    from gateway.queue.memory import MemoryStore
 
     s = MemoryStore(lease_seconds=LEASE, worker_ttl_seconds=TTL, advert_ttl_seconds=10, clock=clock)
     adverts = [

@@ -137,10 +137,10 @@ def worker_config(**queue: Any) -> dict[str, Any]:
 def make_store(kind: str, redis_url: str | None, clock: FakeClock, **settings: Any) -> Any:
     """A queue store of ``kind`` (``memory`` on ``clock``, or ``redis`` at ``redis_url``)."""
     if kind == "memory":
-        from gateway.memory_store import MemoryStore
+        from gateway.queue.memory import MemoryStore
 
         return MemoryStore(clock=clock, **settings)
-    from gateway.redis_store import RedisStore
+    from gateway.queue.redis_store import RedisStore
 
     assert redis_url is not None
     return RedisStore(redis_url, **settings)

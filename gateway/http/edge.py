@@ -2,7 +2,7 @@
 
 For the client routes (``/v1/...``) and the queue routes (``/queue/v1/...``), in this order:
 
-1. credentials (:class:`gateway.auth.Credentials`): 401 without reading the body;
+1. credentials (:class:`gateway.http.auth.Credentials`): 401 without reading the body;
 2. the body's size: 413 at once when ``Content-Length`` passes ``--max-body-bytes``, or as soon
    as the bytes read pass it (chunked bodies);
 3. the body's arrival: 408 if it has not fully arrived ``--body-timeout`` seconds after the
@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.protocol import PREFIX
-from gateway.auth import Credentials
 from gateway.errors import APIError
+from gateway.http.auth import Credentials
 
 
 class _BodyLimit(Exception):

@@ -2,7 +2,7 @@
 
 Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return_logits``,
 ``normalize``, ``prompt_template``), Fireworks' ``/v1/rerank`` and vLLM's ``/v1/score``
-(``gateway/api_models.py``).
+(``gateway/api/models.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Generic, TypeVar
 from pydantic import BaseModel
 
 from common.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
-from gateway import inputs, metrics
-from gateway.api_models import (
+from gateway import metrics
+from gateway.api import inputs
+from gateway.api.models import (
     ClassifyData,
     ClassifyRequest,
     ClassifyResponse,
@@ -38,10 +39,10 @@ from gateway.api_models import (
     ScoreUsage,
     Usage,
 )
+from gateway.api.quantize import quantize
 from gateway.errors import APIError, item_error
-from gateway.quantize import quantize
+from gateway.queue.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from gateway.settings import GatewaySettings
-from gateway.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 
 _TASK_NAMES = {
     "embed": "embeddings",

@@ -2,8 +2,8 @@
 
 Two backends implement :class:`QueueStore`:
 
-- :class:`gateway.memory_store.MemoryStore` — in this process (the default; one gateway);
-- :class:`gateway.redis_store.RedisStore` — Redis >= 7 Streams with a consumer group, shared
+- :class:`gateway.queue.memory.MemoryStore` — in this process (the default; one gateway);
+- :class:`gateway.queue.redis_store.RedisStore` — Redis >= 7 Streams with a consumer group, shared
   by any number of stateless gateway replicas (``--queue-url redis://...``).
 
 Both give queue protocol v1's guarantees (``docs/queue-protocol.md``): leases with redelivery,
@@ -315,7 +315,7 @@ class QueueStore(ABC):
     # --- batch jobs ---------------------------------------------------------------------
     @abstractmethod
     async def save_batch(self, batch_id: str, record: str, index: BatchIndex) -> None:
-        """Keep a batch's record (JSON, :class:`~gateway.batch_models.BatchRecord`), new or
+        """Keep a batch's record (JSON, :class:`~gateway.batch.models.BatchRecord`), new or
         changed, indexed by ``index``: by its owner, newest first, and among the running
         batches until it ends."""
 

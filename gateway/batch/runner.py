@@ -41,20 +41,20 @@ from pydantic import BaseModel, ValidationError
 
 from common.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, Task
 from gateway import metrics
-from gateway.api_models import EmbeddingRequest, RerankRequest
-from gateway.batch_models import (
+from gateway.api.models import EmbeddingRequest, RerankRequest
+from gateway.api.serving import Prepared, Serving
+from gateway.batch.files import FileStore, new_file_id
+from gateway.batch.jobs import Batches
+from gateway.batch.models import (
     TERMINAL,
     BatchError,
     BatchErrors,
     BatchInputLine,
     BatchRecord,
 )
-from gateway.batches import Batches
 from gateway.errors import APIError, invalid_body, item_error
-from gateway.files import FileStore, new_file_id
-from gateway.serving import Prepared, Serving
+from gateway.queue.store import QueueFull, QueueStore, Request, StoreUnavailable
 from gateway.settings import GatewaySettings
-from gateway.store import QueueFull, QueueStore, Request, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""Queue routes (worker tokens, checked by :mod:`gateway.edge`): queue protocol v1,
+"""Queue routes (worker tokens, checked by :mod:`gateway.http.edge`): queue protocol v1,
 ``docs/queue-protocol.md``.
-Thin handlers over the queue store (:class:`gateway.store.QueueStore`)."""
+Thin handlers over the queue store (:class:`gateway.queue.store.QueueStore`)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from common.protocol import (
     WorkItem,
     decode_results,
 )
-from gateway.api_models import json_response
-from gateway.auth import WorkerScope
+from gateway.api.models import json_response
 from gateway.errors import APIError, invalid_body
-from gateway.store import QueueStore
+from gateway.http.auth import WorkerScope
+from gateway.queue.store import QueueStore
 
-#: Worker tokens are checked before the body is read (:class:`gateway.edge.Edge`); a scoped
+#: Worker tokens are checked before the body is read (:class:`gateway.http.edge.Edge`); a scoped
 #: token's models are checked here (403).
 router = APIRouter(prefix=PREFIX)
 

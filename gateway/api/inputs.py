@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from common import prompts
 from common.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, Task
-from gateway.api_models import MAX_INPUTS, EmbeddingRequest
+from gateway.api.models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
 
 

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics
-from gateway.store import QueueStore, StoreUnavailable
+from gateway.queue.store import QueueStore, StoreUnavailable
 
 router = APIRouter()
 

@@ -1,6 +1,6 @@
-"""Client routes of OpenAI's Files and Batch APIs (API keys, checked by :mod:`gateway.edge`):
+"""Client routes of OpenAI's Files and Batch APIs (API keys, checked by :mod:`gateway.http.edge`):
 ``/v1/files`` (upload, list, get, content, delete) and ``/v1/batches`` (create, list, get,
-cancel). Thin handlers; the logic is in :mod:`gateway.files` and :mod:`gateway.batches`.
+cancel). Thin handlers; the logic is in :mod:`gateway.batch.files` and :mod:`gateway.batch.jobs`.
 A file or batch belongs to the API key that made it: other keys get 404."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Form, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse
 
-from gateway.api_models import json_response
-from gateway.auth import bearer_token
-from gateway.batch_models import Batch, BatchCreate, BatchList, FileDeleted, FileList, FileObject
-from gateway.batches import Batches
+from gateway.api.models import json_response
+from gateway.batch.files import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS, FileStore, owner_of
+from gateway.batch.jobs import Batches
+from gateway.batch.models import Batch, BatchCreate, BatchList, FileDeleted, FileList, FileObject
 from gateway.errors import APIError
-from gateway.files import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS, FileStore, owner_of
+from gateway.http.auth import bearer_token
 
 router = APIRouter(prefix="/v1")
 

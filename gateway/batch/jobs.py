@@ -1,7 +1,7 @@
 """OpenAI's Batch API over the queue: create, get, list and cancel batch jobs.
 
-A batch's record (:class:`~gateway.batch_models.BatchRecord`) lives in the queue store, so
-every replica answers for it; :mod:`gateway.batch_runner` runs it. Lifecycle (OpenAI's):
+A batch's record (:class:`~gateway.batch.models.BatchRecord`) lives in the queue store, so
+every replica answers for it; :mod:`gateway.batch.runner` runs it. Lifecycle (OpenAI's):
 ``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed``; ``failed`` when the input
 file is malformed (``errors`` names the lines); ``cancelling`` -> ``cancelled`` after a cancel;
 ``expired`` after the 24 h completion window. Output and error files keep what was done.
@@ -18,11 +18,11 @@ import secrets
 import time
 from collections.abc import Callable
 
-from gateway.batch_models import TERMINAL, Batch, BatchCreate, BatchList, BatchRecord
+from gateway.batch.files import FileStore
+from gateway.batch.models import TERMINAL, Batch, BatchCreate, BatchList, BatchRecord
 from gateway.errors import APIError
-from gateway.files import FileStore
+from gateway.queue.store import QueueStore
 from gateway.settings import GatewaySettings
-from gateway.store import QueueStore
 
 #: Seconds of OpenAI's only completion window, "24h".
 COMPLETION_WINDOW_SECONDS = 24 * 3600

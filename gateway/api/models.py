@@ -16,7 +16,7 @@ from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from common.protocol import MAX_NAME_LENGTH
-from gateway.quantize import EmbeddingType
+from gateway.api.quantize import EmbeddingType
 
 #: Inputs per request, as OpenAI's embeddings endpoint allows.
 MAX_INPUTS = 2048
@@ -55,7 +55,7 @@ class EmbeddingRequest(BaseModel):
     return_logits: list[StrictInt] | None = None
     #: vLLM extension: truncate each input to this many tokens instead of refusing it.
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
-    #: Quantized vectors (sentence-transformers' precisions, :mod:`gateway.quantize`):
+    #: Quantized vectors (sentence-transformers' precisions, :mod:`gateway.api.quantize`):
     #: ``int8`` / ``uint8`` integers per component, ``binary`` / ``ubinary`` packed sign bits
     #: (``dim / 8`` integers); with ``encoding_format="base64"`` the bytes of those integers.
     embedding_type: EmbeddingType = "float"

@@ -1,12 +1,12 @@
-"""Client routes (API keys, checked by :mod:`gateway.edge`): ``POST /v1/embeddings``,
+"""Client routes (API keys, checked by :mod:`gateway.http.edge`): ``POST /v1/embeddings``,
 ``POST /v1/rerank``, ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``.
-Thin handlers; the logic is in :mod:`gateway.serving`."""
+Thin handlers; the logic is in :mod:`gateway.api.serving`."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from gateway.api_models import (
+from gateway.api.models import (
     ClassifyRequest,
     ClassifyResponse,
     EmbeddingRequest,
@@ -18,10 +18,10 @@ from gateway.api_models import (
     ScoreResponse,
     json_response,
 )
+from gateway.api.serving import Disconnected, Serving
 from gateway.errors import APIError
-from gateway.serving import Disconnected, Serving
 
-#: Credentials are checked before the body is read: :class:`gateway.edge.Edge`.
+#: Credentials are checked before the body is read: :class:`gateway.http.edge.Edge`.
 router = APIRouter(prefix="/v1")
 
 

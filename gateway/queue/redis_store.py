@@ -67,7 +67,7 @@ from common.protocol import (
     WorkItem,
 )
 from gateway import metrics
-from gateway.store import (
+from gateway.queue.store import (
     BatchIndex,
     Completion,
     QueueFull,
@@ -792,7 +792,7 @@ class _StreamRequest(Request):
 
 
 class RedisStore(QueueStore):
-    """:class:`~gateway.store.QueueStore` on Redis Streams (see the module docstring).
+    """:class:`~gateway.queue.store.QueueStore` on Redis Streams (see the module docstring).
 
     ``url``: ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS); ``password`` (e.g.
     read from ``GATEWAY_QUEUE_PASSWORD_FILE``) wins over the URL's."""
@@ -1498,7 +1498,7 @@ class RedisStore(QueueStore):
 
     async def _index_batches(self) -> None:
         """Index the records a gateway from before the indexes kept (once per Redis)."""
-        from gateway.batch_models import BatchRecord
+        from gateway.batch.models import BatchRecord
 
         if await self._call(self.redis.exists(f"{BATCHES}:indexed")):
             return

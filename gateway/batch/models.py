@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from gateway.store import BatchIndex
+from gateway.queue.store import BatchIndex
 
 #: A batch's states, in OpenAI's words. Terminal: failed, completed, expired, cancelled.
 BatchStatus = Literal[

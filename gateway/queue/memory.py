@@ -5,7 +5,7 @@ input is leased for ``lease_seconds``; without a result in time the lease expire
 input goes back to the front of its queue for another attempt. The first result wins; after
 ``max_attempts`` deliveries without one (or with only retryable errors) the input is
 dead-lettered: its client gets ``max_attempts_exceeded``. Everything is lost with the process:
-for replicas and restarts use :class:`gateway.redis_store.RedisStore`.
+for replicas and restarts use :class:`gateway.queue.redis_store.RedisStore`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from common.protocol import BATCH_PRIORITY, ItemResult, ItemSpec, ModelAdvert, WorkItem
 from gateway import metrics
-from gateway.store import (
+from gateway.queue.store import (
     BatchIndex,
     Completion,
     QueueFull,
@@ -75,7 +75,7 @@ class _Batch:
 
 
 class MemoryStore(QueueStore):
-    """:class:`~gateway.store.QueueStore` in this process. Every method runs on the event loop
+    """:class:`~gateway.queue.store.QueueStore` in this process. Every method runs on the event loop
     thread and never blocks; ``clock`` (seconds) drives leases and worker liveness (tests
     give one they advance); long polls wait in real time."""
 

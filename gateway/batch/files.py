@@ -1,7 +1,7 @@
 """The Files API's storage: one directory (``--files-dir``; a volume shared by the replicas).
 
 ``<dir>/<owner>/<file id>`` holds a file's bytes and ``<dir>/<owner>/<file id>.json`` its
-:class:`~gateway.batch_models.StoredFile` metadata; both are written to a temporary name and
+:class:`~gateway.batch.models.StoredFile` metadata; both are written to a temporary name and
 renamed (a reader sees a whole file or none). A file belongs to the API key that uploaded it
 (or whose batch produced it; ``owner`` is a hash of the key): other keys get 404, as for an id
 that does not exist. What one key keeps is bounded (``--max-files-per-key``,
@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from gateway.batch_models import FileDeleted, FileList, StoredFile, cursor_page
+from gateway.batch.models import FileDeleted, FileList, StoredFile, cursor_page
 from gateway.errors import APIError
 
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")

@@ -1,5 +1,5 @@
 """Bearer credentials: client API keys on the client routes (``/v1/...``), worker tokens on the
-queue routes (``/queue/v1/...``), checked by :class:`gateway.edge.Edge` from the request's
+queue routes (``/queue/v1/...``), checked by :class:`gateway.http.edge.Edge` from the request's
 headers before any of its body is read.
 
 The two sets are separate: a worker token on a client route, or an API key on a queue route,

@@ -1,0 +1,3 @@
+"""Batch jobs: OpenAI's Files and Batch APIs (:mod:`.routes`), their logic (:mod:`.jobs`,
+:mod:`.files`), the runner (:mod:`.runner`), wire models (:mod:`.models`) and the
+``inference-batch`` command (:mod:`.cli`)."""
