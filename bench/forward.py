@@ -87,8 +87,8 @@ def vllm_ms(model: Path, sents: list[str]) -> dict[int, list[float]]:
     from vllm import PoolingParams
     from vllm.inputs.engine import tokens_input
 
-    from worker.engine_thread import llm_engine
-    from worker.step_threads import StepThreads
+    from worker.engine.step_threads import StepThreads
+    from worker.engine.thread import llm_engine
 
     make = llm_engine(
         {

@@ -50,7 +50,7 @@ def make_store(
     }
     if settings.queue_url == "memory":
         return MemoryStore(clock=clock, **common)  # type: ignore[arg-type]
-    from gateway.queue.redis_store import RedisStore
+    from gateway.queue.redis import RedisStore
 
     password = None
     if settings.queue_password_file:

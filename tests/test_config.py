@@ -305,7 +305,8 @@ def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkey
     (``causal-lm``); other architectures the pooling runner, typed by vLLM once started; an
     embedding engine is a bi-encoder. A ``score_type`` that does not fit is a config error
     naming the key and the file."""
-    from worker.config import GeneratorConfig, model_adverts
+    from worker.adverts import model_adverts
+    from worker.config import GeneratorConfig
     from worker.engine import score_type_of
 
     def gen(path: Path, **kw: object) -> GeneratorConfig:

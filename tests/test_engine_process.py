@@ -1,4 +1,4 @@
-"""The pipe between the worker and its engine process (:mod:`worker.engine_process`,
+"""The pipe between the worker and its engine process (:mod:`worker.engine.process`,
 ``engine_core = "process"``): both ends as the worker runs them — :class:`ProcessLLM` on the
 event loop and :func:`serve` (the engine process's loop) — over a real ``multiprocessing`` pipe
 with real pickling, but with the serving end on a thread and a FAKE ``LLMEngine`` (what it does
@@ -23,7 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
-from worker.engine_process import ProcessLLM, RelayedMetrics, WireOutput, from_wire, serve, to_wire
+from worker.engine.process import ProcessLLM, RelayedMetrics, WireOutput, from_wire, serve, to_wire
 
 
 @dataclass
@@ -199,7 +199,7 @@ class _Unpicklable(Exception):
 def test_a_start_failure_reaches_the_worker_as_vllms_own_exception():
     import pickle
 
-    from worker.engine_process import _picklable_failure
+    from worker.engine.process import _picklable_failure
 
     kind, exc = pickle.loads(_picklable_failure(ValueError("Available memory on node 0\nmore")))
     assert kind == "failed" and type(exc) is ValueError and str(exc).startswith("Available")
@@ -213,7 +213,7 @@ async def test_a_scrape_reads_the_engines_vllm_metrics_as_they_are_now(engine):
     default registry, where the FAKE engine's gauge is)."""
     from prometheus_client import REGISTRY
 
-    from worker.engine_process import RELAYED
+    from worker.engine.process import RELAYED
 
     llm, _ = engine
     gauge = Gauge("vllm:fake_requests_running", "Running requests (FAKE engine).")

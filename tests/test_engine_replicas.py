@@ -1,5 +1,6 @@
-"""Engine replicas (:mod:`worker.replicas`): how a replica's share of the device is worked out,
-and how a :class:`~worker.replicas.ReplicaSet` of FAKE engines (no vLLM) spreads items."""
+"""Engine replicas (:mod:`worker.engine.replicas`): how a replica's share of the device is
+worked out, and how a :class:`~worker.engine.replicas.ReplicaSet` of FAKE engines (no vLLM)
+spreads items."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from common.protocol import WorkItem
 from worker.config import GeneratorConfig
-from worker.replicas import ReplicaSet, cpu_ranges, replica_config
+from worker.engine.replicas import ReplicaSet, cpu_ranges, replica_config
 
 
 def test_cpus_are_split_into_one_contiguous_range_per_replica():

@@ -1,5 +1,5 @@
 """The hand-off between the event loop and vLLM's engine stepped by a thread
-(:class:`worker.engine_thread.ThreadedLLM`), with a FAKE ``LLMEngine``: it answers each request
+(:class:`worker.engine.thread.ThreadedLLM`), with a FAKE ``LLMEngine``: it answers each request
 one step after it was added, so that what the thread does with batches, per-request errors,
 cancellations and an engine that fails can be checked without vLLM (the real engine runs in
 the classifier worker of tests/test_classify.py, ``engine_core = "thread"``)."""
@@ -17,8 +17,8 @@ import pytest
 
 from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
-from worker.engine_thread import StepLoop, Submit, ThreadedLLM
-from worker.step_threads import StepThreads, prompt_tokens
+from worker.engine.step_threads import StepThreads, prompt_tokens
+from worker.engine.thread import StepLoop, Submit, ThreadedLLM
 
 
 @dataclass

@@ -19,7 +19,8 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.support import FakeEngine, FaultyTransport, counter, wait_until, worker_config
 from worker import metrics
-from worker.config import Config, model_adverts
+from worker.adverts import model_adverts
+from worker.config import Config
 from worker.health import Health
 from worker.loop import Worker
 from worker.queue_client import QueueClient

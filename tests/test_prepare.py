@@ -80,13 +80,14 @@ async def test_a_small_batch_is_tokenized_on_the_event_loop_a_large_one_in_a_thr
     pulled (a thread hop costs more than its tokenization); a larger one in a worker thread."""
     engine = Engine(FakeLLM(), GeneratorConfig(model_path=ls.minilm_path()), "m")
     threads: list[int] = []
-    encode = engine._encode_batch
+    preparer = engine.preparer
+    encode = preparer.encode_texts
 
-    def spy(tok: Any, texts: list[str]) -> list[list[int]]:
+    def spy(texts: list[str]) -> list[Any]:
         threads.append(threading.get_ident())
-        return encode(tok, texts)
+        return encode(texts)
 
-    engine._encode_batch = spy  # type: ignore[method-assign]
+    preparer.encode_texts = spy  # type: ignore[method-assign]
     small = [item("a short sentence"), item("another one")]
     large = [item("word " * 200)]  # 1,000 bytes: 252 estimated tokens, with the one above 258
     assert sum(i.estimate_tokens() for i in small) <= PREPARE_INLINE_TOKENS

@@ -642,7 +642,7 @@ async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
     a replica that did not hand the item out checks the result against the spec in Redis."""
     import redis
 
-    from gateway.queue.redis_store import RedisStore
+    from gateway.queue.redis import RedisStore
 
     url = redis_server.url.rsplit("/", 1)[0] + "/2"
     redis.Redis.from_url(url).flushdb()
@@ -676,7 +676,7 @@ async def redis_db2(redis_server: Any) -> AsyncIterator[tuple[Any, Any]]:
     plain ``redis`` client on that database to look at its keys."""
     import redis
 
-    from gateway.queue.redis_store import RedisStore
+    from gateway.queue.redis import RedisStore
 
     url = redis_server.url.rsplit("/", 1)[0] + "/2"
     r = redis.Redis.from_url(url)
@@ -693,26 +693,26 @@ def test_redis_entries_carry_each_inputs_spec_index_and_tokens_whole():
     """The Redis store's entry lists (no server): a request cut into entries by inputs and
     estimated tokens, read back input by input — texts with newlines, commas and non-ASCII
     included — and a part of an entry read by its input numbers."""
-    from gateway.queue.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, _entries, _inputs
+    from gateway.queue.redis.entries import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, Input, cut, inputs
 
     specs = [spec(f"line {i}\nnext, ünïcode", dimensions=i + 1) for i in range(70)]
     specs.insert(40, spec("word " * 4000))  # over TOKENS_PER_ENTRY alone: an entry of its own
-    entries = _entries(specs)
-    assert [e[0] for e in entries] == [INPUTS_PER_ENTRY, 8, 1, 30]
-    assert all(e[1] <= TOKENS_PER_ENTRY or e[0] == 1 for e in entries)
-    got = []
-    for n, tokens, ks, xs, ss in entries:
-        inputs = _inputs("iw:s:embed:m", "1-0", b"", ks.encode(), xs.encode(), ss.encode())
-        assert len(inputs) == n and sum(t for _, t, _, _ in inputs) == tokens
-        got += inputs
-    assert [int(x) for _, _, x, _ in got] == list(range(71))
-    assert [ItemSpec.model_validate_json(s) for _, _, _, s in got] == specs
-    assert [t for _, t, _, _ in got] == [s.estimate_tokens() for s in specs]
-    assert got[1][0] == "1-0/2@iw:s:embed:m"
-    part = _inputs("iw:f:embed:m", "2-0", b"2,5", b"7,9", b"11,14", b"{}\n[]")
+    entries = cut(specs)
+    assert [e.inputs for e in entries] == [INPUTS_PER_ENTRY, 8, 1, 30]
+    assert all(e.tokens <= TOKENS_PER_ENTRY or e.inputs == 1 for e in entries)
+    got: list[Input] = []
+    for e in entries:
+        read = inputs("iw:s:embed:m", "1-0", b"", e.k.encode(), e.x.encode(), e.s.encode())
+        assert len(read) == e.inputs and sum(i.est_tokens for i in read) == e.tokens
+        got += read
+    assert [int(i.index) for i in got] == list(range(71))
+    assert [ItemSpec.model_validate_json(i.spec) for i in got] == specs
+    assert [i.est_tokens for i in got] == [s.estimate_tokens() for s in specs]
+    assert got[1].item_id == "1-0/2@iw:s:embed:m"
+    part = inputs("iw:f:embed:m", "2-0", b"2,5", b"7,9", b"11,14", b"{}\n[]")
     assert part == [
-        ("2-0/2@iw:f:embed:m", 7, b"11", b"{}"),
-        ("2-0/5@iw:f:embed:m", 9, b"14", b"[]"),
+        Input("2-0/2@iw:f:embed:m", 7, "11", b"{}"),
+        Input("2-0/5@iw:f:embed:m", 9, "14", b"[]"),
     ]
 
 
@@ -720,7 +720,8 @@ def test_redis_entries_carry_each_inputs_spec_index_and_tokens_whole():
 async def test_redis_keeps_a_requests_inputs_in_few_stream_entries(redis_db2):
     """A 2,048-input request is 64 stream entries of 32 inputs, not 2,048 entries; entries are
     bounded by estimated tokens too."""
-    from gateway.queue.redis_store import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, stream_key
+    from gateway.queue.redis.entries import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY
+    from gateway.queue.redis.keys import stream_key
 
     r, store = redis_db2
     await store.submit([spec(str(i)) for i in range(2048)])
@@ -749,7 +750,7 @@ async def test_redis_sends_concurrent_submits_together(redis_db2):
     gone = asyncio.create_task(store.submit([spec("gone")]))
     await asyncio.sleep(0)  # queued for the sender, not sent yet
     gone.cancel()
-    await wait_until(lambda: not store._submit_tasks, timeout=5)
+    await wait_until(lambda: not store.submissions.tasks, timeout=5)
     await asyncio.sleep(0.1)
     assert await store.depth() == {"m": 65}
     texts = [i.text for i in await pull(store, n=100)]
@@ -761,21 +762,23 @@ async def test_redis_long_poll_hands_out_what_woke_it(redis_db2, redis_server):
     """A long poll returns the entries that woke it at once: no further PULL call for requests
     still on their way in, even while this replica has a SUBMIT of the pull's line in flight
     (a top-up that was measured to leave the engine idle longer)."""
-    from gateway.queue.redis_store import RedisStore, stream_key
+    from gateway.queue.redis import RedisStore
+    from gateway.queue.redis.keys import stream_key
 
     _, a = redis_db2
     b = RedisStore(redis_server.url.rsplit("/", 1)[0] + "/2", lease_seconds=5)  # a replica
     await b.start()
     try:
-        a._submitting.add(stream_key("m", "embed"))  # as while a SUBMIT of the line is in flight
+        # as while a SUBMIT of the line is in flight
+        a.submissions._sending.add(stream_key("m", "embed"))
         takes: list[int] = []  # a SPY on A's PULL calls
-        take = a._take
+        take = a.workers._take
 
         async def spy(*args: Any, **kw: Any) -> Any:
             takes.append(1)
             return await take(*args, **kw)
 
-        a._take = spy  # type: ignore[method-assign]
+        a.workers._take = spy  # type: ignore[method-assign]
         poll = asyncio.ensure_future(pull(a, n=100, wait=5))
         await asyncio.sleep(0.3)  # the poll made its PULL and is blocked in XREADGROUP now
         assert takes == [1]
@@ -783,7 +786,7 @@ async def test_redis_long_poll_hands_out_what_woke_it(redis_db2, redis_server):
         assert [i.text for i in await asyncio.wait_for(poll, 5)] == ["one"]
         assert takes == [1]  # no PULL after the wake
     finally:
-        a._submitting.clear()
+        a.submissions._sending.clear()
         await b.close()
 
 
@@ -796,19 +799,19 @@ async def test_redis_answers_its_own_client_before_the_complete_round_trip(redis
     request = await store.submit([spec("x")])
     (item,) = await pull(store, n=1)
     seen: list[bool] = []
-    script = store._complete
+    script = store.conn.scripts.complete
 
     def spy(**kw: Any) -> Any:
         seen.append(all(f.done() for f in request.futures))
         return script(**kw)
 
-    store._complete = spy  # type: ignore[assignment]
+    store.conn.scripts.complete = spy  # type: ignore[assignment]
     done = await store.complete("w", [ok(item, 2.0)])
     assert seen == [True] and done.accepted == 1
     assert [value(res) for res in await store.wait(request, 1, 5)] == [2.0]
     assert await store.depth() == {} and await store.leased() == {}
     assert (await store.complete("w", [ok(item, 3.0)])).ignored == 1
-    assert not store._early  # nothing kept for a client that was answered
+    assert not len(store.replies._early)  # nothing kept for a client that was answered
 
 
 async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):

@@ -21,7 +21,8 @@ import uvloop
 
 from common import heap
 from worker import __version__, cpu_host, logs, metrics
-from worker.config import Config, ConfigError, GeneratorConfig, load_config, model_adverts
+from worker.adverts import model_adverts
+from worker.config import Config, ConfigError, GeneratorConfig, load_config
 from worker.health import Health
 from worker.vllm_output import OutputRelay
 
@@ -83,7 +84,7 @@ class _StopOnSignal:
 
 async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     """Run the worker until SIGTERM / SIGINT or engine death; returns the exit code."""
-    from worker import replicas
+    from worker.engine import replicas
     from worker.loop import Worker
     from worker.monitoring import MonitoringServer
     from worker.queue_client import QueueClient

@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from common import prompts
-from common.protocol import ModelAdvert, RerankSpec, ScoreType, Task
+from common.protocol import ScoreType, Task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,7 +90,7 @@ class GeneratorConfig(_Strict):
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     enable_prefix_caching: bool | None = None
     trust_remote_code: bool = False
-    #: Where vLLM's engine core runs (:mod:`worker.engine_thread`, :mod:`worker.engine_process`):
+    #: Where vLLM's engine core runs (:mod:`worker.engine.thread`, :mod:`worker.engine.process`):
     #: ``asyncllm`` — behind vLLM's ``AsyncLLM``, in its engine-core process, each request and
     #: output sent on its own (vLLM's online serving; GPU hosts, engines of several ranks);
     #: ``process`` — vLLM's ``LLMEngine`` in a process of the worker's own, fed in batches
@@ -98,11 +98,11 @@ class GeneratorConfig(_Strict):
     #: ``auto`` — ``process`` on CPU hosts for an engine of one rank, else ``asyncllm``.
     engine_core: Literal["auto", "asyncllm", "process", "thread"] = "auto"
     #: With ``engine_core`` ``process`` or ``thread``: an engine step of at most this many
-    #: prompt tokens runs on one intra-op thread instead of all (:mod:`worker.step_threads`;
+    #: prompt tokens runs on one intra-op thread instead of all (:mod:`worker.engine.step_threads`;
     #: waking sleeping OpenMP threads costs a small step more than they gain). 0: every step
     #: on all threads. Unset: 128 on CPU hosts (:mod:`worker.cpu_host`), 0 elsewhere.
     one_thread_step_tokens: int | None = Field(default=None, ge=0)
-    #: vLLM engines of this model in the worker, sharing its device (:mod:`worker.replicas`):
+    #: vLLM engines of this model in the worker, sharing its device (:mod:`worker.engine.replicas`):
     #: each gets ``1 / replicas`` of ``gpu_memory_utilization`` and, on a CPU host, its own
     #: cores; pulled items go to the least busy one.
     replicas: int = Field(default=1, gt=0)
@@ -331,8 +331,6 @@ def load_config(
     cfg._source = path
     _check_models(path, cfg)
     if check_engine_args:
-        from worker.engine import unknown_engine_args
-
         unknown = unknown_engine_args(cfg.generator)
         if unknown:
             raise ConfigError(
@@ -340,6 +338,17 @@ def load_config(
                 "(expected a field of vllm.AsyncEngineArgs)"
             )
     return cfg
+
+
+def unknown_engine_args(gen: GeneratorConfig) -> list[str]:
+    """Names in ``generator.engine_args`` that ``vllm.AsyncEngineArgs`` does not have
+    (imports vLLM)."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    return sorted(k for k in gen.engine_args if k not in known)
 
 
 def _parse(path: Path) -> Config:
@@ -448,91 +457,3 @@ def _resolve_model_path(base: Path, value: Path) -> Path:
             return Path(text)  # reported by check_model_paths
         return Path(next(iter(spec.submodule_search_locations))) / sub
     return (base / value).resolve()
-
-
-class EngineFacts(Protocol):
-    """What the adverts need from the started engine (:class:`worker.engine.Engine`)."""
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def vocab_size(self) -> int: ...
-
-    def token_id(self, token: str) -> int: ...
-
-    @property
-    def score_type(self) -> ScoreType: ...
-
-    @property
-    def num_labels(self) -> int: ...
-
-    @property
-    def labels(self) -> list[str]: ...
-
-
-def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
-    """What the worker tells the queue about each ``queue.models."<name>"``, with the engine's
-    context length; for a model that scores, the engine's score type and, for ``causal-lm``,
-    the vocabulary size and the rerank prompt with its (false, true) token ids resolved by the
-    model's tokenizer; for a classifier its labels; for embeddings the int8 / uint8 range.
-    Raises :class:`ConfigError` naming the key if a rerank token is not one token of the
-    tokenizer, or a classifying engine's model is not a sequence classifier."""
-    gen = cfg.generator
-    if gen.task == "classify" and engine.score_type != "cross-encoder":
-        raise ConfigError(
-            f'{cfg.source}: generator.task: "classify" needs a sequence classification model '
-            f"(e.g. *ForSequenceClassification); vLLM serves this one as {engine.score_type}"
-        )
-    if gen.task == "score" and gen.score_type not in (None, engine.score_type):
-        raise ConfigError(
-            f'{cfg.source}: generator.score_type: "{gen.score_type}" does not fit this '
-            f'checkpoint: vLLM serves it as "{engine.score_type}" (leave the key out, or '
-            "convert the model with generator.engine_args, e.g. convert / hf_overrides)"
-        )
-    if gen.task == "score" and engine.score_type == "cross-encoder" and engine.num_labels != 1:
-        raise ConfigError(
-            f"{cfg.source}: generator.model_path: a cross-encoder reranker has one label; "
-            f"this sequence classifier has {engine.num_labels}"
-        )
-    out = []
-    for name, entry in cfg.queue.models.items():
-        tasks = entry.tasks()
-        score_type = engine.score_type if "score" in tasks else None
-        causal = score_type == "causal-lm"
-        rerank = None
-        if causal:
-            st = entry.scoring_task
-            ids = {}
-            for key in ("rerank_false_token", "rerank_true_token"):
-                try:
-                    ids[key] = engine.token_id(getattr(st, key))
-                except ValueError as e:
-                    raise ConfigError(
-                        f'{cfg.source}: queue.models."{name}".scoring_task.{key}: {e}'
-                    ) from None
-            rerank = RerankSpec(
-                template=st.rerank_template,
-                instruction=st.rerank_instruction,
-                false_token_id=ids["rerank_false_token"],
-                true_token_id=ids["rerank_true_token"],
-            )
-        out.append(
-            ModelAdvert(
-                name=name,
-                checkpoint_name=cfg.queue.checkpoint_name,
-                version=cfg.queue.version,
-                tags=cfg.queue.tags,
-                tasks=tasks,
-                max_model_len=engine.max_model_len,
-                description=entry.description,
-                vocab_size=engine.vocab_size,
-                rerank=rerank,
-                score_type=score_type,
-                labels=engine.labels if "classify" in tasks else None,
-                quantization_range=(
-                    entry.embedding_task.quantization_range if "embed" in tasks else None
-                ),
-            )
-        )
-    return out

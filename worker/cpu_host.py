@@ -11,7 +11,7 @@
   first CPU this process may run on, clamped to the cgroup limit).
 
 - ``engine_core = "auto"``: ``process`` for an engine of one rank (vLLM's ``LLMEngine`` in a
-  process of the worker's own, fed in batches, :mod:`worker.engine_process`), where the
+  process of the worker's own, fed in batches, :mod:`worker.engine.process`), where the
   engine, the worker and often the gateway share the same cores and every CPU-second of
   per-input overhead is taken from the model (README "Performance"). An engine of several
   ranks keeps ``asyncllm``.
@@ -43,7 +43,7 @@
   more of a common prefix.
 
 - ``one_thread_step_tokens`` unset: :data:`ONE_THREAD_STEP_TOKENS` — an engine step of a few
-  sentences runs on one intra-op thread (:mod:`worker.step_threads`): one sentence through
+  sentences runs on one intra-op thread (:mod:`worker.engine.step_threads`): one sentence through
   all-MiniLM-L6-v2 8.9 -> 5.3 ms.
 
 An explicit value in the config is always honoured. On GPU hosts nothing is changed
@@ -73,7 +73,7 @@ MAX_MEMORY_FRACTION = 0.92
 #: Lower bound of the automatic choice (vLLM rejects 0).
 MIN_MEMORY_FRACTION = 0.01
 #: ``generator.one_thread_step_tokens`` when unset: engine steps of at most this many prompt
-#: tokens run on one thread (:mod:`worker.step_threads`; all-MiniLM-L6-v2 on 2 cores: one
+#: tokens run on one thread (:mod:`worker.engine.step_threads`; all-MiniLM-L6-v2 on 2 cores: one
 #: thread is faster up to ~82 tokens, 8 % slower at ~157).
 ONE_THREAD_STEP_TOKENS = 128
 #: ``engine_args.block_size`` when unset (tokens per KV-cache block; vLLM's CPU default: 128).

@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from worker.config import MonitoringConfig, VllmMetricNames
-from worker.engine_process import RELAYED
+from worker.engine.process import RELAYED
 from worker.health import Health
 
 log = logging.getLogger(__name__)

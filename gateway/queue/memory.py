@@ -5,7 +5,7 @@ input is leased for ``lease_seconds``; without a result in time the lease expire
 input goes back to the front of its queue for another attempt. The first result wins; after
 ``max_attempts`` deliveries without one (or with only retryable errors) the input is
 dead-lettered: its client gets ``max_attempts_exceeded``. Everything is lost with the process:
-for replicas and restarts use :class:`gateway.queue.redis_store.RedisStore`.
+for replicas and restarts use :class:`gateway.queue.redis.RedisStore`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from gateway.queue.store import (
     check_result,
     count_advert,
     dead_letter,
+    fits,
     prompt_token_limit,
 )
 
@@ -249,7 +250,7 @@ class MemoryStore(QueueStore):
                     if not queue:
                         continue
                     item = next(iter(queue.values()))
-                    if out and tokens + item.est_tokens > budget:
+                    if not fits(len(out), tokens, 1, item.est_tokens, limit, max_tokens):
                         continue  # does not fit this pull; first in line next time
                     del queue[item.item_id]
                     out.append(self._lease(item, worker_id, now))

@@ -3,7 +3,7 @@
 Two backends implement :class:`QueueStore`:
 
 - :class:`gateway.queue.memory.MemoryStore` — in this process (the default; one gateway);
-- :class:`gateway.queue.redis_store.RedisStore` — Redis >= 7 Streams with a consumer group, shared
+- :class:`gateway.queue.redis.RedisStore` — Redis >= 7 Streams with a consumer group, shared
   by any number of stateless gateway replicas (``--queue-url redis://...``).
 
 Both give queue protocol v1's guarantees (``docs/queue-protocol.md``): leases with redelivery,
@@ -156,6 +156,18 @@ def check_result(
     )
 
 
+def fits(
+    taken: int, tokens: int, size: int, est: int, max_items: int, budget: float | None
+) -> bool:
+    """The token-budget rule of a pull, one for both stores (the Redis PULL script's
+    ``fitting`` applies the same in Lua): a part of ``size`` inputs and ``est`` estimated
+    tokens fits a pull that took ``taken`` inputs and ``tokens`` tokens if the pull stays
+    within ``max_items`` and, but for its first input, within ``budget`` tokens (None: no
+    budget)."""
+    within_budget = taken == 0 or budget is None or tokens + est <= budget
+    return taken + size <= max_items and within_budget
+
+
 def count_advert(models: dict[str, tuple[ModelAdvert, int]], advert: ModelAdvert) -> None:
     """Count one live worker's ``advert`` into ``models`` (name -> (advert, workers)): the
     first advert seen stands for the model, with the tasks of all of them (in the order first
@@ -171,9 +183,13 @@ def count_advert(models: dict[str, tuple[ModelAdvert, int]], advert: ModelAdvert
     models[advert.name] = (first, n + 1)
 
 
+#: The dead letter's message (``%d``: the deliveries); the Redis scripts use it too.
+DEAD_LETTER = "the input was delivered to workers %d times without a result"
+
+
 def dead_letter(item_id: str, attempts: int, last_error: str | None = None) -> ItemResult:
     """The answer of an item out of attempts: ``max_attempts_exceeded``."""
-    message = f"the input was delivered to workers {attempts} times without a result"
+    message = DEAD_LETTER % attempts
     if last_error is not None:
         message += f" (the last attempt failed: {last_error})"
     return ItemResult(

@@ -140,7 +140,7 @@ def make_store(kind: str, redis_url: str | None, clock: FakeClock, **settings: A
         from gateway.queue.memory import MemoryStore
 
         return MemoryStore(clock=clock, **settings)
-    from gateway.queue.redis_store import RedisStore
+    from gateway.queue.redis import RedisStore
 
     assert redis_url is not None
     return RedisStore(redis_url, **settings)

@@ -1,4 +1,4 @@
-"""A FAKE of vLLM's ``LLMEngine`` as :class:`worker.engine_thread.StepLoop` drives it, for the
+"""A FAKE of vLLM's ``LLMEngine`` as :class:`worker.engine.thread.StepLoop` drives it, for the
 fast tests of the two engine cores that step it (``thread`` and ``process``)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """vLLM's offline engine (``LLMEngine``) stepped by a thread: in the worker process
 (``engine_core = "thread"``, :class:`ThreadedLLM`), or in a process of the worker's own
-(``engine_core = "process"``, :mod:`worker.engine_process`, which runs the same
+(``engine_core = "process"``, :mod:`worker.engine.process`, which runs the same
 :class:`StepLoop`).
 
 vLLM's online server runs its ``EngineCore`` behind ``AsyncLLM`` (``engine_core =
@@ -27,8 +27,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engine import EngineDead
-from worker.step_threads import StepThreads, prompt_tokens
+from worker.engine.errors import EngineDead
+from worker.engine.step_threads import StepThreads, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ThreadedLLM:
         building it raised. Made in its own thread, the engine's CPU backend binds that
         thread (and its OpenMP team) to the cores, not the event loop's thread. Steps of at
         most ``one_thread_step_tokens`` prompt tokens run on one thread
-        (:mod:`worker.step_threads`; None or 0: all)."""
+        (:mod:`worker.engine.step_threads`; None or 0: all)."""
         llm = cls(make_engine, one_thread_step_tokens)
         llm._thread.start()
         if not llm._ready.wait(START_TIMEOUT_SECONDS):

@@ -24,8 +24,10 @@ import numpy as np
 
 from common.protocol import WorkItem
 from worker.config import GeneratorConfig
-from worker.engine import Engine, InvalidInput, Prompt
-from worker.engine_thread import environ
+from worker.engine.engine import Engine
+from worker.engine.errors import InvalidInput
+from worker.engine.prepare import Prompt
+from worker.engine.thread import environ
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 in batches over a pipe.
 
 The engine process runs vLLM's ``LLMEngine`` (engine core and model runner in that process)
-under a :class:`~worker.engine_thread.StepLoop`, as ``engine_core = "thread"`` does in the
+under a :class:`~worker.engine.thread.StepLoop`, as ``engine_core = "thread"`` does in the
 worker process, but with the worker's own work (HTTP pulls and posts, tokenization) in another
 process, so the two do not share one GIL. What crosses the pipe is per batch, not per request:
 every request the worker submits within one event-loop tick goes in one message (token ids),
@@ -41,9 +41,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from worker.engine import EngineDead
-from worker.engine_thread import START_TIMEOUT_SECONDS, StepLoop, Submit, environ
-from worker.step_threads import StepThreads
+from worker.engine.errors import EngineDead
+from worker.engine.step_threads import StepThreads
+from worker.engine.thread import START_TIMEOUT_SECONDS, StepLoop, Submit, environ
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def engine_main(
 ) -> None:
     """The engine process: build the engine of ``vllm_config``, say ``ready`` or why not, then
     take batches from ``conn`` until it says ``stop`` or closes. Steps of at most
-    ``one_thread_step_tokens`` prompt tokens run on one thread (:mod:`worker.step_threads`)."""
+    ``one_thread_step_tokens`` prompt tokens run on one thread
+    (:mod:`worker.engine.step_threads`)."""
     try:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and model here
         from vllm.utils.system_utils import set_process_title
@@ -189,7 +190,7 @@ def _picklable_failure(exc: BaseException) -> bytes:
 
 def serve(conn: Connection, engine: Any, threads: StepThreads | None = None) -> None:
     """Say ``ready``, then run ``engine`` (vLLM's ``LLMEngine`` or what offers its stepping
-    interface) under a :class:`~worker.engine_thread.StepLoop` on the batches ``conn`` brings,
+    interface) under a :class:`~worker.engine.thread.StepLoop` on the batches ``conn`` brings,
     until it says ``stop`` or closes; the engine is shut down at the end. The engine process's
     main function after its engine started (and a test's, on a thread)."""
     send_lock = threading.Lock()
@@ -273,7 +274,7 @@ class ProcessLLM:
         scheduler configs are what the worker reads), spawn the engine process with that
         config and wait until its engine is ready (blocking; vLLM takes ~25 s on CPU).
         Steps of at most ``one_thread_step_tokens`` prompt tokens run on one thread
-        (:mod:`worker.step_threads`; None or 0: all). Raises what vLLM raises for a bad
+        (:mod:`worker.engine.step_threads`; None or 0: all). Raises what vLLM raises for a bad
         configuration, RuntimeError with the engine's own reason if it cannot start."""
         from vllm import EngineArgs
 

@@ -1,0 +1,60 @@
+"""The store's Lua scripts (``lua/*.lua``), read once per process and registered on a client.
+
+Where two writes must happen together the work is a script (atomic in Redis). Every script
+that takes the key prefix and the group as its first two arguments is run after
+``lua/helpers.lua`` and a prelude of the constants Python defines (:data:`~.keys.RELEASED`,
+:data:`~.keys.FRONT`, :data:`~gateway.queue.store.DEAD_LETTER`): written once, in one
+language. Scripts derive some key names from their arguments: one Redis server (or a
+primary), not a Redis Cluster."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from gateway.queue.redis.keys import FRONT, RELEASED
+from gateway.queue.store import DEAD_LETTER
+
+LUA = Path(__file__).with_name("lua")
+#: Scripts that stand alone (their arguments are not the prefix and the group).
+STANDALONE = ("claim", "save_batch")
+
+
+@functools.cache
+def source(name: str) -> str:
+    """The text run for script ``name``: the prelude and the helpers, then the script."""
+    script = (LUA / f"{name}.lua").read_text()
+    if name in STANDALONE:
+        return script
+    front = ", ".join(f"{k} = {json.dumps(v)}" for k, v in FRONT.items())
+    prelude = (
+        f"local RELEASED = {json.dumps(RELEASED)}\n"
+        f"local FRONT = {{{front}}}\n"
+        f"local DEAD_LETTER = {json.dumps(DEAD_LETTER)}\n"
+    )
+    return prelude + (LUA / "helpers.lua").read_text() + script
+
+
+class Scripts:
+    """The scripts, registered on ``client`` (each an :class:`AsyncScript`: EVALSHA, loaded
+    again where Redis lost it)."""
+
+    def __init__(self, client: aioredis.Redis):
+        def load(name: str) -> AsyncScript:
+            return client.register_script(source(name))
+
+        self.submit = load("submit")
+        self.pull = load("pull")
+        self.complete = load("complete")
+        self.release = load("release")
+        self.unread = load("unread")
+        self.reap = load("reap")
+        self.counts = load("counts")
+        self.forget = load("forget")
+        self.cancel = load("cancel")
+        self.claim = load("claim")
+        self.save_batch = load("save_batch")

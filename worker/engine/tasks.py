@@ -1,0 +1,225 @@
+"""The task runners: one prepared input through vLLM to the vector the worker posts.
+
+``embed``: the pooling runner's ``embed`` task; ``classify``: its ``classify`` task on a
+sequence classifier, the class logits (their softmax by default); ``score``, by the engine's
+score type: ``causal-lm`` — the generate runner with ``logprobs_mode="raw_logits"`` and one
+output token, ``SamplingParams(logprob_token_ids=...)`` returning the raw logits of the asked
+ids at the last prompt position (every request may ask for its own ids); ``cross-encoder`` —
+the ``classify`` task on the pair (its token type ids compressed as vLLM's score API does);
+``late-interaction`` — ``token_embed`` on each text, MaxSim; ``bi-encoder`` — ``embed`` on
+each text, cosine."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import numpy as np
+
+from common.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
+from worker.engine.core import EngineCore
+from worker.engine.errors import EngineDead, InvalidInput, refusal
+from worker.engine.prepare import PairPrompt, Prompt
+
+#: The pooling task each pair score type runs in vLLM (``vllm.tasks.SCORE_TYPE_MAP``).
+PoolingTask = Literal["classify", "token_embed", "embed"]
+POOLING_TASK: dict[str, PoolingTask] = {
+    "cross-encoder": "classify",
+    "late-interaction": "token_embed",
+    "bi-encoder": "embed",
+}
+#: Numbers vLLM request ids apart (an item's retry in this worker gets a new one).
+_REQUEST_NUMBERS = itertools.count()
+
+
+class Runner:
+    """Runs items on ``core`` for an engine of ``score_type``; vLLM's refusals name the
+    model as clients call it (``model_name``), not its path."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        score_type: ScoreType,
+        max_model_len: int,
+        model_path: str,
+        model_name: str,
+    ):
+        self.core, self.score_type, self.max_model_len = core, score_type, max_model_len
+        self.model_path, self.model_name = model_path, model_name
+        #: A query's embedding being computed, shared by the pairs that have that query:
+        #: (pooling task, token ids) -> its output.
+        self._shared: dict[tuple[str, tuple[int, ...]], asyncio.Future[Any]] = {}
+
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+        """(float32 vector, prompt token count); see :meth:`worker.engine.Engine.run`."""
+        if isinstance(prompt, PairPrompt):
+            return await self.score_pair(item, prompt)
+        if item.task == "embed":
+            return await self.embed(item, prompt)
+        if item.task == "classify":
+            return await self.classify(item, prompt)
+        if self.score_type != "causal-lm":
+            raise InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS,
+                f"return_logits needs a causal-LM scoring model; this one is {self.score_type}",
+            )
+        return await self.logits(item, prompt)
+
+    async def embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
+        from vllm import PoolingParams
+
+        if item.dimensions is not None and item.dimensions < 1:
+            raise InvalidInput(
+                ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
+            )
+        params = PoolingParams(
+            task="embed", dimensions=item.dimensions, use_activation=item.normalize
+        )
+        out = await self._encode(item, prompt, params)
+        vec = out.outputs.data.float().numpy()
+        return vec, len(out.prompt_token_ids)
+
+    async def classify(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """A sequence classifier's class logits ``[num_labels]`` (vLLM's ``classify`` task
+        without its activation), their softmax when ``normalize``."""
+        from vllm import PoolingParams
+
+        out = await self._encode(item, prompt, PoolingParams(task="classify", use_activation=False))
+        logits = out.outputs.data.float().numpy().astype(np.float32)
+        return (softmax(logits) if item.normalize else logits), len(out.prompt_token_ids)
+
+    async def logits(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """A causal LM's raw logits of ``return_logits`` at the last position (their softmax
+        when ``normalize``)."""
+        from vllm import SamplingParams
+
+        ids = item.return_logits or []
+        if not ids:
+            raise InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS, "return_logits must list at least one token id"
+            )
+        if len(ids) > MAX_LOGIT_IDS:
+            raise InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS,
+                f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
+            )
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), detokenize=False
+        )
+        stream = self.core.generate(
+            vllm_prompt(prompt), params, request_id=request_id(item), priority=item.priority or 0
+        )
+        out = await self._last(item, prompt, stream)
+        step = out.outputs[0].logprobs[0]
+        logits = np.array([step[i].logprob for i in ids], dtype=np.float32)
+        if item.normalize:
+            logits = softmax(logits)
+        return logits, len(out.prompt_token_ids)
+
+    async def score_pair(self, item: WorkItem, prompt: PairPrompt) -> tuple[np.ndarray, int]:
+        """A (query, document) pair's score ``[1]`` by this engine's score type: the
+        cross-encoder's logit (its activation, e.g. a sigmoid, when ``normalize``), MaxSim of
+        the token embeddings, or the cosine of the embeddings."""
+        from vllm import PoolingParams
+
+        if self.score_type == "cross-encoder":
+            params = PoolingParams(task="classify", use_activation=item.normalize)
+            if prompt.token_type_ids:
+                from vllm.entrypoints.pooling.scoring.utils import compress_token_type_ids
+
+                try:
+                    first_one = compress_token_type_ids(prompt.token_type_ids)
+                except ValueError as e:
+                    raise InvalidInput(ErrorCode.INVALID_INPUT, str(e)) from None
+                params.extra_kwargs = {"compressed_token_type_ids": first_one}
+            out = await self._encode(item, prompt.first, params)
+            return out.outputs.data.float().numpy()[:1], len(prompt)
+        task = POOLING_TASK[self.score_type]
+        assert prompt.second is not None
+        query, document = await asyncio.gather(
+            self._encode_shared(item, prompt.first, task),
+            self._encode(item, prompt.second, PoolingParams(task=task)),
+        )
+        q, d = query.outputs.data.float(), document.outputs.data.float()
+        if self.score_type == "late-interaction":
+            from vllm.entrypoints.pooling.scoring.utils import compute_maxsim_score
+
+            score = compute_maxsim_score(q, d)
+        else:
+            import torch.nn.functional as F
+
+            score = F.cosine_similarity(q, d, dim=0)
+        return np.array([float(score)], dtype=np.float32), len(prompt)
+
+    async def _encode(self, item: WorkItem, ids: list[int], params: Any) -> Any:
+        """One pooling request of token ids: its final output."""
+        stream = self.core.encode(
+            vllm_prompt(ids), params, request_id=request_id(item), priority=item.priority or 0
+        )
+        return await self._last(item, ids, stream)
+
+    async def _encode_shared(self, item: WorkItem, ids: list[int], task: PoolingTask) -> Any:
+        """:meth:`_encode` of a query that other pairs in the engine may share: one vLLM
+        request per distinct query in flight (a rerank's 100 documents embed its query once)."""
+        from vllm import PoolingParams
+
+        key = (task, tuple(ids))
+        shared = self._shared.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._encode(item, ids, PoolingParams(task=task)))
+            self._shared[key] = shared
+            shared.add_done_callback(lambda _: self._shared.pop(key, None))
+        return await asyncio.shield(shared)
+
+    async def _last(self, item: WorkItem, prompt: Prompt, stream: AsyncIterator[Any]) -> Any:
+        """The last output of a vLLM output stream, vLLM's errors turned into ours."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        out = None
+        try:
+            async for out in stream:  # noqa: B007 - the last output is the final one
+                pass
+        except VLLMValidationError as e:
+            raise self._refused(item, prompt, str(e)) from None
+        except ValueError as e:  # older vLLM raises plain ValueError for bad input
+            if self.core.errored:
+                raise EngineDead(str(e)) from e
+            raise self._refused(item, prompt, str(e)) from None
+        except EngineDeadError as e:
+            raise EngineDead(str(e)) from e
+        assert out is not None
+        return out
+
+    def _refused(self, item: WorkItem, prompt: Prompt, message: str) -> InvalidInput:
+        message = message.replace(repr(self.model_path), repr(self.model_name))
+        message = message.replace(self.model_path, self.model_name)
+        return refusal(
+            message,
+            prompt_tokens=len(prompt),
+            max_model_len=self.max_model_len,
+            truncate=item.truncate_prompt_tokens,
+        )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 softmax over ``logits`` [n] (computed in float64)."""
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    out: np.ndarray = (z / z.sum()).astype(np.float32)
+    return out
+
+
+def request_id(item: WorkItem) -> str:
+    """A vLLM request id for one run of ``item``: unique in this process (vLLM adds a random
+    suffix of its own); a counter, not a uuid4 per input."""
+    return f"{item.item_id}-{item.lease_id}-{next(_REQUEST_NUMBERS)}"
+
+
+def vllm_prompt(prompt: list[int]) -> Any:
+    """The token ids as a rendered ``TokensInput``: vLLM adds them without another tokenizer
+    pass."""
+    from vllm.inputs.engine import tokens_input
+
+    return tokens_input(prompt)
