@@ -23,8 +23,8 @@ from gateway import errors
 from gateway.api import routes as client_routes
 from gateway.api.serving import Serving
 from gateway.batch import routes as batch_routes
+from gateway.batch.batches import Batches
 from gateway.batch.files import FileStore
-from gateway.batch.jobs import Batches
 from gateway.batch.runner import BatchRunner
 from gateway.http import observability
 from gateway.http.auth import Credentials

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.batch import runner as batch_runner
+from gateway.batch import job as batch_job
+from gateway.batch import validate as batch_validate
 from gateway.batch.models import BatchOutputLine
 from tests.support import InProcessGateway, wait_until
 
@@ -36,8 +37,8 @@ def jsonl(lines: list[str]) -> bytes:
 
 @pytest.fixture
 async def gw(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
-    monkeypatch.setattr(batch_runner, "CHUNK_LINES", 4)
+    monkeypatch.setattr(batch_job, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_validate, "CHUNK_LINES", 4)
     async with InProcessGateway(
         api_keys=[InProcessGateway.API_KEY, OTHER_KEY], max_batches_per_key=2
     ) as gw:
@@ -325,7 +326,7 @@ async def test_a_file_over_the_limit_is_413():
 
 
 async def test_a_file_over_max_batch_lines_fails_the_batch(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_job, "SCAN_SECONDS", 0.05)
     async with InProcessGateway(max_batch_lines=3) as gw:
         lines = [line(f"r{i}", {"model": MODEL, "input": "x"}) for i in range(4)]
         batch = await create(gw, await upload(gw, jsonl(lines)))
@@ -339,7 +340,7 @@ async def test_a_file_over_max_batch_lines_fails_the_batch(monkeypatch: pytest.M
 
 
 async def test_files_per_key_are_bounded_and_expire(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_job, "SCAN_SECONDS", 0.05)
     async with InProcessGateway(
         api_keys=[InProcessGateway.API_KEY, OTHER_KEY],
         max_files_per_key=3,
@@ -415,7 +416,7 @@ async def test_batch_metadata_records_and_inputs_in_use_are_bounded(gw):
 async def test_a_key_keeps_its_newest_batch_records_and_ended_ones_expire(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_job, "SCAN_SECONDS", 0.05)
     async with InProcessGateway(max_batch_records_per_key=3, batch_retention_seconds=3600) as gw:
         file_id = await upload(gw, jsonl([line("a", {"model": "nobody", "input": "x"})]))
         ids = []
@@ -430,7 +431,7 @@ async def test_a_key_keeps_its_newest_batch_records_and_ended_ones_expire(
 
 
 async def test_a_batch_line_over_the_limit_fails_validation_unread(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(batch_runner, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_job, "SCAN_SECONDS", 0.05)
     async with InProcessGateway(max_batch_line_bytes=1024) as gw:
         lines = [
             line("small", {"model": MODEL, "input": "x"}),

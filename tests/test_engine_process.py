@@ -23,7 +23,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
-from worker.engine.process import ProcessLLM, RelayedMetrics, WireOutput, from_wire, serve, to_wire
+from worker.engine.pipe import WireOutput, from_wire, to_wire
+from worker.engine.process import ProcessLLM, RelayedMetrics, serve
 
 
 @dataclass
@@ -199,11 +200,13 @@ class _Unpicklable(Exception):
 def test_a_start_failure_reaches_the_worker_as_vllms_own_exception():
     import pickle
 
+    from worker.engine.pipe import Failed
     from worker.engine.process import _picklable_failure
 
-    kind, exc = pickle.loads(_picklable_failure(ValueError("Available memory on node 0\nmore")))
-    assert kind == "failed" and type(exc) is ValueError and str(exc).startswith("Available")
-    _, fallback = pickle.loads(_picklable_failure(_Unpicklable(1, 2)))
+    failed = pickle.loads(_picklable_failure(ValueError("Available memory on node 0\nmore")))
+    assert isinstance(failed, Failed)
+    assert type(failed.error) is ValueError and str(failed.error).startswith("Available")
+    fallback = pickle.loads(_picklable_failure(_Unpicklable(1, 2))).error
     assert type(fallback) is RuntimeError and str(fallback) == "_Unpicklable: 1 2"
 
 

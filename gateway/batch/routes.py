@@ -1,6 +1,6 @@
 """Client routes of OpenAI's Files and Batch APIs (API keys, checked by :mod:`gateway.http.edge`):
 ``/v1/files`` (upload, list, get, content, delete) and ``/v1/batches`` (create, list, get,
-cancel). Thin handlers; the logic is in :mod:`gateway.batch.files` and :mod:`gateway.batch.jobs`.
+cancel). Thin handlers; the logic is in :mod:`gateway.batch.files` and :mod:`gateway.batch.batches`.
 A file or batch belongs to the API key that made it: other keys get 404."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, Form, Query, Request, Response, UploadFi
 from fastapi.responses import FileResponse
 
 from gateway.api.models import json_response
+from gateway.batch.batches import Batches
 from gateway.batch.files import MAX_EXPIRY_SECONDS, MIN_EXPIRY_SECONDS, FileStore, owner_of
-from gateway.batch.jobs import Batches
 from gateway.batch.models import Batch, BatchCreate, BatchList, FileDeleted, FileList, FileObject
 from gateway.errors import APIError
 from gateway.http.auth import bearer_token

@@ -33,70 +33,34 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from worker.engine.errors import EngineDead
+from worker.engine.pipe import (
+    Abort,
+    Dead,
+    Failed,
+    FromEngine,
+    LogStats,
+    Metrics,
+    Outputs,
+    Ready,
+    Refused,
+    SendMetrics,
+    Stop,
+    SubmitBatch,
+    ToEngine,
+    from_wire,
+    to_wire,
+)
 from worker.engine.step_threads import StepThreads
 from worker.engine.thread import START_TIMEOUT_SECONDS, StepLoop, Submit, environ
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WireOutput:
-    """One finished request as the engine process sends it back."""
-
-    request_id: str
-    n_prompt: int
-    #: A pooling output (float32, any shape), or None for a generate request.
-    data: np.ndarray | None = None
-    #: A generate request's logits at the last prompt position: token id -> raw logit.
-    logprobs: dict[int, float] | None = None
-
-
-def to_wire(out: Any) -> WireOutput:
-    """vLLM's ``PoolingRequestOutput`` / ``RequestOutput`` -> :class:`WireOutput`."""
-    n = len(out.prompt_token_ids or [])
-    pooled = getattr(out.outputs, "data", None)
-    if pooled is not None:
-        return WireOutput(out.request_id, n, data=pooled.float().numpy())
-    step = out.outputs[0].logprobs[0]
-    return WireOutput(out.request_id, n, logprobs={t: float(p.logprob) for t, p in step.items()})
-
-
-class _Length:
-    """Stands in for a request's ``prompt_token_ids`` where only its length is used."""
-
-    def __init__(self, n: int):
-        self._n = n
-
-    def __len__(self) -> int:
-        return self._n
-
-
-def from_wire(out: WireOutput) -> Any:
-    """A :class:`WireOutput` shaped as vLLM's output, as far as :mod:`worker.engine` reads it:
-    ``prompt_token_ids`` (its length), ``outputs.data`` (a torch tensor) or
-    ``outputs[0].logprobs[0][id].logprob``."""
-    if out.data is not None:
-        import torch
-
-        outputs: Any = SimpleNamespace(data=torch.from_numpy(out.data))
-    else:
-        logprobs = {t: SimpleNamespace(logprob=v) for t, v in (out.logprobs or {}).items()}
-        outputs = [SimpleNamespace(logprobs=[logprobs])]
-    return SimpleNamespace(
-        request_id=out.request_id,
-        prompt_token_ids=_Length(out.n_prompt),
-        outputs=outputs,
-        finished=True,
-    )
 
 
 class RelayedMetrics(Collector):
@@ -176,16 +140,16 @@ def engine_main(
 
 
 def _picklable_failure(exc: BaseException) -> bytes:
-    """``("failed", exc)`` pickled, so the worker raises vLLM's own exception (its type names
-    the cause in the worker's one ERROR line); a RuntimeError with its first line where the
+    """:class:`Failed` pickled, so the worker raises vLLM's own exception (its type names the
+    cause in the worker's one ERROR line); a RuntimeError with its first line where the
     exception does not survive pickling."""
     try:
-        data = pickle.dumps(("failed", exc))
+        data = pickle.dumps(Failed(exc))
         pickle.loads(data)
         return data
     except Exception:  # noqa: BLE001 - any exception type may refuse to pickle
         first = (str(exc).strip().splitlines() or [""])[0]
-        return pickle.dumps(("failed", RuntimeError(f"{type(exc).__name__}: {first}")))
+        return pickle.dumps(Failed(RuntimeError(f"{type(exc).__name__}: {first}")))
 
 
 def serve(conn: Connection, engine: Any, threads: StepThreads | None = None) -> None:
@@ -195,46 +159,46 @@ def serve(conn: Connection, engine: Any, threads: StepThreads | None = None) -> 
     main function after its engine started (and a test's, on a thread)."""
     send_lock = threading.Lock()
 
-    def send(message: Any) -> None:
+    def send(message: FromEngine) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with send_lock:
             conn.send_bytes(data)
 
     steps = StepLoop(
         engine,
-        lambda outs: send(("out", [to_wire(o) for o in outs])),
-        lambda rid, exc: send(("refused", rid, f"{type(exc).__name__}: {exc}")),
+        lambda outs: send(Outputs([to_wire(o) for o in outs])),
+        lambda rid, exc: send(Refused(rid, f"{type(exc).__name__}: {exc}")),
         threads,
     )
-    send(("ready", None))
+    send(Ready())
 
     def read() -> None:
         while True:
             try:
-                message = pickle.loads(conn.recv_bytes())
+                message: ToEngine = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):  # the worker is gone
                 steps.stop()
                 return
-            kind = message[0]
-            if kind == "submit":
-                steps.submit(message[1])
-            elif kind == "abort":
-                steps.abort(message[1])
-            elif kind == "stats":
-                steps.log_stats()
-                send(("metrics", _vllm_families()))
-            elif kind == "metrics":  # vLLM records them at every step: read them as they are
-                send(("metrics", _vllm_families()))
-            elif kind == "stop":
-                steps.stop()
-                return
+            match message:
+                case SubmitBatch(requests):
+                    steps.submit(requests)
+                case Abort(request_ids):
+                    steps.abort(request_ids)
+                case LogStats():
+                    steps.log_stats()
+                    send(Metrics(_vllm_families()))
+                case SendMetrics():  # recorded at every step: read them as they are
+                    send(Metrics(_vllm_families()))
+                case Stop():
+                    steps.stop()
+                    return
 
     threading.Thread(target=read, name="engine-pipe", daemon=True).start()
     try:
         steps.run()
     except BaseException as e:  # noqa: BLE001 - the engine died: the worker is told
         with contextlib.suppress(OSError):
-            send(("dead", f"{type(e).__name__}: {e}"))
+            send(Dead(f"{type(e).__name__}: {e}"))
     finally:
         with contextlib.suppress(Exception):
             engine.engine_core.shutdown()
@@ -295,15 +259,15 @@ class ProcessLLM:
             process.kill()
             raise TimeoutError(f"the vLLM engine did not start in {START_TIMEOUT_SECONDS:.0f} s")
         try:
-            kind, payload = pickle.loads(ours.recv_bytes())
+            answer: FromEngine = pickle.loads(ours.recv_bytes())
         except EOFError:
             process.join(5)
             raise RuntimeError(
                 f"the vLLM engine process exited with {process.exitcode} while starting"
             ) from None
-        if kind != "ready":
+        if not isinstance(answer, Ready):
             process.join(10)
-            raise payload if isinstance(payload, BaseException) else RuntimeError(payload)
+            raise answer.error if isinstance(answer, Failed) else RuntimeError(str(answer))
         llm = cls(process, ours, vllm_config)
         llm._attach(asyncio.get_event_loop())
         RELAYED.sources[llm._source] = []
@@ -345,7 +309,7 @@ class ProcessLLM:
 
     async def do_log_stats(self) -> None:
         """Ask the engine process to log vLLM's stats and send its metrics."""
-        self._send(("stats",))
+        self._send(LogStats())
 
     async def refresh_metrics(self) -> None:
         """Ask the engine process for its vLLM metrics and wait until they are in
@@ -355,7 +319,7 @@ class ProcessLLM:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._state.metrics_waiters.append(future)
-        self._send(("metrics",))
+        self._send(SendMetrics())
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(future), METRICS_TIMEOUT_SECONDS)
 
@@ -365,7 +329,7 @@ class ProcessLLM:
             return
         self.error = "the vLLM engine was shut down"
         with contextlib.suppress(OSError):
-            self._conn.send_bytes(pickle.dumps(("stop",)))
+            self._conn.send_bytes(pickle.dumps(Stop()))
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
@@ -390,7 +354,7 @@ class ProcessLLM:
             return await future
         except asyncio.CancelledError:
             if state.waiters.pop(request.request_id, None) is not None:
-                self._send(("abort", [request.request_id]))
+                self._send(Abort([request.request_id]))
             raise
 
     def _flush(self) -> None:
@@ -398,9 +362,9 @@ class ProcessLLM:
         state.flush_scheduled = False
         batch, state.batch = state.batch, []
         if batch:
-            self._send(("submit", batch))
+            self._send(SubmitBatch(batch))
 
-    def _send(self, message: Any) -> None:
+    def _send(self, message: ToEngine) -> None:
         if self._closed:
             return
         try:
@@ -425,27 +389,27 @@ class ProcessLLM:
             except RuntimeError:
                 return
 
-    def _handle(self, message: Any) -> None:
-        kind = message[0]
+    def _handle(self, message: FromEngine) -> None:
         waiters = self._state.waiters
-        if kind == "out":
-            for out in message[1]:
-                future = waiters.pop(out.request_id, None)
+        match message:
+            case Outputs(outputs):
+                for out in outputs:
+                    future = waiters.pop(out.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(from_wire(out))
+            case Refused(request_id, reason):
+                future = waiters.pop(request_id, None)
                 if future is not None and not future.done():
-                    future.set_result(from_wire(out))
-        elif kind == "refused":
-            future = waiters.pop(message[1], None)
-            if future is not None and not future.done():
-                future.set_exception(ValueError(message[2]))
-        elif kind == "metrics":
-            RELAYED.sources[self._source] = message[1]
-            answered, self._state.metrics_waiters = self._state.metrics_waiters, []
-            for future in answered:
-                if not future.done():
-                    future.set_result(None)
-        elif kind == "dead":
-            log.error("the vLLM engine failed: %s", message[1])
-            self._close(f"the vLLM engine failed: {message[1]}")
+                    future.set_exception(ValueError(reason))
+            case Metrics(families):
+                RELAYED.sources[self._source] = families
+                answered, self._state.metrics_waiters = self._state.metrics_waiters, []
+                for waiter in answered:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            case Dead(reason):
+                log.error("the vLLM engine failed: %s", reason)
+                self._close(f"the vLLM engine failed: {reason}")
 
     def _close(self, reason: str) -> None:
         """The engine is gone: every waiter fails with EngineDead."""
