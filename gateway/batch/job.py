@@ -11,22 +11,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from common.protocol import BATCH_PRIORITY, ItemSpec, Task
 from gateway import metrics
 from gateway.api.models import EmbeddingRequest, RerankRequest
-from gateway.batch.files import new_file_id
+from gateway.api.serving import Serving
+from gateway.batch.files import FileStore, new_file_id
 from gateway.batch.lines import Line, Piece, answer, pieces, respond, succeeded
 from gateway.batch.models import TERMINAL, BatchError, BatchErrors, BatchInputLine, BatchRecord
 from gateway.batch.validate import Plan, check_lines
 from gateway.errors import APIError, invalid_body
-from gateway.queue.store import QueueFull, Request
-
-if TYPE_CHECKING:
-    from gateway.batch.runner import BatchRunner
+from gateway.queue.store import QueueFull, QueueStore, Request
+from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway.batch.runner")
 
@@ -44,10 +43,20 @@ class _Counts:
     in_order: asyncio.Lock = field(default_factory=asyncio.Lock)  # chunks enter the queue
 
 
+class Runs(Protocol):
+    """What a job needs of the runner that runs it (:class:`gateway.batch.runner.BatchRunner`)."""
+
+    store: QueueStore
+    files: FileStore
+    serving: Serving
+    settings: GatewaySettings
+    work_root: Path
+
+
 class Job:
     """One batch run by this replica: its record, its work directory, its chunks."""
 
-    def __init__(self, runner: BatchRunner, batch_id: str):
+    def __init__(self, runner: Runs, batch_id: str):
         self.runner = runner
         self.store = runner.store
         self.batch_id = batch_id
