@@ -11,12 +11,12 @@ demo: setup
 # repeats it): the fast layer, then the end-to-end tests on real processes.
 test: setup
 	scripts/setup-system.sh
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -p randomly -m slow tests
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests/unit
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -p randomly -m slow tests/e2e
 
-# The fast layer only (no vLLM, no subprocess): seconds.
+# The fast layer only (tests/unit: no vLLM, no subprocess): seconds.
 test-fast: setup
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests/unit
 
 lint: setup
 	.venv/bin/ruff check .

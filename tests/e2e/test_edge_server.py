@@ -16,9 +16,7 @@ import psutil
 import pytest
 
 from devstack import localstack as ls
-from tests.conftest import FAULT_REPORTS
-
-pytestmark = pytest.mark.slow
+from tests.support.reports import FAULT_REPORTS
 
 HEAD_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0

@@ -23,9 +23,7 @@ import yaml
 
 from worker.config import Config
 
-pytestmark = pytest.mark.slow  # real processes on loopback
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 OVERLAYS = sorted(p.name for p in (DEPLOY / "k8s" / "overlays").iterdir() if p.is_dir())
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")

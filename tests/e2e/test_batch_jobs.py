@@ -16,13 +16,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 import redis
 
 from devstack import localstack as ls
-from tests.conftest import FAULT_REPORTS, MODEL, embed_worker_config
-
-pytestmark = pytest.mark.slow
+from tests.support.reports import FAULT_REPORTS
+from tests.support.stack import MODEL, embed_worker_config
 
 
 def sentences(n: int) -> list[str]:

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 from devstack import localstack as ls
-from tests.conftest import FAULT_REPORTS, MODEL, cosine, embed_worker_config, unit
 from tests.support import metric
-
-pytestmark = pytest.mark.slow  # real processes on loopback
+from tests.support.reports import FAULT_REPORTS
+from tests.support.stack import MODEL, cosine, embed_worker_config, unit
 
 GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "30", "--request-timeout", "180"]
 HEADERS = {"Authorization": f"Bearer {ls.API_KEY}"}

@@ -28,11 +28,9 @@ import pytest
 import redis
 
 from devstack import localstack as ls
-from tests.conftest import FAULT_REPORTS
 from tests.support import metric, wait_until
 from tests.support.queue_worker import ADVERT, QueueWorker, result, vector_of
-
-pytestmark = pytest.mark.slow  # a real gateway process (seconds each; no vLLM)
+from tests.support.reports import FAULT_REPORTS
 
 ATTACKER = "sk-attacker-key-000000000001"
 VICTIM = "sk-victim-key-0000000000002"

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 
 # Every test here runs on both queue stores (the session gateways on memory and on Redis).
-from tests.backends import client, embed_worker, gateway, http, store  # noqa: F401
-from tests.conftest import MODEL, cosine, unit
-
-pytestmark = pytest.mark.slow  # real processes on loopback
+from tests.support.backends import client, embed_worker, gateway, http, store  # noqa: F401
+from tests.support.stack import MODEL, cosine, unit
 
 
 def _vectors(resp) -> np.ndarray:  # type: ignore[no-untyped-def]

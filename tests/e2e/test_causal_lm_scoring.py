@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from devstack import localstack as ls
-from tests.conftest import MODEL as EMBED_MODEL
-from tests.conftest import metric
-
-pytestmark = pytest.mark.slow  # real processes on loopback
+from tests.support import metric
+from tests.support.stack import MODEL as EMBED_MODEL
 
 MODEL = "tiny-qwen3-reranker"
 

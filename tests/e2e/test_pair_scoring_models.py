@@ -17,9 +17,7 @@ import pytest
 
 from devstack import localstack as ls
 from devstack import tiny_bert
-from tests.conftest import MODEL
-
-pytestmark = pytest.mark.slow
+from tests.support.stack import MODEL
 
 CROSS = "tiny-cross-encoder"
 COLBERT = "tiny-colbert"

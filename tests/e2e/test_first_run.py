@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from devstack import localstack as ls
-from tests.conftest import MODEL, cosine, metric, unit
+from tests.support import metric
+from tests.support.stack import MODEL, cosine, unit
 from worker.cpu_host import CpuInfo, choose_dtype
 
-pytestmark = pytest.mark.slow  # real processes on loopback
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHARIA = REPO / "configs" / "pharia-qwen3-embedding-8b.toml"
 PHARIA_MODEL = "qwen3-embedding-8b"
 

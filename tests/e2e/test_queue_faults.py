@@ -9,13 +9,10 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 
 from devstack import localstack as ls
-from tests.conftest import MODEL, cosine, embed_worker_config, unit
-from tests.conftest import metric as _metric
-
-pytestmark = pytest.mark.slow  # real processes on loopback
+from tests.support import metric as _metric
+from tests.support.stack import MODEL, cosine, embed_worker_config, unit
 
 
 def test_items_of_a_killed_worker_are_redelivered(

@@ -26,7 +26,7 @@ from worker.config import (
     ScoringTask,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DOC = REPO / "docs" / "configuration.md"
 #: Section heading of docs/configuration.md -> the model whose fields its table documents.
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -189,7 +189,7 @@ def test_every_promise_names_tests_that_exist():
     assert len(rows) >= 100
     known: dict[str, set[str]] = {}
     for row in rows:
-        refs = re.findall(r"`(tests/[a-z_]+\.py)::(test_[a-z0-9_]+)`", row)
+        refs = re.findall(r"`(tests/(?:unit|e2e)/[a-z_]+\.py)::(test_[a-z0-9_]+)`", row)
         assert refs, f"a promise without a test: {row}"
         for file, name in refs:
             if file not in known:

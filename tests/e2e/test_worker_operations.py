@@ -2,7 +2,7 @@
 queue — real gateway, real workers, a real Prometheus server, bounded in time.
 
 Layout: a gateway G2 of its own; worker W2 reaches it only through a fault-injecting proxy
-(tests/faults.py); clients call G2 directly. Each test reports how many requests it sent and
+(tests/support/faults.py); clients call G2 directly. Each test reports how many requests it sent and
 how many were lost (always asserted to be 0).
 """
 
@@ -25,16 +25,14 @@ import psutil
 import pytest
 
 from devstack import localstack as ls
-from tests.conftest import cosine, unit
-from tests.conftest import metric as _metric
-from tests.faults import FaultInjectingProxy
-
-pytestmark = pytest.mark.slow  # real processes on loopback
+from tests.support import metric as _metric
+from tests.support.faults import FaultInjectingProxy
+from tests.support.stack import cosine, unit
 
 MODEL = "ops-minilm"
 PICKUP = 120  # seconds a request may wait for a worker (outages below are shorter)
 BACKLOG_MODEL = "backlog-model"  # declared at the gateway, served by no worker
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _ops_config(queue_url: str, **kw: object) -> str:
@@ -426,12 +424,13 @@ def test_engine_death_exits_1_and_its_items_reach_another_worker(
 ):
     """Kill a worker's vLLM engine process under load: the worker exits 1 with the cause in one
     ERROR line, and the items it held reach W2 at once (released with the attempt counted).
-    Its probes in that state (/livez 503, TCP reset) are checked in tests/test_monitoring.py:
+    Its probes in that state (/livez 503, TCP reset) are checked in tests/unit/test_monitoring.py:
     here the process is gone within milliseconds of noticing the death. The victim runs
     ``engine_core = "process"`` (the CPU hosts' default: vLLM's engine in a process of the
     worker's own, which can die alone; ``asyncllm``'s engine-core process is its own the same
     way); with the engine in the worker process a crash of it is the worker's
-    (test_queue_faults), and a failed engine thread is checked in tests/test_engine_thread.py."""
+    (test_queue_faults), and a failed engine thread is checked in
+    tests/unit/test_engine_thread.py."""
     victim = ls.start_worker(
         _ops_config(g2.url, generator_extra='engine_core = "process"'), stack_dir, "engine-victim"
     )

@@ -15,7 +15,7 @@ from worker.config import Config, ConfigError, load_config, tomllib
 from worker.engine import engine_kwargs
 
 #: The ``config.toml`` of Pharia's embeddings documentation, byte for byte.
-PHARIA_EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "pharia-qwen3-embedding-8b.toml"
+PHARIA_EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "pharia-qwen3-embedding-8b.toml"
 
 
 def pharia_example(model_path: Path | None = None) -> str:
@@ -59,7 +59,7 @@ def test_pharia_example_loads_with_real_weights(tmp_path, monkeypatch):
 
 def test_default_config_loads(monkeypatch):
     cfg = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "all-minilm-l6-v2-cpu.toml",
+        Path(__file__).resolve().parents[2] / "configs" / "all-minilm-l6-v2-cpu.toml",
         check_engine_args=False,
     )
     assert cfg.generator.model_path == ls.minilm_path()
@@ -98,116 +98,11 @@ def _good(model_dir: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "edit,key,expect",
-    [
-        (
-            lambda t: t.replace("max_num_seqs = 256", 'max_num_seqs = "many"'),
-            "generator.max_num_seqs",
-            "integer",
-        ),
-        (
-            lambda t: t.replace("max_num_seqs = 256", "max_num_seqs = 256\nmax_num_seq = 4"),
-            "generator.max_num_seq",
-            "unknown key",
-        ),
-        (
-            lambda t: t.replace('checkpoint_name = "all-minilm-l6-v2"\n', ""),
-            "queue.checkpoint_name",
-            "required key is missing",
-        ),
-        (
-            lambda t: t.replace('url = "http://127.0.0.1:9"', 'url = "127.0.0.1:9"'),
-            "queue.url",
-            "http",
-        ),
-        (
-            lambda t: t.replace('task = "embed"', 'task = "generate"'),
-            "generator.task",
-            "'embed', 'score' or 'classify'",
-        ),
-        (
-            lambda t: t.replace("[monitoring]", "[monitoring]\nmetrics_port = 70000\n").replace(
-                "metrics_port = 4000", ""
-            ),
-            "monitoring.metrics_port",
-            "65535",
-        ),
-        (
-            lambda t: t.replace("supported = true", "supported = 1"),
-            'queue.models."all-minilm-l6-v2".embedding_task.supported',
-            "boolean",
-        ),
-        (lambda t: t.replace("edition = 1", "edition = 2"), "edition", "1"),
-        pytest.param(
-            lambda t: t.replace(
-                'dtype = "float32"', 'dtype = "float32"\nengine_args = { no_such_arg = 1 }'
-            ),
-            "generator.engine_args.no_such_arg",
-            "unknown key",
-            marks=pytest.mark.slow,  # reads vllm.AsyncEngineArgs
-        ),
-        (lambda t: t.replace("[generator]", "[generator\n"), "invalid TOML", "line"),
-        (
-            lambda t: t.replace(
-                "tensor_parallel_size = 1", 'tensor_parallel_size = 2\nengine_core = "thread"'
-            ),
-            "generator.engine_core",
-            "for one rank only",
-        ),
-        (
-            lambda t: t.replace(
-                "pipeline_parallel_size = 1", 'pipeline_parallel_size = 2\nengine_core = "process"'
-            ),
-            "generator.engine_core",
-            '"asyncllm"',
-        ),
-    ],
-)
-def test_config_errors_name_the_file_and_key(tmp_path, edit, key, expect):
-    path = tmp_path / "bad.toml"
-    path.write_text(edit(_good(ls.minilm_path())))
-    with pytest.raises(ConfigError) as e:
-        load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"})
-    message = str(e.value)
-    assert message.startswith(f"{path}: ")
-    assert key in message and expect in message, message
-
-
-@pytest.mark.slow
-def test_bad_config_exits_2_naming_the_key(tmp_path):
-    """``inference-worker --check`` prints the config error and exits 2."""
-    path = tmp_path / "bad.toml"
-    path.write_text(_good(ls.minilm_path()).replace("max_num_seqs = 256", 'max_num_seqs = "x"'))
-    r = _run(path)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert f"{path}: generator.max_num_seqs: Input should be a valid integer" in r.stderr
-    assert "'x'" not in r.stderr  # the value is not echoed
-
-
-@pytest.mark.slow
-def test_missing_model_dir_reported_before_vllm_starts(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text(_good(tmp_path / "nope"))
-    r = _run(path)
-    assert r.returncode == 2
-    assert "generator.model_path" in r.stderr and "nope" in r.stderr
-    assert "vllm" not in r.stderr.lower().replace("vllm.asyncengineargs", "")
-
-
-@pytest.mark.slow
-def test_good_config_checks_ok(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text(_good(ls.minilm_path()))
-    r = _run(path)
-    assert r.returncode == 0, r.stderr
-
-
-@pytest.mark.parametrize(
-    "name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    "name", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
 )
 def test_every_shipped_config_is_valid(name):
     """Every config in configs/ is valid edition 1 (weights paths of GPU hosts aside)."""
-    text = (Path(__file__).resolve().parents[1] / "configs" / name).read_text()
+    text = (Path(__file__).resolve().parents[2] / "configs" / name).read_text()
     cfg = Config.model_validate(tomllib.loads(text))
     for model in cfg.queue.models.values():
         assert model.tasks()
@@ -215,7 +110,7 @@ def test_every_shipped_config_is_valid(name):
 
 def test_scoring_config_defaults_to_qwen3_reranker_prompt():
     text = (
-        Path(__file__).resolve().parents[1] / "configs" / "qwen3-reranker-0.6b-gpu.toml"
+        Path(__file__).resolve().parents[2] / "configs" / "qwen3-reranker-0.6b-gpu.toml"
     ).read_text()
     cfg = Config.model_validate(tomllib.loads(text))
     st = cfg.queue.models["qwen3-reranker-0.6b"].scoring_task
@@ -358,3 +253,71 @@ def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkey
     with pytest.raises(ConfigError) as e:
         load_config(embed, check_engine_args=False)
     assert str(e.value).startswith(f'{embed}: generator.score_type: expected "bi-encoder"')
+
+
+@pytest.mark.parametrize(
+    "edit,key,expect",
+    [
+        (
+            lambda t: t.replace("max_num_seqs = 256", 'max_num_seqs = "many"'),
+            "generator.max_num_seqs",
+            "integer",
+        ),
+        (
+            lambda t: t.replace("max_num_seqs = 256", "max_num_seqs = 256\nmax_num_seq = 4"),
+            "generator.max_num_seq",
+            "unknown key",
+        ),
+        (
+            lambda t: t.replace('checkpoint_name = "all-minilm-l6-v2"\n', ""),
+            "queue.checkpoint_name",
+            "required key is missing",
+        ),
+        (
+            lambda t: t.replace('url = "http://127.0.0.1:9"', 'url = "127.0.0.1:9"'),
+            "queue.url",
+            "http",
+        ),
+        (
+            lambda t: t.replace('task = "embed"', 'task = "generate"'),
+            "generator.task",
+            "'embed', 'score' or 'classify'",
+        ),
+        (
+            lambda t: t.replace("[monitoring]", "[monitoring]\nmetrics_port = 70000\n").replace(
+                "metrics_port = 4000", ""
+            ),
+            "monitoring.metrics_port",
+            "65535",
+        ),
+        (
+            lambda t: t.replace("supported = true", "supported = 1"),
+            'queue.models."all-minilm-l6-v2".embedding_task.supported',
+            "boolean",
+        ),
+        (lambda t: t.replace("edition = 1", "edition = 2"), "edition", "1"),
+        (lambda t: t.replace("[generator]", "[generator\n"), "invalid TOML", "line"),
+        (
+            lambda t: t.replace(
+                "tensor_parallel_size = 1", 'tensor_parallel_size = 2\nengine_core = "thread"'
+            ),
+            "generator.engine_core",
+            "for one rank only",
+        ),
+        (
+            lambda t: t.replace(
+                "pipeline_parallel_size = 1", 'pipeline_parallel_size = 2\nengine_core = "process"'
+            ),
+            "generator.engine_core",
+            '"asyncllm"',
+        ),
+    ],
+)
+def test_config_errors_name_the_file_and_key(tmp_path, edit, key, expect):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(_good(ls.minilm_path())))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"})
+    message = str(e.value)
+    assert message.startswith(f"{path}: ")
+    assert key in message and expect in message, message

@@ -17,9 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 from common.protocol import RESULTS_BINARY
 from devstack import localstack as ls
-from tests.conftest import FAULT_REPORTS
-
-pytestmark = pytest.mark.slow
+from tests.support.reports import FAULT_REPORTS
 
 EXAMPLES = 30
 #: Requests sent and statuses seen, per gateway ("client", "queue").

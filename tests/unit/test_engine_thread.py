@@ -2,7 +2,7 @@
 (:class:`worker.engine.thread.ThreadedLLM`), with a FAKE ``LLMEngine``: it answers each request
 one step after it was added, so that what the thread does with batches, per-request errors,
 cancellations and an engine that fails can be checked without vLLM (the real engine runs in
-the classifier worker of tests/test_classify.py, ``engine_core = "thread"``)."""
+the classifier worker of tests/e2e/test_classify_model.py, ``engine_core = "thread"``)."""
 
 from __future__ import annotations
 

@@ -9,10 +9,8 @@ import pytest
 from devstack import localstack as ls
 
 # Every test here runs on both queue stores (the session gateways on memory and on Redis).
-from tests.backends import client, embed_worker, gateway, http, store  # noqa: F401
-from tests.conftest import MODEL
-
-pytestmark = pytest.mark.slow  # real processes on loopback
+from tests.support.backends import client, embed_worker, gateway, http, store  # noqa: F401
+from tests.support.stack import MODEL
 
 
 def _error(r: httpx.Response, status: int) -> dict:

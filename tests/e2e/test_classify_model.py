@@ -16,9 +16,7 @@ import pytest
 
 from devstack import localstack as ls
 from devstack import tiny_bert
-from tests.conftest import MODEL
-
-pytestmark = pytest.mark.slow
+from tests.support.stack import MODEL
 
 CLASSIFIER = "tiny-sentiment"
 LABELS = ("neg", "neu", "pos")
