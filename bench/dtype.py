@@ -24,6 +24,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import record  # noqa: E402
+
 from devstack import localstack as ls  # noqa: E402
 from worker.cpu_host import CpuInfo, choose_dtype  # noqa: E402
 
@@ -102,6 +104,7 @@ async def run(a: argparse.Namespace) -> None:
     print(f"\n| dtype | sentences/s (median of {a.rounds}) | min-max | STS-B dev Spearman x100 |")
     print("| --- | --- | --- | --- |")
     base = statistics.median(rates["float32"])
+    rows = []
     for e in engines:
         _, va = await e.embed([p[0] for p in pairs])
         _, vb = await e.embed([p[1] for p in pairs])
@@ -112,9 +115,16 @@ async def run(a: argparse.Namespace) -> None:
             f"| {label} | {med:.0f} ({med / base:.2f}x float32) | "
             f"{min(rates[e.dtype]):.0f}-{max(rates[e.dtype]):.0f} | {rho:.2f} |"
         )
+        rows.append(
+            {"dtype": e.dtype, "sentences_per_s": rates[e.dtype], "sts_dev_spearman_x100": rho}
+        )
     for e in engines:
         e.shutdown()
     engines.clear()
+    record.write(
+        "dtype",
+        {"cpu": cpu.model_name, "auto": auto, "why": why, "sentences": len(texts), "dtypes": rows},
+    )
 
 
 def main() -> int:

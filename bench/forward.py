@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import record  # noqa: E402
 import suite  # noqa: E402
 
 from devstack import localstack as ls  # noqa: E402
@@ -176,6 +177,16 @@ def main() -> int:
     for k, ms in vllm.items():
         gap = statistics.median(ms) - statistics.median(onnx)
         print(f"  vLLM ({k} thread(s)) - ONNX Runtime, p50: {gap:+.2f} ms")
+    record.write(
+        f"forward-{a.engine}",
+        {
+            "sentences": len(sents),
+            "ms_per_sentence": {
+                **{f"vllm_{k}_threads": ms for k, ms in vllm.items()},
+                "onnx_runtime_2_threads": onnx,
+            },
+        },
+    )
     return 0
 
 

@@ -29,6 +29,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import record  # noqa: E402
+
 from common.prompts import render  # noqa: E402
 from devstack import localstack as ls  # noqa: E402
 from devstack import tiny_bert, tiny_qwen3  # noqa: E402
@@ -294,7 +296,19 @@ def main() -> int:
         f"| 1 query x {n} docs, median of {a.rounds} | {n / g:.0f} | {n / v:.0f} | "
         f"{v / g:.2f} | {diff:.1e} |"
     )
+    out: dict = {
+        "docs": n,
+        "tokens_per_prompt": n_tok / n,
+        "dtype": a.dtype,
+        "cross_encoder": {
+            "this_project_docs_per_s": n / g,
+            "vllm_serve_docs_per_s": n / v,
+            "max_score_diff": diff,
+            "requests_per_path": a.rounds,
+        },
+    }
     if a.skip_causal:
+        record.write("rerank", out)
         return 0
 
     rows_out = []
@@ -316,6 +330,17 @@ def main() -> int:
         )
     off, on = rows_out[0][2], rows_out[1][2]
     print(f"\nprefix caching speed-up through the gateway: {off / on:.2f}x")
+    out["causal_lm"] = [
+        {
+            "prefix_caching": prefix,
+            "in_process_docs_per_s": n / d,
+            "this_project_docs_per_s": n / g,
+            "vllm_serve_docs_per_s": n / v,
+            "max_score_diff": diff,
+        }
+        for prefix, d, g, v, diff in rows_out
+    ]
+    record.write("rerank", out)
     return 0
 
 

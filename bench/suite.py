@@ -60,6 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import record  # noqa: E402
+
 from devstack import localstack as ls  # noqa: E402
 from worker.config import QueueConfig  # noqa: E402
 from worker.cpu_host import CpuInfo  # noqa: E402
@@ -84,9 +86,7 @@ GPU_MEM = 0.15  # share of host memory vLLM's CPU backend may use (no KV cache f
 CHECK_SENTENCES = 256
 CHECK_DOCUMENTS = 16
 #: Documents of each path's warm-up: two requests of 64, the measured request size (the fast
-#: engine's steps hold up to 33 documents). It did not remove this project's slow documents
-#: round in the full suite (README "Performance", runs 8 and 9): that round follows its own
-#: 1/request measurement, whatever the round's number.
+#: engine's steps hold up to 33 documents).
 WARMUP_DOCUMENTS = 128
 
 
@@ -749,7 +749,7 @@ def main() -> int:
 
 
 def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
-    out = REPO / "bench" / "results"
+    out = record.RESULTS
     out.mkdir(parents=True, exist_ok=True)
     print(
         "\n| path | inputs, pattern | inputs/s (median) | min-max | tokens/s | "
@@ -831,7 +831,7 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
             f"end {m['rss_end_mib']:.0f} MiB, max {m['rss_max_mib']:.0f} MiB"
         )
     name = f"suite-{a.engine}"
-    (out / f"{name}.json").write_text(json.dumps(R, indent=1, default=str))
+    record.write(name, R)
     try:
         import matplotlib
 

@@ -1,34 +1,26 @@
 """The heap of a long-running process: its garbage collector, its startup objects, and
 whether freed memory goes back to the operating system.
 
-A worker has ~700,000 objects tracked by Python's cyclic garbage collector once vLLM, torch
-and transformers are imported and its engine has started; each full (oldest-generation)
-collection walks all of them: measured 0.3-0.46 s of CPU per collection here, on the event
-loop that pulls, posts and feeds the engine (a 64-inputs-per-request load on the fast engine
-ran at ~2,000 instead of ~2,800 inputs/s in the seconds that had one). The gateway's startup
-heap (~74,000 objects) cost 20-40 ms per collection. Those objects live as long as the
-process, so they are moved out of the collector's sight once startup is done, as vLLM does in
-its own engine core (``gc.freeze``); what is allocated later is collected as usual. At the
-end they are handed back (:func:`thaw_startup_heap`), as vLLM does at its engine's shutdown,
-so that the interpreter's exit finalizes them (nanobind-based extensions such as triton
-otherwise report their objects as leaked, in plain text in a JSON log).
+A worker tracks hundreds of thousands of objects in Python's cyclic garbage collector once
+vLLM, torch and transformers are imported, and each full collection walks all of them on the
+event loop that pulls, posts and feeds the engine. Those objects live as long as the process,
+so they are moved out of the collector's sight once startup is done, as vLLM does in its own
+engine core (``gc.freeze``); what is allocated later is collected as usual. At the end they
+are handed back (:func:`thaw_startup_heap`), as vLLM does at its engine's shutdown, so that
+the interpreter's exit finalizes them (nanobind-based extensions such as triton otherwise
+report their objects as leaked, in plain text in a JSON log).
 
 Freed memory stays with the process (:func:`retain_freed_memory`). glibc's malloc serves a
-large block (128 KiB and up, self-tuning to 32 MiB) with a fresh ``mmap`` and unmaps it when
-freed, and gives the top of its heap back once enough is free there; the next block of that
-size then faults in new pages, which the kernel zeroes. Every engine step allocates and frees
-its activations (an FFN layer's output alone is tokens x intermediate x 4 bytes: 32 MiB for a
-16,384-token step of a 512-wide layer), every request its bodies. Inside a virtual machine
-whose guest reports free memory to its host (Firecracker, virtio-balloon free page reporting,
-as on this project's test machines) a page handed back costs the host too: touching 512 MB
-that had been freed a few seconds before took 1.4-2.3 s here, the same 512 MB reused at once
-56 ms. The worker and the gateway set glibc to serve every block from the heap (``M_MMAP_MAX``
-0) and to trim the heap only past :data:`TRIM_THRESHOLD` of free memory at its top, so that
-freed memory is reused in place; the processes they start (vLLM's engine and model runner)
-inherit the same through :data:`RETAIN_ENV`. The price: a process's resident memory stays at
-its peak instead of following its load, and grows while its allocations fragment the heap
-(documents after sentences: the engine's heap grew ~160 MB in the first such round, less in
-each one after).
+large block with a fresh ``mmap`` and unmaps it when freed, and gives the top of its heap back
+once enough is free there; the next block of that size then faults in new pages. Every engine
+step allocates and frees its activations, every request its bodies, and inside a virtual
+machine whose guest reports free memory to its host (free page reporting, as on this
+project's test machines) a page handed back costs the host too. The worker and the gateway set
+glibc to serve every block from the heap (``M_MMAP_MAX`` 0) and to trim the heap only past
+:data:`TRIM_THRESHOLD` of free memory at its top, so that freed memory is reused in place; the
+processes they start (vLLM's engine and model runner) inherit the same through
+:data:`RETAIN_ENV`. The price: a process's resident memory stays at its peak instead of
+following its load. Figures: ``docs/cpu-hosts.md``.
 """
 
 from __future__ import annotations

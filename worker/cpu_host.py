@@ -1,50 +1,30 @@
 """Engine settings that vLLM's CPU backend leaves to the operator, chosen from the host.
 
+What each choice is and the measurements behind it: ``docs/cpu-hosts.md``.
+
 - ``dtype = "auto"``: ``bfloat16`` where the CPU computes it natively (``avx512_bf16`` or
-  ``amx_bf16`` in ``/proc/cpuinfo``), ``float32`` otherwise. On AVX2-only CPUs bfloat16 is
-  emulated and several times slower; vLLM's own ``auto`` would pick float16 for a float32
-  checkpoint, which is emulated there too.
+  ``amx_bf16`` in ``/proc/cpuinfo``), ``float32`` otherwise (emulated bfloat16 is several times
+  slower; vLLM's own ``auto`` would pick float16, emulated there too).
 - ``gpu_memory_utilization`` unset: on the CPU backend it is the share of the NUMA node's memory
   vLLM reserves at start, and vLLM refuses to start when that share (0.92 by default, sized for
-  a dedicated GPU) exceeds the memory available now. The worker picks
-  :data:`MEMORY_HEADROOM` of what is available instead (vLLM's figures: the NUMA node of the
-  first CPU this process may run on, clamped to the cgroup limit).
-
-- ``engine_core = "auto"``: ``process`` for an engine of one rank (vLLM's ``LLMEngine`` in a
-  process of the worker's own, fed in batches, :mod:`worker.engine.process`), where the
-  engine, the worker and often the gateway share the same cores and every CPU-second of
-  per-input overhead is taken from the model (README "Performance"). An engine of several
-  ranks keeps ``asyncllm``.
-
-- ``max_num_batched_tokens`` unset: vLLM's ``performance_mode = "throughput"``, which doubles
-  vLLM's default (2048 per rank on CPU, ``max_model_len`` at least) to 4096, the default of
-  vLLM's own offline ``LLM`` class on CPU: a worker, like that class, serves a queue of work
-  rather than one client at a time. Measured (README "Performance", interleaved A/B): ~500-token
-  documents on a small fast model 132 -> 156/s, sentences and all-MiniLM-L6-v2 unchanged.
-  A model much cheaper per token than all-MiniLM-L6-v2 gets longer steps
-  (:func:`choose_step_tokens`): enough tokens for the compute of 4,096 tokens of that model,
-  at most 16,384 (vLLM's offline default on the largest GPUs), because every step also pays a
-  fixed cost (scheduling, input and output processing, waking the OpenMP threads) that a cheap
-  model's 4,096 tokens do not hide. Measured (interleaved A/B, 5 rounds, the tiny BERT of
-  ``bench/suite.py --engine fast``, 40x cheaper: 16,384): ~490-token documents 166 -> 204/s
-  (every round; 35 instead of 8 per pull, the worker's CPU per document 1.13 -> 0.80 ms),
-  sentences within noise (64/request 2,862 -> 2,935/s, 1/request 1,154 -> 1,107/s),
-  one-sentence p50 7.5 -> 6.9 ms. An earlier A/B: 8,192 gave 175, 16,384 192 against 162.
-  The price: a sentence arriving during a full step of documents waits for the whole step
-  (~0.16 s instead of ~0.04 s for that model here).
-
+  a dedicated GPU) exceeds the memory available now; the worker picks :data:`MEMORY_HEADROOM`
+  of what is available instead (vLLM's figures: the NUMA node of the first CPU this process may
+  run on, clamped to the cgroup limit).
+- ``engine_core = "auto"``: ``process`` for an engine of one rank (:mod:`worker.engine.process`),
+  because engine, worker and often gateway share the same cores and every CPU-second of
+  per-input overhead is taken from the model. An engine of several ranks keeps ``asyncllm``.
+- ``max_num_batched_tokens`` unset: vLLM's ``performance_mode = "throughput"`` (4,096 per rank,
+  the default of vLLM's offline ``LLM`` class on CPU: a worker serves a queue of work, not one
+  client). A model much cheaper per token than all-MiniLM-L6-v2 gets the tokens of the same
+  compute (:func:`choose_step_tokens`, at most :data:`MAX_STEP_TOKENS`), because every step
+  also pays a fixed cost that a cheap model's 4,096 tokens do not hide. The price: a sentence
+  arriving during a full step of documents waits for the whole step.
 - ``block_size`` unset (``engine_args``): :data:`BLOCK_SIZE`, where vLLM's CPU backend takes
-  128. An encoder's attention stages each sequence's keys and values in whole blocks of a
-  scratch cache that is zeroed every step, so a 12-token sentence costs a 128-token block;
-  32 is the smallest size the CPU attention kernels are built for (multiples of 32, and
-  AMX's). Measured (vLLM ``LLMEngine`` alone, alternating runs): 64 sentences per step, tiny
-  BERT 6,100-6,700 -> 8,650-9,000/s, all-MiniLM-L6-v2 723-742 -> 801/s; ~500-token
-  documents unchanged. A causal LM's prefix cache reuses whole blocks, so 32 also shares
-  more of a common prefix.
-
+  128: an encoder's attention stages each sequence in whole blocks of a scratch cache zeroed
+  every step, and 32 is the smallest size the CPU attention kernels are built for. A causal
+  LM's prefix cache reuses whole blocks, so 32 also shares more of a common prefix.
 - ``one_thread_step_tokens`` unset: :data:`ONE_THREAD_STEP_TOKENS` — an engine step of a few
-  sentences runs on one intra-op thread (:mod:`worker.engine.step_threads`): one sentence through
-  all-MiniLM-L6-v2 8.9 -> 5.3 ms.
+  sentences runs on one intra-op thread (:mod:`worker.engine.step_threads`).
 
 An explicit value in the config is always honoured. On GPU hosts nothing is changed
 (``engine_core = "auto"`` is ``asyncllm`` there: :func:`worker.engine.engine_core_of`).
@@ -73,8 +53,8 @@ MAX_MEMORY_FRACTION = 0.92
 #: Lower bound of the automatic choice (vLLM rejects 0).
 MIN_MEMORY_FRACTION = 0.01
 #: ``generator.one_thread_step_tokens`` when unset: engine steps of at most this many prompt
-#: tokens run on one thread (:mod:`worker.engine.step_threads`; all-MiniLM-L6-v2 on 2 cores: one
-#: thread is faster up to ~82 tokens, 8 % slower at ~157).
+#: tokens run on one thread (:mod:`worker.engine.step_threads`): waking idle OpenMP threads
+#: costs a small step more than they give it.
 ONE_THREAD_STEP_TOKENS = 128
 #: ``engine_args.block_size`` when unset (tokens per KV-cache block; vLLM's CPU default: 128).
 BLOCK_SIZE = 32
@@ -271,20 +251,16 @@ def resolve(gen: GeneratorConfig) -> GeneratorConfig:
     return gen.model_copy(update=updates)
 
 
-#: Environment of the worker and its engine on a CPU host, each unless the operator set it:
+#: Environment of the worker and its engine on a CPU host, each unless the operator set it
+#: (``docs/cpu-hosts.md``):
 #:
 #: - ``OMP_WAIT_POLICY=PASSIVE`` — an OpenMP thread with no work sleeps at once instead of
-#:   spinning (GNU OpenMP spins up to ~300,000 iterations between parallel regions), which
-#:   on a host whose cores the engine shares with the worker's own threads, the tokenizer and
-#:   the gateway took their CPU time. Measured (README "Performance"): a tiny BERT 1,716 ->
-#:   2,202 inputs/s at 64 inputs per request; all-MiniLM-L6-v2 unchanged within noise.
-#:   (A short spin instead, ``GOMP_SPINCOUNT`` 3,000 or 30,000: slower in every pattern.)
+#:   spinning, which took CPU time from the worker's own threads, the tokenizer and the gateway
+#:   on the cores they share with the engine.
 #: - ``TOKENIZERS_PARALLELISM=false`` — the worker tokenizes a pulled batch in a thread beside
 #:   the engine; Hugging Face ``tokenizers`` would spread it over a pool of its own on every
-#:   core, whose threads then preempt the engine's OpenMP threads, and a parallel region
-#:   waits for its slowest thread. Tokenizing eight ~490-token documents: 5.0 ms of CPU on
-#:   one thread, 6.3 ms spread over two. Measured (interleaved A/B, 4 rounds, tiny BERT):
-#:   documents 178 -> 183/s, 64/request 3,154 -> 3,295/s, 1/request 1,203 -> 1,264/s.
+#:   core, whose threads then preempt the engine's OpenMP threads (a parallel region waits for
+#:   its slowest thread).
 CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
 

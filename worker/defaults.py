@@ -34,13 +34,12 @@ TOKENS_IN_FLIGHT_PER_STEP = 4
 #: A worker with items in flight pulls again once this many engine steps' worth of estimated
 #: tokens (``max_num_batched_tokens`` each; at most half of ``max_tokens_in_flight``) are
 #: free: the engine still has work queued, and a pull brings a step's worth of long inputs at
-#: once (documents of ~500 tokens came one per pull, each pull and post a round trip).
+#: once (rather than one long document per pull, each pull and post a round trip).
 MIN_PULL_STEPS = 1
 #: Batch-job items a worker holds (leased) while interactive items flow; it pulls more only
 #: as they finish, so that its capacity stays free for interactive items.
 BATCH_ITEMS_HELD_WHILE_BUSY = 32
 #: A pulled batch of at most this many estimated prompt tokens is tokenized on the event loop
-#: (the fast tokenizer takes about 1 us per token here: at most ~0.3 ms); a larger one in a
-#: worker thread, so that a long text never blocks the loop, at the price of a thread hop
-#: (0.5-1 ms of latency measured for one sentence while the loop sends the next pull).
+#: (cheaper than a thread hop); a larger one in a worker thread, so that a long text never
+#: blocks the loop.
 PREPARE_INLINE_TOKENS = 256

@@ -7,9 +7,8 @@ exponential backoff and full jitter (a random wait up to ``initial * 2**n``, cap
 
 The calls are made with httpx's API over aiohttp's connections (``httpx-aiohttp``'s
 transport; :class:`AiohttpErrorsAsHttpx` names aiohttp's errors as httpx's own transport
-does): measured against a uvicorn server on loopback, 0.65-0.7 ms of client CPU per call with
-httpx's own transport, 0.38-0.45 ms with aiohttp's; a one-sentence request costs the worker
-two calls (its pull and its post).
+does), which costs the worker less CPU per call than httpx's own transport
+(``docs/benchmarks.md``); a one-sentence request costs the worker two calls (pull and post).
 """
 
 from __future__ import annotations

@@ -243,3 +243,60 @@ def test_the_security_pages_limits_are_the_settings_and_their_defaults():
         "--batch-retention", "--batch-inputs-in-flight",
     }  # fmt: skip
     assert bounding <= {flag for flag, _ in rows}
+
+
+def readme_module_map() -> dict[str, str]:
+    """The README's module map as {path: what it says}: the fenced block that starts with
+    ``common/``, two spaces of indent per folder level."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```\n(common/.*?)```", text, re.S)
+    assert block, "README has no module map (a fenced block starting with common/)"
+    folders: list[str] = []
+    mapped: dict[str, str] = {}
+    for line in block.group(1).splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name, _, what = line.strip().partition(" ")
+        folders = folders[:depth]
+        if name.endswith("/"):
+            folders.append(name)
+        else:
+            mapped["".join(folders) + name] = what.strip()
+    return mapped
+
+
+def test_the_readme_module_map_lists_every_module_and_no_other():
+    modules = {
+        str(p.relative_to(REPO))
+        for top in ("common", "gateway", "worker")
+        for p in (REPO / top).rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+    }
+    mapped = readme_module_map()
+    assert sorted(modules - set(mapped)) == [], "modules missing from the README's module map"
+    assert sorted(set(mapped) - modules) == [], "the README's module map names missing modules"
+    assert all(mapped.values()), "every module in the map says what it is"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """Links between README.md and docs/*.md reach a file that exists and, with a #fragment,
+    a heading of that file."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, fragment = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif fragment and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                if fragment not in {_anchor(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert broken == []

@@ -3,26 +3,17 @@
 vLLM's CPU backend runs each engine step's tensor operations on an OpenMP team of all the
 cores it binds (``torch.get_num_threads()``). The worker makes idle OpenMP threads sleep
 (``OMP_WAIT_POLICY=PASSIVE``, :mod:`worker.cpu_host`), so every parallel region of a step
-first wakes the others: a few hundred regions per forward pass, tens of microseconds each.
-For a step of a few sentences that wake-up costs more than the second core gains. Measured
-on this project's 2-core VM (vLLM's ``LLMEngine`` in one process, one step per batch,
-float32, the two thread counts alternating on one engine; ms per step, 1 thread / 2):
-
-=========================  ===========  ===========  ===========  ============
-model                      ~11 tokens   ~82 tokens   ~157 tokens  ~306 tokens
-=========================  ===========  ===========  ===========  ============
-all-MiniLM-L6-v2           5.3 / 8.9    21.5 / 23.8  43.4 / 40.2  78.7 / 62.3
-tiny BERT (2 x 128)        1.4 / 2.6    3.6 / 3.7    4.1 / 5.9    7.3 / 8.2
-=========================  ===========  ===========  ===========  ============
+first wakes the others: a few hundred regions per forward pass. For a step of a few sentences
+that wake-up costs more than the second core gains (measured per model and step size in
+``docs/cpu-hosts.md``).
 
 So before each step :class:`StepThreads` sets the thread count from the prompt tokens the
 step will run: one thread up to ``generator.one_thread_step_tokens``, all of them above.
 vLLM's CPU worker replaces ``torch.set_num_threads`` with a function that refuses (threads
 must not be added after it bound them to cores); this keeps torch's own function, captured
 before the engine starts, and only ever moves between one thread and the count vLLM bound
-(never above it). Steps on all threads after a switch ran as fast as on an engine that never
-switched (interleaved A/B of the full stack: 64 sentences per request and ~500-token documents
-within the runs' noise).
+(never above it); steps on all threads after a switch run as fast as on an engine that never
+switched.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ vLLM's online server runs its ``EngineCore`` behind ``AsyncLLM`` (``engine_core 
 every output back, and each request has its own asyncio queue in the frontend. Here the
 engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: engine core and model runner in one process) is
 driven by a loop of ours: requests reach it in batches, and the finished outputs of each
-engine step leave it together. Measured in the README ("Performance").
+engine step leave it together, which costs less CPU per input (``docs/cpu-hosts.md``).
 
 :class:`ThreadedLLM` offers the part of ``AsyncLLM``'s interface :class:`worker.engine.Engine`
 uses (``encode``, ``generate``, ``model_config``, ``vllm_config``, ``get_tokenizer``,
