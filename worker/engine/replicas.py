@@ -10,7 +10,7 @@ cores (``VLLM_CPU_OMP_THREADS_BIND``: the CPUs this process may use, split into 
 
 What a replica buys is parallel CPU work around the device: each engine has its own engine
 core (scheduling, input and output processing), which on a GPU with a small model, not the
-GPU, sets the pace (README "GPU hosts").
+GPU, sets the pace (``docs/cpu-hosts.md``, "GPU hosts").
 """
 
 from __future__ import annotations
