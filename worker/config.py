@@ -309,8 +309,8 @@ def load_config(
     - ``queue.token`` is ``$INFERENCE_WORKER_QUEUE_TOKEN``, else the stripped contents of the
       file named by ``$INFERENCE_WORKER_QUEUE_TOKEN_FILE``, else the file's value;
     - every model advertises the generator's task;
-    - ``generator.engine_args`` names only ``vllm.AsyncEngineArgs`` fields (imports vLLM;
-      ``check_engine_args=False`` skips it).
+    - ``generator.engine_args`` names only ``vllm.AsyncEngineArgs`` fields (imports vLLM when
+      there are any; ``check_engine_args=False`` skips it).
 
     Raises :class:`ConfigError` (message: ``<file>: <key.path>: <what was expected>``, one line
     per problem; never the value given) for an unreadable or non-UTF-8 file, invalid TOML, an
@@ -330,7 +330,7 @@ def load_config(
     )
     cfg._source = path
     _check_models(path, cfg)
-    if check_engine_args:
+    if check_engine_args and cfg.generator.engine_args:  # vLLM imported only to check them
         unknown = unknown_engine_args(cfg.generator)
         if unknown:
             raise ConfigError(

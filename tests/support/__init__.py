@@ -4,6 +4,7 @@ metric readers."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -50,6 +51,8 @@ class FakeEngine:
         self.peak_running = 0
         self.tokens_running = 0
         self.peak_tokens = 0
+        self.batch_running = 0  # batch-job (priority) inputs among the runs
+        self.peak_batch_running = 0
         self.prepared_batches: list[int] = []
         self._crashed: set[str] = set()
 
@@ -71,6 +74,8 @@ class FakeEngine:
         self.tokens_running += item.est_tokens
         self.peak_running = max(self.peak_running, self.running)
         self.peak_tokens = max(self.peak_tokens, self.tokens_running)
+        self.batch_running += bool(item.priority)
+        self.peak_batch_running = max(self.peak_batch_running, self.batch_running)
         try:
             if text.startswith("slow:"):
                 await asyncio.sleep(float(text.split(":")[1]))
@@ -90,6 +95,7 @@ class FakeEngine:
         finally:
             self.running -= 1
             self.tokens_running -= item.est_tokens
+            self.batch_running -= bool(item.priority)
 
     async def log_stats(self) -> None:
         pass
@@ -105,10 +111,13 @@ class FaultyTransport(httpx.AsyncBaseTransport):
         self.fail: dict[str, int] = {}
         self.status: int | None = None
         self.calls: dict[str, int] = {}
+        self.pulls: list[dict[str, Any]] = []  # every pull's request body, as sent
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         self.calls[path] = self.calls.get(path, 0) + 1
+        if path.endswith("/pull"):
+            self.pulls.append(json.loads(request.content))
         if self.fail.get(path, 0) > 0:
             self.fail[path] -= 1
             if self.status is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import FakeClock, InProcessGateway, metric
+from tests.support import FakeClock, InProcessGateway, metric, wait_until
 
 #: A pull that makes model ``m`` known (embed and score, with a rerank prompt).
 ADVERTISE = {
@@ -117,6 +117,9 @@ class RawCall:
         self.body = b""
         self.headers: dict[bytes, bytes] = {}
 
+    #: Set to end a stalled receive with ``http.disconnect`` (the client goes away).
+    gone: asyncio.Event | None = None
+
     async def run(self, app: Any, path: str, headers: dict[str, str]) -> RawCall:
         scope = {
             "type": "http",
@@ -140,7 +143,9 @@ class RawCall:
                 chunk = self.chunks.pop(0)
                 more = bool(self.chunks) or (self.stall and not self.complete)
                 return {"type": "http.request", "body": chunk, "more_body": more}
-            if self.stall:
+            if self.gone is not None:
+                await self.gone.wait()
+            elif self.stall:
                 await asyncio.sleep(3600)
             return {"type": "http.disconnect"}
 
@@ -188,6 +193,57 @@ async def test_every_wrong_credential_gets_the_same_401(gw):
         r = await gw.worker.post("/pull", json=ADVERTISE, headers=_bearer(wrong))
         assert r.status_code == 401
         assert r.json()["error"]["message"] == "Queue routes need a valid worker token."
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/embeddings", {"model": "m", "input": ["a", "b"]}),
+        ("/v1/rerank", {"model": "m", "query": "q", "documents": ["a", "b"]}),
+    ],
+)
+async def test_a_client_that_goes_away_takes_its_inputs_out_of_the_queue(path, body):
+    """The body arrives whole, the inputs are queued, then the client disconnects: the
+    gateway takes them out of the queue at once, with no worker ever pulling them."""
+    async with InProcessGateway(FakeClock(), pickup_timeout_seconds=600) as g:
+        assert (await g.worker.post("/pull", json=ADVERTISE)).status_code == 200
+        call = RawCall([json.dumps(body).encode()])
+        call.gone = asyncio.Event()
+        headers = {"Authorization": f"Bearer {g.API_KEY}", "Content-Type": "application/json"}
+        running = asyncio.create_task(call.run(g.app, path, headers))
+        await wait_until(lambda: depth_is(g, {"m": 2}), timeout=5, what="inputs queued")
+        assert not running.done()
+        call.gone.set()
+        await asyncio.wait_for(running, 5)
+        assert await g.store.depth() == {} and await g.store.leased() == {}
+        pulled = await g.worker.post("/pull", json=ADVERTISE)
+        assert pulled.json()["items"] == []
+
+
+async def depth_is(g: InProcessGateway, want: dict[str, int]) -> bool:
+    return bool(await g.store.depth() == want)
+
+
+def near_misses(secret: str) -> list[str]:
+    """Credentials one step from ``secret``: its last character changed, one character
+    dropped or added at the end, its first character changed, its case changed."""
+    last = "0" if secret[-1] != "0" else "1"
+    first = "Z" if secret[0] != "Z" else "Y"
+    return [secret[:-1] + last, secret[:-1], secret + "x", first + secret[1:], secret.upper()]
+
+
+async def test_a_credential_one_character_off_is_refused(gw):
+    """Every character of a key or token counts, not a prefix of it."""
+    body = {"model": "m", "input": "x"}
+    for wrong in near_misses(gw.API_KEY):
+        r = await gw.client.post("/v1/embeddings", json=body, headers=_bearer(wrong))
+        assert r.status_code == 401, wrong
+    for wrong in near_misses(gw.WORKER_TOKEN):
+        r = await gw.worker.post("/pull", json=ADVERTISE, headers=_bearer(wrong))
+        assert r.status_code == 401, wrong
+    # the real ones pass the same checks
+    assert (await gw.worker.post("/pull", json=ADVERTISE)).status_code == 200
+    assert (await gw.client.get("/v1/models")).status_code == 200
 
 
 def _bearer(token: str | None) -> dict[str, str]:

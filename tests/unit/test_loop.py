@@ -220,6 +220,36 @@ async def test_with_items_in_flight_a_pull_waits_for_an_engine_steps_worth_of_to
     assert all(n >= 3 for n in engine.prepared_batches[1:-1]), engine.prepared_batches
 
 
+async def test_while_interactive_inputs_flow_batch_inputs_are_held_and_admitted_few_at_a_time(
+    client, gateway, start_worker
+):
+    """After an interactive input (and for ``interactive_quiet_seconds``), every pull asks for
+    at most ``32 - held`` batch inputs, and batch inputs enter the engine only
+    ``batch_tokens_beside_interactive`` estimated tokens at a time (here: one at a time)."""
+    engine = FakeEngine()
+    w = await start_worker(
+        engine=engine, interactive_quiet_seconds=60, batch_tokens_beside_interactive=1
+    )
+    assert len(vectors(await embed(client, ["an interactive input"]))) == 1
+    assert w.worker.batch_gate.busy
+    pulls_before = len(w.transport.pulls)
+    from common.protocol import ItemSpec
+
+    store = gateway.state.store
+    batch = await store.submit(
+        [
+            ItemSpec(model=MODEL, task="embed", text=f"slow:0.01:line {i}", priority=1)
+            for i in range(40)
+        ]
+    )
+    results = await store.wait(batch, pickup_timeout=10, request_timeout=30)
+    assert all(r.error is None for r in results) and len(results) == 40
+    assert engine.peak_batch_running == 1
+    asked = [p["max_batch_items"] for p in w.transport.pulls[pulls_before:]]
+    assert asked and all(a is not None and 0 <= a <= 32 for a in asked), asked
+    assert min(asked) < 32  # some pulls were made while batch inputs were held
+
+
 async def test_stop_drains_in_flight_items_then_exits_0(client, start_worker):
     w = await start_worker()
     request = asyncio.create_task(embed(client, ["slow:0.3:a", "slow:0.3:b"]))

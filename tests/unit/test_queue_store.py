@@ -312,14 +312,15 @@ async def test_a_client_error_answers_the_item_at_once(store):
     assert await pull(store, n=1) == []
 
 
-@pytest.mark.parametrize(
-    "vector,want",
-    [
-        ("AAA", "not base64 of whole float32"),
-        (encode_vector(np.array([1.0, np.nan], np.float32)), "not finite"),
-        (encode_vector(np.array([1.0, 2.0, 3.0], np.float32)), "3 values, 2 were asked for"),
-    ],
-)
+MALFORMED = [
+    ("AAA", "not base64 of whole float32"),
+    (encode_vector(np.array([1.0, np.nan], np.float32)), "not finite"),
+    (encode_vector(np.array([1.0, 2.0, 3.0], np.float32)), "3 values, 2 were asked for"),
+    (encode_vector(np.array([1.0], np.float32)), "1 values, 2 were asked for"),
+]
+
+
+@pytest.mark.parametrize("vector,want", MALFORMED)
 async def test_a_malformed_result_is_rejected_and_the_item_retried(store, vector, want):
     request = await store.submit([spec("x", dimensions=2)])
     (first,) = await pull(store, n=1, worker="bad")
@@ -333,6 +334,21 @@ async def test_a_malformed_result_is_rejected_and_the_item_retried(store, vector
         "good", [ItemResult(item_id=second.item_id, lease_id=second.lease_id, vector_b64=good)]
     )
     assert (await store.wait(request, pickup_timeout=1, request_timeout=5))[0].vector_b64 == good
+
+
+@pytest.mark.parametrize("vector,want", MALFORMED)
+async def test_a_result_malformed_on_every_attempt_tells_the_client_why(store, vector, want):
+    request = await store.submit([spec("x", dimensions=2)])
+    for attempt in (1, 2, 3):  # max_attempts
+        (item,) = await pull(store, n=1, worker=f"bad-{attempt}")
+        assert item.attempt == attempt
+        bad = ItemResult(item_id=item.item_id, lease_id=item.lease_id, vector_b64=vector)
+        assert (await store.complete(f"bad-{attempt}", [bad])).rejected == 1
+    (result,) = await store.wait(request, pickup_timeout=1, request_timeout=5)
+    assert result.error is not None and result.vector_b64 is None
+    assert result.error.code == ErrorCode.MAX_ATTEMPTS_EXCEEDED
+    assert "the last attempt failed: the worker sent a bad result: " in result.error.message
+    assert want in result.error.message
 
 
 async def test_release_hands_back_to_the_front_without_counting_an_attempt(store):
@@ -766,6 +782,25 @@ async def test_the_memory_stores_reaper_expires_leases_by_itself(clock):
 
 
 # --- the trust boundary (docs/security.md) --------------------------------------------------
+
+
+async def test_a_lease_lasts_exactly_lease_seconds(clock):
+    """A lease is the worker's until ``lease_seconds`` after the pull, and not an instant longer:
+    at the deadline itself it has expired (memory store, whose clock the test sets)."""
+    from gateway.queue.memory import MemoryStore
+
+    store = MemoryStore(clock=clock, lease_seconds=LEASE)
+    await store.submit([spec("a")])
+    (first,) = await pull(store, n=1, worker="slow")
+    clock.advance(LEASE / 2)
+    await store.reap()
+    assert await store.leased() == {"m": 1}
+    clock.advance(LEASE / 2)  # the deadline itself
+    await store.reap()
+    assert await store.leased() == {} and await store.depth() == {"m": 1}
+    assert (await store.complete("slow", [ok(first)])).ignored == 1
+    (again,) = await pull(store, n=1, worker="other")
+    assert again.item_id == first.item_id and again.attempt == 2
 
 
 async def test_a_result_needs_the_lease_issued_to_the_posting_worker(store):
