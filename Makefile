@@ -14,8 +14,10 @@ test: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests/unit
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -p randomly -m slow tests/e2e
 
-# The fast layer only (tests/unit: no vLLM, no subprocess): seconds.
-test-fast: setup
+# The fast layer only (tests/unit: no vLLM, no subprocess): seconds. Installs the test extra
+# alone (no vLLM) into a fresh .venv; an existing .venv keeps what it has.
+test-fast:
+	scripts/setup.sh test
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests/unit
 
 lint: setup

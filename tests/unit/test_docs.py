@@ -204,8 +204,10 @@ def test_ci_runs_lint_typecheck_and_the_readme_test_command():
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert ci[-3:] == ["make lint", "make typecheck", "make test"]
     makefile = (REPO / "Makefile").read_text()
-    for target in ("demo", "test", "test-fast", "lint", "typecheck"):
+    for target in ("demo", "test", "lint", "typecheck"):
         assert re.search(rf"^{target}: setup$", makefile, re.M), target
+    # the fast layer installs the test extra alone: no vLLM
+    assert re.search(r"^test-fast:\n\tscripts/setup.sh test\n", makefile, re.M)
     assert "SHARED" not in (REPO / ".ci" / "run").read_text()
 
 

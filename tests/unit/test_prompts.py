@@ -7,7 +7,7 @@ import pytest
 
 from common import prompts
 from common.prompts import TemplateError, render
-from devstack import localstack as ls
+from tests.support import MINILM_FILES
 from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 
 
@@ -19,7 +19,7 @@ def _no_truncation(s: str, n: int | None = None) -> str:
 def tok():  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ls.minilm_path())
+    return AutoTokenizer.from_pretrained(MINILM_FILES)
 
 
 @pytest.mark.parametrize(
