@@ -116,7 +116,15 @@ def test_malformed_bodies(http, body, param):
     assert err["param"] == param
 
 
-def test_worker_keeps_serving_after_bad_input(client, embed_worker):
+def test_worker_keeps_serving_after_bad_input(http, client, embed_worker):
+    """Bad input of its own first (whatever ran before): each refused, then served."""
+    for body in (
+        {"model": MODEL, "input": ["ok", ""]},
+        {"model": MODEL, "input": "x" * 100_000},
+        {"model": MODEL, "input": [1, "a"]},
+        {"model": MODEL, "input": "x", "dimensions": 0},
+    ):
+        assert http.post("/v1/embeddings", json=body).status_code == 400
     resp = client.embeddings.create(model=MODEL, input=["still alive", "yes"])
     assert len(resp.data) == 2
     assert embed_worker.popen.poll() is None

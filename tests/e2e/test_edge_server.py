@@ -154,5 +154,20 @@ def test_a_body_that_stalls_is_408_after_the_body_timeout(edge_gateway):
 
 
 def test_the_gateway_log_has_no_traceback(edge_gateway):
+    """Hostile requests of its own first (whatever ran before): a big body without
+    credentials, one over the limit, a malformed head, a connection dropped mid-body."""
+    assert _send_big_body(edge_gateway, None, 16)[0] == 401
+    assert _send_big_body(edge_gateway, ls.API_KEY, 16)[0] == 413
+    s = _connect(edge_gateway)
+    s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+    s.close()
+    s = _connect(edge_gateway)
+    head = (
+        "POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        f"Content-Length: 1000\r\nAuthorization: Bearer {ls.API_KEY}\r\n\r\n"
+    )
+    s.sendall(head.encode() + b'{"model": "m", "inp')
+    s.close()
+    assert httpx.get(edge_gateway.url + "/healthz").status_code == 200
     text = Path(edge_gateway.log_path).read_text()
     assert "Traceback" not in text, text[-3000:]

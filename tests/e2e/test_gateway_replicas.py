@@ -126,10 +126,35 @@ def test_two_replicas_share_one_queue(
     while models(replica_a) != [(MODEL, 1, ["embed"])] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert models(replica_a) == models(replica_b) == [(MODEL, 1, ["embed"])]
-    for name in ("inference_gateway_workers", "inference_gateway_queue_depth_items"):
-        a = metric(httpx.get(replica_a.url + "/metrics").text, name, model=MODEL)
-        b = metric(httpx.get(replica_b.url + "/metrics").text, name, model=MODEL)
-        assert a == b, name
+    # The store-wide gauges, read from both replicas while a request is in the queue: the
+    # worker (and its engine) stopped for a moment, so nothing moves between the reads.
+    gauges = (
+        "inference_gateway_workers",
+        "inference_gateway_queue_depth_items",
+        "inference_gateway_items_leased",
+    )
+
+    def read(r: ls.Proc) -> tuple[float, ...]:
+        text = httpx.get(r.url + "/metrics").text
+        return tuple(metric(text, name, model=MODEL) for name in gauges)
+
+    result: dict[str, httpx.Response] = {}
+    worker_b.signal(signal.SIGSTOP, group=True)
+    try:
+        t = threading.Thread(target=lambda: result.update(r=embed(replica_a.url, texts[:50])))
+        t.start()
+        deadline = time.monotonic() + 5
+        while True:  # the 50 inputs queued or leased, both replicas reading the same
+            a, b = read(replica_a), read(replica_b)
+            if a == b and a[1] + a[2] == 50:
+                break
+            assert time.monotonic() < deadline, (a, b)
+            time.sleep(0.05)
+        assert a == b == read(replica_a) and a[0] == 1
+    finally:
+        worker_b.signal(signal.SIGCONT, group=True)
+    t.join(60)
+    assert vectors(result["r"]).shape == (50, 384)
     assert httpx.get(replica_a.url + "/readyz").status_code == 200
 
 
@@ -226,25 +251,34 @@ def test_redis_restarted_mid_run_serves_the_queued_inputs(
     t = threading.Thread(target=lambda: result.update(r=embed(replica_a.url, texts)))
     t.start()
     deadline = time.monotonic() + 60
-    queued = 0.0
-    while queued == 0:  # the worker is busy and inputs wait: restart now
-        assert time.monotonic() < deadline, "nothing queued"
+    queued = leased = 0.0
+    while queued == 0 or leased == 0:  # inputs wait and the worker holds some: restart now
+        assert time.monotonic() < deadline, f"nothing queued ({queued}) or leased ({leased})"
         assert "r" not in result, result["r"].text  # answered (or refused) before a restart
-        queued = metric(
-            httpx.get(replica_a.url + "/metrics").text,
-            "inference_gateway_queue_depth_items",
-            model=MODEL,
-        )
+        text = httpx.get(replica_a.url + "/metrics").text
+        queued = metric(text, "inference_gateway_queue_depth_items", model=MODEL)
+        leased = metric(text, "inference_gateway_items_leased", model=MODEL)
         time.sleep(0.05)
     redis_q.stop()
-    time.sleep(2)
-    redis_q.start()
+    try:
+        time.sleep(2)
+    finally:
+        redis_q.start()
+    # a request sent right after Redis is back is answered the first time (no 503)
+    right_after = embed(replica_b.url, ["right after the restart"])
+    assert vectors(right_after).shape == (1, 384)
     t.join(170)
     assert not t.is_alive()
     got = vectors(result["r"])
     want = np.concatenate([unit(reference.raw(stsb_sentences))] * 10)[:2000]
     assert cosine(got, want).min() >= 0.999
-    report("Redis restart", inputs_sent=2000, queued_at_restart=int(queued), lost=0)
+    report(
+        "Redis restart",
+        inputs_sent=2000,
+        queued_at_restart=int(queued),
+        leased_at_restart=int(leased),
+        lost=0,
+    )
 
 
 def test_redis_unreachable_for_10_s_clean_503s_then_service_resumes(

@@ -90,6 +90,15 @@ def w2_start(g2, proxy, stack_dir) -> Iterator[dict]:
 def _started_while_queue_down(w2: ls.Proc, tcp_port: int, proxy: FaultInjectingProxy) -> dict:
     """Wait for W2's engine while the queue is unreachable, note its probes, bring the queue up."""
     seen: dict = {"proc": w2, "tcp_port": tcp_port}
+    try:
+        _observe_while_queue_down(w2, seen)
+    finally:  # the queue comes up whatever happened: the module's other tests share it
+        proxy.up()
+    ls.wait_http(w2.url + "/readyz", w2, 60)
+    return seen
+
+
+def _observe_while_queue_down(w2: ls.Proc, seen: dict) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # engine loaded, queue still unreachable
         try:
@@ -111,9 +120,6 @@ def _started_while_queue_down(w2: ls.Proc, tcp_port: int, proxy: FaultInjectingP
     seen["errors_while_down"] = _metric(
         httpx.get(w2.url + "/metrics").text, "inference_worker_queue_errors_total"
     )
-    proxy.up()
-    ls.wait_http(w2.url + "/readyz", w2, 60)
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -340,12 +346,14 @@ def test_queue_outage_of_30_s_mid_run(g2, w2, proxy, stsb_sentences, ops_ref):
         load = asyncio.create_task(_load(g2.url, batches, concurrency=30))
         await _in_flight(w2, 1)
         proxy.down()
-        await asyncio.sleep(30)
-        assert w2.popen.poll() is None
-        assert httpx.get(w2.url + "/livez").status_code == 200
-        assert httpx.get(w2.url + "/readyz").status_code == 503
-        proxy.up()
-        return await load
+        try:  # the queue comes back whatever happens here: later tests share it
+            await asyncio.sleep(30)
+            assert w2.popen.poll() is None
+            assert httpx.get(w2.url + "/livez").status_code == 200
+            assert httpx.get(w2.url + "/readyz").status_code == 503
+        finally:
+            proxy.up()
+        return await asyncio.wait_for(load, PICKUP + 300)
 
     resps = asyncio.run(scenario())
     lost = _check_answers(resps, batches, ops_ref)

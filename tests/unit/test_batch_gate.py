@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_until
 from worker.batch_gate import BatchGate
+
+
+async def settle() -> None:
+    """Turns of the event loop (no time passes) until every task has entered or waits."""
+    for _ in range(100):
+        await asyncio.sleep(0)
 
 
 async def admitted(gate: BatchGate, tokens: list[int]) -> int:
@@ -22,7 +28,7 @@ async def admitted(gate: BatchGate, tokens: list[int]) -> int:
             await release.wait()
 
     tasks = [asyncio.create_task(one(t)) for t in tokens]
-    await asyncio.sleep(0.05)
+    await settle()
     n = inside
     release.set()
     await asyncio.gather(*tasks)
@@ -49,7 +55,8 @@ async def test_while_interactive_inputs_flow_batch_work_enters_a_few_tokens_at_a
 
 
 async def test_waiting_batch_work_enters_once_interactive_traffic_goes_quiet():
-    gate = BatchGate(tokens_beside_interactive=8, quiet_seconds=0.2)  # real time
+    clock = FakeClock()
+    gate = BatchGate(tokens_beside_interactive=8, quiet_seconds=0.2, clock=clock)
     gate.saw_interactive()
     release = asyncio.Event()
     inside = 0
@@ -61,9 +68,9 @@ async def test_waiting_batch_work_enters_once_interactive_traffic_goes_quiet():
             await release.wait()
 
     tasks = [asyncio.create_task(one()) for _ in range(3)]
-    await asyncio.sleep(0.05)
+    await settle()
     assert inside == 1
-    await asyncio.sleep(0.5)  # quiet for longer than quiet_seconds: no event needed
-    assert inside == 3
+    clock.advance(0.3)  # quiet for longer than quiet_seconds: no event needed, the waiting
+    await wait_until(lambda: inside == 3, timeout=20, what="all admitted")  # ones look again
     release.set()
     await asyncio.gather(*tasks)

@@ -17,14 +17,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import Gauge
 from prometheus_client.registry import CollectorRegistry
 
+from tests.support import wait_until
 from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
 from worker.engine.pipe import WireOutput, from_wire, to_wire
 from worker.engine.process import ProcessLLM, RelayedMetrics, serve
+
+# The engine process hands vLLM's outputs over as torch tensors: torch comes with the cpu or
+# gpu extra (vLLM's), not with the test extra alone.
+torch = pytest.importorskip("torch", reason="needs torch (the cpu or gpu extra)")
 
 
 @dataclass
@@ -121,15 +125,11 @@ async def test_a_cancelled_request_is_aborted_in_the_engine(engine):
     llm, fake = engine
     fake.hold = True
     task = asyncio.ensure_future(_one(llm, [5], "s"))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: "s" in fake.waiting, timeout=20, what="the request in the engine")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(200):
-        if fake.aborted:
-            break
-        await asyncio.sleep(0.01)
-    assert fake.aborted == ["s"]
+    await wait_until(lambda: fake.aborted == ["s"], timeout=20, what="the request aborted")
 
 
 async def test_an_engine_that_fails_fails_every_waiter_and_later_requests(engine):
@@ -152,11 +152,11 @@ async def test_an_engine_process_that_exits_fails_its_waiters():
     llm = ProcessLLM(FakeProcess(process), ours, SimpleNamespace(model_config=None))
     llm._attach(asyncio.get_running_loop())
     waiting = asyncio.ensure_future(_one(llm, [1], "a"))
-    await asyncio.sleep(0.05)
+    await wait_until(theirs.poll, timeout=20, what="the request sent to the engine process")
     killed.set()
     theirs.close()
     with pytest.raises(EngineDead, match="exited"):
-        await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(waiting, 20)
     assert llm.errored
     llm.shutdown()
 

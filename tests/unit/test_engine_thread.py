@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import wait_until
 from tests.support.fake_llm_engine import FakeLLMEngine as BaseFake
 from worker.engine import EngineDead
 from worker.engine.step_threads import StepThreads, prompt_tokens
@@ -80,15 +81,11 @@ async def test_a_cancelled_request_is_aborted_in_the_engine():
     llm = ThreadedLLM.start(lambda: fake)
     try:
         task = asyncio.ensure_future(_one(llm, "slow", "s"))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: "s" in fake.waiting, timeout=20, what="the request in the engine")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if fake.aborted:
-                break
-            await asyncio.sleep(0.01)
-        assert fake.aborted == ["s"]
+        await wait_until(lambda: fake.aborted == ["s"], timeout=20, what="the request aborted")
     finally:
         llm.shutdown()
 

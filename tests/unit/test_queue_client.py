@@ -53,13 +53,17 @@ class FaultInjectingQueue:
 
     def __enter__(self) -> FaultInjectingQueue:
         self.thread.start()
+        deadline = time.monotonic() + 30
         while not self.server.started:
+            assert self.thread.is_alive(), "the fault-injecting server failed to start"
+            assert time.monotonic() < deadline, "the fault-injecting server did not start in 30 s"
             time.sleep(0.01)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+        assert not self.thread.is_alive(), "the fault-injecting server did not stop in 5 s"
 
 
 @pytest.fixture

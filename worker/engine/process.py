@@ -324,17 +324,17 @@ class ProcessLLM:
             await asyncio.wait_for(asyncio.shield(future), METRICS_TIMEOUT_SECONDS)
 
     def shutdown(self) -> None:
-        """Stop the engine process (blocking, up to 30 s, then killed)."""
-        if self._closed:
-            return
-        self.error = "the vLLM engine was shut down"
-        with contextlib.suppress(OSError):
-            self._conn.send_bytes(pickle.dumps(Stop()))
+        """Stop the engine process and wait for it to exit (blocking, up to 30 s, then
+        killed); after the engine failed too, whose process may still be exiting."""
+        if not self._closed:
+            self.error = "the vLLM engine was shut down"
+            with contextlib.suppress(OSError):
+                self._conn.send_bytes(pickle.dumps(Stop()))
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
-        self._close(self.error)
+        self._close(self.error or "the vLLM engine was shut down")
         RELAYED.sources.pop(self._source, None)
         RELAYED.refreshers.pop(self._source, None)
 

@@ -157,6 +157,9 @@ class ThreadedLLM:
         self._lock = threading.Lock()
         self._start_error: BaseException | None = None
         self._steps: StepLoop | None = None
+        #: Requests submitted in this event-loop tick, handed to the engine together at its end
+        #: (so that they enter one step); touched only by the event loop's thread.
+        self._pending: list[Submit] = []
         #: Why the engine stopped working (an exception of ``step``), or None.
         self.error: BaseException | None = None
         self.engine: Any = None
@@ -232,14 +235,25 @@ class ThreadedLLM:
         future: asyncio.Future[Any] = loop.create_future()
         with self._lock:
             self._waiters[request.request_id] = _Waiter(future, loop)
-        self._steps.submit([request])
+        if not self._pending:  # the first of this tick: all of them go at its end
+            loop.call_soon(self._flush)
+        self._pending.append(request)
         try:
             return await future
         except asyncio.CancelledError:
             with self._lock:
                 self._waiters.pop(request.request_id, None)
-            self._steps.abort([request.request_id])
+            if request in self._pending:  # not handed over yet
+                self._pending.remove(request)
+            else:
+                self._steps.abort([request.request_id])
             raise
+
+    def _flush(self) -> None:
+        """Hand this tick's requests to the engine thread in one batch."""
+        batch, self._pending = self._pending, []
+        if batch and self._steps is not None:
+            self._steps.submit(batch)
 
     def _finished(self, outputs: list[Any]) -> None:
         """Resolve the futures of the finished requests: one call per event loop per step."""
