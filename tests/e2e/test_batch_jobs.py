@@ -19,6 +19,7 @@ import numpy as np
 import redis
 
 from devstack import localstack as ls
+from tests.support import metric
 from tests.support.reports import FAULT_REPORTS
 from tests.support.stack import MODEL, embed_worker_config
 
@@ -148,7 +149,8 @@ def test_a_gateway_killed_mid_batch_and_restarted_finishes_it_exactly_once(
     redis.Redis.from_url(url).flushdb()
     log_dir = stack_dir / "batch-restart"
     port = ls.free_port()
-    args = ["--queue-url", url, "--lease-seconds", "8"]
+    # a chunk (256 lines) at a time in the queue: what a restart redoes is measurable
+    args = ["--queue-url", url, "--lease-seconds", "8", "--batch-inputs-in-flight", "256"]
     gateway = ls.start_gateway(log_dir, port=port, args=args)
     # The session worker's config (pairs too): one model name, one advert on the gateway.
     worker = ls.start_worker(embed_worker_config(gateway.url, pairs=True), log_dir, "worker")
@@ -177,6 +179,12 @@ def test_a_gateway_killed_mid_batch_and_restarted_finishes_it_exactly_once(
         )
         assert sorted(ids) == sorted(f"line-{i}" for i in range(len(texts)))
         assert ended.request_counts.completed == len(texts)
+        # only the chunks not written were run again: the worker embedded each line once, but
+        # for at most the two chunks (512 lines) in flight or unwritten at the kill
+        embedded = metric(
+            httpx.get(worker.url + "/metrics").text, "inference_worker_items_completed_total"
+        )
+        assert len(texts) <= embedded <= len(texts) + 512, embedded
         # every line's vector, before and after the kill, as the interactive endpoint gives it
         got = {o["custom_id"]: o["response"]["body"]["data"][0]["embedding"] for o in out}
         for start in range(0, len(texts), 256):

@@ -183,3 +183,37 @@ def test_auto_dtype_keeps_sts_benchmark_quality(
     )
     assert rho_f32 > 80  # the model is right at all
     assert abs(rho_served - rho_f32) <= 0.2
+
+
+def test_a_pooler_config_in_engine_args_changes_the_pooling(gateway, stack_dir, tiny_path):
+    """``engine_args = { pooler_config = { seq_pooling_type = "MEAN" } }``: the causal LM's
+    embedding is the mean of its final hidden states (against ``transformers``), not the last
+    token's."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModel, AutoTokenizer
+
+    name = "tiny-qwen3-mean"
+    config = ls.worker_config(
+        queue_url=gateway.url,
+        model_name=name,
+        model_path=tiny_path,
+        max_num_seqs=16,
+        generator_extra='engine_args = { pooler_config = { seq_pooling_type = "MEAN" } }',
+    )
+    worker = ls.start_worker(config, stack_dir, "mean-pooling-worker")
+    try:
+        client = OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0)
+        texts = ["a man is playing a guitar", "a woman is slicing an onion", "a dog runs"]
+        resp = client.embeddings.create(model=name, input=texts, encoding_format="float")
+        got = np.array([d.embedding for d in resp.data], dtype=np.float32)
+    finally:
+        worker.stop()
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    model = AutoModel.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = [model(**tok(t, return_tensors="pt")).last_hidden_state[0] for t in texts]
+    mean = unit(np.array([h.mean(0).numpy() for h in hidden]))
+    last = unit(np.array([h[-1].numpy() for h in hidden]))
+    assert cosine(got, mean).min() >= 0.999
+    assert cosine(got, last).max() < 0.99  # not the last-token pooling it had without it

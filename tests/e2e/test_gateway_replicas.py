@@ -23,6 +23,7 @@ from tests.support import metric
 from tests.support.reports import FAULT_REPORTS
 from tests.support.stack import MODEL, cosine, embed_worker_config, unit
 
+DEPTH = "inference_gateway_queue_depth_items"
 GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "30", "--request-timeout", "180"]
 HEADERS = {"Authorization": f"Bearer {ls.API_KEY}"}
 
@@ -290,6 +291,8 @@ def test_redis_unreachable_for_10_s_clean_503s_then_service_resumes(
     slowest = 0.0
     try:
         assert httpx.get(replica_a.url + "/readyz").status_code == 503
+        down = httpx.get(replica_a.url + "/metrics").text
+        assert metric(down, "inference_gateway_queue_store_up") == 0
         end = time.monotonic() + 10
         while time.monotonic() < end:
             t0 = time.monotonic()
@@ -313,6 +316,8 @@ def test_redis_unreachable_for_10_s_clean_503s_then_service_resumes(
         time.sleep(0.5)
     resumed = time.monotonic() - back
     assert httpx.get(replica_a.url + "/readyz").status_code == 200
+    up = httpx.get(replica_a.url + "/metrics").text
+    assert metric(up, "inference_gateway_queue_store_up") == 1
     assert slowest < 6
     report(
         "Redis down 10 s",
@@ -359,3 +364,64 @@ def test_a_draining_replica_serves_its_waiting_clients_and_takes_no_new_ones(
         report("replica drain", waiting_requests=1, answered=1, refused_while_draining=1, lost=0)
     finally:
         replica_d.stop()
+
+
+def test_redis_losing_its_data_answers_the_waiting_clients_503_or_504(redis_q, stack_dir):
+    """Redis loses its data (here ``FLUSHDB`` of a database of the test's own) while clients
+    wait, one with its inputs queued and one with its inputs leased: each gets a 503 or 504
+    within the gateway's timeouts, never a hang, and the next request is served. The worker is
+    the test's own (queue protocol v1 over HTTP)."""
+    import asyncio
+
+    import redis
+
+    from tests.support.queue_worker import QueueWorker, result, vector_of
+
+    url = redis_q.url.rsplit("/", 1)[0] + "/5"
+    redis.Redis.from_url(url).flushdb()
+    short = ls.start_gateway(
+        stack_dir,
+        args=[
+            "--queue-url", url, "--lease-seconds", "30",
+            "--pickup-timeout", "3", "--request-timeout", "6",
+        ],
+    )  # fmt: skip
+    headers = {"Authorization": f"Bearer {ls.API_KEY}"}
+
+    async def scenario() -> tuple[int, int, int]:
+        worker = QueueWorker(short.url, ls.WORKER_TOKEN, max_items=4)
+        async with httpx.AsyncClient(base_url=short.url, headers=headers, timeout=60) as c:
+            assert await worker.pull(wait=0) == []  # the model is known
+
+            def embed_async(texts: list[str]) -> asyncio.Task[httpx.Response]:
+                body = {"model": "m", "input": texts}
+                return asyncio.create_task(c.post("/v1/embeddings", json=body))
+
+            leased_req = embed_async(["leased 1", "leased 2"])
+            taken: list[dict] = []
+            while len(taken) < 2:
+                taken += await worker.pull(wait=1)
+            queued_req = embed_async(["queued 1", "queued 2"])
+            deadline = time.monotonic() + 10
+            while metric((await c.get("/metrics")).text, DEPTH, model="m") != 2:
+                assert time.monotonic() < deadline, "the second request was not queued"
+                await asyncio.sleep(0.05)
+            redis.Redis.from_url(url).flushdb()  # Redis loses its data
+            await worker.post([result(i, vector_of(i)) for i in taken])  # too late: unknown
+            leased, queued = await asyncio.wait_for(asyncio.gather(leased_req, queued_req), 30)
+            assert await worker.pull(wait=0) == []  # registered again (its advert was lost)
+            again = embed_async(["served again"])
+            while not again.done():
+                items = await worker.pull(wait=0.5)
+                if items:
+                    await worker.post([result(i, vector_of(i)) for i in items])
+            await worker.http.aclose()
+            return leased.status_code, queued.status_code, (await again).status_code
+
+    try:
+        leased, queued, again = asyncio.run(scenario())
+        assert leased in (503, 504) and queued in (503, 504), (leased, queued)
+        assert again == 200
+        report("Redis lost its data", leased_client=leased, queued_client=queued, next=again)
+    finally:
+        short.stop()

@@ -180,3 +180,27 @@ async def test_redis_answers_its_own_client_before_the_complete_round_trip(redis
     assert await store.depth() == {} and await store.leased() == {}
     assert (await store.complete("w", [ok(item, 3.0)])).ignored == 1
     assert not len(store.replies._early)  # nothing kept for a client that was answered
+
+
+async def test_a_dead_replicas_queued_inputs_are_dropped_once_its_heartbeat_is_gone(
+    redis_db2, redis_server
+):
+    """Inputs queued through a replica are worked on while its heartbeat lives (another
+    replica's worker takes them), and dropped once it is gone (its clients are gone with it):
+    the heartbeat key's TTL is 60 s; here it is deleted as if it had run out."""
+    from gateway.queue.redis import RedisStore
+    from gateway.queue.redis.keys import replica
+
+    r, b = redis_db2
+    a = RedisStore(redis_server.url.rsplit("/", 1)[0] + "/2", lease_seconds=5)
+    await a.start()
+    try:
+        await a.submit([spec("alive 1"), spec("alive 2")])
+        assert [i.text for i in await pull(b, n=5, worker="w")] == ["alive 1", "alive 2"]
+        await a.submit([spec("orphan 1"), spec("orphan 2")])
+        assert await b.depth() == {"m": 2}
+    finally:
+        await a.close()
+    r.delete(replica(a.replica))  # gone (a closing replica deletes it; a killed one's expires)
+    assert await pull(b, n=5, worker="w") == []
+    assert await b.depth() == {}

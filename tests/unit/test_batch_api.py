@@ -16,7 +16,7 @@ import pytest
 from gateway.batch import job as batch_job
 from gateway.batch import validate as batch_validate
 from gateway.batch.models import BatchOutputLine
-from tests.support import InProcessGateway, wait_until
+from tests.support import InProcessGateway, metric, wait_until
 
 MODEL = "m"
 ADVERT = {"name": MODEL, "checkpoint_name": "ckpt", "tasks": ["embed"], "max_model_len": 64}
@@ -442,3 +442,89 @@ async def test_a_batch_line_over_the_limit_fails_validation_unread(monkeypatch: 
         assert [(e["line"], e["code"]) for e in failed["errors"]["data"]] == [
             (2, "request_too_large")
         ]
+
+
+async def test_a_batch_past_its_window_is_expired_with_what_was_done(gw, monkeypatch):
+    """``expired`` after the completion window, as OpenAI's: the lines done are in its output,
+    the rest are not run. (The window is 24 h; here a second.)"""
+    from gateway.batch import batches as batch_records
+
+    monkeypatch.setattr(batch_records, "COMPLETION_WINDOW_SECONDS", 1)
+    await register(gw)
+    lines = [line(f"r{i}", {"model": MODEL, "input": f"t{i}"}) for i in range(12)]
+    batch = await create(gw, await upload(gw, jsonl(lines)))
+    await until(gw, batch["id"], "in_progress")
+    r = await gw.worker.post("/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 4})
+    await answer(gw, r.json()["items"], ones=True)  # the first chunk, then no worker
+    ended = await until(gw, batch["id"], "expired")
+    assert ended["expired_at"] and ended["request_counts"]["completed"] == 4
+    out = await content(gw, ended["output_file_id"])
+    assert [o["custom_id"] for o in out] == ["r0", "r1", "r2", "r3"]
+    assert await gw.store.depth() == {}  # what it had queued left the queue
+
+
+async def test_batches_are_listed_newest_first_in_pages(gw):
+    await register(gw)
+    made = []
+    for i in range(2):  # max_batches_per_key = 2
+        made.append(
+            (
+                await create(
+                    gw, await upload(gw, jsonl([line("a", {"model": MODEL, "input": f"x{i}"})]))
+                )
+            )["id"]
+        )
+    listed = (await gw.client.get("/v1/batches")).json()
+    assert [b["id"] for b in listed["data"]] == made[::-1]
+    first = (await gw.client.get("/v1/batches", params={"limit": 1})).json()
+    assert [b["id"] for b in first["data"]] == [made[1]] and first["has_more"]
+    rest = (await gw.client.get("/v1/batches", params={"after": made[1]})).json()
+    assert [b["id"] for b in rest["data"]] == [made[0]] and not rest["has_more"]
+
+
+async def test_a_batch_keeps_at_most_batch_inputs_in_flight_in_the_queue(monkeypatch):
+    """``--batch-inputs-in-flight``: no more of one batch's inputs queued or leased at once."""
+    monkeypatch.setattr(batch_job, "SCAN_SECONDS", 0.05)
+    monkeypatch.setattr(batch_validate, "CHUNK_LINES", 4)
+    async with InProcessGateway(batch_inputs_in_flight=6) as g:
+        await register(g)
+        lines = [line(f"r{i}", {"model": MODEL, "input": [f"a{i}", f"b{i}"]}) for i in range(12)]
+        batch = await create(g, await upload(g, jsonl(lines)))
+        peak = 0
+        while True:
+            depth = sum((await g.store.depth()).values())
+            leased = sum((await g.store.leased()).values())
+            peak = max(peak, depth + leased)
+            r = await g.worker.post(
+                "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 2}
+            )
+            await answer(g, r.json()["items"])
+            got = (await g.client.get(f"/v1/batches/{batch['id']}")).json()
+            if got["status"] == "completed":
+                break
+        assert got["request_counts"]["completed"] == 12
+        assert 4 <= peak <= 6, peak  # two-input lines: 3 lines at a time
+
+
+async def test_the_batch_lines_metric_counts_queued_then_completed_or_failed(gw):
+    """``inference_gateway_batch_lines_total{model,state}``: every line counted ``queued``,
+    then ``completed`` or ``failed`` (a line the endpoint refuses: failed)."""
+    before = await gw.metrics()
+    await register(gw)
+    lines = [line(f"r{i}", {"model": MODEL, "input": f"t{i}"}) for i in range(6)]
+    lines.append(line("bad", {"model": MODEL, "input": ""}))  # an empty input: the endpoint's 400
+    batch = await create(gw, await upload(gw, jsonl(lines)))
+    stop = asyncio.Event()
+    worker = asyncio.create_task(serve(gw, stop, []))
+    ended = await until(gw, batch["id"], "completed")
+    stop.set()
+    await worker
+    assert ended["request_counts"] == {"total": 7, "completed": 6, "failed": 1}
+    after = await gw.metrics()
+
+    def moved(state: str) -> float:
+        labels = {"model": MODEL, "state": state}
+        name = "inference_gateway_batch_lines_total"
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert (moved("queued"), moved("completed"), moved("failed")) == (7, 6, 1)

@@ -335,3 +335,23 @@ def test_config_errors_name_the_file_and_key(tmp_path, edit, key, expect):
     message = str(e.value)
     assert message.startswith(f"{path}: ")
     assert key in message and expect in message, message
+
+
+def test_an_empty_token_file_is_a_config_error_naming_it(tmp_path):
+    """``$INFERENCE_WORKER_QUEUE_TOKEN_FILE`` naming an empty (or blank) file: exit 2 with the
+    key and the file, not a worker that sends an empty token."""
+    path = tmp_path / "c.toml"
+    path.write_text(pharia_example(MINILM_FILES).replace('token = "worker-token"\n', ""))
+    token_file = tmp_path / "token"
+    for content in ("", "\n  \n"):
+        token_file.write_text(content)
+        with pytest.raises(ConfigError) as e:
+            load_config(
+                path,
+                {"INFERENCE_WORKER_QUEUE_TOKEN_FILE": str(token_file)},
+                check_engine_args=False,
+            )
+        assert str(e.value) == (
+            f"{path}: queue.token: $INFERENCE_WORKER_QUEUE_TOKEN_FILE names {token_file}, "
+            "which is empty"
+        )

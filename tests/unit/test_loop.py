@@ -447,3 +447,13 @@ async def test_worker_metrics_move_as_documented(client, start_worker):
     }
     assert metrics.ITEMS_IN_FLIGHT._value.get() == 0
     assert metrics.QUEUE_REACHABLE._value.get() == 1
+
+
+async def test_results_ready_together_go_in_one_post(client, start_worker):
+    """The worker posts whatever results are ready in one call, not one call per item."""
+    w = await start_worker()
+    before = w.transport.calls.get("/queue/v1/results", 0)
+    r = await embed(client, [f"sentence {i}" for i in range(16)])  # one pull (capacity 16)
+    assert len(vectors(r)) == 16
+    posts = w.transport.calls.get("/queue/v1/results", 0) - before
+    assert 1 <= posts <= 2, posts

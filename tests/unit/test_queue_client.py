@@ -111,7 +111,7 @@ async def test_retries_are_bounded(faulty):
     assert faulty.calls == 3
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 422])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 413, 422])
 async def test_other_4xx_are_not_retried(faulty, status):
     faulty.script = [status]
     client = _client(faulty.port, retries=5)
@@ -179,3 +179,28 @@ async def test_connection_refused_is_retried_then_unavailable():
     await client.aclose()
     assert metrics.QUEUE_RETRIES.labels("pull")._value.get() - before == 2
     assert time.monotonic() - t0 < 5
+
+
+def test_retries_wait_a_random_time_up_to_an_exponential_cap():
+    """Full jitter: the n-th retry waits a random time in [0, min(initial * 2**n, max)]; the
+    pull loop's own backoff doubles up to 5 s and stays there."""
+    from tenacity import RetryCallState
+
+    from worker.defaults import PULL_BACKOFF
+
+    client = _client(1, retries=7)  # initial 0.01, max 0.05 (see _client)
+    waits: dict[int, list[float]] = {}
+    for attempt in (1, 2, 3, 6):
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        waits[attempt] = [client._wait(state) for _ in range(200)]
+    for attempt, got in waits.items():
+        cap = min(0.01 * 2 ** (attempt - 1), 0.05)
+        assert all(0 <= w <= cap + 1e-9 for w in got), (attempt, max(got))
+        assert len(set(got)) > 100  # random, not a fixed schedule
+    assert max(waits[6]) > 0.04  # the cap is reached, not exceeded
+    wait, seen = PULL_BACKOFF.initial, []
+    for _ in range(8):
+        seen.append(wait)
+        wait = PULL_BACKOFF.after(wait)
+    assert seen == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]

@@ -504,3 +504,43 @@ async def test_a_queue_that_does_not_offer_the_binary_body_gets_json():
     assert ctype == "application/json"
     assert ResultsRequest.model_validate_json(content).results[0].vector_b64 is not None
     await qc.aclose()
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"max_items": 0}, "max_items"),
+        ({"max_items": 4097}, "max_items"),
+        ({"wait_seconds": -1}, "wait_seconds"),
+        ({"wait_seconds": 61}, "wait_seconds"),
+    ],
+)
+async def test_a_pull_outside_the_documented_bounds_is_refused(gw, change, field):
+    """``max_items`` 1–4,096 and ``wait_seconds`` 0–60 (docs/queue-protocol.md); the bounds
+    themselves are accepted."""
+    body = {"worker_id": "w", "models": [ADVERT], "max_items": 1, "wait_seconds": 0, **change}
+    r = await gw.worker.post("/pull", json=body)
+    assert r.status_code in (400, 422), r.text
+    assert field in r.text
+    for edge in ({"max_items": 4096}, {"wait_seconds": 0}, {"max_items": 1}):
+        ok_body = {**body, "max_items": 1, "wait_seconds": 0, **edge}
+        assert (await gw.worker.post("/pull", json=ok_body)).status_code == 200
+
+
+async def test_results_rejected_and_the_store_gauge_move_as_documented(gw):
+    """``inference_gateway_results_rejected_total{model}`` counts a malformed result;
+    ``inference_gateway_queue_store_up`` is 1 while the store answers."""
+    before = await gw.metrics()
+    req = embed(gw, ["a"], dimensions=2)
+    (item,) = await pull(gw, max_items=1)
+    await post(gw, [ok(item, [1.0, 2.0, 3.0])])  # 3 values, 2 asked for
+    after = await gw.metrics()
+    assert (
+        metric(after, "inference_gateway_results_rejected_total", model=MODEL)
+        - metric(before, "inference_gateway_results_rejected_total", model=MODEL)
+        == 1
+    )
+    assert metric(after, "inference_gateway_queue_store_up") == 1
+    (again,) = await pull(gw, max_items=1)
+    await post(gw, [ok(again, [0.6, 0.8])])
+    assert (await req).status_code == 200

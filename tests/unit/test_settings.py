@@ -179,3 +179,32 @@ def test_a_short_key_in_a_file_is_refused_without_printing_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"a key or token in {keys} has 12 characters" in err
     assert "s3cret" not in err and K1 not in err
+
+
+def test_a_secret_on_the_command_line_is_warned_about(caplog):
+    """A key, token or Redis password given as a flag is visible in ``ps``: warned, without
+    the secret; the file flags and the environment are not."""
+    import logging
+
+    from gateway.cli import _warn_about_secrets_in
+
+    secret = "sk-a-secret-given-on-the-command-line"
+    for argv in (
+        ["--api-key", secret],
+        [f"--worker-token={secret}"],
+        ["--queue-url", f"redis://:{secret}@redis:6379/0"],
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _warn_about_secrets_in(argv)
+        assert "visible to every user of this host" in caplog.text, argv
+        assert secret not in caplog.text
+    for argv in (
+        ["--api-key-file", "/run/keys"],
+        ["--worker-token-file", "/run/tokens"],
+        ["--queue-url", "redis://redis:6379/0", "--queue-password-file", "/run/pw"],
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _warn_about_secrets_in(argv)
+        assert caplog.text == "", argv
