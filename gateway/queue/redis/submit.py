@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from common.protocol import ItemSpec
 from gateway.queue.redis import entries, keys
@@ -157,7 +157,8 @@ class Submissions:
 
     async def any_taken(self, request: Request) -> bool:
         """True if a future is done, or an entry of the request was delivered or is gone
-        (answered: its answer may still be on its way to this replica)."""
+        (answered: its answer may still be on its way to this replica; or lost with Redis'
+        data, stream and consumer group included)."""
         if any(f.done() for f in request.futures):
             return True
         assert isinstance(request, StreamRequest)
@@ -166,7 +167,9 @@ class Submissions:
                 entry, _, key = at.partition("@")
                 p.xpending_range(key, GROUP, min=entry, max=entry, count=1)
                 p.xrange(key, min=entry, max=entry, count=1)
-            found = await self.conn.call(p.execute())
+            # NOGROUP: the stream and its group are gone (Redis lost its data): so is the entry
+            found = await self.conn.call(p.execute(raise_on_error=False))
+        found = [[] if isinstance(f, ResponseError) else f for f in found]
         for pending, present in zip(found[::2], found[1::2], strict=True):
             if not present or (pending and pending[0]["times_delivered"] > 0):
                 return True
