@@ -110,6 +110,7 @@ def create_app(
     )
     app.add_middleware(observability.RequestMetrics)
     app.include_router(client_routes.router)
+    app.include_router(client_routes.peer_router)
     app.include_router(batch_routes.router)
     app.include_router(worker_routes.router)
     app.include_router(observability.router)

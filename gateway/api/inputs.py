@@ -43,10 +43,12 @@ def pair_specs(
     normalize: bool = True,
     truncate: int | None = None,
     template: str | None = None,
+    instruction: str | None = None,
 ) -> list[ItemSpec]:
     """One scoring spec per (query, document) pair, as the model's score type wants it
     (:func:`score_type`): ``causal-lm``: the model's rerank prompt (or ``template``) with
-    fields ``query``, ``document``, ``instruction``, answered with the logits of its (false,
+    fields ``query``, ``document``, ``instruction`` (the model's, or ``instruction``),
+    answered with the logits of its (false,
     true) tokens (their softmax when ``normalize``); other types: the pair itself (``text``,
     ``text_pair``), answered with one score. The caller checked the texts
     (:func:`check_inputs`) and that a causal-LM advert has its ``rerank``."""
@@ -70,7 +72,11 @@ def pair_specs(
             model=model,
             task="score",
             prompt_template=spec.template if template is None else template,
-            fields={"query": query, "document": document, "instruction": spec.instruction},
+            fields={
+                "query": query,
+                "document": document,
+                "instruction": spec.instruction if instruction is None else instruction,
+            },
             return_logits=ids,
             normalize=normalize,
         )
@@ -274,6 +280,9 @@ def check_value(value: Any, where: str, depth: int = 0, structured: bool = False
     elif isinstance(value, list) and value and not isinstance(value[0], int):
         for i, v in enumerate(value):  # a typed field's strings, objects or token arrays
             check_value(v, f"{where}[{i}]" if where in _LISTS else where)
+    elif isinstance(value, BaseModel):  # a typed object (a document's ``{"text": ...}``)
+        for name in type(value).model_fields:
+            check_value(getattr(value, name), where, depth, structured)
 
 
 #: Request fields whose items an error names by index (``input[3]``).

@@ -1,9 +1,11 @@
 """Client-facing wire models: the OpenAI embeddings API with Fireworks' extensions
 (``dimensions``, ``normalize``, ``return_logits``) and quantized types (``embedding_type``),
-Fireworks' ``/v1/rerank``, vLLM's ``/v1/score`` and ``/v1/classify``.
+Fireworks' ``/v1/rerank`` with Cohere's and Jina's shape beside it, vLLM's ``/v1/score`` and
+``/v1/classify``.
 
 Sources: OpenAI API reference (embeddings, models, errors); Fireworks API reference
 (``/v1/embeddings`` with ``return_logits``, ``normalize``, ``prompt_template``; ``/v1/rerank``);
+Cohere's rerank API (v1 and v2: ``results[].relevance_score``, ``document.text``) and Jina's;
 vLLM's score API (``vllm/entrypoints/pooling/scoring/protocol.py``: ``ScoreTextRequest``,
 ``ScoreResponse``) and classify API (``vllm/entrypoints/pooling/classify/protocol.py``).
 """
@@ -79,32 +81,80 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class TextDocument(BaseModel):
+    """A document as an object (Cohere v1, Jina): its ``text``; other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: StrictStr
+
+
 class RerankRequest(BaseModel):
-    """``POST /v1/rerank`` (Fireworks)."""
+    """``POST /v1/rerank`` (Fireworks), ``/rerank`` and ``/v2/rerank`` (Cohere, Jina, vLLM):
+    documents as strings or ``{"text": ...}`` objects."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: ModelName
     query: StrictStr
-    documents: list[StrictStr]
+    documents: list[StrictStr | TextDocument]
     #: The best ``top_n`` documents; None or 0 (vLLM's default): all of them.
     top_n: int | None = Field(default=None, ge=0)
     return_documents: bool = False
     #: Replaces the model's rerank prompt for this request: fields ``query``, ``document``,
     #: ``instruction`` (:mod:`common.prompts` syntax, as ``prompt_template`` on embeddings).
     prompt_template: StrictStr | None = None
+    #: Replaces the model's rerank instruction for this request (a causal-LM reranker's
+    #: ``instruction`` field: Qwen3-Reranker's ``<Instruct>``).
+    instruction: StrictStr | None = None
+    #: Cohere's fields that would change the result; refused with a 400 when set (never
+    #: silently dropped): ``max_tokens_per_doc``, ``relevant_spans`` (v2, unless its ``mode``
+    #: is ``disabled``), ``rank_fields``, ``max_chunks_per_doc`` (v1).
+    max_tokens_per_doc: Any = None
+    relevant_spans: Any = None
+    rank_fields: Any = None
+    max_chunks_per_doc: Any = None
+
+    def unserved_field(self) -> str | None:
+        """The first Cohere field set that this server does not serve, or None."""
+        spans = self.relevant_spans
+        if spans is not None and not (isinstance(spans, dict) and spans.get("mode") == "disabled"):
+            return "relevant_spans"
+        for name in ("max_tokens_per_doc", "rank_fields", "max_chunks_per_doc"):
+            if getattr(self, name) is not None:
+                return name
+        return None
+
+    def texts(self) -> list[str]:
+        """The documents as strings, in order."""
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 class RerankResult(BaseModel):
+    """Fireworks' shape (in ``data``): the document as a string."""
+
     index: int
     relevance_score: float
     document: str | None = None
 
 
+class RankedDocument(BaseModel):
+    """Cohere's and Jina's shape (in ``results``): the document as ``{"text": ...}``."""
+
+    index: int
+    relevance_score: float
+    document: TextDocument | None = None
+
+
 class RerankResponse(BaseModel):
+    """Both shapes in one body: Fireworks' ``data`` and Cohere's / Jina's / vLLM's
+    ``results`` (the same ranking), with ``id``, ``model`` and ``usage``."""
+
+    id: str
     object: Literal["list"] = "list"
     model: str
     data: list[RerankResult]
+    results: list[RankedDocument]
     usage: Usage
 
 

@@ -1,5 +1,6 @@
 """Client routes (API keys, checked by :mod:`gateway.http.edge`): ``POST /v1/embeddings``,
-``POST /v1/rerank``, ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``.
+``POST /v1/rerank`` (also ``/rerank`` and ``/v2/rerank``, as vLLM serves it for Cohere and
+Jina clients), ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``.
 Thin handlers; the logic is in :mod:`gateway.api.serving`."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from gateway.errors import APIError
 
 #: Credentials are checked before the body is read: :class:`gateway.http.edge.Edge`.
 router = APIRouter(prefix="/v1")
+#: The same routes at the paths other APIs use (Cohere's ``/v2/...``, vLLM's unversioned ones).
+peer_router = APIRouter()
 
 
 async def _serving(request: Request) -> Serving:
@@ -64,6 +67,8 @@ async def embeddings(
 
 
 @router.post("/rerank", response_model=RerankResponse)
+@peer_router.post("/rerank", response_model=RerankResponse)
+@peer_router.post("/v2/rerank", response_model=RerankResponse)
 async def rerank(
     req: RerankRequest, request: Request, serving: Serving = Depends(_serving_open)
 ) -> Response:

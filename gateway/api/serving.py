@@ -1,8 +1,8 @@
 """The client API's logic: a request becomes queue entries, their results become the response.
 
 Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return_logits``,
-``normalize``, ``prompt_template``), Fireworks' ``/v1/rerank`` and vLLM's ``/v1/score``
-(``gateway/api/models.py``).
+``normalize``, ``prompt_template``), Fireworks' ``/v1/rerank`` (with Cohere's and Jina's
+``results``) and vLLM's ``/v1/score`` (``gateway/api/models.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from gateway.api.models import (
     EmbeddingResponse,
     ModelCard,
     ModelList,
+    RankedDocument,
     RerankRequest,
     RerankResponse,
     RerankResult,
@@ -37,6 +38,7 @@ from gateway.api.models import (
     ScoreRequest,
     ScoreResponse,
     ScoreUsage,
+    TextDocument,
     Usage,
 )
 from gateway.api.quantize import quantize
@@ -247,24 +249,29 @@ class Serving:
 
     async def prepare_rerank(self, req: RerankRequest) -> Prepared[RerankResponse]:
         """Check a rerank request and turn it into queue entries, one per document (raises
-        APIError 4xx for what is wrong with it; 503 before any worker said how the model
-        scores pairs)."""
+        APIError 4xx for what is wrong with it, 400 for a Cohere field that is not served;
+        503 before any worker said how the model scores pairs)."""
         inputs.check_request(req)
+        unserved = req.unserved_field()
+        if unserved is not None:
+            raise APIError(400, f"'{unserved}' is not supported by this server.", param=unserved)
         advert = await self._scoring_advert(req.model)
         if not req.query:
             raise APIError(400, "'query' must not be empty.", param="query")
-        inputs.check_inputs(req.documents, "documents")
+        documents = req.texts()
+        inputs.check_inputs(documents, "documents")
         causal = inputs.score_type(advert) == "causal-lm"
-        if req.prompt_template is not None:
-            if not causal:
+        for field in ("prompt_template", "instruction"):
+            if getattr(req, field) is not None and not causal:
                 raise APIError(
                     400,
-                    f"'prompt_template' applies to causal-LM rerankers; '{req.model}' scores "
+                    f"'{field}' applies to causal-LM rerankers; '{req.model}' scores "
                     f"pairs as {advert.score_type}.",
-                    param="prompt_template",
+                    param=field,
                 )
+        if req.prompt_template is not None:
             inputs.check_template(req.prompt_template)
-        pairs = [(req.query, doc) for doc in req.documents]
+        pairs = [(req.query, doc) for doc in documents]
         limit = self._max_chars(advert)
         if len(req.query) > limit:
             raise APIError(
@@ -274,23 +281,38 @@ class Serving:
                 param="query",
                 code="context_length_exceeded",
             )
-        specs = inputs.pair_specs(req.model, pairs, advert, template=req.prompt_template)
-        self._check_pairs(pairs, specs, advert, "documents", req.prompt_template)
+        specs = inputs.pair_specs(
+            req.model, pairs, advert, template=req.prompt_template, instruction=req.instruction
+        )
+        self._check_pairs(pairs, specs, advert, "documents", req.prompt_template, req.instruction)
 
         def respond(results: list[ItemResult]) -> RerankResponse:
             scores = [
                 inputs.pair_score(decode_vector(r.vector_b64 or ""), causal, True) for r in results
             ]
             order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n or None]
-            data = [
-                RerankResult(
-                    index=i,
-                    relevance_score=scores[i],
-                    document=req.documents[i] if req.return_documents else None,
-                )
-                for i in order
-            ]
-            return RerankResponse(model=req.model, data=data, usage=_usage(results))
+            shown = req.return_documents
+            return RerankResponse(
+                id=f"rerank-{uuid.uuid4().hex}",
+                model=req.model,
+                data=[
+                    RerankResult(
+                        index=i,
+                        relevance_score=scores[i],
+                        document=documents[i] if shown else None,
+                    )
+                    for i in order
+                ],
+                results=[
+                    RankedDocument(
+                        index=i,
+                        relevance_score=scores[i],
+                        document=TextDocument(text=documents[i]) if shown else None,
+                    )
+                    for i in order
+                ],
+                usage=_usage(results),
+            )
 
         return Prepared(specs, "documents", respond)
 
@@ -420,13 +442,15 @@ class Serving:
         advert: ModelAdvert,
         field: str,
         template: str | None,
+        instruction: str | None = None,
     ) -> None:
         """The request's size limits: all pairs together (``--max-rerank-bytes``; a causal-LM
         prompt adds its instruction and template to each) and each pair (the model's context
         length)."""
         extra = 0
         if advert.rerank is not None and inputs.score_type(advert) == "causal-lm":
-            extra = len(advert.rerank.instruction) + len(template or advert.rerank.template)
+            said = advert.rerank.instruction if instruction is None else instruction
+            extra = len(said) + len(template or advert.rerank.template)
         inputs.check_pairs_size(pairs, extra, self.settings.max_rerank_bytes, field)
         inputs.check_sizes(specs, field, self._max_chars(advert))
 

@@ -1,6 +1,8 @@
 """The gateway's edge: what is checked before a request's body is read, in the ASGI layer.
 
-For the client routes (``/v1/...``) and the queue routes (``/queue/v1/...``), in this order:
+For every route but the open ones (:data:`OPEN_PATHS`: probes, metrics, the API's schema),
+that is the client routes (``/v1/...``, ``/v2/...``, ``/rerank``, ...) and the queue routes
+(``/queue/v1/...``), in this order:
 
 1. credentials (:class:`gateway.http.auth.Credentials`): 401 without reading the body;
 2. the body's size: 413 at once when ``Content-Length`` passes ``--max-body-bytes``, or as soon
@@ -29,6 +31,11 @@ class _BodyLimit(Exception):
     """The body broke a limit (too large, too slow); raised out of ``receive``."""
 
 
+#: Paths anyone may call; every other path needs credentials (a route added later is guarded
+#: unless it is listed here).
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 #: The upload route, and what a multipart form may add to a file's own bytes.
 UPLOADS = "/v1/files"
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
@@ -54,7 +61,7 @@ class Edge:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(("/v1/", PREFIX + "/")):
+        if scope["type"] != "http" or path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope.get("headers", [])}

@@ -17,6 +17,8 @@ from tests.support import metric
 from tests.support.stack import MODEL as EMBED_MODEL
 
 MODEL = "tiny-qwen3-reranker"
+#: Qwen3-Reranker's default instruction (its model card).
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
 class QwenReference:
@@ -33,20 +35,20 @@ class QwenReference:
             enc = self.tok(text, return_tensors="pt")
             return self.model(**enc).logits[0, -1].numpy()
 
-    def rerank_prompt(self, query: str, doc: str) -> str:
-        """Qwen3-Reranker's prompt as its model card writes it (default instruction), typed out
-        here rather than taken from the project's template."""
+    def rerank_prompt(self, query: str, doc: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+        """Qwen3-Reranker's prompt as its model card writes it, typed out here rather than
+        taken from the project's template."""
         return (
             "<|im_start|>system\nJudge whether the Document meets the requirements based on the "
             'Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
-            "<|im_end|>\n<|im_start|>user\n<Instruct>: Given a web search query, retrieve "
-            f"relevant passages that answer the query\n<Query>: {query}\n<Document>: {doc}"
+            f"<|im_end|>\n<|im_start|>user\n<Instruct>: {instruction}"
+            f"\n<Query>: {query}\n<Document>: {doc}"
             "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         )
 
-    def relevance(self, query: str, doc: str) -> float:
+    def relevance(self, query: str, doc: str, instruction: str = DEFAULT_INSTRUCTION) -> float:
         no, yes = self.tok.convert_tokens_to_ids(["no", "yes"])
-        z = self.last_logits(self.rerank_prompt(query, doc))[[no, yes]]
+        z = self.last_logits(self.rerank_prompt(query, doc, instruction))[[no, yes]]
         p = np.exp(z - z.max())
         return float(p[1] / p.sum())
 
@@ -233,6 +235,42 @@ def test_rerank_with_a_request_prompt_template(sc, qref, stsb_sentences):
         json={"model": MODEL, "query": query, "documents": docs, "prompt_template": "{% if %}"},
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_template"
+
+
+def test_the_cohere_sdk_reranks_with_a_request_instruction(
+    gateway, score_worker, qref, stsb_sentences
+):
+    """The ``cohere`` SDK unchanged (``ClientV2.rerank`` on ``/v2/rerank``), and Jina's body
+    (documents as objects, ``return_documents``, an ``instruction``) as plain HTTP on
+    ``/rerank``: scores vs Qwen3-Reranker's prompt with that instruction in ``transformers``."""
+    import cohere
+
+    query, docs = "A dog runs in the park.", stsb_sentences[120:130]
+    client = cohere.ClientV2(api_key=ls.API_KEY, base_url=gateway.url, timeout=120)
+    got = client.rerank(model=MODEL, query=query, documents=docs, top_n=3)
+    ref = [qref.relevance(query, d) for d in docs]
+    assert [x.index for x in got.results] == list(np.argsort(ref)[::-1][:3])
+    assert max(abs(x.relevance_score - ref[x.index]) for x in got.results) <= 1e-4
+    told = "Find sentences about animals"
+    with httpx.Client(base_url=gateway.url, timeout=120) as c:
+        r = c.post(
+            "/rerank",
+            headers={"Authorization": f"Bearer {ls.API_KEY}"},
+            json={
+                "model": MODEL,
+                "query": query,
+                "documents": [{"text": d} for d in docs],
+                "return_documents": True,
+                "instruction": told,
+            },
+        )
+    assert r.status_code == 200, r.text
+    want = [qref.relevance(query, d, told) for d in docs]
+    results = r.json()["results"]
+    assert [x["index"] for x in results] == list(np.argsort(want)[::-1])
+    assert max(abs(x["relevance_score"] - want[x["index"]]) for x in results) <= 1e-4
+    assert [x["document"] for x in results] == [{"text": docs[x["index"]]} for x in results]
+    assert max(abs(a - b) for a, b in zip(want, ref, strict=True)) > 2e-4  # it changed them
 
 
 def test_rerank_top_n_and_return_documents(sc, qref, stsb_sentences):

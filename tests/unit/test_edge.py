@@ -120,12 +120,14 @@ class RawCall:
     #: Set to end a stalled receive with ``http.disconnect`` (the client goes away).
     gone: asyncio.Event | None = None
 
-    async def run(self, app: Any, path: str, headers: dict[str, str]) -> RawCall:
+    async def run(
+        self, app: Any, path: str, headers: dict[str, str], method: str = "POST"
+    ) -> RawCall:
         scope = {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
-            "method": "POST",
+            "method": method,
             "scheme": "http",
             "path": path,
             "raw_path": path.encode(),
@@ -178,6 +180,28 @@ async def test_credentials_are_checked_before_the_body_is_read(gw):
         assert call.status == 401 and call.error()["code"] == code
         assert call.reads == 0  # not a byte of the body was read
         assert call.headers[b"connection"] == b"close"
+
+
+async def test_every_route_but_the_open_ones_needs_credentials(gw):
+    """Default deny: each route of the app (a route added later included) answers 401 without
+    credentials, before its body is read, unless it is one of the edge's open paths."""
+    from starlette.routing import Route
+
+    from gateway.http.edge import OPEN_PATHS
+
+    routes = [r for r in gw.app.routes if isinstance(r, Route)]
+    guarded = [(r.path, m) for r in routes if r.path not in OPEN_PATHS for m in r.methods or ()]
+    assert ("POST", "/v2/rerank") in {(m, p) for p, m in guarded}  # the peers' paths too
+    assert ("POST", "/rerank") in {(m, p) for p, m in guarded}
+    for path, method in guarded:
+        concrete = path.replace("{file_id}", "file-x").replace("{batch_id}", "batch_x")
+        call = await RawCall(BIG).run(gw.app, concrete, {}, method=method)
+        assert call.status == 401, (method, path)
+        assert call.reads == 0, (method, path)
+    assert (await RawCall(BIG).run(gw.app, "/no-such-path", {})).status == 401  # unknown too
+    open_ = {r.path for r in routes} & OPEN_PATHS
+    assert {"/healthz", "/readyz", "/metrics"} <= open_
+    assert (await gw.client.get("/healthz", headers={"Authorization": ""})).status_code == 200
 
 
 async def test_every_wrong_credential_gets_the_same_401(gw):
