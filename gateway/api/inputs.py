@@ -35,6 +35,33 @@ def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
     ]
 
 
+def fold_peer_fields(req: EmbeddingRequest) -> EmbeddingRequest:
+    """``req`` with Voyage AI's fields in the project's: ``output_dimension`` -> ``dimensions``,
+    ``output_dtype`` -> ``embedding_type`` (the same five names). Raises APIError(400) when
+    both names of one setting are given different values, and for an ``input_type``."""
+    update: dict[str, Any] = {}
+    for theirs, ours, default in (
+        ("output_dimension", "dimensions", None),
+        ("output_dtype", "embedding_type", "float"),
+    ):
+        value, own = getattr(req, theirs), getattr(req, ours)
+        if value is None:
+            continue
+        if own not in (default, value):
+            raise APIError(
+                400, f"'{theirs}' and '{ours}' are the same setting; give one.", param=theirs
+            )
+        update[ours] = value
+    if req.input_type is not None:
+        raise APIError(
+            400,
+            f"'input_type' ({req.input_type!r}) names a prompt; this server has no named "
+            "prompts yet: send the text with its instruction, or 'prompt_template'.",
+            param="input_type",
+        )
+    return req.model_copy(update=update) if update else req
+
+
 def pair_specs(
     model: str,
     pairs: list[tuple[str, str]],
@@ -171,11 +198,15 @@ def check_inputs(items: list[Any], field: str) -> None:
 FALLBACK_MAX_MODEL_LEN = 32_768
 
 
+def max_model_len(advert: ModelAdvert | None) -> int:
+    """A model's context length in tokens (:data:`FALLBACK_MAX_MODEL_LEN` until a worker says)."""
+    return advert.max_model_len if advert and advert.max_model_len else FALLBACK_MAX_MODEL_LEN
+
+
 def max_input_chars(advert: ModelAdvert | None, chars_per_token: int) -> int:
     """The longest input accepted for a model, in characters (or token ids): its
     ``max_model_len`` times ``chars_per_token`` (``--max-chars-per-token``)."""
-    max_len = advert.max_model_len if advert and advert.max_model_len else FALLBACK_MAX_MODEL_LEN
-    return max_len * chars_per_token
+    return max_model_len(advert) * chars_per_token
 
 
 def _size(spec: ItemSpec) -> int:

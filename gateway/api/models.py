@@ -61,6 +61,14 @@ class EmbeddingRequest(BaseModel):
     #: ``int8`` / ``uint8`` integers per component, ``binary`` / ``ubinary`` packed sign bits
     #: (``dim / 8`` integers); with ``encoding_format="base64"`` the bytes of those integers.
     embedding_type: EmbeddingType = "float"
+    #: Voyage AI's fields (the ``voyageai`` SDK sends them), honoured, never dropped:
+    #: ``output_dimension`` as ``dimensions``, ``output_dtype`` as ``embedding_type``,
+    #: ``truncation: true`` as truncating each input to the model's context length;
+    #: ``input_type`` (a named prompt: ``query`` / ``document``) is refused with a 400.
+    output_dimension: int | None = Field(default=None, ge=1)
+    output_dtype: EmbeddingType | None = None
+    truncation: bool | None = None
+    input_type: StrictStr | None = None
 
 
 class EmbeddingData(BaseModel):

@@ -188,6 +188,7 @@ class Serving:
         """Check an embeddings request and turn it into queue entries (raises APIError 4xx
         for what is wrong with it)."""
         inputs.check_request(req)
+        req = inputs.fold_peer_fields(req)
         task: Task = "embed" if req.return_logits is None else "score"
         if task == "score":
             inputs.check_logit_ids(req.return_logits or [], None)  # before any copies
@@ -212,6 +213,9 @@ class Serving:
                     param="embedding_type",
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
+        if req.truncation and task == "embed" and req.truncate_prompt_tokens is None:  # Voyage
+            for spec in specs:
+                spec.truncate_prompt_tokens = inputs.max_model_len(advert)
         inputs.check_sizes(specs, "input", self._max_chars(advert))
         inputs.check_token_ids(specs, "input", advert)
 

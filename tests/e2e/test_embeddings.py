@@ -236,3 +236,26 @@ def test_prompt_template_errors(http, body, status, param, needle):
     err = r.json()["error"]
     assert err["param"] == param
     assert needle in err["message"], err
+
+
+def test_the_voyageai_sdk_fields_are_honoured_or_refused(gateway, embed_worker, reference):
+    """The ``voyageai`` SDK unchanged: ``output_dimension`` and ``output_dtype`` honoured,
+    ``truncation`` (the SDK's default: true) truncates to the model's context, false refuses
+    an over-long text, ``input_type`` is a 400 (no named prompts yet), never dropped."""
+    import voyageai
+
+    from devstack import localstack as ls
+
+    vo = voyageai.Client(api_key=ls.API_KEY, base_url=gateway.url + "/v1", timeout=120)
+    long = "the quick brown fox jumps over the lazy dog " * 60  # ~540 tokens > 256
+    texts = ["A man is playing a guitar.", "A dog runs in the park.", long]
+    got = np.array(vo.embed(texts, model=MODEL, output_dimension=128).embeddings)
+    assert got.shape == (3, 128)
+    assert cosine(got, unit(reference.raw(texts)[:, :128])).min() >= 0.999  # truncated at 256
+    ints = vo.embed(texts[:2], model=MODEL, output_dtype="int8").embeddings
+    assert all(isinstance(v, int) and -128 <= v <= 127 for v in ints[0]) and len(ints[0]) == 384
+    # the SDK reads Voyage's error shape ({"detail"}); OpenAI's reaches it as the message
+    with pytest.raises(voyageai.error.APIError, match=r"input_type.*HTTP response code was 400"):
+        vo.embed(texts[:1], model=MODEL, input_type="query")
+    with pytest.raises(voyageai.error.APIError, match=r"256.*HTTP response code was 400"):
+        vo.embed([long], model=MODEL, truncation=False)
