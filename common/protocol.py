@@ -111,6 +111,12 @@ class ModelAdvert(_Wire):
     #: Workers that serve ``embed``: the calibration range [low, high] of ``int8`` / ``uint8``
     #: embeddings (each component's range; values outside it are clipped).
     quantization_range: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    #: Workers that serve ``embed``: named prompts (name -> text put before an input, as
+    #: sentence-transformers' ``prompts``) and the one used when a request names none.
+    prompts: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=2048)]] = (
+        Field(default_factory=dict, max_length=16)
+    )
+    default_prompt_name: str | None = Field(default=None, max_length=64)
 
 
 class PullRequest(_Wire):

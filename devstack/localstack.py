@@ -230,6 +230,7 @@ def worker_config(
     generator_extra: str = "",
     queue_extra: str = "",
     model_extra: str = "",
+    task_extra: str = "",
     top_extra: str = "",
 ) -> str:
     """A worker ``config.toml`` (edition 1) for a local stack; returns its text."""
@@ -268,6 +269,7 @@ description = "local stack"
 
 [queue.models."{model_name}".{task_table}]
 supported = true
+{task_extra}
 
 [monitoring]
 metrics_port = {metrics_port or free_port()}

@@ -3,10 +3,16 @@ once its engine runs: :func:`model_adverts`."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+from pathlib import Path
+from typing import Any, Protocol
 
 from common.protocol import ModelAdvert, RerankSpec, ScoreType
-from worker.config import Config, ConfigError
+from worker.config import Config, ConfigError, ModelEntry
+
+#: sentence-transformers' file of a checkpoint's named prompts (``prompts``,
+#: ``default_prompt_name``).
+SENTENCE_TRANSFORMERS_CONFIG = "config_sentence_transformers.json"
 
 
 class EngineFacts(Protocol):
@@ -92,6 +98,38 @@ def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
                 quantization_range=(
                     entry.embedding_task.quantization_range if "embed" in tasks else None
                 ),
+                **(named_prompts(cfg, name, entry) if "embed" in tasks else {}),
             )
         )
     return out
+
+
+def named_prompts(cfg: Config, name: str, entry: ModelEntry) -> dict[str, Any]:
+    """``prompts`` and ``default_prompt_name`` of an embedding model's advert: the config's
+    (``queue.models."<name>".embedding_task``), else the checkpoint's
+    ``config_sentence_transformers.json`` (none where it is missing or has none). Raises
+    :class:`ConfigError` naming the file for a checkpoint file that is not valid."""
+    task = entry.embedding_task
+    found: dict[str, Any] = {}
+    path = Path(cfg.generator.model_path) / SENTENCE_TRANSFORMERS_CONFIG
+    if task.prompts is None:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            found = {}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not readable as JSON: {e}") from None
+        if not isinstance(found, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+    prompts = task.prompts if task.prompts is not None else found.get("prompts") or {}
+    default = task.default_prompt_name
+    if default is None and task.prompts is None:
+        default = found.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise ConfigError(f"{path}: 'prompts' must map names to strings")
+    if default is not None and default not in prompts:
+        where = f'queue.models."{name}".embedding_task.default_prompt_name'
+        raise ConfigError(f"{cfg.source}: {where}: {default!r} is not one of {sorted(prompts)}")
+    return {"prompts": prompts, "default_prompt_name": default}

@@ -28,6 +28,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from common import prompts
@@ -131,6 +132,15 @@ class EmbeddingTask(_Strict):
     quantization_range: list[Annotated[float, Field(strict=False)]] = Field(
         default=[-1.0, 1.0], min_length=2, max_length=2
     )
+    #: Named prompts (sentence-transformers' ``prompts``: name -> text put before each input),
+    #: chosen per request by ``prompt_name`` or ``input_type``. Unset: the checkpoint's
+    #: ``config_sentence_transformers.json``; ``{}``: none.
+    prompts: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=2048)]] | None
+    ) = Field(default=None, max_length=16)
+    #: The prompt of a request that names none (sentence-transformers' ``default_prompt_name``).
+    #: Unset: the checkpoint's (with ``prompts`` unset too).
+    default_prompt_name: str | None = None
 
     @field_validator("quantization_range")
     @classmethod
@@ -138,6 +148,13 @@ class EmbeddingTask(_Strict):
         if not v[0] < v[1]:
             raise ValueError("expected [low, high] with low < high")
         return v
+
+    @model_validator(mode="after")
+    def _default_is_a_prompt(self) -> EmbeddingTask:
+        name = self.default_prompt_name
+        if name is not None and self.prompts is not None and name not in self.prompts:
+            raise ValueError(f"default_prompt_name {name!r} is not one of prompts' names")
+        return self
 
 
 class ClassificationTask(_Strict):

@@ -38,7 +38,7 @@ def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
 def fold_peer_fields(req: EmbeddingRequest) -> EmbeddingRequest:
     """``req`` with Voyage AI's fields in the project's: ``output_dimension`` -> ``dimensions``,
     ``output_dtype`` -> ``embedding_type`` (the same five names). Raises APIError(400) when
-    both names of one setting are given different values, and for an ``input_type``."""
+    both names of one setting are given different values."""
     update: dict[str, Any] = {}
     for theirs, ours, default in (
         ("output_dimension", "dimensions", None),
@@ -52,14 +52,72 @@ def fold_peer_fields(req: EmbeddingRequest) -> EmbeddingRequest:
                 400, f"'{theirs}' and '{ours}' are the same setting; give one.", param=theirs
             )
         update[ours] = value
-    if req.input_type is not None:
+    return req.model_copy(update=update) if update else req
+
+
+#: Cohere's and Voyage's ``input_type`` -> the prompt name it asks for.
+INPUT_TYPE_PROMPTS = {
+    "query": "query",
+    "document": "document",
+    "search_query": "query",
+    "search_document": "document",
+    "classification": "classification",
+    "clustering": "clustering",
+}
+
+
+def apply_prompt(
+    specs: list[ItemSpec], req: EmbeddingRequest, advert: ModelAdvert | None, task: Task
+) -> None:
+    """Put the model's named prompt before each text input, as sentence-transformers does: the
+    one ``prompt_name`` names, else the one ``input_type`` asks for (:data:`INPUT_TYPE_PROMPTS`;
+    on a model without prompts it changes nothing), else the model's ``default_prompt_name``
+    (text inputs only). Raises APIError(400) for a name the model does not have (listing
+    those it has), an unknown ``input_type``, or a named prompt with token-id or templated
+    inputs, or with ``return_logits`` (``task`` ``score``)."""
+    if task != "embed":
+        for field in ("prompt_name", "input_type"):
+            if getattr(req, field) is not None:
+                raise APIError(400, f"'{field}' applies to embeddings.", param=field)
+        return
+    known = advert.prompts if advert is not None else {}
+    name, param = req.prompt_name, "prompt_name"
+    if name is None and req.input_type is not None:
+        param = "input_type"
+        name = INPUT_TYPE_PROMPTS.get(req.input_type)
+        if name is None:
+            raise APIError(
+                400,
+                f"'input_type' {req.input_type!r} is not one of {', '.join(INPUT_TYPE_PROMPTS)}.",
+                param=param,
+            )
+        if not known:
+            return  # a model without prompts embeds every input type as it is
+    explicit = name is not None
+    if name is None:
+        name = advert.default_prompt_name if advert is not None else None
+        if name is None:
+            return
+    if name not in known:
+        listed = ", ".join(sorted(known)) or "none"
         raise APIError(
             400,
-            f"'input_type' ({req.input_type!r}) names a prompt; this server has no named "
-            "prompts yet: send the text with its instruction, or 'prompt_template'.",
-            param="input_type",
+            f"'{param}': the model '{req.model}' has no prompt named {name!r}; its prompts: "
+            f"{listed}.",
+            param=param,
+            code="unknown_prompt_name",
         )
-    return req.model_copy(update=update) if update else req
+    prompt = known[name]
+    for i, spec in enumerate(specs):
+        if spec.text is not None:
+            spec.text = prompt + spec.text
+        elif explicit:
+            raise APIError(
+                400,
+                f"input[{i}]: a named prompt ('{param}') applies to text inputs, not to token "
+                "ids or 'prompt_template' objects.",
+                param=param,
+            )
 
 
 def pair_specs(

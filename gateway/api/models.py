@@ -64,7 +64,10 @@ class EmbeddingRequest(BaseModel):
     #: Voyage AI's fields (the ``voyageai`` SDK sends them), honoured, never dropped:
     #: ``output_dimension`` as ``dimensions``, ``output_dtype`` as ``embedding_type``,
     #: ``truncation: true`` as truncating each input to the model's context length;
-    #: ``input_type`` (a named prompt: ``query`` / ``document``) is refused with a 400.
+    #: ``input_type`` as ``prompt_name`` (Voyage's ``query`` / ``document``, and Cohere's
+    #: ``search_query`` / ``search_document`` / ``classification`` / ``clustering``).
+    #: TEI: the model's named prompt to put before each text input (its ``prompts``).
+    prompt_name: StrictStr | None = None
     output_dimension: int | None = Field(default=None, ge=1)
     output_dtype: EmbeddingType | None = None
     truncation: bool | None = None
@@ -255,6 +258,10 @@ class ModelCard(BaseModel):
     score_type: str | None = None
     #: A classifier's class labels, in index order.
     labels: list[str] | None = None
+    #: An embedding model's named prompts (name -> the text put before an input) and the one
+    #: used when a request names none.
+    prompts: dict[str, str] | None = None
+    default_prompt_name: str | None = None
 
 
 class ModelList(BaseModel):

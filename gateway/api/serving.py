@@ -213,6 +213,7 @@ class Serving:
                     param="embedding_type",
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
+        inputs.apply_prompt(specs, req, advert, task)
         if req.truncation and task == "embed" and req.truncate_prompt_tokens is None:  # Voyage
             for spec in specs:
                 spec.truncate_prompt_tokens = inputs.max_model_len(advert)
@@ -474,6 +475,8 @@ class Serving:
                     description=adv.description,
                     score_type=adv.score_type,
                     labels=adv.labels,
+                    prompts=adv.prompts or None,
+                    default_prompt_name=adv.default_prompt_name,
                 )
                 for name, (adv, n) in sorted(available.items())
             ]

@@ -9,7 +9,7 @@ import pytest
 
 # Every test here runs on both queue stores (the session gateways on memory and on Redis).
 from tests.support.backends import client, embed_worker, gateway, http, store  # noqa: F401
-from tests.support.stack import MODEL, cosine, unit
+from tests.support.stack import MODEL, PROMPTS, cosine, unit
 
 
 def _vectors(resp) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -241,7 +241,7 @@ def test_prompt_template_errors(http, body, status, param, needle):
 def test_the_voyageai_sdk_fields_are_honoured_or_refused(gateway, embed_worker, reference):
     """The ``voyageai`` SDK unchanged: ``output_dimension`` and ``output_dtype`` honoured,
     ``truncation`` (the SDK's default: true) truncates to the model's context, false refuses
-    an over-long text, ``input_type`` is a 400 (no named prompts yet), never dropped."""
+    an over-long text, ``input_type`` picks the model's named prompt; nothing dropped."""
     import voyageai
 
     from devstack import localstack as ls
@@ -254,8 +254,33 @@ def test_the_voyageai_sdk_fields_are_honoured_or_refused(gateway, embed_worker, 
     assert cosine(got, unit(reference.raw(texts)[:, :128])).min() >= 0.999  # truncated at 256
     ints = vo.embed(texts[:2], model=MODEL, output_dtype="int8").embeddings
     assert all(isinstance(v, int) and -128 <= v <= 127 for v in ints[0]) and len(ints[0]) == 384
+    query = np.array(vo.embed(texts[:2], model=MODEL, input_type="query").embeddings)
+    assert (
+        cosine(query, unit(reference.raw([PROMPTS["query"] + t for t in texts[:2]]))).min() >= 0.999
+    )
     # the SDK reads Voyage's error shape ({"detail"}); OpenAI's reaches it as the message
-    with pytest.raises(voyageai.error.APIError, match=r"input_type.*HTTP response code was 400"):
-        vo.embed(texts[:1], model=MODEL, input_type="query")
     with pytest.raises(voyageai.error.APIError, match=r"256.*HTTP response code was 400"):
         vo.embed([long], model=MODEL, truncation=False)
+
+
+def test_named_prompts_embed_as_the_prompted_text(http, reference):
+    """``prompt_name`` (TEI) and ``input_type`` (Cohere's names) put the worker's configured
+    prompt before each text: the vector of the prompted text (vs ``transformers``), not of the
+    text alone; ``GET /v1/models`` shows the prompts; an unknown name is a 400 listing them."""
+    texts = ["A man is playing a guitar.", "A dog runs in the park."]
+    bare = unit(reference.raw(texts))
+    for fields, name in (
+        ({"prompt_name": "query"}, "query"),
+        ({"input_type": "search_document"}, "document"),
+    ):
+        r = http.post("/v1/embeddings", json={"model": MODEL, "input": texts, **fields})
+        assert r.status_code == 200, r.text
+        got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        prompted = [PROMPTS[name] + t for t in texts]
+        assert cosine(got, unit(reference.raw(prompted))).min() >= 0.999
+        assert cosine(got, bare).max() < 0.99  # not the text alone
+        assert r.json()["usage"]["prompt_tokens"] == sum(reference.n_tokens(prompted))
+    card = next(m for m in http.get("/v1/models").json()["data"] if m["id"] == MODEL)
+    assert card["prompts"] == PROMPTS and card["default_prompt_name"] is None
+    bad = http.post("/v1/embeddings", json={"model": MODEL, "input": "x", "prompt_name": "poem"})
+    assert bad.status_code == 400 and "its prompts: document, query" in bad.text

@@ -26,6 +26,8 @@ MODEL = "all-minilm-l6-v2"
 #: The test worker declares these matryoshka sizes (vLLM hf_overrides) so `dimensions` can
 #: be exercised; any other size must be refused.
 MATRYOSHKA = [128, 256, 384]
+#: The session worker's named prompts (its config's; E5's style), no default.
+PROMPTS = {"query": "query: ", "document": "passage: "}
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +117,7 @@ def embed_worker_config(queue_url: str, pairs: bool = False, **kw: object) -> st
     """The MiniLM worker's config; ``pairs``: the model also scores pairs (``/v1/score``,
     ``/v1/rerank``) as a bi-encoder."""
     dims = ", ".join(map(str, MATRYOSHKA))
+    kw.setdefault("task_extra", 'prompts = { query = "query: ", document = "passage: " }')
     if pairs:
         kw["model_extra"] = f'[queue.models."{MODEL}".scoring_task]\nsupported = true\n'
     return ls.worker_config(

@@ -1,6 +1,7 @@
 """Voyage AI's embeddings fields (what the ``voyageai`` SDK sends) on ``/v1/embeddings``,
 honoured or refused, never dropped: on the real gateway in process, the test playing the
-worker. On a real engine with the SDK itself: ``tests/e2e/test_embeddings.py``."""
+worker (``input_type``, a named prompt: ``test_named_prompts.py``). On a real engine with the
+SDK itself: ``tests/e2e/test_embeddings.py``."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ async def test_output_dimension_and_output_dtype_are_dimensions_and_embedding_ty
     [
         ({"output_dimension": 4, "dimensions": 8}, "output_dimension"),
         ({"output_dtype": "int8", "embedding_type": "binary"}, "output_dtype"),
-        ({"input_type": "query"}, "input_type"),
+        ({"input_type": "poem"}, "input_type"),
         ({"output_dtype": "float16"}, "output_dtype"),
     ],
 )
