@@ -1,12 +1,14 @@
 """Client routes (API keys, checked by :mod:`gateway.http.edge`): ``POST /v1/embeddings``,
 ``POST /v1/rerank`` (also ``/rerank`` and ``/v2/rerank``, as vLLM serves it for Cohere and
-Jina clients), ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``.
-Thin handlers; the logic is in :mod:`gateway.api.serving`."""
+Jina clients), Cohere's ``POST /v2/embed`` and ``/v1/embed`` (:mod:`gateway.api.cohere`),
+``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``. Thin handlers; the logic is in
+:mod:`gateway.api.serving`."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 
+from gateway.api import cohere
 from gateway.api.models import (
     ClassifyRequest,
     ClassifyResponse,
@@ -74,6 +76,23 @@ async def rerank(
 ) -> Response:
     # "document" only with return_documents
     return json_response(await serving.rerank(req, _disconnected(request)), exclude_none=True)
+
+
+@peer_router.post("/v2/embed", response_model=cohere.CohereEmbedResponse)
+async def cohere_embed_v2(
+    req: cohere.CohereEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    answer = await cohere.embed(serving, req, 2, _disconnected(request))
+    return json_response(answer, exclude_none=True)
+
+
+@peer_router.post("/v1/embed", response_model=cohere.CohereEmbedResponse)
+async def cohere_embed_v1(
+    req: cohere.CohereEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_response(
+        await cohere.embed(serving, req, 1, _disconnected(request)), exclude_none=True
+    )
 
 
 @router.post("/score", response_model=ScoreResponse)

@@ -284,3 +284,29 @@ def test_named_prompts_embed_as_the_prompted_text(http, reference):
     assert card["prompts"] == PROMPTS and card["default_prompt_name"] is None
     bad = http.post("/v1/embeddings", json={"model": MODEL, "input": "x", "prompt_name": "poem"})
     assert bad.status_code == 400 and "its prompts: document, query" in bad.text
+
+
+def test_the_cohere_sdk_embeds(gateway, embed_worker, reference):
+    """The ``cohere`` SDK unchanged (``ClientV2.embed`` on ``/v2/embed``): ``input_type`` picks
+    the named prompt, ``output_dimension`` the matryoshka size, several ``embedding_types``
+    from one vector; the vectors of the prompted texts (vs ``transformers``)."""
+    import cohere
+
+    from devstack import localstack as ls
+
+    co = cohere.ClientV2(api_key=ls.API_KEY, base_url=gateway.url, timeout=120)
+    texts = ["A man is playing a guitar.", "A dog runs in the park."]
+    r = co.embed(
+        model=MODEL,
+        texts=texts,
+        input_type="search_query",
+        output_dimension=128,
+        embedding_types=["float", "ubinary"],
+    )
+    got = np.array(r.embeddings.float_, dtype=np.float32)
+    want = unit(reference.raw([PROMPTS["query"] + t for t in texts])[:, :128])
+    assert got.shape == (2, 128) and cosine(got, want).min() >= 0.999
+    assert r.embeddings.ubinary == np.packbits(got > 0, axis=-1).tolist()
+    assert r.meta.billed_units.input_tokens == sum(
+        reference.n_tokens([PROMPTS["query"] + t for t in texts])
+    )
