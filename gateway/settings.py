@@ -65,6 +65,13 @@ class GatewaySettings(BaseModel):
         "accept requests for this model before any worker advertises it "
         "(repeatable; requests wait for a worker)",
     )
+    default_model: str | None = _setting(
+        None,
+        "--default-model",
+        "the model of a request that names none (TEI's routes: /embed, /rerank, /predict, "
+        "/info); unset: the only model served, else such a request is a 400",
+        max_length=256,
+    )
     lease_seconds: float = _setting(
         30.0, "--lease-seconds", "lease (visibility timeout) of a pulled item, seconds", gt=0
     )

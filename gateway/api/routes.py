@@ -1,14 +1,20 @@
 """Client routes (API keys, checked by :mod:`gateway.http.edge`): ``POST /v1/embeddings``,
 ``POST /v1/rerank`` (also ``/rerank`` and ``/v2/rerank``, as vLLM serves it for Cohere and
-Jina clients), Cohere's ``POST /v2/embed`` and ``/v1/embed`` (:mod:`gateway.api.cohere`),
+Jina clients, and with TEI's body), Cohere's ``POST /v2/embed`` and ``/v1/embed``
+(:mod:`gateway.api.cohere`), TEI's ``/embed``, ``/predict``, ``/``, ``GET /info``
+(:mod:`gateway.api.tei`),
 ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``. Thin handlers; the logic is in
 :mod:`gateway.api.serving`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from typing import Any
 
-from gateway.api import cohere
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
+
+from gateway.api import cohere, tei
 from gateway.api.models import (
     ClassifyRequest,
     ClassifyResponse,
@@ -23,6 +29,13 @@ from gateway.api.models import (
 )
 from gateway.api.serving import Disconnected, Serving
 from gateway.errors import APIError
+
+
+def json_list(items: list[Any]) -> Response:
+    """A JSON array of wire models (TEI's responses are bare arrays)."""
+    body = TypeAdapter(list[Any]).dump_json(items, exclude_none=True)
+    return Response(body, media_type="application/json")
+
 
 #: Credentials are checked before the body is read: :class:`gateway.http.edge.Edge`.
 router = APIRouter(prefix="/v1")
@@ -69,13 +82,53 @@ async def embeddings(
 
 
 @router.post("/rerank", response_model=RerankResponse)
-@peer_router.post("/rerank", response_model=RerankResponse)
 @peer_router.post("/v2/rerank", response_model=RerankResponse)
 async def rerank(
     req: RerankRequest, request: Request, serving: Serving = Depends(_serving_open)
 ) -> Response:
     # "document" only with return_documents
     return json_response(await serving.rerank(req, _disconnected(request)), exclude_none=True)
+
+
+@peer_router.post("/rerank", response_model=RerankResponse | list[tei.TEIRank])
+async def rerank_any(
+    req: RerankRequest | tei.TEIRerankRequest,
+    request: Request,
+    serving: Serving = Depends(_serving_open),
+) -> Response:
+    """Cohere's / Jina's body (``documents``) as ``/v1/rerank``, or TEI's (``texts``)."""
+    if isinstance(req, RerankRequest):
+        return await rerank(req, request, serving)
+    ranks = await tei.rerank(serving, req, _disconnected(request))
+    return json_list(ranks)
+
+
+@peer_router.post("/embed", response_model=list[list[float]])
+async def tei_embed(
+    req: tei.TEIEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return JSONResponse(await tei.embed(serving, req, _disconnected(request)))
+
+
+@peer_router.post(
+    "/predict", response_model=list[tei.TEIPrediction] | list[list[tei.TEIPrediction]]
+)
+async def tei_predict(
+    req: tei.TEIPredictRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_list(await tei.predict(serving, req, _disconnected(request)))
+
+
+@peer_router.post("/")
+async def tei_root(
+    req: tei.TEIEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_list(await tei.root(serving, req, _disconnected(request)))
+
+
+@peer_router.get("/info")
+async def tei_info(model: str | None = None, serving: Serving = Depends(_serving)) -> Response:
+    return JSONResponse(await tei.info(serving, model))
 
 
 @peer_router.post("/v2/embed", response_model=cohere.CohereEmbedResponse)

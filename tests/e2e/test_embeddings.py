@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import numpy as np
 import pytest
 
@@ -310,3 +311,28 @@ def test_the_cohere_sdk_embeds(gateway, embed_worker, reference):
     assert r.meta.billed_units.input_tokens == sum(
         reference.n_tokens([PROMPTS["query"] + t for t in texts])
     )
+
+
+def test_teis_client_embeds_without_a_model(gateway, embed_worker, reference, monkeypatch):
+    """``huggingface_hub.InferenceClient`` unchanged (``feature_extraction`` posts TEI's body
+    to ``/``, naming no model: the gateway's ``--default-model``), and TEI's ``/embed`` with
+    ``prompt_name`` and ``truncate``: vectors vs ``transformers``."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    from devstack import localstack as ls
+
+    # the tests' HF_HUB_OFFLINE (no hub downloads) would block the client's calls to this host
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+
+    texts = ["A man is playing a guitar.", "A dog runs in the park."]
+    hf = InferenceClient(base_url=gateway.url, api_key=ls.API_KEY, timeout=120)
+    got = np.asarray(hf.feature_extraction(texts), dtype=np.float32)
+    assert got.shape == (2, 384) and cosine(got, reference.raw(texts)).min() >= 0.999
+    long = "the quick brown fox jumps over the lazy dog " * 60
+    body = {"inputs": [texts[0], long], "prompt_name": "query", "truncate": True}
+    with httpx.Client(base_url=gateway.url, timeout=120) as c:
+        r = c.post("/embed", json=body, headers={"Authorization": f"Bearer {ls.API_KEY}"})
+    assert r.status_code == 200, r.text
+    want = reference.raw([PROMPTS["query"] + texts[0], PROMPTS["query"] + long])
+    assert cosine(np.array(r.json(), dtype=np.float32), want).min() >= 0.999

@@ -87,7 +87,8 @@ def redis_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
     return getattr(request.node, "redis_url", None)
 
 
-GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "20"]
+#: TEI's routes name no model: the session's gateways default to MiniLM.
+GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "20", "--default-model", MODEL]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,223 @@
+"""Text Embeddings Inference's routes (``POST /embed``, ``/rerank`` with TEI's body,
+``/predict``, ``POST /`` by the model's type, ``GET /info``), served by the same queue paths
+as the OpenAI / vLLM routes, so TEI's clients (``huggingface_hub.InferenceClient``, LangChain's
+``HuggingFaceEndpointEmbeddings``, llama-index's ``TextEmbeddingsInference``, haystack's TEI
+components) work unchanged. TEI's bodies name no model: :func:`model_for` picks one.
+
+Source: TEI's OpenAPI (``router/src/http/types.rs``: ``EmbedRequest`` ``inputs``,
+``normalize``, ``truncate``, ``truncation_direction``, ``prompt_name``, ``dimensions``;
+``RerankRequest`` ``query``, ``texts``, ``raw_scores``, ``return_text``, ``truncate``;
+``PredictRequest``; ``Info``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from common.protocol import Task
+from gateway.api.models import (
+    MAX_INPUTS,
+    ClassifyRequest,
+    EmbeddingRequest,
+    ModelName,
+    ScoreRequest,
+)
+from gateway.api.serving import Disconnected, Serving
+from gateway.errors import APIError
+
+Direction = Literal["Right", "Left", "right", "left"]
+
+
+class _TEIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    #: Not in TEI's body: the model, where the gateway serves several (else
+    #: ``--default-model`` or the only one).
+    model: ModelName | None = None
+    #: Cut an over-long input to the model's context instead of refusing it.
+    truncate: bool = False
+    #: ``Right`` (keep the start); ``Left`` is a 400.
+    truncation_direction: Direction = "Right"
+
+
+class TEIEmbedRequest(_TEIRequest):
+    """``POST /embed``: the response is ``[[float, ...], ...]``, one vector per input."""
+
+    inputs: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    normalize: bool = True
+    prompt_name: StrictStr | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class TEIRerankRequest(_TEIRequest):
+    """``POST /rerank`` with TEI's body (``texts``; Cohere's and Jina's have ``documents``)."""
+
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class TEIRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class TEIPredictRequest(_TEIRequest):
+    """``POST /predict``: one input (a string) or a batch (a list of strings)."""
+
+    inputs: StrictStr | list[StrictStr] = Field(union_mode="left_to_right")
+    raw_scores: bool = False
+
+
+class TEIPrediction(BaseModel):
+    score: float
+    label: str
+
+
+async def model_for(serving: Serving, asked: str | None, task: Task) -> str:
+    """The model of a TEI request: the one it names, else ``--default-model``, else the only
+    model served. Raises APIError 400 when none can be chosen."""
+    if asked is not None:
+        return asked
+    if serving.settings.default_model is not None:
+        return serving.settings.default_model
+    served = await serving.store.available_models()
+    if len(served) == 1:
+        return next(iter(served))
+    raise APIError(
+        400,
+        f"The request names no model and this gateway serves {len(served)}: add 'model', or "
+        "start the gateway with --default-model.",
+        param="model",
+    )
+
+
+def _truncation(req: _TEIRequest) -> bool:
+    if req.truncate and req.truncation_direction.lower() == "left":
+        raise APIError(
+            400,
+            "'truncation_direction': Left is not supported; use Right.",
+            param="truncation_direction",
+        )
+    return req.truncate
+
+
+async def embed(
+    serving: Serving, req: TEIEmbedRequest, disconnected: Disconnected
+) -> list[list[float]]:
+    """``POST /embed``: the vectors, in input order (the embeddings path's 400s)."""
+    inner = EmbeddingRequest(
+        model=await model_for(serving, req.model, "embed"),
+        input=req.inputs,
+        normalize=req.normalize,
+        dimensions=req.dimensions,
+        prompt_name=req.prompt_name,
+        truncation=_truncation(req),
+    )
+    answer = await serving.embeddings(inner, disconnected)
+    return [d.embedding for d in answer.data]  # type: ignore[misc]
+
+
+async def rerank(
+    serving: Serving, req: TEIRerankRequest, disconnected: Disconnected
+) -> list[TEIRank]:
+    """``POST /rerank`` (TEI's body): every text's score against the query, best first; the
+    model's activation on it unless ``raw_scores``."""
+    inner = ScoreRequest(
+        model=await model_for(serving, req.model, "score"),
+        text_1=req.query,
+        text_2=req.texts,
+        use_activation=not req.raw_scores,
+    )
+    if _truncation(req):
+        inner.truncate_prompt_tokens = await _max_model_len(serving, inner.model)
+    answer = await serving.score(inner, disconnected)
+    ranked = sorted(answer.data, key=lambda d: -d.score)
+    return [
+        TEIRank(index=d.index, score=d.score, text=req.texts[d.index] if req.return_text else None)
+        for d in ranked
+    ]
+
+
+async def predict(
+    serving: Serving, req: TEIPredictRequest, disconnected: Disconnected
+) -> list[TEIPrediction] | list[list[TEIPrediction]]:
+    """``POST /predict``: each input's labels with their scores (the softmax of the class
+    logits, or the logits with ``raw_scores``), best first; one list for one input."""
+    inner = ClassifyRequest(
+        model=await model_for(serving, req.model, "classify"),
+        input=req.inputs,
+        use_activation=not req.raw_scores,
+    )
+    if _truncation(req):
+        inner.truncate_prompt_tokens = await _max_model_len(serving, inner.model)
+    answer = await serving.classify(inner, disconnected)
+    labels = await _labels(serving, inner.model)
+    out = []
+    for d in answer.data:
+        named = [
+            TEIPrediction(score=p, label=labels[i] if i < len(labels) else f"LABEL_{i}")
+            for i, p in enumerate(d.probs)
+        ]
+        out.append(sorted(named, key=lambda x: -x.score))
+    return out[0] if isinstance(req.inputs, str) else out
+
+
+async def root(
+    serving: Serving, req: TEIEmbedRequest, disconnected: Disconnected
+) -> list[list[float]] | list[TEIPrediction] | list[list[TEIPrediction]]:
+    """``POST /`` (where ``huggingface_hub.InferenceClient`` posts): :func:`embed` for an
+    embedding model, :func:`predict` for a classifier (TEI routes by the model's type)."""
+    model = await model_for(serving, req.model, "embed")
+    advert = await serving.store.advert(model)
+    if advert is not None and "embed" not in advert.tasks and "classify" in advert.tasks:
+        if not isinstance(req.inputs, str) and not all(isinstance(x, str) for x in req.inputs):
+            raise APIError(400, "A classifier takes texts.", param="inputs")
+        asked = TEIPredictRequest(
+            model=model,
+            inputs=req.inputs,  # type: ignore[arg-type]
+            truncate=req.truncate,
+            truncation_direction=req.truncation_direction,
+        )
+        return await predict(serving, asked, disconnected)
+    return await embed(serving, req.model_copy(update={"model": model}), disconnected)
+
+
+async def _max_model_len(serving: Serving, model: str) -> int | None:
+    advert = await serving.store.advert(model)
+    return advert.max_model_len if advert is not None else None
+
+
+async def _labels(serving: Serving, model: str) -> list[str]:
+    advert = await serving.store.advert(model)
+    return list(advert.labels or []) if advert is not None else []
+
+
+async def info(serving: Serving, model: str | None) -> dict[str, Any]:
+    """``GET /info``: TEI's ``Info`` for the model (``?model=``, else as :func:`model_for`):
+    ``model_id``, ``model_type`` (``embedding``, ``reranker`` or ``classifier`` with its
+    labels), ``max_input_length``, ``max_client_batch_size``. 404 for a model no worker serves."""
+    name = await model_for(serving, model, "embed")
+    advert = await serving.store.advert(name)
+    if advert is None:
+        raise APIError(
+            404, f"No worker serves the model '{name}'.", param="model", code="model_not_found"
+        )
+    if "embed" in advert.tasks:
+        kind: dict[str, Any] = {"embedding": {"pooling": "model"}}
+    elif "classify" in advert.tasks:
+        labels = advert.labels or []
+        kind = {"classifier": {"id2label": dict(enumerate(labels)), "label2id": {}}}
+        kind["classifier"]["label2id"] = {label: i for i, label in enumerate(labels)}
+    else:
+        kind = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+    return {
+        "model_id": name,
+        "model_type": kind,
+        "max_input_length": advert.max_model_len,
+        "max_client_batch_size": MAX_INPUTS,
+        "prompts": advert.prompts or None,
+    }
