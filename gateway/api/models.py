@@ -92,6 +92,12 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0
+
+
 class TextDocument(BaseModel):
     """A document as an object (Cohere v1, Jina): its ``text``; other fields are ignored."""
 
@@ -166,7 +172,8 @@ class RerankResponse(BaseModel):
     model: str
     data: list[RerankResult]
     results: list[RankedDocument]
-    usage: Usage
+    #: ``completion_tokens`` (0) too: aleph-alpha-client reads it.
+    usage: ScoreUsage
 
 
 class ScoreRequest(BaseModel):
@@ -189,12 +196,6 @@ class ScoreData(BaseModel):
     index: int
     object: Literal["score"] = "score"
     score: float
-
-
-class ScoreUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-    completion_tokens: int = 0
 
 
 class ScoreResponse(BaseModel):

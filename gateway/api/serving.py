@@ -316,7 +316,7 @@ class Serving:
                     )
                     for i in order
                 ],
-                usage=_usage(results),
+                usage=ScoreUsage(**_usage(results).model_dump()),
             )
 
         return Prepared(specs, "documents", respond)

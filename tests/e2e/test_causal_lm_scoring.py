@@ -192,7 +192,7 @@ def test_rerank_orders_by_reference_scores(sc, qref, stsb_sentences):
     assert all("document" not in d for d in body["data"])
     assert body["model"] == MODEL
     n = sum(len(qref.tok(qref.rerank_prompt(query, d))["input_ids"]) for d in docs)
-    assert body["usage"] == {"prompt_tokens": n, "total_tokens": n}
+    assert body["usage"] == {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}
 
 
 def test_score_equals_rerank_and_the_log_odds_of_return_logits(sc, qref, stsb_sentences):

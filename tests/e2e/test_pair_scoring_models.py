@@ -184,3 +184,23 @@ def test_a_long_document_is_truncated_on_request_or_refused(api, stsb_sentences)
     )
     assert ok.status_code == 200, ok.text
     assert ok.json()["usage"]["prompt_tokens"] == 512
+
+
+def test_rerank_clients_unchanged_give_the_v1_rerank_ranking(gateway, api, stsb_sentences):
+    """aleph-alpha-client's ``rerank()`` (``/rerank``) and the ``cohere`` SDK's v1
+    ``Client.rerank`` (``/v1/rerank``) on the cross-encoder: the ranking and scores of
+    ``/v1/rerank`` for the same inputs."""
+    import cohere
+    from aleph_alpha_client import Client, RerankRequest
+
+    query, docs = stsb_sentences[3], stsb_sentences[10:20]
+    want = api.post("/v1/rerank", json={"model": CROSS, "query": query, "documents": docs})
+    ranked = [(d["index"], d["relevance_score"]) for d in want.json()["data"]][:4]
+    aa = Client(token=ls.API_KEY, host=gateway.url + "/", total_retries=0)
+    got = aa.rerank(RerankRequest(query=query, documents=docs, top_n=4), model=CROSS)
+    assert [(r.index, r.relevance_score) for r in got.results] == ranked
+    assert got.usage.prompt_tokens == want.json()["usage"]["prompt_tokens"]
+    co = cohere.Client(api_key=ls.API_KEY, base_url=gateway.url, timeout=120)
+    v1 = co.rerank(model=CROSS, query=query, documents=docs, top_n=4, return_documents=True)
+    assert [(r.index, r.relevance_score) for r in v1.results] == ranked
+    assert [r.document.text for r in v1.results] == [docs[i] for i, _ in ranked]

@@ -39,7 +39,7 @@ async def test_every_rerank_path_answers_both_shapes(gw, path):
     assert [i["text_pair"] for i in items] == [DOCS[2], DOCS[0], DOCS[1]]
     got = r.json()
     assert got["id"].startswith("rerank-") and got["model"] == "ce"
-    assert got["usage"] == {"prompt_tokens": 15, "total_tokens": 15}
+    assert got["usage"] == {"prompt_tokens": 15, "total_tokens": 15, "completion_tokens": 0}
     # Fireworks: the document as a string; Cohere and Jina: as {"text": ...}; same ranking
     assert [(d["index"], d["document"]) for d in got["data"]] == [(1, DOCS[0]), (2, DOCS[1])]
     assert [(d["index"], d["document"]) for d in got["results"]] == [
