@@ -5,6 +5,7 @@ exactly, without vLLM (the end-to-end tests on real engines: ``test_pair_scoring
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -195,3 +196,80 @@ async def test_models_tell_the_score_type(gw):
     cards = {m["id"]: m for m in (await gw.client.get("/v1/models")).json()["data"]}
     assert cards["ce"]["score_type"] == "cross-encoder"
     assert cards["lm"]["score_type"] == "causal-lm"
+
+
+async def test_return_logits_serve_a_causal_lm_and_refuse_what_logits_cannot_take(gw):
+    body = {"model": "lm", "input": "x", "return_logits": [3, 7]}
+    r, items = await serve(gw, gw.client.post("/v1/embeddings", json=body), lambda i: [0.5, 1.5])
+    assert r.status_code == 200, r.text
+    assert items[0]["return_logits"] == [3, 7] and items[0]["task"] == "score"
+    assert r.json()["data"][0]["embedding"] == [0.5, 1.5]
+    for extra, param in (
+        ({"dimensions": 2}, "dimensions"),
+        ({"embedding_type": "int8"}, "embedding_type"),
+    ):
+        bad = await gw.client.post("/v1/embeddings", json={**body, **extra})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, extra
+        assert "return_logits" in bad.json()["error"]["message"]
+    float_type = {**body, "embedding_type": "float"}
+    r, _ = await serve(gw, gw.client.post("/v1/embeddings", json=float_type), lambda i: [0.5, 1.5])
+    assert r.status_code == 200, r.text
+
+
+async def test_pair_scoring_before_a_worker_said_how_is_a_503():
+    """A model declared with ``--model`` and no advert yet: pair scoring cannot be prepared."""
+    async with InProcessGateway(pickup_timeout_seconds=10, models=["later"]) as g:
+        r = await g.client.post(
+            "/v1/rerank", json={"model": "later", "query": "q", "documents": ["d"]}
+        )
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker_available"
+        assert r.json()["error"]["type"] == "server_error"
+        assert "advertised how it scores pairs for 'later'" in r.json()["error"]["message"]
+
+
+async def test_a_request_in_flight_is_counted_until_it_is_answered(gw):
+    serving = gw.app.state.serving
+    seen: list[int] = []
+
+    def values(i: dict[str, Any]) -> list[float]:
+        seen.append(serving.in_flight)
+        return [0.5]
+
+    body = {"model": "ce", "text_1": "q", "text_2": "d"}
+    r, _ = await serve(gw, gw.client.post("/v1/score", json=body), values)
+    assert r.status_code == 200 and seen == [1] and serving.in_flight == 0
+
+
+async def test_a_long_query_and_a_failed_input_name_their_field(gw):
+    short = {**CROSS, "name": "short", "max_model_len": 16}
+    body = {"worker_id": "w2", "models": [short], "max_items": 1, "wait_seconds": 0}
+    assert (await gw.worker.post("/pull", json=body)).json()["items"] == []
+    long = {"model": "short", "query": "q" * 10_000, "documents": ["d"]}
+    r = await gw.client.post("/v1/rerank", json=long)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "query"
+
+    async def failing() -> Any:
+        call = asyncio.ensure_future(
+            gw.client.post("/v1/score", json={"model": "ce", "text_1": "q", "text_2": ["a", "b"]})
+        )
+        pulled: list[dict[str, Any]] = []
+        while len(pulled) < 2:
+            body = {"worker_id": "w", "models": [CROSS, CAUSAL], "max_items": 8, "wait_seconds": 1}
+            pulled += (await gw.worker.post("/pull", json=body)).json()["items"]
+        results = [
+            {
+                "item_id": i["item_id"],
+                "lease_id": i["lease_id"],
+                "prompt_tokens": 1,
+                "error": {"code": "invalid_input", "message": "bad text"},
+            }
+            for i in pulled
+        ]
+        posted = await gw.worker.post("/results", json={"worker_id": "w", "results": results})
+        assert posted.json()["accepted"] == 2, posted.text
+        return await call
+
+    r = await failing()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text_2", r.text
+    assert "text_2[0]" in r.json()["error"]["message"]

@@ -1,0 +1,92 @@
+"""The Redis store's parts that need no Redis (fast layer): key names (:mod:`keys`), the
+stamped dict of early answers (:mod:`stamped`) and the client side's futures
+(:mod:`replies`): an answer that arrives before its request's futures is kept for them, one
+for a client that went away is dropped. The store on a real redis-server:
+``tests/e2e/test_queue_store_redis.py``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from common.protocol import ItemResult
+from gateway.queue.redis import keys
+from gateway.queue.redis.replies import Replies
+from gateway.queue.redis.stamped import Stamped
+
+MODEL = "org:model@v2"  # a name with the separators the keys use
+
+
+def test_stream_keys_name_their_line_model_and_kind():
+    interactive = keys.stream_key(MODEL, "embed")
+    batch = keys.stream_key(MODEL, "embed", priority=1)
+    assert (interactive, batch) == (f"iw:s:embed:{MODEL}", f"iw:b:embed:{MODEL}")
+    assert keys.front(interactive) == f"iw:f:embed:{MODEL}" and keys.front(batch).startswith(
+        "iw:c:"
+    )
+    assert keys.batch_line(interactive) == batch
+    assert [keys.is_batch(k) for k in (interactive, keys.front(interactive), batch)] == [
+        False,
+        False,
+        True,
+    ]
+    assert keys.is_batch(keys.front(batch))
+    assert keys.model_of(interactive) == MODEL and keys.model_of(keys.front(batch)) == MODEL
+    item = f"1712-0/3@{interactive}"
+    assert keys.ITEM_ID.match(item) and keys.model_of_item(item) == MODEL
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stamped_forgets_the_entries_older_than_asked_oldest_first(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("gateway.queue.redis.stamped.time.monotonic", clock)
+    s: Stamped[str] = Stamped()
+    s.keep("a", "1")
+    clock.now = 105.0
+    s.keep("b", "2")
+    clock.now = 110.0
+    s.keep("a", "3")  # kept again: stamped now, last in order
+    assert s.get("a") == (110.0, "3") and len(s) == 2
+    clock.now = 116.0
+    s.forget_older(10.0)  # cutoff 106: "b" (105) goes, "a" (110) stays
+    assert s.get("b") is None and s.get("a") == (110.0, "3")
+    s.forget_older(6.0)  # cutoff 110: not older than it, stays
+    assert len(s) == 1
+    assert s.pop("a") == (110.0, "3") and s.pop("a") is None and len(s) == 0
+
+
+def result(n: int) -> ItemResult:
+    return ItemResult(item_id=f"i{n}", lease_id="l", prompt_tokens=n)
+
+
+async def test_an_answer_is_given_to_its_waiting_client_or_kept_for_it():
+    r = Replies(conn=None, replica="r1")  # type: ignore[arg-type]  # no Redis call here
+    assert r.key == keys.reply("r1")
+    (waiting,) = r.expect(["c:0"])
+    assert r.holds("c:0") and not waiting.done()
+    r.resolve("c:0", result(1))
+    assert waiting.result() == result(1) and not r.holds("c:0")
+    r.resolve("c:1", result(2))  # before its request registered: kept
+    assert not r.holds("c:1")
+    early, late = r.expect(["c:1", "c:2"])
+    assert early.result() == result(2) and not late.done() and r.holds("c:2")
+    again = r.expect(["c:1"])[0]
+    assert not again.done()  # an early answer is given once
+
+
+async def test_answer_says_whether_a_client_waits_and_drop_forgets_it():
+    r = Replies(conn=None, replica="r1")  # type: ignore[arg-type]
+    assert r.answer("nobody", result(1)) is False
+    (f,) = r.expect(["c:0"])
+    r.drop("c:0")
+    assert not r.holds("c:0") and r.answer("c:0", result(1)) is False and not f.done()
+    (g,) = r.expect(["c:1"])
+    g.cancel()  # its client went away: the answer is taken, the future left as it is
+    assert r.answer("c:1", result(1)) is True and g.cancelled()
+    await asyncio.sleep(0)
