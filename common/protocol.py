@@ -85,6 +85,10 @@ class RerankSpec(_Wire):
     true_token_id: int
 
 
+#: An over-long input: refused (400), or cut to the context keeping its start or its end.
+LongInputs = Literal["refuse", "truncate_end", "truncate_start"]
+
+
 class ModelAdvert(_Wire):
     """One model a worker serves, as clients name it (``queue.models."<name>"``)."""
 
@@ -117,6 +121,9 @@ class ModelAdvert(_Wire):
         Field(default_factory=dict, max_length=16)
     )
     default_prompt_name: str | None = Field(default=None, max_length=64)
+    #: Workers that serve ``embed``: what happens to an input longer than ``max_model_len``
+    #: when the request does not say (:data:`LongInputs`).
+    long_inputs: LongInputs = "refuse"
 
 
 class PullRequest(_Wire):
@@ -168,6 +175,8 @@ class ItemSpec(BaseModel):
     #: Truncate the prompt to this many tokens (keeping the start); ``None``: over-long is an
     #: error.
     truncate_prompt_tokens: int | None = None
+    #: ``start``: truncation cuts the start instead (keeps the end; special tokens kept).
+    truncate_side: Literal["start"] | None = None
     #: score: token ids whose last-position logits are returned, in this order.
     return_logits: list[int] | None = None
     #: ``None`` / 0: interactive. 1 (:data:`BATCH_PRIORITY`): a batch job's input, handed out

@@ -105,7 +105,8 @@ def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
 
 
 def named_prompts(cfg: Config, name: str, entry: ModelEntry) -> dict[str, Any]:
-    """``prompts`` and ``default_prompt_name`` of an embedding model's advert: the config's
+    """``prompts``, ``default_prompt_name`` (and ``long_inputs``) of an embedding model's
+    advert: the config's
     (``queue.models."<name>".embedding_task``), else the checkpoint's
     ``config_sentence_transformers.json`` (none where it is missing or has none). Raises
     :class:`ConfigError` naming the file for a checkpoint file that is not valid."""
@@ -132,4 +133,4 @@ def named_prompts(cfg: Config, name: str, entry: ModelEntry) -> dict[str, Any]:
     if default is not None and default not in prompts:
         where = f'queue.models."{name}".embedding_task.default_prompt_name'
         raise ConfigError(f"{cfg.source}: {where}: {default!r} is not one of {sorted(prompts)}")
-    return {"prompts": prompts, "default_prompt_name": default}
+    return {"prompts": prompts, "default_prompt_name": default, "long_inputs": task.long_inputs}

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from common import prompts
-from common.protocol import ScoreType, Task
+from common.protocol import LongInputs, ScoreType, Task
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,6 +138,9 @@ class EmbeddingTask(_Strict):
     prompts: (
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=2048)]] | None
     ) = Field(default=None, max_length=16)
+    #: An input longer than the context when the request does not say: ``refuse`` (a 400),
+    #: ``truncate_end`` (keep its start, as TEI's ``--auto-truncate``), ``truncate_start``.
+    long_inputs: LongInputs = "refuse"
     #: The prompt of a request that names none (sentence-transformers' ``default_prompt_name``).
     #: Unset: the checkpoint's (with ``prompts`` unset too).
     default_prompt_name: str | None = None

@@ -44,8 +44,8 @@ class CohereEmbedRequest(BaseModel):
     output_dimension: int | None = Field(default=None, ge=1)
     #: Truncate each text to this many tokens (v2).
     max_tokens: int | None = Field(default=None, ge=1)
-    #: ``END`` (Cohere's default): cut the end of an over-long text; ``NONE``: refuse it;
-    #: ``START`` (cut the start) is a 400.
+    #: ``END`` (Cohere's default): cut the end of an over-long text; ``START``: its start;
+    #: ``NONE``: refuse it.
     truncate: Literal["NONE", "START", "END"] | None = None
 
 
@@ -73,16 +73,12 @@ async def embed(
 ) -> CohereEmbedResponse:
     """Embed ``req.texts`` through the queue and answer in Cohere's shape for API ``version``
     (1 or 2). Raises APIError 400 for what Cohere's API would refuse or this server does not
-    serve (no texts, images, ``truncate: START``), and the embeddings path's errors."""
+    serve (no texts, images), and the embeddings path's errors."""
     for field in ("images", "inputs"):
         if getattr(req, field) is not None:
             raise APIError(400, f"'{field}' (images) is not supported; send 'texts'.", param=field)
     if not req.texts:
         raise APIError(400, "'texts' must list at least one text.", param="texts")
-    if req.truncate == "START":
-        raise APIError(
-            400, "'truncate': START is not supported; use END or NONE.", param="truncate"
-        )
     inner = EmbeddingRequest(
         model=req.model,
         input=req.texts,
@@ -90,6 +86,7 @@ async def embed(
         input_type=req.input_type,
         truncate_prompt_tokens=req.max_tokens,
         truncation=req.truncate != "NONE",
+        truncation_side="start" if req.truncate == "START" else None,
     )
     prepared = await serving.prepare_embeddings(inner)
     results = await serving.run(prepared.specs, "texts", disconnected)

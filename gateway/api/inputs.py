@@ -55,6 +55,26 @@ def fold_peer_fields(req: EmbeddingRequest) -> EmbeddingRequest:
     return req.model_copy(update=update) if update else req
 
 
+def apply_truncation(
+    specs: list[ItemSpec], req: EmbeddingRequest, advert: ModelAdvert | None, task: Task
+) -> None:
+    """Where an embedding's input is cut: the client's fields win (``truncate_prompt_tokens``:
+    that many tokens; ``truncation`` true: the model's context, false: an over-long input is
+    refused), else the model's ``long_inputs`` (``truncate_end`` / ``truncate_start``: the
+    model's context; ``refuse``); ``truncation_side`` or the policy says which end."""
+    if task != "embed":
+        return
+    limit, side = req.truncate_prompt_tokens, req.truncation_side
+    if limit is None and req.truncation:
+        limit = max_model_len(advert)
+    elif limit is None and req.truncation is None and advert and advert.long_inputs != "refuse":
+        limit = max_model_len(advert)
+        side = side or ("start" if advert.long_inputs == "truncate_start" else "end")
+    for spec in specs:
+        spec.truncate_prompt_tokens = limit
+        spec.truncate_side = "start" if limit is not None and side == "start" else None
+
+
 #: Cohere's and Voyage's ``input_type`` -> the prompt name it asks for.
 INPUT_TYPE_PROMPTS = {
     "query": "query",

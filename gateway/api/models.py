@@ -66,6 +66,9 @@ class EmbeddingRequest(BaseModel):
     #: ``truncation: true`` as truncating each input to the model's context length;
     #: ``input_type`` as ``prompt_name`` (Voyage's ``query`` / ``document``, and Cohere's
     #: ``search_query`` / ``search_document`` / ``classification`` / ``clustering``).
+    #: Extension: which end ``truncate_prompt_tokens`` / ``truncation`` cut: ``end`` (keep the
+    #: start, the default) or ``start`` (keep the end; Cohere's ``START``, TEI's ``Left``).
+    truncation_side: Literal["end", "start"] | None = None
     #: TEI: the model's named prompt to put before each text input (its ``prompts``).
     prompt_name: StrictStr | None = None
     output_dimension: int | None = Field(default=None, ge=1)

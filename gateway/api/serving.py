@@ -214,9 +214,7 @@ class Serving:
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
         inputs.apply_prompt(specs, req, advert, task)
-        if req.truncation and task == "embed" and req.truncate_prompt_tokens is None:  # Voyage
-            for spec in specs:
-                spec.truncate_prompt_tokens = inputs.max_model_len(advert)
+        inputs.apply_truncation(specs, req, advert, task)
         inputs.check_sizes(specs, "input", self._max_chars(advert))
         inputs.check_token_ids(specs, "input", advert)
 

@@ -35,9 +35,10 @@ class _TEIRequest(BaseModel):
     #: Not in TEI's body: the model, where the gateway serves several (else
     #: ``--default-model`` or the only one).
     model: ModelName | None = None
-    #: Cut an over-long input to the model's context instead of refusing it.
-    truncate: bool = False
-    #: ``Right`` (keep the start); ``Left`` is a 400.
+    #: Cut an over-long input to the model's context instead of refusing it; unset: the
+    #: model's ``long_inputs`` (TEI's ``--auto-truncate``).
+    truncate: bool | None = None
+    #: ``Right`` cuts the end (keeps the start), ``Left`` the start.
     truncation_direction: Direction = "Right"
 
 
@@ -95,14 +96,8 @@ async def model_for(serving: Serving, asked: str | None, task: Task) -> str:
     )
 
 
-def _truncation(req: _TEIRequest) -> bool:
-    if req.truncate and req.truncation_direction.lower() == "left":
-        raise APIError(
-            400,
-            "'truncation_direction': Left is not supported; use Right.",
-            param="truncation_direction",
-        )
-    return req.truncate
+def _side(req: _TEIRequest) -> Literal["end", "start"]:
+    return "start" if req.truncation_direction.lower() == "left" else "end"
 
 
 async def embed(
@@ -115,7 +110,8 @@ async def embed(
         normalize=req.normalize,
         dimensions=req.dimensions,
         prompt_name=req.prompt_name,
-        truncation=_truncation(req),
+        truncation=req.truncate,
+        truncation_side=_side(req),
     )
     answer = await serving.embeddings(inner, disconnected)
     return [d.embedding for d in answer.data]  # type: ignore[misc]
@@ -132,7 +128,7 @@ async def rerank(
         text_2=req.texts,
         use_activation=not req.raw_scores,
     )
-    if _truncation(req):
+    if req.truncate:  # the end of each pair (the document's end for a cross-encoder)
         inner.truncate_prompt_tokens = await _max_model_len(serving, inner.model)
     answer = await serving.score(inner, disconnected)
     ranked = sorted(answer.data, key=lambda d: -d.score)
@@ -152,7 +148,7 @@ async def predict(
         input=req.inputs,
         use_activation=not req.raw_scores,
     )
-    if _truncation(req):
+    if req.truncate:
         inner.truncate_prompt_tokens = await _max_model_len(serving, inner.model)
     answer = await serving.classify(inner, disconnected)
     labels = await _labels(serving, inner.model)

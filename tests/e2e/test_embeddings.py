@@ -336,3 +336,26 @@ def test_teis_client_embeds_without_a_model(gateway, embed_worker, reference, mo
     assert r.status_code == 200, r.text
     want = reference.raw([PROMPTS["query"] + texts[0], PROMPTS["query"] + long])
     assert cosine(np.array(r.json(), dtype=np.float32), want).min() >= 0.999
+
+
+def test_a_text_cut_at_its_start_embeds_as_its_end(http, reference):
+    """``truncation_side: start`` (Cohere's ``START``, TEI's ``Left``) keeps the end of an
+    over-long text: the vector of ``transformers`` on the left-truncated tokens, not the
+    start's."""
+    head = "the quick brown fox jumps over the lazy dog " * 40  # ~360 tokens
+    text = head + "A completely different ending about guitars and music."
+    r = http.post(
+        "/v1/embeddings",
+        json={"model": MODEL, "input": text, "truncation": True, "truncation_side": "start"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 256
+    got = np.array([r.json()["data"][0]["embedding"]], dtype=np.float32)
+    side = reference.tok.truncation_side
+    reference.tok.truncation_side = "left"
+    try:
+        want = reference.raw([text])
+    finally:
+        reference.tok.truncation_side = side
+    assert cosine(got, want).min() >= 0.999
+    assert cosine(got, reference.raw([text])).max() < 0.99  # not the start's vector

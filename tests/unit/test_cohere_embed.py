@@ -68,6 +68,13 @@ async def test_the_cohere_sdk_v1_embeds_floats_as_a_list(gw):
     assert "truncate_prompt_tokens" not in items[0]  # NONE: an over-long text is refused
 
 
+async def test_truncate_start_keeps_the_end_of_a_text(gw):
+    body = {"model": "emb", "texts": ["a"], "truncate": "START"}
+    r, items = await serve(gw, gw.client.post("/v2/embed", json=body))
+    assert r.status_code == 200, r.text
+    assert items[0]["truncate_prompt_tokens"] == 128 and items[0]["truncate_side"] == "start"
+
+
 async def test_output_dimension_and_max_tokens(gw):
     body = {"model": "emb", "texts": ["a"], "output_dimension": 4, "max_tokens": 16}
     r, items = await serve(gw, gw.client.post("/v2/embed", json=body))
@@ -79,7 +86,6 @@ async def test_output_dimension_and_max_tokens(gw):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"texts": ["a"], "truncate": "START"}, "truncate"),
         ({"images": ["data:image/png;base64,AAAA"]}, "images"),
         ({"texts": []}, "texts"),
         ({"texts": ["a"], "input_type": "poem"}, "input_type"),

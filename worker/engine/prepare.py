@@ -1,7 +1,8 @@
 """Input preparation: a pulled batch's items as the token ids vLLM runs, made in few tokenizer
 calls. Templates are rendered (:mod:`common.prompts`, with this model's ``truncate_tokens``);
-texts without ``truncate_prompt_tokens`` are tokenized in one call of the fast tokenizer's
-Rust backend, a cross-encoder's pairs in one call of the tokenizer; ids equal vLLM's own
+texts are tokenized in one call of the fast tokenizer's Rust backend (those over their
+``truncate_prompt_tokens`` once more, truncated), a cross-encoder's pairs in one call of the
+tokenizer; ids equal vLLM's own
 tokenization (``add_special_tokens=True``). Handing vLLM token ids spares it a tokenizer call
 per request on the event loop the pull and post calls share."""
 
@@ -47,6 +48,26 @@ class Preparer:
         #: The batch encoding of the tokenizer's Rust backend (:meth:`encode_texts`), looked
         #: up once; False: none.
         self._batch_encode: Any = None
+        #: The special tokens the tokenizer puts around a text: (before, after), found once.
+        self._around: tuple[list[int], list[int]] | None = None
+
+    def cut_start(self, ids: list[int], limit: int) -> list[int]:
+        """A text's token ids (special tokens added) cut to ``limit`` by dropping the start
+        of the text, its special tokens kept: as a Hugging Face tokenizer with
+        ``truncation_side="left"`` gives (the tokenizer object is not changed: it may be
+        vLLM's, shared)."""
+        if len(ids) <= limit:
+            return ids
+        if self._around is None:
+            empty = list(self.tok("", add_special_tokens=True)["input_ids"])
+            split = next(
+                (k for k in range(len(empty), -1, -1) if ids[:k] == empty[:k]), 0
+            )  # the longest prefix of the empty text's ids that starts every text
+            self._around = (empty[:split], empty[split:])
+        before, after = self._around
+        room = max(limit - len(before) - len(after), 0)
+        body = ids[len(before) : len(ids) - len(after)]
+        return [*before, *body[len(body) - room :], *after]
 
     def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
         """Per item: token ids (truncated to ``truncate_prompt_tokens`` when set), a pair's
@@ -63,21 +84,27 @@ class Preparer:
             elif item.text_pair is not None:
                 out.append(self._pair(item))
             elif item.token_ids is not None:
-                limit = item.truncate_prompt_tokens
-                out.append(item.token_ids if limit is None else item.token_ids[:limit])
+                limit, given = item.truncate_prompt_tokens, item.token_ids
+                if limit is not None and len(given) > limit:
+                    given = given[-limit:] if item.truncate_side == "start" else given[:limit]
+                out.append(given)
             else:
                 text = self._text(item)
-                if isinstance(text, InvalidInput) or item.truncate_prompt_tokens is not None:
-                    out.append(
-                        text
-                        if isinstance(text, InvalidInput)
-                        else encode_one(self.tok, text, item.truncate_prompt_tokens)
-                    )
+                if isinstance(text, InvalidInput):
+                    out.append(text)
                 else:
                     texts[i] = text
                     out.append([])  # its ids come from the one call below
         for i, ids in zip(texts, self.encode_texts(list(texts.values())), strict=True):
-            out[i] = ids
+            limit = items[i].truncate_prompt_tokens
+            if limit is not None and not isinstance(ids, InvalidInput) and len(ids) > limit:
+                out[i] = (
+                    self.cut_start(ids, limit)
+                    if items[i].truncate_side == "start"
+                    else encode_one(self.tok, texts[i], limit)  # only the over-long, once more
+                )
+            else:
+                out[i] = ids
         for i, pair in zip(pairs, self._encode_pairs([items[i] for i in pairs]), strict=True):
             out[i] = pair
         return out
@@ -187,8 +214,9 @@ class Preparer:
 
 def encode_one(tok: Any, text: str, truncate: int | None = None) -> list[int] | InvalidInput:
     """Token ids of one text (at most ``truncate`` of them, special tokens included, as
-    vLLM's ``truncate_prompt_tokens`` gives), or the InvalidInput saying why the tokenizer
-    refused it (e.g. a lone surrogate, which cannot be encoded as UTF-8)."""
+    vLLM's ``truncate_prompt_tokens`` gives: the end of the text cut), or the InvalidInput
+    saying why the tokenizer refused it (e.g. a lone surrogate, which cannot be encoded as
+    UTF-8)."""
     kw: dict[str, Any] = {} if truncate is None else {"truncation": True, "max_length": truncate}
     try:
         return list(tok(text, add_special_tokens=True, **kw)["input_ids"])

@@ -1,0 +1,86 @@
+"""Over-long inputs, the operator's choice per model (``embedding_task.long_inputs``) unless
+the client says: on the real gateway in process (the test playing the worker), and the
+worker's cut at the start against Hugging Face's ``truncation_side="left"``. On a real engine:
+``tests/e2e/test_embeddings.py::test_a_text_cut_at_its_start_embeds_as_its_end``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.support import MINILM_FILES, InProcessGateway
+
+MODELS = [
+    {"name": n, "checkpoint_name": n, "tasks": ["embed"], "max_model_len": 64, "long_inputs": p}
+    for n, p in (("refusing", "refuse"), ("end", "truncate_end"), ("start", "truncate_start"))
+]
+
+
+@pytest.fixture
+async def gw() -> Any:
+    async with InProcessGateway(pickup_timeout_seconds=10) as g:
+        body = {"worker_id": "w", "models": MODELS, "max_items": 1, "wait_seconds": 0}
+        assert (await g.worker.post("/pull", json=body)).json()["items"] == []
+        yield g
+
+
+async def cut(gw: InProcessGateway, model: str, **fields: Any) -> tuple[Any, Any]:
+    """(truncate_prompt_tokens, truncate_side) of the item the worker is handed."""
+    call = gw.client.post("/v1/embeddings", json={"model": model, "input": "a", **fields})
+    r, items = await gw.answer_while(call, MODELS, lambda i: [0.6, 0.8], prompt_tokens=2)
+    assert r.status_code == 200, r.text
+    return items[0].get("truncate_prompt_tokens"), items[0].get("truncate_side")
+
+
+async def test_the_models_policy_applies_when_the_client_says_nothing(gw):
+    assert await cut(gw, "refusing") == (None, None)
+    assert await cut(gw, "end") == (64, None)
+    assert await cut(gw, "start") == (64, "start")
+
+
+async def test_the_clients_fields_win_over_the_policy(gw):
+    assert await cut(gw, "start", truncation=False) == (None, None)  # refuse, as asked
+    assert await cut(gw, "start", truncate_prompt_tokens=10) == (10, None)
+    assert await cut(gw, "refusing", truncation=True) == (64, None)
+    assert await cut(gw, "refusing", truncation=True, truncation_side="start") == (64, "start")
+    assert await cut(gw, "end", truncation_side="start") == (64, "start")
+
+
+def test_a_start_cut_keeps_the_end_as_hugging_face_truncates_left():
+    from transformers import AutoTokenizer
+
+    from common.protocol import WorkItem
+    from worker.engine.prepare import Preparer
+
+    tok = AutoTokenizer.from_pretrained(MINILM_FILES)
+    left = AutoTokenizer.from_pretrained(MINILM_FILES, truncation_side="left")
+    text = " ".join(f"w{i}" for i in range(40))  # no repeats: both cuts differ
+    base = {"model": "m", "task": "embed", "text": text, "truncate_prompt_tokens": 12}
+    items = [
+        WorkItem(
+            item_id="i0", lease_id="l", attempt=1, lease_seconds=30, **base, truncate_side="start"
+        ),
+        WorkItem(item_id="i1", lease_id="l", attempt=1, lease_seconds=30, **base),
+        WorkItem(
+            item_id="i2", lease_id="l", attempt=1, lease_seconds=30, **{**base, "text": "short"}
+        ),
+        WorkItem(
+            item_id="i3",
+            lease_id="l",
+            attempt=1,
+            lease_seconds=30,
+            model="m",
+            task="embed",
+            token_ids=list(range(1, 31)),
+            truncate_prompt_tokens=5,
+            truncate_side="start",
+        ),
+    ]
+    start, end, short, ids = Preparer(tok, "bi-encoder", False, 64).prepare(items)
+    assert start == left(text, truncation=True, max_length=12)["input_ids"]
+    assert start[0] == tok.cls_token_id and start[-1] == tok.sep_token_id
+    assert end == tok(text, truncation=True, max_length=12)["input_ids"] and end != start
+    assert short == tok("short")["input_ids"]  # within the limit: not cut
+    assert ids == [26, 27, 28, 29, 30]
+    assert tok.truncation_side == "right"  # the worker's own tokenizer is left as it was
