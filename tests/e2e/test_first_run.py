@@ -23,14 +23,36 @@ PHARIA = REPO / "configs" / "pharia-qwen3-embedding-8b.toml"
 PHARIA_MODEL = "qwen3-embedding-8b"
 
 
+#: Qwen3-Embedding's ``config_sentence_transformers.json``: an instruction before each query,
+#: nothing before documents, no default.
+QWEN3_PROMPTS = {
+    "query": "Instruct: Given a web search query, retrieve relevant passages that answer the "
+    "query\nQuery:",
+    "document": "",
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_embedding(tiny_path, tmp_path_factory) -> Path:
+    """The tiny Qwen3 with Qwen3-Embedding's named prompts file beside its weights."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("qwen3-embedding") / "model"
+    shutil.copytree(tiny_path, path)
+    st = {"prompts": QWEN3_PROMPTS, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+    (path / "config_sentence_transformers.json").write_text(json.dumps(st))
+    return path
+
+
 @pytest.fixture
-def pharia_worker(gateway, stack_dir, tiny_path) -> Iterator[ls.Proc]:
+def pharia_worker(gateway, stack_dir, qwen3_embedding) -> Iterator[ls.Proc]:
     """The example with only ``model_path`` (a tiny Qwen3, the architecture of
-    Qwen3-Embedding) and ``url`` changed: no dtype, no gpu_memory_utilization. Logs as JSON
-    lines (``LOG_FORMAT=json``)."""
+    Qwen3-Embedding, with its prompts file) and ``url`` changed: no dtype, no
+    gpu_memory_utilization. Logs as JSON lines (``LOG_FORMAT=json``)."""
     original = PHARIA.read_text()
     text = original.replace(
-        'model_path = "/path/to/weights/Qwen/Qwen3-Embedding-8B"', f'model_path = "{tiny_path}"'
+        'model_path = "/path/to/weights/Qwen/Qwen3-Embedding-8B"',
+        f'model_path = "{qwen3_embedding}"',
     )
     text = text.replace(
         'url = "https://inference-api.pharia.example.com"', f'url = "{gateway.url}"'
@@ -72,10 +94,14 @@ def json_log(proc: ls.Proc) -> list[dict[str, str]]:
     return [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.strip()]
 
 
-def test_pharia_example_serves_on_this_cpu_host(gateway, pharia_worker, tiny_path, stsb_sentences):
+def test_pharia_example_serves_on_this_cpu_host(
+    gateway, pharia_worker, qwen3_embedding, stsb_sentences
+):
     """Also: a causal LM served as an embedding model (last-token pooling, against
-    transformers), JSON log lines, the 400 for ``dimensions`` on a model without matryoshka
-    support, and SIGINT draining like SIGTERM."""
+    transformers), its query instruction from the checkpoint's named prompts, JSON log lines,
+    the 400 for ``dimensions`` on a model without matryoshka support, and SIGINT draining like
+    SIGTERM."""
+    tiny_path = qwen3_embedding
     messages = [r["message"] for r in json_log(pharia_worker)]
     assert all(
         {"asctime", "levelname", "name", "message"} <= r.keys() for r in json_log(pharia_worker)
@@ -100,6 +126,14 @@ def test_pharia_example_serves_on_this_cpu_host(gateway, pharia_worker, tiny_pat
     assert got.shape == want.shape
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)
     assert cosine(got, want).min() >= (0.999 if auto == "float32" else 0.99)
+    assert cards[PHARIA_MODEL]["prompts"] == QWEN3_PROMPTS
+    queries = client.embeddings.create(
+        model=PHARIA_MODEL, input=texts[:4], extra_body={"input_type": "query"}
+    )
+    got = np.array([d.embedding for d in queries.data], dtype=np.float32)
+    prompted = LastTokenReference(tiny_path).embed([QWEN3_PROMPTS["query"] + t for t in texts[:4]])
+    assert cosine(got, prompted).min() >= (0.999 if auto == "float32" else 0.99)
+    assert cosine(got, want[:4]).max() < 0.99  # the instruction changed the vectors
     text = httpx.get(pharia_worker.url + "/metrics").text
     assert metric(text, "inference_worker_build_info", dtype=auto) == 1
     r = httpx.post(
