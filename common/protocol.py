@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 PREFIX = "/queue/v1"
 #: Token ids per ``return_logits`` (vLLM caps ``logprob_token_ids`` per request at this many).
 MAX_LOGIT_IDS = 128
+#: Windows an input may be split into (``ItemSpec.chunk_tokens``): an input longer than this
+#: many contexts is refused.
+MAX_CHUNKS = 16
 #: Characters of a model name (clients' ``model``, adverts' ``name``), of a worker id, an
 #: item id and a lease id at most: what the gateway keys by is bounded, whoever sends it.
 MAX_NAME_LENGTH = 256
@@ -85,8 +88,9 @@ class RerankSpec(_Wire):
     true_token_id: int
 
 
-#: An over-long input: refused (400), or cut to the context keeping its start or its end.
-LongInputs = Literal["refuse", "truncate_end", "truncate_start"]
+#: An over-long input: refused (400), cut to the context keeping its start or its end, or
+#: split into windows of the context, embedded apart and pooled (``chunk``).
+LongInputs = Literal["refuse", "truncate_end", "truncate_start", "chunk"]
 
 
 class ModelAdvert(_Wire):
@@ -177,6 +181,10 @@ class ItemSpec(BaseModel):
     truncate_prompt_tokens: int | None = None
     #: ``start``: truncation cuts the start instead (keeps the end; special tokens kept).
     truncate_side: Literal["start"] | None = None
+    #: embed, text inputs: one longer than this many tokens is split into windows of at most
+    #: this many (each with the special tokens), embedded apart and pooled, weighted by their
+    #: tokens (at most :data:`MAX_CHUNKS` windows).
+    chunk_tokens: int | None = None
     #: score: token ids whose last-position logits are returned, in this order.
     return_logits: list[int] | None = None
     #: ``None`` / 0: interactive. 1 (:data:`BATCH_PRIORITY`): a batch job's input, handed out

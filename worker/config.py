@@ -139,7 +139,8 @@ class EmbeddingTask(_Strict):
         dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=2048)]] | None
     ) = Field(default=None, max_length=16)
     #: An input longer than the context when the request does not say: ``refuse`` (a 400),
-    #: ``truncate_end`` (keep its start, as TEI's ``--auto-truncate``), ``truncate_start``.
+    #: ``truncate_end`` (keep its start, as TEI's ``--auto-truncate``), ``truncate_start``, or
+    #: ``chunk`` (windows of the context embedded apart and pooled by their tokens).
     long_inputs: LongInputs = "refuse"
     #: The prompt of a request that names none (sentence-transformers' ``default_prompt_name``).
     #: Unset: the checkpoint's (with ``prompts`` unset too).

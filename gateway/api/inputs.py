@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from common import prompts
-from common.protocol import MAX_LOGIT_IDS, ItemSpec, ModelAdvert, Task
+from common.protocol import MAX_CHUNKS, MAX_LOGIT_IDS, ItemSpec, ModelAdvert, Task
 from gateway.api.models import MAX_INPUTS, EmbeddingRequest
 from gateway.errors import APIError
 
@@ -61,15 +61,21 @@ def apply_truncation(
     """Where an embedding's input is cut: the client's fields win (``truncate_prompt_tokens``:
     that many tokens; ``truncation`` true: the model's context, false: an over-long input is
     refused), else the model's ``long_inputs`` (``truncate_end`` / ``truncate_start``: the
-    model's context; ``refuse``); ``truncation_side`` or the policy says which end."""
+    model's context; ``chunk``: text inputs split into windows of it; ``refuse``);
+    ``truncation_side`` or the policy says which end."""
     if task != "embed":
         return
     limit, side = req.truncate_prompt_tokens, req.truncation_side
+    policy = advert.long_inputs if advert is not None else "refuse"
     if limit is None and req.truncation:
         limit = max_model_len(advert)
-    elif limit is None and req.truncation is None and advert and advert.long_inputs != "refuse":
+    elif limit is None and req.truncation is None and policy == "chunk":
+        for spec in specs:
+            spec.chunk_tokens = max_model_len(advert) if spec.text is not None else None
+        return
+    elif limit is None and req.truncation is None and policy != "refuse":
         limit = max_model_len(advert)
-        side = side or ("start" if advert.long_inputs == "truncate_start" else "end")
+        side = side or ("start" if policy == "truncate_start" else "end")
     for spec in specs:
         spec.truncate_prompt_tokens = limit
         spec.truncate_side = "start" if limit is not None and side == "start" else None
@@ -313,7 +319,7 @@ def check_sizes(specs: list[ItemSpec], field: str, limit: int) -> None:
     truncated it is no use, and it would cost the gateway and the worker its size."""
     for i, spec in enumerate(specs):
         size = _size(spec)
-        if size > limit:
+        if size > limit * (MAX_CHUNKS if spec.chunk_tokens else 1):  # chunked: that many windows
             unit = "token ids" if spec.token_ids is not None else "characters"
             raise APIError(
                 400,

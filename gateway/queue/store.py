@@ -28,6 +28,7 @@ import numpy as np
 
 from common.protocol import (
     BATCH_PRIORITY,
+    MAX_CHUNKS,
     ErrorCode,
     ItemError,
     ItemResult,
@@ -97,11 +98,14 @@ MAX_PROMPT_TOKENS = 1 << 20
 
 def prompt_token_limit(spec: ItemSpec | None, advert: ModelAdvert | None) -> int:
     """The most prompt tokens a result for ``spec`` may claim: the model's context length
-    (twice for a pair, whose two texts a bi-encoder or late-interaction model embeds apart);
+    (twice for a pair, whose two texts a bi-encoder or late-interaction model embeds apart;
+    :data:`~common.protocol.MAX_CHUNKS` times for a chunked input);
     :data:`MAX_PROMPT_TOKENS` where the advert does not say."""
     limit = advert.max_model_len if advert is not None and advert.max_model_len else None
     if limit is None:
         return MAX_PROMPT_TOKENS
+    if spec is not None and spec.chunk_tokens:  # every window's tokens are counted
+        return limit * MAX_CHUNKS
     return limit * (2 if spec is not None and spec.text_pair is not None else 1)
 
 

@@ -10,7 +10,7 @@ import base64
 import numpy as np
 import pytest
 
-from common.protocol import ItemResult, ItemSpec, ModelAdvert
+from common.protocol import MAX_CHUNKS, ItemResult, ItemSpec, ModelAdvert
 from gateway.queue.store import MAX_PROMPT_TOKENS, check_result, fits, prompt_token_limit
 
 
@@ -44,6 +44,8 @@ def test_a_result_may_claim_the_context_or_twice_it_for_a_pair():
     assert prompt_token_limit(None, advert(512)) == 512
     assert prompt_token_limit(pair, advert(None)) == MAX_PROMPT_TOKENS
     assert prompt_token_limit(one, None) == MAX_PROMPT_TOKENS
+    chunked = ItemSpec(model="m", task="embed", text="a", chunk_tokens=512)
+    assert prompt_token_limit(chunked, advert(512)) == 512 * MAX_CHUNKS
 
 
 def vector(*values: float) -> str:

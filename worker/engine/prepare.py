@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from common import prompts
-from common.protocol import ErrorCode, ScoreType, WorkItem
+from common.protocol import MAX_CHUNKS, ErrorCode, ScoreType, WorkItem
 from worker.engine.errors import InvalidInput
 
 
@@ -30,8 +30,19 @@ class PairPrompt:
         return len(self.first) + len(self.second or [])
 
 
-#: An item's prompt for vLLM: its token ids, or a pair's.
-Prompt = list[int] | PairPrompt
+@dataclasses.dataclass
+class ChunkedPrompt:
+    """A long text's windows (``ItemSpec.chunk_tokens``): token ids of at most that many
+    each, the tokenizer's special tokens around every one."""
+
+    windows: list[list[int]]
+
+    def __len__(self) -> int:
+        return sum(len(w) for w in self.windows)
+
+
+#: An item's prompt for vLLM: its token ids, a pair's, or a long text's windows.
+Prompt = list[int] | PairPrompt | ChunkedPrompt
 
 
 class Preparer:
@@ -51,6 +62,32 @@ class Preparer:
         #: The special tokens the tokenizer puts around a text: (before, after), found once.
         self._around: tuple[list[int], list[int]] | None = None
 
+    def _specials(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts (before, after) a text, found once from the
+        ids of the empty text and of ``ids`` (a text's)."""
+        if self._around is None:
+            empty = list(self.tok("", add_special_tokens=True)["input_ids"])
+            split = next(
+                (k for k in range(len(empty), -1, -1) if ids[:k] == empty[:k]), 0
+            )  # the longest prefix of the empty text's ids that starts every text
+            self._around = (empty[:split], empty[split:])
+        return self._around
+
+    def windows(self, ids: list[int], size: int) -> ChunkedPrompt | InvalidInput:
+        """A text's token ids as windows of at most ``size`` tokens, the special tokens
+        around each; InvalidInput past :data:`~common.protocol.MAX_CHUNKS` windows."""
+        before, after = self._specials(ids)
+        room = max(size - len(before) - len(after), 1)
+        body = ids[len(before) : len(ids) - len(after)]
+        parts = [body[k : k + room] for k in range(0, len(body), room)]
+        if len(parts) > MAX_CHUNKS:
+            return InvalidInput(
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"the input has {len(ids)} tokens: more than {MAX_CHUNKS} windows of "
+                f"{size} (the model's context); shorten it or ask for truncation",
+            )
+        return ChunkedPrompt([[*before, *part, *after] for part in parts])
+
     def cut_start(self, ids: list[int], limit: int) -> list[int]:
         """A text's token ids (special tokens added) cut to ``limit`` by dropping the start
         of the text, its special tokens kept: as a Hugging Face tokenizer with
@@ -58,13 +95,7 @@ class Preparer:
         vLLM's, shared)."""
         if len(ids) <= limit:
             return ids
-        if self._around is None:
-            empty = list(self.tok("", add_special_tokens=True)["input_ids"])
-            split = next(
-                (k for k in range(len(empty), -1, -1) if ids[:k] == empty[:k]), 0
-            )  # the longest prefix of the empty text's ids that starts every text
-            self._around = (empty[:split], empty[split:])
-        before, after = self._around
+        before, after = self._specials(ids)
         room = max(limit - len(before) - len(after), 0)
         body = ids[len(before) : len(ids) - len(after)]
         return [*before, *body[len(body) - room :], *after]
@@ -96,8 +127,10 @@ class Preparer:
                     texts[i] = text
                     out.append([])  # its ids come from the one call below
         for i, ids in zip(texts, self.encode_texts(list(texts.values())), strict=True):
-            limit = items[i].truncate_prompt_tokens
-            if limit is not None and not isinstance(ids, InvalidInput) and len(ids) > limit:
+            limit, chunk = items[i].truncate_prompt_tokens, items[i].chunk_tokens
+            if chunk is not None and not isinstance(ids, InvalidInput) and len(ids) > chunk:
+                out[i] = self.windows(ids, chunk)
+            elif limit is not None and not isinstance(ids, InvalidInput) and len(ids) > limit:
                 out[i] = (
                     self.cut_start(ids, limit)
                     if items[i].truncate_side == "start"

@@ -21,7 +21,7 @@ import numpy as np
 from common.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
 from worker.engine.core import EngineCore
 from worker.engine.errors import EngineDead, InvalidInput, refusal
-from worker.engine.prepare import PairPrompt, Prompt
+from worker.engine.prepare import ChunkedPrompt, PairPrompt, Prompt
 
 #: The pooling task each pair score type runs in vLLM (``vllm.tasks.SCORE_TYPE_MAP``).
 PoolingTask = Literal["classify", "token_embed", "embed"]
@@ -56,6 +56,8 @@ class Runner:
         """(float32 vector, prompt token count); see :meth:`worker.engine.Engine.run`."""
         if isinstance(prompt, PairPrompt):
             return await self.score_pair(item, prompt)
+        if isinstance(prompt, ChunkedPrompt):
+            return await self.embed_chunks(item, prompt)
         if item.task == "embed":
             return await self.embed(item, prompt)
         if item.task == "classify":
@@ -80,6 +82,22 @@ class Runner:
         out = await self._encode(item, prompt, params)
         vec = out.outputs.data.float().numpy()
         return vec, len(out.prompt_token_ids)
+
+    async def embed_chunks(self, item: WorkItem, prompt: ChunkedPrompt) -> tuple[np.ndarray, int]:
+        """A long text's embedding from its windows: each window's pooled vector (its first
+        ``dimensions``, not normalised), their mean weighted by the windows' tokens,
+        L2-normalised unless ``normalize`` is false. The token count is every window's."""
+        from vllm import PoolingParams
+
+        # vLLM keeps the first ``dimensions`` of each (and refuses sizes the model lacks)
+        raw = PoolingParams(task="embed", dimensions=item.dimensions, use_activation=False)
+        outs = await asyncio.gather(*(self._encode(item, w, raw) for w in prompt.windows))
+        vectors = np.stack([o.outputs.data.float().numpy() for o in outs]).astype(np.float64)
+        weights = np.array([len(w) for w in prompt.windows], dtype=np.float64)
+        vec = (weights[:, None] * vectors).sum(axis=0) / weights.sum()
+        if item.normalize:
+            vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+        return vec.astype(np.float32), len(prompt)
 
     async def classify(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         """A sequence classifier's class logits ``[num_labels]`` (vLLM's ``classify`` task
