@@ -45,6 +45,8 @@ CLAIM_SECONDS = 15.0
 #: Seconds between two passes that forget expired batches and delete expired files (less
 #: where a retention is shorter).
 SWEEP_SECONDS = 60.0
+#: The longest :meth:`BatchRunner.close` waits for its tasks to end.
+CLOSE_SECONDS = 5.0
 
 
 class BatchRunner:
@@ -70,22 +72,32 @@ class BatchRunner:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._scan: asyncio.Task[None] | None = None
         self._woken = asyncio.Event()
+        #: Set by :meth:`close`: the scan ends at its next turn even where a store call
+        #: swallowed the task's cancellation (redis-py can, mid-read).
+        self._closing = False
 
     async def start(self) -> None:
         self._scan = asyncio.create_task(self._scan_forever(), name="batch-scan")
 
     async def close(self) -> None:
+        """Stop scanning and running batches (a batch is taken up again by a replica that
+        runs): waits for the tasks at most :data:`CLOSE_SECONDS`."""
+        self._closing = True
+        self._woken.set()
         tasks = [t for t in [self._scan, *self._running.values()] if t is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
+            if late:
+                log.warning("batch runner: %d tasks still running at close", len(late))
 
     def wake(self) -> None:
         """Look for batches to run now (a batch was just created here), not at the next scan."""
         self._woken.set()
 
     async def _scan_forever(self) -> None:
-        while True:
+        while not self._closing:
             self._woken.clear()
             try:
                 await self._scan_once()

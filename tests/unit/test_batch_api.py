@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from typing import Any
 
@@ -528,3 +529,28 @@ async def test_the_batch_lines_metric_counts_queued_then_completed_or_failed(gw)
         return metric(after, name, **labels) - metric(before, name, **labels)
 
     assert (moved("queued"), moved("completed"), moved("failed")) == (7, 6, 1)
+
+
+async def test_the_runner_stops_at_close_even_where_a_store_call_swallows_its_cancellation():
+    """FAKE store call (the fault, not producible on demand): ``running_batches`` swallows
+    the task's cancellation once, as redis-py can mid-read. The gateway still closes: the scan
+    ends at its next turn (a Redis test's teardown hung on this under load)."""
+    gw = InProcessGateway(pickup_timeout_seconds=1)
+    entered = asyncio.Event()
+    real = gw.store.running_batches
+
+    async def swallowing() -> list[str]:
+        if not entered.is_set():
+            entered.set()
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed
+                await asyncio.sleep(3600)
+        return await real()
+
+    gw.store.running_batches = swallowing
+    await gw.__aenter__()
+    gw.app.state.batch_runner.wake()
+    await asyncio.wait_for(entered.wait(), timeout=20)
+    async with asyncio.timeout(20):  # CLOSE_SECONDS is 5
+        await gw.__aexit__(None, None, None)
+    scan = gw.app.state.batch_runner._scan
+    assert scan is not None and scan.done()
