@@ -204,3 +204,27 @@ async def test_a_dead_replicas_queued_inputs_are_dropped_once_its_heartbeat_is_g
     r.delete(replica(a.replica))  # gone (a closing replica deletes it; a killed one's expires)
     assert await pull(b, n=5, worker="w") == []
     assert await b.depth() == {}
+
+
+async def test_a_redis_call_that_never_returns_does_not_hold_close(redis_server):
+    """FAKE Redis calls (the fault, not producible on demand): the replica's last ``DELETE``
+    and the client's close never return. ``close()`` still ends, each step bounded."""
+    from gateway.queue.redis import RedisStore
+    from gateway.queue.redis import store as redis_store
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    store = RedisStore(url, lease_seconds=5)
+    await store.start()
+    real_close = store.redis.aclose
+
+    async def forever(*_: Any) -> None:
+        await asyncio.sleep(3600)
+
+    store.redis.delete = forever  # type: ignore[method-assign]
+    store.redis.aclose = forever  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(4 * redis_store.CLOSE_SECONDS):
+        await store.close()
+    assert loop.time() - started >= 2 * redis_store.CLOSE_SECONDS  # both steps timed out
+    await real_close()

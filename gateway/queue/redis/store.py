@@ -48,6 +48,8 @@ REPLICA_TTL_SECONDS = 60
 ADVERTS_CACHED = 1024
 #: Seconds between two passes over the streams for those of models no worker serves.
 FORGET_SECONDS = 60.0
+#: The longest each step of :meth:`RedisStore.close` waits.
+CLOSE_SECONDS = 5.0
 
 
 class RedisStore(QueueStore):
@@ -110,15 +112,22 @@ class RedisStore(QueueStore):
         ]
 
     async def close(self) -> None:
+        """Stop the background tasks and leave Redis; every step bounded (``CLOSE_SECONDS``
+        each), so a stuck connection cannot hold a closing gateway."""
         self.replies.closing = True
         for task in [*self._tasks, *self.submissions.tasks]:
             task.cancel()
-        await self.conn.replies.aclose()
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self.conn.replies.aclose()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.delete(keys.replica(self.replica), self.replies.key)
-        await self.redis.aclose()
+            await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self.redis.delete(keys.replica(self.replica), self.replies.key)
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self.redis.aclose()
 
     async def ping(self) -> bool:
         try:
