@@ -273,3 +273,33 @@ async def test_a_long_query_and_a_failed_input_name_their_field(gw):
     r = await failing()
     assert r.status_code == 400 and r.json()["error"]["param"] == "text_2", r.text
     assert "text_2[0]" in r.json()["error"]["message"]
+
+
+async def test_a_causal_rerank_scores_p_true_and_checks_its_template_and_size(gw):
+    body = {"model": "lm", "query": "q", "documents": ["d1", "d2"]}
+    r, _ = await serve(gw, gw.client.post("/v1/rerank", json=body), lambda i: [0.2, 0.7])
+    assert r.status_code == 200, r.text
+    assert [d["relevance_score"] for d in r.json()["data"]] == [pytest.approx(0.7)] * 2  # P(yes)
+    bad = await gw.client.post("/v1/rerank", json={**body, "prompt_template": "{% if %}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_template"
+    # the template counts in every pair: 1,200 x 60,000 characters, over --max-rerank-bytes
+    huge = {
+        **body,
+        "documents": ["d"] * 1200,
+        "prompt_template": "{query} {document} " + "x" * 60_000,
+    }
+    r = await gw.client.post("/v1/rerank", json=huge)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+
+
+async def test_an_over_long_pair_names_its_field(gw):
+    short = {**CROSS, "name": "short-ce", "max_model_len": 16}
+    body = {"worker_id": "w3", "models": [short], "max_items": 1, "wait_seconds": 0}
+    assert (await gw.worker.post("/pull", json=body)).json()["items"] == []
+    long = "d" * 5_000
+    r = await gw.client.post("/v1/score", json={"model": "short-ce", "text_1": "q", "text_2": long})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text_2"
+    assert "text_2[0]" in r.json()["error"]["message"]
+    rr = {"model": "short-ce", "query": "q", "documents": ["ok", long]}
+    r = await gw.client.post("/v1/rerank", json=rr)
+    assert r.status_code == 400 and "documents[1]" in r.json()["error"]["message"]
