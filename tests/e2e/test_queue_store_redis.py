@@ -69,6 +69,35 @@ async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):
         await b.close()
 
 
+async def test_a_reply_stream_is_read_again_and_again_and_emptied(redis_server):
+    """Answers posted through another replica reach the client's replica one after another
+    through its reply stream (the reader keeps reading after each batch, forgets old early
+    answers, and deletes what it read): three requests in turn, the stream empty after each."""
+    import redis
+
+    from gateway.queue.redis import RedisStore, keys
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    plain = redis.Redis.from_url(url)
+    plain.flushdb()
+    a, b = (RedisStore(url, lease_seconds=5, max_attempts=3) for _ in range(2))
+    await a.start()
+    await b.start()
+    try:
+        for n in range(3):
+            mine = await a.submit([spec(f"x{n}", dimensions=2)])
+            (x,) = await pull(b, n=1, worker="w")
+            two = encode_vector(np.array([0.6, 0.8], np.float32))
+            done = ItemResult(item_id=x.item_id, lease_id=x.lease_id, vector_b64=two)
+            assert (await b.complete("w", [done])).accepted == 1  # through A's reply stream
+            (result,) = await a.wait(mine, pickup_timeout=1, request_timeout=5)
+            assert result.vector_b64 == two
+            await wait_until(lambda: plain.xlen(keys.reply(a.replica)) == 0, what="stream read")
+    finally:
+        await a.close()
+        await b.close()
+
+
 @pytest.fixture
 async def redis_db2(redis_server: Any) -> AsyncIterator[tuple[Any, Any]]:
     """A Redis store on database 2 of the session's redis-server (emptied first), and a
