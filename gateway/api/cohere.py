@@ -19,8 +19,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from common.protocol import decode_vector
 from gateway.api.models import EmbeddingRequest, ModelName
-from gateway.api.quantize import quantize
+from gateway.api.quantize import quantize, value_range
 from gateway.api.serving import Disconnected, Serving
 from gateway.errors import APIError
 
@@ -60,12 +61,12 @@ class CohereEmbedResponse(BaseModel):
     response_type: str | None = None
 
 
-def _encode(vectors: np.ndarray, kind: CohereType, value_range: list[float]) -> list[Any]:
+def _encode(vectors: np.ndarray, kind: CohereType, bounds: list[float]) -> list[Any]:
     if kind == "float":
         return vectors.tolist()  # type: ignore[no-any-return]
     if kind == "base64":  # the float32 bytes, little-endian
         return [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-    return quantize(vectors, kind, value_range).tolist()  # type: ignore[no-any-return]
+    return quantize(vectors, kind, bounds).tolist()  # type: ignore[no-any-return]
 
 
 async def embed(
@@ -90,13 +91,12 @@ async def embed(
     )
     prepared = await serving.prepare_embeddings(inner)
     results = await serving.run(prepared.specs, "texts", disconnected)
-    answer = prepared.respond(results)
-    vectors = np.array([d.embedding for d in answer.data], dtype=np.float32)
-    advert = await serving.store.advert(req.model)
-    value_range = (advert.quantization_range if advert else None) or [-1.0, 1.0]
+    # the float32 vectors as the worker sent them (not through the OpenAI response's lists)
+    vectors = np.stack([decode_vector(r.vector_b64 or "") for r in results])
+    bounds = value_range(await serving.store.advert(req.model))
     meta = {
         "api_version": {"version": str(version)},
-        "billed_units": {"input_tokens": answer.usage.prompt_tokens},
+        "billed_units": {"input_tokens": sum(r.prompt_tokens for r in results)},
     }
     ident = f"embed-{uuid.uuid4().hex}"
     if version == 1 and req.embedding_types is None:
@@ -111,7 +111,7 @@ async def embed(
     kinds = list(dict.fromkeys(asked))  # each once, in the order asked
     return CohereEmbedResponse(
         id=ident,
-        embeddings={k: _encode(vectors, k, value_range) for k in kinds},
+        embeddings={k: _encode(vectors, k, bounds) for k in kinds},
         texts=req.texts,
         meta=meta,
         response_type="embeddings_by_type" if version == 1 else None,

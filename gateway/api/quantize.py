@@ -19,7 +19,17 @@ from typing import Literal
 
 import numpy as np
 
+from common.protocol import ModelAdvert
+
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
+#: The calibration range of a model that advertises none: that of L2-normalised vectors.
+DEFAULT_RANGE = [-1.0, 1.0]
+
+
+def value_range(advert: ModelAdvert | None) -> list[float]:
+    """The [low, high] a model's 8-bit embeddings are quantized over: its advertised
+    ``quantization_range``, else :data:`DEFAULT_RANGE`."""
+    return (advert.quantization_range if advert else None) or DEFAULT_RANGE
 
 
 def quantize(vectors: np.ndarray, kind: EmbeddingType, value_range: list[float]) -> np.ndarray:

@@ -30,11 +30,13 @@ from gateway.api.models import (
 from gateway.api.serving import Disconnected, Serving
 from gateway.errors import APIError
 
+#: Built once: a TypeAdapter compiles its serializer when made.
+_LIST = TypeAdapter(list[Any])
+
 
 def json_list(items: list[Any]) -> Response:
     """A JSON array of wire models (TEI's responses are bare arrays)."""
-    body = TypeAdapter(list[Any]).dump_json(items, exclude_none=True)
-    return Response(body, media_type="application/json")
+    return Response(_LIST.dump_json(items, exclude_none=True), media_type="application/json")
 
 
 #: Credentials are checked before the body is read: :class:`gateway.http.edge.Edge`.

@@ -41,7 +41,7 @@ from gateway.api.models import (
     TextDocument,
     Usage,
 )
-from gateway.api.quantize import quantize
+from gateway.api.quantize import quantize, value_range
 from gateway.errors import APIError, item_error
 from gateway.queue.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from gateway.settings import GatewaySettings
@@ -219,7 +219,7 @@ class Serving:
         inputs.check_token_ids(specs, "input", advert)
 
         kind = req.embedding_type
-        value_range = (advert.quantization_range if advert else None) or [-1.0, 1.0]
+        bounds = value_range(advert)
 
         def respond(results: list[ItemResult]) -> EmbeddingResponse:
             data = []
@@ -227,7 +227,7 @@ class Serving:
                 assert res.vector_b64 is not None
                 emb: list[int] | list[float] | str
                 if kind != "float":
-                    packed = quantize(decode_vector(res.vector_b64)[None, :], kind, value_range)[0]
+                    packed = quantize(decode_vector(res.vector_b64)[None, :], kind, bounds)[0]
                     emb = (
                         base64.b64encode(packed.tobytes()).decode()
                         if req.encoding_format == "base64"
