@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -117,17 +117,11 @@ class RedisStore(QueueStore):
         self.replies.closing = True
         for task in [*self._tasks, *self.submissions.tasks]:
             task.cancel()
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
-            async with asyncio.timeout(CLOSE_SECONDS):
-                await self.conn.replies.aclose()
+        await _bounded(self.conn.replies.aclose())
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
-            async with asyncio.timeout(CLOSE_SECONDS):
-                await self.redis.delete(keys.replica(self.replica), self.replies.key)
-        with contextlib.suppress(TimeoutError, RedisError, OSError):
-            async with asyncio.timeout(CLOSE_SECONDS):
-                await self.redis.aclose()
+        await _bounded(self.redis.delete(keys.replica(self.replica), self.replies.key))
+        await _bounded(self.redis.aclose())
 
     async def ping(self) -> bool:
         try:
@@ -293,3 +287,11 @@ class RedisStore(QueueStore):
         while len(self._adverts) > ADVERTS_CACHED:
             self._adverts.popitem(last=False)
         return advert
+
+
+async def _bounded(step: Awaitable[object]) -> None:
+    """One step of :meth:`RedisStore.close`: given up after :data:`CLOSE_SECONDS`, and its
+    Redis or connection error ignored (the store is going away)."""
+    with contextlib.suppress(TimeoutError, RedisError, OSError):
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await step
