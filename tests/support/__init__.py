@@ -235,6 +235,12 @@ class InProcessGateway:
     async def metrics(self) -> str:
         return (await self.client.get("/metrics")).text
 
+    async def advertise(self, models: list[dict[str, Any]], worker_id: str = "w") -> None:
+        """Make ``models`` known as a worker does: a pull advertising them that takes nothing
+        (the queue must be empty)."""
+        body = {"worker_id": worker_id, "models": models, "max_items": 1, "wait_seconds": 0}
+        assert (await self.worker.post("/pull", json=body)).json()["items"] == []
+
     async def answer_while(
         self, call: Any, models: list[dict[str, Any]], values: Any, prompt_tokens: int
     ) -> tuple[Any, list[dict[str, Any]]]:

@@ -34,8 +34,7 @@ MODELS = [CLASSIFIER, EMBEDDER]
 @pytest.fixture
 async def gw() -> Any:
     async with InProcessGateway(pickup_timeout_seconds=10) as g:
-        body = {"worker_id": "w", "models": MODELS, "max_items": 1, "wait_seconds": 0}
-        assert (await g.worker.post("/pull", json=body)).json()["items"] == []
+        await g.advertise(MODELS)
         yield g
 
 

@@ -25,8 +25,7 @@ MODELS = [
 @pytest.fixture
 async def gw() -> Any:
     async with InProcessGateway(pickup_timeout_seconds=10) as g:
-        body = {"worker_id": "w", "models": MODELS, "max_items": 1, "wait_seconds": 0}
-        assert (await g.worker.post("/pull", json=body)).json()["items"] == []
+        await g.advertise(MODELS)
         yield g
 
 
@@ -53,35 +52,28 @@ async def test_the_clients_fields_win_over_the_policy(gw):
     assert await cut(gw, "end", truncation_side="start") == (64, "start")
 
 
+def work_item(**fields: Any) -> Any:
+    """A leased embedding input as a worker is handed it (model ``m``)."""
+    from common.protocol import WorkItem
+
+    base = {"item_id": "i", "lease_id": "l", "attempt": 1, "lease_seconds": 30}
+    return WorkItem(**{**base, "model": "m", "task": "embed", **fields})
+
+
 def test_a_start_cut_keeps_the_end_as_hugging_face_truncates_left():
     from transformers import AutoTokenizer
 
-    from common.protocol import WorkItem
     from worker.engine.prepare import Preparer
 
     tok = AutoTokenizer.from_pretrained(MINILM_FILES)
     left = AutoTokenizer.from_pretrained(MINILM_FILES, truncation_side="left")
     text = " ".join(f"w{i}" for i in range(40))  # no repeats: both cuts differ
-    base = {"model": "m", "task": "embed", "text": text, "truncate_prompt_tokens": 12}
+    base = {"text": text, "truncate_prompt_tokens": 12}
     items = [
-        WorkItem(
-            item_id="i0", lease_id="l", attempt=1, lease_seconds=30, **base, truncate_side="start"
-        ),
-        WorkItem(item_id="i1", lease_id="l", attempt=1, lease_seconds=30, **base),
-        WorkItem(
-            item_id="i2", lease_id="l", attempt=1, lease_seconds=30, **{**base, "text": "short"}
-        ),
-        WorkItem(
-            item_id="i3",
-            lease_id="l",
-            attempt=1,
-            lease_seconds=30,
-            model="m",
-            task="embed",
-            token_ids=list(range(1, 31)),
-            truncate_prompt_tokens=5,
-            truncate_side="start",
-        ),
+        work_item(**base, truncate_side="start"),
+        work_item(**base),
+        work_item(**{**base, "text": "short"}),
+        work_item(token_ids=list(range(1, 31)), truncate_prompt_tokens=5, truncate_side="start"),
     ]
     start, end, short, ids = Preparer(tok, "bi-encoder", False, 64).prepare(items)
     assert start == left(text, truncation=True, max_length=12)["input_ids"]
@@ -114,7 +106,7 @@ async def test_a_chunking_model_takes_texts_up_to_its_windows_and_splits_them(gw
 def test_a_long_text_is_split_into_windows_with_the_special_tokens_around_each():
     from transformers import AutoTokenizer
 
-    from common.protocol import MAX_CHUNKS, WorkItem
+    from common.protocol import MAX_CHUNKS
     from worker.engine.prepare import ChunkedPrompt, Preparer
 
     tok = AutoTokenizer.from_pretrained(MINILM_FILES)
@@ -122,17 +114,8 @@ def test_a_long_text_is_split_into_windows_with_the_special_tokens_around_each()
     ids = tok(text)["input_ids"]
     body = ids[1:-1]
 
-    def item(text: str, chunk: int) -> WorkItem:
-        return WorkItem(
-            item_id="i",
-            lease_id="l",
-            attempt=1,
-            lease_seconds=30,
-            model="m",
-            task="embed",
-            text=text,
-            chunk_tokens=chunk,
-        )
+    def item(text: str, chunk: int) -> Any:
+        return work_item(text=text, chunk_tokens=chunk)
 
     prep = Preparer(tok, "bi-encoder", False, 64)
     chunked, short = prep.prepare([item(text, 12), item("short", 12)])

@@ -32,8 +32,7 @@ CAUSAL = {
 @pytest.fixture
 async def gw() -> Any:
     async with InProcessGateway(pickup_timeout_seconds=10) as g:
-        body = {"worker_id": "w", "models": [CROSS, CAUSAL], "max_items": 1, "wait_seconds": 0}
-        assert (await g.worker.post("/pull", json=body)).json()["items"] == []
+        await g.advertise([CROSS, CAUSAL])
         yield g
 
 
@@ -242,8 +241,7 @@ async def test_a_request_in_flight_is_counted_until_it_is_answered(gw):
 
 async def test_a_long_query_and_a_failed_input_name_their_field(gw):
     short = {**CROSS, "name": "short", "max_model_len": 16}
-    body = {"worker_id": "w2", "models": [short], "max_items": 1, "wait_seconds": 0}
-    assert (await gw.worker.post("/pull", json=body)).json()["items"] == []
+    await gw.advertise([short], worker_id="w2")
     long = {"model": "short", "query": "q" * 10_000, "documents": ["d"]}
     r = await gw.client.post("/v1/rerank", json=long)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
@@ -294,8 +292,7 @@ async def test_a_causal_rerank_scores_p_true_and_checks_its_template_and_size(gw
 
 async def test_an_over_long_pair_names_its_field(gw):
     short = {**CROSS, "name": "short-ce", "max_model_len": 16}
-    body = {"worker_id": "w3", "models": [short], "max_items": 1, "wait_seconds": 0}
-    assert (await gw.worker.post("/pull", json=body)).json()["items"] == []
+    await gw.advertise([short], worker_id="w3")
     long = "d" * 5_000
     r = await gw.client.post("/v1/score", json={"model": "short-ce", "text_1": "q", "text_2": long})
     assert r.status_code == 400 and r.json()["error"]["param"] == "text_2"

@@ -21,8 +21,7 @@ WANT = [0, 1, 2]
 @pytest.fixture
 async def gw() -> Any:
     async with InProcessGateway(pickup_timeout_seconds=10) as g:
-        body = {"worker_id": "w", "models": [CROSS, CAUSAL], "max_items": 1, "wait_seconds": 0}
-        assert (await g.worker.post("/pull", json=body)).json()["items"] == []
+        await g.advertise([CROSS, CAUSAL])
         yield g
 
 

@@ -30,11 +30,6 @@ async def gw() -> Any:
         yield g
 
 
-async def advertise(gw: InProcessGateway, *models: dict[str, Any]) -> None:
-    body = {"worker_id": "w", "models": list(models), "max_items": 1, "wait_seconds": 0}
-    assert (await gw.worker.post("/pull", json=body)).json()["items"] == []
-
-
 def value(item: dict[str, Any]) -> list[float]:
     if item["task"] == "score":
         return [SCORES[item["text_pair"]]]
@@ -51,7 +46,7 @@ async def serve(
 
 
 async def test_embed_answers_bare_vectors_with_teis_fields(gw):
-    await advertise(gw, EMB, CROSS, CLF)
+    await gw.advertise([EMB, CROSS, CLF])
     body = {"inputs": ["a", "b"], "prompt_name": "query", "truncate": True, "normalize": False}
     r, items = await serve(gw, gw.client.post("/embed", json=body))
     assert r.status_code == 200, r.text
@@ -66,10 +61,10 @@ async def test_embed_answers_bare_vectors_with_teis_fields(gw):
 
 async def test_without_a_default_the_only_model_served_else_a_400():
     async with InProcessGateway(pickup_timeout_seconds=10) as g:
-        await advertise(g, EMB)
+        await g.advertise([EMB])
         r, items = await serve(g, g.client.post("/embed", json={"inputs": "a"}), (EMB,))
         assert r.status_code == 200 and items[0]["model"] == "emb"
-        await advertise(g, EMB, CROSS)
+        await g.advertise([EMB, CROSS])
         two = await g.client.post("/embed", json={"inputs": "a"})
         assert two.status_code == 400 and "--default-model" in two.json()["error"]["message"]
         call = g.client.post("/embed", json={"inputs": "a", "model": "emb"})
@@ -78,7 +73,7 @@ async def test_without_a_default_the_only_model_served_else_a_400():
 
 
 async def test_rerank_with_teis_body_ranks_texts_and_with_cohere_s_body_as_v1(gw):
-    await advertise(gw, EMB, CROSS, CLF)
+    await gw.advertise([EMB, CROSS, CLF])
     body = {"model": "ce", "query": "capital?", "texts": list(SCORES), "return_text": True}
     r, items = await serve(gw, gw.client.post("/rerank", json=body))
     assert r.status_code == 200, r.text
@@ -98,7 +93,7 @@ async def test_rerank_with_teis_body_ranks_texts_and_with_cohere_s_body_as_v1(gw
 
 
 async def test_predict_answers_labels_best_first_and_root_routes_by_the_models_type(gw):
-    await advertise(gw, EMB, CROSS, CLF)
+    await gw.advertise([EMB, CROSS, CLF])
     r, _ = await serve(gw, gw.client.post("/predict", json={"model": "clf", "inputs": "good"}))
     assert r.status_code == 200, r.text
     assert r.json() == [
@@ -115,7 +110,7 @@ async def test_predict_answers_labels_best_first_and_root_routes_by_the_models_t
 
 
 async def test_info_describes_the_model(gw):
-    await advertise(gw, EMB, CROSS, CLF)
+    await gw.advertise([EMB, CROSS, CLF])
     info = (await gw.client.get("/info")).json()
     assert info["model_id"] == "emb" and info["model_type"] == {"embedding": {"pooling": "model"}}
     assert info["max_input_length"] == 128 and info["prompts"] == {"query": "q: "}

@@ -26,8 +26,7 @@ VECTOR = [0.31, -0.2, 0.0, 0.49, -0.5, 0.7, -0.01, 0.12]
 @pytest.fixture
 async def gw() -> Any:
     async with InProcessGateway(pickup_timeout_seconds=10) as g:
-        body = {"worker_id": "w", "models": [EMBEDDER], "max_items": 1, "wait_seconds": 0}
-        assert (await g.worker.post("/pull", json=body)).json()["items"] == []
+        await g.advertise([EMBEDDER])
         yield g
 
 
