@@ -57,9 +57,9 @@ class Gateway:
     def rss_mb(self) -> float:
         return float(psutil.Process(self.proc.pid).memory_info().rss) / 2**20
 
-    def client(self, key: str = VICTIM) -> httpx.AsyncClient:
+    def client(self, key: str = VICTIM, **kw: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60, **kw
         )
 
     def worker(self, **kw: Any) -> QueueWorker:
@@ -474,7 +474,14 @@ async def test_idle_connections_do_not_lock_out_requests_probes_or_workers(memor
     flooder.start()
     await asyncio.sleep(1.0)
     results: dict[str, list[int]] = {"healthz": [], "pull": [], "embeddings": [], "internal": []}
-    async with gw.worker() as _worker, gw.client() as c, httpx.AsyncClient(timeout=10) as probe:
+    # A fresh connection per request: at the limit the gateway closes the connection idle longest,
+    # which may be a kept-alive one the client is about to reuse (a race by design, as in nginx).
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with (
+        gw.worker() as _worker,
+        gw.client(limits=fresh) as c,
+        httpx.AsyncClient(timeout=10, limits=fresh) as probe,
+    ):
         for _ in range(10):
             results["healthz"].append((await probe.get(gw.url + "/healthz")).status_code)
             w = await probe.post(

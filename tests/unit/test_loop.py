@@ -266,9 +266,8 @@ async def test_drain_timeout_releases_unfinished_items_to_another_worker(
     first = await start_worker(drain_timeout=0.1)
     request = asyncio.create_task(embed(client, ["slow:30:stuck"]))
     await wait_until(lambda: first.engine.running == 1)
-    t0 = time.monotonic()
     assert await first.stopped() == 0
-    assert time.monotonic() - t0 < 2  # did not wait for the 30 s item
+    assert not request.done()  # stopped without waiting for the 30 s item
     assert _logged(caplog, "worker.loop") == [
         ("INFO", "stopping: no more pulls; draining 1 in-flight items"),
         ("WARNING", "drain timeout: 1 items unfinished"),

@@ -173,12 +173,10 @@ async def test_a_connection_closed_without_an_answer_is_retried_then_unavailable
 async def test_connection_refused_is_retried_then_unavailable():
     client = _client(ls.free_port(), retries=2)
     before = metrics.QUEUE_RETRIES.labels("pull")._value.get()
-    t0 = time.monotonic()
     with pytest.raises(QueueUnavailable, match="ConnectError: Cannot connect to host"):
         await client.pull(REQ)
     await client.aclose()
     assert metrics.QUEUE_RETRIES.labels("pull")._value.get() - before == 2
-    assert time.monotonic() - t0 < 5
 
 
 def test_retries_wait_a_random_time_up_to_an_exponential_cap():

@@ -130,16 +130,16 @@ async def queued(gw: InProcessGateway, n: int) -> None:
 async def test_long_poll_returns_empty_after_its_wait(gw):
     t0 = time.monotonic()
     assert await pull(gw, wait=0.3) == []
-    assert 0.28 <= time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 >= 0.28  # it waited (a hang fails on the test's timeout)
 
 
 async def test_pull_answers_at_once_when_work_arrives_and_results_are_idempotent(gw):
     await pull(gw, wait=0)  # registers the model
-    waiting = asyncio.create_task(pull(gw, wait=10))
+    # The longest wait allowed (60 s) is longer than the test's timeout (30 s): only a pull
+    # woken by the work's arrival lets the test pass.
+    waiting = asyncio.create_task(pull(gw, wait=60))
     req = embed(gw, ["a", "b"])
-    t0 = time.monotonic()
     items = await waiting
-    assert time.monotonic() - t0 < 1.0
     assert [i["text"] for i in items] == ["a", "b"]
     assert all(i["attempt"] == 1 and i["task"] == "embed" and i["normalize"] for i in items)
     assert all(
@@ -276,7 +276,7 @@ async def test_release_hands_items_back_to_the_front_at_once(gw):
 async def test_no_worker_gives_503_after_the_pickup_timeout(gw):
     t0 = time.monotonic()
     r = await gw.client.post("/v1/embeddings", json={"model": "declared-only", "input": "x"})
-    assert 0.45 <= time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 >= 0.45  # the pickup timeout, not the request timeout:
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_worker_available"
     assert "0.5 s" in r.json()["error"]["message"]
@@ -289,7 +289,7 @@ async def test_taken_but_unanswered_gives_504_after_the_request_timeout(gw):
     req = embed(gw, "never answered")
     (item,) = await pull(gw)
     r = await req
-    assert 1.9 <= time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 >= 1.9
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "timeout" and "2 s" in r.json()["error"]["message"]
     assert (await post(gw, [ok(item, [1.0])]))["ignored"] == 1  # gone with the request
