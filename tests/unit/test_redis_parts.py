@@ -10,6 +10,7 @@ import asyncio
 
 from common.protocol import ItemResult
 from gateway.queue.redis import keys
+from gateway.queue.redis.connection import without_password
 from gateway.queue.redis.replies import Replies
 from gateway.queue.redis.stamped import Stamped
 
@@ -90,3 +91,11 @@ async def test_answer_says_whether_a_client_waits_and_drop_forgets_it():
     g.cancel()  # its client went away: the answer is taken, the future left as it is
     assert r.answer("c:1", result(1)) is True and g.cancelled()
     await asyncio.sleep(0)
+
+
+def test_a_password_given_apart_takes_the_urls_place_the_user_name_stays():
+    """redis-py lets a URL's password win over its ``password`` argument: it is taken out."""
+    assert without_password("redis://:old@h:6379/2") == "redis://h:6379/2"
+    assert without_password("rediss://ann:old@h:6380/0") == "rediss://ann@h:6380/0"
+    assert without_password("redis://ann@h/0") == "redis://ann@h/0"
+    assert without_password("redis://h:6379") == "redis://h:6379"

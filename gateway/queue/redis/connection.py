@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -37,8 +38,9 @@ class Connection:
             "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         }
-        if password is not None:
+        if password is not None:  # redis-py lets the URL's win: it is taken out of the URL
             kwargs["password"] = password
+            url = without_password(url)
         self.redis: aioredis.Redis = aioredis.from_url(url, **kwargs)
         self.replies: aioredis.Redis = aioredis.from_url(url, **kwargs)
         self.scripts = Scripts(self.redis)
@@ -57,3 +59,12 @@ class Connection:
             log.warning("queue store reachable")
         self._reachable = True
         return result
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its user info left out (the user name kept)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}@" if parts.username else ""
+    return parts._replace(netloc=user + parts.netloc.rpartition("@")[2]).geturl()

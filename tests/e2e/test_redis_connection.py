@@ -1,0 +1,172 @@
+"""The Redis store's connection and background loops on a redis-server of the module's own
+(stopped and restarted here, so not the session's): a password given apart from the URL, an
+outage logged once and its end once, the reply reader living through a Redis restart and a
+key of the wrong type, its blocking reads, and the streams of abandoned models dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from common.protocol import ItemResult, ModelAdvert, encode_vector
+from devstack import localstack as ls
+from gateway.queue.redis import RedisStore
+from gateway.queue.store import StoreUnavailable
+from tests.support import wait_until
+from tests.unit.test_queue_store import pull, spec
+
+pytestmark = pytest.mark.slow
+
+LOGGER = "gateway.queue.redis"
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ls.Proc]:
+    """A redis-server (AOF on) for this module alone."""
+    proc = ls.start_redis(tmp_path_factory.mktemp("own-redis"))
+    yield proc
+    proc.stop()
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= 30]
+
+
+async def test_a_password_given_apart_wins_over_the_urls_for_both_clients(own_redis):
+    import redis
+
+    from gateway.queue.redis.connection import Connection
+
+    plain = redis.Redis.from_url(own_redis.url)
+    plain.config_set("requirepass", "s3cret")
+    host = own_redis.url.removeprefix("redis://")
+    try:
+        right = Connection(f"redis://:wrong@{host}", password="s3cret")
+        assert await right.call(right.redis.ping()) is True
+        assert await right.call(right.replies.ping()) is True  # the reply reader's client
+        await right.redis.aclose()
+        await right.replies.aclose()
+        wrong = Connection(f"redis://{host}")  # no password: refused, as an outage
+        with pytest.raises(StoreUnavailable):
+            await wrong.call(wrong.redis.ping())
+        await wrong.redis.aclose()
+        await wrong.replies.aclose()
+    finally:
+        redis.Redis.from_url(own_redis.url, password="s3cret").config_set("requirepass", "")
+        plain.close()
+
+
+async def test_an_outage_is_logged_once_and_its_end_once(tmp_path, caplog):
+    from gateway.queue.redis.connection import Connection
+
+    caplog.set_level(logging.INFO, LOGGER)
+    port = ls.free_port()
+    conn = Connection(f"redis://127.0.0.1:{port}/0")
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable, match=r"^Redis: "):
+            await conn.call(conn.redis.ping())
+    (down,) = warnings(caplog)
+    assert down.startswith("queue store unreachable (Redis: ") and down.endswith("); retrying")
+    server = ls.start_redis(tmp_path, port=port)
+    try:
+        assert await conn.call(conn.redis.ping()) is True
+        assert await conn.call(conn.redis.ping()) is True
+        assert warnings(caplog) == [down, "queue store reachable"]  # once, not per call
+    finally:
+        await conn.redis.aclose()
+        await conn.replies.aclose()
+        server.stop()
+
+
+async def exchange(a: RedisStore, b: RedisStore, text: str) -> None:
+    """A's client asks, a worker pulls and answers through B: the answer reaches A through
+    its reply stream (read by A's reply reader)."""
+    mine = await a.submit([spec(text, dimensions=2)])
+    (x,) = await pull(b, n=1, worker="w")
+    two = encode_vector(np.array([0.6, 0.8], np.float32))
+    done = ItemResult(item_id=x.item_id, lease_id=x.lease_id, vector_b64=two)
+    assert (await b.complete("w", [done])).accepted == 1
+    (result,) = await a.wait(mine, pickup_timeout=5, request_timeout=10)
+    assert result.vector_b64 == two
+
+
+async def test_the_reply_reader_reads_on_after_a_restart_and_a_key_of_the_wrong_type(
+    own_redis, caplog
+):
+    """A Redis restart (seen as StoreUnavailable: the connection logs it, the reader does
+    not) and a reply key that is not a stream (a Redis error, logged by the reader): the
+    reader waits and reads on; answers after either reach the client. Between answers it
+    blocks in XREAD (about one call a second), not polling."""
+    import redis
+
+    from gateway.queue.redis import keys
+
+    caplog.set_level(logging.INFO, LOGGER)
+    plain = redis.Redis.from_url(own_redis.url)
+    plain.flushdb()
+    a, b = (RedisStore(own_redis.url, lease_seconds=5) for _ in range(2))
+    await a.start()
+    await b.start()
+    try:
+        await exchange(a, b, "before")
+        plain.config_resetstat()
+        await asyncio.sleep(2.0)
+        stats = plain.info("commandstats")
+        assert stats["cmdstat_xread"]["calls"] <= 8  # two readers, blocking 1 s per call
+
+        own_redis.stop()
+        await asyncio.sleep(1.5)  # both readers meet the outage
+        port = int(own_redis.url.rsplit(":", 1)[1].split("/")[0])
+        # the same port and data folder (its AOF: the streams and their groups come back)
+        restarted = ls.start_redis(own_redis.log_path.parent.parent, port=port)
+        own_redis.popen = restarted.popen  # the module's fixture stops this one
+        await exchange(a, b, "after the restart")
+        assert not [m for m in warnings(caplog) if m.startswith("queue store (replies)")]
+
+        plain.delete(keys.reply(a.replica))
+        plain.set(keys.reply(a.replica), "not a stream")
+        await wait_until(
+            lambda: any(m.startswith("queue store (replies): WRONGTYPE") for m in warnings(caplog)),
+            what="the reader's warning",
+        )
+        plain.delete(keys.reply(a.replica))
+        await exchange(a, b, "after the wrong type")
+    finally:
+        await a.close()
+        await b.close()
+        plain.close()
+
+
+async def test_the_streams_of_an_abandoned_model_are_dropped_after_its_advert_ttl(
+    own_redis, caplog
+):
+    """The background loop (every lease/2 seconds here) drops the empty streams of models
+    whose adverts expired, and logs how many."""
+    import redis
+
+    caplog.set_level(logging.INFO, LOGGER)
+    plain = redis.Redis.from_url(own_redis.url)
+    plain.flushdb()
+    store = RedisStore(own_redis.url, lease_seconds=0.4, advert_ttl_seconds=1.0)
+    await store.start()
+    try:
+        gone = ModelAdvert(name="abandoned", checkpoint_name="c", tasks=["embed", "score"])
+        await pull(store, adverts=[gone])
+        streams = [k for k in plain.keys("*abandoned*") if plain.type(k) == b"stream"]
+        assert streams
+        await wait_until(
+            lambda: not [k for k in plain.keys("*") if b"abandoned" in k],
+            timeout=15,
+            what="the abandoned model's streams dropped",
+        )
+        dropped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped")]
+        assert dropped == [f"dropped {len(streams)} empty streams of models no worker serves"], (
+            dropped
+        )
+    finally:
+        await store.close()
+        plain.close()
