@@ -31,9 +31,12 @@ MAX_MODELS_PER_PULL = 256
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 #: What a worker does with an item: ``embed`` (pooled embedding), ``score`` (a pair's score, or
-#: logits of chosen token ids at the last position) or ``classify`` (a sequence classifier's
-#: class probabilities or logits).
-Task = Literal["embed", "score", "classify"]
+#: logits of chosen token ids at the last position), ``classify`` (a sequence classifier's
+#: class probabilities or logits) or ``tokenize`` (the model's tokenizer alone, no engine
+#: step: a text's tokens, or the text of token ids; every worker serves it for its models).
+Task = Literal["embed", "score", "classify", "tokenize"]
+#: The tasks an engine is started for (``generator.task``): all but ``tokenize``.
+EngineTask = Literal["embed", "score", "classify"]
 
 #: How a scoring model turns a (query, document) pair into a score, as vLLM names them plus
 #: this project's causal-LM recipe: ``causal-lm`` (the raw logits of chosen token ids at the
@@ -100,7 +103,7 @@ class ModelAdvert(_Wire):
     checkpoint_name: Name
     version: int = 1
     tags: list[Name] = Field(default_factory=list, max_length=64)
-    tasks: list[Task] = Field(max_length=3)
+    tasks: list[Task] = Field(max_length=4)
     #: Longest prompt in tokens the engine accepts (vLLM ``max_model_len``).
     max_model_len: int | None = Field(default=None, ge=1)
     description: str = Field(default="", max_length=4096)
@@ -187,6 +190,9 @@ class ItemSpec(BaseModel):
     chunk_tokens: int | None = None
     #: score: token ids whose last-position logits are returned, in this order.
     return_logits: list[int] | None = None
+    #: tokenize: a text's tokens with the tokenizer's special tokens added; token ids' text
+    #: with the special tokens kept (False: left out, TEI's ``skip_special_tokens``).
+    special_tokens: bool = True
     #: ``None`` / 0: interactive. 1 (:data:`BATCH_PRIORITY`): a batch job's input, handed out
     #: only when no interactive input waits; the worker passes it to vLLM's priority
     #: scheduling (lower first).
@@ -260,13 +266,33 @@ class ItemError(_Wire):
         return message if len(message) <= MAX_ERROR_MESSAGE else message[:MAX_ERROR_MESSAGE] + "..."
 
 
+#: Tokens a ``tokenize`` result may list, and characters of a decoded text.
+MAX_TOKENS = 1 << 20
+MAX_TEXT = 1 << 24
+
+
+class Token(_Wire):
+    """One token of a text (``tokenize``), as TEI's ``/tokenize`` gives it: its ``id``, its
+    ``text`` (the input's bytes it covers; the token itself for a special token), and the
+    UTF-8 byte offsets [``start``, ``stop``) in the input (None for a special token)."""
+
+    id: int = Field(ge=0)
+    text: str = Field(max_length=MAX_TEXT)
+    special: bool
+    start: int | None = Field(default=None, ge=0)
+    stop: int | None = Field(default=None, ge=0)
+
+
 class ItemResult(_Wire):
-    """The outcome of one item: a vector and its prompt-token count, or an error."""
+    """The outcome of one item: a vector and its prompt-token count, or an error; for a
+    ``tokenize`` item, the text's ``tokens`` or the token ids' ``text`` instead of a vector."""
 
     item_id: Name
     lease_id: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
     #: base64 of little-endian float32 [dim]; set when ``error`` is None.
     vector_b64: str | None = None
+    tokens: list[Token] | None = Field(default=None, max_length=MAX_TOKENS)
+    text: str | None = Field(default=None, max_length=MAX_TEXT)
     #: Tokens of the input's prompt, as the engine counted them (the gateway refuses more
     #: than the model's context length as a bad result).
     prompt_tokens: int = Field(default=0, ge=0)
@@ -286,6 +312,13 @@ class ItemResult(_Wire):
         )
         result._vector = vector
         return result
+
+    @classmethod
+    def tokenized(
+        cls, item: WorkItem, tokens: list[Token] | None = None, text: str | None = None
+    ) -> ItemResult:
+        """A ``tokenize`` item's answer: a text's ``tokens``, or token ids' ``text``."""
+        return cls(item_id=item.item_id, lease_id=item.lease_id, tokens=tokens, text=text)
 
     @classmethod
     def failed(
@@ -363,6 +396,8 @@ class BinaryResult(_Wire):
     values: int = Field(default=0, ge=0)
     prompt_tokens: int = Field(default=0, ge=0)
     error: ItemError | None = None
+    tokens: list[Token] | None = Field(default=None, max_length=MAX_TOKENS)
+    text: str | None = Field(default=None, max_length=MAX_TEXT)
 
 
 class BinaryResultsHeader(_Wire):
@@ -388,6 +423,8 @@ def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
                 values=n,
                 prompt_tokens=r.prompt_tokens,
                 error=r.error,
+                tokens=r.tokens,
+                text=r.text,
             )
         )
     head = BinaryResultsHeader(worker_id=worker_id, results=header).model_dump_json(
@@ -427,6 +464,8 @@ def decode_results(body: bytes) -> ResultsRequest:
                 vector_b64=vector,
                 prompt_tokens=r.prompt_tokens,
                 error=r.error,
+                tokens=r.tokens,
+                text=r.text,
             )
         )
     return ResultsRequest(worker_id=header.worker_id, results=out)

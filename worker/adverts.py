@@ -88,7 +88,7 @@ def model_adverts(cfg: Config, engine: EngineFacts) -> list[ModelAdvert]:
                 checkpoint_name=cfg.queue.checkpoint_name,
                 version=cfg.queue.version,
                 tags=cfg.queue.tags,
-                tasks=tasks,
+                tasks=[*tasks, "tokenize"],  # its tokenizer, for every model
                 max_model_len=engine.max_model_len,
                 description=entry.description,
                 vocab_size=engine.vocab_size,

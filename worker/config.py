@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from common import prompts
-from common.protocol import LongInputs, ScoreType, Task
+from common.protocol import EngineTask, LongInputs, ScoreType
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,7 +69,7 @@ class GeneratorConfig(_Strict):
     #: ``embed``: pooled embeddings. ``score``: scores of (query, document) pairs and, on a
     #: causal LM, logits of chosen token ids at the last position. ``classify``: a sequence
     #: classifier's class probabilities (vLLM's pooling runner, ``classify``).
-    task: Task = "embed"
+    task: EngineTask = "embed"
     #: How ``task = "score"`` scores a pair (:data:`~common.protocol.ScoreType`). By default
     #: from the checkpoint: a ``*ForCausalLM`` architecture is ``causal-lm`` (vLLM's generate
     #: runner, ``return_logits``); any other is served by vLLM's pooling runner with the score
@@ -217,9 +217,9 @@ class ModelEntry(_Strict):
     scoring_task: ScoringTask = ScoringTask()
     classification_task: ClassificationTask = ClassificationTask()
 
-    def tasks(self) -> list[Task]:
+    def tasks(self) -> list[EngineTask]:
         """Task names advertised to the queue (``embed``, ``score``, ``classify``)."""
-        out: list[Task] = []
+        out: list[EngineTask] = []
         if self.embedding_task.supported:
             out.append("embed")
         if self.scoring_task.supported:

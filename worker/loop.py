@@ -65,6 +65,8 @@ class EngineLike(Protocol):
 
     async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]: ...
 
+    async def tokenize(self, items: list[WorkItem]) -> list[ItemResult]: ...
+
     async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]: ...
 
     async def log_stats(self) -> None: ...
@@ -191,7 +193,14 @@ class Worker:
     async def _start(self, batch: list[_Leased]) -> None:
         """Prepare one pulled batch's prompts in one call (templates, tokenization), then start
         one engine request per item; an item whose prompt failed is answered at once, and a
-        batch whose preparation failed unexpectedly is answered with a retryable error."""
+        batch whose preparation failed unexpectedly is answered with a retryable error.
+        ``tokenize`` items are answered by the tokenizer alone."""
+        tokenizing = [lz for lz in batch if lz.item.task == "tokenize"]
+        if tokenizing:
+            batch = [lz for lz in batch if lz.item.task != "tokenize"]
+            await self._tokenize(tokenizing)
+        if not batch:
+            return
         try:
             prompts = await self.engine.prepare([lz.item for lz in batch])
         except Exception as e:
@@ -204,6 +213,15 @@ class Worker:
                 self._answer(ItemResult.failed(leased.item, prompt.code, prompt.message), leased)
             else:
                 self._spawn(self._infer(leased, prompt))
+
+    async def _tokenize(self, batch: list[_Leased]) -> None:
+        try:
+            results = await self.engine.tokenize([lz.item for lz in batch])
+        except Exception as e:
+            log.exception("tokenizing %d pulled items failed unexpectedly", len(batch))
+            results = [self._unexpected(lz.item, e) for lz in batch]
+        for leased, result in zip(batch, results, strict=True):
+            self._answer(result, leased)
 
     # --- infer --------------------------------------------------------------------------
     async def _infer(self, leased: _Leased, prompt: Prompt) -> None:

@@ -1,7 +1,8 @@
 """Client routes (API keys, checked by :mod:`gateway.http.edge`): ``POST /v1/embeddings``,
 ``POST /v1/rerank`` (also ``/rerank`` and ``/v2/rerank``, as vLLM serves it for Cohere and
 Jina clients, and with TEI's body), Cohere's ``POST /v2/embed`` and ``/v1/embed``
-(:mod:`gateway.api.cohere`), TEI's ``/embed``, ``/predict``, ``/``, ``GET /info``
+(:mod:`gateway.api.cohere`), TEI's ``/embed``, ``/predict``, ``/``, ``/tokenize``,
+``/decode``, ``GET /info``
 (:mod:`gateway.api.tei`),
 ``POST /v1/score``, ``POST /v1/classify``, ``GET /v1/models``. Thin handlers; the logic is in
 :mod:`gateway.api.serving`."""
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
+from common.protocol import Token
 from gateway.api import cohere, tei
 from gateway.api.models import (
     ClassifyRequest,
@@ -32,6 +34,8 @@ from gateway.errors import APIError
 
 #: Built once: a TypeAdapter compiles its serializer when made.
 _LIST = TypeAdapter(list[Any])
+#: TEI's tokens keep their null offsets (special tokens), unlike ``json_list``.
+_TOKENS = TypeAdapter(list[list[Token]])
 
 
 def json_list(items: list[Any]) -> Response:
@@ -126,6 +130,21 @@ async def tei_root(
     req: tei.TEIEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
 ) -> Response:
     return json_list(await tei.root(serving, req, _disconnected(request)))
+
+
+@peer_router.post("/tokenize", response_model=list[list[Token]])
+async def tei_tokenize(
+    req: tei.TEITokenizeRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    tokens = await tei.tokenize(serving, req, _disconnected(request))
+    return Response(_TOKENS.dump_json(tokens), media_type="application/json")
+
+
+@peer_router.post("/decode", response_model=list[str])
+async def tei_decode(
+    req: tei.TEIDecodeRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return JSONResponse(await tei.decode(serving, req, _disconnected(request)))
 
 
 @peer_router.get("/info")

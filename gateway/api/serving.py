@@ -50,6 +50,7 @@ _TASK_NAMES = {
     "embed": "embeddings",
     "score": "scoring (rerank, score, return_logits)",
     "classify": "classification",
+    "tokenize": "tokenization (/tokenize, /decode)",
 }
 #: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
 QUEUE_FULL_RETRY_AFTER = 5

@@ -1,21 +1,26 @@
 """Text Embeddings Inference's routes (``POST /embed``, ``/rerank`` with TEI's body,
-``/predict``, ``POST /`` by the model's type, ``GET /info``), served by the same queue paths
-as the OpenAI / vLLM routes, so TEI's clients (``huggingface_hub.InferenceClient``, LangChain's
-``HuggingFaceEndpointEmbeddings``, llama-index's ``TextEmbeddingsInference``, haystack's TEI
-components) work unchanged. TEI's bodies name no model: :func:`model_for` picks one.
+``/predict``, ``POST /`` by the model's type, ``/tokenize``, ``/decode``, ``GET /info``),
+served by the same queue paths as the OpenAI / vLLM routes (``/tokenize`` and ``/decode`` by
+the worker's tokenizer: ``tokenize`` items), so TEI's clients
+(``huggingface_hub.InferenceClient``, LangChain's ``HuggingFaceEndpointEmbeddings``,
+llama-index's ``TextEmbeddingsInference``, haystack's TEI components) work unchanged. TEI's
+bodies name no model: :func:`model_for` picks one.
 
 Source: TEI's OpenAPI (``router/src/http/types.rs``: ``EmbedRequest`` ``inputs``,
 ``normalize``, ``truncate``, ``truncation_direction``, ``prompt_name``, ``dimensions``;
 ``RerankRequest`` ``query``, ``texts``, ``raw_scores``, ``return_text``, ``truncate``;
-``PredictRequest``; ``Info``)."""
+``PredictRequest``; ``TokenizeRequest`` ``inputs``, ``add_special_tokens``, ``prompt_name``
+→ ``[[SimpleToken]]``; ``DecodeRequest`` ``ids``, ``skip_special_tokens`` → ``[str]``;
+``Info``)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from common.protocol import Task
+from common.protocol import MAX_CHUNKS, ItemSpec, ModelAdvert, Task, Token
+from gateway.api import inputs as checks
 from gateway.api.models import (
     MAX_INPUTS,
     ClassifyRequest,
@@ -76,6 +81,32 @@ class TEIPredictRequest(_TEIRequest):
 class TEIPrediction(BaseModel):
     score: float
     label: str
+
+
+class _TEIModelOnly(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    #: As :class:`_TEIRequest`'s.
+    model: ModelName | None = None
+
+
+class TEITokenizeRequest(_TEIModelOnly):
+    """``POST /tokenize``: the response is ``[[token, ...], ...]``, one list per input
+    (:class:`~common.protocol.Token`: ``id``, ``text``, ``special``, ``start``, ``stop``)."""
+
+    inputs: StrictStr | list[StrictStr] = Field(union_mode="left_to_right")
+    add_special_tokens: bool = True
+    prompt_name: StrictStr | None = None
+
+
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+
+class TEIDecodeRequest(_TEIModelOnly):
+    """``POST /decode``: token ids (one list, or a batch of lists) → ``[text, ...]``."""
+
+    ids: TokenIds | list[TokenIds] = Field(union_mode="left_to_right")
+    skip_special_tokens: bool = True
 
 
 async def model_for(serving: Serving, asked: str | None, task: Task) -> str:
@@ -217,3 +248,56 @@ async def info(serving: Serving, model: str | None) -> dict[str, Any]:
         "max_client_batch_size": MAX_INPUTS,
         "prompts": advert.prompts or None,
     }
+
+
+async def tokenize(
+    serving: Serving, req: TEITokenizeRequest, disconnected: Disconnected
+) -> list[list[Token]]:
+    """``POST /tokenize``: each input's tokens from the model's tokenizer (on a worker), with
+    the named prompt (``prompt_name``, else the model's default) before the text, as
+    ``/embed`` puts it. A text may be up to :data:`~common.protocol.MAX_CHUNKS` times what the
+    model takes whole (to see where to split it); 400 past that."""
+    texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+    model = await model_for(serving, req.model, "tokenize")
+    advert = await _tokenizing(serving, model, len(texts), "inputs")
+    specs = [
+        ItemSpec(model=model, task="tokenize", text=t, special_tokens=req.add_special_tokens)
+        for t in texts
+    ]
+    named = EmbeddingRequest(model=model, input="", prompt_name=req.prompt_name)
+    checks.apply_prompt(specs, named, advert, "embed")
+    checks.check_sizes(specs, "inputs", serving._max_chars(advert) * MAX_CHUNKS)
+    results = await serving.run(specs, "inputs", disconnected)
+    return [r.tokens or [] for r in results]
+
+
+async def decode(serving: Serving, req: TEIDecodeRequest, disconnected: Disconnected) -> list[str]:
+    """``POST /decode``: each list of token ids as text, by the model's tokenizer (on a
+    worker), its special tokens left out unless ``skip_special_tokens`` is false; one list
+    gives one text. 400 for an id outside the vocabulary."""
+    batch = req.ids if req.ids and isinstance(req.ids[0], list) else [req.ids]
+    if not all(batch):
+        raise APIError(400, "'ids': a list of token ids is empty.", param="ids")
+    model = await model_for(serving, req.model, "tokenize")
+    advert = await _tokenizing(serving, model, len(batch), "ids")
+    specs = [
+        ItemSpec(
+            model=model,
+            task="tokenize",
+            token_ids=list(ids),  # type: ignore[arg-type]
+            special_tokens=not req.skip_special_tokens,
+        )
+        for ids in batch
+    ]
+    checks.check_sizes(specs, "ids", serving._max_chars(advert) * MAX_CHUNKS)
+    checks.check_token_ids(specs, "ids", advert)
+    results = await serving.run(specs, "ids", disconnected)
+    return [r.text or "" for r in results]
+
+
+async def _tokenizing(serving: Serving, model: str, n: int, field: str) -> ModelAdvert | None:
+    """The advert of a model whose workers tokenize; 400 for 0 or more than
+    :data:`~gateway.api.models.MAX_INPUTS` inputs."""
+    if not 1 <= n <= MAX_INPUTS:
+        raise APIError(400, f"'{field}' must have 1 to {MAX_INPUTS} entries.", param=field)
+    return await serving.check_model(model, "tokenize")

@@ -120,7 +120,11 @@ def check_result(
     if result.error is not None:
         return result
     why = None
-    if result.prompt_tokens > max_prompt_tokens:
+    if spec is not None and spec.task == "tokenize":
+        why = _tokenize_fault(result, spec)
+    elif result.tokens is not None or result.text is not None:
+        why = "tokens or a text for an item that is not a tokenize item"
+    elif result.prompt_tokens > max_prompt_tokens:
         why = (
             f"{result.prompt_tokens} prompt tokens, more than the model takes ({max_prompt_tokens})"
         )
@@ -158,6 +162,22 @@ def check_result(
             retryable=True,
         ),
     )
+
+
+def _tokenize_fault(result: ItemResult, spec: ItemSpec) -> str | None:
+    """What is wrong with a ``tokenize`` result: a text's answer lists tokens whose offsets
+    lie within the text (UTF-8 bytes); token ids' answer is a text; never a vector."""
+    if result.vector_b64 is not None:
+        return "a vector for a tokenize item"
+    if spec.token_ids is not None:
+        return "a tokenize result without its text" if result.text is None else None
+    if result.tokens is None:
+        return "a tokenize result without its tokens"
+    size = len((spec.text or "").encode("utf-8", "surrogatepass"))
+    for t in result.tokens:
+        if t.start is not None and (t.stop is None or not t.start <= t.stop <= size):
+            return f"a token's offsets ({t.start}, {t.stop}) outside the text ({size} bytes)"
+    return None
 
 
 def fits(

@@ -355,7 +355,7 @@ def test_score_worker_keeps_serving(sc, score_worker):
     assert r.status_code == 200
     assert score_worker.popen.poll() is None
     models = {m["id"]: m for m in sc.get("/v1/models").json()["data"]}
-    assert models[MODEL]["tasks"] == ["score"]
+    assert models[MODEL]["tasks"] == ["score", "tokenize"]
 
 
 def test_upstream_vllm_metric_names(sc, score_worker):

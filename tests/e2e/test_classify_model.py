@@ -83,7 +83,7 @@ def test_classify_matches_transformers(api, classifier, classifier_path, stsb_se
     raw = api.post("/v1/classify", json={"model": CLASSIFIER, "input": texts, "normalize": False})
     assert np.abs(np.array([d["probs"] for d in raw.json()["data"]]) - logits).max() < 1e-4
     card = next(m for m in api.get("/v1/models").json()["data"] if m["id"] == CLASSIFIER)
-    assert card["tasks"] == ["classify"] and card["labels"] == list(LABELS)
+    assert card["tasks"] == ["classify", "tokenize"] and card["labels"] == list(LABELS)
 
 
 def test_a_classifier_is_not_an_embedding_model_and_long_inputs_are_refused(

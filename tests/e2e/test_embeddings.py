@@ -133,7 +133,8 @@ def test_models_lists_the_served_model(client):
     models = {m.id: m for m in client.models.list().data}
     assert MODEL in models
     card = models[MODEL].model_dump()
-    assert card["tasks"] == ["embed", "score"]  # the session worker scores pairs too
+    # it scores pairs too; every worker tokenizes (TEI's /tokenize, /decode)
+    assert card["tasks"] == ["embed", "score", "tokenize"]
     assert card["score_type"] == "bi-encoder"
     assert card["max_model_len"] == 256
     assert card["workers"] >= 1
@@ -336,6 +337,33 @@ def test_teis_client_embeds_without_a_model(gateway, embed_worker, reference, mo
     assert r.status_code == 200, r.text
     want = reference.raw([PROMPTS["query"] + texts[0], PROMPTS["query"] + long])
     assert cosine(np.array(r.json(), dtype=np.float32), want).min() >= 0.999
+
+
+def test_teis_tokenize_and_decode_use_the_workers_tokenizer(http, reference):
+    """``/tokenize`` and ``/decode`` (no model named) answered by the real worker's tokenizer:
+    the ids ``transformers``' tokenizer gives, UTF-8 byte offsets covering each token's text,
+    the named prompt before the text; the ids decode back, and embedding those ids gives the
+    text's vector."""
+    text = "Héllo wörld: a guitar."
+    r = http.post("/tokenize", json={"inputs": [text, "x"], "prompt_name": "query"})
+    assert r.status_code == 200, r.text
+    tokens, short = r.json()
+    prompted = PROMPTS["query"] + text
+    assert [t["id"] for t in tokens] == reference.tok(prompted)["input_ids"]
+    assert tokens[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
+    data = prompted.encode()
+    assert all(data[t["start"] : t["stop"]].decode() == t["text"] for t in tokens[1:-1])
+    assert [t["text"] for t in short] == ["[CLS]", "query", ":", "x", "[SEP]"]
+    ids = [t["id"] for t in tokens]
+    r = http.post("/decode", json={"ids": [ids, ids[1:3]]})
+    assert r.status_code == 200, r.text
+    assert r.json() == [reference.tok.decode(ids, skip_special_tokens=True), "query :"]
+    by_ids = http.post("/v1/embeddings", json={"model": MODEL, "input": [ids]})
+    by_text = http.post("/v1/embeddings", json={"model": MODEL, "input": prompted})
+    vectors = [np.array(x.json()["data"][0]["embedding"]) for x in (by_ids, by_text)]
+    assert cosine(vectors[0][None], vectors[1][None]).min() >= 0.99999
+    bad = http.post("/decode", json={"ids": [reference.tok.vocab_size]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_token_ids"
 
 
 def test_a_text_cut_at_its_start_embeds_as_its_end(http, reference):

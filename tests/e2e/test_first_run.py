@@ -117,7 +117,7 @@ def test_pharia_example_serves_on_this_cpu_host(
 
     client = OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=120)
     cards = {m.id: m.model_dump() for m in client.models.list().data}
-    assert cards[PHARIA_MODEL]["tasks"] == ["embed"]
+    assert cards[PHARIA_MODEL]["tasks"] == ["embed", "tokenize"]
     assert cards[PHARIA_MODEL]["max_model_len"] == 2048
     texts = stsb_sentences[:8]
     resp = client.embeddings.create(model=PHARIA_MODEL, input=texts, encoding_format="float")

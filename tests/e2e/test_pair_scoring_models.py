@@ -79,7 +79,8 @@ def score(api: httpx.Client, model: str, text_1: Any, text_2: Any, **kw: Any) ->
 
 def test_models_advertise_the_score_type_the_checkpoint_calls_for(api):
     cards = {m["id"]: m for m in api.get("/v1/models").json()["data"]}
-    assert cards[CROSS]["score_type"] == "cross-encoder" and cards[CROSS]["tasks"] == ["score"]
+    assert cards[CROSS]["score_type"] == "cross-encoder"
+    assert cards[CROSS]["tasks"] == ["score", "tokenize"]
     assert cards[COLBERT]["score_type"] == "late-interaction"
     assert cards[MODEL]["score_type"] == "bi-encoder"
 

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 from prometheus_client import Counter
 
-from common.protocol import ErrorCode, WorkItem
+from common.protocol import ErrorCode, ItemResult, WorkItem
 from worker.engine import EngineDead, InvalidInput, Prompt
 
 #: all-MiniLM-L6-v2's config and tokenizer, no weights (``data/all-minilm-l6-v2-tokenizer``):
@@ -60,6 +60,7 @@ class FakeEngine:
         self.peak_batch_running = 0
         self.prepared_batches: list[int] = []
         self._crashed: set[str] = set()
+        self.tokenizer: Any = None
 
     async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
         self.prepared_batches.append(len(items))
@@ -101,6 +102,16 @@ class FakeEngine:
             self.running -= 1
             self.tokens_running -= item.est_tokens
             self.batch_running -= bool(item.priority)
+
+    async def tokenize(self, items: list[WorkItem]) -> list[ItemResult]:
+        """``tokenize`` items, by the real worker code on MiniLM's real tokenizer."""
+        from transformers import AutoTokenizer
+
+        from worker.engine.tokenize import tokenize
+
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(MINILM_FILES))
+        return [tokenize(self.tokenizer, item) for item in items]
 
     async def log_stats(self) -> None:
         pass
@@ -246,7 +257,8 @@ class InProcessGateway:
     ) -> tuple[Any, list[dict[str, Any]]]:
         """Await ``call`` (a client request coroutine) while playing the worker of ``models``:
         pull its items and answer each with ``values(item)`` (a float32 list) and
-        ``prompt_tokens``. Returns (the response, the items pulled)."""
+        ``prompt_tokens``, or with the result fields ``values(item)`` gives as a dict (e.g. a
+        tokenize item's ``tokens``). Returns (the response, the items pulled)."""
         import asyncio
         import base64
 
@@ -259,17 +271,16 @@ class InProcessGateway:
             got = (await self.worker.post("/pull", json=body)).json()["items"]
             items += got
             if got:
-                results = [
-                    {
-                        "item_id": i["item_id"],
-                        "lease_id": i["lease_id"],
-                        "prompt_tokens": prompt_tokens,
-                        "vector_b64": base64.b64encode(
-                            np.array(values(i), dtype="<f4").tobytes()
-                        ).decode(),
-                    }
-                    for i in got
-                ]
+                results = []
+                for i in got:
+                    answer = values(i)
+                    if not isinstance(answer, dict):
+                        packed = np.array(answer, dtype="<f4").tobytes()
+                        answer = {
+                            "prompt_tokens": prompt_tokens,
+                            "vector_b64": base64.b64encode(packed).decode(),
+                        }
+                    results.append({"item_id": i["item_id"], "lease_id": i["lease_id"], **answer})
                 await self.worker.post("/results", json={"worker_id": "w", "results": results})
         return await response, items
 

@@ -111,6 +111,30 @@ async def test_pull_returns_waiting_items_at_once_in_fifo_order(store):
     assert len({i.item_id for i in items}) == 3 and all(i.lease_id for i in items)
 
 
+async def test_a_tokenize_items_tokens_and_a_decode_items_text_reach_the_client(store):
+    """The ``tokenize`` task through the store: its results carry tokens or a text, not a
+    vector (on Redis: the item ids of its streams are known, its results checked and kept)."""
+    from common.protocol import Token
+
+    tokenizing = ModelAdvert(name="m", checkpoint_name="c", tasks=["embed", "tokenize"])
+    request = await store.submit(
+        [
+            ItemSpec(model="m", task="tokenize", text="ab"),
+            ItemSpec(model="m", task="tokenize", token_ids=[7]),
+        ]
+    )
+    text, ids = await pull(store, n=2, adverts=[tokenizing])
+    assert (text.task, text.text, ids.token_ids) == ("tokenize", "ab", [7])
+    tokens = [Token(id=3, text="ab", special=False, start=0, stop=2)]
+    done = [
+        ItemResult(item_id=text.item_id, lease_id=text.lease_id, tokens=tokens),
+        ItemResult(item_id=ids.item_id, lease_id=ids.lease_id, text="ab"),
+    ]
+    assert (await store.complete("w", done)).accepted == 2
+    first, second = await store.wait(request, pickup_timeout=DEADLINE, request_timeout=DEADLINE)
+    assert first.tokens == tokens and second.text == "ab" and first.vector_b64 is None
+
+
 async def test_max_items_caps_a_pull(store):
     await store.submit([spec(str(i)) for i in range(5)])
     first = await pull(store, n=2)

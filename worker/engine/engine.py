@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from common.protocol import ScoreType, WorkItem
+from common.protocol import ItemResult, ScoreType, WorkItem
 from worker.config import GeneratorConfig
 from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.engine.args import config_object, engine_core_of, engine_kwargs, score_type_of
@@ -18,6 +18,7 @@ from worker.engine.core import EngineCore
 from worker.engine.errors import InvalidInput
 from worker.engine.prepare import Preparer, Prompt
 from worker.engine.tasks import Runner
+from worker.engine.tokenize import tokenize
 
 log = logging.getLogger("worker.engine")
 
@@ -152,6 +153,19 @@ class Engine:
         if sum(item.estimate_tokens() for item in items) <= PREPARE_INLINE_TOKENS:
             return preparer.prepare(items)
         return await asyncio.to_thread(preparer.prepare, items)
+
+    async def tokenize(self, items: list[WorkItem]) -> list[ItemResult]:
+        """Each ``tokenize`` item's answer from the model's tokenizer alone, no engine step
+        (:func:`~worker.engine.tokenize.tokenize`); off the event loop past
+        :data:`~worker.defaults.PREPARE_INLINE_TOKENS` estimated tokens, as :meth:`prepare`."""
+        tok = self.tokenizer
+
+        def answer() -> list[ItemResult]:
+            return [tokenize(tok, item) for item in items]
+
+        if sum(item.estimate_tokens() for item in items) <= PREPARE_INLINE_TOKENS:
+            return answer()
+        return await asyncio.to_thread(answer)
 
     async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
         """Embed or score one item; ``prompt`` is its entry from :meth:`prepare`.

@@ -7,8 +7,9 @@ read the same layout (``lua/helpers.lua``: ``model_of``, ``front_of``; :data:`FR
 from __future__ import annotations
 
 import re
+from typing import get_args
 
-from common.protocol import BATCH_PRIORITY
+from common.protocol import BATCH_PRIORITY, Task
 
 PREFIX = "iw:"
 #: The consumer group of every stream; a worker is a consumer.
@@ -27,7 +28,7 @@ BATCHES = f"{PREFIX}batches"
 BATCH_CANCELS = f"{PREFIX}batch-cancels"
 #: An item id: ``<entry id>/<input>@<stream key>`` of a line.
 ITEM_ID = re.compile(
-    rf"\d+-\d+/\d+@{re.escape(PREFIX)}[{''.join(FRONT)}]:(?:embed|score|classify):[^\n]+\Z"
+    rf"\d+-\d+/\d+@{re.escape(PREFIX)}[{''.join(FRONT)}]:(?:{'|'.join(get_args(Task))}):[^\n]+\Z"
 )
 
 
