@@ -135,6 +135,18 @@ async def test_a_tokenize_items_tokens_and_a_decode_items_text_reach_the_client(
     assert first.tokens == tokens and second.text == "ab" and first.vector_b64 is None
 
 
+def test_a_store_made_without_settings_has_the_gateways_defaults(store_kind, redis_url, clock):
+    """One set of defaults: a store built without them leases, retries and keeps workers as
+    the gateway's settings (``--lease-seconds``, ``--max-attempts``, ``--worker-ttl``) say."""
+    from gateway.settings import GatewaySettings
+
+    made = make_store(store_kind, redis_url, clock)
+    fields = GatewaySettings.model_fields
+    assert made.lease_seconds == fields["lease_seconds"].default
+    assert made.max_attempts == fields["max_attempts"].default
+    assert made.worker_ttl == fields["worker_ttl_seconds"].default
+
+
 async def test_max_items_caps_a_pull(store):
     await store.submit([spec(str(i)) for i in range(5)])
     first = await pull(store, n=2)

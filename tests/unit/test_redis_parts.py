@@ -99,3 +99,4 @@ def test_a_password_given_apart_takes_the_urls_place_the_user_name_stays():
     assert without_password("rediss://ann:old@h:6380/0") == "rediss://ann@h:6380/0"
     assert without_password("redis://ann@h/0") == "redis://ann@h/0"
     assert without_password("redis://h:6379") == "redis://h:6379"
+    assert without_password("redis://:p@ss@h:1/0") == "redis://h:1/0"  # an @ in the password
