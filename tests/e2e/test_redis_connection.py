@@ -71,10 +71,11 @@ async def test_an_outage_is_logged_once_and_its_end_once(tmp_path, caplog):
             await conn.call(conn.redis.ping())
     (down,) = warnings(caplog)
     assert down.startswith("queue store unreachable (Redis: ") and down.endswith("); retrying")
+    assert f"connecting to 127.0.0.1:{port}" in down  # the cause, as redis-py gives it
     server = ls.start_redis(tmp_path, port=port)
     try:
-        assert await conn.call(conn.redis.ping()) is True
-        assert await conn.call(conn.redis.ping()) is True
+        for _ in range(3):
+            assert await conn.call(conn.redis.ping()) is True
         assert warnings(caplog) == [down, "queue store reachable"]  # once, not per call
     finally:
         await conn.redis.aclose()
@@ -170,3 +171,24 @@ async def test_the_streams_of_an_abandoned_model_are_dropped_after_its_advert_tt
     finally:
         await store.close()
         plain.close()
+
+
+async def test_a_replicas_keys_expire_unless_it_beats_and_go_when_it_closes(own_redis):
+    """A replica's heartbeat key expires (a replica that dies silently is forgotten after
+    REPLICA_TTL_SECONDS); closing deletes it and the replica's reply stream at once."""
+    import redis
+
+    from gateway.queue.redis import keys
+    from gateway.queue.redis.store import REPLICA_TTL_SECONDS
+
+    plain = redis.Redis.from_url(own_redis.url)
+    store = RedisStore(own_redis.url, lease_seconds=5)
+    await store.start()
+    try:
+        mine = [keys.replica(store.replica), keys.reply(store.replica)]
+        plain.xadd(mine[1], {"i": "nobody", "r": "{}"})  # the stream exists while it runs
+        assert 0 < plain.ttl(mine[0]) <= REPLICA_TTL_SECONDS
+    finally:
+        await store.close()
+    assert plain.exists(*mine) == 0
+    plain.close()
