@@ -192,3 +192,30 @@ async def test_a_replicas_keys_expire_unless_it_beats_and_go_when_it_closes(own_
         await store.close()
     assert plain.exists(*mine) == 0
     plain.close()
+
+
+async def test_a_cancel_that_redis_refuses_is_logged_and_the_request_left(own_redis, caplog):
+    """A client gone away whose CANCEL fails (here: its line is no longer a stream) costs a
+    warning naming Redis' error, never an exception in the request's handler."""
+    import redis
+
+    from gateway.queue.redis.keys import stream_key
+    from tests.unit.test_queue_store import spec
+
+    caplog.set_level(logging.INFO, LOGGER)
+    plain = redis.Redis.from_url(own_redis.url)
+    plain.flushdb()
+    store = RedisStore(own_redis.url, lease_seconds=5)
+    await store.start()
+    try:
+        request = await store.submit([spec("going away")])
+        line = stream_key("m", "embed")
+        plain.delete(line)
+        plain.set(line, "not a stream")
+        await store.cancel(request)
+        (logged,) = [m for m in warnings(caplog) if "cancel" in m]
+        assert logged.startswith("cancel: WRONGTYPE Operation against a key holding the wrong")
+    finally:
+        plain.delete(line)
+        await store.close()
+        plain.close()
