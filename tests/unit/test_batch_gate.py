@@ -47,6 +47,7 @@ async def test_while_interactive_inputs_flow_batch_work_enters_a_few_tokens_at_a
     gate.saw_interactive()
     assert gate.busy
     assert await admitted(gate, [10, 10, 10, 10]) == 3  # 30 tokens <= 32 < 40
+    assert await admitted(gate, [16, 16]) == 2  # exactly the budget still enters
     assert await admitted(gate, [100, 5]) == 1  # one at a time, at least one
     clock.advance(1.9)
     assert gate.busy

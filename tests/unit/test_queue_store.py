@@ -717,6 +717,21 @@ def test_redis_entries_carry_each_inputs_spec_index_and_tokens_whole():
     ]
 
 
+def test_redis_entries_are_cut_at_exactly_their_token_and_input_budgets():
+    """Token ids estimate exactly: inputs filling an entry's token budget to the token stay
+    together, one more token starts an entry; an input alone over the budget is one entry."""
+    from gateway.queue.redis.entries import INPUTS_PER_ENTRY, TOKENS_PER_ENTRY, cut
+
+    def ids(n: int) -> ItemSpec:
+        return ItemSpec(model="m", task="embed", token_ids=[1] * n)
+
+    half = TOKENS_PER_ENTRY // 2
+    assert [e.inputs for e in cut([ids(half), ids(half)])] == [2]  # exactly the budget
+    assert [e.tokens for e in cut([ids(half), ids(half + 1)])] == [half, half + 1]
+    assert [e.inputs for e in cut([ids(TOKENS_PER_ENTRY + 5), ids(1)])] == [1, 1]
+    assert [e.inputs for e in cut([ids(1)] * (INPUTS_PER_ENTRY + 1))] == [INPUTS_PER_ENTRY, 1]
+
+
 async def test_a_worker_is_listed_for_exactly_the_worker_ttl(clock):
     """Memory store: the TTL boundary on its clock (Redis' key TTL is Redis' own)."""
     from gateway.queue.memory import MemoryStore

@@ -210,3 +210,34 @@ def test_a_secret_on_the_command_line_is_warned_about(caplog):
         with caplog.at_level(logging.WARNING):
             _warn_about_secrets_in(argv)
         assert caplog.text == "", argv
+
+
+def test_keys_from_flags_and_a_file_are_all_accepted(tmp_path):
+    """A key file adds to the keys given as flags (as the docs say), it does not replace them;
+    a worker token from a file keeps its model scope beside an unscoped one from a flag."""
+    from gateway.errors import APIError
+    from gateway.http.auth import Credentials
+
+    keys, tokens = tmp_path / "keys", tmp_path / "tokens"
+    keys.write_text(f"{K2}\n")
+    tokens.write_text("worker-token-two-0002 model-a\n")
+    s = parse(
+        [
+            "--api-key",
+            K1,
+            "--api-key-file",
+            str(keys),
+            "--worker-token",
+            T1,
+            "--worker-token-file",
+            str(tokens),
+        ],
+        {},
+    )
+    creds = Credentials.load(s)
+    for key in (K1, K2):
+        creds.client(f"Bearer {key}")  # no APIError
+    with pytest.raises(APIError):
+        creds.client("Bearer client-key-three-003")
+    assert creds.worker(f"Bearer {T1}").models is None
+    assert creds.worker("Bearer worker-token-two-0002").models == frozenset({"model-a"})
