@@ -124,9 +124,9 @@ def test_two_replicas_share_one_queue(
 
     # One live worker (a worker another test killed stays listed for the worker TTL).
     deadline = time.monotonic() + 45
-    while models(replica_a) != [(MODEL, 1, ["embed"])] and time.monotonic() < deadline:
+    while models(replica_a) != [(MODEL, 1, ["embed", "tokenize"])] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert models(replica_a) == models(replica_b) == [(MODEL, 1, ["embed"])]
+    assert models(replica_a) == models(replica_b) == [(MODEL, 1, ["embed", "tokenize"])]
     # The store-wide gauges, read from both replicas while a request is in the queue: the
     # worker (and its engine) stopped for a moment, so nothing moves between the reads.
     gauges = (
