@@ -34,7 +34,7 @@ import record  # noqa: E402
 from common.prompts import render  # noqa: E402
 from devstack import localstack as ls  # noqa: E402
 from devstack import tiny_bert, tiny_qwen3  # noqa: E402
-from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
+from worker.model_entry import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE  # noqa: E402
 
 MODEL = "tiny-qwen3-reranker"
 

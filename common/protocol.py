@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -30,13 +30,14 @@ MAX_MODELS_PER_PULL = 256
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 
-#: What a worker does with an item: ``embed`` (pooled embedding), ``score`` (a pair's score, or
-#: logits of chosen token ids at the last position), ``classify`` (a sequence classifier's
+#: What a worker does with an item: ``embed`` (pooled embedding), ``embed_sparse`` (a sparse
+#: lexical embedding: weights of vocabulary token ids, as SPLADE), ``score`` (a pair's score,
+#: or logits of chosen token ids at the last position), ``classify`` (a sequence classifier's
 #: class probabilities or logits) or ``tokenize`` (the model's tokenizer alone, no engine
 #: step: a text's tokens, or the text of token ids; every worker serves it for its models).
-Task = Literal["embed", "score", "classify", "tokenize"]
+Task = Literal["embed", "embed_sparse", "score", "classify", "tokenize"]
 #: The tasks an engine is started for (``generator.task``): all but ``tokenize``.
-EngineTask = Literal["embed", "score", "classify"]
+EngineTask = Literal["embed", "embed_sparse", "score", "classify"]
 
 #: How a scoring model turns a (query, document) pair into a score, as vLLM names them plus
 #: this project's causal-LM recipe: ``causal-lm`` (the raw logits of chosen token ids at the
@@ -75,11 +76,13 @@ CLIENT_ERRORS = frozenset(
 )
 
 
-class _Wire(BaseModel):
+class Wire(BaseModel):
+    """A wire model: keys it does not know are ignored (a newer peer's fields)."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class RerankSpec(_Wire):
+class RerankSpec(Wire):
     """How the gateway turns (query, document) into a scoring item for this model: the prompt
     template (:mod:`common.prompts` syntax; fields ``query``, ``document``, ``instruction``),
     rendered by the worker."""
@@ -96,14 +99,14 @@ class RerankSpec(_Wire):
 LongInputs = Literal["refuse", "truncate_end", "truncate_start", "chunk"]
 
 
-class ModelAdvert(_Wire):
+class ModelAdvert(Wire):
     """One model a worker serves, as clients name it (``queue.models."<name>"``)."""
 
     name: Name
     checkpoint_name: Name
     version: int = 1
     tags: list[Name] = Field(default_factory=list, max_length=64)
-    tasks: list[Task] = Field(max_length=4)
+    tasks: list[Task] = Field(max_length=5)
     #: Longest prompt in tokens the engine accepts (vLLM ``max_model_len``).
     max_model_len: int | None = Field(default=None, ge=1)
     description: str = Field(default="", max_length=4096)
@@ -133,7 +136,7 @@ class ModelAdvert(_Wire):
     long_inputs: LongInputs = "refuse"
 
 
-class PullRequest(_Wire):
+class PullRequest(Wire):
     """``POST /queue/v1/pull``: lease up to ``max_items`` items, waiting up to ``wait_seconds``."""
 
     worker_id: Name
@@ -247,13 +250,13 @@ ResultEncoding = Literal["json", "binary"]
 JSON_ONLY: tuple[ResultEncoding, ...] = ("json",)
 
 
-class PullResponse(_Wire):
+class PullResponse(Wire):
     items: list[WorkItem] = Field(default_factory=list)
     #: The results bodies this queue takes; a queue that does not say takes JSON only.
     result_encodings: list[ResultEncoding] = Field(default_factory=lambda: list(JSON_ONLY))
 
 
-class ItemError(_Wire):
+class ItemError(Wire):
     """Why one item failed. ``retryable`` errors are redelivered (up to the queue's limit)."""
 
     code: ErrorCode
@@ -271,7 +274,7 @@ MAX_TOKENS = 1 << 20
 MAX_TEXT = 1 << 24
 
 
-class Token(_Wire):
+class Token(Wire):
     """One token of a text (``tokenize``), as TEI's ``/tokenize`` gives it: its ``id``, its
     ``text`` (the input's bytes it covers; the token itself for a special token), and the
     UTF-8 byte offsets [``start``, ``stop``) in the input (None for a special token)."""
@@ -283,14 +286,48 @@ class Token(_Wire):
     stop: int | None = Field(default=None, ge=0)
 
 
-class ItemResult(_Wire):
-    """The outcome of one item: a vector and its prompt-token count, or an error; for a
-    ``tokenize`` item, the text's ``tokens`` or the token ids' ``text`` instead of a vector."""
+class SparseEmbedding(NamedTuple):
+    """A sparse embedding (``embed_sparse``): the vocabulary token ids with a weight, in
+    increasing order (uint32 [nnz]), and their weights (float32 [nnz])."""
+
+    indices: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, indices: Any, values: Any) -> SparseEmbedding:
+        """Any pair of same-length sequences, sorted by index, as uint32 / float32 arrays.
+        Raises ValueError for lengths that differ or an index repeated or negative."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        val = np.asarray(values, dtype=np.float64).reshape(-1)
+        if idx.size != val.size:
+            raise ValueError(f"{idx.size} indices for {val.size} values")
+        order = np.argsort(idx, kind="stable")
+        idx, val = idx[order], val[order]
+        if idx.size and (idx[0] < 0 or (np.diff(idx) <= 0).any()):
+            raise ValueError("indices must be distinct and not negative")
+        return cls(idx.astype("<u4"), val.astype("<f4"))
+
+    @classmethod
+    def from_dense(cls, weights: np.ndarray) -> SparseEmbedding:
+        """The non-zero entries of a vocabulary-sized weight vector ``[vocab_size]``."""
+        weights = np.asarray(weights, dtype=np.float32).reshape(-1)
+        (idx,) = np.nonzero(weights)
+        return cls(idx.astype("<u4"), weights[idx].astype("<f4"))
+
+
+class ItemResult(Wire):
+    """The outcome of one item: a vector and its prompt-token count, or an error; for an
+    ``embed_sparse`` item, its weights as the vector and their token ids (``indices_b64``);
+    for a ``tokenize`` item, the text's ``tokens`` or the token ids' ``text`` instead of a
+    vector."""
 
     item_id: Name
     lease_id: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
     #: base64 of little-endian float32 [dim]; set when ``error`` is None.
     vector_b64: str | None = None
+    #: ``embed_sparse``: base64 of little-endian uint32 [nnz], the token ids of the vector's
+    #: [nnz] weights, increasing.
+    indices_b64: str | None = None
     tokens: list[Token] | None = Field(default=None, max_length=MAX_TOKENS)
     text: str | None = Field(default=None, max_length=MAX_TEXT)
     #: Tokens of the input's prompt, as the engine counted them (the gateway refuses more
@@ -298,20 +335,36 @@ class ItemResult(_Wire):
     prompt_tokens: int = Field(default=0, ge=0)
     error: ItemError | None = None
 
-    #: The vector itself (float32), kept by :meth:`ok` for the binary body.
+    #: The vector itself (float32) and a sparse one's indices (uint32), kept by :meth:`ok`
+    #: for the binary body.
     _vector: np.ndarray | None = PrivateAttr(default=None)
+    _indices: np.ndarray | None = PrivateAttr(default=None)
 
     @classmethod
-    def ok(cls, item: WorkItem, vector: np.ndarray, prompt_tokens: int) -> ItemResult:
+    def ok(
+        cls, item: WorkItem, vector: np.ndarray | SparseEmbedding, prompt_tokens: int
+    ) -> ItemResult:
+        """A vector's result (a sparse embedding: its weights, with their indices)."""
+        indices = None
+        if isinstance(vector, SparseEmbedding):
+            indices = np.ascontiguousarray(vector.indices, dtype="<u4")
+            vector = vector.values
         vector = np.ascontiguousarray(vector, dtype="<f4")
         result = cls(
             item_id=item.item_id,
             lease_id=item.lease_id,
             vector_b64=encode_vector(vector),
+            indices_b64=None if indices is None else encode_indices(indices),
             prompt_tokens=prompt_tokens,
         )
-        result._vector = vector
+        result._vector, result._indices = vector, indices
         return result
+
+    def sparse(self) -> SparseEmbedding:
+        """An ``embed_sparse`` result's embedding; ValueError if it has none."""
+        if self.vector_b64 is None or self.indices_b64 is None:
+            raise ValueError("not a sparse embedding result")
+        return SparseEmbedding(decode_indices(self.indices_b64), decode_vector(self.vector_b64))
 
     @classmethod
     def tokenized(
@@ -331,14 +384,14 @@ class ItemResult(_Wire):
         )
 
 
-class ResultsRequest(_Wire):
+class ResultsRequest(Wire):
     """``POST /queue/v1/results``: idempotent; a result for an item already answered is ignored."""
 
     worker_id: Name
     results: list[ItemResult]
 
 
-class ResultsResponse(_Wire):
+class ResultsResponse(Wire):
     accepted: int
     #: Items already answered (a duplicate post), no longer known (cancelled, timed out), or a
     #: retryable error from a lease that is not the item's current one.
@@ -347,7 +400,7 @@ class ResultsResponse(_Wire):
     rejected: int = 0
 
 
-class ReleaseRequest(_Wire):
+class ReleaseRequest(Wire):
     """``POST /queue/v1/release``: hand leased items back at once (drain), instead of waiting
     for their leases to expire."""
 
@@ -361,7 +414,7 @@ class ReleaseRequest(_Wire):
     count_attempt: bool = False
 
 
-class ReleaseResponse(_Wire):
+class ReleaseResponse(Wire):
     released: int
 
 
@@ -378,94 +431,14 @@ def decode_vector(data: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4")
 
 
-#: ``Content-Type`` of the binary results body, offered beside JSON (``PullResponse.
-#: result_encodings``): ``b"IQR1"``, the length of a JSON header as a little-endian uint32,
-#: the header (:class:`BinaryResultsHeader`: every result but its vector, with the number of
-#: ``values`` it has), then every vector's little-endian float32 values back to back, in the
-#: header's order. No base64 and no JSON for the vectors; ``docs/queue-protocol.md``.
-RESULTS_BINARY = "application/vnd.inference-queue.results-v1+binary"
-_MAGIC = b"IQR1"
+def encode_indices(indices: np.ndarray) -> str:
+    """Token ids [nnz] -> base64 of little-endian uint32 bytes."""
+    return base64.b64encode(np.ascontiguousarray(indices, dtype="<u4").tobytes()).decode("ascii")
 
 
-class BinaryResult(_Wire):
-    """One result in a binary body's header: :class:`ItemResult` with ``values`` (the length
-    of its vector in the body) in place of ``vector_b64``."""
-
-    item_id: Name
-    lease_id: Annotated[str, Field(max_length=MAX_NAME_LENGTH)]
-    values: int = Field(default=0, ge=0)
-    prompt_tokens: int = Field(default=0, ge=0)
-    error: ItemError | None = None
-    tokens: list[Token] | None = Field(default=None, max_length=MAX_TOKENS)
-    text: str | None = Field(default=None, max_length=MAX_TEXT)
-
-
-class BinaryResultsHeader(_Wire):
-    worker_id: Name
-    results: list[BinaryResult]
-
-
-def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
-    """``results`` as a binary body (:data:`RESULTS_BINARY`)."""
-    vectors: list[np.ndarray] = []
-    header = []
-    for r in results:
-        vec = r._vector
-        if vec is None and r.vector_b64 is not None:
-            vec = decode_vector(r.vector_b64)
-        n = 0 if vec is None else int(vec.size)
-        if vec is not None:
-            vectors.append(vec)
-        header.append(
-            BinaryResult(
-                item_id=r.item_id,
-                lease_id=r.lease_id,
-                values=n,
-                prompt_tokens=r.prompt_tokens,
-                error=r.error,
-                tokens=r.tokens,
-                text=r.text,
-            )
-        )
-    head = BinaryResultsHeader(worker_id=worker_id, results=header).model_dump_json(
-        exclude_none=True
-    )
-    data = np.concatenate(vectors).astype("<f4", copy=False) if vectors else np.empty(0, "<f4")
-    raw = head.encode()
-    return b"".join((_MAGIC, len(raw).to_bytes(4, "little"), raw, data.tobytes()))
-
-
-def decode_results(body: bytes) -> ResultsRequest:
-    """A binary body -> the :class:`ResultsRequest` its JSON twin would give (vectors as
-    ``vector_b64``). Raises ValueError for a body that is not one (bad framing, a length that
-    does not match the values the header counts), pydantic's ValidationError for a bad
-    header."""
-    if len(body) < 8 or body[:4] != _MAGIC:
-        raise ValueError("not a binary results body (no IQR1 header)")
-    size = int.from_bytes(body[4:8], "little")
-    if 8 + size > len(body):
-        raise ValueError("the header is longer than the body")
-    header = BinaryResultsHeader.model_validate_json(body[8 : 8 + size])
-    data = memoryview(body)[8 + size :]
-    want = 4 * sum(r.values for r in header.results)
-    if len(data) != want:
-        raise ValueError(f"the body has {len(data)} bytes of values, the header counts {want}")
-    out, at = [], 0
-    for r in header.results:
-        vector = None
-        if r.values:
-            chunk = data[at : at + 4 * r.values]
-            at += 4 * r.values
-            vector = base64.b64encode(chunk).decode("ascii")
-        out.append(
-            ItemResult(
-                item_id=r.item_id,
-                lease_id=r.lease_id,
-                vector_b64=vector,
-                prompt_tokens=r.prompt_tokens,
-                error=r.error,
-                tokens=r.tokens,
-                text=r.text,
-            )
-        )
-    return ResultsRequest(worker_id=header.worker_id, results=out)
+def decode_indices(data: str) -> np.ndarray:
+    """base64 of little-endian uint32 -> uint32 [nnz]. Raises ValueError on bad input."""
+    raw = base64.b64decode(data, validate=True)
+    if len(raw) % 4:
+        raise ValueError("indices byte length is not a multiple of 4")
+    return np.frombuffer(raw, dtype="<u4")

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from worker.config import Config
+from worker.model_entry import TASK_TABLES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -235,9 +236,7 @@ def worker_config(
 ) -> str:
     """A worker ``config.toml`` (edition 1) for a local stack; returns its text."""
     model_path = model_path or minilm_path()
-    task_table = {"embed": "embedding_task", "score": "scoring_task"}.get(
-        task, "classification_task"
-    )
+    task_table = TASK_TABLES[task]
     return f"""edition = 1
 {top_extra}
 

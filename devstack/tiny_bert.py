@@ -175,3 +175,59 @@ class ColBERTReference:
     def maxsim(self, query: str, document: str) -> float:
         q, d = self.tokens(query), self.tokens(document)
         return float((q @ d.T).amax(dim=-1).sum())
+
+
+def build_splade(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    max_positions: int = 512,
+    bias: float = -5.0,
+) -> Path:
+    """Write a SPLADE model (a ``BertForMaskedLM``, as naver/splade-v3 is) + tokenizer to
+    ``path``; return it. The MLM head's output weights are scaled up (logits of about unit
+    spread) and its bias is ``bias``, so that few vocabulary logits are positive: a sparse
+    embedding of tens to hundreds of tokens, as a trained SPLADE's."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    _copy_tokenizer(path)
+    torch.manual_seed(seed)
+    config = BertConfig(**_bert_config(hidden_size, layers, max_positions))
+    untyped: Any = BertForMaskedLM  # transformers leaves its __init__ unannotated
+    model = untyped(config)
+    with torch.no_grad():
+        model.cls.predictions.decoder.weight.mul_(10.0)  # tied: the input embeddings too
+        model.cls.predictions.bias.fill_(bias)
+    model.save_pretrained(path, safe_serialization=True)
+    # Every tensor under its own name, the tied decoder's too (as a PyTorch-era checkpoint
+    # holds them): vLLM's SPLADE loader reads ``cls.predictions.decoder.{weight,bias}`` and
+    # leaves what is missing unset, where save_pretrained writes only one name of a tied pair.
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+class SpladeReference:
+    """float32 ``transformers`` forward pass of a :func:`build_splade` model: SPLADE's
+    ``max over tokens of log(1 + relu(logits))`` (naver's and sentence-transformers'
+    ``SpladePooling``), as {token id: weight} of the non-zero weights."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, BertForMaskedLM
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        untyped: Any = BertForMaskedLM  # transformers leaves its from_pretrained untyped
+        self.model = untyped.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+    def weights(self, text: str) -> dict[int, float]:
+        with self.torch.no_grad():
+            logits = self.model(**self.tok(text, return_tensors="pt")).logits[0]
+            pooled = self.torch.log1p(self.torch.relu(logits)).amax(dim=0)
+        (ids,) = self.torch.nonzero(pooled, as_tuple=True)
+        return {int(i): float(pooled[i]) for i in ids}

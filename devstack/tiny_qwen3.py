@@ -32,7 +32,7 @@ def build(
 
     path.mkdir(parents=True, exist_ok=True)
     words: dict[str, None] = {}
-    from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
+    from worker.model_entry import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 
     for text in [QWEN3_RERANK_TEMPLATE, QWEN3_RERANK_INSTRUCTION, "yes no Yes No", *corpus]:
         for w in _WORD.findall(text):

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from common.protocol import ModelAdvert, RerankSpec, ScoreType
-from worker.config import Config, ConfigError, ModelEntry
+from worker.config import Config, ConfigError
+from worker.model_entry import ModelEntry
 
 #: sentence-transformers' file of a checkpoint's named prompts (``prompts``,
 #: ``default_prompt_name``).

@@ -21,18 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
-from common import prompts
-from common.protocol import EngineTask, LongInputs, ScoreType
+from common.protocol import EngineTask, ScoreType
+from worker.model_entry import TASK_TABLES, ModelEntry, Strict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,18 +49,16 @@ class ConfigError(Exception):
 LaxPath = Annotated[Path, Field(strict=False)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class GeneratorConfig(_Strict):
+class GeneratorConfig(Strict):
     """``[generator]``: the vLLM engine."""
 
     type: Literal["vllm"] = "vllm"
     model_path: LaxPath
-    #: ``embed``: pooled embeddings. ``score``: scores of (query, document) pairs and, on a
-    #: causal LM, logits of chosen token ids at the last position. ``classify``: a sequence
-    #: classifier's class probabilities (vLLM's pooling runner, ``classify``).
+    #: ``embed``: pooled embeddings. ``embed_sparse``: sparse lexical embeddings of a SPLADE
+    #: checkpoint (a ``BertForMaskedLM``, served as vLLM's ``BertSpladeSparseEmbeddingModel``).
+    #: ``score``: scores of (query, document) pairs and, on a causal LM, logits of chosen
+    #: token ids at the last position. ``classify``: a sequence classifier's class
+    #: probabilities (vLLM's pooling runner, ``classify``).
     task: EngineTask = "embed"
     #: How ``task = "score"`` scores a pair (:data:`~common.protocol.ScoreType`). By default
     #: from the checkpoint: a ``*ForCausalLM`` architecture is ``causal-lm`` (vLLM's generate
@@ -121,115 +111,29 @@ class GeneratorConfig(_Strict):
             return {}
         return config if isinstance(config, dict) else {}
 
-
-class EmbeddingTask(_Strict):
-    """``[queue.models."<name>".embedding_task]``."""
-
-    supported: bool = False
-    #: The range [low, high] each component of an ``int8`` / ``uint8`` embedding is quantized
-    #: over (256 steps); the default fits L2-normalised vectors. Narrow it to the model's
-    #: observed range for finer steps.
-    quantization_range: list[Annotated[float, Field(strict=False)]] = Field(
-        default=[-1.0, 1.0], min_length=2, max_length=2
-    )
-    #: Named prompts (sentence-transformers' ``prompts``: name -> text put before each input),
-    #: chosen per request by ``prompt_name`` or ``input_type``. Unset: the checkpoint's
-    #: ``config_sentence_transformers.json``; ``{}``: none.
-    prompts: (
-        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=2048)]] | None
-    ) = Field(default=None, max_length=16)
-    #: An input longer than the context when the request does not say: ``refuse`` (a 400),
-    #: ``truncate_end`` (keep its start, as TEI's ``--auto-truncate``), ``truncate_start``, or
-    #: ``chunk`` (windows of the context embedded apart and pooled by their tokens).
-    long_inputs: LongInputs = "refuse"
-    #: The prompt of a request that names none (sentence-transformers' ``default_prompt_name``).
-    #: Unset: the checkpoint's (with ``prompts`` unset too).
-    default_prompt_name: str | None = None
-
-    @field_validator("quantization_range")
-    @classmethod
-    def _ordered(cls, v: list[float]) -> list[float]:
-        if not v[0] < v[1]:
-            raise ValueError("expected [low, high] with low < high")
-        return v
-
-    @model_validator(mode="after")
-    def _default_is_a_prompt(self) -> EmbeddingTask:
-        name = self.default_prompt_name
-        if name is not None and self.prompts is not None and name not in self.prompts:
-            raise ValueError(f"default_prompt_name {name!r} is not one of prompts' names")
-        return self
+    def sparse_architecture(self) -> str | None:
+        """The vLLM model class that serves this checkpoint's sparse embeddings
+        (:data:`SPARSE_ARCHITECTURES`; the one ``engine_args.hf_overrides.architectures``
+        names, if any; SPLADE's when ``config.json`` names no architectures or cannot be
+        read); None when it names architectures none of which has one."""
+        overrides = self.engine_args.get("hf_overrides")
+        if isinstance(overrides, dict) and overrides.get("architectures"):
+            return str(overrides["architectures"][0])
+        archs = [str(a) for a in self.checkpoint_config().get("architectures") or []]
+        if not archs:
+            return SPARSE_ARCHITECTURES["BertForMaskedLM"]
+        return next((SPARSE_ARCHITECTURES[a] for a in archs if a in SPARSE_ARCHITECTURES), None)
 
 
-class ClassificationTask(_Strict):
-    """``[queue.models."<name>".classification_task]``: ``/v1/classify`` with a sequence
-    classification model (``generator.task = "classify"``)."""
-
-    supported: bool = False
-
-
-#: Qwen3-Reranker's instruction and prompt (from its model card); ``{instruction}``,
-#: ``{query}`` and ``{document}`` are filled in per document.
-QWEN3_RERANK_INSTRUCTION = (
-    "Given a web search query, retrieve relevant passages that answer the query"
-)
-QWEN3_RERANK_TEMPLATE = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
-    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-    "<|im_start|>user\n<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-)
+#: Checkpoint architectures -> the vLLM model class serving their sparse embeddings: SPLADE
+#: (a BERT masked LM: ``log(1 + relu(logits))`` max-pooled over the tokens).
+SPARSE_ARCHITECTURES = {
+    "BertForMaskedLM": "BertSpladeSparseEmbeddingModel",
+    "BertSpladeSparseEmbeddingModel": "BertSpladeSparseEmbeddingModel",
+}
 
 
-class ScoringTask(_Strict):
-    """``[queue.models."<name>".scoring_task]``: ``return_logits`` scoring and ``/v1/rerank``.
-
-    Rerank scores a document as P(``rerank_true_token``) from the softmax over the logits of
-    (``rerank_false_token``, ``rerank_true_token``) after the prompt ``rerank_template``.
-    The two tokens are resolved to ids with the model's own tokenizer when the worker starts.
-    """
-
-    supported: bool = False
-    rerank_instruction: str = QWEN3_RERANK_INSTRUCTION
-    rerank_template: str = QWEN3_RERANK_TEMPLATE
-    rerank_true_token: str = "yes"
-    rerank_false_token: str = "no"
-
-    @field_validator("rerank_template")
-    @classmethod
-    def _placeholders(cls, v: str) -> str:
-        try:
-            used = prompts.fields_used(v)
-        except prompts.TemplateError as e:
-            raise ValueError(f"expected a prompt template: {e}") from None
-        for name in ("query", "document"):
-            if name not in used:
-                raise ValueError(f"expected a template containing {{{name}}}")
-        return v
-
-
-class ModelEntry(_Strict):
-    """``[queue.models."<name>"]``: a model name this worker serves, as clients call it."""
-
-    maximum_completion_tokens: int | None = Field(default=None, ge=0)
-    description: str = ""
-    embedding_task: EmbeddingTask = EmbeddingTask()
-    scoring_task: ScoringTask = ScoringTask()
-    classification_task: ClassificationTask = ClassificationTask()
-
-    def tasks(self) -> list[EngineTask]:
-        """Task names advertised to the queue (``embed``, ``score``, ``classify``)."""
-        out: list[EngineTask] = []
-        if self.embedding_task.supported:
-            out.append("embed")
-        if self.scoring_task.supported:
-            out.append("score")
-        if self.classification_task.supported:
-            out.append("classify")
-        return out
-
-
-class QueueConfig(_Strict):
+class QueueConfig(Strict):
     """``[queue]``: where to pull work from."""
 
     url: str
@@ -267,7 +171,7 @@ class QueueConfig(_Strict):
         return v.rstrip("/")
 
 
-class MonitoringConfig(_Strict):
+class MonitoringConfig(Strict):
     """``[monitoring]``: Prometheus metrics and probes."""
 
     metrics_port: int = Field(default=4000, ge=0, le=65535)
@@ -281,7 +185,7 @@ class MonitoringConfig(_Strict):
     vllm_metric_names: VllmMetricNames = "prometheus"
 
 
-class Config(_Strict):
+class Config(Strict):
     """The whole file. Edition 1 is the only one."""
 
     edition: Literal[1]
@@ -428,11 +332,15 @@ def _check_models(path: Path, cfg: Config) -> None:
             f'generator.task = "embed" (an embedding engine scores pairs by cosine); '
             f'"{cfg.generator.score_type}" needs generator.task = "score"'
         )
+    if want == "embed_sparse" and gen.sparse_architecture() is None:
+        raise ConfigError(
+            f'{path}: generator.task: "embed_sparse" needs a SPLADE checkpoint (architectures '
+            f"{', '.join(SPARSE_ARCHITECTURES)}); {gen.model_path}/config.json names "
+            f"{gen.checkpoint_config().get('architectures') or 'none'}"
+        )
     for name, entry in cfg.queue.models.items():
         if want not in entry.tasks():
-            table = {"embed": "embedding_task", "score": "scoring_task"}.get(
-                want, "classification_task"
-            )
+            table = TASK_TABLES[want]
             raise ConfigError(
                 f'{path}: queue.models."{name}".{table}.supported: expected true, because '
                 f'generator.task = "{want}" (this model advertises: {entry.tasks() or "nothing"})'

@@ -34,7 +34,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.protocol import ErrorCode, ItemResult, ModelAdvert, PullRequest, WorkItem
+from common.protocol import (
+    ErrorCode,
+    ItemResult,
+    ModelAdvert,
+    PullRequest,
+    SparseEmbedding,
+    WorkItem,
+)
 from worker import metrics
 from worker.batch_gate import BatchGate
 from worker.config import Config
@@ -67,7 +74,9 @@ class EngineLike(Protocol):
 
     async def tokenize(self, items: list[WorkItem]) -> list[ItemResult]: ...
 
-    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]: ...
+    async def run(
+        self, item: WorkItem, prompt: Prompt
+    ) -> tuple[np.ndarray | SparseEmbedding, int]: ...
 
     async def log_stats(self) -> None: ...
 

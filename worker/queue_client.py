@@ -32,7 +32,6 @@ from tenacity import (
 from common.protocol import (
     JSON_ONLY,
     PREFIX,
-    RESULTS_BINARY,
     ItemResult,
     PullRequest,
     PullResponse,
@@ -42,8 +41,8 @@ from common.protocol import (
     ResultsRequest,
     ResultsResponse,
     WorkItem,
-    encode_results,
 )
+from common.results_body import RESULTS_BINARY, encode_results
 from worker import metrics
 from worker.config import QueueConfig
 
@@ -155,7 +154,7 @@ class QueueClient:
 
     async def post_results(self, worker_id: str, results: list[ItemResult]) -> ResultsResponse:
         """Post results; safe to repeat (the queue ignores results it already has). As a binary
-        body (:data:`~common.protocol.RESULTS_BINARY`) where the queue takes one, else JSON."""
+        body (:data:`~common.results_body.RESULTS_BINARY`) where the queue takes one, else JSON."""
         if "binary" in self.result_encodings:
             body = (encode_results(worker_id, results), RESULTS_BINARY)
         else:

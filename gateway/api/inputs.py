@@ -35,6 +35,16 @@ def embedding_specs(req: EmbeddingRequest, task: Task) -> list[ItemSpec]:
     ]
 
 
+def check_sparse(req: EmbeddingRequest) -> Task:
+    """The task of a sparse embeddings request (``embedding_type="sparse"``). Raises
+    APIError(400) for a field that does not apply to sparse weights (``dimensions``,
+    ``normalize``)."""
+    for field, value in (("dimensions", req.dimensions), ("normalize", req.normalize)):
+        if value:
+            raise APIError(400, f"'{field}' does not apply to sparse embeddings.", param=field)
+    return "embed_sparse"
+
+
 def fold_peer_fields(req: EmbeddingRequest) -> EmbeddingRequest:
     """``req`` with Voyage AI's fields in the project's: ``output_dimension`` -> ``dimensions``,
     ``output_dtype`` -> ``embedding_type`` (the same five names). Raises APIError(400) when
@@ -62,11 +72,14 @@ def apply_truncation(
     that many tokens; ``truncation`` true: the model's context, false: an over-long input is
     refused), else the model's ``long_inputs`` (``truncate_end`` / ``truncate_start``: the
     model's context; ``chunk``: text inputs split into windows of it; ``refuse``);
-    ``truncation_side`` or the policy says which end."""
-    if task != "embed":
+    ``truncation_side`` or the policy says which end. A sparse embedding is not chunked (its
+    windows' weights are not pooled): ``chunk`` refuses it."""
+    if task not in ("embed", "embed_sparse"):
         return
     limit, side = req.truncate_prompt_tokens, req.truncation_side
     policy = advert.long_inputs if advert is not None else "refuse"
+    if policy == "chunk" and task == "embed_sparse":
+        policy = "refuse"
     if limit is None and req.truncation:
         limit = max_model_len(advert)
     elif limit is None and req.truncation is None and policy == "chunk":
@@ -101,7 +114,7 @@ def apply_prompt(
     (text inputs only). Raises APIError(400) for a name the model does not have (listing
     those it has), an unknown ``input_type``, or a named prompt with token-id or templated
     inputs, or with ``return_logits`` (``task`` ``score``)."""
-    if task != "embed":
+    if task not in ("embed", "embed_sparse"):
         for field in ("prompt_name", "input_type"):
             if getattr(req, field) is not None:
                 raise APIError(400, f"'{field}' applies to embeddings.", param=field)

@@ -60,7 +60,8 @@ class EmbeddingRequest(BaseModel):
     #: Quantized vectors (sentence-transformers' precisions, :mod:`gateway.api.quantize`):
     #: ``int8`` / ``uint8`` integers per component, ``binary`` / ``ubinary`` packed sign bits
     #: (``dim / 8`` integers); with ``encoding_format="base64"`` the bytes of those integers.
-    embedding_type: EmbeddingType = "float"
+    #: ``sparse``: a sparse model's lexical weights (:class:`SparseValues`), always as lists.
+    embedding_type: EmbeddingType | Literal["sparse"] = "float"
     #: Voyage AI's fields (the ``voyageai`` SDK sends them), honoured, never dropped:
     #: ``output_dimension`` as ``dimensions``, ``output_dtype`` as ``embedding_type``,
     #: ``truncation: true`` as truncating each input to the model's context length;
@@ -77,10 +78,18 @@ class EmbeddingRequest(BaseModel):
     input_type: StrictStr | None = None
 
 
+class SparseValues(BaseModel):
+    """A sparse embedding (``embedding_type="sparse"``): the vocabulary token ids that have a
+    weight, increasing, and their weights (Qdrant's and Milvus' sparse vector shape)."""
+
+    indices: list[int]
+    values: list[float]
+
+
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[int] | list[float] | str
+    embedding: list[int] | list[float] | str | SparseValues
 
 
 class Usage(BaseModel):

@@ -116,6 +116,13 @@ async def tei_embed(
     return JSONResponse(await tei.embed(serving, req, _disconnected(request)))
 
 
+@peer_router.post("/embed_sparse", response_model=list[list[tei.TEISparseValue]])
+async def tei_embed_sparse(
+    req: tei.TEIEmbedSparseRequest, request: Request, serving: Serving = Depends(_serving_open)
+) -> Response:
+    return json_list(await tei.embed_sparse(serving, req, _disconnected(request)))
+
+
 @peer_router.post(
     "/predict", response_model=list[tei.TEIPrediction] | list[list[tei.TEIPrediction]]
 )

@@ -38,6 +38,7 @@ from gateway.api.models import (
     ScoreRequest,
     ScoreResponse,
     ScoreUsage,
+    SparseValues,
     TextDocument,
     Usage,
 )
@@ -50,6 +51,7 @@ _TASK_NAMES = {
     "embed": "embeddings",
     "score": "scoring (rerank, score, return_logits)",
     "classify": "classification",
+    "embed_sparse": 'sparse embeddings (embedding_type "sparse", /embed_sparse)',
     "tokenize": "tokenization (/tokenize, /decode)",
 }
 #: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
@@ -191,6 +193,8 @@ class Serving:
         inputs.check_request(req)
         req = inputs.fold_peer_fields(req)
         task: Task = "embed" if req.return_logits is None else "score"
+        if task == "embed" and req.embedding_type == "sparse":
+            task = inputs.check_sparse(req)
         if task == "score":
             inputs.check_logit_ids(req.return_logits or [], None)  # before any copies
         specs = inputs.embedding_specs(req, task)
@@ -226,8 +230,13 @@ class Serving:
             data = []
             for i, res in enumerate(results):
                 assert res.vector_b64 is not None
-                emb: list[int] | list[float] | str
-                if kind != "float":
+                emb: list[int] | list[float] | str | SparseValues
+                if kind == "sparse":  # lists whatever the encoding_format
+                    sparse = res.sparse()
+                    emb = SparseValues(
+                        indices=sparse.indices.tolist(), values=sparse.values.tolist()
+                    )
+                elif kind != "float":
                     packed = quantize(decode_vector(res.vector_b64)[None, :], kind, bounds)[0]
                     emb = (
                         base64.b64encode(packed.tobytes()).decode()

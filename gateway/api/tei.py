@@ -1,13 +1,14 @@
-"""Text Embeddings Inference's routes (``POST /embed``, ``/rerank`` with TEI's body,
-``/predict``, ``POST /`` by the model's type, ``/tokenize``, ``/decode``, ``GET /info``),
-served by the same queue paths as the OpenAI / vLLM routes (``/tokenize`` and ``/decode`` by
-the worker's tokenizer: ``tokenize`` items), so TEI's clients
+"""Text Embeddings Inference's routes (``POST /embed``, ``/embed_sparse``, ``/rerank`` with
+TEI's body, ``/predict``, ``POST /`` by the model's type, ``/tokenize``, ``/decode``,
+``GET /info``), served by the same queue paths as the OpenAI / vLLM routes (``/tokenize`` and
+``/decode`` by the worker's tokenizer: ``tokenize`` items), so TEI's clients
 (``huggingface_hub.InferenceClient``, LangChain's ``HuggingFaceEndpointEmbeddings``,
 llama-index's ``TextEmbeddingsInference``, haystack's TEI components) work unchanged. TEI's
 bodies name no model: :func:`model_for` picks one.
 
 Source: TEI's OpenAPI (``router/src/http/types.rs``: ``EmbedRequest`` ``inputs``,
 ``normalize``, ``truncate``, ``truncation_direction``, ``prompt_name``, ``dimensions``;
+``EmbedSparseRequest`` → ``[[SparseValue]]`` (``index``, ``value``);
 ``RerankRequest`` ``query``, ``texts``, ``raw_scores``, ``return_text``, ``truncate``;
 ``PredictRequest``; ``TokenizeRequest`` ``inputs``, ``add_special_tokens``, ``prompt_name``
 → ``[[SimpleToken]]``; ``DecodeRequest`` ``ids``, ``skip_special_tokens`` → ``[str]``;
@@ -27,6 +28,7 @@ from gateway.api.models import (
     EmbeddingRequest,
     ModelName,
     ScoreRequest,
+    SparseValues,
 )
 from gateway.api.serving import Disconnected, Serving
 from gateway.errors import APIError
@@ -54,6 +56,19 @@ class TEIEmbedRequest(_TEIRequest):
     normalize: bool = True
     prompt_name: StrictStr | None = None
     dimensions: int | None = Field(default=None, ge=1)
+
+
+class TEIEmbedSparseRequest(_TEIRequest):
+    """``POST /embed_sparse``: the response is ``[[{index, value}, ...], ...]``, one list of
+    (token id, weight) per input, by token id."""
+
+    inputs: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt_name: StrictStr | None = None
+
+
+class TEISparseValue(BaseModel):
+    index: int
+    value: float
 
 
 class TEIRerankRequest(_TEIRequest):
@@ -146,6 +161,28 @@ async def embed(
     )
     answer = await serving.embeddings(inner, disconnected)
     return [d.embedding for d in answer.data]  # type: ignore[misc]
+
+
+async def embed_sparse(
+    serving: Serving, req: TEIEmbedSparseRequest, disconnected: Disconnected
+) -> list[list[TEISparseValue]]:
+    """``POST /embed_sparse``: each input's sparse embedding, by token id (the embeddings
+    path's 400s; a model without sparse embeddings: 400)."""
+    inner = EmbeddingRequest(
+        model=await model_for(serving, req.model, "embed_sparse"),
+        input=req.inputs,
+        embedding_type="sparse",
+        prompt_name=req.prompt_name,
+        truncation=req.truncate,
+        truncation_side=_side(req),
+    )
+    answer = await serving.embeddings(inner, disconnected)
+    out = []
+    for d in answer.data:
+        assert isinstance(d.embedding, SparseValues)
+        pairs = zip(d.embedding.indices, d.embedding.values, strict=True)
+        out.append([TEISparseValue(index=i, value=v) for i, v in pairs])
+    return out
 
 
 async def rerank(

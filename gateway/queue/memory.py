@@ -292,7 +292,8 @@ class MemoryStore(QueueStore):
                 done.ignored += 1
                 continue
             advert = self._adverts.get(item.model, (None, 0.0))[0]
-            checked = check_result(res, item.spec, prompt_token_limit(item.spec, advert))
+            vocab = advert.vocab_size if advert is not None else None
+            checked = check_result(res, item.spec, prompt_token_limit(item.spec, advert), vocab)
             if checked is not res:
                 done.rejected += 1
                 metrics.RESULTS_REJECTED.labels(item.model).inc()

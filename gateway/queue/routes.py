@@ -9,7 +9,6 @@ from pydantic import ValidationError
 
 from common.protocol import (
     PREFIX,
-    RESULTS_BINARY,
     ErrorCode,
     ItemError,
     ItemResult,
@@ -21,8 +20,8 @@ from common.protocol import (
     ResultsRequest,
     ResultsResponse,
     WorkItem,
-    decode_results,
 )
+from common.results_body import RESULTS_BINARY, decode_results
 from gateway.api.models import json_response
 from gateway.errors import APIError, invalid_body
 from gateway.http.auth import WorkerScope

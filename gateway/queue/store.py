@@ -35,6 +35,8 @@ from common.protocol import (
     ItemSpec,
     ModelAdvert,
     WorkItem,
+    decode_indices,
+    decode_vector,
 )
 
 
@@ -110,16 +112,21 @@ def prompt_token_limit(spec: ItemSpec | None, advert: ModelAdvert | None) -> int
 
 
 def check_result(
-    result: ItemResult, spec: ItemSpec | None, max_prompt_tokens: int = MAX_PROMPT_TOKENS
+    result: ItemResult,
+    spec: ItemSpec | None,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    vocab_size: int | None = None,
 ) -> ItemResult:
     """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
     a vector must be base64 of whole little-endian float32s, all finite, of the expected
     length (``dimensions`` when set; ``len(return_logits)`` for logits, 1 for a pair's score;
-    not checked for class probabilities or without ``spec``), and ``prompt_tokens`` at most
-    ``max_prompt_tokens`` (:func:`prompt_token_limit`)."""
+    not checked for class probabilities or without ``spec``); a sparse embedding's indices
+    one per weight, increasing, below ``vocab_size`` (the model's, when known); and
+    ``prompt_tokens`` at most ``max_prompt_tokens`` (:func:`prompt_token_limit`)."""
     if result.error is not None:
         return result
     why = None
+    sparse = spec is not None and spec.task == "embed_sparse"
     if spec is not None and spec.task == "tokenize":
         why = _tokenize_fault(result, spec)
     elif result.tokens is not None or result.text is not None:
@@ -128,6 +135,8 @@ def check_result(
         why = (
             f"{result.prompt_tokens} prompt tokens, more than the model takes ({max_prompt_tokens})"
         )
+    elif sparse or result.indices_b64 is not None:
+        why = _sparse_fault(result, vocab_size) if sparse else "indices for a dense result"
     elif result.vector_b64 is None:
         why = "a result without a vector or an error"
     else:
@@ -162,6 +171,27 @@ def check_result(
             retryable=True,
         ),
     )
+
+
+def _sparse_fault(result: ItemResult, vocab_size: int | None) -> str | None:
+    """What is wrong with an ``embed_sparse`` result: weights (finite float32s) and as many
+    indices (uint32s), increasing and below ``vocab_size``."""
+    if result.vector_b64 is None or result.indices_b64 is None:
+        return "a sparse embedding without its weights and indices"
+    try:
+        values, indices = decode_vector(result.vector_b64), decode_indices(result.indices_b64)
+    except (binascii.Error, ValueError):
+        return "the weights or indices are not base64 of whole 32-bit values"
+    why = None
+    if values.size != indices.size:
+        why = f"{indices.size} indices for {values.size} weights"
+    elif not np.isfinite(values).all():
+        why = "the weights have values that are not finite"
+    elif indices.size and (np.diff(indices.astype(np.int64)) <= 0).any():
+        why = "the indices are not increasing"
+    elif indices.size and vocab_size is not None and int(indices[-1]) >= vocab_size:
+        why = f"an index ({int(indices[-1])}) outside the vocabulary ({vocab_size} tokens)"
+    return why
 
 
 def _tokenize_fault(result: ItemResult, spec: ItemSpec) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from common.protocol import RESULTS_BINARY
+from common.results_body import RESULTS_BINARY
 from devstack import localstack as ls
 from tests.support.reports import FAULT_REPORTS
 
@@ -114,6 +114,7 @@ def test_fuzzed_client_routes(gateway: ls.Proc, embed_worker: ls.Proc) -> None:
         "POST /v2/embed",
         "POST /v1/embed",
         "POST /embed",
+        "POST /embed_sparse",
         "POST /predict",
         "POST /",
         "GET /info",

@@ -295,7 +295,7 @@ def test_the_score_type_comes_from_the_checkpoint_or_the_config(tmp_path, monkey
         (
             lambda t: t.replace('task = "embed"', 'task = "generate"'),
             "generator.task",
-            "'embed', 'score' or 'classify'",
+            "'embed', 'embed_sparse', 'score' or 'classify'",
         ),
         (
             lambda t: t.replace("[monitoring]", "[monitoring]\nmetrics_port = 70000\n").replace(

@@ -15,15 +15,13 @@ from pydantic_core import PydanticUndefined
 
 from tests.support import InProcessGateway
 from worker import metrics as worker_metrics
-from worker.config import (
+from worker.config import Config, GeneratorConfig, MonitoringConfig, QueueConfig
+from worker.model_entry import (
     ClassificationTask,
-    Config,
     EmbeddingTask,
-    GeneratorConfig,
     ModelEntry,
-    MonitoringConfig,
-    QueueConfig,
     ScoringTask,
+    SparseEmbeddingTask,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +39,7 @@ NESTED: dict[str, type[BaseModel]] = {
     "embedding_task": EmbeddingTask,
     "scoring_task": ScoringTask,
     "classification_task": ClassificationTask,
+    "sparse_embedding_task": SparseEmbeddingTask,
 }
 #: Defaults the table describes in words instead of a value.
 IN_WORDS = (

@@ -8,7 +8,7 @@ import pytest
 from common import prompts
 from common.prompts import TemplateError, render
 from tests.support import MINILM_FILES
-from worker.config import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
+from worker.model_entry import QWEN3_RERANK_INSTRUCTION, QWEN3_RERANK_TEMPLATE
 
 
 def _no_truncation(s: str, n: int | None = None) -> str:

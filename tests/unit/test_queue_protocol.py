@@ -439,7 +439,8 @@ async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
     """A pull answer lists the results bodies the gateway takes; the worker's queue client
     then posts the binary one (float32 values, no base64): the client gets the same vector,
     and a malformed binary body is a 400 saying what is wrong."""
-    from common.protocol import RESULTS_BINARY, ItemResult, PullRequest, WorkItem
+    from common.protocol import ItemResult, PullRequest, WorkItem
+    from common.results_body import RESULTS_BINARY
     from worker.queue_client import QueueClient
 
     await pull(gw, wait=0)  # registers the model before the client asks for it

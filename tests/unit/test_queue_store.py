@@ -965,3 +965,30 @@ async def test_the_memory_store_forgets_silent_workers_and_old_adverts(clock):
     clock.advance(6)
     s._forget()
     assert await s.advert("made-up-3") is None and s._adverts == {} and s._pending == {}
+
+
+async def test_a_sparse_embedding_reaches_the_client_and_a_bad_one_is_refused(store):
+    """The ``embed_sparse`` task through the store: its weights and their token ids reach the
+    client (on Redis: kept through the reply stream); indices past the model's vocabulary are
+    a bad result, redelivered."""
+    from common.protocol import SparseEmbedding
+
+    sparse = ModelAdvert(name="m", checkpoint_name="c", tasks=["embed_sparse"], vocab_size=100)
+    request = await store.submit(
+        [ItemSpec(model="m", task="embed_sparse", text=t) for t in ("ab", "cd")]
+    )
+    first, second = await pull(store, n=2, adverts=[sparse])
+    assert (first.task, second.task) == ("embed_sparse", "embed_sparse")
+    good = SparseEmbedding.of([7, 99], [0.5, 1.25])
+    outside = SparseEmbedding.of([3, 100], [0.5, 1.0])
+    done = await store.complete(
+        "w", [ItemResult.ok(first, good, 2), ItemResult.ok(second, outside, 2)]
+    )
+    assert (done.accepted, done.rejected) == (1, 1)
+    (again,) = await pull(store, n=2, adverts=[sparse])  # the bad one, redelivered
+    assert again.item_id == second.item_id and again.attempt == 2
+    empty = SparseEmbedding.of([], [])  # a text none of whose logits is positive
+    assert (await store.complete("w", [ItemResult.ok(again, empty, 2)])).accepted == 1
+    got = await store.wait(request, pickup_timeout=DEADLINE, request_timeout=DEADLINE)
+    assert [r.sparse().indices.tolist() for r in got] == [[7, 99], []]
+    assert [r.sparse().values.tolist() for r in got] == [[0.5, 1.25], []]

@@ -89,7 +89,7 @@ def test_every_models_advert_offers_tokenize_after_its_own_tasks():
 
 
 def test_binary_results_carry_tokens_and_texts():
-    from common.protocol import decode_results, encode_results
+    from common.results_body import decode_results, encode_results
 
     tokens = [
         Token(id=101, text="[CLS]", special=True),

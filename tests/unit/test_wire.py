@@ -76,13 +76,8 @@ def test_work_item_is_lease_plus_spec():
 def test_the_binary_results_body_carries_what_its_json_twin_does():
     """``RESULTS_BINARY``: a JSON header and the float32 values back to back; decoded, it is
     the ResultsRequest the JSON body would be, vectors bit for bit."""
-    from common.protocol import (
-        ErrorCode,
-        ItemResult,
-        ResultsRequest,
-        decode_results,
-        encode_results,
-    )
+    from common.protocol import ErrorCode, ItemResult, ResultsRequest
+    from common.results_body import decode_results, encode_results
 
     item = WorkItem(item_id="a", lease_id="1", lease_seconds=30, model="m", task="embed", text="t")
     v = np.random.default_rng(1).standard_normal(384).astype(np.float32)
@@ -110,7 +105,8 @@ def test_the_binary_results_body_carries_what_its_json_twin_does():
     ],
 )
 def test_a_malformed_binary_results_body_is_refused_saying_why(cut, why):
-    from common.protocol import ItemResult, decode_results, encode_results
+    from common.protocol import ItemResult
+    from common.results_body import decode_results, encode_results
 
     item = WorkItem(item_id="a", lease_id="1", lease_seconds=30, model="m", task="embed", text="t")
     body = encode_results("w", [ItemResult.ok(item, np.ones(3), 1)])

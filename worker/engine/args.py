@@ -21,7 +21,7 @@ def score_type_of(gen: GeneratorConfig) -> ScoreType | None:
     type once started; else ``causal-lm`` (also when ``config.json`` cannot be read)."""
     if gen.score_type is not None:
         return gen.score_type
-    if gen.task == "embed":
+    if gen.task in ("embed", "embed_sparse"):
         return "bi-encoder"
     archs = [str(a) for a in gen.checkpoint_config().get("architectures") or []]
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -54,6 +54,8 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
         # Batch jobs' inputs (priority 1) wait in the engine behind interactive ones.
         "scheduling_policy": "priority",
     }
+    if gen.task == "embed_sparse":  # a SPLADE masked LM as vLLM's sparse embedding model
+        kw["hf_overrides"] = {"architectures": [gen.sparse_architecture()]}
     if causal:
         kw["logprobs_mode"] = "raw_logits"
         kw["max_logprobs"] = MAX_LOGIT_IDS

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from common.protocol import ItemResult, ScoreType, WorkItem
+from common.protocol import ItemResult, ScoreType, SparseEmbedding, WorkItem
 from worker.config import GeneratorConfig
 from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.engine.args import config_object, engine_core_of, engine_kwargs, score_type_of
@@ -45,7 +45,7 @@ class Engine:
         #: is reported by :func:`worker.adverts.model_adverts`).
         self.score_type: ScoreType = (
             "bi-encoder"
-            if gen.task == "embed"
+            if gen.task in ("embed", "embed_sparse")
             else "causal-lm"
             if gen.task == "score" and score_type_of(gen) == "causal-lm"
             else llm.model_config.score_type
@@ -167,11 +167,12 @@ class Engine:
             return answer()
         return await asyncio.to_thread(answer)
 
-    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray | SparseEmbedding, int]:
         """Embed or score one item; ``prompt`` is its entry from :meth:`prepare`.
 
         Returns (float32 vector, prompt token count): the embedding ``[dim]`` (L2-normalised
-        unless ``normalize`` is false, first ``dimensions`` components when set), the logits
+        unless ``normalize`` is false, first ``dimensions`` components when set), a sparse
+        embedding (:class:`~common.protocol.SparseEmbedding`, ``embed_sparse``), the logits
         ``[len(return_logits)]`` at the last position (softmax over them when ``normalize``),
         a pair's score ``[1]``, or a classifier's class probabilities ``[num_labels]`` (logits
         unless ``normalize``). Raises :class:`~worker.engine.errors.InvalidInput` for a bad

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common.protocol import WorkItem
+from common.protocol import SparseEmbedding, WorkItem
 from worker.config import GeneratorConfig
 from worker.engine.engine import Engine
 from worker.engine.errors import InvalidInput
@@ -122,7 +122,7 @@ class ReplicaSet:
     async def prepare(self, items: list[WorkItem]) -> list[Prompt | InvalidInput]:
         return await self.engines[0].prepare(items)
 
-    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray | SparseEmbedding, int]:
         i = min(range(len(self.engines)), key=self._running.__getitem__)
         self._running[i] += 1
         try:

@@ -1,6 +1,7 @@
 """The task runners: one prepared input through vLLM to the vector the worker posts.
 
-``embed``: the pooling runner's ``embed`` task; ``classify``: its ``classify`` task on a
+``embed``: the pooling runner's ``embed`` task; ``embed_sparse``: that task on a SPLADE
+model, the vocabulary's non-zero weights; ``classify``: its ``classify`` task on a
 sequence classifier, the class logits (their softmax by default); ``score``, by the engine's
 score type: ``causal-lm`` — the generate runner with ``logprobs_mode="raw_logits"`` and one
 output token, ``SamplingParams(logprob_token_ids=...)`` returning the raw logits of the asked
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, WorkItem
+from common.protocol import MAX_LOGIT_IDS, ErrorCode, ScoreType, SparseEmbedding, WorkItem
 from worker.engine.core import EngineCore
 from worker.engine.errors import EngineDead, InvalidInput, refusal
 from worker.engine.prepare import ChunkedPrompt, PairPrompt, Prompt
@@ -52,14 +53,17 @@ class Runner:
         #: (pooling task, token ids) -> its output.
         self._shared: dict[tuple[str, tuple[int, ...]], asyncio.Future[Any]] = {}
 
-    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray, int]:
-        """(float32 vector, prompt token count); see :meth:`worker.engine.Engine.run`."""
+    async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray | SparseEmbedding, int]:
+        """(float32 vector or sparse embedding, prompt token count); see
+        :meth:`worker.engine.Engine.run`."""
         if isinstance(prompt, PairPrompt):
             return await self.score_pair(item, prompt)
         if isinstance(prompt, ChunkedPrompt):
             return await self.embed_chunks(item, prompt)
         if item.task == "embed":
             return await self.embed(item, prompt)
+        if item.task == "embed_sparse":
+            return await self.embed_sparse(item, prompt)
         if item.task == "classify":
             return await self.classify(item, prompt)
         if self.score_type != "causal-lm":
@@ -82,6 +86,16 @@ class Runner:
         out = await self._encode(item, prompt, params)
         vec = out.outputs.data.float().numpy()
         return vec, len(out.prompt_token_ids)
+
+    async def embed_sparse(self, item: WorkItem, prompt: list[int]) -> tuple[SparseEmbedding, int]:
+        """A SPLADE model's sparse embedding: vLLM's ``embed`` task on
+        ``BertSpladeSparseEmbeddingModel`` gives the vocabulary's weights ``[vocab_size]``
+        (``log(1 + relu(logits))`` max-pooled over the tokens); their non-zero entries."""
+        from vllm import PoolingParams
+
+        out = await self._encode(item, prompt, PoolingParams(task="embed"))
+        weights = out.outputs.data.float().numpy()
+        return SparseEmbedding.from_dense(weights), len(out.prompt_token_ids)
 
     async def embed_chunks(self, item: WorkItem, prompt: ChunkedPrompt) -> tuple[np.ndarray, int]:
         """A long text's embedding from its windows: each window's pooled vector (its first

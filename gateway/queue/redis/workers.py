@@ -294,8 +294,9 @@ class Workers:
         now = time.monotonic()
         for res, attempt in mine:
             spec = specs.get(res.item_id)
-            limit = prompt_token_limit(spec, adverts[keys.model_of_item(res.item_id)])
-            checked = check_result(res, spec, limit)
+            advert = adverts[keys.model_of_item(res.item_id)]
+            vocab = advert.vocab_size if advert is not None else None
+            checked = check_result(res, spec, prompt_token_limit(spec, advert), vocab)
             checked_all.append(checked)
             stamped = self.handed.get(res.item_id)
             client, current = "", False
