@@ -31,11 +31,12 @@ MAX_MODELS_PER_PULL = 256
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
 
 #: What a worker does with an item: ``embed`` (pooled embedding), ``embed_sparse`` (a sparse
-#: lexical embedding: weights of vocabulary token ids, as SPLADE), ``score`` (a pair's score,
+#: lexical embedding: weights of vocabulary token ids, as SPLADE), ``token_embed`` (one vector
+#: per token: a multi-vector embedding, as ColBERT's), ``score`` (a pair's score,
 #: or logits of chosen token ids at the last position), ``classify`` (a sequence classifier's
 #: class probabilities or logits) or ``tokenize`` (the model's tokenizer alone, no engine
 #: step: a text's tokens, or the text of token ids; every worker serves it for its models).
-Task = Literal["embed", "embed_sparse", "score", "classify", "tokenize"]
+Task = Literal["embed", "embed_sparse", "token_embed", "score", "classify", "tokenize"]
 #: The tasks an engine is started for (``generator.task``): all but ``tokenize``.
 EngineTask = Literal["embed", "embed_sparse", "score", "classify"]
 
@@ -106,7 +107,7 @@ class ModelAdvert(Wire):
     checkpoint_name: Name
     version: int = 1
     tags: list[Name] = Field(default_factory=list, max_length=64)
-    tasks: list[Task] = Field(max_length=5)
+    tasks: list[Task] = Field(max_length=6)
     #: Longest prompt in tokens the engine accepts (vLLM ``max_model_len``).
     max_model_len: int | None = Field(default=None, ge=1)
     description: str = Field(default="", max_length=4096)
@@ -328,6 +329,8 @@ class ItemResult(Wire):
     #: ``embed_sparse``: base64 of little-endian uint32 [nnz], the token ids of the vector's
     #: [nnz] weights, increasing.
     indices_b64: str | None = None
+    #: ``token_embed``: the vector is a matrix [rows, dim] (one row per token), row-major.
+    rows: int | None = Field(default=None, ge=1)
     tokens: list[Token] | None = Field(default=None, max_length=MAX_TOKENS)
     text: str | None = Field(default=None, max_length=MAX_TEXT)
     #: Tokens of the input's prompt, as the engine counted them (the gateway refuses more
@@ -344,21 +347,31 @@ class ItemResult(Wire):
     def ok(
         cls, item: WorkItem, vector: np.ndarray | SparseEmbedding, prompt_tokens: int
     ) -> ItemResult:
-        """A vector's result (a sparse embedding: its weights, with their indices)."""
-        indices = None
+        """A vector's result (a sparse embedding: its weights, with their indices; a matrix
+        [rows, dim]: its rows, row-major, with ``rows``)."""
+        indices, rows = None, None
         if isinstance(vector, SparseEmbedding):
             indices = np.ascontiguousarray(vector.indices, dtype="<u4")
             vector = vector.values
-        vector = np.ascontiguousarray(vector, dtype="<f4")
+        elif vector.ndim == 2:  # per-token vectors [rows, dim]
+            rows = int(vector.shape[0])
+        vector = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
         result = cls(
             item_id=item.item_id,
             lease_id=item.lease_id,
             vector_b64=encode_vector(vector),
             indices_b64=None if indices is None else encode_indices(indices),
+            rows=rows,
             prompt_tokens=prompt_tokens,
         )
         result._vector, result._indices = vector, indices
         return result
+
+    def matrix(self) -> np.ndarray:
+        """A ``token_embed`` result's vectors, float32 [rows, dim]; ValueError if it has none."""
+        if self.vector_b64 is None or self.rows is None:
+            raise ValueError("not a per-token embedding result")
+        return decode_vector(self.vector_b64).reshape(self.rows, -1)
 
     def sparse(self) -> SparseEmbedding:
         """An ``embed_sparse`` result's embedding; ValueError if it has none."""

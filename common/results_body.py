@@ -45,6 +45,8 @@ class BinaryResult(Wire):
     values: int = Field(default=0, ge=0)
     #: A sparse embedding's (None: not one; 0: one with no weight).
     indices: int | None = Field(default=None, ge=0)
+    #: A per-token embedding's rows (its values are [rows, dim], row-major).
+    rows: int | None = Field(default=None, ge=1)
     prompt_tokens: int = Field(default=0, ge=0)
     error: ItemError | None = None
     tokens: list[Token] | None = Field(default=None, max_length=MAX_TOKENS)
@@ -76,6 +78,7 @@ def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
                 lease_id=r.lease_id,
                 values=0 if vec is None else int(vec.size),
                 indices=None if idx is None else int(idx.size),
+                rows=r.rows,
                 prompt_tokens=r.prompt_tokens,
                 error=r.error,
                 tokens=r.tokens,
@@ -124,6 +127,7 @@ def decode_results(body: bytes) -> ResultsRequest:
                 lease_id=r.lease_id,
                 vector_b64=vector,
                 indices_b64=indices,
+                rows=r.rows,
                 prompt_tokens=r.prompt_tokens,
                 error=r.error,
                 tokens=r.tokens,

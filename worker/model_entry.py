@@ -1,6 +1,7 @@
 """The ``[queue.models."<name>"]`` tables of a worker config (:mod:`worker.config`): a model
 name this worker serves as clients call it, and the tasks it declares for it
-(``embedding_task``, ``sparse_embedding_task``, ``scoring_task``, ``classification_task``)."""
+(``embedding_task``, ``sparse_embedding_task``, ``token_embedding_task``, ``scoring_task``,
+``classification_task``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common import prompts
-from common.protocol import EngineTask, LongInputs
+from common.protocol import LongInputs, Task
 
 
 class Strict(BaseModel):
@@ -61,6 +62,13 @@ class SparseEmbeddingTask(Strict):
     """``[queue.models."<name>".sparse_embedding_task]``: sparse lexical embeddings
     (``embedding_type = "sparse"``, TEI's ``/embed_sparse``) with a SPLADE model
     (``generator.task = "embed_sparse"``)."""
+
+    supported: bool = False
+
+
+class TokenEmbeddingTask(Strict):
+    """``[queue.models."<name>".token_embedding_task]``: per-token (multi-vector) embeddings
+    (``"return_multivector": true``), e.g. a ColBERT's, beside the engine's own task."""
 
     supported: bool = False
 
@@ -121,15 +129,18 @@ class ModelEntry(Strict):
     scoring_task: ScoringTask = ScoringTask()
     classification_task: ClassificationTask = ClassificationTask()
     sparse_embedding_task: SparseEmbeddingTask = SparseEmbeddingTask()
+    token_embedding_task: TokenEmbeddingTask = TokenEmbeddingTask()
 
-    def tasks(self) -> list[EngineTask]:
-        """Task names advertised to the queue (``embed``, ``embed_sparse``, ``score``,
-        ``classify``)."""
-        out: list[EngineTask] = []
+    def tasks(self) -> list[Task]:
+        """Task names advertised to the queue (``embed``, ``embed_sparse``, ``token_embed``,
+        ``score``, ``classify``)."""
+        out: list[Task] = []
         if self.embedding_task.supported:
             out.append("embed")
         if self.sparse_embedding_task.supported:
             out.append("embed_sparse")
+        if self.token_embedding_task.supported:
+            out.append("token_embed")
         if self.scoring_task.supported:
             out.append("score")
         if self.classification_task.supported:

@@ -39,7 +39,7 @@ class CohereEmbedRequest(BaseModel):
     images: Any = None
     inputs: Any = None
     #: ``search_query`` / ``search_document`` / ``classification`` / ``clustering``: the
-    #: model's named prompt of that kind (:func:`gateway.api.inputs.apply_prompt`).
+    #: model's named prompt of that kind (:func:`gateway.api.embedding_options.apply_prompt`).
     input_type: StrictStr | None = None
     embedding_types: list[CohereType] | None = Field(default=None, min_length=1, max_length=6)
     output_dimension: int | None = Field(default=None, ge=1)

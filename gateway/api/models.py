@@ -62,6 +62,9 @@ class EmbeddingRequest(BaseModel):
     #: (``dim / 8`` integers); with ``encoding_format="base64"`` the bytes of those integers.
     #: ``sparse``: a sparse model's lexical weights (:class:`SparseValues`), always as lists.
     embedding_type: EmbeddingType | Literal["sparse"] = "float"
+    #: Jina's: one vector per token ([tokens, dim] per input, a ColBERT's), ``dimensions``,
+    #: ``normalize``, ``embedding_type`` and ``encoding_format`` applying to each row.
+    return_multivector: bool = False
     #: Voyage AI's fields (the ``voyageai`` SDK sends them), honoured, never dropped:
     #: ``output_dimension`` as ``dimensions``, ``output_dtype`` as ``embedding_type``,
     #: ``truncation: true`` as truncating each input to the model's context length;
@@ -89,7 +92,15 @@ class SparseValues(BaseModel):
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[int] | list[float] | str | SparseValues
+    embedding: (
+        list[int]
+        | list[float]
+        | str
+        | SparseValues
+        | list[list[float]]
+        | list[list[int]]
+        | list[str]
+    )
 
 
 class Usage(BaseModel):

@@ -15,7 +15,8 @@ The precisions and their arithmetic are sentence-transformers' ``quantize_embedd
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+from typing import Any, Literal
 
 import numpy as np
 
@@ -50,3 +51,17 @@ def quantize(vectors: np.ndarray, kind: EmbeddingType, value_range: list[float])
     if kind == "int8":
         return (levels - 128).astype(np.int8)
     raise ValueError(f"unknown embedding type {kind!r}")
+
+
+def encode_rows(
+    matrix: np.ndarray, kind: EmbeddingType, value_range: list[float], encoding_format: str
+) -> list[Any]:
+    """A per-token embedding float32 [rows, dim] for the client: each row as one vector of
+    ``kind`` (:func:`quantize`), a list of numbers, or with ``encoding_format="base64"`` the
+    base64 of its bytes (float32 little-endian, or the integers)."""
+    out = quantize(matrix, kind, value_range)
+    if encoding_format == "base64":
+        out = np.ascontiguousarray(out, dtype="<f4" if kind == "float" else out.dtype)
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in out]
+    rows: list[Any] = out.tolist()
+    return rows

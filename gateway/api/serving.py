@@ -14,12 +14,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from common.protocol import ItemResult, ItemSpec, ModelAdvert, Task, decode_vector
 from gateway import metrics
+from gateway.api import embedding_options as options
 from gateway.api import inputs
 from gateway.api.models import (
     ClassifyData,
@@ -42,7 +43,7 @@ from gateway.api.models import (
     TextDocument,
     Usage,
 )
-from gateway.api.quantize import quantize, value_range
+from gateway.api.quantize import encode_rows, quantize, value_range
 from gateway.errors import APIError, item_error
 from gateway.queue.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from gateway.settings import GatewaySettings
@@ -52,6 +53,7 @@ _TASK_NAMES = {
     "score": "scoring (rerank, score, return_logits)",
     "classify": "classification",
     "embed_sparse": 'sparse embeddings (embedding_type "sparse", /embed_sparse)',
+    "token_embed": "per-token embeddings (return_multivector)",
     "tokenize": "tokenization (/tokenize, /decode)",
 }
 #: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
@@ -191,10 +193,8 @@ class Serving:
         """Check an embeddings request and turn it into queue entries (raises APIError 4xx
         for what is wrong with it)."""
         inputs.check_request(req)
-        req = inputs.fold_peer_fields(req)
-        task: Task = "embed" if req.return_logits is None else "score"
-        if task == "embed" and req.embedding_type == "sparse":
-            task = inputs.check_sparse(req)
+        req = options.fold_peer_fields(req)
+        task = options.embedding_task(req)
         if task == "score":
             inputs.check_logit_ids(req.return_logits or [], None)  # before any copies
         specs = inputs.embedding_specs(req, task)
@@ -218,8 +218,8 @@ class Serving:
                     param="embedding_type",
                 )
             inputs.check_logit_ids(req.return_logits or [], advert)
-        inputs.apply_prompt(specs, req, advert, task)
-        inputs.apply_truncation(specs, req, advert, task)
+        options.apply_prompt(specs, req, advert, task)
+        options.apply_truncation(specs, req, advert, task)
         inputs.check_sizes(specs, "input", self._max_chars(advert))
         inputs.check_token_ids(specs, "input", advert)
 
@@ -230,12 +230,14 @@ class Serving:
             data = []
             for i, res in enumerate(results):
                 assert res.vector_b64 is not None
-                emb: list[int] | list[float] | str | SparseValues
+                emb: Any
                 if kind == "sparse":  # lists whatever the encoding_format
                     sparse = res.sparse()
                     emb = SparseValues(
                         indices=sparse.indices.tolist(), values=sparse.values.tolist()
                     )
+                elif res.rows is not None:  # per-token vectors: each row as a vector
+                    emb = encode_rows(res.matrix(), kind, bounds, req.encoding_format)
                 elif kind != "float":
                     packed = quantize(decode_vector(res.vector_b64)[None, :], kind, bounds)[0]
                     emb = (

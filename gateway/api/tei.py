@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from common.protocol import MAX_CHUNKS, ItemSpec, ModelAdvert, Task, Token
+from gateway.api import embedding_options as options
 from gateway.api import inputs as checks
 from gateway.api.models import (
     MAX_INPUTS,
@@ -302,7 +303,7 @@ async def tokenize(
         for t in texts
     ]
     named = EmbeddingRequest(model=model, input="", prompt_name=req.prompt_name)
-    checks.apply_prompt(specs, named, advert, "embed")
+    options.apply_prompt(specs, named, advert, "embed")
     checks.check_sizes(specs, "inputs", serving._max_chars(advert) * MAX_CHUNKS)
     results = await serving.run(specs, "inputs", disconnected)
     return [r.tokens or [] for r in results]

@@ -120,7 +120,8 @@ def check_result(
     """``result`` if it can answer a client, else a retryable ``internal_error`` saying why:
     a vector must be base64 of whole little-endian float32s, all finite, of the expected
     length (``dimensions`` when set; ``len(return_logits)`` for logits, 1 for a pair's score;
-    not checked for class probabilities or without ``spec``); a sparse embedding's indices
+    not checked for class probabilities or without ``spec``; a per-token embedding's ``rows``
+    of ``dimensions`` each, at most ``max_prompt_tokens`` rows); a sparse embedding's indices
     one per weight, increasing, below ``vocab_size`` (the model's, when known); and
     ``prompt_tokens`` at most ``max_prompt_tokens`` (:func:`prompt_token_limit`)."""
     if result.error is not None:
@@ -137,6 +138,10 @@ def check_result(
         )
     elif sparse or result.indices_b64 is not None:
         why = _sparse_fault(result, vocab_size) if sparse else "indices for a dense result"
+    elif spec is not None and (result.rows is None) == (spec.task == "token_embed"):
+        why = "a matrix without rows" if result.rows is None else "rows for a single vector"
+    elif result.rows is not None and result.rows > max_prompt_tokens:
+        why = f"{result.rows} rows, more than the prompt's tokens ({max_prompt_tokens})"
     elif result.vector_b64 is None:
         why = "a result without a vector or an error"
     else:
@@ -149,7 +154,12 @@ def check_result(
         else:
             vec = np.frombuffer(raw, dtype="<f4")
             want = None
-            if spec is not None:
+            if result.rows is not None:  # a matrix [rows, dim]: rows of the asked width
+                dim = spec.dimensions if spec is not None else None
+                want = result.rows * dim if dim else None
+                if vec.size % result.rows:
+                    want = (vec.size // result.rows + 1) * result.rows  # whole rows
+            elif spec is not None:
                 if spec.task == "embed":
                     want = spec.dimensions
                 elif spec.task == "classify":  # one value per class of the model

@@ -46,6 +46,10 @@ def pair_workers(gateway: ls.Proc, stack_dir: Path, model_dirs: dict[str, Path])
                 dtype="float32",
                 max_model_len=512,
                 max_num_seqs=64,
+                # the ColBERT also serves its token embeddings (return_multivector)
+                model_extra="token_embedding_task = { supported = true }"
+                if name == COLBERT
+                else "",
             ),
             stack_dir,
             name,
@@ -122,6 +126,35 @@ def test_colbert_maxsim_matches_transformers(api, model_dirs, stsb_sentences):
     want = np.array([ref.maxsim(q, d) for q, d in zip(queries, docs, strict=True)])
     print(f"late-interaction: max |diff| {np.abs(got - want).max():.2e}, scores ~{want.mean():.2f}")
     assert np.abs(got - want).max() < 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_colbert_token_embeddings_match_transformers(api, model_dirs, stsb_sentences):
+    """``return_multivector``: every input's per-token vectors [tokens, dim] as the float32
+    ``transformers`` ColBERT computes them (special tokens included, rows L2-normalised), in
+    input order; ``dimensions`` keeps each row's first components, renormalised; ``binary``
+    packs each row's signs; and they give the same MaxSim as ``/v1/score``."""
+    ref = tiny_bert.ColBERTReference(model_dirs[COLBERT])
+    texts = stsb_sentences[90:98]
+    body = {"model": COLBERT, "input": texts, "return_multivector": True}
+    r = api.post("/v1/embeddings", json=body)
+    assert r.status_code == 200, r.text
+    got = [np.array(d["embedding"], dtype=np.float32) for d in r.json()["data"]]
+    want = [ref.tokens(t).numpy() for t in texts]
+    assert [g.shape for g in got] == [w.shape for w in want]
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
+    print(
+        f"multi-vector: max |diff| {diff:.2e}; first answer {got[0].shape[0]} rows x "
+        f"{got[0].shape[1]}, row 0 starts {[round(float(v), 4) for v in got[0][0][:4]]}"
+    )
+    assert diff < 1e-4
+    assert r.json()["usage"]["prompt_tokens"] == sum(len(w) for w in want)
+    small = api.post("/v1/embeddings", json={**body, "input": texts[0], "dimensions": 8}).json()
+    cut = want[0][:, :8] / np.linalg.norm(want[0][:, :8], axis=1, keepdims=True)
+    assert np.abs(np.array(small["data"][0]["embedding"]) - cut).max() < 1e-4
+    bits = api.post("/v1/embeddings", json={**body, "input": texts[0], "embedding_type": "ubinary"})
+    assert bits.json()["data"][0]["embedding"] == np.packbits(want[0] > 0, axis=1).tolist()
+    maxsim = float((got[0] @ got[1].T).max(axis=1).sum())
+    assert abs(score(api, COLBERT, texts[0], texts[1])[0] - maxsim) < 1e-3
 
 
 def test_bi_encoder_cosine_matches_sentence_transformers(api, stsb_sentences):

@@ -22,6 +22,7 @@ from worker.model_entry import (
     ModelEntry,
     ScoringTask,
     SparseEmbeddingTask,
+    TokenEmbeddingTask,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +41,7 @@ NESTED: dict[str, type[BaseModel]] = {
     "scoring_task": ScoringTask,
     "classification_task": ClassificationTask,
     "sparse_embedding_task": SparseEmbeddingTask,
+    "token_embedding_task": TokenEmbeddingTask,
 }
 #: Defaults the table describes in words instead of a value.
 IN_WORDS = (

@@ -1,7 +1,8 @@
 """The task runners: one prepared input through vLLM to the vector the worker posts.
 
 ``embed``: the pooling runner's ``embed`` task; ``embed_sparse``: that task on a SPLADE
-model, the vocabulary's non-zero weights; ``classify``: its ``classify`` task on a
+model, the vocabulary's non-zero weights; ``token_embed``: its per-token vectors;
+``classify``: its ``classify`` task on a
 sequence classifier, the class logits (their softmax by default); ``score``, by the engine's
 score type: ``causal-lm`` — the generate runner with ``logprobs_mode="raw_logits"`` and one
 output token, ``SamplingParams(logprob_token_ids=...)`` returning the raw logits of the asked
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -60,12 +61,15 @@ class Runner:
             return await self.score_pair(item, prompt)
         if isinstance(prompt, ChunkedPrompt):
             return await self.embed_chunks(item, prompt)
-        if item.task == "embed":
-            return await self.embed(item, prompt)
-        if item.task == "embed_sparse":
-            return await self.embed_sparse(item, prompt)
-        if item.task == "classify":
-            return await self.classify(item, prompt)
+        one_input: dict[str, Callable[[WorkItem, list[int]], Awaitable[Any]]] = {
+            "embed": self.embed,
+            "embed_sparse": self.embed_sparse,
+            "token_embed": self.token_embed,
+            "classify": self.classify,
+        }
+        if item.task in one_input:
+            out: tuple[np.ndarray | SparseEmbedding, int] = await one_input[item.task](item, prompt)
+            return out
         if self.score_type != "causal-lm":
             raise InvalidInput(
                 ErrorCode.INVALID_TOKEN_IDS,
@@ -96,6 +100,31 @@ class Runner:
         out = await self._encode(item, prompt, PoolingParams(task="embed"))
         weights = out.outputs.data.float().numpy()
         return SparseEmbedding.from_dense(weights), len(out.prompt_token_ids)
+
+    async def token_embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
+        """Per-token vectors float32 [tokens, dim] (vLLM's ``token_embed`` task, e.g. a
+        ColBERT's projection of every token): each row's first ``dimensions`` components when
+        set, each row L2-normalised unless ``normalize`` is false."""
+        from vllm import PoolingParams
+
+        if item.dimensions is not None and item.dimensions < 1:
+            raise InvalidInput(
+                ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
+            )
+        params = PoolingParams(task="token_embed", use_activation=item.normalize)
+        out = await self._encode(item, prompt, params)
+        rows = out.outputs.data.float().numpy()
+        if item.dimensions is not None:
+            if item.dimensions > rows.shape[1]:
+                raise InvalidInput(
+                    ErrorCode.INVALID_DIMENSIONS,
+                    f"dimensions {item.dimensions} is more than the model's {rows.shape[1]}",
+                )
+            rows = rows[:, : item.dimensions]
+            if item.normalize:
+                norms = np.linalg.norm(rows, axis=1, keepdims=True)
+                rows = rows / np.maximum(norms, 1e-12)
+        return rows.astype(np.float32), len(out.prompt_token_ids)
 
     async def embed_chunks(self, item: WorkItem, prompt: ChunkedPrompt) -> tuple[np.ndarray, int]:
         """A long text's embedding from its windows: each window's pooled vector (its first
