@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -475,34 +475,49 @@ async def test_idle_connections_do_not_lock_out_requests_probes_or_workers(memor
     await asyncio.sleep(1.0)
     results: dict[str, list[int]] = {"healthz": [], "pull": [], "embeddings": [], "internal": []}
     # A fresh connection per request: at the limit the gateway closes the connection idle longest,
-    # which may be a kept-alive one the client is about to reuse (a race by design, as in nginx).
+    # which may be a kept-alive one the client is about to reuse, or a fresh one whose request it
+    # has not read yet when the flood's next connections arrive (it cannot tell the two kinds of
+    # new connection apart before they send). A request it never read is sent once more, as a
+    # client resends one the server closed the connection on without answering.
     fresh = httpx.Limits(max_keepalive_connections=0)
+    cut: list[str] = []
+
+    async def send(name: str, call: Callable[[], Awaitable[httpx.Response]]) -> None:
+        for _attempt in range(2):
+            try:
+                results[name].append((await call()).status_code)
+                return
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                cut.append(name)
+        results[name].append(0)  # cut twice: locked out
+
     async with (
         gw.worker() as _worker,
         gw.client(limits=fresh) as c,
         httpx.AsyncClient(timeout=10, limits=fresh) as probe,
     ):
         for _ in range(10):
-            results["healthz"].append((await probe.get(gw.url + "/healthz")).status_code)
-            w = await probe.post(
-                gw.url + "/queue/v1/pull",
-                headers={"Authorization": f"Bearer {ls.WORKER_TOKEN}"},
-                json={"worker_id": "p", "models": [ADVERT], "max_items": 1, "wait_seconds": 0},
+            await send("healthz", lambda: probe.get(gw.url + "/healthz"))
+            await send(
+                "pull",
+                lambda: probe.post(
+                    gw.url + "/queue/v1/pull",
+                    headers={"Authorization": f"Bearer {ls.WORKER_TOKEN}"},
+                    json={"worker_id": "p", "models": [ADVERT], "max_items": 1, "wait_seconds": 0},
+                ),
             )
-            results["pull"].append(w.status_code)
-            r = await c.post("/v1/embeddings", json={"model": "m", "input": "hello"})
-            results["embeddings"].append(r.status_code)
-            try:
-                i = await probe.get(gw.internal + "/healthz")
-                results["internal"].append(i.status_code)
-            except httpx.HTTPError:
-                results["internal"].append(0)
+            await send(
+                "embeddings",
+                lambda: c.post("/v1/embeddings", json={"model": "m", "input": "hello"}),
+            )
+            await send("internal", lambda: probe.get(gw.internal + "/healthz"))
             await asyncio.sleep(0.2)
     stop.set()
     flooder.join(10)
-    report(gw, "idle connections", f"200 idle connections, reopened: {results}")
+    report(gw, "idle connections", f"200 idle connections, reopened: {results}; resent once: {cut}")
     for name, got in results.items():
         assert set(got) == {200}, (name, got)
+    assert len(cut) <= 10  # of 40 requests: a race at the edges of the flood's bursts
 
 
 def _closed(s: socket.socket) -> bool:
