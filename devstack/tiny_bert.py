@@ -231,3 +231,81 @@ class SpladeReference:
             pooled = self.torch.log1p(self.torch.relu(logits)).amax(dim=0)
         (ids,) = self.torch.nonzero(pooled, as_tuple=True)
         return {int(i): float(pooled[i]) for i in ids}
+
+
+def build_bge_m3(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    max_positions: int = 514,
+) -> Path:
+    """Write a model of BGE-M3's shape (an ``XLMRobertaModel`` with ``sparse_linear.pt``, a
+    [1, hidden] head of per-token lexical weights, and ``colbert_linear.pt``) + MiniLM's
+    WordPiece tokenizer to ``path`` (its [CLS] / [SEP] as the model's BOS / EOS); return it.
+    vLLM serves it as ``BgeM3EmbeddingModel``: dense (CLS), sparse and per-token vectors."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    _copy_tokenizer(path)
+    torch.manual_seed(seed)
+    base = _bert_config(hidden_size, layers, max_positions)
+    base.update(type_vocab_size=1, bos_token_id=101, eos_token_id=102)
+    config = XLMRobertaConfig(**base)
+    untyped: Any = XLMRobertaModel  # transformers leaves its __init__ unannotated
+    untyped(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
+    sparse = torch.nn.Linear(hidden_size, 1)
+    with torch.no_grad():  # about half the tokens get a weight, as BGE-M3's
+        sparse.weight.normal_(0.0, 0.5)
+        sparse.bias.zero_()
+    torch.save(sparse.state_dict(), path / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(hidden_size, hidden_size).state_dict(), path / "colbert_linear.pt")
+    return path
+
+
+class BgeM3Reference:
+    """float32 ``transformers`` pass of a :func:`build_bge_m3` model, BGE-M3's three outputs as
+    FlagEmbedding computes them: the dense vector (CLS, L2-normalised), the lexical weights
+    (``relu(sparse_linear(hidden))`` per token, the largest per token id, the tokenizer's
+    CLS / EOS / PAD / UNK left out) and the per-token vectors (``colbert_linear`` of every
+    token but the first, L2-normalised)."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, XLMRobertaModel
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path)
+        untyped: Any = XLMRobertaModel  # transformers leaves its from_pretrained untyped
+        self.model = untyped.from_pretrained(path, add_pooling_layer=False).eval()
+        self.sparse = torch.nn.Linear(self.model.config.hidden_size, 1)
+        self.sparse.load_state_dict(torch.load(path / "sparse_linear.pt"))
+        self.colbert = torch.nn.Linear(self.model.config.hidden_size, self.model.config.hidden_size)
+        self.colbert.load_state_dict(torch.load(path / "colbert_linear.pt"))
+        tok = self.tok
+        self.unused = {tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.unk_token_id}
+
+    def _hidden(self, text: str) -> Any:
+        with self.torch.no_grad():
+            return self.model(**self.tok(text, return_tensors="pt")).last_hidden_state[0]
+
+    def dense(self, text: str) -> Any:
+        """float32 [hidden]."""
+        return self.torch.nn.functional.normalize(self._hidden(text)[0], dim=-1).numpy()
+
+    def tokens(self, text: str) -> Any:
+        """float32 [tokens - 1, hidden]."""
+        with self.torch.no_grad():
+            rows = self.colbert(self._hidden(text)[1:])
+        return self.torch.nn.functional.normalize(rows, dim=-1).numpy()
+
+    def weights(self, text: str) -> dict[int, float]:
+        enc = self.tok(text, return_tensors="pt")
+        with self.torch.no_grad():
+            per_token = self.torch.relu(self.sparse(self._hidden(text))).squeeze(-1)
+        out: dict[int, float] = {}
+        for weight, tid in zip(per_token.tolist(), enc["input_ids"][0].tolist(), strict=True):
+            if tid not in self.unused and weight > out.get(tid, 0.0):
+                out[tid] = weight
+        return out

@@ -114,23 +114,37 @@ class GeneratorConfig(Strict):
     def sparse_architecture(self) -> str | None:
         """The vLLM model class that serves this checkpoint's sparse embeddings
         (:data:`SPARSE_ARCHITECTURES`; the one ``engine_args.hf_overrides.architectures``
-        names, if any; SPLADE's when ``config.json`` names no architectures or cannot be
-        read); None when it names architectures none of which has one."""
+        names, if any; BGE-M3's for an ``XLMRobertaModel`` with a ``sparse_linear.pt``;
+        SPLADE's when ``config.json`` names no architectures or cannot be read); None when
+        it names architectures none of which has one."""
         overrides = self.engine_args.get("hf_overrides")
         if isinstance(overrides, dict) and overrides.get("architectures"):
             return str(overrides["architectures"][0])
         archs = [str(a) for a in self.checkpoint_config().get("architectures") or []]
         if not archs:
-            return SPARSE_ARCHITECTURES["BertForMaskedLM"]
+            return SPLADE
+        if "XLMRobertaModel" in archs and (Path(self.model_path) / "sparse_linear.pt").is_file():
+            return BGE_M3
         return next((SPARSE_ARCHITECTURES[a] for a in archs if a in SPARSE_ARCHITECTURES), None)
 
+    def architecture_override(self) -> str | None:
+        """The vLLM model class to start in place of the checkpoint's own: the sparse one for
+        ``task = "embed_sparse"``, BGE-M3's for any task on a BGE-M3 checkpoint (its dense,
+        sparse and per-token vectors from one engine); None otherwise or when
+        ``engine_args.hf_overrides`` names the architectures."""
+        overrides = self.engine_args.get("hf_overrides")
+        if isinstance(overrides, dict) and overrides.get("architectures"):
+            return None
+        sparse = self.sparse_architecture()
+        return sparse if self.task == "embed_sparse" or sparse == BGE_M3 else None
 
-#: Checkpoint architectures -> the vLLM model class serving their sparse embeddings: SPLADE
-#: (a BERT masked LM: ``log(1 + relu(logits))`` max-pooled over the tokens).
-SPARSE_ARCHITECTURES = {
-    "BertForMaskedLM": "BertSpladeSparseEmbeddingModel",
-    "BertSpladeSparseEmbeddingModel": "BertSpladeSparseEmbeddingModel",
-}
+
+#: vLLM's model classes with sparse embeddings: SPLADE (a BERT masked LM: ``log(1 +
+#: relu(logits))`` max-pooled over the tokens, the vocabulary's weights) and BGE-M3 (lexical
+#: weights per token from its ``sparse_linear`` head, the largest per token id).
+SPLADE, BGE_M3 = "BertSpladeSparseEmbeddingModel", "BgeM3EmbeddingModel"
+#: Checkpoint architectures -> the vLLM model class serving their sparse embeddings.
+SPARSE_ARCHITECTURES = {"BertForMaskedLM": SPLADE, SPLADE: SPLADE, BGE_M3: BGE_M3}
 
 
 class QueueConfig(Strict):
@@ -332,6 +346,15 @@ def _check_models(path: Path, cfg: Config) -> None:
             f'generator.task = "embed" (an embedding engine scores pairs by cosine); '
             f'"{cfg.generator.score_type}" needs generator.task = "score"'
         )
+    beside = want != "embed_sparse" and gen.sparse_architecture() != BGE_M3
+    for name, entry in cfg.queue.models.items():
+        if beside and "embed_sparse" in entry.tasks():
+            raise ConfigError(
+                f'{path}: queue.models."{name}".sparse_embedding_task.supported: sparse '
+                f'embeddings beside generator.task = "{want}" need a BGE-M3 checkpoint '
+                "(an XLMRobertaModel with sparse_linear.pt); a SPLADE model needs "
+                'generator.task = "embed_sparse"'
+            )
     if want == "embed_sparse" and gen.sparse_architecture() is None:
         raise ConfigError(
             f'{path}: generator.task: "embed_sparse" needs a SPLADE checkpoint (architectures '

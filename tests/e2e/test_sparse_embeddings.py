@@ -115,3 +115,80 @@ def test_a_sparse_model_refuses_dense_requests_and_over_long_inputs_clearly(api,
     assert max_error(got, want) < 1e-4  # the first 128 tokens' weights
     card = next(m for m in api.get("/v1/models").json()["data"] if m["id"] == SPLADE)
     assert card["tasks"] == ["embed_sparse", "tokenize"]
+
+
+BGE_M3 = "tiny-bge-m3"
+
+
+@pytest.fixture(scope="module")
+def m3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bert.build_bge_m3(tmp_path_factory.mktemp("bge-m3"), seed=41)
+
+
+@pytest.fixture(scope="module")
+def m3(gateway: ls.Proc, stack_dir: Path, m3_path: Path) -> Iterator[ls.Proc]:
+    """One BGE-M3 worker (``generator.task = "embed"``) serving its dense, sparse and
+    per-token vectors from one engine."""
+    text = ls.worker_config(
+        queue_url=gateway.url,
+        model_name=BGE_M3,
+        model_path=m3_path,
+        task="embed",
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=64,
+        model_extra="sparse_embedding_task = { supported = true }\n"
+        "token_embedding_task = { supported = true }",
+    )
+    proc = ls.start_worker(text, stack_dir, "bge-m3")
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+
+
+def test_bge_m3_dense_sparse_and_per_token_vectors_match_flagembeddings_formulas(
+    gateway, m3, m3_path, stsb_sentences
+):
+    """BGE-M3's three outputs from one worker, as FlagEmbedding computes them on a float32
+    ``transformers`` pass: the dense vector (CLS), the lexical weights (the largest
+    ``relu(sparse_linear)`` per token id, special tokens left out) and the per-token vectors
+    (``colbert_linear``, every token but the first); the sparse ones through the ``openai``
+    SDK and TEI's ``/embed_sparse`` alike."""
+    import numpy as np
+    import openai
+
+    ref = tiny_bert.BgeM3Reference(m3_path)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0)
+    texts = stsb_sentences[20:28]
+    dense = client.embeddings.create(model=BGE_M3, input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in dense.data])
+    dense_err = float(np.abs(got - np.stack([ref.dense(t) for t in texts])).max())
+    sparse = client.embeddings.create(
+        model=BGE_M3, input=texts, extra_body={"embedding_type": "sparse"}
+    )
+    sparse_err = 0.0
+    for text, data in zip(texts, sparse.data, strict=True):
+        emb: Any = data.embedding
+        want = ref.weights(text)
+        assert emb["indices"] == sorted(want)
+        pairs = dict(zip(emb["indices"], emb["values"], strict=True))
+        sparse_err = max(sparse_err, max_error(pairs, want))
+    with httpx.Client(base_url=gateway.url, timeout=60) as http:
+        http.headers["Authorization"] = f"Bearer {ls.API_KEY}"
+        tei = http.post("/embed_sparse", json={"model": BGE_M3, "inputs": texts[:2]}).json()
+        multi = http.post(
+            "/v1/embeddings",
+            json={"model": BGE_M3, "input": texts, "return_multivector": True},
+        ).json()
+    assert [[p["index"] for p in one] for one in tei] == [sorted(ref.weights(t)) for t in texts[:2]]
+    rows = [np.array(d["embedding"]) for d in multi["data"]]
+    want_rows = [ref.tokens(t) for t in texts]
+    assert [r.shape for r in rows] == [w.shape for w in want_rows]
+    multi_err = max(float(np.abs(r - w).max()) for r, w in zip(rows, want_rows, strict=True))
+    first: Any = sparse.data[0].embedding
+    answer = dict(zip(first["indices"], first["values"], strict=True))
+    print(
+        f"bge-m3: max |diff| dense {dense_err:.2e}, sparse {sparse_err:.2e}, per-token "
+        f"{multi_err:.2e}; first sparse answer {answer}"
+    )
+    assert max(dense_err, sparse_err, multi_err) < 1e-4

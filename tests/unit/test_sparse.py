@@ -238,3 +238,32 @@ def test_a_sparse_config_that_cannot_work_names_the_key_and_the_file(
     with pytest.raises(ConfigError) as e:
         load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"})
     assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_a_bge_m3_checkpoint_serves_sparse_and_per_token_vectors_beside_dense_ones(tmp_path):
+    """An ``XLMRobertaModel`` with ``sparse_linear.pt`` starts as vLLM's BGE-M3 model whatever
+    the task, so an ``embed`` worker may declare sparse and per-token vectors too; without
+    that head, sparse embeddings beside ``embed`` are a config error naming the key."""
+    from worker.config import ConfigError, load_config
+    from worker.engine.args import engine_kwargs
+
+    path = _config(tmp_path, ["XLMRobertaModel"], "embed")
+    text = path.read_text().replace('task = "embed_sparse"\n', 'task = "embed"\n')
+    text = text.replace(
+        '[queue.models."all-minilm-l6-v2".embedding_task]',
+        "sparse_embedding_task = { supported = true }\n"
+        "token_embedding_task = { supported = true }\n\n"
+        '[queue.models."all-minilm-l6-v2".embedding_task]',
+    )
+    path.write_text(text)
+    env = {"INFERENCE_WORKER_QUEUE_TOKEN": "t"}
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env)
+    assert str(path) in str(e.value) and "sparse_embedding_task.supported" in str(e.value)
+    (tmp_path / "weights" / "sparse_linear.pt").write_bytes(b"")
+    cfg = load_config(path, env)
+    tasks = cfg.queue.models["all-minilm-l6-v2"].tasks()
+    assert cfg.generator.task == "embed" and tasks == ["embed", "embed_sparse", "token_embed"]
+    assert engine_kwargs(cfg.generator)["hf_overrides"] == {
+        "architectures": ["BgeM3EmbeddingModel"]
+    }

@@ -54,8 +54,9 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
         # Batch jobs' inputs (priority 1) wait in the engine behind interactive ones.
         "scheduling_policy": "priority",
     }
-    if gen.task == "embed_sparse":  # a SPLADE masked LM as vLLM's sparse embedding model
-        kw["hf_overrides"] = {"architectures": [gen.sparse_architecture()]}
+    override = gen.architecture_override()  # a SPLADE or a BGE-M3 as vLLM's sparse model
+    if override is not None:
+        kw["hf_overrides"] = {"architectures": [override]}
     if causal:
         kw["logprobs_mode"] = "raw_logits"
         kw["max_logprobs"] = MAX_LOGIT_IDS

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from common.protocol import ItemResult, ScoreType, SparseEmbedding, WorkItem
-from worker.config import GeneratorConfig
+from worker.config import BGE_M3, GeneratorConfig
 from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.engine.args import config_object, engine_core_of, engine_kwargs, score_type_of
 from worker.engine.core import EngineCore
@@ -50,8 +50,9 @@ class Engine:
             if gen.task == "score" and score_type_of(gen) == "causal-lm"
             else llm.model_config.score_type
         )
+        bge_m3 = gen.sparse_architecture() == BGE_M3
         self.runner = Runner(
-            llm, self.score_type, self.max_model_len, str(gen.model_path), model_name
+            llm, self.score_type, self.max_model_len, str(gen.model_path), model_name, bge_m3
         )
 
     @classmethod

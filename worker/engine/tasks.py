@@ -47,9 +47,12 @@ class Runner:
         max_model_len: int,
         model_path: str,
         model_name: str,
+        bge_m3: bool = False,
     ):
         self.core, self.score_type, self.max_model_len = core, score_type, max_model_len
         self.model_path, self.model_name = model_path, model_name
+        #: Sparse embeddings from BGE-M3's lexical head, not a SPLADE's vocabulary weights.
+        self.bge_m3 = bge_m3
         #: A query's embedding being computed, shared by the pairs that have that query:
         #: (pooling task, token ids) -> its output.
         self._shared: dict[tuple[str, tuple[int, ...]], asyncio.Future[Any]] = {}
@@ -97,9 +100,39 @@ class Runner:
         (``log(1 + relu(logits))`` max-pooled over the tokens); their non-zero entries."""
         from vllm import PoolingParams
 
+        if self.bge_m3:
+            return await self.lexical_weights(item, prompt)
         out = await self._encode(item, prompt, PoolingParams(task="embed"))
         weights = out.outputs.data.float().numpy()
         return SparseEmbedding.from_dense(weights), len(out.prompt_token_ids)
+
+    async def lexical_weights(
+        self, item: WorkItem, prompt: list[int]
+    ) -> tuple[SparseEmbedding, int]:
+        """BGE-M3's sparse embedding, as FlagEmbedding computes it: vLLM's ``token_classify``
+        task gives each token's weight (``relu(sparse_linear(hidden))``, the BOS and EOS
+        positions left out); per token id the largest positive weight, the tokenizer's
+        CLS / EOS / SEP / PAD / UNK left out."""
+        from vllm import PoolingParams
+
+        out = await self._encode(item, prompt, PoolingParams(task="token_classify"))
+        weights = out.outputs.data.float().numpy().reshape(-1).tolist()
+        hf, tok = self.core.model_config.hf_config, self.core.get_tokenizer()
+        ids = list(prompt)
+        if ids and ids[0] == hf.bos_token_id:
+            ids = ids[1:]
+        if ids and ids[-1] == hf.eos_token_id:
+            ids = ids[:-1]
+        if len(ids) != len(weights):
+            raise RuntimeError(f"{len(weights)} token weights for {len(ids)} tokens")
+        unused = {
+            getattr(tok, f"{name}_token_id", None) for name in ("cls", "eos", "sep", "pad", "unk")
+        }
+        best: dict[int, float] = {}
+        for tid, weight in zip(ids, weights, strict=True):
+            if tid not in unused and weight > best.get(tid, 0.0):
+                best[tid] = weight
+        return SparseEmbedding.of(list(best), list(best.values())), len(out.prompt_token_ids)
 
     async def token_embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         """Per-token vectors float32 [tokens, dim] (vLLM's ``token_embed`` task, e.g. a
