@@ -346,7 +346,8 @@ def _check_models(path: Path, cfg: Config) -> None:
             f'generator.task = "embed" (an embedding engine scores pairs by cosine); '
             f'"{cfg.generator.score_type}" needs generator.task = "score"'
         )
-    beside = want != "embed_sparse" and gen.sparse_architecture() != BGE_M3
+    known = bool(gen.checkpoint_config().get("architectures"))  # else vLLM tells at start
+    beside = want != "embed_sparse" and known and gen.sparse_architecture() != BGE_M3
     for name, entry in cfg.queue.models.items():
         if beside and "embed_sparse" in entry.tasks():
             raise ConfigError(
