@@ -433,25 +433,30 @@ class ReleaseResponse(Wire):
 
 def encode_vector(vector: np.ndarray) -> str:
     """float vector [dim] -> base64 of little-endian float32 bytes."""
-    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return _encode_words(vector, "<f4")
 
 
 def decode_vector(data: str) -> np.ndarray:
     """base64 of little-endian float32 -> float32 [dim]. Raises ValueError on bad input."""
-    raw = base64.b64decode(data, validate=True)
-    if len(raw) % 4:
-        raise ValueError("vector byte length is not a multiple of 4")
-    return np.frombuffer(raw, dtype="<f4")
+    return _decode_words(data, "<f4", "vector")
 
 
 def encode_indices(indices: np.ndarray) -> str:
     """Token ids [nnz] -> base64 of little-endian uint32 bytes."""
-    return base64.b64encode(np.ascontiguousarray(indices, dtype="<u4").tobytes()).decode("ascii")
+    return _encode_words(indices, "<u4")
 
 
 def decode_indices(data: str) -> np.ndarray:
     """base64 of little-endian uint32 -> uint32 [nnz]. Raises ValueError on bad input."""
+    return _decode_words(data, "<u4", "indices")
+
+
+def _encode_words(values: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
+
+
+def _decode_words(data: str, dtype: str, what: str) -> np.ndarray:
     raw = base64.b64decode(data, validate=True)
     if len(raw) % 4:
-        raise ValueError("indices byte length is not a multiple of 4")
-    return np.frombuffer(raw, dtype="<u4")
+        raise ValueError(f"{what} byte length is not a multiple of 4")
+    return np.frombuffer(raw, dtype=dtype)

@@ -108,31 +108,20 @@ async def test_return_multivector_answers_a_list_of_rows_per_input(gw):
 
 async def test_dimensions_types_and_base64_apply_to_each_row(gw):
     await gw.advertise([COLBERT])
-    body = {"model": "colbert", "input": "ab", "return_multivector": True, "dimensions": 2}
-    r, items = await gw.answer_while(
-        gw.client.post("/v1/embeddings", json=body), [COLBERT], answer, 0
-    )
-    assert r.json()["data"][0]["embedding"] == [[1.0, 0.0], [2.0, 0.0]]
-    assert items[0]["dimensions"] == 2
-    body = {
-        "model": "colbert",
-        "input": "ab",
-        "return_multivector": True,
-        "encoding_format": "base64",
-    }
-    r, _ = await gw.answer_while(gw.client.post("/v1/embeddings", json=body), [COLBERT], answer, 0)
-    rows = [
-        np.frombuffer(base64.b64decode(s), "<f4").tolist() for s in r.json()["data"][0]["embedding"]
-    ]
-    assert rows == [[1.0, 0.0, 0.0, -1.0], [2.0, 0.0, 0.0, -2.0]]
-    body = {
-        "model": "colbert",
-        "input": "ab",
-        "return_multivector": True,
-        "embedding_type": "ubinary",
-    }
-    r, _ = await gw.answer_while(gw.client.post("/v1/embeddings", json=body), [COLBERT], answer, 0)
-    assert r.json()["data"][0]["embedding"] == [[0b10000000], [0b10000000]]  # sign bits per row
+
+    async def rows_of(**extra: Any) -> tuple[Any, dict[str, Any]]:
+        body = {"model": "colbert", "input": "ab", "return_multivector": True, **extra}
+        call = gw.client.post("/v1/embeddings", json=body)
+        r, items = await gw.answer_while(call, [COLBERT], answer, 0)
+        return r.json()["data"][0]["embedding"], items[0]
+
+    rows, pulled = await rows_of(dimensions=2)
+    assert rows == [[1.0, 0.0], [2.0, 0.0]] and pulled["dimensions"] == 2
+    rows, _ = await rows_of(encoding_format="base64")
+    decoded = [np.frombuffer(base64.b64decode(s), "<f4").tolist() for s in rows]
+    assert decoded == [[1.0, 0.0, 0.0, -1.0], [2.0, 0.0, 0.0, -2.0]]
+    rows, _ = await rows_of(embedding_type="ubinary")
+    assert rows == [[0b10000000], [0b10000000]]  # each row's sign bits
 
 
 @pytest.mark.parametrize(
