@@ -263,8 +263,9 @@ async def _labels(serving: Serving, model: str) -> list[str]:
 
 async def info(serving: Serving, model: str | None) -> dict[str, Any]:
     """``GET /info``: TEI's ``Info`` for the model (``?model=``, else as :func:`model_for`):
-    ``model_id``, ``model_type`` (``embedding``, ``reranker`` or ``classifier`` with its
-    labels), ``max_input_length``, ``max_client_batch_size``. 404 for a model no worker serves."""
+    ``model_id``, ``model_type`` (``embedding``, with ``pooling: "splade"`` for a sparse
+    model, ``reranker`` or ``classifier`` with its labels), ``max_input_length``,
+    ``max_client_batch_size``. 404 for a model no worker serves."""
     name = await model_for(serving, model, "embed")
     advert = await serving.store.advert(name)
     if advert is None:
@@ -273,6 +274,8 @@ async def info(serving: Serving, model: str | None) -> dict[str, Any]:
         )
     if "embed" in advert.tasks:
         kind: dict[str, Any] = {"embedding": {"pooling": "model"}}
+    elif "embed_sparse" in advert.tasks:  # as TEI describes a SPLADE model
+        kind = {"embedding": {"pooling": "splade"}}
     elif "classify" in advert.tasks:
         labels = advert.labels or []
         kind = {"classifier": {"id2label": dict(enumerate(labels)), "label2id": {}}}

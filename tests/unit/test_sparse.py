@@ -267,3 +267,12 @@ def test_a_bge_m3_checkpoint_serves_sparse_and_per_token_vectors_beside_dense_on
     assert engine_kwargs(cfg.generator)["hf_overrides"] == {
         "architectures": ["BgeM3EmbeddingModel"]
     }
+
+
+async def test_teis_info_describes_a_sparse_model_as_tei_does_splade(gw):
+    await gw.advertise([SPARSE, DENSE])
+    info = (await gw.client.get("/info", params={"model": "splade"})).json()
+    assert info["model_type"] == {"embedding": {"pooling": "splade"}}
+    assert (await gw.client.get("/info", params={"model": "dense"})).json()["model_type"] == {
+        "embedding": {"pooling": "model"}
+    }
