@@ -153,20 +153,10 @@ def check_result(
             why = "the vector is not base64 of whole float32 values"
         else:
             vec = np.frombuffer(raw, dtype="<f4")
-            want = None
-            if result.rows is not None:  # a matrix [rows, dim]: rows of the asked width
-                dim = spec.dimensions if spec is not None else None
-                want = result.rows * dim if dim else None
-                if vec.size % result.rows:
-                    want = (vec.size // result.rows + 1) * result.rows  # whole rows
-            elif spec is not None:
-                if spec.task == "embed":
-                    want = spec.dimensions
-                elif spec.task == "classify":  # one value per class of the model
-                    want = None
-                else:  # a pair's one score, or the selected logits
-                    want = 1 if spec.text_pair is not None else len(spec.return_logits or [])
-            if want is not None and vec.size != want:
+            want = _values_asked(result.rows, spec)
+            if result.rows is not None and vec.size % result.rows:
+                why = f"the matrix has {vec.size} values, not {result.rows} whole rows"
+            elif want is not None and vec.size != want:
                 why = f"the vector has {vec.size} values, {want} were asked for"
             elif not np.isfinite(vec).all():
                 why = "the vector has values that are not finite"
@@ -181,6 +171,21 @@ def check_result(
             retryable=True,
         ),
     )
+
+
+def _values_asked(rows: int | None, spec: ItemSpec | None) -> int | None:
+    """The values a result's vector must have where the request fixes them: ``dimensions``
+    (of each of a matrix's ``rows``), ``len(return_logits)`` for logits, 1 for a pair's
+    score; None for class probabilities, or without ``spec``."""
+    if spec is None:
+        return None
+    if rows is not None:
+        return rows * spec.dimensions if spec.dimensions else None
+    if spec.task == "embed":
+        return spec.dimensions
+    if spec.task == "classify":  # one value per class of the model
+        return None
+    return 1 if spec.text_pair is not None else len(spec.return_logits or [])
 
 
 def _sparse_fault(result: ItemResult, vocab_size: int | None) -> str | None:
