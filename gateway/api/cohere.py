@@ -12,7 +12,6 @@ Source: Cohere's API reference (embed v2 and v1: ``texts``, ``input_type``, ``em
 
 from __future__ import annotations
 
-import base64
 import uuid
 from typing import Any, Literal
 
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from common.protocol import decode_vector
 from gateway.api.models import EmbeddingRequest, ModelName
-from gateway.api.quantize import quantize, value_range
+from gateway.api.quantize import encode_rows, value_range
 from gateway.api.serving import Disconnected, Serving
 from gateway.errors import APIError
 
@@ -62,11 +61,9 @@ class CohereEmbedResponse(BaseModel):
 
 
 def _encode(vectors: np.ndarray, kind: CohereType, bounds: list[float]) -> list[Any]:
-    if kind == "float":
-        return vectors.tolist()  # type: ignore[no-any-return]
     if kind == "base64":  # the float32 bytes, little-endian
-        return [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-    return quantize(vectors, kind, bounds).tolist()  # type: ignore[no-any-return]
+        return encode_rows(vectors, "float", bounds, "base64")
+    return encode_rows(vectors, kind, bounds, "float")
 
 
 async def embed(

@@ -8,7 +8,6 @@ Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
 import uuid
@@ -43,7 +42,7 @@ from gateway.api.models import (
     TextDocument,
     Usage,
 )
-from gateway.api.quantize import encode_rows, quantize, value_range
+from gateway.api.quantize import encode_rows, value_range
 from gateway.errors import APIError, item_error
 from gateway.queue.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from gateway.settings import GatewaySettings
@@ -236,19 +235,13 @@ class Serving:
                     emb = SparseValues(
                         indices=sparse.indices.tolist(), values=sparse.values.tolist()
                     )
-                elif res.rows is not None:  # per-token vectors: each row as a vector
-                    emb = encode_rows(res.matrix(), kind, bounds, req.encoding_format)
-                elif kind != "float":
-                    packed = quantize(decode_vector(res.vector_b64)[None, :], kind, bounds)[0]
-                    emb = (
-                        base64.b64encode(packed.tobytes()).decode()
-                        if req.encoding_format == "base64"
-                        else packed.tolist()
-                    )
-                elif req.encoding_format == "base64":
-                    emb = res.vector_b64
-                else:
-                    emb = decode_vector(res.vector_b64).tolist()
+                elif kind == "float" and res.rows is None and req.encoding_format == "base64":
+                    emb = res.vector_b64  # the worker's float32 bytes, as they came
+                else:  # each row as a vector of its kind; a single vector is one row
+                    single = res.rows is None
+                    rows = decode_vector(res.vector_b64)[None, :] if single else res.matrix()
+                    emb = encode_rows(rows, kind, bounds, req.encoding_format)
+                    emb = emb[0] if single else emb
                 data.append(EmbeddingData(index=i, embedding=emb))
             return EmbeddingResponse(data=data, model=req.model, usage=_usage(results))
 
