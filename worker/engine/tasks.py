@@ -14,6 +14,7 @@ each text, cosine."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
@@ -64,29 +65,12 @@ class Runner:
             return await self.score_pair(item, prompt)
         if isinstance(prompt, ChunkedPrompt):
             return await self.embed_chunks(item, prompt)
-        one_input: dict[str, Callable[[WorkItem, list[int]], Awaitable[Any]]] = {
-            "embed": self.embed,
-            "embed_sparse": self.embed_sparse,
-            "token_embed": self.token_embed,
-            "classify": self.classify,
-        }
-        if item.task in one_input:
-            out: tuple[np.ndarray | SparseEmbedding, int] = await one_input[item.task](item, prompt)
-            return out
-        if self.score_type != "causal-lm":
-            raise InvalidInput(
-                ErrorCode.INVALID_TOKEN_IDS,
-                f"return_logits needs a causal-LM scoring model; this one is {self.score_type}",
-            )
-        return await self.logits(item, prompt)
+        return await _ONE_INPUT[item.task](self, item, prompt)
 
     async def embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         from vllm import PoolingParams
 
-        if item.dimensions is not None and item.dimensions < 1:
-            raise InvalidInput(
-                ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
-            )
+        _check_dimensions(item)
         params = PoolingParams(
             task="embed", dimensions=item.dimensions, use_activation=item.normalize
         )
@@ -117,22 +101,28 @@ class Runner:
 
         out = await self._encode(item, prompt, PoolingParams(task="token_classify"))
         weights = out.outputs.data.float().numpy().reshape(-1).tolist()
-        hf, tok = self.core.model_config.hf_config, self.core.get_tokenizer()
+        bos, eos, unused = self._lexical_ids
         ids = list(prompt)
-        if ids and ids[0] == hf.bos_token_id:
+        if ids and ids[0] == bos:
             ids = ids[1:]
-        if ids and ids[-1] == hf.eos_token_id:
+        if ids and ids[-1] == eos:
             ids = ids[:-1]
         if len(ids) != len(weights):
             raise RuntimeError(f"{len(weights)} token weights for {len(ids)} tokens")
-        unused = {
-            getattr(tok, f"{name}_token_id", None) for name in ("cls", "eos", "sep", "pad", "unk")
-        }
         best: dict[int, float] = {}
         for tid, weight in zip(ids, weights, strict=True):
             if tid not in unused and weight > best.get(tid, 0.0):
                 best[tid] = weight
         return SparseEmbedding.of(list(best), list(best.values())), len(out.prompt_token_ids)
+
+    @functools.cached_property
+    def _lexical_ids(self) -> tuple[int | None, int | None, frozenset[int | None]]:
+        """BGE-M3's BOS and EOS ids (vLLM leaves their positions out of ``token_classify``)
+        and the tokenizer's special ids FlagEmbedding leaves out of the lexical weights."""
+        hf, tok = self.core.model_config.hf_config, self.core.get_tokenizer()
+        names = ("cls", "eos", "sep", "pad", "unk")
+        unused = frozenset(getattr(tok, f"{name}_token_id", None) for name in names)
+        return hf.bos_token_id, hf.eos_token_id, unused
 
     async def token_embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         """Per-token vectors float32 [tokens, dim] (vLLM's ``token_embed`` task, e.g. a
@@ -140,10 +130,7 @@ class Runner:
         set, each row L2-normalised unless ``normalize`` is false."""
         from vllm import PoolingParams
 
-        if item.dimensions is not None and item.dimensions < 1:
-            raise InvalidInput(
-                ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer"
-            )
+        _check_dimensions(item)
         params = PoolingParams(task="token_embed", use_activation=item.normalize)
         out = await self._encode(item, prompt, params)
         rows = out.outputs.data.float().numpy()
@@ -155,8 +142,7 @@ class Runner:
                 )
             rows = rows[:, : item.dimensions]
             if item.normalize:
-                norms = np.linalg.norm(rows, axis=1, keepdims=True)
-                rows = rows / np.maximum(norms, 1e-12)
+                rows = unit(rows)
         return rows.astype(np.float32), len(out.prompt_token_ids)
 
     async def embed_chunks(self, item: WorkItem, prompt: ChunkedPrompt) -> tuple[np.ndarray, int]:
@@ -172,7 +158,7 @@ class Runner:
         weights = np.array([len(w) for w in prompt.windows], dtype=np.float64)
         vec = (weights[:, None] * vectors).sum(axis=0) / weights.sum()
         if item.normalize:
-            vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
+            vec = unit(vec)
         return vec.astype(np.float32), len(prompt)
 
     async def classify(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
@@ -189,6 +175,11 @@ class Runner:
         when ``normalize``)."""
         from vllm import SamplingParams
 
+        if self.score_type != "causal-lm":
+            raise InvalidInput(
+                ErrorCode.INVALID_TOKEN_IDS,
+                f"return_logits needs a causal-LM scoring model; this one is {self.score_type}",
+            )
         ids = item.return_logits or []
         if not ids:
             raise InvalidInput(
@@ -296,6 +287,33 @@ class Runner:
             max_model_len=self.max_model_len,
             truncate=item.truncate_prompt_tokens,
         )
+
+
+#: The runner of each task but ``tokenize`` (which needs no engine step), for one prepared
+#: input; pairs and chunked inputs have their own (:meth:`Runner.run`).
+_ONE_INPUT: dict[
+    str,
+    Callable[[Runner, WorkItem, list[int]], Awaitable[tuple[np.ndarray | SparseEmbedding, int]]],
+] = {
+    "embed": Runner.embed,
+    "embed_sparse": Runner.embed_sparse,
+    "token_embed": Runner.token_embed,
+    "classify": Runner.classify,
+    "score": Runner.logits,
+}
+
+
+def _check_dimensions(item: WorkItem) -> None:
+    """InvalidInput (``invalid_dimensions``) for ``dimensions`` below 1."""
+    if item.dimensions is not None and item.dimensions < 1:
+        raise InvalidInput(ErrorCode.INVALID_DIMENSIONS, "dimensions must be a positive integer")
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` [..., dim] L2-normalised along the last axis (a zero vector stays zero)."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    out: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
