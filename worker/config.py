@@ -117,9 +117,9 @@ class GeneratorConfig(Strict):
         names, if any; BGE-M3's for an ``XLMRobertaModel`` with a ``sparse_linear.pt``;
         SPLADE's when ``config.json`` names no architectures or cannot be read); None when
         it names architectures none of which has one."""
-        overrides = self.engine_args.get("hf_overrides")
-        if isinstance(overrides, dict) and overrides.get("architectures"):
-            return str(overrides["architectures"][0])
+        named = self._overridden_architecture()
+        if named is not None:
+            return named
         archs = [str(a) for a in self.checkpoint_config().get("architectures") or []]
         if not archs:
             return SPLADE
@@ -132,11 +132,17 @@ class GeneratorConfig(Strict):
         ``task = "embed_sparse"``, BGE-M3's for any task on a BGE-M3 checkpoint (its dense,
         sparse and per-token vectors from one engine); None otherwise or when
         ``engine_args.hf_overrides`` names the architectures."""
-        overrides = self.engine_args.get("hf_overrides")
-        if isinstance(overrides, dict) and overrides.get("architectures"):
+        if self._overridden_architecture() is not None:
             return None
         sparse = self.sparse_architecture()
         return sparse if self.task == "embed_sparse" or sparse == BGE_M3 else None
+
+    def _overridden_architecture(self) -> str | None:
+        """The architecture ``engine_args.hf_overrides.architectures`` names first, if any."""
+        overrides = self.engine_args.get("hf_overrides")
+        if isinstance(overrides, dict) and overrides.get("architectures"):
+            return str(overrides["architectures"][0])
+        return None
 
 
 #: vLLM's model classes with sparse embeddings: SPLADE (a BERT masked LM: ``log(1 +
