@@ -16,7 +16,7 @@ import pytest
 
 from devstack import localstack as ls
 from devstack import tiny_bert
-from tests.support.stack import MODEL
+from tests.support.stack import MODEL, api_client, serving_worker
 
 CLASSIFIER = "tiny-sentiment"
 LABELS = ("neg", "neu", "pos")
@@ -41,17 +41,13 @@ def classifier(gateway: ls.Proc, stack_dir: Path, classifier_path: Path) -> Iter
         max_num_seqs=64,
         generator_extra='engine_core = "thread"',  # the one end-to-end worker of this mode
     )
-    proc = ls.start_worker(text, stack_dir, "classifier")
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+    with serving_worker(text, stack_dir, "classifier") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def api(gateway: ls.Proc, embed_worker: ls.Proc) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
-    ) as c:
+    with api_client(gateway.url) as c:
         yield c
 
 

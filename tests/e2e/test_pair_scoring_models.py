@@ -17,7 +17,7 @@ import pytest
 
 from devstack import localstack as ls
 from devstack import tiny_bert
-from tests.support.stack import MODEL
+from tests.support.stack import MODEL, api_client, stop_cleanly
 
 CROSS = "tiny-cross-encoder"
 COLBERT = "tiny-colbert"
@@ -63,15 +63,12 @@ def pair_workers(gateway: ls.Proc, stack_dir: Path, model_dirs: dict[str, Path])
         yield
     finally:
         for p in procs:
-            code = p.stop()
-            assert code == 0, f"worker did not drain cleanly (exit {code}):\n{p.log_tail()}"
+            stop_cleanly(p)
 
 
 @pytest.fixture(scope="module")
 def api(gateway: ls.Proc, embed_worker: ls.Proc, pair_workers: None) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
-    ) as c:
+    with api_client(gateway.url) as c:
         yield c
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from devstack import localstack as ls
 from devstack import tiny_bert
+from tests.support.stack import api_client, openai_client, serving_worker
 
 SPLADE = "tiny-splade"
 
@@ -40,17 +41,13 @@ def splade(gateway: ls.Proc, stack_dir: Path, splade_path: Path) -> Iterator[ls.
         max_model_len=128,
         max_num_seqs=64,
     )
-    proc = ls.start_worker(text, stack_dir, "splade")
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+    with serving_worker(text, stack_dir, "splade") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def api(gateway: ls.Proc, splade: ls.Proc) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
-    ) as c:
+    with api_client(gateway.url) as c:
         yield c
 
 
@@ -65,9 +62,8 @@ def test_sparse_embeddings_match_transformers_through_the_openai_sdk(
 ):
     """Every input's token ids and weights as SPLADE computes them in float32 ``transformers``
     (the same ids, weights within 1e-4), in input order, with the prompt's tokens counted."""
-    import openai
 
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0)
+    client = openai_client(gateway.url)
     texts = [*stsb_sentences[:16], "x"]
     answer = client.embeddings.create(
         model=SPLADE, input=texts, extra_body={"embedding_type": "sparse"}
@@ -140,10 +136,8 @@ def m3(gateway: ls.Proc, stack_dir: Path, m3_path: Path) -> Iterator[ls.Proc]:
         model_extra="sparse_embedding_task = { supported = true }\n"
         "token_embedding_task = { supported = true }",
     )
-    proc = ls.start_worker(text, stack_dir, "bge-m3")
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+    with serving_worker(text, stack_dir, "bge-m3") as proc:
+        yield proc
 
 
 def test_bge_m3_dense_sparse_and_per_token_vectors_match_flagembeddings_formulas(
@@ -155,10 +149,9 @@ def test_bge_m3_dense_sparse_and_per_token_vectors_match_flagembeddings_formulas
     (``colbert_linear``, every token but the first); the sparse ones through the ``openai``
     SDK and TEI's ``/embed_sparse`` alike."""
     import numpy as np
-    import openai
 
     ref = tiny_bert.BgeM3Reference(m3_path)
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0)
+    client = openai_client(gateway.url)
     texts = stsb_sentences[20:28]
     dense = client.embeddings.create(model=BGE_M3, input=texts, encoding_format="float")
     got = np.array([d.embedding for d in dense.data])
@@ -173,8 +166,7 @@ def test_bge_m3_dense_sparse_and_per_token_vectors_match_flagembeddings_formulas
         assert emb["indices"] == sorted(want)
         pairs = dict(zip(emb["indices"], emb["values"], strict=True))
         sparse_err = max(sparse_err, max_error(pairs, want))
-    with httpx.Client(base_url=gateway.url, timeout=60) as http:
-        http.headers["Authorization"] = f"Bearer {ls.API_KEY}"
+    with api_client(gateway.url, timeout=60) as http:
         tei = http.post("/embed_sparse", json={"model": BGE_M3, "inputs": texts[:2]}).json()
         multi = http.post(
             "/v1/embeddings",

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from devstack import localstack as ls
+from tests.support.stack import api_client, openai_client
 
 STORES = ["memory", "redis"]
 
@@ -37,14 +38,10 @@ def embed_worker(store: str, request: pytest.FixtureRequest) -> ls.Proc:
 
 @pytest.fixture(scope="module")
 def client(gateway: ls.Proc, embed_worker: ls.Proc) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=120)
+    return openai_client(gateway.url, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def http(gateway: ls.Proc, embed_worker: ls.Proc) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
-    ) as c:
+    with api_client(gateway.url) as c:
         yield c

@@ -8,9 +8,11 @@ started as subprocesses on loopback; clients are the ``openai`` SDK and ``httpx`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -141,12 +143,9 @@ def embed_worker(memory_embed_worker: ls.Proc) -> ls.Proc:
 
 @pytest.fixture(scope="session")
 def memory_embed_worker(memory_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.Proc]:
-    proc = ls.start_worker(
-        embed_worker_config(memory_gateway.url, pairs=True), stack_dir, "embed-worker"
-    )
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+    config = embed_worker_config(memory_gateway.url, pairs=True)
+    with serving_worker(config, stack_dir, "embed-worker") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
@@ -156,31 +155,53 @@ def redis_embed_worker(redis_gateway: ls.Proc, stack_dir: Path) -> Iterator[ls.P
     ``LLMEngine`` in a process of the worker's own (``auto`` = ``process`` on this CPU host):
     the end-to-end tests that run on both stores check both engine cores against the same
     references (the classifier of tests/e2e/test_classify_model.py runs the third, ``thread``)."""
-    proc = ls.start_worker(
-        embed_worker_config(
-            redis_gateway.url, pairs=True, generator_extra='engine_core = "asyncllm"'
-        ),
-        stack_dir,
-        "embed-worker-redis",
+    config = embed_worker_config(
+        redis_gateway.url, pairs=True, generator_extra='engine_core = "asyncllm"'
     )
-    yield proc
-    code = proc.stop()
-    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
+    with serving_worker(config, stack_dir, "embed-worker-redis") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
 def client(gateway: ls.Proc, embed_worker: ls.Proc):  # type: ignore[no-untyped-def]
-    from openai import OpenAI
-
-    return OpenAI(base_url=gateway.url + "/v1", api_key=ls.API_KEY, max_retries=0, timeout=120)
+    return openai_client(gateway.url, timeout=120)
 
 
 @pytest.fixture(scope="session")
 def http(gateway: ls.Proc, embed_worker: ls.Proc) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=gateway.url, timeout=120, headers={"Authorization": f"Bearer {ls.API_KEY}"}
-    ) as c:
+    with api_client(gateway.url) as c:
         yield c
+
+
+def api_client(url: str, timeout: float = 120) -> httpx.Client:
+    """An ``httpx`` client of the gateway at ``url`` with the tests' API key."""
+    return httpx.Client(
+        base_url=url, timeout=timeout, headers={"Authorization": f"Bearer {ls.API_KEY}"}
+    )
+
+
+def openai_client(url: str, **options: Any) -> Any:
+    """The ``openai`` SDK on the gateway at ``url`` with the tests' API key, no retries
+    unless ``options`` say."""
+    from openai import OpenAI
+
+    options.setdefault("max_retries", 0)
+    return OpenAI(base_url=url + "/v1", api_key=ls.API_KEY, **options)
+
+
+@contextlib.contextmanager
+def serving_worker(config_text: str, stack_dir: Path, name: str) -> Iterator[ls.Proc]:
+    """A worker started on ``config_text`` (ready when entered), stopped on exit, where it
+    must drain cleanly."""
+    proc = ls.start_worker(config_text, stack_dir, name)
+    yield proc
+    stop_cleanly(proc)
+
+
+def stop_cleanly(proc: ls.Proc) -> None:
+    """Stop a worker; it must drain and exit 0."""
+    code = proc.stop()
+    assert code == 0, f"worker did not drain cleanly (exit {code}):\n{proc.log_tail()}"
 
 
 class MiniLMReference:
