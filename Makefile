@@ -2,7 +2,7 @@
 .PHONY: setup demo test test-fast lint typecheck format bench mutation clean
 
 setup:
-	scripts/setup.sh cpu,model,test
+	scripts/setup.sh cpu,model,test,e2e
 
 demo: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python scripts/demo.py

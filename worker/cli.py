@@ -27,6 +27,7 @@ from worker.health import Health
 from worker.vllm_output import OutputRelay
 
 if TYPE_CHECKING:
+    from worker.engine.lora import Adapters
     from worker.loop import Worker
 
 log = logging.getLogger("worker")
@@ -105,12 +106,16 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     stop = _StopOnSignal()
     log.info("starting vLLM: model=%s task=%s dtype=%s", gen.model_path, gen.task, gen.dtype)
     started = time.monotonic()
+    on_cpu = cpu_host.is_cpu_platform()
+    adapters = _adapters(cfg, on_cpu)
     try:
-        engine = replicas.start(gen, cfg.queue.checkpoint_name, cpu_host.is_cpu_platform())
+        engine = replicas.start(gen, cfg.queue.checkpoint_name, on_cpu, adapters)
     except Exception as e:
         log.error("vLLM failed to start: %s", _failure(e, relay, started))
         log.debug("vLLM start failure", exc_info=True)
         await mon.stop()
+        if adapters is not None:
+            adapters.close()
         return 1
     up = time.monotonic()
     heap.freeze_startup_heap()  # vLLM, torch and the engine's objects: out of the GC's walks
@@ -133,10 +138,24 @@ async def serve(cfg: Config, relay: OutputRelay | None = None) -> int:
     finally:
         health.engine_stopped()
         await engine.shutdown()
+        if adapters is not None:
+            adapters.close()
         log.info("vLLM engine shut down")
         await client.aclose()
         await mon.stop()
         heap.thaw_startup_heap()
+
+
+def _adapters(cfg: Config, on_cpu: bool) -> Adapters | None:
+    """The LoRA adapters the config's models name (None if none does); on a CPU host the base
+    model's names go through a zero adapter (:mod:`worker.engine.lora`)."""
+    from worker.engine.lora import Adapters
+
+    folders = {name: entry.lora_path for name, entry in cfg.queue.models.items()}
+    if all(folder is None for folder in folders.values()):
+        return None
+    log.info("LoRA adapters: %s", {k: str(v) for k, v in folders.items() if v is not None})
+    return Adapters(folders, zero_for_base=on_cpu)
 
 
 def main(argv: list[str] | None = None) -> int:

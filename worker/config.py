@@ -137,6 +137,13 @@ class GeneratorConfig(Strict):
         sparse = self.sparse_architecture()
         return sparse if self.task == "embed_sparse" or sparse == BGE_M3 else None
 
+    def served_architectures(self) -> list[str]:
+        """The architectures vLLM starts the model as: the one ``engine_args.hf_overrides``
+        names or :meth:`architecture_override`'s, else ``config.json``'s ([] if none)."""
+        named = self._overridden_architecture() or self.architecture_override()
+        archs = self.checkpoint_config().get("architectures") or []
+        return [named] if named else [str(a) for a in archs]
+
     def _overridden_architecture(self) -> str | None:
         """The architecture ``engine_args.hf_overrides.architectures`` names first, if any."""
         overrides = self.engine_args.get("hf_overrides")
@@ -254,23 +261,28 @@ def load_config(
     - ``queue.token`` is ``$INFERENCE_WORKER_QUEUE_TOKEN``, else the stripped contents of the
       file named by ``$INFERENCE_WORKER_QUEUE_TOKEN_FILE``, else the file's value;
     - every model advertises the generator's task;
-    - ``generator.engine_args`` names only ``vllm.AsyncEngineArgs`` fields (imports vLLM when
-      there are any; ``check_engine_args=False`` skips it).
+    - a model's ``lora_path`` is resolved as ``model_path`` and holds a PEFT LoRA adapter of
+      a rank vLLM serves;
+    - ``generator.engine_args`` names only ``vllm.AsyncEngineArgs`` fields, and the model vLLM
+      serves supports LoRA where a ``lora_path`` is set (imports vLLM for either;
+      ``check_engine_args=False`` skips both).
 
     Raises :class:`ConfigError` (message: ``<file>: <key.path>: <what was expected>``, one line
     per problem; never the value given) for an unreadable or non-UTF-8 file, invalid TOML, an
     unknown key, a wrong type, a missing required key, a missing or unreadable token, a model
-    folder that does not exist, or an unknown engine argument.
+    folder that does not exist, an adapter that cannot be served, or an unknown engine
+    argument.
     """
     environ = os.environ if environ is None else environ
     path = Path(path)
     cfg = _parse(path)
     paths = _model_paths(path, cfg.generator)
     token = _token(path, cfg.queue.token, environ)
+    models = _adapter_paths(path, cfg.queue.models)
     cfg = cfg.model_copy(
         update={
             "generator": cfg.generator.model_copy(update=paths),
-            "queue": cfg.queue.model_copy(update={"token": token}),
+            "queue": cfg.queue.model_copy(update={"token": token, "models": models}),
         }
     )
     cfg._source = path
@@ -282,6 +294,8 @@ def load_config(
                 f"{path}: generator.engine_args.{unknown[0]}: unknown key "
                 "(expected a field of vllm.AsyncEngineArgs)"
             )
+    if check_engine_args:
+        _check_lora_support(path, cfg)
     return cfg
 
 
@@ -327,6 +341,44 @@ def _model_paths(path: Path, gen: GeneratorConfig) -> dict[str, Path]:
                 f"{value} does not exist or is not a directory"
             )
     return paths
+
+
+def _adapter_paths(path: Path, models: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+    """The models with each ``lora_path`` resolved as ``model_path``; ConfigError naming the
+    key if one is not a PEFT LoRA adapter's folder of a rank vLLM serves."""
+    from worker.engine.lora import AdapterError, adapter_rank
+
+    base = path.resolve().parent
+    out = dict(models)
+    for name, entry in models.items():
+        if entry.lora_path is None:
+            continue
+        folder = _resolve_model_path(base, entry.lora_path)
+        key = f'{path}: queue.models."{name}".lora_path'
+        if not folder.is_dir():
+            raise ConfigError(f"{key}: expected an adapter folder, {folder} is not a directory")
+        try:
+            adapter_rank(folder)
+        except AdapterError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        out[name] = entry.model_copy(update={"lora_path": folder})
+    return out
+
+
+def _check_lora_support(path: Path, cfg: Config) -> None:
+    """ConfigError naming the first ``lora_path`` if the model class vLLM serves the
+    checkpoint with does not support LoRA (imports vLLM; nothing to check without one)."""
+    named = [name for name, entry in cfg.queue.models.items() if entry.lora_path is not None]
+    if not named:
+        return
+    from worker.engine.lora import unsupported_model_class
+
+    unsupported = unsupported_model_class(cfg.generator.served_architectures())
+    if unsupported is not None:
+        raise ConfigError(
+            f'{path}: queue.models."{named[0]}".lora_path: vLLM serves this checkpoint as '
+            f"{unsupported}, which does not support LoRA adapters"
+        )
 
 
 def _check_models(path: Path, cfg: Config) -> None:

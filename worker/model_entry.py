@@ -1,10 +1,11 @@
 """The ``[queue.models."<name>"]`` tables of a worker config (:mod:`worker.config`): a model
-name this worker serves as clients call it, and the tasks it declares for it
-(``embedding_task``, ``sparse_embedding_task``, ``token_embedding_task``, ``scoring_task``,
-``classification_task``)."""
+name this worker serves as clients call it, the LoRA adapter it may be (``lora_path``), and
+the tasks it declares for it (``embedding_task``, ``sparse_embedding_task``,
+``token_embedding_task``, ``scoring_task``, ``classification_task``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -125,6 +126,11 @@ class ModelEntry(Strict):
 
     maximum_completion_tokens: int | None = Field(default=None, ge=0)
     description: str = ""
+    #: A LoRA adapter of the generator's model (a PEFT folder: ``adapter_config.json`` and
+    #: ``adapter_model.safetensors``; relative to the config file, or ``pkg:<module>/<folder>``):
+    #: this name is served by the same engine with the adapter applied (vLLM's multi-LoRA;
+    #: requests for different adapters share engine steps). Unset: the model itself.
+    lora_path: Annotated[Path, Field(strict=False)] | None = None
     embedding_task: EmbeddingTask = EmbeddingTask()
     scoring_task: ScoringTask = ScoringTask()
     classification_task: ClassificationTask = ClassificationTask()

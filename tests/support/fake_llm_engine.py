@@ -23,6 +23,7 @@ class FakeLLMEngine:
         self.shut_down = False
         self.thread: str | None = None  # the thread that added the last request
         self.engine_core = self  # LLMEngine.engine_core.shutdown()
+        self.loras: dict[str, Any] = {}  # request id -> the LoRA request it was added with
 
     def refusal(self, prompt: Any) -> str | None:
         raise NotImplementedError
@@ -33,8 +34,16 @@ class FakeLLMEngine:
     def output(self, request_id: str, prompt: Any) -> Any:
         raise NotImplementedError
 
-    def add_request(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> str:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Any,
+        params: Any,
+        lora_request: Any = None,
+        priority: int = 0,
+    ) -> str:
         self.thread = threading.current_thread().name
+        self.loras[request_id] = lora_request
         reason = self.refusal(prompt)
         if reason is not None:
             raise ValueError(reason)

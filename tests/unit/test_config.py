@@ -114,6 +114,10 @@ def test_every_shipped_config_loads(name, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
     text = re.sub(r'(?m)^(model_path|tokenizer_path) = "[^"]*"', rf'\1 = "{weights}"', text)
+    adapter = tmp_path / "adapter"  # a PEFT LoRA adapter's config for every lora_path
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 16}')
+    text = re.sub(r'(?m)^lora_path = "[^"]*"', f'lora_path = "{adapter}"', text)
     path = tmp_path / name
     path.write_text(text)
     cfg = load_config(path, {"INFERENCE_WORKER_QUEUE_TOKEN": "t"}, check_engine_args=False)

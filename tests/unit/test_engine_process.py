@@ -93,10 +93,28 @@ async def engine() -> AsyncIterator[tuple[ProcessLLM, FakeLLMEngine]]:
     assert not thread.is_alive() and fake.shut_down
 
 
-async def _one(llm: ProcessLLM, prompt: list[int], rid: str) -> Any:
-    async for out in llm.encode(prompt, None, request_id=rid):
+async def _one(llm: ProcessLLM, prompt: list[int], rid: str, lora: Any = None) -> Any:
+    async for out in llm.encode(prompt, None, request_id=rid, lora_request=lora):
         return out
     raise AssertionError("no output")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Stands in for vLLM's ``LoRARequest`` (picklable, compared by value)."""
+
+    name: str
+    number: int
+
+
+async def test_each_request_reaches_the_engine_with_its_lora_adapter(engine):
+    """Requests for different adapters (and none) cross in one message, each with its own."""
+    llm, fake = engine
+    legal, code = Adapter("legal", 1), Adapter("code", 2)
+    loras = [legal, None, code, legal]
+    await asyncio.gather(*[_one(llm, [i + 1], f"r{i}", lora) for i, lora in enumerate(loras)])
+    assert fake.added == [["r0", "r1", "r2", "r3"]]
+    assert [fake.loras[f"r{i}"] for i in range(4)] == loras
 
 
 async def test_requests_of_one_tick_cross_in_one_message_and_come_back_as_sent(engine):

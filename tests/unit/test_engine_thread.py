@@ -42,8 +42,8 @@ class FakeLLMEngine(BaseFake):
         return Out(request_id)
 
 
-async def _one(llm: ThreadedLLM, prompt: str, rid: str) -> Any:
-    async for out in llm.encode(prompt, None, request_id=rid):
+async def _one(llm: ThreadedLLM, prompt: str, rid: str, lora: Any = None) -> Any:
+    async for out in llm.encode(prompt, None, request_id=rid, lora_request=lora):
         return out
     raise AssertionError("no output")
 
@@ -52,8 +52,10 @@ async def test_requests_submitted_together_enter_one_step_and_come_back_with_the
     fake = FakeLLMEngine()
     llm = ThreadedLLM.start(lambda: fake)
     try:
-        outs = await asyncio.gather(*[_one(llm, f"p{i}", f"r{i}") for i in range(50)])
+        loras = [("adapter", i % 3) if i % 3 else None for i in range(50)]  # and the base model
+        outs = await asyncio.gather(*[_one(llm, f"p{i}", f"r{i}", loras[i]) for i in range(50)])
         assert [o.request_id for o in outs] == [f"r{i}" for i in range(50)]
+        assert [fake.loras[f"r{i}"] for i in range(50)] == loras  # each with its LoRA adapter
         # The 50 submissions of one event-loop tick reach the engine between two steps.
         assert len(fake.added[0]) == 50 and fake.steps == 1
         assert fake.thread == "vllm-engine" and not llm.errored

@@ -76,7 +76,7 @@ async def test_serve_freezes_the_startup_heap_once_the_engine_is_up_and_thaws_it
     engine = ServingFakeEngine()
     started: list[Any] = []
 
-    def start(gen: Any, name: str, on_cpu: bool) -> ServingFakeEngine:
+    def start(gen: Any, name: str, on_cpu: bool, adapters: Any) -> ServingFakeEngine:
         started.append(gc.get_freeze_count())
         return engine
 

@@ -4,6 +4,7 @@ before it starts: its score type and where its engine core runs."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from common.protocol import MAX_LOGIT_IDS, ScoreType
@@ -35,8 +36,9 @@ def engine_core_of(gen: GeneratorConfig) -> EngineCoreKind:
     return "asyncllm" if gen.engine_core == "auto" else gen.engine_core
 
 
-def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
-    """``vllm.AsyncEngineArgs`` keyword arguments for a ``[generator]`` table.
+def engine_kwargs(gen: GeneratorConfig, lora: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``vllm.AsyncEngineArgs`` keyword arguments for a ``[generator]`` table, with ``lora``
+    (the LoRA arguments of the adapters served, :attr:`worker.engine.lora.Adapters.engine_kwargs`).
 
     Keys left unset in the config are not passed, so vLLM's defaults apply.
     ``generator.engine_args`` entries are passed through last and win.
@@ -71,6 +73,7 @@ def engine_kwargs(gen: GeneratorConfig) -> dict[str, Any]:
         "enable_prefix_caching": gen.enable_prefix_caching,
     }
     kw.update({k: v for k, v in optional.items() if v is not None})
+    kw.update(lora or {})
     kw.update(gen.engine_args)
     return kw
 

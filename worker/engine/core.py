@@ -27,12 +27,28 @@ class EngineCore(Protocol):
         """The model's Hugging Face tokenizer, as vLLM loaded it."""
 
     def encode(
-        self, prompt: Any, params: Any, /, *, request_id: str, priority: int = 0
+        self,
+        prompt: Any,
+        params: Any,
+        /,
+        *,
+        request_id: str,
+        lora_request: Any = None,
+        priority: int = 0,
     ) -> AsyncIterator[Any]:
-        """A pooling request's outputs (the last is final); refusals raise vLLM's error."""
+        """A pooling request's outputs (the last is final), with the LoRA adapter
+        ``lora_request`` names (vLLM's ``LoRARequest``; None: the base model); refusals raise
+        vLLM's error."""
 
     def generate(
-        self, prompt: Any, params: Any, /, *, request_id: str, priority: int = 0
+        self,
+        prompt: Any,
+        params: Any,
+        /,
+        *,
+        request_id: str,
+        lora_request: Any = None,
+        priority: int = 0,
     ) -> AsyncIterator[Any]:
         """A generate request's outputs (the last is final)."""
 

@@ -16,6 +16,7 @@ from worker.defaults import PREPARE_INLINE_TOKENS
 from worker.engine.args import config_object, engine_core_of, engine_kwargs, score_type_of
 from worker.engine.core import EngineCore
 from worker.engine.errors import InvalidInput
+from worker.engine.lora import Adapters
 from worker.engine.prepare import Preparer, Prompt
 from worker.engine.tasks import Runner
 from worker.engine.tokenize import tokenize
@@ -31,7 +32,13 @@ class Engine:
     loop ends.
     """
 
-    def __init__(self, llm: EngineCore, gen: GeneratorConfig, model_name: str):
+    def __init__(
+        self,
+        llm: EngineCore,
+        gen: GeneratorConfig,
+        model_name: str,
+        adapters: Adapters | None = None,
+    ):
         self.llm: EngineCore | None = llm
         self.gen = gen
         self.model_name = model_name
@@ -51,33 +58,45 @@ class Engine:
             else llm.model_config.score_type
         )
         bge_m3 = gen.sparse_architecture() == BGE_M3
+        requests = adapters.requests if adapters is not None else None
         self.runner = Runner(
-            llm, self.score_type, self.max_model_len, str(gen.model_path), model_name, bge_m3
+            llm,
+            self.score_type,
+            self.max_model_len,
+            str(gen.model_path),
+            model_name,
+            bge_m3,
+            requests,
         )
 
     @classmethod
-    def start(cls, gen: GeneratorConfig, model_name: str) -> Engine:
+    def start(
+        cls, gen: GeneratorConfig, model_name: str, adapters: Adapters | None = None
+    ) -> Engine:
         """Start vLLM (takes ~25 s on CPU) where ``generator.engine_core`` says: behind
         ``AsyncLLM``, or vLLM's ``LLMEngine`` in a process of the worker's own
-        (:mod:`worker.engine.process`) or in this process (:mod:`worker.engine.thread`).
+        (:mod:`worker.engine.process`) or in this process (:mod:`worker.engine.thread`), with
+        multi-LoRA enabled for ``adapters`` (items run with their model name's adapter).
         Call inside the event loop that will use it. Raises whatever vLLM raises (or a
         RuntimeError with its reason) if it cannot start."""
-        kwargs = {k: config_object(k, v) for k, v in engine_kwargs(gen).items()}
+        lora = adapters.engine_kwargs if adapters is not None else None
+        kwargs = {k: config_object(k, v) for k, v in engine_kwargs(gen, lora).items()}
         core = engine_core_of(gen)
+        llm: EngineCore
         if core == "process":
             from worker.engine.process import ProcessLLM
 
-            return cls(ProcessLLM.start(kwargs, gen.one_thread_step_tokens), gen, model_name)
-        if core == "thread":
+            llm = ProcessLLM.start(kwargs, gen.one_thread_step_tokens)
+        elif core == "thread":
             from worker.engine.thread import ThreadedLLM, llm_engine
 
-            threaded = ThreadedLLM.start(llm_engine(kwargs), gen.one_thread_step_tokens)
-            return cls(threaded, gen, model_name)
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+            llm = ThreadedLLM.start(llm_engine(kwargs), gen.one_thread_step_tokens)
+        else:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
 
-        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        return cls(llm, gen, model_name)
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        return cls(llm, gen, model_name, adapters)
 
     def _core(self) -> EngineCore:
         assert self.llm is not None, "the engine was shut down"

@@ -295,17 +295,17 @@ class ProcessLLM:
         return self.error is not None or self._closed or not self._process.is_alive()
 
     async def encode(
-        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+        self, prompt: Any, params: Any, request_id: str, lora_request: Any = None, priority: int = 0
     ) -> AsyncIterator[Any]:
         """The request's final output (see :func:`from_wire`). Raises ValueError with vLLM's
         message for a request it refuses, :class:`~worker.engine.EngineDead` if the engine
         process failed."""
-        yield await self._submit(Submit(request_id, prompt, params, priority))
+        yield await self._submit(Submit(request_id, prompt, params, priority, lora_request))
 
     async def generate(
-        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+        self, prompt: Any, params: Any, request_id: str, lora_request: Any = None, priority: int = 0
     ) -> AsyncIterator[Any]:
-        yield await self._submit(Submit(request_id, prompt, params, priority))
+        yield await self._submit(Submit(request_id, prompt, params, priority, lora_request))
 
     async def do_log_stats(self) -> None:
         """Ask the engine process to log vLLM's stats and send its metrics."""

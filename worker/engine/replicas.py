@@ -26,6 +26,7 @@ from common.protocol import SparseEmbedding, WorkItem
 from worker.config import GeneratorConfig
 from worker.engine.engine import Engine
 from worker.engine.errors import InvalidInput
+from worker.engine.lora import Adapters
 from worker.engine.prepare import Prompt
 from worker.engine.thread import environ
 
@@ -63,11 +64,14 @@ def replica_config(gen: GeneratorConfig, on_cpu: bool) -> GeneratorConfig:
     return gen.model_copy(update={"gpu_memory_utilization": round(fraction / n, 4)})
 
 
-def start(gen: GeneratorConfig, model_name: str, on_cpu: bool) -> Engine | ReplicaSet:
-    """The engine of ``gen``, or with ``replicas > 1`` a :class:`ReplicaSet` of them, started
-    one after the other (a failure stops those already started and is raised)."""
+def start(
+    gen: GeneratorConfig, model_name: str, on_cpu: bool, adapters: Adapters | None = None
+) -> Engine | ReplicaSet:
+    """The engine of ``gen`` serving ``adapters`` too, or with ``replicas > 1`` a
+    :class:`ReplicaSet` of them, started one after the other (a failure stops those already
+    started and is raised)."""
     if gen.replicas == 1:
-        return Engine.start(gen, model_name)
+        return Engine.start(gen, model_name, adapters)
     one = replica_config(gen, on_cpu)
     binds: list[str | None] = [None] * gen.replicas
     if on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -83,7 +87,7 @@ def start(gen: GeneratorConfig, model_name: str, on_cpu: bool) -> Engine | Repli
                 f", CPUs {bind}" if bind else "",
             )
             with environ("VLLM_CPU_OMP_THREADS_BIND", bind):
-                engines.append(Engine.start(one, model_name))
+                engines.append(Engine.start(one, model_name, adapters))
     except BaseException:
         for engine in engines:
             engine.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -38,8 +38,10 @@ _REQUEST_NUMBERS = itertools.count()
 
 
 class Runner:
-    """Runs items on ``core`` for an engine of ``score_type``; vLLM's refusals name the
-    model as clients call it (``model_name``), not its path."""
+    """Runs items on ``core`` for an engine of ``score_type``, each with the LoRA adapter its
+    model name has in ``adapters`` (model name -> vLLM ``LoRARequest``; absent or None: the
+    base model); vLLM's refusals name the model as clients call it (``model_name``), not its
+    path."""
 
     def __init__(
         self,
@@ -49,14 +51,16 @@ class Runner:
         model_path: str,
         model_name: str,
         bge_m3: bool = False,
+        adapters: Mapping[str, Any] | None = None,
     ):
         self.core, self.score_type, self.max_model_len = core, score_type, max_model_len
         self.model_path, self.model_name = model_path, model_name
+        self.adapters: Mapping[str, Any] = adapters or {}
         #: Sparse embeddings from BGE-M3's lexical head, not a SPLADE's vocabulary weights.
         self.bge_m3 = bge_m3
         #: A query's embedding being computed, shared by the pairs that have that query:
-        #: (pooling task, token ids) -> its output.
-        self._shared: dict[tuple[str, tuple[int, ...]], asyncio.Future[Any]] = {}
+        #: (model name, pooling task, token ids) -> its output.
+        self._shared: dict[tuple[str, str, tuple[int, ...]], asyncio.Future[Any]] = {}
 
     async def run(self, item: WorkItem, prompt: Prompt) -> tuple[np.ndarray | SparseEmbedding, int]:
         """(float32 vector or sparse embedding, prompt token count); see
@@ -194,7 +198,11 @@ class Runner:
             max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), detokenize=False
         )
         stream = self.core.generate(
-            vllm_prompt(prompt), params, request_id=request_id(item), priority=item.priority or 0
+            vllm_prompt(prompt),
+            params,
+            request_id=request_id(item),
+            lora_request=self.adapters.get(item.model),
+            priority=item.priority or 0,
         )
         out = await self._last(item, prompt, stream)
         step = out.outputs[0].logprobs[0]
@@ -241,7 +249,11 @@ class Runner:
     async def _encode(self, item: WorkItem, ids: list[int], params: Any) -> Any:
         """One pooling request of token ids: its final output."""
         stream = self.core.encode(
-            vllm_prompt(ids), params, request_id=request_id(item), priority=item.priority or 0
+            vllm_prompt(ids),
+            params,
+            request_id=request_id(item),
+            lora_request=self.adapters.get(item.model),
+            priority=item.priority or 0,
         )
         return await self._last(item, ids, stream)
 
@@ -250,7 +262,7 @@ class Runner:
         request per distinct query in flight (a rerank's 100 documents embed its query once)."""
         from vllm import PoolingParams
 
-        key = (task, tuple(ids))
+        key = (item.model, task, tuple(ids))  # an adapter's query is not the base model's
         shared = self._shared.get(key)
         if shared is None:
             shared = asyncio.ensure_future(self._encode(item, ids, PoolingParams(task=task)))

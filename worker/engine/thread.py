@@ -48,6 +48,8 @@ class Submit:
     prompt: Any
     params: Any
     priority: int = 0
+    #: vLLM's ``LoRARequest`` of the adapter to apply (None: the base model).
+    lora_request: Any = None
 
 
 class StepLoop:
@@ -128,7 +130,11 @@ class StepLoop:
                     continue
                 try:
                     engine.add_request(
-                        entry.request_id, entry.prompt, entry.params, priority=entry.priority
+                        entry.request_id,
+                        entry.prompt,
+                        entry.params,
+                        lora_request=entry.lora_request,
+                        priority=entry.priority,
                     )
                 except Exception as e:  # noqa: BLE001 - vLLM's per-request error, to its caller
                     self._on_refused(entry.request_id, e)
@@ -201,19 +207,19 @@ class ThreadedLLM:
         return self.error is not None or not self._thread.is_alive()
 
     async def encode(
-        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+        self, prompt: Any, params: Any, request_id: str, lora_request: Any = None, priority: int = 0
     ) -> AsyncIterator[Any]:
         """The request's final ``PoolingRequestOutput`` (one item, as ``AsyncLLM.encode``
         yields for a pooling request). Raises what vLLM raises for a bad request
         (``VLLMValidationError``), :class:`~worker.engine.EngineDead` if the engine failed."""
-        yield await self._submit(Submit(request_id, prompt, params, priority))
+        yield await self._submit(Submit(request_id, prompt, params, priority, lora_request))
 
     async def generate(
-        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+        self, prompt: Any, params: Any, request_id: str, lora_request: Any = None, priority: int = 0
     ) -> AsyncIterator[Any]:
         """The request's final ``RequestOutput`` (``output_kind`` is vLLM's default,
         cumulative, so the last output holds everything)."""
-        yield await self._submit(Submit(request_id, prompt, params, priority))
+        yield await self._submit(Submit(request_id, prompt, params, priority, lora_request))
 
     async def do_log_stats(self) -> None:
         if self._steps is not None:
