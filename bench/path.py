@@ -1,0 +1,248 @@
+"""The serving path alone, with a NULL ENGINE (``bench/null_worker.py``: the real worker, its
+engine answering every input at once with a fixed vector; bench only): what the gateway, the
+queue and the worker cost per input, the ceiling a GPU meets once the model is fast.
+
+    python bench/path.py [--rounds 3] [--big 32000] [--small 4000] [--profile 8]
+                         [--skip memory,two-workers,redis,replicas]
+
+Stacks (every one: real ``inference-gateway`` processes, NULL-ENGINE workers, aiohttp clients
+in this process): the memory store with one worker and with two; the Redis store with one
+gateway and one worker, and with two gateway replicas on one Redis, a worker pulling through
+each and the clients split over both. Patterns: 64 inputs per request (8 in flight) and one
+input per request (64 clients). Per measurement the CPU seconds of each role (gateway, worker,
+redis-server, and the client, this process) are read with psutil and given per 1,000 inputs;
+1,000 / that is the role's inputs/s per core. All roles share this host's cores, so inputs/s
+is capped by their sum; CPU per input is the figure that carries to a bigger host.
+``--profile S``: afterwards, ``py-spy`` samples each role for S seconds under each pattern of
+the first stack and the top frames by own time are printed (and saved).
+Prints the tables; saves ``bench/results/path.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import record
+import suite
+from suite import Stack, _pid, http_load
+
+from devstack import localstack as ls
+
+LABEL = "NULL ENGINE (bench only)"
+#: py-spy beside this Python (the bench extra installs it), else on PATH.
+PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+PATTERNS = {"64/request": (64, 8), "1/request": (1, 64)}
+ROLES = ("gateway", "worker", "redis-server", "client")
+MEMORY, TWO, REDIS, REPLICAS = (
+    "memory store, 1 worker",
+    "memory store, 2 workers",
+    "Redis store, 1 gateway",
+    "Redis store, 2 gateway replicas",
+)
+
+
+def null_worker(queue_url: str, logs: Path, name: str) -> ls.Proc:
+    """A NULL-ENGINE worker (``bench/null_worker.py``) on the bundled model's tokenizer."""
+    text = ls.worker_config(queue_url=queue_url, max_model_len=512, max_num_seqs=256)
+    cfg = logs / f"{name}.toml"
+    cfg.write_text(text)
+    port = ls.Config.model_validate(ls.tomllib.loads(text)).monitoring.metrics_port
+    url = f"http://127.0.0.1:{port}"
+    script = Path(__file__).resolve().parent / "null_worker.py"
+    return ls.start(
+        [sys.executable, str(script), "--config", str(cfg)],
+        logs / f"{name}.log",
+        url=url,
+        ready=url + "/readyz",
+        timeout=60,
+        env={"INFERENCE_WORKER_QUEUE_TOKEN": ls.WORKER_TOKEN},
+    )
+
+
+class Path_:
+    """One stack: its client URLs and processes by role."""
+
+    def __init__(self, name: str, urls: list[str], stack: Stack) -> None:
+        self.name, self.urls, self.stack = name, urls, stack
+        self.rounds: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+
+    async def measure(self, pattern: str, texts: list[str]) -> None:
+        per, conc = PATTERNS[pattern]
+        me = psutil.Process()
+        marks: list[dict[str, float]] = []
+
+        def start() -> None:
+            marks.append({**self.stack.snapshot(), "client": suite._cpu(me)})
+
+        sec, _ = await http_load(self.urls, ls.API_KEY, texts, per, conc, start)
+        after = {**self.stack.snapshot(), "client": suite._cpu(me)}
+        cpu = {r: after[r] - marks[0].get(r, 0.0) for r in after}
+        self.rounds[pattern].append({"seconds": sec, "inputs": len(texts), "cpu_s": cpu})
+        print(f"  {self.name} | {pattern}: {len(texts) / sec:,.0f} inputs/s", flush=True)
+
+    def summary(self, pattern: str) -> dict[str, Any]:
+        rounds = self.rounds[pattern]
+        rates = [r["inputs"] / r["seconds"] for r in rounds]
+        per_1k = {
+            role: statistics.median(r["cpu_s"].get(role, 0.0) * 1000 / r["inputs"] for r in rounds)
+            for role in ROLES
+            if any(role in r["cpu_s"] for r in rounds)
+        }
+        return {
+            "inputs_per_s": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "cpu_s_per_1k": per_1k,
+            "per_core": {role: 1000 / v for role, v in per_1k.items() if v > 0},
+        }
+
+
+def profile(paths: dict[str, Any], seconds: float, out: Path) -> dict[str, list[tuple[str, float]]]:
+    """py-spy samples of each role's process under each pattern: top frames by own time."""
+    first = next(iter(paths.values()))
+    procs = {role: p for role, p in first.stack.procs if role in ("gateway", "worker")}
+    tops: dict[str, list[tuple[str, float]]] = {}
+    for pattern in PATTERNS:
+        texts = paths["_texts"][pattern]
+        for role, proc in procs.items():
+            raw = out / f"{role}-{pattern.replace('/', '-per-')}.txt"
+            spy = subprocess.Popen(
+                [PY_SPY, "record", "-p", str(proc.pid), "-d", str(int(seconds)), "-r", "200",
+                 "--format", "raw", "-o", str(raw), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            deadline = time.monotonic() + seconds
+
+            async def load(t: list[str] = texts, pat: str = pattern, end: float = deadline) -> None:
+                while time.monotonic() < end:
+                    await first.measure(pat, t)
+
+            asyncio.run(load())
+            spy.wait(60)
+            tops[f"{role}, {pattern}"] = top_frames(raw)
+    return tops
+
+
+def top_frames(raw: Path, n: int = 12) -> list[tuple[str, float]]:
+    """(frame, share of samples) of the ``n`` frames with the most own time in a py-spy raw
+    (collapsed stacks) file."""
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        k = int(count)
+        total += k
+        own[stack.split(";")[-1]] += k
+    return [(frame, k / total) for frame, k in own.most_common(n)] if total else []
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--big", type=int, default=32000, help="inputs of the 64/request pattern")
+    ap.add_argument("--small", type=int, default=4000, help="inputs of the 1/request pattern")
+    ap.add_argument("--settle", type=float, default=1.0)
+    ap.add_argument("--profile", type=float, default=0, help="py-spy seconds per role, 0: none")
+    ap.add_argument("--skip", default="")
+    a = ap.parse_args()
+    suite._env()
+    skip = set(filter(None, a.skip.split(",")))
+    sents = ls.stsb_sentences(("dev", "train"))
+    texts = {
+        "64/request": [sents[i % len(sents)] + f" #{i}" for i in range(a.big)],
+        "1/request": [sents[i % len(sents)] + f" #{i}" for i in range(a.small)],
+    }
+    logs = Path(tempfile.mkdtemp(prefix="bench-path-"))
+    paths: dict[str, Any] = {}
+    try:
+        if "memory" not in skip:
+            gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+            wk = null_worker(gw.url, logs, "null-worker")
+            paths[MEMORY] = Path_(
+                MEMORY, [gw.url], Stack().add("gateway", _pid(gw)).add("worker", _pid(wk))
+            )
+        if "two-workers" not in skip:
+            gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+            stack = Stack().add("gateway", _pid(gw))
+            for i in range(2):
+                stack.add("worker", _pid(null_worker(gw.url, logs, f"null-worker-2-{i}")))
+            paths[TWO] = Path_(TWO, [gw.url], stack)
+        if not {"redis", "replicas"} <= skip:
+            redis = ls.start_redis(logs)
+            on_redis = ["--pickup-timeout", "600", "--queue-url", redis.url]
+            r1, r2 = ls.start_gateway(logs, args=on_redis), ls.start_gateway(logs, args=on_redis)
+            w1 = null_worker(r1.url, logs, "null-worker-r1")
+            base = Stack().add("redis-server", _pid(redis))
+            if "redis" not in skip:
+                s = Stack(list(base.procs)).add("gateway", _pid(r1)).add("worker", _pid(w1))
+                paths[REDIS] = Path_(REDIS, [r1.url], s)
+            if "replicas" not in skip:
+                w2 = null_worker(r2.url, logs, "null-worker-r2")
+                s = Stack(list(base.procs)).add("gateway", _pid(r1)).add("gateway", _pid(r2))
+                s.add("worker", _pid(w1)).add("worker", _pid(w2))
+                paths[REPLICAS] = Path_(REPLICAS, [r1.url, r2.url], s)
+
+        async def rounds() -> None:
+            items = list(paths.values())
+            for rnd in range(a.rounds):
+                print(f"round {rnd + 1} of {a.rounds} ({LABEL})", flush=True)
+                order = items[rnd % len(items) :] + items[: rnd % len(items)]
+                for p in order:
+                    for pattern in PATTERNS:
+                        await asyncio.sleep(a.settle)
+                        await p.measure(pattern, texts[pattern])
+
+        asyncio.run(rounds())
+        results = {name: {pat: p.summary(pat) for pat in PATTERNS} for name, p in paths.items()}
+        tops: dict[str, Any] = {}
+        if a.profile > 0 and paths:
+            paths["_texts"] = texts
+            tops = profile(paths, a.profile, logs)
+            del paths["_texts"]
+    finally:
+        for proc in ls.leftovers():
+            proc.stop()
+    report(results, tops)
+    record.write("path", {"label": LABEL, "results": results, "profiles": tops, "args": vars(a)})
+    return 0
+
+
+def report(results: dict[str, Any], tops: dict[str, Any]) -> None:
+    print(f"\n## The serving path alone — {LABEL}; median of the rounds (min-max)\n")
+    print("| stack | pattern | inputs/s | CPU-s per 1,000 inputs: gateway / worker / redis "
+          "/ client | inputs/s per core: gateway / worker |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for name, by_pattern in results.items():
+        for pattern, r in by_pattern.items():
+            cpu = " / ".join(f"{r['cpu_s_per_1k'].get(role, 0):.3f}" for role in ROLES)
+            core = " / ".join(
+                f"{r['per_core'].get(role, 0):,.0f}" for role in ("gateway", "worker")
+            )
+            rate = f"{r['inputs_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f})"
+            print(f"| {name} | {pattern} | {rate} | {cpu} | {core} |")
+    for where, frames in tops.items():
+        print(f"\n### py-spy, {where}: top frames by own time ({LABEL})")
+        for frame, share in frames:
+            print(f"  {share:6.1%}  {frame}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
