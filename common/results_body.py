@@ -94,9 +94,10 @@ def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
 
 def decode_results(body: bytes) -> ResultsRequest:
     """A binary body -> the :class:`ResultsRequest` its JSON twin would give (vectors as
-    ``vector_b64``). Raises ValueError for a body that is not one (bad framing, a length that
-    does not match the values the header counts), pydantic's ValidationError for a bad
-    header."""
+    ``vector_b64``; each result's float32 values also kept as they came, in
+    ``ItemResult._vector``). Raises ValueError for a body that is not one (bad framing, a
+    length that does not match the values the header counts), pydantic's ValidationError for
+    a bad header."""
     if len(body) < 8 or body[:4] != _MAGIC:
         raise ValueError("not a binary results body (no IQR1 header)")
     size = int.from_bytes(body[4:8], "little")
@@ -119,19 +120,21 @@ def decode_results(body: bytes) -> ResultsRequest:
 
     for r in header.results:
         sparse = r.indices is not None  # a sparse embedding may have no weight at all
+        start = at
         vector = take(r.values, "" if sparse else None)
         indices = take(r.indices, "" if sparse else None)
-        out.append(
-            ItemResult(
-                item_id=r.item_id,
-                lease_id=r.lease_id,
-                vector_b64=vector,
-                indices_b64=indices,
-                rows=r.rows,
-                prompt_tokens=r.prompt_tokens,
-                error=r.error,
-                tokens=r.tokens,
-                text=r.text,
-            )
+        result = ItemResult(
+            item_id=r.item_id,
+            lease_id=r.lease_id,
+            vector_b64=vector,
+            indices_b64=indices,
+            rows=r.rows,
+            prompt_tokens=r.prompt_tokens,
+            error=r.error,
+            tokens=r.tokens,
+            text=r.text,
         )
+        if r.values:  # the values as they came: checked without decoding the base64 again
+            result._vector = np.frombuffer(data[start : start + 4 * r.values], dtype="<f4")
+        out.append(result)
     return ResultsRequest(worker_id=header.worker_id, results=out)

@@ -193,7 +193,7 @@ class Worker:
                 self._batch_held += 1
             else:
                 self.batch_gate.saw_interactive()
-            metrics.ITEMS_PULLED.labels(item.model, item.task).inc()
+            metrics.for_items(item.model, item.task).pulled.inc()
             batch.append(leased)
         self._idle.clear()
         metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
@@ -242,7 +242,7 @@ class Worker:
             else:
                 vector, n_tokens = await self.engine.run(item, prompt)
             result = ItemResult.ok(item, vector, n_tokens)
-            metrics.PROMPT_TOKENS.labels(item.model, item.task).inc(n_tokens)
+            metrics.for_items(item.model, item.task).prompt_tokens.inc(n_tokens)
         except InvalidInput as e:
             result = ItemResult.failed(item, e.code, e.message)
         except EngineDead as e:
@@ -309,11 +309,12 @@ class Worker:
         now = time.monotonic()
         for result, lz in batch:
             item = lz.item
+            counted = metrics.for_items(item.model, item.task)
             if result.error is None:
-                metrics.ITEMS_COMPLETED.labels(item.model, item.task).inc()
+                counted.completed.inc()
             else:
                 metrics.ITEMS_FAILED.labels(item.model, item.task, result.error.code.value).inc()
-            metrics.ITEM_DURATION.labels(item.model, item.task).observe(now - lz.pulled_at)
+            counted.duration.observe(now - lz.pulled_at)
             self._forget(lz)
 
     def _forget(self, lz: _Leased) -> None:

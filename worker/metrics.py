@@ -5,6 +5,9 @@ Names follow Prometheus conventions: base units (seconds), ``_total`` counters.
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 _NS = "inference_worker"
@@ -43,3 +46,25 @@ QUEUE_RETRIES = Counter(f"{_NS}_queue_retries_total", "Retried calls to the queu
 ENGINE_UP = Gauge(f"{_NS}_engine_up", "1 while the vLLM engine is loaded and alive.")
 QUEUE_REACHABLE = Gauge(f"{_NS}_queue_reachable", "1 if the last call to the queue succeeded.")
 INFO = Info(f"{_NS}_build", "Worker version, model, task, checkpoint and dtype.")
+
+
+class ItemMetrics(NamedTuple):
+    """The per-(model, task) children of the item metrics, looked up once (:func:`for_items`)."""
+
+    pulled: Any
+    completed: Any
+    prompt_tokens: Any
+    duration: Any
+
+
+@functools.lru_cache(maxsize=1024)
+def for_items(model: str, task: str) -> ItemMetrics:
+    """The item metrics' children labelled (``model``, ``task``): the labelled lookup (a lock
+    and a dict) done once per pair instead of once per item and metric. The pairs are the
+    config's model names and the protocol's tasks (the queue only leases those)."""
+    return ItemMetrics(
+        ITEMS_PULLED.labels(model, task),
+        ITEMS_COMPLETED.labels(model, task),
+        PROMPT_TOKENS.labels(model, task),
+        ITEM_DURATION.labels(model, task),
+    )

@@ -145,14 +145,17 @@ def check_result(
     elif result.vector_b64 is None:
         why = "a result without a vector or an error"
     else:
-        try:
-            raw = base64.b64decode(result.vector_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raw = None
-        if raw is None or len(raw) % 4 or not raw:
+        vec = result._vector  # a binary body's values, as they came (no base64 to decode)
+        if vec is None:
+            try:
+                raw = base64.b64decode(result.vector_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raw = None
+            if raw is not None and len(raw) % 4 == 0 and raw:
+                vec = np.frombuffer(raw, dtype="<f4")
+        if vec is None or not vec.size:
             why = "the vector is not base64 of whole float32 values"
         else:
-            vec = np.frombuffer(raw, dtype="<f4")
             want = _values_asked(result.rows, spec)
             if result.rows is not None and vec.size % result.rows:
                 why = f"the matrix has {vec.size} values, not {result.rows} whole rows"

@@ -545,3 +545,34 @@ async def test_results_rejected_and_the_store_gauge_move_as_documented(gw):
     (again,) = await pull(gw, max_items=1)
     await post(gw, [ok(again, [0.6, 0.8])])
     assert (await req).status_code == 200
+
+
+async def test_a_binary_bodys_values_are_checked_as_jsons_are(gw):
+    """The gateway checks the float32 words of a binary body as they came (no base64 round
+    trip): a value that is not finite is refused and the input redelivered, the good result
+    beside it is accepted."""
+    from common.protocol import ItemResult, PullRequest, WorkItem
+    from worker.queue_client import QueueClient
+
+    await pull(gw, wait=0)
+    request = embed(gw, ["good", "nan"])
+    qc = QueueClient("http://gateway", gw.WORKER_TOKEN, transport=gw.transport, retries=0)
+    pulled: list[WorkItem] = []
+    for _ in range(5):
+        pulled += await qc.pull(
+            PullRequest(worker_id="w", models=[ADVERT], max_items=8, wait_seconds=2)
+        )
+        if len(pulled) == 2:
+            break
+    assert qc.result_encodings == ["json", "binary"]
+    vectors = {"good": [1.0, 0.0], "nan": [float("nan"), 1.0]}
+    done = await qc.post_results(
+        "w", [ItemResult.ok(i, np.array(vectors[i.text or ""]), 2) for i in pulled]
+    )
+    assert (done.accepted, done.rejected) == (1, 1)
+    again = await qc.pull(PullRequest(worker_id="w", models=[ADVERT], max_items=8, wait_seconds=2))
+    assert [i.text for i in again] == ["nan"]  # redelivered
+    done = await qc.post_results("w", [ItemResult.ok(again[0], np.array([0.5, 0.5]), 2)])
+    body = (await request).json()
+    assert [d["embedding"] for d in body["data"]] == [[1.0, 0.0], [0.5, 0.5]]
+    await qc.aclose()
