@@ -37,6 +37,7 @@ bench:
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/rerank.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/dtype.py
 	HF_HUB_OFFLINE=1 .venv/bin/python bench/forward.py
+	HF_HUB_OFFLINE=1 .venv/bin/python bench/path.py --profile 8
 
 # Mutation score of the queue stores, the client API's logic and credentials, and the worker
 # loop and batch gate (mutmut; slow, so not part of .ci/run; the Redis store's mutants run its

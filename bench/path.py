@@ -3,7 +3,7 @@ engine answering every input at once with a fixed vector; bench only): what the 
 queue and the worker cost per input, the ceiling a GPU meets once the model is fast.
 
     python bench/path.py [--rounds 3] [--big 32000] [--small 4000] [--profile 8]
-                         [--skip memory,two-workers,redis,replicas]
+                         [--skip memory,two-workers,redis,replicas] [--no-save]
 
 Stacks (every one: real ``inference-gateway`` processes, NULL-ENGINE workers, aiohttp clients
 in this process): the memory store with one worker and with two; the Redis store with one
@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--profile", type=float, default=0, help="py-spy seconds per role, 0: none")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--no-save", action="store_true", help="print only (bench/results untouched)")
     a = ap.parse_args()
     suite._env()
     skip = set(filter(None, a.skip.split(",")))
@@ -184,20 +185,27 @@ def main() -> int:
             for i in range(2):
                 stack.add("worker", _pid(null_worker(gw.url, logs, f"null-worker-2-{i}")))
             paths[TWO] = Path_(TWO, [gw.url], stack)
-        if not {"redis", "replicas"} <= skip:
+        # Each Redis stack has its own redis-server: workers on one Redis share its queue,
+        # and a worker outside a stack would do part of its work uncounted.
+        if "redis" not in skip:
             redis = ls.start_redis(logs)
-            on_redis = ["--pickup-timeout", "600", "--queue-url", redis.url]
-            r1, r2 = ls.start_gateway(logs, args=on_redis), ls.start_gateway(logs, args=on_redis)
-            w1 = null_worker(r1.url, logs, "null-worker-r1")
-            base = Stack().add("redis-server", _pid(redis))
-            if "redis" not in skip:
-                s = Stack(list(base.procs)).add("gateway", _pid(r1)).add("worker", _pid(w1))
-                paths[REDIS] = Path_(REDIS, [r1.url], s)
-            if "replicas" not in skip:
-                w2 = null_worker(r2.url, logs, "null-worker-r2")
-                s = Stack(list(base.procs)).add("gateway", _pid(r1)).add("gateway", _pid(r2))
-                s.add("worker", _pid(w1)).add("worker", _pid(w2))
-                paths[REPLICAS] = Path_(REPLICAS, [r1.url, r2.url], s)
+            r1 = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", redis.url])
+            w1 = null_worker(r1.url, logs, "null-worker-redis")
+            s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
+            paths[REDIS] = Path_(REDIS, [r1.url], s.add("worker", _pid(w1)))
+        if "replicas" not in skip:
+            redis = ls.start_redis(logs)
+            s = Stack().add("redis-server", _pid(redis))
+            urls = []
+            for i in range(2):  # a worker pulling through each replica
+                g = ls.start_gateway(
+                    logs, args=["--pickup-timeout", "600", "--queue-url", redis.url]
+                )
+                s.add("gateway", _pid(g)).add(
+                    "worker", _pid(null_worker(g.url, logs, f"null-r{i}"))
+                )
+                urls.append(g.url)
+            paths[REPLICAS] = Path_(REPLICAS, urls, s)
 
         async def rounds() -> None:
             items = list(paths.values())
@@ -220,7 +228,10 @@ def main() -> int:
         for proc in ls.leftovers():
             proc.stop()
     report(results, tops)
-    record.write("path", {"label": LABEL, "results": results, "profiles": tops, "args": vars(a)})
+    if not a.no_save:
+        record.write(
+            "path", {"label": LABEL, "results": results, "profiles": tops, "args": vars(a)}
+        )
     return 0
 
 
