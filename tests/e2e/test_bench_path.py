@@ -14,7 +14,8 @@ SKIP = "two-workers,redis,replicas"  # the memory-store stack alone: seconds
 
 
 def test_the_null_engine_bench_measures_both_patterns_and_says_so():
-    args = ["--rounds", "1", "--big", "640", "--small", "64", "--settle", "0"]
+    # enough inputs that each role's CPU time is many of psutil's 10 ms ticks
+    args = ["--rounds", "1", "--big", "6400", "--small", "640", "--settle", "0"]
     r = subprocess.run(
         [sys.executable, str(REPO / "bench" / "path.py"), *args, "--no-save", "--skip", SKIP],
         capture_output=True,
