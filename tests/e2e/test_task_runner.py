@@ -18,20 +18,23 @@ from worker.engine.tasks import Runner
 
 
 class RecordingCore:
-    """FAKE engine core: each ``encode`` is recorded (its token ids and priority) and answered,
-    after a turn of the event loop, with the token ids as its vector."""
+    """FAKE engine core: each ``encode`` is recorded (its token ids and priority, and its LoRA
+    request apart) and answered, after a turn of the event loop, with the token ids as its
+    vector."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[list[int], int]] = []
+        self.loras: list[Any] = []
         self.errored = False
 
     async def encode(
-        self, prompt: Any, params: Any, request_id: str, priority: int = 0
+        self, prompt: Any, params: Any, request_id: str, lora_request: Any = None, priority: int = 0
     ) -> AsyncIterator[Any]:
         import torch
 
         ids = list(prompt["prompt_token_ids"])
         self.requests.append((ids, priority))
+        self.loras.append(lora_request)
         await asyncio.sleep(0)
         yield SimpleNamespace(
             outputs=SimpleNamespace(data=torch.tensor(ids, dtype=torch.float32)),
@@ -84,3 +87,26 @@ async def test_every_request_carries_its_items_priority() -> None:
     await runner.run(interactive, [3, 4])
     await runner.run(item(0, priority=1), PairPrompt([5], [6]))
     assert [p for _, p in core.requests] == [1, 0, 1, 1]
+
+
+async def test_every_request_carries_its_model_names_lora_adapter() -> None:
+    """An item runs with the adapter its model name has (none for a name without one), and a
+    query shared by pairs in flight is shared within one model name only: an adapter's query
+    vector is not the base model's."""
+    core = RecordingCore()
+    adapters = {"tuned": "LoRA(tuned)"}  # stands in for vLLM's LoRARequest
+    runner = Runner(core, "bi-encoder", 128, "/m", "m", adapters=adapters)  # type: ignore[arg-type]
+    base = item(0)
+    tuned = item(1).model_copy(update={"model": "tuned"})
+    await asyncio.gather(
+        runner.run(base, PairPrompt([5], [6])), runner.run(tuned, PairPrompt([5], [7]))
+    )
+    asked = [
+        (ids, lora or "base") for (ids, _), lora in zip(core.requests, core.loras, strict=True)
+    ]
+    assert sorted(asked) == [
+        ([5], "LoRA(tuned)"),
+        ([5], "base"),
+        ([6], "base"),
+        ([7], "LoRA(tuned)"),
+    ]
