@@ -330,16 +330,12 @@ def _parse(path: Path) -> Config:
 def _model_paths(path: Path, gen: GeneratorConfig) -> dict[str, Path]:
     """``model_path`` / ``tokenizer_path`` resolved (see :func:`load_config`); ConfigError
     naming the key if one is not an existing folder."""
-    base = path.resolve().parent
-    paths = {"model_path": _resolve_model_path(base, gen.model_path)}
+    paths = {
+        "model_path": _folder(path, "generator.model_path", gen.model_path, "a model directory")
+    }
     if gen.tokenizer_path is not None:
-        paths["tokenizer_path"] = _resolve_model_path(base, gen.tokenizer_path)
-    for key, value in paths.items():
-        if not value.is_dir():
-            raise ConfigError(
-                f"{path}: generator.{key}: expected a model directory, "
-                f"{value} does not exist or is not a directory"
-            )
+        key = "generator.tokenizer_path"
+        paths["tokenizer_path"] = _folder(path, key, gen.tokenizer_path, "a model directory")
     return paths
 
 
@@ -348,21 +344,30 @@ def _adapter_paths(path: Path, models: dict[str, ModelEntry]) -> dict[str, Model
     key if one is not a PEFT LoRA adapter's folder of a rank vLLM serves."""
     from worker.engine.lora import AdapterError, adapter_rank
 
-    base = path.resolve().parent
     out = dict(models)
     for name, entry in models.items():
         if entry.lora_path is None:
             continue
-        folder = _resolve_model_path(base, entry.lora_path)
-        key = f'{path}: queue.models."{name}".lora_path'
-        if not folder.is_dir():
-            raise ConfigError(f"{key}: expected an adapter folder, {folder} is not a directory")
+        key = f'queue.models."{name}".lora_path'
+        folder = _folder(path, key, entry.lora_path, "an adapter folder")
         try:
             adapter_rank(folder)
         except AdapterError as e:
-            raise ConfigError(f"{key}: {e}") from None
+            raise ConfigError(f"{path}: {key}: {e}") from None
         out[name] = entry.model_copy(update={"lora_path": folder})
     return out
+
+
+def _folder(path: Path, key: str, value: Path, expected: str) -> Path:
+    """``value`` of ``key`` resolved against the config file ``path``
+    (:func:`_resolve_model_path`); ConfigError naming the key and what was ``expected`` if it
+    is not an existing folder."""
+    folder = _resolve_model_path(path.resolve().parent, value)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{path}: {key}: expected {expected}, {folder} does not exist or is not a directory"
+        )
+    return folder
 
 
 def _check_lora_support(path: Path, cfg: Config) -> None:
