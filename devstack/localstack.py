@@ -275,6 +275,17 @@ metrics_port = {metrics_port or free_port()}
 """
 
 
+def model_table(name: str, task_tables: tuple[str, ...], lora_path: Path | None = None) -> str:
+    """A further ``[queue.models."<name>"]`` table for a :func:`worker_config` text (appended
+    to it): ``lora_path`` (a LoRA adapter) if given, each of ``task_tables`` supported."""
+    text = f'\n[queue.models."{name}"]\n'
+    if lora_path is not None:
+        text += f'lora_path = "{lora_path}"\n'
+    return text + "".join(
+        f'[queue.models."{name}".{table}]\nsupported = true\n' for table in task_tables
+    )
+
+
 def start_worker(
     config_text: str,
     log_dir: Path,

@@ -42,12 +42,9 @@ def models(tmp_path_factory: pytest.TempPathFactory, base: Path) -> dict[str, Pa
 
 def adapter_tables(models: dict[str, Path | None]) -> str:
     """The ``[queue.models."<name>"]`` tables of the adapters."""
+    tables = ("embedding_task", "scoring_task")
     return "".join(
-        f'\n[queue.models."{name}"]\nlora_path = "{folder}"\n'
-        f'[queue.models."{name}".embedding_task]\nsupported = true\n'
-        f'[queue.models."{name}".scoring_task]\nsupported = true\n'
-        for name, folder in models.items()
-        if folder is not None
+        ls.model_table(name, tables, folder) for name, folder in models.items() if folder
     )
 
 

@@ -23,13 +23,6 @@ CLASSIFIER, TUNED_CLASSIFIER = "tiny-roberta-classifier", "tiny-roberta-classifi
 LABELS = ("neg", "neu", "pos")
 
 
-def adapter_table(name: str, folder: Path, task_table: str) -> str:
-    return (
-        f'\n[queue.models."{name}"]\nlora_path = "{folder}"\n'
-        f'[queue.models."{name}".{task_table}]\nsupported = true\n'
-    )
-
-
 def together(gateway: ls.Proc, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
     """POST every (route, body) at once (base and adapter inputs share engine steps);
     the JSON answers in order."""
@@ -62,7 +55,7 @@ def scorer(
         max_num_seqs=32,
         generator_extra="engine_args = { block_size = 32 }",
     )
-    text += adapter_table(TUNED_SCORER, scorer_adapter, "scoring_task")
+    text += ls.model_table(TUNED_SCORER, ("scoring_task",), scorer_adapter)
     with serving_worker(text, stack_dir, "lora-scorer") as proc:
         yield proc
 
@@ -121,7 +114,7 @@ def classifier(
         max_model_len=256,
         max_num_seqs=32,
     )
-    text += adapter_table(TUNED_CLASSIFIER, adapter, "classification_task")
+    text += ls.model_table(TUNED_CLASSIFIER, ("classification_task",), adapter)
     with serving_worker(text, stack_dir, "lora-classifier") as proc:
         yield proc
 
