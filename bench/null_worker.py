@@ -69,6 +69,7 @@ class NullEngine(Engine):
 def main() -> int:
     replicas.start = lambda gen, name, on_cpu, adapters=None: NullEngine(gen, name)  # type: ignore[assignment]
     cpu_host.is_cpu_platform = lambda: False  # the CPU host's engine choices read vLLM
+    print(f"NULL ENGINE (bench only): worker code from {Path(cli.__file__).parents[1]}", flush=True)
     return cli.main()
 
 

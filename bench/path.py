@@ -3,7 +3,7 @@ engine answering every input at once with a fixed vector; bench only): what the 
 queue and the worker cost per input, the ceiling a GPU meets once the model is fast.
 
     python bench/path.py [--rounds 3] [--big 32000] [--small 4000] [--profile 8]
-                         [--skip memory,two-workers,redis,replicas] [--no-save]
+                         [--skip memory,two-workers,redis,replicas] [--no-save] [--ab REV]
 
 Stacks (every one: real ``inference-gateway`` processes, NULL-ENGINE workers, aiohttp clients
 in this process): the memory store with one worker and with two; the Redis store with one
@@ -15,7 +15,12 @@ redis-server, and the client, this process) are read with psutil and given per 1
 is capped by their sum; CPU per input is the figure that carries to a bigger host.
 ``--profile S``: afterwards, ``py-spy`` samples each role for S seconds under each pattern of
 the first stack and the top frames by own time are printed (and saved).
-Prints the tables; saves ``bench/results/path.json``.
+``--ab REV``: an interleaved A/B in one invocation. Every stack runs twice, once on commit REV
+(``git archive`` into a temp folder, imported first through ``PYTHONPATH``) and once on this
+tree, both up for the whole run; each measurement is taken of both builds back to back, in an
+order that alternates by round, so the VM's slow minutes hit both alike. Prints the ratios this
+tree / REV (inputs/s and inputs/s per core by role, median of the rounds' ratios).
+Prints the tables; saves ``bench/results/path.json`` (``path-ab.json`` with ``--ab``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import itertools
 import os
 import shutil
 import statistics
@@ -56,14 +63,19 @@ MEMORY, TWO, REDIS, REPLICAS = (
 )
 
 
-def null_worker(queue_url: str, logs: Path, name: str) -> ls.Proc:
-    """A NULL-ENGINE worker (``bench/null_worker.py``) on the bundled model's tokenizer."""
+HERE = Path(__file__).resolve().parent
+_N = itertools.count(1)  # log file names of the workers
+
+
+def null_worker(queue_url: str, logs: Path, name: str, tree: Path = HERE.parent) -> ls.Proc:
+    """A NULL-ENGINE worker (``bench/null_worker.py`` of ``tree``) on the bundled model's
+    tokenizer."""
     text = ls.worker_config(queue_url=queue_url, max_model_len=512, max_num_seqs=256)
     cfg = logs / f"{name}.toml"
     cfg.write_text(text)
     port = ls.Config.model_validate(ls.tomllib.loads(text)).monitoring.metrics_port
     url = f"http://127.0.0.1:{port}"
-    script = Path(__file__).resolve().parent / "null_worker.py"
+    script = tree / "bench" / "null_worker.py"
     return ls.start(
         [sys.executable, str(script), "--config", str(cfg)],
         logs / f"{name}.log",
@@ -162,6 +174,7 @@ def main() -> int:
     ap.add_argument("--profile", type=float, default=0, help="py-spy seconds per role, 0: none")
     ap.add_argument("--skip", default="")
     ap.add_argument("--no-save", action="store_true", help="print only (bench/results untouched)")
+    ap.add_argument("--ab", default="", metavar="REV", help="interleaved A/B against commit REV")
     a = ap.parse_args()
     suite._env()
     skip = set(filter(None, a.skip.split(",")))
@@ -171,51 +184,28 @@ def main() -> int:
         "1/request": [sents[i % len(sents)] + f" #{i}" for i in range(a.small)],
     }
     logs = Path(tempfile.mkdtemp(prefix="bench-path-"))
+    print(f"logs: {logs}", flush=True)
     paths: dict[str, Any] = {}
+    builds: list[tuple[str, Path | None]] = [("", None)]
+    if a.ab:
+        builds = [(f" [{a.ab}]", checkout(a.ab, logs)), (" [this tree]", None)]
     try:
-        if "memory" not in skip:
-            gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
-            wk = null_worker(gw.url, logs, "null-worker")
-            paths[MEMORY] = Path_(
-                MEMORY, [gw.url], Stack().add("gateway", _pid(gw)).add("worker", _pid(wk))
-            )
-        if "two-workers" not in skip:
-            gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
-            stack = Stack().add("gateway", _pid(gw))
-            for i in range(2):
-                stack.add("worker", _pid(null_worker(gw.url, logs, f"null-worker-2-{i}")))
-            paths[TWO] = Path_(TWO, [gw.url], stack)
-        # Each Redis stack has its own redis-server: workers on one Redis share its queue,
-        # and a worker outside a stack would do part of its work uncounted.
-        if "redis" not in skip:
-            redis = ls.start_redis(logs)
-            r1 = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", redis.url])
-            w1 = null_worker(r1.url, logs, "null-worker-redis")
-            s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
-            paths[REDIS] = Path_(REDIS, [r1.url], s.add("worker", _pid(w1)))
-        if "replicas" not in skip:
-            redis = ls.start_redis(logs)
-            s = Stack().add("redis-server", _pid(redis))
-            urls = []
-            for i in range(2):  # a worker pulling through each replica
-                g = ls.start_gateway(
-                    logs, args=["--pickup-timeout", "600", "--queue-url", redis.url]
-                )
-                s.add("gateway", _pid(g)).add(
-                    "worker", _pid(null_worker(g.url, logs, f"null-r{i}"))
-                )
-                urls.append(g.url)
-            paths[REPLICAS] = Path_(REPLICAS, urls, s)
+        for suffix, tree in builds:
+            with importing(tree):
+                for name, p in start_stacks(logs, skip, tree or HERE.parent).items():
+                    paths[name + suffix] = p
 
         async def rounds() -> None:
-            items = list(paths.values())
+            # the builds of one stack side by side: [[stack on build 1, on build 2], ...]
+            groups = [list(paths.values())[i :: len(builds)] for i in range(len(builds))]
+            stacks = [list(g) for g in zip(*groups, strict=True)]
             for rnd in range(a.rounds):
                 print(f"round {rnd + 1} of {a.rounds} ({LABEL})", flush=True)
-                order = items[rnd % len(items) :] + items[: rnd % len(items)]
-                for p in order:
+                for same in stacks[rnd % len(stacks) :] + stacks[: rnd % len(stacks)]:
                     for pattern in PATTERNS:
-                        await asyncio.sleep(a.settle)
-                        await p.measure(pattern, texts[pattern])
+                        for p in same[::-1] if rnd % 2 else same:
+                            await asyncio.sleep(a.settle)
+                            await p.measure(pattern, texts[pattern])
 
         asyncio.run(rounds())
         results = {name: {pat: p.summary(pat) for pat in PATTERNS} for name, p in paths.items()}
@@ -228,11 +218,111 @@ def main() -> int:
         for proc in ls.leftovers():
             proc.stop()
     report(results, tops)
+    data: dict[str, Any] = {"label": LABEL, "results": results, "profiles": tops, "args": vars(a)}
+    if a.ab:
+        data["ab"] = ab_report(paths, a.ab)
     if not a.no_save:
-        record.write(
-            "path", {"label": LABEL, "results": results, "profiles": tops, "args": vars(a)}
-        )
+        record.write("path-ab" if a.ab else "path", data)
     return 0
+
+
+def checkout(rev: str, logs: Path) -> Path:
+    """Commit ``rev`` of this repository as files in a folder under ``logs``."""
+    tree = logs / "ab-tree"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", rev], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+@contextlib.contextmanager
+def importing(tree: Path | None) -> Any:
+    """Processes started inside import the project's packages from ``tree`` (None: as
+    installed): its folder first on ``PYTHONPATH``, before the editable install's finder."""
+    if tree is None:
+        yield
+        return
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tree) + (os.pathsep + before if before else "")
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+def start_stacks(logs: Path, skip: set[str], tree: Path) -> dict[str, Path_]:
+    """The stacks not in ``skip``, their processes started (the workers' script from ``tree``)."""
+    paths: dict[str, Path_] = {}
+    if "memory" not in skip:
+        gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+        wk = null_worker(gw.url, logs, f"null-worker-{next(_N)}", tree)
+        paths[MEMORY] = Path_(
+            MEMORY, [gw.url], Stack().add("gateway", _pid(gw)).add("worker", _pid(wk))
+        )
+    if "two-workers" not in skip:
+        gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+        stack = Stack().add("gateway", _pid(gw))
+        for _ in range(2):
+            stack.add("worker", _pid(null_worker(gw.url, logs, f"null-worker-{next(_N)}", tree)))
+        paths[TWO] = Path_(TWO, [gw.url], stack)
+    # Each Redis stack has its own redis-server: workers on one Redis share its queue,
+    # and a worker outside a stack would do part of its work uncounted.
+    if "redis" not in skip:
+        redis = ls.start_redis(logs)
+        r1 = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", redis.url])
+        w1 = null_worker(r1.url, logs, f"null-worker-redis-{next(_N)}", tree)
+        s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
+        paths[REDIS] = Path_(REDIS, [r1.url], s.add("worker", _pid(w1)))
+    if "replicas" not in skip:
+        redis = ls.start_redis(logs)
+        s = Stack().add("redis-server", _pid(redis))
+        urls = []
+        for _ in range(2):  # a worker pulling through each replica
+            g = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", redis.url])
+            s.add("gateway", _pid(g)).add(
+                "worker", _pid(null_worker(g.url, logs, f"null-r{next(_N)}", tree))
+            )
+            urls.append(g.url)
+        paths[REPLICAS] = Path_(REPLICAS, urls, s)
+    return paths
+
+
+def ab_report(paths: dict[str, Path_], rev: str) -> dict[str, Any]:
+    """Per stack and pattern, this tree / ``rev``: the median over rounds of each round's
+    ratio of inputs/s and of inputs/s per core by role (> 1: this tree is faster or cheaper).
+    Printed as a table; returned for the results file."""
+    out: dict[str, Any] = {}
+    print(f"\n## A/B, this tree / {rev} ({LABEL}): median of the rounds' ratios (min-max)\n")
+    print("| stack | pattern | inputs/s | per core: gateway | worker | redis-server |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, new in paths.items():
+        if not name.endswith(" [this tree]"):
+            continue
+        stack = name.removesuffix(" [this tree]")
+        old = paths[f"{stack} [{rev}]"]
+        for pattern in PATTERNS:
+            pairs = list(zip(old.rounds[pattern], new.rounds[pattern], strict=True))
+            ratios: dict[str, list[float]] = {
+                "inputs/s": [
+                    (n["inputs"] / n["seconds"]) / (o["inputs"] / o["seconds"]) for o, n in pairs
+                ]
+            }
+            for role in ("gateway", "worker", "redis-server"):
+                if all(o["cpu_s"].get(role) and n["cpu_s"].get(role) for o, n in pairs):
+                    ratios[role] = [o["cpu_s"][role] / n["cpu_s"][role] for o, n in pairs]
+            row = {k: (statistics.median(v), min(v), max(v)) for k, v in ratios.items()}
+            out.setdefault(stack, {})[pattern] = row
+            cells = [
+                f"{row[k][0]:.3f} ({row[k][1]:.2f}-{row[k][2]:.2f})" if k in row else "—"
+                for k in ("inputs/s", "gateway", "worker", "redis-server")
+            ]
+            print(f"| {stack} | {pattern} | " + " | ".join(cells) + " |")
+    return out
 
 
 def report(results: dict[str, Any], tops: dict[str, Any]) -> None:
