@@ -345,10 +345,17 @@ class ItemResult(Wire):
 
     @classmethod
     def ok(
-        cls, item: WorkItem, vector: np.ndarray | SparseEmbedding, prompt_tokens: int
+        cls,
+        item: WorkItem,
+        vector: np.ndarray | SparseEmbedding,
+        prompt_tokens: int,
+        *,
+        encoded: bool = True,
     ) -> ItemResult:
         """A vector's result (a sparse embedding: its weights, with their indices; a matrix
-        [rows, dim]: its rows, row-major, with ``rows``)."""
+        [rows, dim]: its rows, row-major, with ``rows``). ``encoded=False``: the words are
+        kept as they are and base64 is left to :meth:`encoded`, for a sender that may post
+        them as a binary body (the worker: results encoded once, for the body it sends)."""
         indices, rows = None, None
         if isinstance(vector, SparseEmbedding):
             indices = np.ascontiguousarray(vector.indices, dtype="<u4")
@@ -357,15 +364,19 @@ class ItemResult(Wire):
             rows = int(vector.shape[0])
         vector = np.ascontiguousarray(vector, dtype="<f4").reshape(-1)
         result = cls(
-            item_id=item.item_id,
-            lease_id=item.lease_id,
-            vector_b64=encode_vector(vector),
-            indices_b64=None if indices is None else encode_indices(indices),
-            rows=rows,
-            prompt_tokens=prompt_tokens,
+            item_id=item.item_id, lease_id=item.lease_id, rows=rows, prompt_tokens=prompt_tokens
         )
         result._vector, result._indices = vector, indices
-        return result
+        return result.encoded() if encoded else result
+
+    def encoded(self) -> ItemResult:
+        """This result with ``vector_b64`` (and a sparse one's ``indices_b64``) set from the
+        words :meth:`ok` kept, where ``ok(encoded=False)`` left them out; returns self."""
+        if self.vector_b64 is None and self._vector is not None:
+            self.vector_b64 = encode_vector(self._vector)
+            if self._indices is not None:
+                self.indices_b64 = encode_indices(self._indices)
+        return self
 
     def matrix(self) -> np.ndarray:
         """A ``token_embed`` result's vectors, float32 [rows, dim]; ValueError if it has none."""

@@ -241,7 +241,9 @@ class Worker:
                     vector, n_tokens = await self.engine.run(item, prompt)
             else:
                 vector, n_tokens = await self.engine.run(item, prompt)
-            result = ItemResult.ok(item, vector, n_tokens)
+            result = ItemResult.ok(
+                item, vector, n_tokens, encoded=False
+            )  # base64 if posted as JSON
             metrics.for_items(item.model, item.task).prompt_tokens.inc(n_tokens)
         except InvalidInput as e:
             result = ItemResult.failed(item, e.code, e.message)

@@ -158,7 +158,8 @@ class QueueClient:
         if "binary" in self.result_encodings:
             body = (encode_results(worker_id, results), RESULTS_BINARY)
         else:
-            body = _json(ResultsRequest(worker_id=worker_id, results=results))
+            encoded = [r.encoded() for r in results]  # the worker's are left unencoded
+            body = _json(ResultsRequest(worker_id=worker_id, results=encoded))
         return await self._call("results", "/results", body, ResultsResponse, self._timeout)
 
     async def release(

@@ -462,11 +462,13 @@ async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
     assert len(pulled) == 2, request.result().text if request.done() else pulled
     assert qc.result_encodings == ["json", "binary"]
     vectors = {"a": [0.25, -1.5, 3.0], "b": [1.0, 2.0, 0.0]}
-    done = await qc.post_results(
-        "w", [ItemResult.ok(i, np.array(vectors[i.text or ""]), 2) for i in pulled]
-    )
+    results = [  # as the worker makes them: no base64 until a JSON body needs it
+        ItemResult.ok(i, np.array(vectors[i.text or ""]), 2, encoded=False) for i in pulled
+    ]
+    done = await qc.post_results("w", results)
     assert (done.accepted, done.rejected) == (2, 0)
     assert sent[-1] == RESULTS_BINARY
+    assert [r.vector_b64 for r in results] == [None, None]  # the words were encoded once
     body = (await request).json()
     assert [d["embedding"] for d in body["data"]] == [vectors["a"], vectors["b"]]
     head = b'{"worker_id": "w", "results": [{"item_id": "x", "lease_id": "y", "values": 3}]}'
@@ -481,8 +483,9 @@ async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
 
 
 async def test_a_queue_that_does_not_offer_the_binary_body_gets_json():
-    """An older queue answers pulls without ``result_encodings``: JSON results, as before."""
-    from common.protocol import ItemResult, ResultsRequest, WorkItem
+    """An older queue answers pulls without ``result_encodings``: JSON results, as before,
+    with the vectors a worker left unencoded as base64."""
+    from common.protocol import ItemResult, ResultsRequest, SparseEmbedding, WorkItem, decode_vector
     from worker.queue_client import QueueClient
 
     seen: list[tuple[str, bytes]] = []
@@ -500,10 +503,20 @@ async def test_a_queue_that_does_not_offer_the_binary_body_gets_json():
     item = WorkItem(
         item_id="i", lease_id="l", lease_seconds=30, model=MODEL, task="embed", text="t"
     )
-    await qc.post_results("w", [ItemResult.ok(item, np.ones(2), 1)])
+    sparse = item.model_copy(update={"item_id": "s", "task": "embed_sparse"})
+    await qc.post_results(  # as the worker makes them: base64 left to the JSON body
+        "w",
+        [
+            ItemResult.ok(item, np.array([0.5, -2.0]), 1, encoded=False),
+            ItemResult.ok(sparse, SparseEmbedding.of([7, 3], [1.5, 0.25]), 1, encoded=False),
+        ],
+    )
     ctype, content = seen[-1]
     assert ctype == "application/json"
-    assert ResultsRequest.model_validate_json(content).results[0].vector_b64 is not None
+    dense, weights = ResultsRequest.model_validate_json(content).results
+    assert decode_vector(dense.vector_b64 or "").tolist() == [0.5, -2.0]
+    assert weights.sparse().indices.tolist() == [3, 7]
+    assert weights.sparse().values.tolist() == [0.25, 1.5]
     await qc.aclose()
 
 
