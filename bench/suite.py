@@ -33,7 +33,9 @@ after its last request, which would otherwise be charged to the next path). Ever
 the same warm-up first. Tables give the median round and the min-max. Per measurement the CPU
 seconds of each server's processes are read (psutil) by role: the model or engine process,
 the worker, the gateway, the server, redis-server; on a 2-core host all come out of the same
-cores. Prints tables and saves ``bench/results/suite-<engine>.png`` and ``.json``.
+cores. For this project's paths, each round also reads the worker's
+``inference_worker_engine_busy_seconds_total``: the engine's idle time per round (seconds not
+in engine steps). Prints tables and saves ``bench/results/suite-<engine>.png`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -147,6 +151,8 @@ class Stack:
     ``redis-server``."""
 
     procs: list[tuple[str, psutil.Process]] = field(default_factory=list)
+    #: The workers' metrics URLs whose engine busy time a snapshot reads (:data:`BUSY`).
+    engines: list[str] = field(default_factory=list)
 
     def add(self, role: str, root: psutil.Process) -> Stack:
         """``root`` as ``role`` and its children by vLLM's process names."""
@@ -161,11 +167,28 @@ class Stack:
                 self.procs.append((role, child))
         return self
 
+    def engine(self, worker: ls.Proc) -> Stack:
+        """Read ``worker``'s engine busy time (its ``/metrics``) in every snapshot."""
+        self.engines.append(worker.url + "/metrics")
+        return self
+
     def snapshot(self) -> dict[str, float]:
+        """CPU seconds by role so far, and :data:`BUSY`: the engines' seconds in steps."""
         out: dict[str, float] = defaultdict(float)
         for role, p in self.procs:
             out[role] += _cpu(p)
+        for url in self.engines:
+            text = httpx.get(url, timeout=10).text
+            for family in text_string_to_metric_families(text):
+                if family.name == "inference_worker_engine_busy_seconds":
+                    out[BUSY] += sum(x.value for x in family.samples if x.name.endswith("_total"))
         return out
+
+
+#: A snapshot's key for the seconds the workers' engines spent in steps
+#: (``inference_worker_engine_busy_seconds_total``): per round, ``1 - its growth / the
+#: round's seconds`` is the share of the round the engine waited for work.
+BUSY = "engine busy"
 
 
 def _pid(proc: ls.Proc) -> psutil.Process:
@@ -446,6 +469,15 @@ class Measurement:
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.rounds)
 
+    def engine_idle(self) -> tuple[float, float] | None:
+        """Median over the rounds of the engine's idle seconds and idle share (None: the path
+        has no worker engine)."""
+        if not all(BUSY in r["cpu_s"] for r in self.rounds):
+            return None
+        idle = [r["seconds"] - r["cpu_s"][BUSY] for r in self.rounds]
+        share = [i / r["seconds"] for i, r in zip(idle, self.rounds, strict=True)]
+        return statistics.median(idle), statistics.median(share)
+
     def cpu_per_1k(self) -> dict[str, float]:
         roles = {role for r in self.rounds for role in r["cpu_s"]}
         k = 1000 / len(self.texts)
@@ -520,7 +552,7 @@ async def run(
             gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
             procs.append(gw)
             wk = start_worker(gw.url, "suite-worker", {})
-            stack = Stack().add("gateway", _pid(gw)).add("worker", _pid(wk))
+            stack = Stack().add("gateway", _pid(gw)).add("worker", _pid(wk)).engine(wk)
             pats = [big, small, doc] + ([("sentences", 64, 8)] if "two" not in skip else [])
             http[P] = Http(gw.url, ls.API_KEY, stack, pats, latency=True)
             if "batch" not in skip:
@@ -545,7 +577,7 @@ async def run(
             wr = start_worker(r1.url, "suite-worker-redis", {})
 
             def redis_stack(*gateways: ls.Proc) -> Stack:
-                s = Stack().add("worker", _pid(wr)).add("redis-server", _pid(redis_proc))
+                s = Stack().add("worker", _pid(wr)).engine(wr).add("redis-server", _pid(redis_proc))
                 for g in gateways:
                     s.add("gateway", _pid(g))
                 return s
@@ -805,6 +837,11 @@ def report(ms: list[Measurement], R: dict, a: argparse.Namespace) -> None:
             ),
         }
     )
+    print("\nengine idle per round (seconds not in engine steps; medians of the rounds):")
+    for m in ms:
+        if (idle := m.engine_idle()) is not None:
+            R.setdefault("engine_idle", {})[f"{m.path} | {m.pattern}"] = idle
+            print(f"  {m.path} | {m.pattern}: {idle[0]:.2f} s, {idle[1]:.0%} of the round")
     print("\nthis project (medians of the rounds):")
     for k, v in ratios.items():
         if v != "n/a":

@@ -5,6 +5,7 @@ Names follow Prometheus conventions: base units (seconds), ``_total`` counters.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -46,6 +47,27 @@ QUEUE_RETRIES = Counter(f"{_NS}_queue_retries_total", "Retried calls to the queu
 ENGINE_UP = Gauge(f"{_NS}_engine_up", "1 while the vLLM engine is loaded and alive.")
 QUEUE_REACHABLE = Gauge(f"{_NS}_queue_reachable", "1 if the last call to the queue succeeded.")
 INFO = Info(f"{_NS}_build", "Worker version, model, task, checkpoint and dtype.")
+#: Seconds the engine spent in its steps (scheduling and forward pass); ``1 - rate()`` is the
+#: share of time it waited for work. Counted by the ``process`` and ``thread`` engine cores
+#: where they step the engine (:func:`count_engine_busy`; an engine process's count is
+#: relayed, one ``replica`` label per process where there are several); vLLM's ``AsyncLLM``
+#: (GPU hosts) has its own metrics instead.
+ENGINE_BUSY = Counter(
+    f"{_NS}_engine_busy_seconds_total",
+    "Seconds the engine spent in its steps (1 - rate: the share it waited for work).",
+    registry=None,
+)
+
+
+def count_engine_busy() -> Counter:
+    """:data:`ENGINE_BUSY`, registered in this process's default registry (once): called where
+    an engine is stepped (the worker process for the thread core, the engine process for the
+    process core, which relays it)."""
+    from prometheus_client import REGISTRY
+
+    with contextlib.suppress(ValueError):  # registered already
+        REGISTRY.register(ENGINE_BUSY)
+    return ENGINE_BUSY
 
 
 class ItemMetrics(NamedTuple):

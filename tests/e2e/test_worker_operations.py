@@ -296,6 +296,7 @@ def test_metrics_pass_promtool_and_prometheus_scrapes_them(g2, w2, prom, stsb_se
             v >= len(batches)
         ),
         "inference_worker_engine_up": lambda v: v == 1,
+        "inference_worker_engine_busy_seconds_total": lambda v: v > 0,  # relayed from its process
         "inference_worker_queue_reachable": lambda v: v == 1,
         f'sum(inference_gateway_workers{{model="{MODEL}"}})': lambda v: v == 1,
         f'sum(inference_worker_prompt_tokens_total{{model="{MODEL}"}})': lambda v: v > n_inputs,

@@ -4,6 +4,7 @@ fast tests of the two engine cores that step it (``thread`` and ``process``)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
@@ -19,6 +20,7 @@ class FakeLLMEngine:
         self.waiting: dict[str, Any] = {}
         self.aborted: list[str] = []
         self.steps = 0
+        self.step_seconds = 0.0  # each step takes this long (the busy-time tests)
         self.hold = False  # nothing finishes
         self.shut_down = False
         self.thread: str | None = None  # the thread that added the last request
@@ -61,6 +63,7 @@ class FakeLLMEngine:
 
     def step(self) -> list[Any]:
         self.steps += 1
+        time.sleep(self.step_seconds)
         if self.batch:
             self.added.append(self.batch)
             self.batch = []

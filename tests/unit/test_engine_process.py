@@ -243,8 +243,41 @@ async def test_a_scrape_reads_the_engines_vllm_metrics_as_they_are_now(engine):
         for value in (7.0, 9.0):
             gauge.set(value)
             await RELAYED.refresh()
-            assert [s.value for f in RELAYED.sources[llm._source] for s in f.samples] == [value]
+            families = RELAYED.sources[llm._source]
+            assert [s.value for f in families if f.name.startswith("vllm:") for s in f.samples] == [
+                value
+            ]
     finally:
         REGISTRY.unregister(gauge)
+        RELAYED.refreshers.pop(llm._source, None)
+        RELAYED.sources.pop(llm._source, None)
+
+
+async def test_the_engine_processs_busy_time_is_relayed_with_vllms_metrics(engine):
+    """The time the engine spends in its steps is counted where they run (the engine process;
+    here its serving thread) and reaches the worker's ``/metrics`` through the relay, as
+    ``inference_worker_engine_busy_seconds_total``."""
+    from worker.engine.process import RELAYED
+
+    llm, fake = engine
+    fake.step_seconds = 0.02
+    RELAYED.refreshers[llm._source] = llm.refresh_metrics
+
+    async def busy() -> float:
+        await RELAYED.refresh()
+        return sum(
+            s.value
+            for f in RELAYED.sources[llm._source]
+            if f.name == "inference_worker_engine_busy_seconds"
+            for s in f.samples
+            if s.name.endswith("_total")
+        )
+
+    try:
+        before = await busy()
+        for i in range(5):  # one step each
+            await _one(llm, [i], f"busy{i}")
+        assert 5 * 0.02 <= await busy() - before < 5
+    finally:
         RELAYED.refreshers.pop(llm._source, None)
         RELAYED.sources.pop(llm._source, None)

@@ -169,3 +169,29 @@ def test_prompt_tokens_reads_token_ids_and_nothing_else():
 def test_no_step_threads_when_switched_off():
     assert StepThreads.before_engine(None) is None
     assert StepThreads.before_engine(0) is None
+
+
+def test_the_time_in_engine_steps_is_counted_as_busy_and_waiting_is_not():
+    """``inference_worker_engine_busy_seconds_total`` grows by the time of each step and not
+    while the step loop waits for work."""
+    from worker import metrics
+
+    fake = FakeLLMEngine()
+    fake.step_seconds = 0.03
+    done: queue.SimpleQueue[str] = queue.SimpleQueue()
+    steps = StepLoop(fake, lambda outs: [done.put(o.request_id) for o in outs], lambda r, e: None)
+    thread = threading.Thread(target=steps.run)
+    thread.start()
+    busy = metrics.ENGINE_BUSY._value.get
+    try:
+        before = busy()
+        for i in range(4):  # one step each
+            steps.submit([Submit(f"b{i}", "p", None)])
+            done.get(timeout=10)
+        stepped = busy() - before
+        assert 4 * 0.03 <= stepped < 2
+        threading.Event().wait(0.3)  # no work: the loop waits, nothing counted
+        assert busy() - before == stepped
+    finally:
+        steps.stop()
+        thread.join(10)

@@ -39,6 +39,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from worker import metrics
 from worker.engine.errors import EngineDead
 from worker.engine.pipe import (
     Abort,
@@ -112,7 +113,9 @@ _SOURCE_KEYS = itertools.count()
 
 # --- the engine process ------------------------------------------------------------------
 def _vllm_families() -> list[Metric]:
-    return [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
+    """vLLM's metric families of this (the engine) process, and the engine busy time."""
+    busy = metrics.ENGINE_BUSY._name
+    return [f for f in REGISTRY.collect() if f.name.startswith("vllm:") or f.name == busy]
 
 
 def engine_main(

@@ -23,10 +23,12 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from worker import metrics
 from worker.engine.errors import EngineDead
 from worker.engine.step_threads import StepThreads, prompt_tokens
 
@@ -76,6 +78,7 @@ class StepLoop:
         #: Request ids in the engine now -> their prompt tokens (a prompt not given as token
         #: ids counts as a large step).
         self.running: dict[str, int] = {}
+        self._busy = metrics.count_engine_busy()
 
     def submit(self, requests: list[Submit]) -> None:
         self._inbox.put(requests)
@@ -109,7 +112,9 @@ class StepLoop:
                 continue
             if self._threads is not None:
                 self._threads.before_step(sum(self.running.values()))
+            started = time.perf_counter()
             finished = [o for o in engine.step() if o.finished]
+            self._busy.inc(time.perf_counter() - started)
             for out in finished:
                 self.running.pop(out.request_id, None)
             if finished:
