@@ -11,6 +11,7 @@ for replicas and restarts use :class:`gateway.queue.redis.RedisStore`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
 import time
 import uuid
@@ -107,6 +108,8 @@ class MemoryStore(QueueStore):
         self._pending: dict[tuple[str, str, int], OrderedDict[str, Item]] = {}
         self._items: dict[str, Item] = {}
         self._leased: dict[str, Item] = {}
+        #: (model, priority) -> its inputs in :attr:`_leased` (read at every submit).
+        self._leased_count: collections.Counter[tuple[str, int]] = collections.Counter()
         self._waiters: set[asyncio.Future[None]] = set()
         self._workers: dict[str, _WorkerSeen] = {}
         #: The latest advert per model name, and when a worker last pulled for it.
@@ -160,15 +163,20 @@ class MemoryStore(QueueStore):
         waiting = sum(
             len(q) for (m, _, p), q in self._pending.items() if (m, p) == (model, priority)
         )
-        leased = self._leased.values()
-        return waiting + sum(1 for i in leased if i.model == model and i.queue[2] == priority)
+        return waiting + self._leased_count[(model, priority)]
+
+    def _unlease(self, item_id: str) -> None:
+        """Out of :attr:`_leased` (answered, requeued, cancelled), if it was there."""
+        item = self._leased.pop(item_id, None)
+        if item is not None:
+            self._leased_count[(item.model, item.queue[2])] -= 1
 
     async def cancel(self, request: Request) -> None:
         for item_id in request.item_ids:
             item = self._items.pop(item_id, None)
             if item is None:
                 continue
-            self._leased.pop(item_id, None)
+            self._unlease(item_id)
             self._pending.get(item.queue, OrderedDict()).pop(item_id, None)
             if not item.future.done():
                 item.future.cancel()
@@ -265,6 +273,8 @@ class MemoryStore(QueueStore):
         item.lease_id = secrets.token_hex(16)  # unguessable: only its holder can answer
         item.lease_deadline = now + self.lease_seconds
         item.worker_id = worker_id
+        if item.item_id not in self._leased:
+            self._leased_count[(item.model, item.queue[2])] += 1
         self._leased[item.item_id] = item
         if item.attempt == 1:
             metrics.QUEUE_WAIT.labels(item.model).observe(now - item.enqueued_at)
@@ -347,7 +357,7 @@ class MemoryStore(QueueStore):
     def _requeue(self, item: Item, last_error: str | None = None) -> None:
         """Back to the front of its queue for another attempt, or, out of attempts, the
         dead letter."""
-        self._leased.pop(item.item_id, None)
+        self._unlease(item.item_id)
         item.lease_id = None
         item.worker_id = None
         if item.attempt >= self.max_attempts:
@@ -361,7 +371,7 @@ class MemoryStore(QueueStore):
 
     def _finish(self, item: Item, result: ItemResult) -> None:
         self._items.pop(item.item_id, None)
-        self._leased.pop(item.item_id, None)
+        self._unlease(item.item_id)
         self._pending.get(item.queue, OrderedDict()).pop(item.item_id, None)
         if not item.future.done():
             item.future.set_result(result)

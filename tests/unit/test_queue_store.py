@@ -484,6 +484,25 @@ async def test_the_queue_is_bounded(store):
     await store.submit([spec(str(i)) for i in range(10)])  # answered ones do not
 
 
+async def test_inputs_back_in_line_count_once_toward_the_bound(store, store_kind, clock):
+    """Leased inputs that go back to the line (released, failed retryably, lease expired)
+    count once, as waiting again; answered ones stop counting."""
+    await store.submit([spec(str(i)) for i in range(20)])  # full: 20 of 20
+    items = await pull(store, n=10)
+    assert len(items) == 10
+    await store.release("w", [(i.item_id, i.lease_id) for i in items[:5]])
+    await store.complete("w", [failed(i, retryable=True) for i in items[5:7]])
+    await age(store_kind, clock, LEASE * 1.5)  # the last 3 leases expire
+    await store.reap()
+    with pytest.raises(QueueFull) as e:  # all 20 wait again: nothing counted twice or lost
+        await store.submit([spec("x")])
+    assert e.value.queued == 20
+    again = await pull(store, n=20)
+    assert len(again) == 20
+    await store.complete("w", [ok(i) for i in again])
+    await store.submit([spec(str(i)) for i in range(20)])  # none of them counts now
+
+
 async def test_concurrent_submits_are_each_whole_and_bounded_one_by_one(store):
     """Requests submitted at once (the Redis store sends them in one call): each answered with
     its own inputs in its own order; over the limit, exactly the requests that do not fit fail
