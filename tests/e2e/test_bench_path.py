@@ -44,7 +44,7 @@ def test_the_null_engine_bench_measures_both_patterns_and_says_so():
 
 def test_the_ab_mode_runs_each_build_side_by_side_and_prints_their_ratios():
     rev = "HEAD"  # the commit of this tree: the same code on both sides
-    r = bench("--rounds", "2", "--ab", rev)
+    r = bench("--rounds", "1", "--ab", rev)
     for build in (rev, "this tree"):  # both builds measured, both patterns
         rows = re.findall(rf"^\| memory store, 1 worker \[{build}\] \| (\S+) \|", r.stdout, re.M)
         assert rows == ["64/request", "1/request"], r.stdout[-3000:]
