@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import itertools
 import os
 import shutil
@@ -67,9 +66,15 @@ HERE = Path(__file__).resolve().parent
 _N = itertools.count(1)  # log file names of the workers
 
 
-def null_worker(queue_url: str, logs: Path, name: str, tree: Path = HERE.parent) -> ls.Proc:
-    """A NULL-ENGINE worker (``bench/null_worker.py`` of ``tree``) on the bundled model's
-    tokenizer."""
+def null_worker(
+    queue_url: str,
+    logs: Path,
+    name: str,
+    tree: Path = HERE.parent,
+    env: dict[str, str] | None = None,
+) -> ls.Proc:
+    """A NULL-ENGINE worker (``bench/null_worker.py`` of ``tree``, ``env`` added to its
+    environment) on the bundled model's tokenizer."""
     text = ls.worker_config(queue_url=queue_url, max_model_len=512, max_num_seqs=256)
     cfg = logs / f"{name}.toml"
     cfg.write_text(text)
@@ -82,7 +87,7 @@ def null_worker(queue_url: str, logs: Path, name: str, tree: Path = HERE.parent)
         url=url,
         ready=url + "/readyz",
         timeout=60,
-        env={"INFERENCE_WORKER_QUEUE_TOKEN": ls.WORKER_TOKEN},
+        env={"INFERENCE_WORKER_QUEUE_TOKEN": ls.WORKER_TOKEN, **(env or {})},
     )
 
 
@@ -191,9 +196,9 @@ def main() -> int:
         builds = [(f" [{a.ab}]", checkout(a.ab, logs)), (" [this tree]", None)]
     try:
         for suffix, tree in builds:
-            with importing(tree):
-                for name, p in start_stacks(logs, skip, tree or HERE.parent).items():
-                    paths[name + suffix] = p
+            env = importing(tree)
+            for name, p in start_stacks(logs, skip, tree or HERE.parent, env).items():
+                paths[name + suffix] = p
 
         async def rounds() -> None:
             # the builds of one stack side by side: [[stack on build 1, on build 2], ...]
@@ -237,45 +242,41 @@ def checkout(rev: str, logs: Path) -> Path:
     return tree
 
 
-@contextlib.contextmanager
-def importing(tree: Path | None) -> Any:
-    """Processes started inside import the project's packages from ``tree`` (None: as
-    installed): its folder first on ``PYTHONPATH``, before the editable install's finder."""
+def importing(tree: Path | None) -> dict[str, str]:
+    """The environment that makes a started process import the project's packages from
+    ``tree`` (None: as installed): its folder first on ``PYTHONPATH``, before the editable
+    install's finder."""
     if tree is None:
-        yield
-        return
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(tree) + (os.pathsep + before if before else "")
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
 
 
-def start_stacks(logs: Path, skip: set[str], tree: Path) -> dict[str, Path_]:
-    """The stacks not in ``skip``, their processes started (the workers' script from ``tree``)."""
+def start_stacks(logs: Path, skip: set[str], tree: Path, env: dict[str, str]) -> dict[str, Path_]:
+    """The stacks not in ``skip``, their processes started with ``env`` added (the workers'
+    script from ``tree``)."""
     paths: dict[str, Path_] = {}
     if "memory" not in skip:
-        gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
-        wk = null_worker(gw.url, logs, f"null-worker-{next(_N)}", tree)
+        gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"], env=env)
+        wk = null_worker(gw.url, logs, f"null-worker-{next(_N)}", tree, env)
         paths[MEMORY] = Path_(
             MEMORY, [gw.url], Stack().add("gateway", _pid(gw)).add("worker", _pid(wk))
         )
     if "two-workers" not in skip:
-        gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"])
+        gw = ls.start_gateway(logs, args=["--pickup-timeout", "600"], env=env)
         stack = Stack().add("gateway", _pid(gw))
         for _ in range(2):
-            stack.add("worker", _pid(null_worker(gw.url, logs, f"null-worker-{next(_N)}", tree)))
+            stack.add(
+                "worker", _pid(null_worker(gw.url, logs, f"null-worker-{next(_N)}", tree, env))
+            )
         paths[TWO] = Path_(TWO, [gw.url], stack)
     # Each Redis stack has its own redis-server: workers on one Redis share its queue,
     # and a worker outside a stack would do part of its work uncounted.
     if "redis" not in skip:
         redis = ls.start_redis(logs)
-        r1 = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", redis.url])
-        w1 = null_worker(r1.url, logs, f"null-worker-redis-{next(_N)}", tree)
+        r1 = ls.start_gateway(
+            logs, args=["--pickup-timeout", "600", "--queue-url", redis.url], env=env
+        )
+        w1 = null_worker(r1.url, logs, f"null-worker-redis-{next(_N)}", tree, env)
         s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
         paths[REDIS] = Path_(REDIS, [r1.url], s.add("worker", _pid(w1)))
     if "replicas" not in skip:
@@ -283,9 +284,11 @@ def start_stacks(logs: Path, skip: set[str], tree: Path) -> dict[str, Path_]:
         s = Stack().add("redis-server", _pid(redis))
         urls = []
         for _ in range(2):  # a worker pulling through each replica
-            g = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", redis.url])
+            g = ls.start_gateway(
+                logs, args=["--pickup-timeout", "600", "--queue-url", redis.url], env=env
+            )
             s.add("gateway", _pid(g)).add(
-                "worker", _pid(null_worker(g.url, logs, f"null-r{next(_N)}", tree))
+                "worker", _pid(null_worker(g.url, logs, f"null-r{next(_N)}", tree, env))
             )
             urls.append(g.url)
         paths[REPLICAS] = Path_(REPLICAS, urls, s)
