@@ -13,10 +13,11 @@ and keeps an asyncio queue per request.
 
 :class:`ProcessLLM` offers ``AsyncLLM``'s interface as :class:`worker.engine.Engine` uses it.
 The engine process ends with the worker: a closed pipe (the worker stopped or died) stops it.
-vLLM's own metrics (``vllm:*``) are kept in the engine process and relayed to the worker's
-default registry at every :meth:`ProcessLLM.do_log_stats` and before every scrape of the
-worker's ``/metrics`` (:meth:`RelayedMetrics.refresh`), so a scrape sees the engine's counts
-as they are.
+vLLM's own metrics (``vllm:*``), and the engine's busy time
+(``inference_worker_engine_busy_seconds_total``, counted where the steps run), are kept in the
+engine process and relayed to the worker's default registry at every
+:meth:`ProcessLLM.do_log_stats` and before every scrape of the worker's ``/metrics``
+(:meth:`RelayedMetrics.refresh`), so a scrape sees the engine's counts as they are.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ _SOURCE_KEYS = itertools.count()
 
 
 # --- the engine process ------------------------------------------------------------------
-def _vllm_families() -> list[Metric]:
+def _relayed_families() -> list[Metric]:
     """vLLM's metric families of this (the engine) process, and the engine busy time."""
     busy = metrics.ENGINE_BUSY._name
     return [f for f in REGISTRY.collect() if f.name.startswith("vllm:") or f.name == busy]
@@ -189,9 +190,9 @@ def serve(conn: Connection, engine: Any, threads: StepThreads | None = None) -> 
                     steps.abort(request_ids)
                 case LogStats():
                     steps.log_stats()
-                    send(Metrics(_vllm_families()))
+                    send(Metrics(_relayed_families()))
                 case SendMetrics():  # recorded at every step: read them as they are
-                    send(Metrics(_vllm_families()))
+                    send(Metrics(_relayed_families()))
                 case Stop():
                     steps.stop()
                     return
