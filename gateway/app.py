@@ -39,7 +39,8 @@ def make_store(
     settings: GatewaySettings, clock: Callable[[], float] = time.monotonic
 ) -> QueueStore:
     """The store ``settings.queue_url`` names: ``memory``, or a ``redis://`` / ``rediss://``
-    URL (password from ``settings.queue_password_file`` when given)."""
+    URL, ``redis+cluster://`` / ``rediss+cluster://`` for a Redis Cluster (password from
+    ``settings.queue_password_file`` when given)."""
     common = {
         "lease_seconds": settings.lease_seconds,
         "max_attempts": settings.max_attempts,

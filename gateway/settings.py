@@ -97,7 +97,8 @@ class GatewaySettings(BaseModel):
         "memory",
         "--queue-url",
         "the queue store: 'memory' (in this process, the default) or a Redis URL "
-        "(redis://[:password@]host:port/db, rediss:// for TLS) shared by gateway replicas",
+        "(redis://[:password@]host:port/db, rediss:// for TLS; redis+cluster://host:port, "
+        "rediss+cluster://, for any node of a Redis Cluster) shared by gateway replicas",
     )
     queue_password_file: str | None = _setting(
         None, "--queue-password-file", "a file holding the Redis password (wins over the URL's)"
@@ -261,8 +262,9 @@ class GatewaySettings(BaseModel):
     @field_validator("queue_url")
     @classmethod
     def _known_store(cls, url: str) -> str:
-        if url != "memory" and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("expected 'memory' or a Redis URL (redis://, rediss://, unix://)")
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if url != "memory" and not url.startswith(schemes):
+            raise ValueError(f"expected 'memory' or a Redis URL ({', '.join(schemes)})")
         password = queue_url_password(url)
         if password is not None:
             check_not_placeholder(password, "the URL's password")

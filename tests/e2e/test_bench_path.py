@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SKIP = "two-workers,redis,replicas"  # the memory-store stack alone: seconds
+SKIP = "two-workers,redis,replicas,cluster"  # the memory-store stack alone: seconds
 
 
 # enough inputs that each role's CPU time is many of psutil's 10 ms ticks

@@ -92,7 +92,8 @@ async def test_a_reply_stream_is_read_again_and_again_and_emptied(redis_server):
             assert (await b.complete("w", [done])).accepted == 1  # through A's reply stream
             (result,) = await a.wait(mine, pickup_timeout=1, request_timeout=5)
             assert result.vector_b64 == two
-            await wait_until(lambda: plain.xlen(keys.reply(a.replica)) == 0, what="stream read")
+            emptied = lambda key=keys.reply("m", a.replica): plain.xlen(key) == 0  # noqa: E731
+            await wait_until(emptied, what="stream read")
     finally:
         await a.close()
         await b.close()
@@ -230,7 +231,7 @@ async def test_a_dead_replicas_queued_inputs_are_dropped_once_its_heartbeat_is_g
         assert await b.depth() == {"m": 2}
     finally:
         await a.close()
-    r.delete(replica(a.replica))  # gone (a closing replica deletes it; a killed one's expires)
+    r.delete(replica("m", a.replica))  # gone (a closing replica deletes it; a killed one's expires)
     assert await pull(b, n=5, worker="w") == []
     assert await b.depth() == {}
 
@@ -244,6 +245,7 @@ async def test_a_redis_call_that_never_returns_does_not_hold_close(redis_server)
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
     store = RedisStore(url, lease_seconds=5)
     await store.start()
+    await store.submit([spec("a client's request")])  # a heartbeat and reply stream to delete
     real_close = store.redis.aclose
 
     async def forever(*_: Any) -> None:
@@ -257,3 +259,37 @@ async def test_a_redis_call_that_never_returns_does_not_hold_close(redis_server)
         await store.close()
     assert loop.time() - started >= 2 * redis_store.CLOSE_SECONDS  # both steps timed out
     await real_close()
+
+
+async def test_batch_records_of_the_layout_before_the_hash_tags_are_taken_over(redis_server):
+    """Batch records a gateway of the layout before kept (``iw:batches``, its indexes and
+    ``iw:batch-cancels``) are taken over by the first replica that starts: found, listed,
+    running or ended as they were, a cancel kept; the old keys gone."""
+    import redis
+
+    from gateway.batch.models import BatchRecord
+    from gateway.queue.redis import RedisStore
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    plain = redis.Redis.from_url(url)
+    plain.flushdb()
+    common = {"endpoint": "/v1/embeddings", "input_file_id": "file-1", "owner": "o"}
+    running = BatchRecord(id="batch_a", status="in_progress", created_at=10, **common)
+    ended = BatchRecord(id="batch_b", status="completed", created_at=20, completed_at=30, **common)
+    plain.hset("iw:batches", mapping={r.id: r.model_dump_json() for r in (running, ended)})
+    plain.hset("iw:batch-cancels", "batch_a", 1234)
+    plain.sadd("iw:batches:running", "batch_a")
+    store = RedisStore(url, lease_seconds=5)
+    await store.start()
+    try:
+        assert await store.load_batch("batch_a") == running.model_dump_json()
+        assert await store.running_batches("o") == ["batch_a"]
+        page, more = await store.owner_batches("o", None, 10)
+        assert not more
+        assert [BatchRecord.model_validate_json(r).id for r in page] == ["batch_b", "batch_a"]
+        assert await store.batch_cancelled("batch_a") == 1234
+        assert await store.expire_batches(31) == [ended.model_dump_json()]
+        assert plain.exists("iw:batches", "iw:batch-cancels", "iw:batches:running") == 0
+    finally:
+        await store.close()
+        plain.close()

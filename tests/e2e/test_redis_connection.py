@@ -128,13 +128,13 @@ async def test_the_reply_reader_reads_on_after_a_restart_and_a_key_of_the_wrong_
         await exchange(a, b, "after the restart")
         assert not [m for m in warnings(caplog) if m.startswith("queue store (replies)")]
 
-        plain.delete(keys.reply(a.replica))
-        plain.set(keys.reply(a.replica), "not a stream")
+        plain.delete(keys.reply("m", a.replica))
+        plain.set(keys.reply("m", a.replica), "not a stream")
         await wait_until(
             lambda: any(m.startswith("queue store (replies): WRONGTYPE") for m in warnings(caplog)),
             what="the reader's warning",
         )
-        plain.delete(keys.reply(a.replica))
+        plain.delete(keys.reply("m", a.replica))
         await exchange(a, b, "after the wrong type")
     finally:
         await a.close()
@@ -174,8 +174,9 @@ async def test_the_streams_of_an_abandoned_model_are_dropped_after_its_advert_tt
 
 
 async def test_a_replicas_keys_expire_unless_it_beats_and_go_when_it_closes(own_redis):
-    """A replica's heartbeat key expires (a replica that dies silently is forgotten after
-    REPLICA_TTL_SECONDS); closing deletes it and the replica's reply stream at once."""
+    """A replica's heartbeat key beside a model it has clients of expires (a replica that
+    dies silently is forgotten after REPLICA_TTL_SECONDS); closing deletes it and the
+    replica's reply stream of that model at once."""
     import redis
 
     from gateway.queue.redis import keys
@@ -185,7 +186,8 @@ async def test_a_replicas_keys_expire_unless_it_beats_and_go_when_it_closes(own_
     store = RedisStore(own_redis.url, lease_seconds=5)
     await store.start()
     try:
-        mine = [keys.replica(store.replica), keys.reply(store.replica)]
+        await store.submit([spec("a client of model m")])
+        mine = [keys.replica("m", store.replica), keys.reply("m", store.replica)]
         plain.xadd(mine[1], {"i": "nobody", "r": "{}"})  # the stream exists while it runs
         assert 0 < plain.ttl(mine[0]) <= REPLICA_TTL_SECONDS
     finally:

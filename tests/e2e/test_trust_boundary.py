@@ -821,7 +821,9 @@ async def test_an_item_id_naming_another_redis_key_is_ignored(gw):
         base_url=gw.url + "/queue/v1", headers={"Authorization": f"Bearer {SCOPED}"}, timeout=10
     ) as w:
         answers = []
-        for item_id in ["1-0/1@iw:advert:m", "1-0/1@iw:n", "0-1/1@iw:worker:x:y", "x", "1/1@"]:
+        named = ["1-0/1@iw:{m}:advert", "1-0/1@iw:{m}:n", "0-1/1@iw:worker:x:y", "x", "1/1@"]
+        named += ["1-0/1@iw:{m}:replica:x:embed", "1-0/1@iw:s:embed:m"]  # the layout before
+        for item_id in named:
             fake = {"item_id": item_id, "lease_id": "1:w", "vector_b64": "AACAPw=="}
             try:
                 got = await w.post("/results", json={"worker_id": "w", "results": [fake]})

@@ -179,7 +179,11 @@ async def pull_waiting(store: Any) -> bool:
 
     if isinstance(store, MemoryStore):
         return any(w.pulls_open for w in store._workers.values())
-    clients = await store.redis.client_list()
+    if store.conn.cluster:  # every node's clients
+        by_node = await store.redis.client_list(target_nodes="all")
+        clients = [c for node in by_node.values() for c in node]
+    else:
+        clients = await store.redis.client_list()
     return any("b" in c.get("flags", "") for c in clients)
 
 

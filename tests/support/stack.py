@@ -84,6 +84,37 @@ def redis_store_kind(request: pytest.FixtureRequest) -> str:
     return "redis"
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(stack_dir: Path) -> Iterator[list[ls.Proc]]:
+    """A real Redis Cluster for the session: three ``redis-server --cluster-enabled yes``
+    primaries on free loopback ports, joined by ``redis-cli --cluster create``."""
+    procs = ls.start_redis_cluster(stack_dir / "cluster")
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def cluster_url(nodes: list[ls.Proc]) -> str:
+    """The store URL of a cluster: ``redis+cluster://`` and one node (the others are found
+    from it)."""
+    return "redis+cluster://" + nodes[0].url.removeprefix("redis://").rsplit("/", 1)[0]
+
+
+def redis_cluster_store_kind(request: pytest.FixtureRequest) -> str:
+    """``store_kind`` for the cluster reruns: the Redis store on the session's cluster, every
+    node emptied for the test."""
+    import redis
+
+    nodes = request.getfixturevalue("redis_cluster")
+    for node in nodes:
+        with redis.Redis.from_url(node.url) as client:
+            client.flushall()
+    request.node.redis_url = cluster_url(nodes)
+    return "redis"
+
+
 @pytest.fixture
 def redis_url(store_kind: str, request: pytest.FixtureRequest) -> str | None:
     return getattr(request.node, "redis_url", None)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from redis.crc import key_slot
+
 from common.protocol import ItemResult
 from gateway.queue.redis import keys
 from gateway.queue.redis.connection import without_password
@@ -20,10 +23,9 @@ MODEL = "org:model@v2"  # a name with the separators the keys use
 def test_stream_keys_name_their_line_model_and_kind():
     interactive = keys.stream_key(MODEL, "embed")
     batch = keys.stream_key(MODEL, "embed", priority=1)
-    assert (interactive, batch) == (f"iw:s:embed:{MODEL}", f"iw:b:embed:{MODEL}")
-    assert keys.front(interactive) == f"iw:f:embed:{MODEL}" and keys.front(batch).startswith(
-        "iw:c:"
-    )
+    assert (interactive, batch) == (f"iw:{{{MODEL}}}:s:embed", f"iw:{{{MODEL}}}:b:embed")
+    assert keys.front(interactive) == f"iw:{{{MODEL}}}:f:embed"
+    assert keys.front(batch) == f"iw:{{{MODEL}}}:c:embed"
     assert keys.batch_line(interactive) == batch
     assert [keys.is_batch(k) for k in (interactive, keys.front(interactive), batch)] == [
         False,
@@ -34,6 +36,34 @@ def test_stream_keys_name_their_line_model_and_kind():
     assert keys.model_of(interactive) == MODEL and keys.model_of(keys.front(batch)) == MODEL
     item = f"1712-0/3@{interactive}"
     assert keys.ITEM_ID.match(item) and keys.model_of_item(item) == MODEL
+    assert not keys.ITEM_ID.match("1-0/1@iw:s:embed:m")  # the layout before the hash tags
+
+
+@pytest.mark.parametrize("model", [MODEL, "m", "a{b", "a}b", "{x}", "LoRA:adapter/1"])
+def test_every_key_of_a_model_is_in_one_cluster_slot(model):
+    """A Redis Cluster runs a script on the node of its keys' slot: every key a script of
+    one model touches (streams, fronts, done hashes, counts, sets, heartbeats, reply
+    streams, advert) hashes to one slot, whatever the model's name holds."""
+    lines = [keys.stream_key(model, t, p) for t in ("embed", "score") for p in (None, 1)]
+    streams = lines + [keys.front(k) for k in lines]
+    named = [keys.model_key(model), keys.streams(model), keys.active(model), keys.advert(model)]
+    named += [keys.unanswered(model), keys.unanswered(model, batch=True)]
+    named += [keys.replica(model, "r1"), keys.reply(model, "r1")]
+    done = [f"iw:d:1-0@{k}" for k in streams]  # lua/helpers.lua: done_key
+    assert {key_slot(k.encode()) for k in streams + named + done} == {
+        key_slot(keys.model_key(model).encode())
+    }
+    assert all(keys.model_of(k) == model for k in streams)
+    assert all(keys.ITEM_ID.match(f"1-0/1@{k}") for k in streams)
+
+
+def test_the_batch_keys_share_one_slot():
+    from gateway.queue.redis import batches
+
+    names = [keys.BATCHES, keys.BATCH_CANCELS, keys.batch_runner("b1"), batches.RUNNING]
+    names += [batches.BY_OWNER + "o", f"{batches.RUNNING}:o", batches.ENDED, batches.OWNERS]
+    names += [batches.INDEXED]
+    assert len({key_slot(k.encode()) for k in names}) == 1
 
 
 class Clock:
@@ -68,7 +98,7 @@ def result(n: int) -> ItemResult:
 
 async def test_an_answer_is_given_to_its_waiting_client_or_kept_for_it():
     r = Replies(conn=None, replica="r1")  # type: ignore[arg-type]  # no Redis call here
-    assert r.key == keys.reply("r1")
+    assert r.key(MODEL) == keys.reply(MODEL, "r1")
     (waiting,) = r.expect(["c:0"])
     assert r.holds("c:0") and not waiting.done()
     r.resolve("c:0", result(1))

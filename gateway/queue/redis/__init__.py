@@ -10,26 +10,29 @@ through the official ``redis`` package's asyncio client. :class:`RedisStore`
 - :mod:`.workers` — the worker side: pull, results, release, lease reaping;
 - :mod:`.batches` — batch records and their indexes.
 
-Data model (every key under ``iw:``; ``docs/queue-protocol.md`` has the table):
+Data model (every key under ``iw:``; every key of one model under its hash tag
+``iw:{<model>}:`` (:mod:`.keys`), so that a Redis Cluster keeps a model's queue on one node;
+``docs/queue-protocol.md`` has the table):
 
-- ``iw:s:<task>:<model>`` — a Stream per (model, task), the line: one entry per chunk of a
+- ``iw:{<model>}:s:<task>`` — a Stream per (model, task), the line: one entry per chunk of a
   request (:mod:`.entries`): the replica that holds the client's connection, the request id,
   and its inputs' specs, indices in the request and estimated tokens as three lists.
   Consumer group ``workers``; a worker is a consumer. An input's item id is
-  ``<entry id>/<input>@<stream>``. ``iw:b:...`` the same for batch jobs' inputs.
-- ``iw:f:...`` / ``iw:c:...`` — the front of each line, read first: inputs split off an entry
-  that a pull could not take whole, released or retried, as entries of their own that keep
-  their attempt count.
+  ``<entry id>/<input>@<stream>``. ``...:b:<task>`` the same for batch jobs' inputs.
+- ``...:f:<task>`` / ``...:c:<task>`` — the front of each line, read first: inputs split off
+  an entry that a pull could not take whole, released or retried, as entries of their own that
+  keep their attempt count.
 - Leases are the groups' pending-entries lists (:mod:`.workers`).
 - ``iw:d:<entry>@<stream>`` — the inputs that left an entry, answered or moved; the entry is
-  ``XACK`` + ``XDEL``-ed with its last one. ``iw:n`` / ``iw:nb`` — unanswered interactive /
-  batch inputs per model.
-- ``iw:reply:<replica>`` — a Stream per gateway replica: results for the clients it holds.
-- ``iw:replica:<replica>`` — the replica's heartbeat; inputs of a replica that is gone are
-  dropped instead of processed for nobody.
-- ``iw:worker:<worker_id>`` — a worker's adverts (TTL the worker TTL); ``iw:advert:<model>``
-  the latest advert of a model (TTL the advert TTL); ``iw:streams`` every stream key,
-  ``iw:active`` those with entries; ``iw:lease-key``; ``iw:batches...`` (:mod:`.batches`).
+  ``XACK`` + ``XDEL``-ed with its last one. ``iw:{<model>}:n`` / ``:nb`` — the model's
+  unanswered interactive / batch inputs.
+- ``iw:{<model>}:reply:<replica>`` — a Stream per gateway replica and model: results for the
+  clients it holds. ``iw:{<model>}:replica:<replica>`` — the replica's heartbeat beside the
+  model; inputs of a replica that is gone are dropped instead of processed for nobody.
+- ``iw:worker:<worker_id>`` — a worker's adverts (TTL the worker TTL); ``iw:{<model>}:advert``
+  the latest advert of a model (TTL the advert TTL); ``iw:{<model>}:streams`` the model's
+  stream keys, ``...:active`` those with entries; ``iw:models`` the models with keys;
+  ``iw:lease-key``; ``iw:{batches}...`` (:mod:`.batches`).
 """
 
 from gateway.queue.redis.store import RedisStore

@@ -35,15 +35,24 @@ class BatchRecords:
         await self.conn.call(self.conn.scripts.save_batch(keys=streams, args=args))
 
     async def index_old_records(self) -> None:
-        """Index the records a gateway from before the indexes kept (once per Redis)."""
+        """Index the records kept under the key of the layout before the hash tags
+        (:data:`~.keys.OLD_BATCHES`, whether indexed then or not; once per Redis), then drop
+        that layout's batch keys."""
         from gateway.batch.models import BatchRecord
 
-        if await self.conn.call(self.conn.redis.exists(INDEXED)):
+        redis = self.conn.redis
+        if await self.conn.call(redis.exists(INDEXED)):
             return
-        async for batch_id, raw in self.conn.redis.hscan_iter(BATCHES):
-            record = BatchRecord.model_validate_json(raw)
-            await self.save(batch_id.decode(), raw.decode(), record.index())
-        await self.conn.call(self.conn.redis.set(INDEXED, 1))
+        if not self.conn.cluster:  # a cluster never had the old layout (it was refused)
+            async for batch_id, raw in redis.hscan_iter(keys.OLD_BATCHES):
+                record = BatchRecord.model_validate_json(raw)
+                await self.save(batch_id.decode(), raw.decode(), record.index())
+            cancels: Any = await self.conn.call(redis.hgetall(keys.OLD_BATCH_CANCELS))
+            if cancels:
+                await self.conn.call(redis.hset(keys.BATCH_CANCELS, mapping=cancels))
+            old = [k async for k in redis.scan_iter(match=f"{keys.OLD_BATCHES}:*", count=500)]
+            await self.conn.call(redis.delete(keys.OLD_BATCHES, keys.OLD_BATCH_CANCELS, *old))
+        await self.conn.call(redis.set(INDEXED, 1))
 
     async def load(self, batch_id: str) -> str | None:
         raw: Any = await self.conn.call(self.conn.redis.hget(BATCHES, batch_id))
@@ -61,7 +70,7 @@ class BatchRecords:
             rank = await self.conn.call(redis.zrevrank(index, after))
             if rank is None:
                 return [], False
-            start = int(rank) + 1  # type: ignore[arg-type]
+            start = int(rank) + 1
         ids: Any = await self.conn.call(redis.zrevrange(index, start, start + limit))
         page = ids[:limit]
         records: Any = await self.conn.call(redis.hmget(BATCHES, page)) if page else []
@@ -115,7 +124,7 @@ class BatchRecords:
     async def cancel(self, batch_id: str) -> int:
         redis = self.conn.redis
         await self.conn.call(redis.hsetnx(keys.BATCH_CANCELS, batch_id, int(time.time())))
-        return int(await self.conn.call(redis.hget(keys.BATCH_CANCELS, batch_id)))  # type: ignore[arg-type]
+        return int(await self.conn.call(redis.hget(keys.BATCH_CANCELS, batch_id)))
 
     async def cancelled(self, batch_id: str) -> int | None:
         raw: Any = await self.conn.call(self.conn.redis.hget(keys.BATCH_CANCELS, batch_id))

@@ -1,6 +1,6 @@
-"""The Redis store's connection: its clients and scripts, and every call through
-:meth:`Connection.call`, which turns connection trouble into
-:class:`~gateway.queue.store.StoreUnavailable` (logged once per outage)."""
+"""The Redis store's connection: its clients (one Redis server or primary, or a Redis Cluster)
+and scripts, and every call through :meth:`Connection.call`, which turns connection trouble
+into :class:`~gateway.queue.store.StoreUnavailable` (logged once per outage)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -22,11 +28,27 @@ log = logging.getLogger("gateway.queue.redis")
 T = TypeVar("T")
 
 
+#: What a call raises when the store cannot be reached (a cluster: no node for the slot).
+UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    RedisClusterUnreachableError,
+    SlotNotCoveredError,
+    OSError,
+)
+#: URL schemes that name a Redis Cluster (or Valkey cluster), and the scheme of its nodes.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+#: Connections per cluster node at most (blocking reads hold one each: long polls, replies).
+CLUSTER_CONNECTIONS_PER_NODE = 1024
+
+
 class Connection:
-    """``url``: ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS); ``password``
-    wins over the URL's. ``redis`` serves every call; ``replies`` only the reply reader's
-    blocking ``XREAD`` (a client of its own, so that closing it ends the read even where
-    redis-py does not act on a task's cancellation)."""
+    """``url``: ``redis://[:password@]host:port/db``, ``rediss://`` (TLS), or
+    ``redis+cluster://`` / ``rediss+cluster://`` and any node of a Redis Cluster (the others
+    are found from it); ``password`` wins over the URL's. ``redis`` serves every call;
+    ``replies`` only the reply reader's blocking ``XREAD`` (a client of its own, so that
+    closing it ends the read even where redis-py does not act on a task's cancellation)."""
 
     def __init__(self, url: str, password: str | None = None):
         kwargs: dict[str, Any] = {
@@ -41,8 +63,18 @@ class Connection:
         if password is not None:  # redis-py lets the URL's win: it is taken out of the URL
             kwargs["password"] = password
             url = without_password(url)
-        self.redis: aioredis.Redis = aioredis.from_url(url, **kwargs)
-        self.replies: aioredis.Redis = aioredis.from_url(url, **kwargs)
+        scheme = url.partition("://")[0]
+        #: True for a Redis Cluster: a script or a multi-key command touches one slot (the
+        #: keys of one model, keys.py), and blocking reads go one model at a time.
+        self.cluster = scheme in CLUSTER_SCHEMES
+        if self.cluster:
+            url = CLUSTER_SCHEMES[scheme] + url[len(scheme) :]
+            kwargs["max_connections"] = CLUSTER_CONNECTIONS_PER_NODE
+            self.redis: Any = RedisCluster.from_url(url, **kwargs)
+            self.replies: Any = RedisCluster.from_url(url, **kwargs)
+        else:
+            self.redis = aioredis.from_url(url, **kwargs)
+            self.replies = aioredis.from_url(url, **kwargs)
         self.scripts = Scripts(self.redis)
         self._reachable = True  # until a call fails (then logged once)
 
@@ -50,7 +82,7 @@ class Connection:
         """Await a Redis call; connection trouble becomes :class:`StoreUnavailable`."""
         try:
             result = await op
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except UNREACHABLE as e:
             if self._reachable:  # logged once per outage, not per call
                 log.warning("queue store unreachable (Redis: %s); retrying", e)
             self._reachable = False

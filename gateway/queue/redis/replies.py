@@ -1,6 +1,7 @@
 """The client side's answers: the futures of the clients this replica holds, resolved from its
-reply stream (``iw:reply:<replica>``, written by whichever replica a worker posted to) or in
-place, when the worker posted to this replica."""
+reply streams (one per model, ``iw:{<model>}:reply:<replica>``, written by whichever replica a
+worker posted to: beside the model's queue, so that one script writes both) or in place, when
+the worker posted to this replica."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ class Replies:
     and the answers that came before them."""
 
     def __init__(self, conn: Connection, replica: str):
-        self.conn = conn
-        self.key = keys.reply(replica)
+        self.conn, self.replica = conn, replica
+        #: The models this replica has had clients of, and a reader of each one's reply stream.
+        self.readers: dict[str, asyncio.Task[None]] = {}
         self._futures: dict[str, asyncio.Future[ItemResult]] = {}
         #: Results read before submit registered their futures (a busy event loop can see a
         #: fast worker's answer before the SUBMIT reply).
@@ -39,6 +41,10 @@ class Replies:
     def closed(self) -> bool:
         """True once the store began to close (a call, not the attribute: read after awaits)."""
         return self.closing
+
+    def key(self, model: str) -> str:
+        """This replica's reply stream for its clients of ``model``."""
+        return keys.reply(model, self.replica)
 
     def expect(self, client_ids: list[str]) -> list[asyncio.Future[ItemResult]]:
         """Futures for these clients, resolved at once where their answers came early."""
@@ -76,15 +82,23 @@ class Replies:
         if not self.answer(client_id, result):
             self._early.keep(client_id, result)
 
-    async def read_forever(self) -> None:
-        """Resolve this replica's waiting clients from its reply stream. Ends once the store
-        closes, even where redis-py swallowed the task's cancellation mid-read (the loop would
-        otherwise reconnect and read on: a session's event loop then never finished)."""
-        last = "0"
+    def read(self, model: str) -> None:
+        """Read ``model``'s reply stream from now until the store closes (a reader per model:
+        in a cluster one blocking read holds the keys of one slot)."""
+        if model not in self.readers and not self.closing:
+            task = asyncio.create_task(self.read_forever(model), name=f"redis-replies-{model}")
+            self.readers[model] = task
+
+    async def read_forever(self, model: str) -> None:
+        """Resolve this replica's waiting clients of ``model`` from its reply stream. Ends once
+        the store closes, even where redis-py swallowed the task's cancellation mid-read (the
+        loop would otherwise reconnect and read on: a session's event loop then never
+        finished)."""
+        key, last = self.key(model), "0"
         while not self.closing:
             try:
                 got: Any = await self.conn.call(
-                    self.conn.replies.xread({self.key: last}, count=1000, block=1000)
+                    self.conn.replies.xread({key: last}, count=1000, block=1000)
                 )
             except (StoreUnavailable, RedisError) as e:
                 if self.closed():  # its client closed under it
@@ -102,4 +116,4 @@ class Replies:
                     self.resolve(fields[b"i"].decode(), result)
                 self._early.forget_older(EARLY_RESULT_SECONDS)
                 with contextlib.suppress(RedisError, OSError):
-                    await self.conn.redis.xdel(self.key, *ids)
+                    await self.conn.redis.xdel(key, *ids)

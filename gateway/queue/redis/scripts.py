@@ -4,16 +4,18 @@ Where two writes must happen together the work is a script (atomic in Redis). Ev
 that takes the key prefix and the group as its first two arguments is run after
 ``lua/helpers.lua`` and a prelude of the constants Python defines (:data:`~.keys.RELEASED`,
 :data:`~.keys.FRONT`, :data:`~gateway.queue.store.DEAD_LETTER`): written once, in one
-language. Scripts derive some key names from their arguments: one Redis server (or a
-primary), not a Redis Cluster."""
+language. A script touches the keys of one model alone, which share its hash tag
+(:mod:`.keys`), and declares a key of that model (the first key, or the model's key prefix):
+a Redis Cluster runs it on the node of that slot; it derives the other key names of the model
+from its arguments."""
 
 from __future__ import annotations
 
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from gateway.queue.redis.keys import FRONT, RELEASED
@@ -40,12 +42,13 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    """The scripts, registered on ``client`` (each an :class:`AsyncScript`: EVALSHA, loaded
-    again where Redis lost it)."""
+    """The scripts, registered on ``client`` (a Redis or a RedisCluster client; each an
+    :class:`AsyncScript`: EVALSHA, loaded again where Redis lost it)."""
 
-    def __init__(self, client: aioredis.Redis):
+    def __init__(self, client: Any):
         def load(name: str) -> AsyncScript:
-            return client.register_script(source(name))
+            script: AsyncScript = client.register_script(source(name))
+            return script
 
         self.submit = load("submit")
         self.pull = load("pull")

@@ -83,7 +83,9 @@ class RedisStore(QueueStore):
         self.replica = uuid.uuid4().hex[:12]
         self.leases = Leases(self.conn)
         self.replies = Replies(self.conn, self.replica)
-        self.submissions = Submissions(self.conn, self.replies, self.replica, self.queue_limit)
+        self.submissions = Submissions(
+            self.conn, self.replies, self.replica, self.queue_limit, REPLICA_TTL_SECONDS
+        )
         self.workers = Workers(
             self.conn,
             self.leases,
@@ -106,22 +108,26 @@ class RedisStore(QueueStore):
         with contextlib.suppress(StoreUnavailable):
             await self._beat()
             await self.batches.index_old_records()
-        self._tasks = [
-            asyncio.create_task(self.replies.read_forever(), name="redis-replies"),
-            asyncio.create_task(self._background(), name="redis-beat-reap"),
-        ]
+        self._tasks = [asyncio.create_task(self._background(), name="redis-beat-reap")]
 
     async def close(self) -> None:
         """Stop the background tasks and leave Redis; every step bounded (``CLOSE_SECONDS``
         each), so a stuck connection cannot hold a closing gateway."""
         self.replies.closing = True
-        for task in [*self._tasks, *self.submissions.tasks]:
+        readers = list(self.replies.readers.values())
+        for task in [*self._tasks, *readers, *self.submissions.tasks]:
             task.cancel()
         await _bounded(self.conn.replies.aclose())
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=CLOSE_SECONDS)
-        await _bounded(self.redis.delete(keys.replica(self.replica), self.replies.key))
+        if self._tasks or readers:
+            await asyncio.wait([*self._tasks, *readers], timeout=CLOSE_SECONDS)
+        await _bounded(self._leave())
         await _bounded(self.redis.aclose())
+
+    async def _leave(self) -> None:
+        """Delete this replica's heartbeats and reply streams (a call per model: in a cluster
+        each model's keys are in its slot)."""
+        mine = [(keys.replica(m, self.replica), self.replies.key(m)) for m in self.replies.readers]
+        await asyncio.gather(*(self.redis.delete(*pair) for pair in mine))
 
     async def ping(self) -> bool:
         try:
@@ -131,11 +137,15 @@ class RedisStore(QueueStore):
         return True
 
     async def _beat(self) -> None:
-        """The replica's heartbeat, and the lease key agreed on."""
-        async with self.redis.pipeline(transaction=False) as p:
-            p.set(keys.replica(self.replica), "1", ex=REPLICA_TTL_SECONDS)
-            p.expire(self.replies.key, REPLICA_TTL_SECONDS)
-            await self.conn.call(p.execute())
+        """The replica's heartbeat beside each model it has had clients of (with its reply
+        stream's TTL), and the lease key agreed on."""
+        if self.replies.readers:
+            async with self.redis.pipeline(transaction=False) as p:
+                p.sadd(keys.MODELS, *self.replies.readers)  # walked by reaping and counts
+                for model in self.replies.readers:
+                    p.set(keys.replica(model, self.replica), "1", ex=REPLICA_TTL_SECONDS)
+                    p.expire(self.replies.key(model), REPLICA_TTL_SECONDS)
+                await self.conn.call(p.execute())
         await self.leases.agree()
 
     async def _background(self) -> None:
@@ -159,12 +169,13 @@ class RedisStore(QueueStore):
         """Drop the empty streams of models whose adverts expired (the advert TTL): what
         workers advertise and then abandon costs nothing after that."""
         self._forgotten_at = time.monotonic()
-        cursor, deleted = b"0", 0
-        while True:
-            cursor, n = await self.conn.call(self.conn.scripts.forget(args=[PREFIX, GROUP, cursor]))
+        deleted = 0
+        for model in await self._models():
+            forget = self.conn.scripts.forget(keys=[keys.model_key(model)], args=[PREFIX, GROUP])
+            n, left = await self.conn.call(forget)
             deleted += int(n)
-            if cursor in (b"0", 0, "0"):
-                break
+            if not left:  # taken up again by its workers' next registration, if any
+                await self.conn.call(self.redis.srem(keys.MODELS, model))
         if deleted:
             log.info("dropped %d empty streams of models no worker serves", deleted)
 
@@ -239,13 +250,18 @@ class RedisStore(QueueStore):
         return await self.batches.cancelled(batch_id)
 
     # --- views --------------------------------------------------------------------------
+    async def _models(self) -> list[str]:
+        """The models with keys (:data:`~.keys.MODELS`)."""
+        models: Any = await self.conn.call(self.redis.smembers(keys.MODELS))
+        return sorted(m.decode() for m in models)
+
     async def _queue_counts(self) -> list[tuple[str, int, int]]:
-        """(model, waiting, leased) inputs."""
-        flat = await self.conn.call(self.conn.scripts.counts(args=[PREFIX, GROUP]))
+        """(model, waiting, leased) inputs: a COUNTS call per model."""
         out = []
-        for i in range(0, len(flat), 3):
-            unanswered, leased = int(flat[i + 1]), int(flat[i + 2])
-            out.append((flat[i].decode(), max(0, unanswered - leased), leased))
+        for model in await self._models():
+            counts = self.conn.scripts.counts(keys=[keys.model_key(model)], args=[PREFIX, GROUP])
+            unanswered, leased = await self.conn.call(counts)
+            out.append((model, max(0, int(unanswered) - int(leased)), int(leased)))
         return out
 
     async def depth(self) -> dict[str, int]:
@@ -258,7 +274,8 @@ class RedisStore(QueueStore):
         found = [k async for k in self.redis.scan_iter(match=keys.worker("*"), count=500)]
         if not found:
             return
-        blobs: Any = await self.conn.call(self.redis.mget(found))
+        mget = self.redis.mget_nonatomic if self.conn.cluster else self.redis.mget
+        blobs: Any = await self.conn.call(mget(found))
         for blob in blobs:
             if blob is not None:
                 yield [ModelAdvert.model_validate(a) for a in json.loads(blob)]

@@ -49,9 +49,15 @@ class Submissions:
     unanswered inputs a model's line of that priority may hold."""
 
     def __init__(
-        self, conn: Connection, replies: Replies, replica: str, limit: Callable[[int | None], int]
+        self,
+        conn: Connection,
+        replies: Replies,
+        replica: str,
+        limit: Callable[[int | None], int],
+        replica_ttl: float,
     ):
         self.conn, self.replies, self.replica, self.limit = conn, replies, replica, limit
+        self.replica_ttl_ms = max(1, int(replica_ttl * 1000))
         #: Requests waiting to be sent, per line (stream key).
         self._waiting: dict[str, list[_Submission]] = {}
         self._sending: set[str] = set()  # lines with a SUBMIT call in flight
@@ -115,12 +121,15 @@ class Submissions:
         """One SUBMIT call for ``batch`` (requests of the line ``key``)."""
         first = batch[0].specs[0]
         model, task, limit = first.model, first.task, self.limit(first.priority)
-        args: list[Any] = [PREFIX, GROUP, limit, self.replica, model]
+        args: list[Any] = [PREFIX, GROUP, limit, self.replica, self.replica_ttl_ms]
         for sub in batch:
             args += [sub.request_id, len(sub.specs), len(sub.entries)]
             for entry in sub.entries:
                 args += entry.args()
-        lines = [key, keys.front(key), keys.STREAMS]
+        lines = [key, keys.front(key), keys.streams(model), keys.active(model)]
+        lines += [keys.unanswered(model, keys.is_batch(key)), keys.replica(model, self.replica)]
+        if model not in self.replies.readers:  # the replica's first request of the model
+            await self.conn.call(self.conn.redis.sadd(keys.MODELS, model))
         rows = await self.conn.call(self.conn.scripts.submit(keys=lines, args=args))
         for sub, (status, value) in zip(batch, rows, strict=True):
             if status == -1:
@@ -128,6 +137,7 @@ class Submissions:
                     sub.waiter.set_exception(QueueFull(model, int(value), limit))
                 continue
             client_ids = [f"{sub.request_id}:{i}" for i in range(len(sub.specs))]
+            self.replies.read(model)  # its reply stream, from now on
             futures = self.replies.expect(client_ids)
             queued = [f"{entry.decode()}@{key}" for entry in value]
             request = StreamRequest(model, task, client_ids, futures, sub.request_id, queued)

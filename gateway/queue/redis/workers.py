@@ -10,11 +10,14 @@ input by input."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from common.protocol import ErrorCode, ItemError, ItemResult, ItemSpec, ModelAdvert, WorkItem
 from gateway import metrics
@@ -24,7 +27,17 @@ from gateway.queue.redis.keys import GROUP, PREFIX
 from gateway.queue.redis.leases import Leases
 from gateway.queue.redis.replies import Replies
 from gateway.queue.redis.stamped import Stamped
-from gateway.queue.store import Completion, check_result, fits, prompt_token_limit
+from gateway.queue.store import (
+    Completion,
+    StoreUnavailable,
+    check_result,
+    fits,
+    prompt_token_limit,
+)
+
+#: Seconds between two registrations of a worker whose adverts are the same (its pulls come
+#: more often; a third of the worker TTL if that is less).
+REGISTER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,24 +83,38 @@ class Workers:
         #: What this replica handed out, by item id: a worker usually posts to the replica it
         #: pulled from, which then checks the results without reading the specs back.
         self.handed: Stamped[Handed] = Stamped()
+        self._late: set[asyncio.Future[None]] = set()  # late long-poll reads put back
+        #: worker id -> (monotonic s, adverts as JSON) of its last registration here.
+        self._registered: dict[str, tuple[float, str]] = {}
 
     def forget_handed(self) -> None:
         """Drop what was handed out more than two leases ago (a result that still comes has
-        its spec read from Redis)."""
+        its spec read from Redis), and the registrations of workers gone a worker TTL."""
         self.handed.forget_older(2 * self.lease_seconds)
+        cutoff = time.monotonic() - self.worker_ttl
+        for worker_id in [w for w, (at, _) in self._registered.items() if at < cutoff]:
+            del self._registered[worker_id]
 
-    def _registration(self, adverts: list[ModelAdvert]) -> list[Any]:
-        """The PULL script's registration arguments: the worker's adverts (TTL = the worker
-        TTL) and each model's latest advert (TTL = the advert TTL)."""
+    async def _register(self, worker_id: str, adverts: list[ModelAdvert]) -> None:
+        """The worker's adverts (TTL = the worker TTL), each model's latest advert (TTL = the
+        advert TTL) and the models in :data:`~.keys.MODELS`: written at a pull at most every
+        :data:`REGISTER_SECONDS` (a third of the worker TTL if less) while they are the same."""
         blob = json.dumps([a.model_dump(exclude_none=True) for a in adverts])
-        out: list[Any] = [
-            blob,
-            max(1, int(self.worker_ttl * 1000)),
-            max(1, int(self.advert_ttl * 1000)),
-        ]
-        for adv in adverts:
-            out += [adv.name, adv.model_dump_json(exclude_none=True)]
-        return out
+        now = time.monotonic()
+        at, last = self._registered.get(worker_id, (0.0, ""))
+        if blob == last and now - at < min(REGISTER_SECONDS, self.worker_ttl / 3):
+            return
+        worker_ms = max(1, int(self.worker_ttl * 1000))
+        advert_ms = max(1, int(self.advert_ttl * 1000))
+        async with self.conn.redis.pipeline(transaction=False) as p:
+            p.set(keys.worker(worker_id), blob, px=worker_ms)
+            for adv in adverts:
+                p.set(keys.advert(adv.name), adv.model_dump_json(exclude_none=True), px=advert_ms)
+            if adverts:
+                p.sadd(keys.MODELS, *[a.name for a in adverts])
+            await self.conn.call(p.execute())
+        self._registered.pop(worker_id, None)  # most recent last: forgotten oldest first
+        self._registered[worker_id] = (now, blob)
 
     async def pull(
         self,
@@ -103,7 +130,8 @@ class Workers:
         batch_room = -1 if max_batch_items is None else max_batch_items
         await self.leases.ready()
         while True:
-            out = await self._take(worker_id, lines, max_items, max_tokens, adverts, batch_room)
+            await self._register(worker_id, adverts)
+            out = await self._take(worker_id, lines, max_items, max_tokens, batch_room)
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
                 return out
@@ -113,18 +141,68 @@ class Workers:
             watched = [line for key in lines for line in (key, keys.batch_line(key))]
             if batch_room == 0:  # no batch work wanted: wait for interactive work only
                 watched = lines
-            streams: dict[Any, Any] = {k: ">" for w in watched for k in (keys.front(w), w)}
-            got: Any = await self.conn.call(
-                self.conn.redis.xreadgroup(
-                    GROUP, worker_id, streams, count=max_items, block=block_ms
-                )
-            )
+            streams = [k for w in watched for k in (keys.front(w), w)]
+            got = await self._long_poll(worker_id, streams, max_items, block_ms)
             if got:
                 # Handed out as they came: waiting for more requests on their way in left
                 # the engine idle longer (docs/benchmarks.md).
                 out = await self._hand_out(worker_id, got, max_items, max_tokens, batch_room)
                 if out:
                     return out
+
+    async def _long_poll(
+        self, worker_id: str, streams: list[str], max_items: int, block_ms: int
+    ) -> list[Any]:
+        """``XREADGROUP`` blocking up to ``block_ms`` on ``streams``: one read, or in a cluster
+        one per model (a read's keys share a slot), the first to return taken; the reads still
+        blocked hand back what they get later (``unread``: to the front, no attempt spent)."""
+        by_model: dict[str, dict[Any, Any]] = {}
+        for key in streams:
+            model = keys.model_of(key) if self.conn.cluster else ""
+            by_model.setdefault(model, {})[key] = ">"
+
+        def read(group: dict[Any, Any]) -> Awaitable[Any]:
+            redis = self.conn.redis
+            return self.conn.call(
+                redis.xreadgroup(GROUP, worker_id, group, count=max_items, block=block_ms)
+            )
+
+        if len(by_model) == 1:
+            return list(await read(next(iter(by_model.values()))) or [])
+        reads = [asyncio.ensure_future(read(group)) for group in by_model.values()]
+        done, late = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+        for task in late:
+            task.add_done_callback(lambda t: self._unread_late(worker_id, t))
+        got: list[Any] = []
+        for task in done:
+            got += task.result() or []  # StoreUnavailable: raised to the pull, as one read
+        return got
+
+    def _unread_late(self, worker_id: str, task: asyncio.Future[Any]) -> None:
+        """What a long poll's read got after the pull returned goes back to the front."""
+        if task.cancelled() or task.exception() is not None or not task.result():
+            return
+        back = [x for key, read in task.result() for raw_id, _ in read for x in (key, raw_id)]
+        put_back = asyncio.ensure_future(self._unread(worker_id, back, quiet=True))
+        self._late.add(put_back)
+        put_back.add_done_callback(self._late.discard)
+
+    async def _unread(self, worker_id: str, back: list[Any], quiet: bool = False) -> None:
+        """Entries a long poll read but did not hand out: back to the front, no attempt spent
+        (``back``: stream, entry id, ...; an UNREAD call per model). ``quiet``: a store error
+        is left to the lease (the entries come back when it expires), not raised."""
+        by_model: dict[str, list[Any]] = {}
+        for i in range(0, len(back), 2):
+            key = back[i].decode() if isinstance(back[i], bytes) else back[i]
+            by_model.setdefault(keys.model_of(key), []).extend((key, back[i + 1]))
+        for model, pairs in by_model.items():
+            args = [PREFIX, GROUP, worker_id, self.lease_ms, *pairs]
+            keyed = [keys.model_key(model)]
+            try:
+                await self.conn.call(self.conn.scripts.unread(keys=keyed, args=args))
+            except (StoreUnavailable, RedisError):
+                if not quiet:
+                    raise
 
     async def _hand_out(
         self, worker_id: str, got: Any, max_items: int, max_tokens: int | None, batch_room: int
@@ -158,8 +236,7 @@ class Workers:
                     for i in entries.inputs(key, entry_id, b"", *lists)
                 ]
         if back:
-            args = [PREFIX, GROUP, worker_id, self.lease_ms, *back]
-            await self.conn.call(self.conn.scripts.unread(args=args))
+            await self._unread(worker_id, back)
         return await self._work_items(worker_id, rows)
 
     async def _take(
@@ -168,17 +245,13 @@ class Workers:
         lines: list[str],
         max_items: int,
         max_tokens: int | None,
-        adverts: list[ModelAdvert],
         batch_room: int = -1,
     ) -> list[WorkItem]:
-        """Register the worker and lease up to ``max_items`` (and ``max_tokens``, at least one
+        """Lease up to ``max_items`` (and ``max_tokens``, at least one
         input) across ``lines`` round-robin: each line a fair share per round, the result
         interleaved line by line. Per line, its batch line only with the room its interactive
         line leaves (the PULL script), ``batch_room`` batch inputs at most (-1: no limit)."""
-        register = self._registration(adverts)
-        if not lines:  # nothing to pull from: the registration alone
-            set_adverts = self.conn.redis.set(keys.worker(worker_id), register[0], px=register[1])
-            await self.conn.call(set_adverts)
+        if not lines:  # nothing to pull from
             return []
         budget = max_tokens if max_tokens is not None else -1
         taken: dict[str, list[WorkItem]] = {k: [] for k in lines}
@@ -190,8 +263,7 @@ class Workers:
                 if remaining <= 0 or budget == 0:
                     break
                 n = min(share, remaining)
-                got = await self._take_from(worker_id, key, n, budget, batch_room, register)
-                register = [""]  # registered by the first call
+                got = await self._take_from(worker_id, key, n, budget, batch_room)
                 if batch_room > 0:
                     batch_room = max(0, batch_room - sum(1 for i in got if i.priority))
                 taken[key] += got
@@ -212,16 +284,15 @@ class Workers:
         n: int,
         budget: int,
         batch_room: int,
-        register: list[Any],
     ) -> list[WorkItem]:
         """One PULL script call on one model and task's streams; ``budget`` and
-        ``batch_room`` -1 for none; ``register``: see :meth:`_registration` (``[""]``: none)."""
+        ``batch_room`` -1 for none."""
         args: list[Any] = [PREFIX, GROUP, worker_id, self.lease_ms, n, budget, self.max_attempts]
         args.append(batch_room)
         batch = keys.batch_line(key)
         streams = [keys.front(key), key, keys.front(batch), batch]
         *taken, dead, expired, _dropped = await self.conn.call(
-            self.conn.scripts.pull(keys=streams, args=args + register)
+            self.conn.scripts.pull(keys=streams, args=args)
         )
         model = keys.model_of(key)
         if dead:
@@ -286,8 +357,9 @@ class Workers:
         specs = await self._specs([r.item_id for r, _ in mine])
         models = {keys.model_of_item(r.item_id) for r, _ in mine}
         adverts = {m: await self.advert(m) for m in models}
-        args: list[Any] = [PREFIX, GROUP, worker_id, self.max_attempts, self.lease_ms]
-        args.append(self.replica)
+        head: list[Any] = [PREFIX, GROUP, worker_id, self.max_attempts, self.lease_ms]
+        head.append(self.replica)
+        args: dict[str, list[Any]] = {}  # per model: one COMPLETE call each
         checked_all: list[ItemResult] = []
         clients: list[str] = []  # per result: its client's id where this replica holds it
         answered: set[str] = set()  # item ids whose client was answered before the call
@@ -318,8 +390,14 @@ class Workers:
             # round trip.
             if kind == "ok" and local and current and self.replies.answer(client, checked):
                 answered.add(res.item_id)
-            args += [res.item_id, f"{kind}{attempt}", payload]
-        statuses = await self.conn.call(self.conn.scripts.complete(args=args))
+            model_args = args.setdefault(keys.model_of_item(res.item_id), list(head))
+            model_args += [res.item_id, f"{kind}{attempt}", payload]
+        by_item: dict[str, Any] = {}
+        for model, model_args in args.items():
+            call = self.conn.scripts.complete(keys=[keys.model_key(model)], args=model_args)
+            got = await self.conn.call(call)
+            by_item.update(zip(model_args[len(head) :: 3], got, strict=True))
+        statuses = [by_item[res.item_id] for res, _ in mine]
         for (res, _), checked, raw, client in zip(
             mine, checked_all, statuses, clients, strict=True
         ):
@@ -371,18 +449,28 @@ class Workers:
         self, worker_id: str, leases: list[tuple[str, str]], count_attempt: bool = False
     ) -> int:
         await self.leases.ready()
-        args: list[Any] = [PREFIX, GROUP, worker_id, self.lease_ms, int(count_attempt)]
+        args: dict[str, list[Any]] = {}  # per model: one RELEASE call each
         for item_id, lease_id in leases:
             attempt = self.leases.attempt(item_id, lease_id, worker_id)
             if attempt is not None:
-                args += [item_id, attempt]
-        if len(args) == 5:
-            return 0
-        return int(await self.conn.call(self.conn.scripts.release(args=args)))
+                model = keys.model_of_item(item_id)
+                head = [PREFIX, GROUP, worker_id, self.lease_ms, int(count_attempt)]
+                args.setdefault(model, head).extend((item_id, attempt))
+        released = 0
+        for model, model_args in args.items():
+            call = self.conn.scripts.release(keys=[keys.model_key(model)], args=model_args)
+            released += int(await self.conn.call(call))
+        return released
 
     async def reap(self) -> None:
+        """Expired leases of every model back to the front (a REAP call per model)."""
+        models: Any = await self.conn.call(self.conn.redis.smembers(keys.MODELS))
         args: list[Any] = [PREFIX, GROUP, self.lease_ms, self.max_attempts]
-        flat = await self.conn.call(self.conn.scripts.reap(args=args))
+        for model in models:
+            keyed = [keys.model_key(model.decode())]
+            self._count_reaped(await self.conn.call(self.conn.scripts.reap(keys=keyed, args=args)))
+
+    def _count_reaped(self, flat: list[Any]) -> None:
         for i in range(0, len(flat), 3):
             model, expired, dead = (
                 keys.model_of(flat[i].decode()),

@@ -1,5 +1,7 @@
--- ARGV: prefix, group, worker, max_attempts, lease_ms, this replica, then per result: item id,
--- kind (ok | final | retry) and lease attempt as one (`ok2`: the caller checked the lease id),
+-- KEYS: the model's key prefix (keys.model_key: the results are of one model, one slot in a
+-- cluster). ARGV: prefix, group, worker, max_attempts, lease_ms, this replica, then per
+-- result: item id, kind (ok | final | retry) and lease attempt as one (`ok2`: the caller
+-- checked the lease id),
 -- then the result JSON to send to another replica's client ('' for a client the caller holds)
 -- or, for a retry, the error message (three arguments a result: fewer to encode). A result
 -- counts only from the current lease: the entry is held by `worker` at that attempt and the
@@ -42,7 +44,7 @@ for i = 7, #ARGV, 3 do
   local attempt = tonumber(string.match(ARGV[i + 1], '%d+$'))
   local id, k, key = string.match(item, '^([^/@]+)/(%d+)@(.+)$')
   local status, e = 'i', nil
-  if id then
+  if id and base_of(key) == KEYS[1] then
     k = tonumber(k)
     e = open(key, id)
   end
@@ -56,7 +58,7 @@ for i = 7, #ARGV, 3 do
       elseif e.f.r == here then
         status = 'l' .. client_id(e.f, k)
       else
-        redis.call('XADD', P .. 'reply:' .. e.f.r, '*', 'i', client_id(e.f, k), 'r', payload)
+        redis.call('XADD', reply_key(key, e.f.r), '*', 'i', client_id(e.f, k), 'r', payload)
         status = 'a'
       end
     elseif attempt >= max_att then
@@ -70,16 +72,13 @@ for i = 7, #ARGV, 3 do
   end
   out[#out + 1] = status
 end
-local answered = {}  -- [counts key][model]: one HINCRBY each for the call
+local answered = {}  -- [counts key]: one INCRBY each for the call
 for _, e in ipairs(order) do
   mark(e.key, e.id, e.f, e.answered, false, true)
-  local counts, model = count_key(e.key), model_of(e.key)
-  answered[counts] = answered[counts] or {}
-  answered[counts][model] = (answered[counts][model] or 0) + #e.answered
+  local counts = count_key(e.key)
+  answered[counts] = (answered[counts] or 0) + #e.answered
 end
-for counts, models in pairs(answered) do
-  for model, n in pairs(models) do
-    if n > 0 then redis.call('HINCRBY', counts, model, -n) end
-  end
+for counts, n in pairs(answered) do
+  if n > 0 then redis.call('INCRBY', counts, -n) end
 end
 return out

@@ -1,19 +1,23 @@
--- ARGV: prefix, group, SSCAN cursor. Over a page of the stream keys: a stream with no entries
--- whose model no worker advertises any longer (its advert key expired) is deleted, with the
--- model's zero counts. Returns {next cursor, streams deleted}.
-local page = redis.call('SSCAN', P .. 'streams', ARGV[3], 'COUNT', 500)
+-- KEYS: the model's key prefix (keys.model_key). ARGV: prefix, group. If no worker advertises
+-- the model any longer (its advert key expired), its streams with no entries are deleted, with
+-- its counts once they are zero. Returns {streams deleted, streams left}.
+local base = KEYS[1]
+if redis.call('EXISTS', base .. ':advert') == 1 then
+  return {0, redis.call('SCARD', base .. ':streams')}
+end
 local deleted = 0
-for _, key in ipairs(page[2]) do
-  local model = model_of(key)
-  if redis.call('EXISTS', P .. 'advert:' .. model) == 0 and redis.call('XLEN', key) == 0 then
+for _, key in ipairs(redis.call('SMEMBERS', base .. ':streams')) do
+  if redis.call('XLEN', key) == 0 then
     redis.call('DEL', key)
-    redis.call('SREM', P .. 'streams', key)
-    redis.call('SREM', P .. 'active', key)
-    local counts = count_key(key)
-    if tonumber(redis.call('HGET', counts, model) or '1') <= 0 then
-      redis.call('HDEL', counts, model)
-    end
+    redis.call('SREM', base .. ':streams', key)
+    redis.call('SREM', base .. ':active', key)
     deleted = deleted + 1
   end
 end
-return {page[1], deleted}
+local left = redis.call('SCARD', base .. ':streams')
+if left == 0 then
+  for _, counts in ipairs({base .. ':n', base .. ':nb'}) do
+    if tonumber(redis.call('GET', counts) or '1') <= 0 then redis.call('DEL', counts) end
+  end
+end
+return {deleted, left}

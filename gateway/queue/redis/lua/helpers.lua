@@ -8,10 +8,14 @@
 -- splits the lists only where it takes part of an entry.
 local P, G = ARGV[1], ARGV[2]
 local function tbl(a) local t = {} for i = 1, #a, 2 do t[a[i]] = a[i + 1] end return t end
--- a stream key is P .. '<kind>:<task>:<model>' (keys.py)
-local function model_of(key) return string.match(key, '^[^:]*:[^:]*:[^:]*:(.*)$') end
+-- a stream key is P .. '{<model>}:<kind>:<task>' (keys.py): the model is its hash tag, and
+-- every key of the model starts with its base P .. '{<model>}' (one slot in a cluster)
+local function parts(key) return string.match(key, '^(.*}):([^:]*):([^:]*)$') end
+local function base_of(key) return (parts(key)) end
+local function model_of(key) return string.sub(base_of(key), #P + 2, -2) end
 local function front_of(key)
-  return P .. FRONT[string.sub(key, #P + 1, #P + 1)] .. string.sub(key, #P + 2)
+  local base, kind, task = parts(key)
+  return base .. ':' .. FRONT[kind] .. ':' .. task
 end
 local function entry(key, id)
   local e = redis.call('XRANGE', key, id, id)[1]
@@ -19,10 +23,10 @@ local function entry(key, id)
 end
 -- an entry's inputs no longer in it (answered, or moved to another entry): k -> ''
 local function done_key(key, id) return P .. 'd:' .. id .. '@' .. key end
--- the unanswered-inputs counts of a stream's line (per model): interactive or batch
+-- the unanswered-inputs count of a stream's line (of its model): interactive or batch
 local function count_key(key)
-  local kind = string.sub(key, #P + 1, #P + 1)
-  return P .. ((kind == 'b' or kind == 'c') and 'nb' or 'n')
+  local base, kind = parts(key)
+  return base .. ((kind == 'b' or kind == 'c') and ':nb' or ':n')
 end
 -- an entry's per-input lists (split once per entry and script run): tokens (numbers),
 -- request indices and specs (strings)
@@ -37,7 +41,11 @@ local function tokens_of(f) f.ts = f.ts or split(f.k, ',', true) return f.ts end
 local function indices_of(f) f.xs = f.xs or split(f.x, ',') return f.xs end
 local function specs_of(f) f.ss = f.ss or split(f.s, '\n') return f.ss end
 local function client_id(f, k) return f.q .. ':' .. indices_of(f)[k] end
-local function alive(replica) return redis.call('EXISTS', P .. 'replica:' .. replica) == 1 end
+-- the replica holding an entry's client is alive (its heartbeat beside the entry's model)
+local function alive(key, replica)
+  return redis.call('EXISTS', base_of(key) .. ':replica:' .. replica) == 1
+end
+local function reply_key(key, replica) return base_of(key) .. ':reply:' .. replica end
 -- the inputs (1..n) of an entry neither answered nor moved
 local function left(key, id, f)
   local ks, n = {}, tonumber(f.n)
@@ -58,7 +66,7 @@ end
 local function mark(key, id, f, ks, moved, counted)
   if #ks == 0 then return end
   if not moved and not counted then
-    redis.call('HINCRBY', count_key(key), model_of(key), -#ks)
+    redis.call('INCRBY', count_key(key), -#ks)
   end
   local dk = done_key(key, id)
   local gone = redis.call('HLEN', dk)
@@ -85,7 +93,7 @@ local function dead_letter(key, id, f, ks, attempts, last_error)
   for _, k in ipairs(ks) do
     local result = cjson.encode({item_id = id .. '/' .. k .. '@' .. key, lease_id = '',
       error = {code = 'max_attempts_exceeded', message = msg .. '; giving up', retryable = false}})
-    redis.call('XADD', P .. 'reply:' .. f.r, '*', 'i', client_id(f, k), 'r', result)
+    redis.call('XADD', reply_key(key, f.r), '*', 'i', client_id(f, k), 'r', result)
   end
   mark(key, id, f, ks, false)
 end
@@ -102,12 +110,12 @@ local function move(key, id, f, ks, attempts)
   redis.call('XADD', front, '*', 'r', f.r, 'q', f.q, 'a', attempts, 'n', #ks, 't', tokens,
              'k', table.concat(tk, ','), 'x', table.concat(xk, ','),
              's', table.concat(sk, '\n'))
-  redis.call('SADD', P .. 'active', front)
+  redis.call('SADD', base_of(key) .. ':active', front)
   mark(key, id, f, ks, true)
 end
 local function drop(key, id, f)  -- out of the stream unanswered; returns the inputs dropped
   local ks = left(key, id, f)
-  redis.call('HINCRBY', count_key(key), model_of(key), -#ks)
+  redis.call('INCRBY', count_key(key), -#ks)
   finish(key, id)
   return #ks
 end

@@ -1,23 +1,17 @@
 -- KEYS: front stream, main stream (the interactive line of one model and task), then the same
 -- two of its batch line. ARGV: prefix, group, worker, lease_ms, max_items, token budget (-1:
 -- none; the first input passes whatever its size), max_attempts, batch inputs at most (-1: no
--- limit), then the worker's registration (none: ''): its adverts as JSON, their TTL in ms, the
--- models' advert TTL in ms, then (model, advert JSON) pairs. Per line, interactive first:
--- expired and released leases first (oldest first, front stream first), then new entries. What
--- does not fit of an entry is split off to the front. Returns {rows..., dead, expired,
--- dropped}: a row per entry taken (whole or in part), see `take`.
+-- limit). Per line, interactive first: expired and released leases first (oldest first, front
+-- stream first), then new entries. What does not fit of an entry is split off to the front.
+-- Returns {rows..., dead, expired, dropped}: a row per entry taken (whole or in part), see
+-- `take`.
 local worker, lease_ms, max_items = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local budget, max_att, batch_room = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if ARGV[9] ~= '' then
-  redis.call('SET', P .. 'worker:' .. worker, ARGV[9], 'PX', ARGV[10])
-  for i = 12, #ARGV, 2 do
-    redis.call('SET', P .. 'advert:' .. ARGV[i], ARGV[i + 1], 'PX', ARGV[11])
-  end
-end
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', key, G, '0', 'MKSTREAM')
-    redis.call('SADD', P .. 'streams', key)  -- dropped once no worker advertises its model
+    -- dropped once no worker advertises its model
+    redis.call('SADD', base_of(key) .. ':streams', key)
   end
 end
 local out, dead, expired, dropped, tokens, taken = {}, 0, 0, 0, 0, 0
@@ -69,7 +63,7 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
       local f = entry(key, id)
       if f == nil then
         redis.call('XACK', key, G, id)
-      elseif not alive(f.r) then
+      elseif not alive(key, f.r) then
         dropped = dropped + drop(key, id, f)
       else
         local before, ks = tonumber(f.a) + deliveries, left(key, id, f)
@@ -102,7 +96,7 @@ for phase, line in ipairs({{KEYS[1], KEYS[2]}, {KEYS[3], KEYS[4]}}) do  -- inter
         else
           local f = tbl(e[2])
           per_n, per_t = math.max(per_n, tonumber(f.n)), math.max(per_t, tonumber(f.t))
-          if not alive(f.r) then
+          if not alive(key, f.r) then
             dropped = dropped + drop(key, id, f)
           else
             local ks = left(key, id, f)

@@ -1,11 +1,11 @@
--- ARGV: prefix, group, worker, lease_ms, count_attempt (0 | 1), then (item id, lease attempt)
--- pairs. A whole entry goes back as it is; part of one, as an entry of its own. Returns the
--- inputs released.
+-- KEYS: the model's key prefix (keys.model_key: the items are of one model). ARGV: prefix,
+-- group, worker, lease_ms, count_attempt (0 | 1), then (item id, lease attempt) pairs. A whole
+-- entry goes back as it is; part of one, as an entry of its own. Returns the inputs released.
 local worker, lease_ms, count = ARGV[3], tonumber(ARGV[4]), ARGV[5] == '1'
 local asked, order, n = {}, {}, 0
 for i = 6, #ARGV, 2 do
   local id, k, key = string.match(ARGV[i], '^([^/@]+)/(%d+)@(.+)$')
-  if id then
+  if id and base_of(key) == KEYS[1] then
     local at = id .. '@' .. key
     if asked[at] == nil then
       asked[at] = {key = key, id = id, lease_a = tonumber(ARGV[i + 1]), ks = {}}

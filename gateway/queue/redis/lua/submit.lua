@@ -1,19 +1,21 @@
--- KEYS: main stream, front stream, streams set. ARGV: prefix, group, limit, replica, model,
--- then per request: its id, its number of inputs, its number of entries e, then e entries as
--- five arguments each: inputs, estimated tokens, then the `k`, `x` and `s` lists (see
--- `RedisStore._entries`: the gateway cuts a request into entries). Several requests of one
--- line in one call (see `RedisStore.submit`), each whole or not at all. Returns per request
--- {-1, unanswered} over the limit, else {0, entry ids}.
-local limit, replica, model = tonumber(ARGV[3]), ARGV[4], ARGV[5]
+-- KEYS: main stream, front stream (of one model), the model's streams set, its active set,
+-- its unanswered count, this replica's heartbeat beside the model. ARGV: prefix, group, limit,
+-- replica, heartbeat TTL in ms, then per request: its id, its number of inputs, its number of
+-- entries e, then e entries as five arguments each: inputs, estimated tokens, then the `k`,
+-- `x` and `s` lists (see `RedisStore._entries`: the gateway cuts a request into entries).
+-- Several requests of one line in one call (see `RedisStore.submit`), each whole or not at
+-- all. Returns per request {-1, unanswered} over the limit, else {0, entry ids}.
+local limit, replica = tonumber(ARGV[3]), ARGV[4]
 for i = 1, 2 do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     pcall(redis.call, 'XGROUP', 'CREATE', KEYS[i], G, '0', 'MKSTREAM')
     redis.call('SADD', KEYS[3], KEYS[i])
   end
 end
-redis.call('SADD', P .. 'active', KEYS[1])  -- reaped and counted while it has entries
-local counts = count_key(KEYS[1])
-local unanswered = tonumber(redis.call('HGET', counts, model) or '0')
+redis.call('SADD', KEYS[4], KEYS[1])  -- reaped and counted while it has entries
+redis.call('SET', KEYS[6], '1', 'PX', ARGV[5])
+local counts = KEYS[5]
+local unanswered = tonumber(redis.call('GET', counts) or '0')
 local added, out, at = 0, {}, 6
 while at <= #ARGV do
   local q, n, e = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
@@ -32,5 +34,5 @@ while at <= #ARGV do
     out[#out + 1] = {0, ids}
   end
 end
-if added > 0 then redis.call('HINCRBY', counts, model, added) end
+if added > 0 then redis.call('INCRBY', counts, added) end
 return out

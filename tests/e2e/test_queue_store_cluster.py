@@ -1,0 +1,144 @@
+"""The Redis store on a real Redis Cluster (three ``redis-server --cluster-enabled yes``
+primaries, ``redis-cli --cluster create``): every store-level test of the unit layer runs again
+on it, and what the cluster adds: a model's keys on one node and the models spread over the
+nodes, a worker of models on different nodes, replicas answering each other's clients
+through the reply streams beside each model's queue."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.protocol import ItemResult, ModelAdvert, encode_vector
+from tests.support.stack import cluster_url, redis_cluster_store_kind
+from tests.unit import test_queue_store as on_memory
+from tests.unit.test_queue_store import clock, ok, pull, spec, store
+
+__all__ = ["clock", "store"]
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return redis_cluster_store_kind(request)
+
+
+#: The unit layer's tests that run on a store, collected here again (on the cluster).
+for _name, _test in vars(on_memory).items():
+    parameters = inspect.signature(_test).parameters if inspect.isfunction(_test) else {}
+    if _name.startswith("test_") and {"store", "store_kind"} & set(parameters):
+        globals()[_name] = _test
+
+
+def node_of(nodes: list[Any], key: str) -> int:
+    """The index of the node that holds ``key`` (its keys listed node by node)."""
+    import redis
+
+    found = []
+    for i, node in enumerate(nodes):
+        with redis.Redis.from_url(node.url) as client:
+            if key.encode() in client.keys("*"):
+                found.append(i)
+    assert len(found) == 1, (key, found)
+    return found[0]
+
+
+def two_models_on_different_nodes(nodes: list[Any]) -> tuple[str, str]:
+    """Two model names whose keys' slots are held by different nodes."""
+    from redis.cluster import RedisCluster
+
+    from gateway.queue.redis import keys
+
+    client = RedisCluster.from_url(nodes[0].url)
+    try:
+        first = "model-0"
+        home = client.get_node_from_key(keys.model_key(first)).name
+        for i in range(1, 100):
+            other = f"model-{i}"
+            if client.get_node_from_key(keys.model_key(other)).name != home:
+                return first, other
+    finally:
+        client.close()
+    raise AssertionError("every model on one node")
+
+
+def adverts_of(*models: str) -> list[ModelAdvert]:
+    return [ModelAdvert(name=m, checkpoint_name=m, tasks=["embed"]) for m in models]
+
+
+async def test_each_models_queue_is_on_one_node_and_the_models_spread(store, redis_cluster):
+    """Twelve models' requests: every key of one model (its streams, counts, sets, the
+    replica's heartbeat and reply stream beside it) is on one node, and the models' queues
+    are on more than one node; one worker serving all twelve drains them, each input once."""
+    from gateway.queue.redis import keys
+
+    models = [f"model-{i}" for i in range(12)]
+    for m in models:
+        await store.submit([spec(f"{m} a", model=m), spec(f"{m} b", model=m)])
+    assert await store.depth() == dict.fromkeys(models, 2)
+    where: dict[str, set[int]] = {}
+    for m in models:
+        named = [keys.stream_key(m, "embed"), keys.streams(m), keys.active(m)]
+        named += [keys.unanswered(m), keys.replica(m, store.replica)]
+        where[m] = {node_of(redis_cluster, k) for k in named}
+    assert all(len(nodes) == 1 for nodes in where.values()), where
+    assert len(set.union(*where.values())) > 1, where
+    adverts = adverts_of(*models)
+    texts: list[str] = []
+    for _ in range(5):
+        got = await store.pull("w", adverts, max_items=10, wait_seconds=0.2)
+        texts += [i.text for i in got]
+        await store.complete("w", [ok(i) for i in got])
+    assert sorted(texts) == sorted(f"{m} {x}" for m in models for x in "ab")
+    assert await store.depth() == {} and await store.leased() == {}
+
+
+async def test_a_long_poll_over_models_on_different_nodes_wakes_for_any(store, redis_cluster):
+    """A worker of two models whose queues are on different nodes long-polls both (a
+    blocking read per node's model); a request for either wakes it, and what the other
+    read takes later goes back to the front: nothing is lost or held."""
+    import asyncio
+
+    a, b = two_models_on_different_nodes(redis_cluster)
+    adverts = adverts_of(a, b)
+    poll = asyncio.create_task(store.pull("w", adverts, max_items=4, wait_seconds=5))
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await store.submit([spec("for b", model=b)])
+    (item,) = await poll
+    assert item.text == "for b" and loop.time() - started < 1.0
+    await store.complete("w", [ok(item)])
+    await store.submit([spec("for a", model=a)])
+    got = await store.pull("w2", adverts, max_items=4, wait_seconds=2)
+    assert [i.text for i in got] == ["for a"]  # not held by the first worker's late read
+    await store.complete("w2", [ok(i) for i in got])
+    assert await store.depth() == {} and await store.leased() == {}
+
+
+async def test_cluster_replicas_answer_whoever_holds_the_client(redis_cluster, store_kind):
+    """Two replicas on the cluster: a worker pulls through one and posts through the other;
+    the answer reaches the client's replica through its reply stream beside the model."""
+    from gateway.queue.redis import RedisStore
+
+    url = cluster_url(redis_cluster)
+    a, b = (RedisStore(url, lease_seconds=5, max_attempts=3) for _ in range(2))
+    await a.start()
+    await b.start()
+    try:
+        two = encode_vector(np.array([0.6, 0.8], np.float32))
+        waits = []
+        for m in two_models_on_different_nodes(redis_cluster):
+            mine = await a.submit([spec("x", model=m, dimensions=2)])
+            (x,) = await pull(b, n=1, worker="w", adverts=adverts_of(m))
+            done = ItemResult(item_id=x.item_id, lease_id=x.lease_id, vector_b64=two)
+            assert (await b.complete("w", [done])).accepted == 1
+            waits.append(a.wait(mine, pickup_timeout=1, request_timeout=5))
+        for wait in waits:
+            (result,) = await wait
+            assert result.vector_b64 == two
+    finally:
+        await a.close()
+        await b.close()
