@@ -189,10 +189,15 @@ def start_redis(
     return proc
 
 
-def start_redis_cluster(log_dir: Path, nodes: int = 3) -> list[Proc]:
+def start_redis_cluster(
+    log_dir: Path, nodes: int = 3, *, full_coverage: bool = True
+) -> list[Proc]:
     """A Redis Cluster of ``nodes`` primaries (``redis-server --cluster-enabled yes`` each, on
     free loopback ports), the slots spread over them by ``redis-cli --cluster create``;
-    returned once every node reports ``cluster_state:ok``. ``url`` of each: its redis:// URL."""
+    returned once every node reports ``cluster_state:ok``. ``url`` of each: its redis:// URL.
+    ``full_coverage=False``: ``cluster-require-full-coverage no`` (the nodes up serve their
+    slots while another is down). A node restarts into the cluster with
+    ``start_redis(<its log_dir>, port=<its port>, cluster=True)`` (its ``nodes.conf`` kept)."""
     import shutil
 
     import redis
@@ -211,6 +216,8 @@ def start_redis_cluster(log_dir: Path, nodes: int = 3) -> list[Proc]:
         deadline = time.monotonic() + 30
         for proc in procs:
             client = redis.Redis.from_url(proc.url)
+            if not full_coverage:
+                client.config_set("cluster-require-full-coverage", "no")
             while client.cluster("info").get("cluster_state") != "ok":
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the cluster did not form:\n{proc.log_tail()}")

@@ -32,12 +32,15 @@ for _name, _test in vars(on_memory).items():
         globals()[_name] = _test
 
 
-def node_of(nodes: list[Any], key: str) -> int:
-    """The index of the node that holds ``key`` (its keys listed node by node)."""
+def node_of(nodes: list[Any], key: str, skip: Any = None) -> int:
+    """The index of the node that holds ``key`` (its keys listed node by node; ``skip``: a
+    node that is down)."""
     import redis
 
     found = []
     for i, node in enumerate(nodes):
+        if node is skip:
+            continue
         with redis.Redis.from_url(node.url) as client:
             if key.encode() in client.keys("*"):
                 found.append(i)
@@ -142,3 +145,87 @@ async def test_cluster_replicas_answer_whoever_holds_the_client(redis_cluster, s
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A cluster of this module's own (a node of it is stopped), whose nodes up serve their
+    slots while another is down (``cluster-require-full-coverage no``)."""
+    from devstack import localstack as ls
+
+    nodes = ls.start_redis_cluster(tmp_path_factory.mktemp("own-cluster"), full_coverage=False)
+    yield nodes
+    for node in nodes:
+        node.stop()
+
+
+async def test_a_node_down_stops_its_models_alone_and_loses_nothing(own_cluster, caplog):
+    """The node holding model A's queue is stopped (SIGTERM: its AOF written) with two of A's
+    inputs queued: A's requests fail with StoreUnavailable (503 at the gateway), quickly;
+    the replica stays ready; model B, on another node, is served meanwhile (submit, pull,
+    results), its heartbeat kept. The node restarted
+    on its port and folder: A's two inputs are still queued and served, nothing lost. The
+    node's outage is logged once when it starts and once when it ends."""
+    import asyncio
+    import logging
+    import time
+
+    import redis
+
+    from devstack import localstack as ls
+    from gateway.queue.redis import RedisStore, keys
+    from gateway.queue.store import StoreUnavailable
+
+    caplog.set_level(logging.INFO, "gateway.queue.redis")
+    a, b = two_models_on_different_nodes(own_cluster)
+    store = RedisStore(cluster_url(own_cluster), lease_seconds=5)
+    await store.start()
+    try:
+        await store.submit([spec("a1", model=a), spec("a2", model=a)])
+        down = own_cluster[node_of(own_cluster, keys.stream_key(a, "embed"))]
+        port = int(down.url.rsplit(":", 1)[1].split("/")[0])
+        assert own_cluster[0] is not down  # the URL's node stays up
+        assert down.stop(30) == 0, down.log_tail()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.submit([spec("a3", model=a)])
+        refused_in = time.monotonic() - started
+        assert refused_in < 10
+        assert await store.ping() and await store.ping()  # ready: the other primaries answer
+        waiting = await store.submit([spec("b1", model=b)])
+        (item,) = await pull(store, n=4, adverts=adverts_of(b))
+        assert item.text == "b1"
+        assert (await store.complete("w", [ok(item)])).accepted == 1
+        (result,) = await store.wait(waiting, pickup_timeout=5, request_timeout=10)
+        assert result.error is None
+        heartbeat = keys.replica(b, store.replica)
+        up = own_cluster[node_of(own_cluster, heartbeat, skip=down)]
+        with redis.Redis.from_url(up.url) as plain:
+            await asyncio.sleep(1.5)  # the heartbeat's TTL runs down: 1.5 s under a fresh one
+            before = plain.pttl(heartbeat)
+            with pytest.raises(StoreUnavailable):  # A's beat
+                await store._beat()  # the background's step, with A's node down
+            assert plain.pttl(heartbeat) > before
+        restarted = ls.start_redis(down.log_path.parent.parent, port=port, cluster=True)
+        down.popen = restarted.popen  # the fixture stops this one
+        texts: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(texts) < 2 and time.monotonic() < deadline:
+            try:
+                got = await pull(store, n=4, wait=1, adverts=adverts_of(a))
+            except StoreUnavailable:
+                await asyncio.sleep(0.5)
+                continue
+            texts += [i.text for i in got]
+            await store.complete("w", [ok(i) for i in got])
+        assert sorted(texts) == ["a1", "a2"], texts
+        assert await store.ping()
+        node = f"127.0.0.1:{port}"
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.getMessage() for r in warned if r.name == "gateway.queue.redis"] == [
+            f"queue store: Redis Cluster node {node} unreachable; retrying",
+            f"queue store: Redis Cluster node {node} reachable",
+        ]  # once each, whatever the calls that failed meanwhile
+        print(f"\n[cluster node down] refused in {refused_in:.2f} s; lost 0 of 2")
+    finally:
+        await store.close()

@@ -4,6 +4,7 @@ into :class:`~gateway.queue.store.StoreUnavailable` (logged once per outage)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.parse
 from collections.abc import Awaitable
@@ -77,20 +78,50 @@ class Connection:
             self.replies = aioredis.from_url(url, **kwargs)
         self.scripts = Scripts(self.redis)
         self._reachable = True  # until a call fails (then logged once)
+        self._down: set[str] = set()  # a cluster's primaries that did not answer, by name
 
     async def call(self, op: Awaitable[T]) -> T:
-        """Await a Redis call; connection trouble becomes :class:`StoreUnavailable`."""
+        """Await a Redis call; connection trouble becomes :class:`StoreUnavailable`. An outage
+        of one Redis is logged once when it starts and once when it ends; a cluster's nodes
+        are logged one by one by :meth:`watch_nodes` (a call knows no node)."""
         try:
             result = await op
         except UNREACHABLE as e:
-            if self._reachable:  # logged once per outage, not per call
+            if self._reachable and not self.cluster:  # once per outage, not per call
                 log.warning("queue store unreachable (Redis: %s); retrying", e)
             self._reachable = False
             raise StoreUnavailable(f"Redis: {e}") from None
-        if not self._reachable:
+        if not self._reachable and not self.cluster:
             log.warning("queue store reachable")
         self._reachable = True
         return result
+
+    async def watch_nodes(self) -> bool:
+        """A cluster's primaries pinged side by side; a node that stops or starts answering
+        is logged (once per change). True if any answers."""
+        nodes = self.redis.get_primaries()
+        pings = [self.call(self.redis.ping(target_nodes=node)) for node in nodes]
+        answers = await asyncio.gather(*pings, return_exceptions=True)
+        for node, answer in zip(nodes, answers, strict=True):
+            if answer is True and node.name in self._down:
+                self._down.discard(node.name)
+                log.warning("queue store: Redis Cluster node %s reachable", node.name)
+            elif answer is not True and node.name not in self._down:
+                self._down.add(node.name)
+                log.warning("queue store: Redis Cluster node %s unreachable; retrying", node.name)
+        return any(a is True for a in answers)
+
+    async def call_each(self, ops: list[Awaitable[Any]]) -> list[Any]:
+        """Await Redis calls side by side, each on its own (in a cluster, a node down fails
+        its keys' calls alone); raises the first :class:`StoreUnavailable` once all ended."""
+        results = await asyncio.gather(*(self.call(op) for op in ops), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
+                raise r
+        for r in results:
+            if isinstance(r, StoreUnavailable):
+                raise r
+        return results
 
 
 def without_password(url: str) -> str:

@@ -12,11 +12,13 @@ from its arguments."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from gateway.queue.redis.keys import FRONT, RELEASED
 from gateway.queue.store import DEAD_LETTER
@@ -41,14 +43,30 @@ def source(name: str) -> str:
     return prelude + (LUA / "helpers.lua").read_text() + script
 
 
+class Script:
+    """One script on ``client`` (a Redis or a RedisCluster client): ``EVALSHA``, and where
+    the node that runs it does not have it (a restart, or its first call there), ``EVAL``,
+    which caches it on that node alone. Not redis-py's ``register_script``: that loads a
+    missing script on every primary of a cluster, so one node down would fail the scripts
+    of every other node."""
+
+    def __init__(self, client: Any, text: str):
+        self.client, self.text = client, text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(self.text, len(keys), *keys, *args)
+
+
 class Scripts:
-    """The scripts, registered on ``client`` (a Redis or a RedisCluster client; each an
-    :class:`AsyncScript`: EVALSHA, loaded again where Redis lost it)."""
+    """The scripts (each a :class:`Script`) on ``client``."""
 
     def __init__(self, client: Any):
-        def load(name: str) -> AsyncScript:
-            script: AsyncScript = client.register_script(source(name))
-            return script
+        def load(name: str) -> Script:
+            return Script(client, source(name))
 
         self.submit = load("submit")
         self.pull = load("pull")

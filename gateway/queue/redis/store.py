@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -106,7 +106,7 @@ class RedisStore(QueueStore):
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         with contextlib.suppress(StoreUnavailable):
-            await self._beat()
+            await self.leases.agree()
             await self.batches.index_old_records()
         self._tasks = [asyncio.create_task(self._background(), name="redis-beat-reap")]
 
@@ -130,6 +130,10 @@ class RedisStore(QueueStore):
         await asyncio.gather(*(self.redis.delete(*pair) for pair in mine))
 
     async def ping(self) -> bool:
+        """True while Redis answers; on a cluster, while any primary answers (a node down
+        stops its models alone, not the replica)."""
+        if self.conn.cluster:
+            return await self.conn.watch_nodes()
         try:
             await self.conn.call(self.redis.ping())
         except StoreUnavailable:
@@ -138,32 +142,38 @@ class RedisStore(QueueStore):
 
     async def _beat(self) -> None:
         """The replica's heartbeat beside each model it has had clients of (with its reply
-        stream's TTL), and the lease key agreed on."""
-        if self.replies.readers:
-            async with self.redis.pipeline(transaction=False) as p:
-                p.sadd(keys.MODELS, *self.replies.readers)  # walked by reaping and counts
-                for model in self.replies.readers:
-                    p.set(keys.replica(model, self.replica), "1", ex=REPLICA_TTL_SECONDS)
-                    p.expire(self.replies.key(model), REPLICA_TTL_SECONDS)
-                await self.conn.call(p.execute())
-        await self.leases.agree()
+        stream's TTL) and those models in :data:`~.keys.MODELS`: a call per key (in a
+        cluster, a node down stops the beats of its models alone)."""
+        if not self.replies.readers:
+            return
+        ops: list[Awaitable[Any]] = [self.redis.sadd(keys.MODELS, *self.replies.readers)]
+        for model in self.replies.readers:
+            ops.append(
+                self.redis.set(keys.replica(model, self.replica), "1", ex=REPLICA_TTL_SECONDS)
+            )
+            ops.append(self.redis.expire(self.replies.key(model), REPLICA_TTL_SECONDS))
+        await self.conn.call_each(ops)
 
     async def _background(self) -> None:
-        """Heartbeat and lease reaping, every :data:`HEARTBEAT_SECONDS` (reaping also at
-        every pull), and the streams of models no worker serves dropped; survives Redis
-        outages; ends once the store closes."""
+        """Heartbeat, the lease key, lease reaping, every :data:`HEARTBEAT_SECONDS` (reaping
+        also at every pull), and the streams of models no worker serves dropped; each step on
+        its own (one failing does not skip the others); survives Redis outages; ends once the
+        store closes."""
         while not self.replies.closing:
             await asyncio.sleep(min(HEARTBEAT_SECONDS, self.lease_seconds / 2))
             self.workers.forget_handed()
-            try:
-                await self._beat()
-                await self.reap()
-                if time.monotonic() - self._forgotten_at >= min(FORGET_SECONDS, self.advert_ttl):
-                    await self._forget_models()
-            except StoreUnavailable:
-                pass  # logged by the connection, once per outage
-            except RedisError as e:
-                log.warning("queue store: %s", e)
+            forget = time.monotonic() - self._forgotten_at >= min(FORGET_SECONDS, self.advert_ttl)
+            steps: list[Callable[[], Awaitable[object]]] = [self._beat, self.leases.agree]
+            steps.append(self.reap)
+            if self.conn.cluster:
+                steps.append(self.conn.watch_nodes)
+            for step in [*steps, self._forget_models] if forget else steps:
+                try:
+                    await step()
+                except StoreUnavailable:
+                    pass  # logged by the connection, once per outage
+                except RedisError as e:
+                    log.warning("queue store: %s", e)
 
     async def _forget_models(self) -> None:
         """Drop the empty streams of models whose adverts expired (the advert TTL): what
@@ -251,9 +261,10 @@ class RedisStore(QueueStore):
 
     # --- views --------------------------------------------------------------------------
     async def _models(self) -> list[str]:
-        """The models with keys (:data:`~.keys.MODELS`)."""
-        models: Any = await self.conn.call(self.redis.smembers(keys.MODELS))
-        return sorted(m.decode() for m in models)
+        """The models with keys: :data:`~.keys.MODELS`, and those this replica knows (its
+        clients', its workers'), which are all it has while that set cannot be read (in a
+        cluster, its node down)."""
+        return await self.workers.models()
 
     async def _queue_counts(self) -> list[tuple[str, int, int]]:
         """(model, waiting, leased) inputs: a COUNTS call per model."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -129,7 +130,10 @@ class Submissions:
         lines = [key, keys.front(key), keys.streams(model), keys.active(model)]
         lines += [keys.unanswered(model, keys.is_batch(key)), keys.replica(model, self.replica)]
         if model not in self.replies.readers:  # the replica's first request of the model
-            await self.conn.call(self.conn.redis.sadd(keys.MODELS, model))
+            # also written by the heartbeat: not this request's to fail (in a cluster, the
+            # set's node may be down while the model's is up)
+            with contextlib.suppress(StoreUnavailable):
+                await self.conn.call(self.conn.redis.sadd(keys.MODELS, model))
         rows = await self.conn.call(self.conn.scripts.submit(keys=lines, args=args))
         for sub, (status, value) in zip(batch, rows, strict=True):
             if status == -1:

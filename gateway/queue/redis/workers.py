@@ -84,37 +84,61 @@ class Workers:
         #: pulled from, which then checks the results without reading the specs back.
         self.handed: Stamped[Handed] = Stamped()
         self._late: set[asyncio.Future[None]] = set()  # late long-poll reads put back
-        #: worker id -> (monotonic s, adverts as JSON) of its last registration here.
-        self._registered: dict[str, tuple[float, str]] = {}
+        #: worker id -> (monotonic s, adverts as JSON, their models) of its last registration.
+        self._registered: dict[str, tuple[float, str, tuple[str, ...]]] = {}
 
     def forget_handed(self) -> None:
         """Drop what was handed out more than two leases ago (a result that still comes has
         its spec read from Redis), and the registrations of workers gone a worker TTL."""
         self.handed.forget_older(2 * self.lease_seconds)
         cutoff = time.monotonic() - self.worker_ttl
-        for worker_id in [w for w, (at, _) in self._registered.items() if at < cutoff]:
+        for worker_id in [w for w, (at, _, _) in self._registered.items() if at < cutoff]:
             del self._registered[worker_id]
 
     async def _register(self, worker_id: str, adverts: list[ModelAdvert]) -> None:
         """The worker's adverts (TTL = the worker TTL), each model's latest advert (TTL = the
         advert TTL) and the models in :data:`~.keys.MODELS`: written at a pull at most every
-        :data:`REGISTER_SECONDS` (a third of the worker TTL if less) while they are the same."""
+        :data:`REGISTER_SECONDS` (a third of the worker TTL if less) while they are the same,
+        a call per key (in a cluster a node down fails its keys alone). What cannot be
+        written now is written at the next pull; the pull goes on."""
         blob = json.dumps([a.model_dump(exclude_none=True) for a in adverts])
         now = time.monotonic()
-        at, last = self._registered.get(worker_id, (0.0, ""))
+        at, last, _ = self._registered.get(worker_id, (0.0, "", ()))
         if blob == last and now - at < min(REGISTER_SECONDS, self.worker_ttl / 3):
             return
+        redis = self.conn.redis
         worker_ms = max(1, int(self.worker_ttl * 1000))
         advert_ms = max(1, int(self.advert_ttl * 1000))
-        async with self.conn.redis.pipeline(transaction=False) as p:
-            p.set(keys.worker(worker_id), blob, px=worker_ms)
-            for adv in adverts:
-                p.set(keys.advert(adv.name), adv.model_dump_json(exclude_none=True), px=advert_ms)
-            if adverts:
-                p.sadd(keys.MODELS, *[a.name for a in adverts])
-            await self.conn.call(p.execute())
+        ops: list[Awaitable[Any]] = [redis.set(keys.worker(worker_id), blob, px=worker_ms)]
+        for adv in adverts:
+            ops.append(
+                redis.set(
+                    keys.advert(adv.name), adv.model_dump_json(exclude_none=True), px=advert_ms
+                )
+            )
+        names = tuple(a.name for a in adverts)
+        if names:
+            ops.append(redis.sadd(keys.MODELS, *names))
+        try:
+            await self.conn.call_each(ops)
+        except StoreUnavailable:
+            return  # the pull itself says whether its streams can be reached
         self._registered.pop(worker_id, None)  # most recent last: forgotten oldest first
-        self._registered[worker_id] = (now, blob)
+        self._registered[worker_id] = (now, blob, names)
+
+    async def models(self) -> list[str]:
+        """The models with keys: :data:`~.keys.MODELS` (when it can be read), the models of
+        this replica's clients and of the workers registered here."""
+        known = set(self.replies.readers)
+        for _, _, names in self._registered.values():
+            known.update(names)
+        try:
+            found: Any = await self.conn.call(self.conn.redis.smembers(keys.MODELS))
+        except StoreUnavailable:
+            if not known:
+                raise
+            found = []
+        return sorted(known | {m.decode() for m in found})
 
     async def pull(
         self,
@@ -169,13 +193,19 @@ class Workers:
 
         if len(by_model) == 1:
             return list(await read(next(iter(by_model.values()))) or [])
-        reads = [asyncio.ensure_future(read(group)) for group in by_model.values()]
-        done, late = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
-        for task in late:
-            task.add_done_callback(lambda t: self._unread_late(worker_id, t))
+        reads: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(read(g)) for g in by_model.values()
+        ]
+        done: set[asyncio.Future[Any]] = set()
+        try:
+            done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the others' entries go back; all of them if the pull was cancelled
+            for task in reads:
+                if task not in done:
+                    task.add_done_callback(lambda t: self._unread_late(worker_id, t))
         got: list[Any] = []
-        for task in done:
-            got += task.result() or []  # StoreUnavailable: raised to the pull, as one read
+        for read_done in done:
+            got += read_done.result() or []  # StoreUnavailable: raised to the pull, as one read
         return got
 
     def _unread_late(self, worker_id: str, task: asyncio.Future[Any]) -> None:
@@ -464,11 +494,18 @@ class Workers:
 
     async def reap(self) -> None:
         """Expired leases of every model back to the front (a REAP call per model)."""
-        models: Any = await self.conn.call(self.conn.redis.smembers(keys.MODELS))
         args: list[Any] = [PREFIX, GROUP, self.lease_ms, self.max_attempts]
-        for model in models:
-            keyed = [keys.model_key(model.decode())]
-            self._count_reaped(await self.conn.call(self.conn.scripts.reap(keys=keyed, args=args)))
+        unreachable: StoreUnavailable | None = None
+        for model in await self.models():
+            keyed = [keys.model_key(model)]
+            try:
+                reaped = await self.conn.call(self.conn.scripts.reap(keys=keyed, args=args))
+            except StoreUnavailable as e:  # a cluster node down: the other models are reaped
+                unreachable = e
+                continue
+            self._count_reaped(reaped)
+        if unreachable is not None:
+            raise unreachable
 
     def _count_reaped(self, flat: list[Any]) -> None:
         for i in range(0, len(flat), 3):
