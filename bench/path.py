@@ -4,7 +4,7 @@ queue and the worker cost per input, the ceiling a GPU meets once the model is f
 
     python bench/path.py [--rounds 3] [--big 32000] [--small 4000] [--profile 8]
                          [--skip memory,two-workers,redis,replicas,cluster] [--no-save]
-                         [--ab REV]
+                         [--ab REV] [--name path]
 
 Stacks (every one: real ``inference-gateway`` processes, NULL-ENGINE workers, aiohttp clients
 in this process): the memory store with one worker and with two; the Redis store with one
@@ -23,7 +23,8 @@ the first stack and the top frames by own time are printed (and saved).
 tree, both up for the whole run; each measurement is taken of both builds back to back, in an
 order that alternates by round, so the VM's slow minutes hit both alike. Prints the ratios this
 tree / REV (inputs/s and inputs/s per core by role, median of the rounds' ratios).
-Prints the tables; saves ``bench/results/path.json`` (``path-ab.json`` with ``--ab``).
+Prints the tables; saves ``bench/results/path.json`` (``path-ab.json`` with ``--ab``; another
+name with ``--name``).
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def main() -> int:
     ap.add_argument("--profile", type=float, default=0, help="py-spy seconds per role, 0: none")
     ap.add_argument("--skip", default="")
     ap.add_argument("--no-save", action="store_true", help="print only (bench/results untouched)")
+    ap.add_argument("--name", default="path", help="bench/results/<name>.json (-ab with --ab)")
     ap.add_argument("--ab", default="", metavar="REV", help="interleaved A/B against commit REV")
     a = ap.parse_args()
     suite._env()
@@ -231,7 +233,7 @@ def main() -> int:
     if a.ab:
         data["ab"] = ab_report(paths, a.ab)
     if not a.no_save:
-        record.write("path-ab" if a.ab else "path", data)
+        record.write(f"{a.name}-ab" if a.ab else a.name, data)
     return 0
 
 

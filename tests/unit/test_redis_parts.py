@@ -39,7 +39,9 @@ def test_stream_keys_name_their_line_model_and_kind():
     assert not keys.ITEM_ID.match("1-0/1@iw:s:embed:m")  # the layout before the hash tags
 
 
-@pytest.mark.parametrize("model", [MODEL, "m", "a{b", "a}b", "{x}", "LoRA:adapter/1"])
+@pytest.mark.parametrize(
+    "model", [MODEL, "m", "a{b", "a}b", "{x}", "}x", "}", "%7D", "a%}b", "LoRA:adapter/1"]
+)
 def test_every_key_of_a_model_is_in_one_cluster_slot(model):
     """A Redis Cluster runs a script on the node of its keys' slot: every key a script of
     one model touches (streams, fronts, done hashes, counts, sets, heartbeats, reply
@@ -54,6 +56,7 @@ def test_every_key_of_a_model_is_in_one_cluster_slot(model):
         key_slot(keys.model_key(model).encode())
     }
     assert all(keys.model_of(k) == model for k in streams)
+    assert all(keys.model_of_item(f"1-0/1@{k}") == model for k in streams)
     assert all(keys.ITEM_ID.match(f"1-0/1@{k}") for k in streams)
 
 

@@ -41,8 +41,10 @@ ITEM_ID = re.compile(
 
 
 def model_key(model: str) -> str:
-    """The prefix of every key of ``model``: ``iw:{<model>}`` (its hash tag)."""
-    return f"{PREFIX}{{{model}}}"
+    """The prefix of every key of ``model``: ``iw:{<model>}``, its name the hash tag (``%``
+    and ``}`` escaped as ``%25`` and ``%7D``: a ``}`` would end the tag early, an empty one
+    if first)."""
+    return f"{PREFIX}{{{model.replace('%', '%25').replace('}', '%7D')}}}"
 
 
 def stream_key(model: str, task: str, priority: int | None = None) -> str:
@@ -77,7 +79,7 @@ def is_batch(key: str) -> bool:
 
 def model_of(key: str) -> str:
     """The model of a stream key."""
-    return _parts(key)[0][len(PREFIX) + 1 : -1]
+    return _parts(key)[0][len(PREFIX) + 1 : -1].replace("%7D", "}").replace("%25", "%")
 
 
 def model_of_item(item_id: str) -> str:

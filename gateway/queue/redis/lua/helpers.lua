@@ -8,11 +8,11 @@
 -- splits the lists only where it takes part of an entry.
 local P, G = ARGV[1], ARGV[2]
 local function tbl(a) local t = {} for i = 1, #a, 2 do t[a[i]] = a[i + 1] end return t end
--- a stream key is P .. '{<model>}:<kind>:<task>' (keys.py): the model is its hash tag, and
--- every key of the model starts with its base P .. '{<model>}' (one slot in a cluster)
+-- a stream key is P .. '{<model>}:<kind>:<task>' (keys.py; no '}' in <model>: escaped): the
+-- model is its hash tag, and every key of the model starts with its base P .. '{<model>}'
+-- (one slot in a cluster)
 local function parts(key) return string.match(key, '^(.*}):([^:]*):([^:]*)$') end
 local function base_of(key) return (parts(key)) end
-local function model_of(key) return string.sub(base_of(key), #P + 2, -2) end
 local function front_of(key)
   local base, kind, task = parts(key)
   return base .. ':' .. FRONT[kind] .. ':' .. task
