@@ -4,10 +4,9 @@ with leases and TTLs scaled down to a twentieth, in real time."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 
+from tests.support import rerun
 from tests.support.stack import redis_store_kind
 from tests.unit import test_queue_protocol as on_memory
 from tests.unit.test_queue_protocol import clock, gw
@@ -21,7 +20,4 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 #: The unit layer's tests that run on a store, collected here again (on Redis).
-for _name, _test in vars(on_memory).items():
-    parameters = inspect.signature(_test).parameters if inspect.isfunction(_test) else {}
-    if _name.startswith("test_") and {"gw", "store_kind"} & set(parameters):
-        globals()[_name] = _test
+globals().update(rerun(on_memory, {"gw", "store_kind"}))

@@ -6,13 +6,13 @@ through the reply streams beside each model's queue."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 import pytest
 
 from common.protocol import ItemResult, ModelAdvert, encode_vector
+from tests.support import rerun
 from tests.support.stack import cluster_url, redis_cluster_store_kind
 from tests.unit import test_queue_store as on_memory
 from tests.unit.test_queue_store import clock, ok, pull, spec, store
@@ -26,10 +26,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 #: The unit layer's tests that run on a store, collected here again (on the cluster).
-for _name, _test in vars(on_memory).items():
-    parameters = inspect.signature(_test).parameters if inspect.isfunction(_test) else {}
-    if _name.startswith("test_") and {"store", "store_kind"} & set(parameters):
-        globals()[_name] = _test
+globals().update(rerun(on_memory, {"store", "store_kind"}))
 
 
 def node_of(nodes: list[Any], key: str, skip: Any = None) -> int:

@@ -7,7 +7,6 @@ replica answering its own client before the COMPLETE round trip."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from common.protocol import ItemResult, encode_vector
-from tests.support import wait_until
+from tests.support import rerun, wait_until
 from tests.support.stack import redis_store_kind
 from tests.unit import test_queue_store as on_memory
 from tests.unit.test_queue_store import clock, ok, pull, spec, store, value
@@ -29,10 +28,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 #: The unit layer's tests that run on a store, collected here again (on Redis).
-for _name, _test in vars(on_memory).items():
-    parameters = inspect.signature(_test).parameters if inspect.isfunction(_test) else {}
-    if _name.startswith("test_") and {"store", "store_kind"} & set(parameters):
-        globals()[_name] = _test
+globals().update(rerun(on_memory, {"store", "store_kind"}))
 
 
 async def test_redis_replicas_answer_whoever_holds_the_client(redis_server):

@@ -4,6 +4,7 @@ metric readers."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,18 @@ def make_store(kind: str, redis_url: str | None, clock: FakeClock, **settings: A
     return RedisStore(redis_url, **settings)
 
 
+def rerun(module: Any, fixtures: set[str]) -> dict[str, Any]:
+    """The tests of ``module`` that take any of ``fixtures`` (the store-level tests of the unit
+    layer), by name: put in another module's namespace, they run again there, on that
+    module's ``store_kind``."""
+    out = {}
+    for name, test in vars(module).items():
+        parameters = inspect.signature(test).parameters if inspect.isfunction(test) else {}
+        if name.startswith("test_") and fixtures & set(parameters):
+            out[name] = test
+    return out
+
+
 async def pull_waiting(store: Any) -> bool:
     """True while a long poll waits in ``store``: on the memory store an open pull of any
     worker (it holds the loop only between its awaits), on Redis a client blocked in
@@ -306,7 +319,6 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 async def wait_until(check: Any, timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``check()`` (sync or async) every 10 ms until true; fail after ``timeout`` s."""
-    import inspect
     import time
 
     deadline = time.monotonic() + timeout
