@@ -189,9 +189,7 @@ def start_redis(
     return proc
 
 
-def start_redis_cluster(
-    log_dir: Path, nodes: int = 3, *, full_coverage: bool = True
-) -> list[Proc]:
+def start_redis_cluster(log_dir: Path, nodes: int = 3, *, full_coverage: bool = True) -> list[Proc]:
     """A Redis Cluster of ``nodes`` primaries (``redis-server --cluster-enabled yes`` each, on
     free loopback ports), the slots spread over them by ``redis-cli --cluster create``;
     returned once every node reports ``cluster_state:ok``. ``url`` of each: its redis:// URL.

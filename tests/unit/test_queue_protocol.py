@@ -544,6 +544,7 @@ async def test_a_pull_outside_the_documented_bounds_is_refused(gw, change, field
 async def test_results_rejected_and_the_store_gauge_move_as_documented(gw):
     """``inference_gateway_results_rejected_total{model}`` counts a malformed result;
     ``inference_gateway_queue_store_up`` is 1 while the store answers."""
+    await gw.advertise([ADVERT])  # known before the request (not by the pull racing it)
     before = await gw.metrics()
     req = embed(gw, ["a"], dimensions=2)
     (item,) = await pull(gw, max_items=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -111,9 +111,10 @@ class Connection:
                 log.warning("queue store: Redis Cluster node %s unreachable; retrying", node.name)
         return any(a is True for a in answers)
 
-    async def call_each(self, ops: list[Awaitable[Any]]) -> list[Any]:
+    async def call_each(self, ops: Sequence[Awaitable[Any]]) -> list[Any]:
         """Await Redis calls side by side, each on its own (in a cluster, a node down fails
-        its keys' calls alone); raises the first :class:`StoreUnavailable` once all ended."""
+        its keys' calls alone); raises the first :class:`StoreUnavailable` once all ended.
+        For writes that one Redis takes in one round trip, see :meth:`write_each`."""
         results = await asyncio.gather(*(self.call(op) for op in ops), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
@@ -122,6 +123,31 @@ class Connection:
             if isinstance(r, StoreUnavailable):
                 raise r
         return results
+
+    async def write_each(self, build: Callable[[Any], None]) -> None:
+        """Commands ``build(client)`` queues on a client: one pipeline (one round trip) on one
+        Redis; in a cluster each command on its own (:meth:`call_each`), so that a node down
+        fails its keys alone. Raises :class:`StoreUnavailable`."""
+        if not self.cluster:
+            async with self.redis.pipeline(transaction=False) as p:
+                build(p)
+                await self.call(p.execute())
+            return
+        ops: list[Awaitable[Any]] = []
+        build(_Collect(self.redis, ops))
+        await self.call_each(ops)
+
+
+class _Collect:
+    """A stand-in for a pipeline that calls the client's command at once and keeps the
+    awaitable (:meth:`Connection.write_each` in a cluster)."""
+
+    def __init__(self, client: Any, ops: list[Awaitable[Any]]):
+        self._client, self._ops = client, ops
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        command = getattr(self._client, name)
+        return lambda *args, **kwargs: self._ops.append(command(*args, **kwargs))
 
 
 def without_password(url: str) -> str:

@@ -142,17 +142,19 @@ class RedisStore(QueueStore):
 
     async def _beat(self) -> None:
         """The replica's heartbeat beside each model it has had clients of (with its reply
-        stream's TTL) and those models in :data:`~.keys.MODELS`: a call per key (in a
-        cluster, a node down stops the beats of its models alone)."""
-        if not self.replies.readers:
-            return
-        ops: list[Awaitable[Any]] = [self.redis.sadd(keys.MODELS, *self.replies.readers)]
-        for model in self.replies.readers:
-            ops.append(
-                self.redis.set(keys.replica(model, self.replica), "1", ex=REPLICA_TTL_SECONDS)
-            )
-            ops.append(self.redis.expire(self.replies.key(model), REPLICA_TTL_SECONDS))
-        await self.conn.call_each(ops)
+        stream's TTL) and those models in :data:`~.keys.MODELS`
+        (:meth:`~.connection.Connection.write_each`: in a cluster a node down stops the beats
+        of its models alone)."""
+        models = list(self.replies.readers)
+
+        def writes(r: Any) -> None:
+            r.sadd(keys.MODELS, *models)  # walked by reaping and counts
+            for model in models:
+                r.set(keys.replica(model, self.replica), "1", ex=REPLICA_TTL_SECONDS)
+                r.expire(self.replies.key(model), REPLICA_TTL_SECONDS)
+
+        if models:
+            await self.conn.write_each(writes)
 
     async def _background(self) -> None:
         """Heartbeat, the lease key, lease reaping, every :data:`HEARTBEAT_SECONDS` (reaping
@@ -267,13 +269,15 @@ class RedisStore(QueueStore):
         return await self.workers.models()
 
     async def _queue_counts(self) -> list[tuple[str, int, int]]:
-        """(model, waiting, leased) inputs: a COUNTS call per model."""
-        out = []
-        for model in await self._models():
-            counts = self.conn.scripts.counts(keys=[keys.model_key(model)], args=[PREFIX, GROUP])
-            unanswered, leased = await self.conn.call(counts)
-            out.append((model, max(0, int(unanswered) - int(leased)), int(leased)))
-        return out
+        """(model, waiting, leased) inputs: a COUNTS call per model, side by side."""
+        models = await self._models()
+        counts = self.conn.scripts.counts
+        calls = [counts(keys=[keys.model_key(m)], args=[PREFIX, GROUP]) for m in models]
+        found = await self.conn.call_each(calls)
+        return [
+            (model, max(0, int(unanswered) - int(leased)), int(leased))
+            for model, (unanswered, leased) in zip(models, found, strict=True)
+        ]
 
     async def depth(self) -> dict[str, int]:
         return {model: waiting for model, waiting, _ in await self._queue_counts() if waiting}

@@ -98,29 +98,27 @@ class Workers:
     async def _register(self, worker_id: str, adverts: list[ModelAdvert]) -> None:
         """The worker's adverts (TTL = the worker TTL), each model's latest advert (TTL = the
         advert TTL) and the models in :data:`~.keys.MODELS`: written at a pull at most every
-        :data:`REGISTER_SECONDS` (a third of the worker TTL if less) while they are the same,
-        a call per key (in a cluster a node down fails its keys alone). What cannot be
-        written now is written at the next pull; the pull goes on."""
+        :data:`REGISTER_SECONDS` (a third of the worker TTL if less) while they are the same
+        (:meth:`~.connection.Connection.write_each`: in a cluster a node down fails its keys
+        alone). What cannot be written now is written at the next pull; the pull goes on."""
         blob = json.dumps([a.model_dump(exclude_none=True) for a in adverts])
         now = time.monotonic()
         at, last, _ = self._registered.get(worker_id, (0.0, "", ()))
         if blob == last and now - at < min(REGISTER_SECONDS, self.worker_ttl / 3):
             return
-        redis = self.conn.redis
         worker_ms = max(1, int(self.worker_ttl * 1000))
         advert_ms = max(1, int(self.advert_ttl * 1000))
-        ops: list[Awaitable[Any]] = [redis.set(keys.worker(worker_id), blob, px=worker_ms)]
-        for adv in adverts:
-            ops.append(
-                redis.set(
-                    keys.advert(adv.name), adv.model_dump_json(exclude_none=True), px=advert_ms
-                )
-            )
         names = tuple(a.name for a in adverts)
-        if names:
-            ops.append(redis.sadd(keys.MODELS, *names))
+
+        def writes(r: Any) -> None:
+            r.set(keys.worker(worker_id), blob, px=worker_ms)
+            for adv in adverts:
+                r.set(keys.advert(adv.name), adv.model_dump_json(exclude_none=True), px=advert_ms)
+            if names:
+                r.sadd(keys.MODELS, *names)
+
         try:
-            await self.conn.call_each(ops)
+            await self.conn.write_each(writes)
         except StoreUnavailable:
             return  # the pull itself says whether its streams can be reached
         self._registered.pop(worker_id, None)  # most recent last: forgotten oldest first
@@ -277,10 +275,10 @@ class Workers:
         max_tokens: int | None,
         batch_room: int = -1,
     ) -> list[WorkItem]:
-        """Lease up to ``max_items`` (and ``max_tokens``, at least one
-        input) across ``lines`` round-robin: each line a fair share per round, the result
-        interleaved line by line. Per line, its batch line only with the room its interactive
-        line leaves (the PULL script), ``batch_room`` batch inputs at most (-1: no limit)."""
+        """Lease up to ``max_items`` (and ``max_tokens``, at least one input) across
+        ``lines`` round-robin: each line a fair share per round, the result interleaved line
+        by line. Per line, its batch line only with the room its interactive line leaves (the
+        PULL script), ``batch_room`` batch inputs at most (-1: no limit)."""
         if not lines:  # nothing to pull from
             return []
         budget = max_tokens if max_tokens is not None else -1
