@@ -8,6 +8,7 @@ through the official ``redis`` package's asyncio client. :class:`RedisStore`
 - :mod:`.submit` — the client side: SUBMIT (coalesced per line), cancel;
   :mod:`.replies` — the client side's answers (reply stream, futures, early results);
 - :mod:`.workers` — the worker side: pull, results, release, lease reaping;
+  :mod:`.registry` — what a worker's pull registers, and the models walked one by one;
 - :mod:`.batches` — batch records and their indexes.
 
 Data model (every key under ``iw:``; every key of one model under its hash tag

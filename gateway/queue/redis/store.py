@@ -266,7 +266,7 @@ class RedisStore(QueueStore):
         """The models with keys: :data:`~.keys.MODELS`, and those this replica knows (its
         clients', its workers'), which are all it has while that set cannot be read (in a
         cluster, its node down)."""
-        return await self.workers.models()
+        return await self.workers.registry.models()
 
     async def _queue_counts(self) -> list[tuple[str, int, int]]:
         """(model, waiting, leased) inputs: a COUNTS call per model, side by side."""

@@ -25,6 +25,7 @@ from gateway.queue.redis import entries, keys
 from gateway.queue.redis.connection import Connection
 from gateway.queue.redis.keys import GROUP, PREFIX
 from gateway.queue.redis.leases import Leases
+from gateway.queue.redis.registry import Registry
 from gateway.queue.redis.replies import Replies
 from gateway.queue.redis.stamped import Stamped
 from gateway.queue.store import (
@@ -34,10 +35,6 @@ from gateway.queue.store import (
     fits,
     prompt_token_limit,
 )
-
-#: Seconds between two registrations of a worker whose adverts are the same (its pulls come
-#: more often; a third of the worker TTL if that is less).
-REGISTER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,59 +81,13 @@ class Workers:
         #: pulled from, which then checks the results without reading the specs back.
         self.handed: Stamped[Handed] = Stamped()
         self._late: set[asyncio.Future[None]] = set()  # late long-poll reads put back
-        #: worker id -> (monotonic s, adverts as JSON, their models) of its last registration.
-        self._registered: dict[str, tuple[float, str, tuple[str, ...]]] = {}
+        self.registry = Registry(conn, replies, worker_ttl=worker_ttl, advert_ttl=advert_ttl)
 
     def forget_handed(self) -> None:
         """Drop what was handed out more than two leases ago (a result that still comes has
         its spec read from Redis), and the registrations of workers gone a worker TTL."""
         self.handed.forget_older(2 * self.lease_seconds)
-        cutoff = time.monotonic() - self.worker_ttl
-        for worker_id in [w for w, (at, _, _) in self._registered.items() if at < cutoff]:
-            del self._registered[worker_id]
-
-    async def _register(self, worker_id: str, adverts: list[ModelAdvert]) -> None:
-        """The worker's adverts (TTL = the worker TTL), each model's latest advert (TTL = the
-        advert TTL) and the models in :data:`~.keys.MODELS`: written at a pull at most every
-        :data:`REGISTER_SECONDS` (a third of the worker TTL if less) while they are the same
-        (:meth:`~.connection.Connection.write_each`: in a cluster a node down fails its keys
-        alone). What cannot be written now is written at the next pull; the pull goes on."""
-        blob = json.dumps([a.model_dump(exclude_none=True) for a in adverts])
-        now = time.monotonic()
-        at, last, _ = self._registered.get(worker_id, (0.0, "", ()))
-        if blob == last and now - at < min(REGISTER_SECONDS, self.worker_ttl / 3):
-            return
-        worker_ms = max(1, int(self.worker_ttl * 1000))
-        advert_ms = max(1, int(self.advert_ttl * 1000))
-        names = tuple(a.name for a in adverts)
-
-        def writes(r: Any) -> None:
-            r.set(keys.worker(worker_id), blob, px=worker_ms)
-            for adv in adverts:
-                r.set(keys.advert(adv.name), adv.model_dump_json(exclude_none=True), px=advert_ms)
-            if names:
-                r.sadd(keys.MODELS, *names)
-
-        try:
-            await self.conn.write_each(writes)
-        except StoreUnavailable:
-            return  # the pull itself says whether its streams can be reached
-        self._registered.pop(worker_id, None)  # most recent last: forgotten oldest first
-        self._registered[worker_id] = (now, blob, names)
-
-    async def models(self) -> list[str]:
-        """The models with keys: :data:`~.keys.MODELS` (when it can be read), the models of
-        this replica's clients and of the workers registered here."""
-        known = set(self.replies.readers)
-        for _, _, names in self._registered.values():
-            known.update(names)
-        try:
-            found: Any = await self.conn.call(self.conn.redis.smembers(keys.MODELS))
-        except StoreUnavailable:
-            if not known:
-                raise
-            found = []
-        return sorted(known | {m.decode() for m in found})
+        self.registry.forget_older()
 
     async def pull(
         self,
@@ -152,7 +103,7 @@ class Workers:
         batch_room = -1 if max_batch_items is None else max_batch_items
         await self.leases.ready()
         while True:
-            await self._register(worker_id, adverts)
+            await self.registry.register(worker_id, adverts)
             out = await self._take(worker_id, lines, max_items, max_tokens, batch_room)
             remaining = deadline - time.monotonic()
             if out or remaining <= 0:
@@ -494,7 +445,7 @@ class Workers:
         """Expired leases of every model back to the front (a REAP call per model)."""
         args: list[Any] = [PREFIX, GROUP, self.lease_ms, self.max_attempts]
         unreachable: StoreUnavailable | None = None
-        for model in await self.models():
+        for model in await self.registry.models():
             keyed = [keys.model_key(model)]
             try:
                 reaped = await self.conn.call(self.conn.scripts.reap(keys=keyed, args=args))
