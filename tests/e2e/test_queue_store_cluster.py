@@ -13,6 +13,7 @@ import pytest
 
 from common.protocol import ItemResult, ModelAdvert, encode_vector
 from tests.support import rerun
+from tests.support.reports import FAULT_REPORTS
 from tests.support.stack import cluster_url, redis_cluster_store_kind
 from tests.unit import test_queue_store as on_memory
 from tests.unit.test_queue_store import clock, ok, pull, spec, store
@@ -223,6 +224,9 @@ async def test_a_node_down_stops_its_models_alone_and_loses_nothing(own_cluster,
             f"queue store: Redis Cluster node {node} unreachable; retrying",
             f"queue store: Redis Cluster node {node} reachable",
         ]  # once each, whatever the calls that failed meanwhile
-        print(f"\n[cluster node down] refused in {refused_in:.2f} s; lost 0 of 2")
+        FAULT_REPORTS.append(
+            f"[redis cluster node down] its model refused in {refused_in:.2f} s, the other "
+            f"model served; restarted: queued 2, served {len(texts)}, lost {2 - len(texts)}"
+        )
     finally:
         await store.close()
