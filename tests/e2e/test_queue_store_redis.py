@@ -194,12 +194,13 @@ async def test_redis_answers_its_own_client_before_the_complete_round_trip(redis
     (item,) = await pull(store, n=1)
     seen: list[bool] = []
     script = store.conn.scripts.complete
+    run = script.of_model
 
-    def spy(**kw: Any) -> Any:
+    def spy(model: str, args: Any) -> Any:
         seen.append(all(f.done() for f in request.futures))
-        return script(**kw)
+        return run(model, args)
 
-    store.conn.scripts.complete = spy  # type: ignore[assignment]
+    script.of_model = spy  # type: ignore[method-assign]
     done = await store.complete("w", [ok(item, 2.0)])
     assert seen == [True] and done.accepted == 1
     assert [value(res) for res in await store.wait(request, 1, 5)] == [2.0]

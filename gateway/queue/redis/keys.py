@@ -4,8 +4,7 @@ package docstring. Every key of one model carries the model as its hash tag (``i
 touches one slot; the batch records are under the tag ``{batches}``. A line of a model and
 task is four streams (kind ``s`` interactive, its front ``f``, ``b`` batch, its front ``c``):
 ``iw:{<model>}:<kind>:<task>``. The Lua scripts read the same layout (``lua/helpers.lua``:
-``model_of``, ``base_of``, ``front_of``; :data:`FRONT` and :data:`RELEASED` are passed to
-them)."""
+``base_of``, ``front_of``; :data:`FRONT` and :data:`RELEASED` are passed to them)."""
 
 from __future__ import annotations
 

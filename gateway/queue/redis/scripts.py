@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from gateway.queue.redis.keys import FRONT, RELEASED
+from gateway.queue.redis.keys import FRONT, RELEASED, model_key
 from gateway.queue.store import DEAD_LETTER
 
 LUA = Path(__file__).with_name("lua")
@@ -59,6 +59,11 @@ class Script:
             return await self.client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await self.client.eval(self.text, len(keys), *keys, *args)
+
+    async def of_model(self, model: str, args: Sequence[Any]) -> Any:
+        """Run on ``model``'s keys: the script declares the model's key prefix
+        (:func:`~.keys.model_key`; its node in a cluster) and derives the rest."""
+        return await self(keys=[model_key(model)], args=args)
 
 
 class Scripts:

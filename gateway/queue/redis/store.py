@@ -183,8 +183,9 @@ class RedisStore(QueueStore):
         self._forgotten_at = time.monotonic()
         deleted = 0
         for model in await self._models():
-            forget = self.conn.scripts.forget(keys=[keys.model_key(model)], args=[PREFIX, GROUP])
-            n, left = await self.conn.call(forget)
+            n, left = await self.conn.call(
+                self.conn.scripts.forget.of_model(model, [PREFIX, GROUP])
+            )
             deleted += int(n)
             if not left:  # taken up again by its workers' next registration, if any
                 await self.conn.call(self.redis.srem(keys.MODELS, model))
@@ -272,8 +273,7 @@ class RedisStore(QueueStore):
         """(model, waiting, leased) inputs: a COUNTS call per model, side by side."""
         models = await self._models()
         counts = self.conn.scripts.counts
-        calls = [counts(keys=[keys.model_key(m)], args=[PREFIX, GROUP]) for m in models]
-        found = await self.conn.call_each(calls)
+        found = await self.conn.call_each([counts.of_model(m, [PREFIX, GROUP]) for m in models])
         return [
             (model, max(0, int(unanswered) - int(leased)), int(leased))
             for model, (unanswered, leased) in zip(models, found, strict=True)

@@ -75,7 +75,7 @@ class Workers:
         self.conn, self.leases, self.replies, self.advert = conn, leases, replies, advert
         self.replica = replica
         self.lease_seconds, self.max_attempts = lease_seconds, max_attempts
-        self.worker_ttl, self.advert_ttl = worker_ttl, advert_ttl
+        self.worker_ttl = worker_ttl
         self.lease_ms = int(lease_seconds * 1000)
         #: What this replica handed out, by item id: a worker usually posts to the replica it
         #: pulled from, which then checks the results without reading the specs back.
@@ -161,24 +161,24 @@ class Workers:
         """What a long poll's read got after the pull returned goes back to the front."""
         if task.cancelled() or task.exception() is not None or not task.result():
             return
-        back = [x for key, read in task.result() for raw_id, _ in read for x in (key, raw_id)]
+        back = [
+            x for key, read in task.result() for raw_id, _ in read for x in (key.decode(), raw_id)
+        ]
         put_back = asyncio.ensure_future(self._unread(worker_id, back, quiet=True))
         self._late.add(put_back)
         put_back.add_done_callback(self._late.discard)
 
     async def _unread(self, worker_id: str, back: list[Any], quiet: bool = False) -> None:
         """Entries a long poll read but did not hand out: back to the front, no attempt spent
-        (``back``: stream, entry id, ...; an UNREAD call per model). ``quiet``: a store error
+        (``back``: stream key, entry id, ...; an UNREAD call per model). ``quiet``: a store error
         is left to the lease (the entries come back when it expires), not raised."""
         by_model: dict[str, list[Any]] = {}
         for i in range(0, len(back), 2):
-            key = back[i].decode() if isinstance(back[i], bytes) else back[i]
-            by_model.setdefault(keys.model_of(key), []).extend((key, back[i + 1]))
+            by_model.setdefault(keys.model_of(back[i]), []).extend(back[i : i + 2])
         for model, pairs in by_model.items():
             args = [PREFIX, GROUP, worker_id, self.lease_ms, *pairs]
-            keyed = [keys.model_key(model)]
             try:
-                await self.conn.call(self.conn.scripts.unread(keys=keyed, args=args))
+                await self.conn.call(self.conn.scripts.unread.of_model(model, args))
             except (StoreUnavailable, RedisError):
                 if not quiet:
                     raise
@@ -373,8 +373,7 @@ class Workers:
             model_args += [res.item_id, f"{kind}{attempt}", payload]
         by_item: dict[str, Any] = {}
         for model, model_args in args.items():
-            call = self.conn.scripts.complete(keys=[keys.model_key(model)], args=model_args)
-            got = await self.conn.call(call)
+            got = await self.conn.call(self.conn.scripts.complete.of_model(model, model_args))
             by_item.update(zip(model_args[len(head) :: 3], got, strict=True))
         statuses = [by_item[res.item_id] for res, _ in mine]
         for (res, _), checked, raw, client in zip(
@@ -437,8 +436,9 @@ class Workers:
                 args.setdefault(model, head).extend((item_id, attempt))
         released = 0
         for model, model_args in args.items():
-            call = self.conn.scripts.release(keys=[keys.model_key(model)], args=model_args)
-            released += int(await self.conn.call(call))
+            released += int(
+                await self.conn.call(self.conn.scripts.release.of_model(model, model_args))
+            )
         return released
 
     async def reap(self) -> None:
@@ -446,9 +446,8 @@ class Workers:
         args: list[Any] = [PREFIX, GROUP, self.lease_ms, self.max_attempts]
         unreachable: StoreUnavailable | None = None
         for model in await self.registry.models():
-            keyed = [keys.model_key(model)]
             try:
-                reaped = await self.conn.call(self.conn.scripts.reap(keys=keyed, args=args))
+                reaped = await self.conn.call(self.conn.scripts.reap.of_model(model, args))
             except StoreUnavailable as e:  # a cluster node down: the other models are reaped
                 unreachable = e
                 continue
