@@ -300,8 +300,8 @@ def start_stacks(logs: Path, skip: set[str], tree: Path, env: dict[str, str]) ->
         paths[REPLICAS] = Path_(REPLICAS, urls, s)
     if "cluster" not in skip:
         nodes = ls.start_redis_cluster(logs / f"cluster-{next(_N)}")
-        url = "redis+cluster://" + nodes[0].url.removeprefix("redis://").rsplit("/", 1)[0]
-        g = ls.start_gateway(logs, args=["--pickup-timeout", "600", "--queue-url", url], env=env)
+        args = ["--pickup-timeout", "600", "--queue-url", ls.cluster_url(nodes)]
+        g = ls.start_gateway(logs, args=args, env=env)
         s = Stack().add("gateway", _pid(g))
         for node in nodes:
             s.add("redis-server", _pid(node))

@@ -204,7 +204,7 @@ def start_redis_cluster(log_dir: Path, nodes: int = 3, *, full_coverage: bool = 
     assert cli, "install Debian's redis-tools (make test does)"
     procs = [start_redis(log_dir, port=free_cluster_port(), cluster=True) for _ in range(nodes)]
     try:
-        addresses = [p.url.removeprefix("redis://").rsplit("/", 1)[0] for p in procs]
+        addresses = [_address(p) for p in procs]
         subprocess.run(
             [cli, "--cluster", "create", *addresses, "--cluster-yes"],
             check=True,
@@ -226,6 +226,17 @@ def start_redis_cluster(log_dir: Path, nodes: int = 3, *, full_coverage: bool = 
             proc.stop(5)
         raise
     return procs
+
+
+def _address(redis_proc: Proc) -> str:
+    """``host:port`` of a redis-server this harness started."""
+    return redis_proc.url.removeprefix("redis://").rsplit("/", 1)[0]
+
+
+def cluster_url(nodes: list[Proc]) -> str:
+    """The gateway's ``--queue-url`` for a cluster of :func:`start_redis_cluster`:
+    ``redis+cluster://`` and one node (the others are found from it)."""
+    return "redis+cluster://" + _address(nodes[0])
 
 
 def leftovers() -> list[Proc]:

@@ -16,7 +16,14 @@ import pytest
 from devstack import localstack as ls
 from tests.support import metric
 from tests.support.reports import FAULT_REPORTS
-from tests.support.stack import MODEL, cluster_url, cosine, embed_worker_config, openai_client, unit
+from tests.support.stack import (
+    MODEL,
+    cosine,
+    embed_worker_config,
+    empty_cluster,
+    openai_client,
+    unit,
+)
 
 GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "30", "--request-timeout", "180"]
 
@@ -25,12 +32,7 @@ GATEWAY_ARGS = ["--lease-seconds", "8", "--pickup-timeout", "30", "--request-tim
 def on_cluster(redis_cluster: list[ls.Proc], stack_dir: Path) -> Iterator[list[ls.Proc]]:
     """Two gateway replicas on the session's cluster (emptied first) and a worker that pulls
     through the second only."""
-    import redis
-
-    for node in redis_cluster:
-        with redis.Redis.from_url(node.url) as client:
-            client.flushall()
-    args = [*GATEWAY_ARGS, "--queue-url", cluster_url(redis_cluster)]
+    args = [*GATEWAY_ARGS, "--queue-url", empty_cluster(redis_cluster)]
     a = ls.start_gateway(stack_dir, args=args)
     b = ls.start_gateway(stack_dir, args=args)
     worker = ls.start_worker(embed_worker_config(b.url), stack_dir, "worker-on-cluster")

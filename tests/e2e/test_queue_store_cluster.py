@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from common.protocol import ItemResult, ModelAdvert, encode_vector
+from devstack.localstack import cluster_url
 from tests.support import rerun
 from tests.support.reports import FAULT_REPORTS
-from tests.support.stack import cluster_url, redis_cluster_store_kind
+from tests.support.stack import redis_cluster_store_kind
 from tests.unit import test_queue_store as on_memory
 from tests.unit.test_queue_store import clock, ok, pull, spec, store
 

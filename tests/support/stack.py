@@ -96,22 +96,20 @@ def redis_cluster(stack_dir: Path) -> Iterator[list[ls.Proc]]:
             proc.stop()
 
 
-def cluster_url(nodes: list[ls.Proc]) -> str:
-    """The store URL of a cluster: ``redis+cluster://`` and one node (the others are found
-    from it)."""
-    return "redis+cluster://" + nodes[0].url.removeprefix("redis://").rsplit("/", 1)[0]
+def empty_cluster(nodes: list[ls.Proc]) -> str:
+    """Every node of the cluster emptied; its store URL (:func:`ls.cluster_url`)."""
+    import redis
+
+    for node in nodes:
+        with redis.Redis.from_url(node.url) as client:
+            client.flushall()
+    return ls.cluster_url(nodes)
 
 
 def redis_cluster_store_kind(request: pytest.FixtureRequest) -> str:
     """``store_kind`` for the cluster reruns: the Redis store on the session's cluster, every
     node emptied for the test."""
-    import redis
-
-    nodes = request.getfixturevalue("redis_cluster")
-    for node in nodes:
-        with redis.Redis.from_url(node.url) as client:
-            client.flushall()
-    request.node.redis_url = cluster_url(nodes)
+    request.node.redis_url = empty_cluster(request.getfixturevalue("redis_cluster"))
     return "redis"
 
 
