@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,13 @@ class Proc:
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @property
+    def port(self) -> int:
+        """The port of :attr:`url` (``http://127.0.0.1:P``, ``redis://127.0.0.1:P/0``)."""
+        port = urllib.parse.urlsplit(self.url).port
+        assert port is not None, self.url
+        return port
 
     def signal(self, sig: int, group: bool = False) -> None:
         if self.popen.poll() is None:

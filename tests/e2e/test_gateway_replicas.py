@@ -34,7 +34,7 @@ class Redis:
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.proc = ls.start_redis(log_dir)
-        self.port = int(self.proc.url.rsplit(":", 1)[1].split("/")[0])
+        self.port = self.proc.port
         self.url = self.proc.url
 
     def stop(self) -> None:

@@ -70,7 +70,7 @@ def test_worker_survives_a_gateway_restart_and_resumes(stack_dir):
     worker = None
     try:
         worker = ls.start_worker(embed_worker_config(gw.url), stack_dir, "restart-survivor")
-        port = int(gw.url.rsplit(":", 1)[1])
+        port = gw.port
         gw.stop()
         deadline = time.monotonic() + 30
         while httpx.get(worker.url + "/readyz").status_code != 503:  # queue unreachable

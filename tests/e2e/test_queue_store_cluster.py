@@ -182,7 +182,7 @@ async def test_a_node_down_stops_its_models_alone_and_loses_nothing(own_cluster,
     try:
         await store.submit([spec("a1", model=a), spec("a2", model=a)])
         down = own_cluster[node_of(own_cluster, keys.stream_key(a, "embed"))]
-        port = int(down.url.rsplit(":", 1)[1].split("/")[0])
+        port = down.port
         assert own_cluster[0] is not down  # the URL's node stays up
         assert down.stop(30) == 0, down.log_tail()
         started = time.monotonic()
@@ -205,6 +205,12 @@ async def test_a_node_down_stops_its_models_alone_and_loses_nothing(own_cluster,
             with pytest.raises(StoreUnavailable):  # A's beat
                 await store._beat()  # the background's step, with A's node down
             assert plain.pttl(heartbeat) > before
+            b_streams = keys.model_key(b) + ":streams"
+            assert plain.scard(b_streams) > 0
+            plain.delete(keys.advert(b))  # B's workers gone: its empty streams may go
+            with pytest.raises(StoreUnavailable):  # A's model, walked first (sorted)
+                await store._forget_models()
+            assert plain.scard(b_streams) == 0  # B's streams dropped all the same
         restarted = ls.start_redis(down.log_path.parent.parent, port=port, cluster=True)
         down.popen = restarted.popen  # the fixture stops this one
         texts: list[str] = []

@@ -121,7 +121,7 @@ async def test_the_reply_reader_reads_on_after_a_restart_and_a_key_of_the_wrong_
 
         own_redis.stop()
         await asyncio.sleep(1.5)  # both readers meet the outage
-        port = int(own_redis.url.rsplit(":", 1)[1].split("/")[0])
+        port = own_redis.port
         # the same port and data folder (its AOF: the streams and their groups come back)
         restarted = ls.start_redis(own_redis.log_path.parent.parent, port=port)
         own_redis.popen = restarted.popen  # the module's fixture stops this one

@@ -89,11 +89,11 @@ class Connection:
         except UNREACHABLE as e:
             if self._reachable and not self.cluster:  # once per outage, not per call
                 log.warning("queue store unreachable (Redis: %s); retrying", e)
-            self._reachable = False
+                self._reachable = False
             raise StoreUnavailable(f"Redis: {e}") from None
-        if not self._reachable and not self.cluster:
+        if not self._reachable:  # never false on a cluster
             log.warning("queue store reachable")
-        self._reachable = True
+            self._reachable = True
         return result
 
     async def watch_nodes(self) -> bool:
