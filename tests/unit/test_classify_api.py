@@ -160,6 +160,7 @@ async def test_the_range_clips_and_float_stays_the_default(gw):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "embedding_type"
 
 
+@pytest.mark.extras
 def test_quantize_equals_sentence_transformers_quantize_embeddings():
     """Binary and ubinary bit for bit, int8 and uint8 within one step, on 200 random unit
     vectors of 384 dims (all-MiniLM-L6-v2's size), range [-1, 1]."""

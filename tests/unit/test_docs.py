@@ -216,8 +216,11 @@ def test_make_test_runs_both_layers_in_a_random_order():
     makefile = (REPO / "Makefile").read_text()
     recipe = makefile.split("\ntest: setup\n", 1)[1].split("\n\n", 1)[0]
     runs = [line for line in recipe.splitlines() if "pytest" in line]
-    assert len(runs) == 2 and all("-p randomly" in line for line in runs), runs
-    assert '-m "not slow"' in runs[0] and "-m slow" in runs[1]
+    assert len(runs) == 3 and all("-p randomly" in line for line in runs), runs
+    # the fast layer with the test extra alone, then what of it needs more, then end to end
+    assert "VENV=.venv-fast scripts/setup.sh test" in recipe
+    assert ".venv-fast/bin/python" in runs[0] and '-m "not slow" tests/unit' in runs[0]
+    assert '-m "extras and not slow" tests/unit' in runs[1] and "-m slow tests/e2e" in runs[2]
 
 
 def test_the_security_pages_limits_are_the_settings_and_their_defaults():

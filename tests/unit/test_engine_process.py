@@ -29,6 +29,7 @@ from worker.engine.process import ProcessLLM, RelayedMetrics, serve
 # The engine process hands vLLM's outputs over as torch tensors: torch comes with the cpu or
 # gpu extra (vLLM's), not with the test extra alone.
 torch = pytest.importorskip("torch", reason="needs torch (the cpu or gpu extra)")
+pytestmark = pytest.mark.extras
 
 
 @dataclass

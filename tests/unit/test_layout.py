@@ -1,11 +1,14 @@
 """The layout the README's module map describes, held by tests: no import cycle among the
 project's modules (lazy imports counted), the gateway imports nothing of the worker's (what
-both use is in ``common/``), ``common/`` imports neither, and no module is over 500 lines."""
+both use is in ``common/``), ``common/`` imports neither, and no module is over 500 lines; in
+the suite, only a test marked ``extras`` may skip."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("common", "gateway", "worker")
@@ -107,3 +110,32 @@ def test_no_module_is_over_500_lines() -> None:
         if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert long == {}
+
+
+def test_a_skip_fails_unless_the_test_is_marked_extras() -> None:
+    """The suite's report hook (``tests/conftest.py``): a skipped test fails unless it is
+    marked ``extras``; its own items are FAKES (a marker lookup), its reports pytest's own."""
+    from tests.conftest import pytest_runtest_makereport
+
+    class Item:
+        def __init__(self, marked: bool):
+            self.marked = marked
+
+        def get_closest_marker(self, name: str) -> object | None:
+            return object() if self.marked and name == "extras" else None
+
+    def report_of(marked: bool, outcome: str) -> pytest.TestReport:
+        made = pytest.TestReport(
+            "t.py::t", ("t.py", 0, "t"), {}, outcome, ("t.py", 1, "Skipped: torch"), "call"
+        )
+        hook = pytest_runtest_makereport(Item(marked), None)  # type: ignore[arg-type]
+        next(hook)  # type: ignore[call-overload]
+        with pytest.raises(StopIteration) as ended:
+            hook.send(made)  # type: ignore[attr-defined]
+        report: pytest.TestReport = ended.value.value
+        return report
+
+    assert report_of(marked=True, outcome="skipped").outcome == "skipped"
+    failed = report_of(marked=False, outcome="skipped")
+    assert failed.outcome == "failed" and "not marked extras" in str(failed.longrepr)
+    assert report_of(marked=False, outcome="passed").outcome == "passed"
