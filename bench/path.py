@@ -23,6 +23,8 @@ the first stack and the top frames by own time are printed (and saved).
 tree, both up for the whole run; each measurement is taken of both builds back to back, in an
 order that alternates by round, so the VM's slow minutes hit both alike. Prints the ratios this
 tree / REV (inputs/s and inputs/s per core by role, median of the rounds' ratios).
+Afterwards the worker's tokenization alone (its ``Preparer``, one thread, in this process) is
+timed on the same texts, 64 and 1 per call: the floor under the worker's CPU per input.
 Prints the tables; saves ``bench/results/path.json`` (``path-ab.json`` with ``--ab``; another
 name with ``--name``).
 """
@@ -175,6 +177,24 @@ def top_frames(raw: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(frame, k / total) for frame, k in own.most_common(n)] if total else []
 
 
+def tokenizer_alone(texts: list[str], per_call: int) -> float:
+    """CPU seconds per 1,000 inputs of the worker's own tokenization alone
+    (:meth:`worker.engine.prepare.Preparer.encode_texts`, the model's real tokenizer, one
+    thread as on a CPU host), ``per_call`` texts per call, in this process: the floor under
+    the worker's CPU per input, whatever the path around it costs."""
+    from transformers import AutoTokenizer
+
+    from worker.engine.prepare import Preparer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read at each call: one thread
+    preparer = Preparer(AutoTokenizer.from_pretrained(ls.minilm_path()), "bi-encoder", False, 0)
+    preparer.encode_texts(texts[:per_call])  # the backend looked up once, as in the worker
+    started = time.process_time()
+    for i in range(0, len(texts), per_call):
+        preparer.encode_texts(texts[i : i + per_call])
+    return (time.process_time() - started) / len(texts) * 1000
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -228,8 +248,10 @@ def main() -> int:
     finally:
         for proc in ls.leftovers():
             proc.stop()
-    report(results, tops)
+    floor = {pattern: tokenizer_alone(texts[pattern], n) for pattern, (n, _) in PATTERNS.items()}
+    report(results, tops, floor)
     data: dict[str, Any] = {"label": LABEL, "results": results, "profiles": tops, "args": vars(a)}
+    data["tokenizer_alone_cpu_s_per_1k"] = floor
     if a.ab:
         data["ab"] = ab_report(paths, a.ab)
     if not a.no_save:
@@ -343,7 +365,7 @@ def ab_report(paths: dict[str, Path_], rev: str) -> dict[str, Any]:
     return out
 
 
-def report(results: dict[str, Any], tops: dict[str, Any]) -> None:
+def report(results: dict[str, Any], tops: dict[str, Any], floor: dict[str, float]) -> None:
     print(f"\n## The serving path alone — {LABEL}; median of the rounds (min-max)\n")
     print("| stack | pattern | inputs/s | CPU-s per 1,000 inputs: gateway / worker / redis "
           "/ client | inputs/s per core: gateway / worker |")  # fmt: skip
@@ -356,6 +378,17 @@ def report(results: dict[str, Any], tops: dict[str, Any]) -> None:
             )
             rate = f"{r['inputs_per_s']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f})"
             print(f"| {name} | {pattern} | {rate} | {cpu} | {core} |")
+    print("\n## The worker's tokenization alone (one thread, this process): its floor\n")
+    print("| pattern | texts per call | CPU-s per 1,000 inputs | inputs/s per core | "
+          "share of the worker's CPU per input, by stack |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- |")
+    for pattern, cpu in floor.items():
+        shares = ", ".join(
+            f"{name} {cpu / r[pattern]['cpu_s_per_1k']['worker']:.0%}"
+            for name, r in results.items()
+            if r[pattern]["cpu_s_per_1k"].get("worker")
+        )
+        print(f"| {pattern} | {PATTERNS[pattern][0]} | {cpu:.3f} | {1000 / cpu:,.0f} | {shares} |")
     for where, frames in tops.items():
         print(f"\n### py-spy, {where}: top frames by own time ({LABEL})")
         for frame, share in frames:

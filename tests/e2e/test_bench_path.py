@@ -40,6 +40,16 @@ def test_the_null_engine_bench_measures_both_patterns_and_says_so():
     for _, rate, gateway_cpu, worker_cpu in rows:
         assert int(rate.replace(",", "")) > 0
         assert float(gateway_cpu) > 0 and float(worker_cpu) > 0  # both roles were measured
+    # the worker's tokenization alone, beside it: a floor below the worker's own CPU per input
+    floor = re.findall(
+        r"^\| (\S+) \| (\d+) \| ([\d.]+) \| [\d,]+ \| memory store, 1 worker (\d+)% \|$",
+        r.stdout,
+        re.M,
+    )
+    assert [(p, n) for p, n, _, _ in floor] == [("64/request", "64"), ("1/request", "1")], floor
+    worker = {row[0]: float(row[3]) for row in rows}
+    for pattern, _, cpu, share in floor:
+        assert 0 < float(cpu) < worker[pattern] and 0 < int(share) < 100
 
 
 def test_the_ab_mode_runs_each_build_side_by_side_and_prints_their_ratios():
