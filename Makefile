@@ -63,4 +63,4 @@ else
 endif
 
 clean:
-	rm -rf .venv *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv .venv-fast *.egg-info .pytest_cache .mypy_cache .ruff_cache
