@@ -124,10 +124,12 @@ def test_a_skip_fails_unless_the_test_is_marked_extras() -> None:
         def get_closest_marker(self, name: str) -> object | None:
             return object() if self.marked and name == "extras" else None
 
-    def report_of(marked: bool, outcome: str) -> pytest.TestReport:
+    def report_of(marked: bool, outcome: str, xfail: bool = False) -> pytest.TestReport:
         made = pytest.TestReport(
             "t.py::t", ("t.py", 0, "t"), {}, outcome, ("t.py", 1, "Skipped: torch"), "call"
         )
+        if xfail:
+            made.wasxfail = "known"  # type: ignore[attr-defined]
         hook = pytest_runtest_makereport(Item(marked), None)  # type: ignore[arg-type]
         next(hook)  # type: ignore[call-overload]
         with pytest.raises(StopIteration) as ended:
@@ -139,3 +141,4 @@ def test_a_skip_fails_unless_the_test_is_marked_extras() -> None:
     failed = report_of(marked=False, outcome="skipped")
     assert failed.outcome == "failed" and "not marked extras" in str(failed.longrepr)
     assert report_of(marked=False, outcome="passed").outcome == "passed"
+    assert report_of(marked=False, outcome="skipped", xfail=True).outcome == "skipped"
