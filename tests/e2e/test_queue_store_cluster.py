@@ -205,7 +205,7 @@ async def test_a_node_down_stops_its_models_alone_and_loses_nothing(own_cluster,
             with pytest.raises(StoreUnavailable):  # A's beat
                 await store._beat()  # the background's step, with A's node down
             assert plain.pttl(heartbeat) > before
-            b_streams = keys.model_key(b) + ":streams"
+            b_streams = keys.streams(b)
             assert plain.scard(b_streams) > 0
             plain.delete(keys.advert(b))  # B's workers gone: its empty streams may go
             with pytest.raises(StoreUnavailable):  # A's model, walked first (sorted)
