@@ -238,7 +238,7 @@ def start_redis_cluster(log_dir: Path, nodes: int = 3, *, full_coverage: bool = 
 
 def _address(redis_proc: Proc) -> str:
     """``host:port`` of a redis-server this harness started."""
-    return redis_proc.url.removeprefix("redis://").rsplit("/", 1)[0]
+    return urllib.parse.urlsplit(redis_proc.url).netloc
 
 
 def cluster_url(nodes: list[Proc]) -> str:

@@ -1,8 +1,8 @@
 """The Redis store's parts that need no Redis (fast layer): key names (:mod:`keys`), the
 stamped dict of early answers (:mod:`stamped`) and the client side's futures
 (:mod:`replies`): an answer that arrives before its request's futures is kept for them, one
-for a client that went away is dropped. The store on a real redis-server:
-``tests/e2e/test_queue_store_redis.py``."""
+for a client that went away is dropped; and the background passes' walk over the models.
+The store on a real redis-server: ``tests/e2e/test_queue_store_redis.py``."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from redis.crc import key_slot
 
 from common.protocol import ItemResult
 from gateway.queue.redis import keys
-from gateway.queue.redis.connection import without_password
+from gateway.queue.redis.connection import Connection, without_password
 from gateway.queue.redis.replies import Replies
 from gateway.queue.redis.stamped import Stamped
+from gateway.queue.store import StoreUnavailable
 
 MODEL = "org:model@v2"  # a name with the separators the keys use
 
@@ -133,3 +134,33 @@ def test_a_password_given_apart_takes_the_urls_place_the_user_name_stays():
     assert without_password("redis://ann@h/0") == "redis://ann@h/0"
     assert without_password("redis://h:6379") == "redis://h:6379"
     assert without_password("redis://:p@ss@h:1/0") == "redis://h:1/0"  # an @ in the password
+
+
+async def test_a_model_on_an_unreachable_node_does_not_end_the_walk_of_the_others():
+    """The reap and dead-model passes (:meth:`Connection.each_model`): a StoreUnavailable of
+    one model (a cluster node down) is raised after every model had its step; any other error
+    ends the walk at once. No Redis call is made: the client connects on first use."""
+    conn = Connection("redis+cluster://127.0.0.1:1")
+    walked: list[str] = []
+
+    async def step(model: str) -> None:
+        walked.append(model)
+        if model in ("b", "d"):
+            raise StoreUnavailable(f"Redis: node of {model} down")
+
+    with pytest.raises(StoreUnavailable, match="node of b down"):
+        await conn.each_model(["a", "b", "c", "d", "e"], step)
+    assert walked == ["a", "b", "c", "d", "e"]
+
+    walked.clear()
+    await conn.each_model(["a", "c"], step)
+    assert walked == ["a", "c"]
+
+    async def broken(model: str) -> None:
+        walked.append(model)
+        raise ValueError(model)
+
+    walked.clear()
+    with pytest.raises(ValueError):
+        await conn.each_model(["a", "b"], broken)
+    assert walked == ["a"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -123,6 +123,21 @@ class Connection:
             if isinstance(r, StoreUnavailable):
                 raise r
         return results
+
+    async def each_model(
+        self, models: Iterable[str], step: Callable[[str], Awaitable[object]]
+    ) -> None:
+        """``await step(model)`` for each model in turn. A :class:`StoreUnavailable` (in a
+        cluster, a node down: its models' steps alone) does not end the walk: the first is
+        raised once every model had its step; any other error ends the walk at once."""
+        unreachable: StoreUnavailable | None = None
+        for model in models:
+            try:
+                await step(model)
+            except StoreUnavailable as e:
+                unreachable = unreachable or e
+        if unreachable is not None:
+            raise unreachable
 
     async def write_each(self, build: Callable[[Any], None]) -> None:
         """Commands ``build(client)`` queues on a client: one pipeline (one round trip) on one

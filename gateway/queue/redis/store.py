@@ -182,21 +182,21 @@ class RedisStore(QueueStore):
         workers advertise and then abandon costs nothing after that."""
         self._forgotten_at = time.monotonic()
         deleted = 0
-        unreachable: StoreUnavailable | None = None
-        for model in await self._models():
-            try:  # a cluster node down skips its models alone
-                n, left = await self.conn.call(
-                    self.conn.scripts.forget.of_model(model, [PREFIX, GROUP])
-                )
-                deleted += int(n)
-                if not left:  # taken up again by its workers' next registration, if any
-                    await self.conn.call(self.redis.srem(keys.MODELS, model))
-            except StoreUnavailable as e:
-                unreachable = unreachable or e
-        if deleted:
-            log.info("dropped %d empty streams of models no worker serves", deleted)
-        if unreachable:
-            raise unreachable
+
+        async def forget(model: str) -> None:
+            nonlocal deleted
+            n, left = await self.conn.call(
+                self.conn.scripts.forget.of_model(model, [PREFIX, GROUP])
+            )
+            deleted += int(n)
+            if not left:  # taken up again by its workers' next registration, if any
+                await self.conn.call(self.redis.srem(keys.MODELS, model))
+
+        try:  # a cluster node down skips its models alone
+            await self.conn.each_model(await self._models(), forget)
+        finally:
+            if deleted:
+                log.info("dropped %d empty streams of models no worker serves", deleted)
 
     # --- client side --------------------------------------------------------------------
     async def submit(self, specs: list[ItemSpec]) -> Request:

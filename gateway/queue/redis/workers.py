@@ -444,16 +444,11 @@ class Workers:
     async def reap(self) -> None:
         """Expired leases of every model back to the front (a REAP call per model)."""
         args: list[Any] = [PREFIX, GROUP, self.lease_ms, self.max_attempts]
-        unreachable: StoreUnavailable | None = None
-        for model in await self.registry.models():
-            try:
-                reaped = await self.conn.call(self.conn.scripts.reap.of_model(model, args))
-            except StoreUnavailable as e:  # a cluster node down: the other models are reaped
-                unreachable = e
-                continue
-            self._count_reaped(reaped)
-        if unreachable is not None:
-            raise unreachable
+
+        async def reap(model: str) -> None:  # a cluster node down: the other models are reaped
+            self._count_reaped(await self.conn.call(self.conn.scripts.reap.of_model(model, args)))
+
+        await self.conn.each_model(await self.registry.models(), reap)
 
     def _count_reaped(self, flat: list[Any]) -> None:
         for i in range(0, len(flat), 3):
