@@ -161,7 +161,9 @@ def test_a_gateway_killed_mid_batch_and_restarted_finishes_it_exactly_once(
         batch = client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
         )
-        before = wait_for(client, batch.id, 300, lambda b: b.request_counts.completed >= 800)
+        # the first chunk written: the kill lands with most lines still to do (the counts move
+        # a chunk at a time, several at once on a busy host)
+        before = wait_for(client, batch.id, 300, lambda b: b.request_counts.completed >= 256)
         # killed mid-batch: lines done, and most still to do
         assert before.status == "in_progress", before
         assert before.request_counts.completed < len(texts) // 2, before
