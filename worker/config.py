@@ -176,10 +176,6 @@ class QueueConfig(Strict):
     # Extensions.
     #: Seconds a pull may wait at the queue for work (long polling).
     pull_wait_seconds: Annotated[float, Field(strict=False)] = Field(default=10.0, gt=0, le=60)
-    #: Seconds the worker waits before its next pull after a pull of many items (at least
-    #: ``defaults.LINGER_AFTER_ITEMS``), so that under load each pull and post round trip
-    #: carries more items; 0 pulls again at once. A quiet queue is never lingered on.
-    pull_linger_seconds: Annotated[float, Field(strict=False)] = Field(default=0.002, ge=0, le=1)
     #: Items the worker keeps in the engine at once; default ``2 * generator.max_num_seqs``.
     max_items_in_flight: int | None = Field(default=None, gt=0)
     #: Estimated prompt tokens the worker keeps in the engine at once; default

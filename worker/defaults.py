@@ -36,10 +36,6 @@ TOKENS_IN_FLIGHT_PER_STEP = 4
 #: free: the engine still has work queued, and a pull brings a step's worth of long inputs at
 #: once (rather than one long document per pull, each pull and post a round trip).
 MIN_PULL_STEPS = 1
-#: A pull that brought at least this many items (load: many clients at once) is followed by a
-#: linger of ``queue.pull_linger_seconds`` before the next pull, so that the next one carries
-#: more items per round trip; a smaller pull (a quiet queue) is followed by the next at once.
-LINGER_AFTER_ITEMS = 8
 #: Batch-job items a worker holds (leased) while interactive items flow; it pulls more only
 #: as they finish, so that its capacity stays free for interactive items.
 BATCH_ITEMS_HELD_WHILE_BUSY = 32

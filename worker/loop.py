@@ -6,8 +6,7 @@ Three concurrent tasks share one event loop with vLLM's ``AsyncLLM``:
    (``max_items_in_flight`` minus items in flight, and ``max_tokens_in_flight`` minus their
    estimated prompt tokens; with items in flight, once an engine step's worth of tokens is
    free), prepares the batch's prompts in one call (templates, tokenization), and starts one
-   engine request per item, before it pulls again (after a pull of many items, under load,
-   ``pull_linger_seconds`` later, so that each round trip carries more);
+   engine request per item, before it pulls again;
 2. **infer**: each item runs in the engine (vLLM batches all in-flight requests itself);
    its result or per-item error goes to the outbox. Batch-job items enter the engine behind
    interactive ones, a few at a time while interactive items flow (:mod:`worker.batch_gate`);
@@ -50,7 +49,6 @@ from worker.defaults import (
     BATCH_ITEMS_HELD_WHILE_BUSY,
     ENGINE_WATCH_SECONDS,
     ITEMS_IN_FLIGHT_PER_SEQ,
-    LINGER_AFTER_ITEMS,
     MIN_PULL_STEPS,
     POST_BACKOFF,
     PULL_BACKOFF,
@@ -182,9 +180,6 @@ class Worker:
                 # Prepared (a small batch on the loop, a large one in a thread) and its engine
                 # requests started before the next pull.
                 await self._start(self._lease(items))
-                if len(items) >= LINGER_AFTER_ITEMS and self.cfg.queue.pull_linger_seconds:
-                    # Under load: the next pull waits a moment to carry more items.
-                    await asyncio.sleep(self.cfg.queue.pull_linger_seconds)
 
     def _lease(self, items: list[WorkItem]) -> list[_Leased]:
         """Count pulled items as in flight (they hold capacity until posted or released)."""

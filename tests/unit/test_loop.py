@@ -21,7 +21,6 @@ from tests.support import FakeEngine, FaultyTransport, counter, wait_until, work
 from worker import metrics
 from worker.adverts import model_adverts
 from worker.config import Config
-from worker.defaults import LINGER_AFTER_ITEMS
 from worker.health import Health
 from worker.loop import Worker
 from worker.queue_client import QueueClient
@@ -219,41 +218,6 @@ async def test_with_items_in_flight_a_pull_waits_for_an_engine_steps_worth_of_to
     # The first pull takes 7 inputs (189 tokens); each later one had >= 100 tokens of room.
     assert engine.prepared_batches[0] == 7
     assert all(n >= 3 for n in engine.prepared_batches[1:-1]), engine.prepared_batches
-
-
-async def test_after_a_pull_of_many_inputs_the_next_pull_lingers_to_carry_more(
-    client, start_worker
-):
-    """Under load (a pull brought >= ``LINGER_AFTER_ITEMS`` inputs) the worker waits
-    ``pull_linger_seconds`` before it pulls again, so the one-input requests sent meanwhile
-    come in one pull; after a small pull (a quiet queue) it pulls again at once."""
-    w = await start_worker(pull_linger_seconds=0.5, max_items_in_flight=64)
-    assert len(vectors(await embed(client, [f"many {i}" for i in range(LINGER_AFTER_ITEMS)]))) == 8
-    assert w.engine.prepared_batches == [LINGER_AFTER_ITEMS]
-    singles = await spaced_singles(client, 5, gap=0.05)  # within the linger
-    assert [vectors(r) for r in singles] == [[[5.0, 2.0]]] * 5
-    assert w.engine.prepared_batches == [LINGER_AFTER_ITEMS, 5]  # one pull after the linger
-    t0 = time.monotonic()
-    for i in range(3):  # each pull of one: no linger before the next
-        assert vectors(await embed(client, [f"one {i}"])) == [[5.0, 2.0]]
-    assert time.monotonic() - t0 < 0.5, "a quiet queue was lingered on"
-    assert w.engine.prepared_batches[2:] == [1, 1, 1]
-
-
-async def test_a_linger_of_zero_pulls_again_at_once(client, start_worker):
-    w = await start_worker(pull_linger_seconds=0, max_items_in_flight=64)
-    assert len(vectors(await embed(client, [f"many {i}" for i in range(LINGER_AFTER_ITEMS)]))) == 8
-    await spaced_singles(client, 5, gap=0.05)
-    assert w.engine.prepared_batches == [LINGER_AFTER_ITEMS, 1, 1, 1, 1, 1]
-
-
-async def spaced_singles(client: httpx.AsyncClient, n: int, gap: float) -> list[httpx.Response]:
-    """``n`` one-input requests started ``gap`` seconds apart, all awaited."""
-    sent = []
-    for i in range(n):
-        sent.append(asyncio.create_task(embed(client, [f"one {i}"])))
-        await asyncio.sleep(gap)
-    return await asyncio.gather(*sent)
 
 
 async def test_while_interactive_inputs_flow_batch_inputs_are_held_and_admitted_few_at_a_time(
