@@ -183,7 +183,7 @@ class RedisStore(QueueStore):
         self._forgotten_at = time.monotonic()
         deleted = 0
 
-        async def forget(model: str) -> None:
+        async def forget_model(model: str) -> None:
             nonlocal deleted
             n, left = await self.conn.call(
                 self.conn.scripts.forget.of_model(model, [PREFIX, GROUP])
@@ -193,7 +193,7 @@ class RedisStore(QueueStore):
                 await self.conn.call(self.redis.srem(keys.MODELS, model))
 
         try:  # a cluster node down skips its models alone
-            await self.conn.each_model(await self._models(), forget)
+            await self.conn.each_model(await self._models(), forget_model)
         finally:
             if deleted:
                 log.info("dropped %d empty streams of models no worker serves", deleted)

@@ -445,10 +445,11 @@ class Workers:
         """Expired leases of every model back to the front (a REAP call per model)."""
         args: list[Any] = [PREFIX, GROUP, self.lease_ms, self.max_attempts]
 
-        async def reap(model: str) -> None:  # a cluster node down: the other models are reaped
+        async def reap_model(model: str) -> None:
             self._count_reaped(await self.conn.call(self.conn.scripts.reap.of_model(model, args)))
 
-        await self.conn.each_model(await self.registry.models(), reap)
+        # a cluster node down: the other models are reaped
+        await self.conn.each_model(await self.registry.models(), reap_model)
 
     def _count_reaped(self, flat: list[Any]) -> None:
         for i in range(0, len(flat), 3):
