@@ -29,6 +29,7 @@ from gateway.batch.runner import BatchRunner
 from gateway.http import observability
 from gateway.http.auth import Credentials
 from gateway.http.edge import Edge
+from gateway.http.routing import DirectRoutes
 from gateway.queue import routes as worker_routes
 from gateway.queue.memory import MemoryStore
 from gateway.queue.store import QueueStore
@@ -102,6 +103,8 @@ def create_app(
     app.state.credentials = Credentials.load(settings)
     errors.install(app)
     # Outermost last: request metrics see every answer, also the edge's 401 / 408 / 413.
+    hot = [client_routes.router, client_routes.peer_router, worker_routes.router]
+    app.add_middleware(DirectRoutes, routers=hot)
     app.add_middleware(
         Edge,
         credentials=app.state.credentials,

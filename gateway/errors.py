@@ -65,21 +65,29 @@ def item_error(error: ItemError, field: str, index: int, inputs: int) -> APIErro
     )
 
 
-async def _api_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, APIError)
-    return JSONResponse(exc.response_json(), status_code=exc.status, headers=exc.headers)
+def error_response(exc: Exception) -> JSONResponse | None:
+    """The response for an :class:`APIError` or an unreachable queue store
+    (:class:`~gateway.queue.store.StoreUnavailable`: 503, ``queue_unavailable``); ``None`` for
+    any other exception."""
+    if isinstance(exc, StoreUnavailable):
+        # What failed (host, port, errno) goes to the log (the store logs it once per
+        # outage), not to clients.
+        exc = APIError(
+            503,
+            "The queue store is unavailable; try again shortly.",
+            type="server_error",
+            code="queue_unavailable",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, APIError):
+        return JSONResponse(exc.response_json(), status_code=exc.status, headers=exc.headers)
+    return None
 
 
-async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
-    # What failed (host, port, errno) goes to the log (the store logs it once per outage),
-    # not to clients.
-    err = APIError(
-        503,
-        "The queue store is unavailable; try again shortly.",
-        type="server_error",
-        code="queue_unavailable",
-    )
-    return JSONResponse(err.response_json(), status_code=503, headers={"Retry-After": "1"})
+async def _known_error(_: Request, exc: Exception) -> JSONResponse:
+    response = error_response(exc)
+    assert response is not None
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -135,8 +143,8 @@ def install(app: FastAPI) -> None:
     """Render :class:`APIError`, request validation errors (400), Starlette's own HTTP errors
     (unknown route 404, a body that cannot be parsed 400), an unreachable queue store (503,
     ``queue_unavailable``) and any other exception (500, logged) in OpenAI's shape."""
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(APIError, _known_error)
+    app.add_exception_handler(StoreUnavailable, _known_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

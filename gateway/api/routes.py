@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
@@ -43,15 +43,14 @@ def json_list(items: list[Any]) -> Response:
     return Response(_LIST.dump_json(items, exclude_none=True), media_type="application/json")
 
 
-#: Credentials are checked before the body is read: :class:`gateway.http.edge.Edge`.
+#: Credentials are checked before the body is read: :class:`gateway.http.edge.Edge`. The POST
+#: routes are served as direct routes (:mod:`gateway.http.routing`): ``(body, request)``.
 router = APIRouter(prefix="/v1")
 #: The same routes at the paths other APIs use (Cohere's ``/v2/...``, vLLM's unversioned ones).
 peer_router = APIRouter()
 
 
-async def _serving(request: Request) -> Serving:
-    """(``async``: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop
-    per request.)"""
+def _serving(request: Request) -> Serving:
     serving: Serving = request.app.state.serving
     return serving
 
@@ -67,7 +66,7 @@ def _disconnected(request: Request) -> Disconnected:
     return wait
 
 
-async def _serving_open(request: Request) -> Serving:
+def _serving_open(request: Request) -> Serving:
     """The serving object; 503 while the gateway drains (after SIGTERM)."""
     if getattr(request.app.state, "draining", False):
         raise APIError(
@@ -77,119 +76,104 @@ async def _serving_open(request: Request) -> Serving:
             code="draining",
             headers={"Retry-After": "1"},
         )
-    return await _serving(request)
+    return _serving(request)
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
-async def embeddings(
-    req: EmbeddingRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_response(await serving.embeddings(req, _disconnected(request)))
 
 
 @router.post("/rerank", response_model=RerankResponse)
 @peer_router.post("/v2/rerank", response_model=RerankResponse)
-async def rerank(
-    req: RerankRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def rerank(req: RerankRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     # "document" only with return_documents
     return json_response(await serving.rerank(req, _disconnected(request)), exclude_none=True)
 
 
 @peer_router.post("/rerank", response_model=RerankResponse | list[tei.TEIRank])
-async def rerank_any(
-    req: RerankRequest | tei.TEIRerankRequest,
-    request: Request,
-    serving: Serving = Depends(_serving_open),
-) -> Response:
+async def rerank_any(req: RerankRequest | tei.TEIRerankRequest, request: Request) -> Response:
     """Cohere's / Jina's body (``documents``) as ``/v1/rerank``, or TEI's (``texts``)."""
     if isinstance(req, RerankRequest):
-        return await rerank(req, request, serving)
+        return await rerank(req, request)
+    serving = _serving_open(request)
     ranks = await tei.rerank(serving, req, _disconnected(request))
     return json_list(ranks)
 
 
 @peer_router.post("/embed", response_model=list[list[float]])
-async def tei_embed(
-    req: tei.TEIEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def tei_embed(req: tei.TEIEmbedRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return JSONResponse(await tei.embed(serving, req, _disconnected(request)))
 
 
 @peer_router.post("/embed_sparse", response_model=list[list[tei.TEISparseValue]])
-async def tei_embed_sparse(
-    req: tei.TEIEmbedSparseRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def tei_embed_sparse(req: tei.TEIEmbedSparseRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_list(await tei.embed_sparse(serving, req, _disconnected(request)))
 
 
 @peer_router.post(
     "/predict", response_model=list[tei.TEIPrediction] | list[list[tei.TEIPrediction]]
 )
-async def tei_predict(
-    req: tei.TEIPredictRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def tei_predict(req: tei.TEIPredictRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_list(await tei.predict(serving, req, _disconnected(request)))
 
 
 @peer_router.post("/")
-async def tei_root(
-    req: tei.TEIEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def tei_root(req: tei.TEIEmbedRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_list(await tei.root(serving, req, _disconnected(request)))
 
 
 @peer_router.post("/tokenize", response_model=list[list[Token]])
-async def tei_tokenize(
-    req: tei.TEITokenizeRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def tei_tokenize(req: tei.TEITokenizeRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     tokens = await tei.tokenize(serving, req, _disconnected(request))
     return Response(_TOKENS.dump_json(tokens), media_type="application/json")
 
 
 @peer_router.post("/decode", response_model=list[str])
-async def tei_decode(
-    req: tei.TEIDecodeRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def tei_decode(req: tei.TEIDecodeRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return JSONResponse(await tei.decode(serving, req, _disconnected(request)))
 
 
 @peer_router.get("/info")
-async def tei_info(model: str | None = None, serving: Serving = Depends(_serving)) -> Response:
-    return JSONResponse(await tei.info(serving, model))
+async def tei_info(request: Request, model: str | None = None) -> Response:
+    return JSONResponse(await tei.info(_serving(request), model))
 
 
 @peer_router.post("/v2/embed", response_model=cohere.CohereEmbedResponse)
-async def cohere_embed_v2(
-    req: cohere.CohereEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def cohere_embed_v2(req: cohere.CohereEmbedRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     answer = await cohere.embed(serving, req, 2, _disconnected(request))
     return json_response(answer, exclude_none=True)
 
 
 @peer_router.post("/v1/embed", response_model=cohere.CohereEmbedResponse)
-async def cohere_embed_v1(
-    req: cohere.CohereEmbedRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def cohere_embed_v1(req: cohere.CohereEmbedRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_response(
         await cohere.embed(serving, req, 1, _disconnected(request)), exclude_none=True
     )
 
 
 @router.post("/score", response_model=ScoreResponse)
-async def score(
-    req: ScoreRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def score(req: ScoreRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_response(await serving.score(req, _disconnected(request)))
 
 
 @router.post("/classify", response_model=ClassifyResponse)
-async def classify(
-    req: ClassifyRequest, request: Request, serving: Serving = Depends(_serving_open)
-) -> Response:
+async def classify(req: ClassifyRequest, request: Request) -> Response:
+    serving = _serving_open(request)
     return json_response(await serving.classify(req, _disconnected(request)))
 
 
 @router.get("/models", response_model=ModelList)
-async def models(serving: Serving = Depends(_serving)) -> Response:
-    return json_response(await serving.models())
+async def models(request: Request) -> Response:
+    return json_response(await _serving(request).models())

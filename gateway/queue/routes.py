@@ -4,7 +4,7 @@ Thin handlers over the queue store (:class:`gateway.queue.store.QueueStore`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from common.protocol import (
@@ -28,16 +28,16 @@ from gateway.http.auth import WorkerScope
 from gateway.queue.store import QueueStore
 
 #: Worker tokens are checked before the body is read (:class:`gateway.http.edge.Edge`); a scoped
-#: token's models are checked here (403).
+#: token's models are checked here (403). Served as direct routes (:mod:`gateway.http.routing`).
 router = APIRouter(prefix=PREFIX)
 
 
-async def _store(request: Request) -> QueueStore:
+def _store(request: Request) -> QueueStore:
     store: QueueStore = request.app.state.store
     return store
 
 
-async def _scope(request: Request) -> WorkerScope:
+def _scope(request: Request) -> WorkerScope:
     scope: WorkerScope = request.state.worker_scope
     return scope
 
@@ -49,10 +49,9 @@ def _check_items(scope: WorkerScope, store: QueueStore, item_ids: list[str]) -> 
 
 
 @router.post("/pull", response_model=PullResponse)
-async def pull(
-    req: PullRequest, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
-) -> Response:
+async def pull(req: PullRequest, request: Request) -> Response:
     """Lease up to ``max_items`` items, long-polling up to ``wait_seconds``."""
+    store, scope = _store(request), _scope(request)
     scope.check([m.name for m in req.models])
     items = await store.pull(
         req.worker_id,
@@ -108,12 +107,11 @@ async def _item_by_item(store: QueueStore, worker_id: str, items: list[WorkItem]
         }
     },
 )
-async def results(
-    request: Request, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
-) -> Response:
+async def results(request: Request) -> Response:
     """Answer items; idempotent (the first result wins). The body is JSON
     (:class:`~common.protocol.ResultsRequest`) or binary (``RESULTS_BINARY``); a malformed
     one is a 400 naming what is wrong."""
+    store, scope = _store(request), _scope(request)
     body = await request.body()
     binary = request.headers.get("content-type", "").split(";")[0].strip() == RESULTS_BINARY
     try:
@@ -130,10 +128,9 @@ async def results(
 
 
 @router.post("/release", response_model=ReleaseResponse)
-async def release(
-    req: ReleaseRequest, store: QueueStore = Depends(_store), scope: WorkerScope = Depends(_scope)
-) -> Response:
+async def release(req: ReleaseRequest, request: Request) -> Response:
     """Hand leased items back at once (drain)."""
+    store, scope = _store(request), _scope(request)
     _check_items(scope, store, [item_id for item_id, _ in req.leases])
     released = await store.release(req.worker_id, req.leases, count_attempt=req.count_attempt)
     return json_response(ReleaseResponse(released=released))
