@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -78,7 +78,8 @@ class DirectRoute:
 class DirectRoutes:
     """ASGI middleware: a POST to one of ``routers``' POST routes is served by its
     :class:`DirectRoute`; every other request goes on to ``app``. Sets ``scope["route"]`` to
-    the FastAPI route, as FastAPI's router does (the request metrics' ``route`` label). Errors
+    the FastAPI route, as FastAPI's router does (the request metrics' ``route`` label). A
+    client gone before its body arrived gets no answer and leaves no traceback. Errors
     are rendered by :func:`gateway.errors.error_response`, as the app's exception handlers
     render them; any other exception goes on to the app's outermost handler (a 500, logged).
     Sits inside :class:`gateway.http.edge.Edge`: credentials and body limits come first."""
@@ -102,6 +103,8 @@ class DirectRoutes:
         scope["route"] = direct.route
         try:
             response = await direct(Request(scope, receive, send))
+        except ClientDisconnect:  # gone before its body was read: no one to answer
+            return
         except Exception as e:
             failed = error_response(e)
             if failed is None:

@@ -116,3 +116,36 @@ def test_a_direct_route_takes_body_and_request_or_request_alone():
         else:
             with pytest.raises(error, match="takes \\(body, request\\) or \\(request\\)"):
                 DirectRoutes(None, [router])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/queue/v1/results"])
+async def test_a_client_gone_before_its_body_arrived_is_no_error(gw, path):
+    """Found by the e2e edge test: starlette's ClientDisconnect out of a direct route was an
+    "Exception in ASGI application" traceback in the gateway's log."""
+    key = gw.WORKER_TOKEN if path.startswith("/queue") else gw.API_KEY
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("gateway", 80),
+    }
+    messages = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await gw.app(scope, receive, send)  # raised ClientDisconnect before
+    assert sent == []
+    assert await gw.store.depth() == {}
