@@ -5,7 +5,8 @@ API of queue protocol v1 (``docs/queue-protocol.md``), assembled into one FastAP
 - the Files and Batch APIs and the batch runner: :mod:`gateway.batch`;
 - queue routes (worker tokens) over the queue store: :mod:`gateway.queue` (the memory or the
   Redis store);
-- the HTTP edge: credentials and body limits before a body is read, connections, ``/metrics``,
+- the HTTP edge: credentials and body limits before a body is read, the hot POST routes served
+  outside FastAPI's per-request work (:mod:`gateway.http.routing`), connections, ``/metrics``,
   ``/healthz``, ``/readyz``: :mod:`gateway.http`; errors in OpenAI's shape:
   :mod:`gateway.errors`.
 """
