@@ -81,6 +81,17 @@ async def test_the_body_is_json_whatever_its_content_type(gw, content_type):
     assert len(items) == 1
 
 
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v1/score", "/v1/classify", "/v2/embed", "/embed"])
+async def test_every_inference_route_reads_a_text_plain_body_as_json(gw, path):
+    """A body missing a required field, sent as ``text/plain``: the 400 names the field, so
+    the body was read as JSON (FastAPI refused it as not an object)."""
+    r = await gw.client.post(
+        path, content=b'{"model": "m", "truncate": "END"}', headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] not in (None, "body"), r.text
+
+
 async def test_the_schema_still_declares_each_routes_body(gw):
     paths = gw.app.openapi()["paths"]
 
