@@ -330,3 +330,62 @@ async def wait_until(check: Any, timeout: float = 10.0, what: str = "condition")
             return
         assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
         await asyncio.sleep(0.01)
+
+
+class RawCall:
+    """One request straight into the ASGI app, its body served by ``chunks`` (then, with
+    ``stall``, a receive that never returns): records how many body messages were read."""
+
+    def __init__(self, chunks: list[bytes], stall: bool = False, complete: bool = False):
+        self.chunks, self.stall, self.reads = list(chunks), stall, 0
+        self.complete = complete  # the last chunk ends the body (then a stall is the wait)
+        self.status = 0
+        self.body = b""
+        self.headers: dict[bytes, bytes] = {}
+
+    #: Set to end a stalled receive with ``http.disconnect`` (the client goes away).
+    gone: asyncio.Event | None = None
+
+    async def run(
+        self, app: Any, path: str, headers: dict[str, str], method: str = "POST"
+    ) -> RawCall:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+            "client": ("127.0.0.1", 1),
+            "server": ("gateway", 80),
+            "state": {},
+        }
+
+        async def receive() -> dict[str, Any]:
+            self.reads += 1
+            if self.chunks:
+                chunk = self.chunks.pop(0)
+                more = bool(self.chunks) or (self.stall and not self.complete)
+                return {"type": "http.request", "body": chunk, "more_body": more}
+            if self.gone is not None:
+                await self.gone.wait()
+            elif self.stall:
+                await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.headers = dict(message["headers"])
+            elif message["type"] == "http.response.body":
+                self.body += message.get("body", b"")
+
+        await app(scope, receive, send)
+        return self
+
+    def error(self) -> dict[str, Any]:
+        return json.loads(self.body)["error"]

@@ -5,13 +5,14 @@ client or worker sees must not change: the schema, the errors, the metrics' rout
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 from fastapi import APIRouter, Depends, Request, Response
 
 from gateway.http.routing import DirectRoutes
-from tests.support import FakeClock, InProcessGateway, metric
+from tests.support import FakeClock, InProcessGateway, RawCall, metric
 
 MODEL = {"name": "m", "checkpoint_name": "c", "tasks": ["embed"], "max_model_len": 128}
 
@@ -134,29 +135,9 @@ async def test_a_client_gone_before_its_body_arrived_is_no_error(gw, path):
     """Found by the e2e edge test: starlette's ClientDisconnect out of a direct route was an
     "Exception in ASGI application" traceback in the gateway's log."""
     key = gw.WORKER_TOKEN if path.startswith("/queue") else gw.API_KEY
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", b"100")],
-        "client": ("127.0.0.1", 1),
-        "server": ("gateway", 80),
-    }
-    messages = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    await gw.app(scope, receive, send)  # raised ClientDisconnect before
-    assert sent == []
+    call = RawCall([b'{"model":'], stall=True)  # more body announced, then the client is gone
+    call.gone = asyncio.Event()
+    call.gone.set()
+    await call.run(gw.app, path, {"Authorization": f"Bearer {key}"})  # raised ClientDisconnect
+    assert call.status == 0 and call.body == b""  # no answer started
     assert await gw.store.depth() == {}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import FakeClock, InProcessGateway, metric, wait_until
+from tests.support import FakeClock, InProcessGateway, RawCall, metric, wait_until
 
 #: A pull that makes model ``m`` known (embed and score, with a rerank prompt).
 ADVERTISE = {
@@ -104,65 +104,6 @@ async def test_return_logits_is_capped_in_the_gateway(gw):
     assert error["code"] == "invalid_token_ids" and error["param"] == "return_logits"
     assert error["message"] == ("'return_logits' lists 50000 token ids; at most 128 are allowed.")
     assert await gw.store.depth() == {}
-
-
-class RawCall:
-    """One request straight into the ASGI app, its body served by ``chunks`` (then, with
-    ``stall``, a receive that never returns): records how many body messages were read."""
-
-    def __init__(self, chunks: list[bytes], stall: bool = False, complete: bool = False):
-        self.chunks, self.stall, self.reads = list(chunks), stall, 0
-        self.complete = complete  # the last chunk ends the body (then a stall is the wait)
-        self.status = 0
-        self.body = b""
-        self.headers: dict[bytes, bytes] = {}
-
-    #: Set to end a stalled receive with ``http.disconnect`` (the client goes away).
-    gone: asyncio.Event | None = None
-
-    async def run(
-        self, app: Any, path: str, headers: dict[str, str], method: str = "POST"
-    ) -> RawCall:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-            "client": ("127.0.0.1", 1),
-            "server": ("gateway", 80),
-            "state": {},
-        }
-
-        async def receive() -> dict[str, Any]:
-            self.reads += 1
-            if self.chunks:
-                chunk = self.chunks.pop(0)
-                more = bool(self.chunks) or (self.stall and not self.complete)
-                return {"type": "http.request", "body": chunk, "more_body": more}
-            if self.gone is not None:
-                await self.gone.wait()
-            elif self.stall:
-                await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                self.status = message["status"]
-                self.headers = dict(message["headers"])
-            elif message["type"] == "http.response.body":
-                self.body += message.get("body", b"")
-
-        await app(scope, receive, send)
-        return self
-
-    def error(self) -> dict[str, Any]:
-        return json.loads(self.body)["error"]
 
 
 BIG = [b'{"model": "m", "input": ["' + b"x" * 1_000_000] * 3 + [b'"]}']
