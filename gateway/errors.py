@@ -7,6 +7,7 @@ renders it, and turns FastAPI's request validation errors into the same shape (4
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -137,6 +138,16 @@ def invalid_body(err: Any) -> APIError:
     else:
         msg = f"Invalid value for '{'.'.join(loc) or 'body'}': {err.get('msg')}"
     return APIError(400, msg, param=param)
+
+
+def invalid_json(error: ValueError | RecursionError) -> APIError:
+    """The 400 for a request body that is not JSON (``error``: what ``json.loads`` raised)."""
+    where = ""
+    if isinstance(error, json.JSONDecodeError):
+        where = f": {error.msg} at line {error.lineno}, column {error.colno}"
+    elif isinstance(error, RecursionError):
+        where = ": it is nested too deeply"
+    return APIError(400, f"The request body is not valid JSON{where}.")
 
 
 def install(app: FastAPI) -> None:

@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import APIError, error_response, invalid_body
+from gateway.errors import error_response, invalid_body, invalid_json
 
 
 class DirectRoute:
@@ -55,8 +55,8 @@ class DirectRoute:
         return await self.endpoint(self.parse(await request.body()), request)
 
     def parse(self, raw: bytes) -> Any:
-        """The body validated; raises :class:`APIError` 400 if it is not JSON
-        (:func:`invalid_json`) or does not validate (naming the field:
+        """The body validated; raises :class:`~gateway.errors.APIError` 400 if it is not JSON
+        (:func:`gateway.errors.invalid_json`) or does not validate (naming the field:
         :func:`gateway.errors.invalid_body`, from pydantic's first error)."""
         assert self.body is not None
         try:
@@ -111,13 +111,3 @@ class DirectRoutes:
                 raise
             response = failed
         await response(scope, receive, send)
-
-
-def invalid_json(error: ValueError | RecursionError) -> APIError:
-    """The 400 for a request body that is not JSON (``error``: what ``json.loads`` raised)."""
-    where = ""
-    if isinstance(error, json.JSONDecodeError):
-        where = f": {error.msg} at line {error.lineno}, column {error.colno}"
-    elif isinstance(error, RecursionError):
-        where = ": it is nested too deeply"
-    return APIError(400, f"The request body is not valid JSON{where}.")
