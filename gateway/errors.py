@@ -117,12 +117,17 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    err = invalid_body(exc.errors()[0])
+    err = invalid_body(exc.errors()[0], exc.body)
     return JSONResponse(err.response_json(), status_code=400)
 
 
-def invalid_body(err: Any) -> APIError:
-    """The 400 for a request body that does not validate (``err``: pydantic's first error)."""
+def invalid_body(err: Any, body: Any = None) -> APIError:
+    """The 400 for a request body that does not validate (``err``: pydantic's first error;
+    ``body``: FastAPI's ``RequestValidationError.body``, the text where it is not JSON). A body
+    that is not JSON at all (pydantic's or FastAPI's ``json_invalid``) is answered in
+    :func:`invalid_json`'s words, whichever parser found it."""
+    if err.get("type") == "json_invalid":
+        return _not_json(err, body)
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     # pydantic reports union members as extra path parts; keep the field name.
     param = loc[0] if loc else None
@@ -148,6 +153,18 @@ def invalid_json(error: ValueError | RecursionError) -> APIError:
     elif isinstance(error, RecursionError):
         where = ": it is nested too deeply"
     return APIError(400, f"The request body is not valid JSON{where}.")
+
+
+def _not_json(err: Any, body: Any) -> APIError:
+    """:func:`invalid_json` from a ``json_invalid`` error: FastAPI's carries ``json.loads``'s
+    message, the offset as the last part of ``loc`` and the text as ``body``; pydantic-core's
+    carries its message with the line and column."""
+    detail = str((err.get("ctx") or {}).get("error") or "").strip()
+    loc = err.get("loc") or ()
+    offset = loc[-1] if loc else None
+    if isinstance(body, str) and isinstance(offset, int) and detail:
+        return invalid_json(json.JSONDecodeError(detail, body, offset))
+    return APIError(400, f"The request body is not valid JSON{': ' + detail if detail else ''}.")
 
 
 def install(app: FastAPI) -> None:

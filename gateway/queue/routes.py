@@ -117,7 +117,12 @@ async def results(request: Request) -> Response:
     try:
         req = decode_results(body) if binary else ResultsRequest.model_validate_json(body)
     except ValidationError as e:
-        raise invalid_body(e.errors()[0]) from None
+        error = e.errors()[0]
+        if binary and error["type"] == "json_invalid":  # the JSON header, not the body
+            detail = (error.get("ctx") or {}).get("error", "")
+            message = f"Invalid binary results body: its header is not JSON: {detail}"
+            raise APIError(400, message) from None
+        raise invalid_body(error) from None
     except ValueError as e:
         raise APIError(400, f"Invalid binary results body: {e}") from None
     _check_items(scope, store, [r.item_id for r in req.results])

@@ -53,6 +53,27 @@ async def test_a_body_that_is_not_json_is_a_400_saying_where(gw, body, where):
     )
 
 
+@pytest.mark.parametrize(
+    "route",
+    [
+        "client /v1/batches",  # FastAPI's route, not a direct one
+        "worker /results",  # the results route parses its own (JSON or binary) body
+    ],
+)
+async def test_every_post_route_words_a_body_that_is_not_json_alike(gw, route):
+    """Whichever parser meets it (the direct route's, FastAPI's or pydantic-core's), a body
+    that is not JSON gets the same 400, saying where."""
+    who, path = route.split()
+    http = gw.client if who == "client" else gw.worker
+    body = b'{"worker_id": "w",\n "x": tru}'
+    r = await http.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("The request body is not valid JSON: "), message
+    assert "line 2" in message and "column" in message, message
+    assert message.endswith("."), message
+
+
 async def test_a_body_that_does_not_validate_names_the_field(gw):
     for path, body, param in [
         ("/v1/embeddings", {"model": "m"}, "input"),

@@ -479,6 +479,15 @@ async def test_results_may_come_as_a_binary_body_which_the_gateway_offers(gw):
     )
     message = bad.json()["error"]["message"]
     assert bad.status_code == 400 and "binary results body" in message and "12" in message
+    head = b'{"worker_id": "w", "results": [{'
+    bad = await gw.worker.post(
+        "/results",
+        content=b"IQR1" + len(head).to_bytes(4, "little") + head,
+        headers={"Content-Type": RESULTS_BINARY},
+    )
+    message = bad.json()["error"]["message"]
+    assert bad.status_code == 400, bad.text
+    assert message.startswith("Invalid binary results body: its header is not JSON: "), message
     await qc.aclose()
 
 
