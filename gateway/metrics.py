@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "inference_gateway"
@@ -82,3 +86,13 @@ BATCH_LINES = Counter(
     ["model", "state"],
     registry=REGISTRY,
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: MetricWrapperBase, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label values rather than on every
+    request or item (prometheus-client checks the values and takes a lock on each lookup).
+    For the counters and histograms above, whose children are never removed; the gauges,
+    cleared at every scrape, keep calling ``labels``. At most 4,096 children are held here,
+    whatever label values arrive."""
+    return metric.labels(*labels)

@@ -97,5 +97,5 @@ class RequestMetrics:
         finally:
             matched = scope.get("route")  # set by the router on the shared scope
             route = getattr(matched, "path", None) or UNMATCHED_ROUTE
-            metrics.REQUESTS.labels(route, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(route).observe(time.monotonic() - t0)
+            metrics.child(metrics.REQUESTS, route, str(status)).inc()
+            metrics.child(metrics.REQUEST_DURATION, route).observe(time.monotonic() - t0)

@@ -277,7 +277,7 @@ class MemoryStore(QueueStore):
             self._leased_count[(item.model, item.queue[2])] += 1
         self._leased[item.item_id] = item
         if item.attempt == 1:
-            metrics.QUEUE_WAIT.labels(item.model).observe(now - item.enqueued_at)
+            metrics.child(metrics.QUEUE_WAIT, item.model).observe(now - item.enqueued_at)
         else:
             metrics.REDELIVERIES.labels(item.model).inc()
         return WorkItem(

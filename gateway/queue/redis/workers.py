@@ -297,7 +297,7 @@ class Workers:
             if row.attempt == 1:
                 entry_ms = int(item_id.partition("-")[0])
                 waited = max(0.0, time.time() * 1000 - entry_ms) / 1000
-                metrics.QUEUE_WAIT.labels(model).observe(waited)
+                metrics.child(metrics.QUEUE_WAIT, model).observe(waited)
             else:
                 metrics.REDELIVERIES.labels(model).inc()
             lease_id = self.leases.lease_id(item_id, row.attempt, worker_id)
