@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from common.protocol import decode_vector
 from gateway.api.models import EmbeddingRequest, ModelName
 from gateway.api.quantize import encode_rows, value_range
-from gateway.api.serving import Disconnected, Serving
+from gateway.api.serving import Serving
 from gateway.errors import APIError
+from gateway.http.disconnect import Disconnected
 
 CohereType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
 

@@ -29,8 +29,9 @@ from gateway.api.models import (
     ScoreResponse,
     json_response,
 )
-from gateway.api.serving import Disconnected, Serving
+from gateway.api.serving import Serving
 from gateway.errors import APIError
+from gateway.http.disconnect import watch
 
 #: Built once: a TypeAdapter compiles its serializer when made.
 _LIST = TypeAdapter(list[Any])
@@ -55,17 +56,6 @@ def _serving(request: Request) -> Serving:
     return serving
 
 
-def _disconnected(request: Request) -> Disconnected:
-    """Returns once the client has closed its connection (the body is read already, so the
-    next ASGI message is the disconnect)."""
-
-    async def wait() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    return wait
-
-
 def _serving_open(request: Request) -> Serving:
     """The serving object; 503 while the gateway drains (after SIGTERM)."""
     if getattr(request.app.state, "draining", False):
@@ -82,7 +72,7 @@ def _serving_open(request: Request) -> Serving:
 @router.post("/embeddings", response_model=EmbeddingResponse)
 async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_response(await serving.embeddings(req, _disconnected(request)))
+    return json_response(await serving.embeddings(req, watch(request)))
 
 
 @router.post("/rerank", response_model=RerankResponse)
@@ -90,7 +80,7 @@ async def embeddings(req: EmbeddingRequest, request: Request) -> Response:
 async def rerank(req: RerankRequest, request: Request) -> Response:
     serving = _serving_open(request)
     # "document" only with return_documents
-    return json_response(await serving.rerank(req, _disconnected(request)), exclude_none=True)
+    return json_response(await serving.rerank(req, watch(request)), exclude_none=True)
 
 
 @peer_router.post("/rerank", response_model=RerankResponse | list[tei.TEIRank])
@@ -99,20 +89,20 @@ async def rerank_any(req: RerankRequest | tei.TEIRerankRequest, request: Request
     if isinstance(req, RerankRequest):
         return await rerank(req, request)
     serving = _serving_open(request)
-    ranks = await tei.rerank(serving, req, _disconnected(request))
+    ranks = await tei.rerank(serving, req, watch(request))
     return json_list(ranks)
 
 
 @peer_router.post("/embed", response_model=list[list[float]])
 async def tei_embed(req: tei.TEIEmbedRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return JSONResponse(await tei.embed(serving, req, _disconnected(request)))
+    return JSONResponse(await tei.embed(serving, req, watch(request)))
 
 
 @peer_router.post("/embed_sparse", response_model=list[list[tei.TEISparseValue]])
 async def tei_embed_sparse(req: tei.TEIEmbedSparseRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_list(await tei.embed_sparse(serving, req, _disconnected(request)))
+    return json_list(await tei.embed_sparse(serving, req, watch(request)))
 
 
 @peer_router.post(
@@ -120,26 +110,26 @@ async def tei_embed_sparse(req: tei.TEIEmbedSparseRequest, request: Request) -> 
 )
 async def tei_predict(req: tei.TEIPredictRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_list(await tei.predict(serving, req, _disconnected(request)))
+    return json_list(await tei.predict(serving, req, watch(request)))
 
 
 @peer_router.post("/")
 async def tei_root(req: tei.TEIEmbedRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_list(await tei.root(serving, req, _disconnected(request)))
+    return json_list(await tei.root(serving, req, watch(request)))
 
 
 @peer_router.post("/tokenize", response_model=list[list[Token]])
 async def tei_tokenize(req: tei.TEITokenizeRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    tokens = await tei.tokenize(serving, req, _disconnected(request))
+    tokens = await tei.tokenize(serving, req, watch(request))
     return Response(_TOKENS.dump_json(tokens), media_type="application/json")
 
 
 @peer_router.post("/decode", response_model=list[str])
 async def tei_decode(req: tei.TEIDecodeRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return JSONResponse(await tei.decode(serving, req, _disconnected(request)))
+    return JSONResponse(await tei.decode(serving, req, watch(request)))
 
 
 @peer_router.get("/info")
@@ -150,28 +140,26 @@ async def tei_info(request: Request, model: str | None = None) -> Response:
 @peer_router.post("/v2/embed", response_model=cohere.CohereEmbedResponse)
 async def cohere_embed_v2(req: cohere.CohereEmbedRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    answer = await cohere.embed(serving, req, 2, _disconnected(request))
+    answer = await cohere.embed(serving, req, 2, watch(request))
     return json_response(answer, exclude_none=True)
 
 
 @peer_router.post("/v1/embed", response_model=cohere.CohereEmbedResponse)
 async def cohere_embed_v1(req: cohere.CohereEmbedRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_response(
-        await cohere.embed(serving, req, 1, _disconnected(request)), exclude_none=True
-    )
+    return json_response(await cohere.embed(serving, req, 1, watch(request)), exclude_none=True)
 
 
 @router.post("/score", response_model=ScoreResponse)
 async def score(req: ScoreRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_response(await serving.score(req, _disconnected(request)))
+    return json_response(await serving.score(req, watch(request)))
 
 
 @router.post("/classify", response_model=ClassifyResponse)
 async def classify(req: ClassifyRequest, request: Request) -> Response:
     serving = _serving_open(request)
-    return json_response(await serving.classify(req, _disconnected(request)))
+    return json_response(await serving.classify(req, watch(request)))
 
 
 @router.get("/models", response_model=ModelList)

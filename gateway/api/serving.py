@@ -7,11 +7,9 @@ Shapes: OpenAI's embeddings and models APIs with Fireworks' extensions (``return
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -44,6 +42,7 @@ from gateway.api.models import (
 )
 from gateway.api.quantize import encode_rows, value_range
 from gateway.errors import APIError, item_error
+from gateway.http.disconnect import ClientGone, Disconnected, unless_disconnected
 from gateway.queue.store import NoWorker, QueueFull, QueueStore, RequestTimeout
 from gateway.settings import GatewaySettings
 
@@ -57,10 +56,6 @@ _TASK_NAMES = {
 }
 #: Seconds a client is told to wait (``Retry-After``) after a 429 for a full queue.
 QUEUE_FULL_RETRY_AFTER = 5
-
-#: Returns once the client has gone away (its connection closed).
-Disconnected = Callable[[], Awaitable[None]]
-
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -138,23 +133,18 @@ class Serving:
                 code="queue_full",
                 headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
             ) from None
-        metrics.ITEMS_ENQUEUED.labels(model, task).inc(len(specs))
+        metrics.child(metrics.ITEMS_ENQUEUED, model, task).inc(len(specs))
         self.in_flight += 1
-        waiting = asyncio.ensure_future(
-            self.store.wait(
-                request, self.settings.pickup_timeout_seconds, self.settings.request_timeout_seconds
-            )
+        waiting = self.store.wait(
+            request, self.settings.pickup_timeout_seconds, self.settings.request_timeout_seconds
         )
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
-            if watcher is not None:
-                await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiting.done():  # the client went away: its inputs leave the queue
-                    waiting.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await waiting
-                    raise APIError(499, "The client closed the request.", code="client_closed")
-            results = waiting.result() if waiting.done() else await waiting
+            if disconnected is None:
+                results = await waiting
+            else:
+                results = await unless_disconnected(waiting, disconnected)
+        except ClientGone:  # the wait was cancelled: its inputs left the queue
+            raise APIError(499, "The client closed the request.", code="client_closed") from None
         except NoWorker:
             raise APIError(
                 503,
@@ -172,10 +162,6 @@ class Serving:
             ) from None
         finally:
             self.in_flight -= 1
-            if watcher is not None:
-                watcher.cancel()
-            if not waiting.done():
-                waiting.cancel()
         for index, res in enumerate(results):
             if res.error is not None:
                 raise item_error(res.error, field, index, len(results))

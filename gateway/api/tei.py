@@ -31,8 +31,9 @@ from gateway.api.models import (
     ScoreRequest,
     SparseValues,
 )
-from gateway.api.serving import Disconnected, Serving
+from gateway.api.serving import Serving
 from gateway.errors import APIError
+from gateway.http.disconnect import Disconnected
 
 Direction = Literal["Right", "Left", "right", "left"]
 

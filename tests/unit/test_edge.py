@@ -187,6 +187,26 @@ async def test_a_client_that_goes_away_takes_its_inputs_out_of_the_queue(path, b
         assert pulled.json()["items"] == []
 
 
+async def test_a_disconnect_seen_as_the_answer_arrives_leaves_the_answer_alone():
+    """The client's disconnect and its answer come in one turn of the loop, the disconnect
+    first: the wait has its answer, and the request goes on (to send it) uncancelled."""
+    from gateway.http.disconnect import unless_disconnected
+
+    answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    gone = asyncio.Event()
+
+    async def request() -> int:
+        result = await unless_disconnected(answer, gone.wait)
+        await asyncio.sleep(0.05)  # what follows the wait: sending the answer
+        return result
+
+    running = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    gone.set()  # the watcher ends first; its done callback runs after the request resumes
+    answer.set_result(7)
+    assert await asyncio.wait_for(running, 5) == 7
+
+
 async def depth_is(g: InProcessGateway, want: dict[str, int]) -> bool:
     return bool(await g.store.depth() == want)
 
