@@ -296,9 +296,7 @@ class Worker:
                     "posting %d results failed: %s; %d kept for retry", len(batch), e, len(keep)
                 )
                 self._outbox = keep + self._outbox
-                for _, lz in batch:
-                    if lz.deadline <= now:
-                        self._forget(lz)
+                self._forget([lz for _, lz in batch if lz.deadline <= now])
                 await asyncio.sleep(wait)
                 wait = POST_BACKOFF.after(wait)
                 continue
@@ -317,12 +315,14 @@ class Worker:
             else:
                 metrics.ITEMS_FAILED.labels(item.model, item.task, result.error.code.value).inc()
             counted.duration.observe(now - lz.pulled_at)
-            self._forget(lz)
+        self._forget([lz for _, lz in batch])
 
-    def _forget(self, lz: _Leased) -> None:
-        if self._leased.pop(lz.item.item_id, None) is not None:
-            self._tokens_in_flight -= lz.item.est_tokens
-            self._batch_held -= bool(lz.item.priority)
+    def _forget(self, batch: list[_Leased]) -> None:
+        """Free the capacity ``batch`` held (posted, or past its lease)."""
+        for lz in batch:
+            if self._leased.pop(lz.item.item_id, None) is not None:
+                self._tokens_in_flight -= lz.item.est_tokens
+                self._batch_held -= bool(lz.item.priority)
         if not self._leased:
             self._idle.set()
         metrics.ITEMS_IN_FLIGHT.set(self.in_flight)
