@@ -366,16 +366,32 @@ class ItemResult(Wire):
         result = cls(
             item_id=item.item_id, lease_id=item.lease_id, rows=rows, prompt_tokens=prompt_tokens
         )
-        result._vector, result._indices = vector, indices
+        result.keep_words(vector, indices)
         return result.encoded() if encoded else result
+
+    def keep_words(self, vector: np.ndarray | None, indices: np.ndarray | None = None) -> None:
+        """Keep the vector's float32 words (and a sparse one's uint32 indices) beside the
+        result, for the binary body (:meth:`words`)."""
+        # Their dict directly: pydantic's private attribute access costs ~1 µs a call.
+        private = self.__pydantic_private__
+        assert private is not None
+        private["_vector"], private["_indices"] = vector, indices
+
+    def words(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(float32 [n] values, uint32 [nnz] indices or None) as :meth:`keep_words` kept
+        them (by :meth:`ok`, or a binary body's decoder); (None, None) where none were kept."""
+        private = self.__pydantic_private__
+        assert private is not None
+        return private["_vector"], private["_indices"]
 
     def encoded(self) -> ItemResult:
         """This result with ``vector_b64`` (and a sparse one's ``indices_b64``) set from the
         words :meth:`ok` kept, where ``ok(encoded=False)`` left them out; returns self."""
-        if self.vector_b64 is None and self._vector is not None:
-            self.vector_b64 = encode_vector(self._vector)
-            if self._indices is not None:
-                self.indices_b64 = encode_indices(self._indices)
+        vector, indices = self.words()
+        if self.vector_b64 is None and vector is not None:
+            self.vector_b64 = encode_vector(vector)
+            if indices is not None:
+                self.indices_b64 = encode_indices(indices)
         return self
 
     def matrix(self) -> np.ndarray:

@@ -63,10 +63,9 @@ def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
     words: list[bytes] = []  # every result's float32 values, then its uint32 indices
     header = []
     for r in results:
-        vec = r._vector
+        vec, idx = r.words()
         if vec is None and r.vector_b64 is not None:
             vec = decode_vector(r.vector_b64)
-        idx = r._indices
         if idx is None and r.indices_b64 is not None:
             idx = decode_indices(r.indices_b64)
         for part, dtype in ((vec, "<f4"), (idx, "<u4")):
@@ -95,7 +94,7 @@ def encode_results(worker_id: str, results: list[ItemResult]) -> bytes:
 def decode_results(body: bytes) -> ResultsRequest:
     """A binary body -> the :class:`ResultsRequest` its JSON twin would give (vectors as
     ``vector_b64``; each result's float32 values also kept as they came, in
-    ``ItemResult._vector``). Raises ValueError for a body that is not one (bad framing, a
+    ``ItemResult.words()``). Raises ValueError for a body that is not one (bad framing, a
     length that does not match the values the header counts), pydantic's ValidationError for
     a bad header."""
     if len(body) < 8 or body[:4] != _MAGIC:
@@ -135,6 +134,6 @@ def decode_results(body: bytes) -> ResultsRequest:
             text=r.text,
         )
         if r.values:  # the values as they came: checked without decoding the base64 again
-            result._vector = np.frombuffer(data[start : start + 4 * r.values], dtype="<f4")
+            result.keep_words(np.frombuffer(data[start : start + 4 * r.values], dtype="<f4"))
         out.append(result)
     return ResultsRequest(worker_id=header.worker_id, results=out)

@@ -145,7 +145,7 @@ def check_result(
     elif result.vector_b64 is None:
         why = "a result without a vector or an error"
     else:
-        vec = result._vector  # a binary body's values, as they came (no base64 to decode)
+        vec, _ = result.words()  # a binary body's values, as they came (no base64 to decode)
         if vec is None:
             try:
                 raw = base64.b64decode(result.vector_b64, validate=True)
