@@ -372,7 +372,7 @@ class ItemResult(Wire):
     def keep_words(self, vector: np.ndarray | None, indices: np.ndarray | None = None) -> None:
         """Keep the vector's float32 words (and a sparse one's uint32 indices) beside the
         result, for the binary body (:meth:`words`)."""
-        # Their dict directly: pydantic's private attribute access costs ~1 µs a call.
+        # Their dict directly: private attributes go through BaseModel.__getattr__/__setattr__.
         private = self.__pydantic_private__
         assert private is not None
         private["_vector"], private["_indices"] = vector, indices
