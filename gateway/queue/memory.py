@@ -286,7 +286,9 @@ class MemoryStore(QueueStore):
             lease_seconds=self.lease_seconds,
             attempt=item.attempt,
             est_tokens=item.est_tokens,
-            **dict(item.spec),
+            # its fields; dict(spec) would first look for a .keys() through pydantic's
+            # __getattr__, which raises
+            **item.spec.__dict__,
         )
 
     async def complete(self, worker_id: str, results: list[ItemResult]) -> Completion:
