@@ -14,7 +14,6 @@ import asyncio
 import collections
 import secrets
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from gateway.queue.store import (
     count_advert,
     dead_letter,
     fits,
+    new_id,
     prompt_token_limit,
 )
 
@@ -145,7 +145,7 @@ class MemoryStore(QueueStore):
         items = []
         for spec in specs:
             item = Item(
-                uuid.uuid4().hex,
+                new_id(),
                 spec,
                 loop.create_future(),
                 enqueued_at=now,

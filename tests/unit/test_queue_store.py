@@ -1026,3 +1026,12 @@ async def test_a_sparse_embedding_reaches_the_client_and_a_bad_one_is_refused(st
     got = await store.wait(request, pickup_timeout=DEADLINE, request_timeout=DEADLINE)
     assert [r.sparse().indices.tolist() for r in got] == [[7, 99], []]
     assert [r.sparse().values.tolist() for r in got] == [[0.5, 1.25], []]
+
+
+def test_new_ids_are_distinct_24_hex_digits_after_this_processs_random_prefix():
+    from gateway.queue.store import _ID_PREFIX, new_id
+
+    ids = [new_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 24 and i.startswith(_ID_PREFIX) and int(i, 16) >= 0 for i in ids)
+    assert len(_ID_PREFIX) == 12 and _ID_PREFIX != "0" * 12

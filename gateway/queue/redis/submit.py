@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from gateway.queue.redis import entries, keys
 from gateway.queue.redis.connection import Connection
 from gateway.queue.redis.keys import GROUP, PREFIX
 from gateway.queue.redis.replies import Replies
-from gateway.queue.store import QueueFull, Request, StoreUnavailable
+from gateway.queue.store import QueueFull, Request, StoreUnavailable, new_id
 
 log = logging.getLogger("gateway.queue.redis")
 
@@ -72,7 +71,7 @@ class Submissions:
         cannot be encoded (ValueError) fails this request alone, before any other joins it."""
         key = keys.stream_key(specs[0].model, specs[0].task, specs[0].priority)
         waiter: asyncio.Future[Request] = asyncio.get_running_loop().create_future()
-        submission = _Submission(uuid.uuid4().hex, specs, entries.cut(specs), waiter)
+        submission = _Submission(new_id(), specs, entries.cut(specs), waiter)
         self._waiting.setdefault(key, []).append(submission)
         if key not in self._sending:
             self._sending.add(key)
