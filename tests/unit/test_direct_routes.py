@@ -162,3 +162,12 @@ async def test_a_client_gone_before_its_body_arrived_is_no_error(gw, path):
     await call.run(gw.app, path, {"Authorization": f"Bearer {key}"})  # raised ClientDisconnect
     assert call.status == 0 and call.body == b""  # no answer started
     assert await gw.store.depth() == {}
+
+
+def test_the_metric_children_cache_is_the_labelled_child_and_bounded():
+    """``gateway.metrics.child`` returns what ``labels()`` returns (the counts land in the
+    same series) and holds at most 4,096 children, whatever label values arrive."""
+    from gateway import metrics
+
+    assert metrics.child(metrics.QUEUE_WAIT, "m") is metrics.QUEUE_WAIT.labels("m")
+    assert metrics.child.cache_info().maxsize == 4096
