@@ -4,9 +4,7 @@ output line (:class:`Answer`)."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +12,7 @@ from common.protocol import ItemResult, ItemSpec
 from gateway.api.models import EmbeddingRequest, RerankRequest
 from gateway.api.serving import Prepared
 from gateway.errors import item_error
+from gateway.queue.store import new_id
 
 
 @dataclass
@@ -45,18 +44,12 @@ class Piece:
     places: list[tuple[Line, int]] = field(default_factory=list)
 
 
-#: Output-line ids: a random prefix per gateway process and a counter (unique across
-#: replicas and restarts; two ``uuid4()`` per line cost 25 us of the gateway's CPU).
-_ID_PREFIX = uuid.uuid4().hex[:12]
-_ID_COUNTER = itertools.count()
-
-
 def answer(custom_id: str, status: int, body: str) -> Answer:
     """The output line of a request answered with ``status`` and ``body`` (JSON), in the
-    shape of :class:`BatchOutputLine` (ids of 24 and 32 hex digits), serialised once."""
-    n = next(_ID_COUNTER)
-    head = json.dumps({"id": f"batch_req_{_ID_PREFIX}{n:012x}", "custom_id": custom_id})
-    response = f'{{"status_code": {status}, "request_id": "{_ID_PREFIX}{n:020x}", "body": {body}}}'
+    shape of :class:`BatchOutputLine` (ids of 24 and 32 hex digits, from
+    :func:`gateway.queue.store.new_id`), serialised once."""
+    head = json.dumps({"id": f"batch_req_{new_id()}", "custom_id": custom_id})
+    response = f'{{"status_code": {status}, "request_id": "{new_id(20)}", "body": {body}}}'
     return Answer(status, f'{head[:-1]}, "response": {response}, "error": null}}')
 
 

@@ -63,12 +63,13 @@ _ID_PREFIX = uuid.uuid4().hex[:12]
 _ID_COUNTER = itertools.count()
 
 
-def new_id() -> str:
-    """A new id of 24 hex digits for a request or an input: unique in this process (a
-    counter) and across processes and restarts (a random prefix per process). Not secret:
-    leases are what a worker cannot guess. A counter: a ``uuid4()`` for each input was a
-    visible share of the queue's per-input path."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+def new_id(counter_digits: int = 12) -> str:
+    """A new id of 12 + ``counter_digits`` hex digits (24 by default) for a request, an input
+    or a batch output line: unique in this process (a counter) and across processes and
+    restarts (a random prefix per process). Not secret: leases are what a worker cannot
+    guess. A counter: a ``uuid4()`` for each input was a visible share of the queue's
+    per-input path."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):0{counter_digits}x}"
 
 
 class StoreUnavailable(Exception):

@@ -1035,3 +1035,5 @@ def test_new_ids_are_distinct_24_hex_digits_after_this_processs_random_prefix():
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 24 and i.startswith(_ID_PREFIX) and int(i, 16) >= 0 for i in ids)
     assert len(_ID_PREFIX) == 12 and _ID_PREFIX != "0" * 12
+    wide = new_id(20)  # a batch output line's request_id: 32 hex digits
+    assert len(wide) == 32 and wide.startswith(_ID_PREFIX) and wide not in ids
