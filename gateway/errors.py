@@ -127,7 +127,7 @@ def invalid_body(err: Any, body: Any = None) -> APIError:
     that is not JSON at all (pydantic's or FastAPI's ``json_invalid``) is answered in
     :func:`invalid_json`'s words, whichever parser found it."""
     if err.get("type") == "json_invalid":
-        return _not_json(err, body)
+        return _from_json_invalid(err, body)
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     # pydantic reports union members as extra path parts; keep the field name.
     param = loc[0] if loc else None
@@ -152,10 +152,14 @@ def invalid_json(error: ValueError | RecursionError) -> APIError:
         where = f": {error.msg} at line {error.lineno}, column {error.colno}"
     elif isinstance(error, RecursionError):
         where = ": it is nested too deeply"
+    return _not_valid_json(where)
+
+
+def _not_valid_json(where: str) -> APIError:
     return APIError(400, f"The request body is not valid JSON{where}.")
 
 
-def _not_json(err: Any, body: Any) -> APIError:
+def _from_json_invalid(err: Any, body: Any) -> APIError:
     """:func:`invalid_json` from a ``json_invalid`` error: FastAPI's carries ``json.loads``'s
     message, the offset as the last part of ``loc`` and the text as ``body``; pydantic-core's
     carries its message with the line and column."""
@@ -164,7 +168,7 @@ def _not_json(err: Any, body: Any) -> APIError:
     offset = loc[-1] if loc else None
     if isinstance(body, str) and isinstance(offset, int) and detail:
         return invalid_json(json.JSONDecodeError(detail, body, offset))
-    return APIError(400, f"The request body is not valid JSON{': ' + detail if detail else ''}.")
+    return _not_valid_json(f": {detail}" if detail else "")
 
 
 def install(app: FastAPI) -> None:
