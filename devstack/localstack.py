@@ -148,13 +148,23 @@ def start(
     return proc
 
 
+#: Bytes of a Unix socket's path on Linux (``sun_path`` less its terminating NUL).
+UNIX_SOCKET_PATH_MAX = 107
+
+
 def start_redis(
-    log_dir: Path, *, port: int | None = None, appendonly: bool = True, cluster: bool = False
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    appendonly: bool = True,
+    cluster: bool = False,
+    unix_socket: bool = False,
 ) -> Proc:
     """``redis-server`` (Debian's package) on 127.0.0.1 with its data in ``log_dir`` (AOF on
     unless told otherwise), waited for until it answers PING. ``url`` is its redis:// URL.
     ``cluster``: a node of a Redis Cluster (``--cluster-enabled yes``), not yet in one (see
-    :func:`start_redis_cluster`)."""
+    :func:`start_redis_cluster`). ``unix_socket``: it also listens on a Unix socket in its
+    data folder, and ``url`` is that socket's ``unix://`` URL."""
     import shutil
 
     import redis
@@ -181,7 +191,14 @@ def start_redis(
         "--protected-mode",
         "no",
     ]
-    proc = start(cmd, data / "redis.log", url=f"redis://127.0.0.1:{port}/0")
+    url = f"redis://127.0.0.1:{port}/0"
+    if unix_socket:
+        socket = data / "redis.sock"
+        if len(str(socket)) > UNIX_SOCKET_PATH_MAX:
+            raise ValueError(f"{socket}: longer than a Unix socket's path may be")
+        cmd += ["--unixsocket", str(socket), "--unixsocketperm", "700"]
+        url = f"unix://{socket}?db=0"
+    proc = start(cmd, data / "redis.log", url=url)
     deadline = time.monotonic() + 30
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
     while True:

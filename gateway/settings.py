@@ -97,8 +97,9 @@ class GatewaySettings(BaseModel):
         "memory",
         "--queue-url",
         "the queue store: 'memory' (in this process, the default) or a Redis URL "
-        "(redis://[:password@]host:port/db, rediss:// for TLS; redis+cluster://host:port, "
-        "rediss+cluster://, for any node of a Redis Cluster) shared by gateway replicas",
+        "(redis://[:password@]host:port/db, rediss:// for TLS, unix:///path/redis.sock?db=0 "
+        "for a Redis on this host; redis+cluster://host:port, rediss+cluster://, for any node "
+        "of a Redis Cluster) shared by gateway replicas",
     )
     queue_password_file: str | None = _setting(
         None, "--queue-password-file", "a file holding the Redis password (wins over the URL's)"

@@ -10,16 +10,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SKIP = "two-workers,redis,replicas,cluster"  # the memory-store stack alone: seconds
+SKIP = "two-workers,redis,redis-unix,replicas,cluster"  # the memory-store stack alone: seconds
 
 
 # enough inputs that each role's CPU time is many of psutil's 10 ms ticks
-ARGS = ["--big", "6400", "--small", "640", "--settle", "0", "--no-save", "--skip", SKIP]
+ARGS = ["--big", "6400", "--small", "640", "--settle", "0", "--no-save"]
 
 
-def bench(*args: str) -> subprocess.CompletedProcess[str]:
+def bench(*args: str, skip: str = SKIP) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "path.py"), *ARGS, *args],
+        [sys.executable, str(REPO / "bench" / "path.py"), *ARGS, "--skip", skip, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -50,6 +50,20 @@ def test_the_null_engine_bench_measures_both_patterns_and_says_so():
     worker = {row[0]: float(row[3]) for row in rows}
     for pattern, _, cpu, share in floor:
         assert 0 < float(cpu) < worker[pattern] and 0 < int(share) < 100
+
+
+def test_the_redis_stack_runs_over_a_unix_socket_too():
+    """The Redis store reached through redis-server's Unix socket (``unix://``), measured
+    as the TCP stack is: both patterns, redis-server's CPU counted."""
+    r = bench("--rounds", "1", skip="memory,two-workers,redis,replicas,cluster")
+    rows = re.findall(
+        r"^\| Redis store over a Unix socket, 1 gateway \| (\S+) \| [\d,]+ .*\| "
+        r"[\d.]+ / [\d.]+ / ([\d.]+) /",
+        r.stdout,
+        re.M,
+    )
+    assert [row[0] for row in rows] == ["64/request", "1/request"], r.stdout[-3000:]
+    assert all(float(redis_cpu) > 0 for _, redis_cpu in rows)  # redis-server was measured
 
 
 def test_the_ab_mode_runs_each_build_side_by_side_and_prints_their_ratios():

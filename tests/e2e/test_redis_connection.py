@@ -1,13 +1,16 @@
 """The Redis store's connection and background loops on a redis-server of the module's own
-(stopped and restarted here, so not the session's): a password given apart from the URL, an
-outage logged once and its end once, the reply reader living through a Redis restart and a
-key of the wrong type, its blocking reads, and the streams of abandoned models dropped."""
+(stopped and restarted here, so not the session's): a password given apart from the URL, a
+``unix://`` URL, an outage logged once and its end once, the reply reader living through a
+Redis restart and a key of the wrong type, its blocking reads, and the streams of abandoned
+models dropped."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +96,39 @@ async def exchange(a: RedisStore, b: RedisStore, text: str) -> None:
     assert (await b.complete("w", [done])).accepted == 1
     (result,) = await a.wait(mine, pickup_timeout=5, request_timeout=10)
     assert result.vector_b64 == two
+
+
+async def test_a_unix_socket_url_reaches_a_redis_on_the_same_host():
+    """``--queue-url unix://<socket>?db=0`` (accepted by the gateway's settings): two
+    replicas on one redis-server through its Unix socket, a worker answering through the
+    other replica than the client's."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="iw-unix-"))  # short: a socket's path is bounded
+    server = ls.start_redis(folder, unix_socket=True)
+    a, b = (RedisStore(server.url, lease_seconds=5) for _ in range(2))
+    try:
+        assert server.url.startswith(f"unix://{folder}/") and server.url.endswith("?db=0")
+        await a.start()
+        await b.start()
+        await exchange(a, b, "over a unix socket")
+        clients = redis_clients(server)
+        assert clients and all(c["addr"].startswith(f"{folder}/") for c in clients), clients
+    finally:
+        await a.close()
+        await b.close()
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def redis_clients(server: ls.Proc) -> list[dict]:
+    """The gateway's connections as ``CLIENT LIST`` gives them (this check's own left out);
+    a Unix socket client's ``addr`` is ``<socket path>:0``."""
+    import redis
+
+    with redis.Redis.from_url(server.url) as plain:
+        me = plain.client_id()
+        return [c for c in plain.client_list() if int(c["id"]) != me]
 
 
 async def test_the_reply_reader_reads_on_after_a_restart_and_a_key_of_the_wrong_type(

@@ -19,6 +19,21 @@ def test_defaults_and_flags():
     assert (s.request_timeout_seconds, s.worker_ttl_seconds) == (600.0, 30.0)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory",
+        "redis://redis:6379/0",
+        "rediss://redis:6380/0?ssl_ca_certs=/run/ca.pem",
+        "unix:///run/redis/redis.sock?db=0",
+        "redis+cluster://node-1:6379",
+        "rediss+cluster://node-1:6380",
+    ],
+)
+def test_every_queue_store_url_the_help_names_is_accepted(url):
+    assert parse([*KEYS, "--queue-url", url], {}).queue_url == url
+
+
 def test_every_setting_from_the_environment(tmp_path):
     keys, tokens = tmp_path / "keys", tmp_path / "tokens"
     keys.write_text(f"# client keys\n{K2}\n")
