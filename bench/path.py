@@ -3,12 +3,13 @@ engine answering every input at once with a fixed vector; bench only): what the 
 queue and the worker cost per input, the ceiling a GPU meets once the model is fast.
 
     python bench/path.py [--rounds 3] [--big 32000] [--small 4000] [--profile 8]
-                         [--skip memory,two-workers,redis,replicas,cluster] [--no-save]
-                         [--ab REV] [--name path]
+                         [--skip memory,two-workers,redis,redis-unix,replicas,cluster]
+                         [--no-save] [--ab REV] [--name path]
 
 Stacks (every one: real ``inference-gateway`` processes, NULL-ENGINE workers, aiohttp clients
 in this process): the memory store with one worker and with two; the Redis store with one
-gateway and one worker, and with two gateway replicas on one Redis, a worker pulling through
+gateway and one worker, over loopback TCP and over a Unix socket (``unix://``, a Redis on
+the gateway's host), and with two gateway replicas on one Redis, a worker pulling through
 each and the clients split over both; the Redis store on a Redis Cluster of three primaries
 (``redis+cluster://``; redis-server = the three nodes), one gateway and one worker.
 Patterns: 64 inputs per request (8 in flight) and one input per request (64 clients). Per
@@ -60,10 +61,11 @@ LABEL = "NULL ENGINE (bench only)"
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
 PATTERNS = {"64/request": (64, 8), "1/request": (1, 64)}
 ROLES = ("gateway", "worker", "redis-server", "client")
-MEMORY, TWO, REDIS, REPLICAS, CLUSTER = (
+MEMORY, TWO, REDIS, REDIS_UNIX, REPLICAS, CLUSTER = (
     "memory store, 1 worker",
     "memory store, 2 workers",
     "Redis store, 1 gateway",
+    "Redis store over a Unix socket, 1 gateway",
     "Redis store, 2 gateway replicas",
     "Redis Cluster (3 primaries), 1 gateway",
 )
@@ -307,6 +309,14 @@ def start_stacks(logs: Path, skip: set[str], tree: Path, env: dict[str, str]) ->
         w1 = null_worker(r1.url, logs, f"null-worker-redis-{next(_N)}", tree, env)
         s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
         paths[REDIS] = Path_(REDIS, [r1.url], s.add("worker", _pid(w1)))
+    if "redis-unix" not in skip:  # the same with redis-server on the gateway's host
+        redis = ls.start_redis(logs, unix_socket=True)
+        r1 = ls.start_gateway(
+            logs, args=["--pickup-timeout", "600", "--queue-url", redis.url], env=env
+        )
+        w1 = null_worker(r1.url, logs, f"null-worker-redis-unix-{next(_N)}", tree, env)
+        s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
+        paths[REDIS_UNIX] = Path_(REDIS_UNIX, [r1.url], s.add("worker", _pid(w1)))
     if "replicas" not in skip:
         redis = ls.start_redis(logs)
         s = Stack().add("redis-server", _pid(redis))
