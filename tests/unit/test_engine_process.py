@@ -180,6 +180,25 @@ async def test_an_engine_process_that_exits_fails_its_waiters():
     llm.shutdown()
 
 
+async def test_a_request_after_the_engine_process_is_gone_fails_at_once():
+    """Requests submitted after the engine process went away (its pipe closed), before or
+    after the pipe's reader saw it: each fails with EngineDead, none waits."""
+    ours, theirs = multiprocessing.Pipe()
+    gone = threading.Thread(target=lambda: None)
+    gone.start()
+    gone.join()
+    llm = ProcessLLM(FakeProcess(gone), ours, SimpleNamespace(model_config=None))
+    theirs.close()
+    first = asyncio.ensure_future(_one(llm, [1], "before-the-reader"))  # its send fails
+    with pytest.raises(EngineDead):
+        await asyncio.wait_for(first, 20)
+    llm._attach(asyncio.get_running_loop())
+    with pytest.raises(EngineDead):
+        await asyncio.wait_for(_one(llm, [2], "after"), 20)
+    assert llm.errored
+    llm.shutdown()
+
+
 def test_wire_output_round_trip_keeps_shape_and_dtype():
     data = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = from_wire(WireOutput("x", 4, data=data))

@@ -344,7 +344,9 @@ class ProcessLLM:
 
     # --- the hand-off ------------------------------------------------------------------
     async def _submit(self, request: Submit) -> Any:
-        if self.errored:
+        # Not ``errored`` (a waitpid per request): a process that is gone closes the pipe,
+        # and its reader or the send below fails every waiter with EngineDead.
+        if self.error is not None or self._closed:
             raise EngineDead(self.error or "the vLLM engine process is gone")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()

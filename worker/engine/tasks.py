@@ -17,6 +17,7 @@ import asyncio
 import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -72,10 +73,8 @@ class Runner:
         return await _ONE_INPUT[item.task](self, item, prompt)
 
     async def embed(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
-        from vllm import PoolingParams
-
         _check_dimensions(item)
-        params = PoolingParams(
+        params = _vllm().PoolingParams(
             task="embed", dimensions=item.dimensions, use_activation=item.normalize
         )
         out = await self._encode(item, prompt, params)
@@ -86,11 +85,9 @@ class Runner:
         """A SPLADE model's sparse embedding: vLLM's ``embed`` task on
         ``BertSpladeSparseEmbeddingModel`` gives the vocabulary's weights ``[vocab_size]``
         (``log(1 + relu(logits))`` max-pooled over the tokens); their non-zero entries."""
-        from vllm import PoolingParams
-
         if self.bge_m3:
             return await self.lexical_weights(item, prompt)
-        out = await self._encode(item, prompt, PoolingParams(task="embed"))
+        out = await self._encode(item, prompt, _vllm().PoolingParams(task="embed"))
         weights = out.outputs.data.float().numpy()
         return SparseEmbedding.from_dense(weights), len(out.prompt_token_ids)
 
@@ -101,9 +98,7 @@ class Runner:
         task gives each token's weight (``relu(sparse_linear(hidden))``, the BOS and EOS
         positions left out); per token id the largest positive weight, the tokenizer's
         CLS / EOS / SEP / PAD / UNK left out."""
-        from vllm import PoolingParams
-
-        out = await self._encode(item, prompt, PoolingParams(task="token_classify"))
+        out = await self._encode(item, prompt, _vllm().PoolingParams(task="token_classify"))
         weights = out.outputs.data.float().numpy().reshape(-1).tolist()
         bos, eos, unused = self._lexical_ids
         ids = list(prompt)
@@ -132,10 +127,8 @@ class Runner:
         """Per-token vectors float32 [tokens, dim] (vLLM's ``token_embed`` task, e.g. a
         ColBERT's projection of every token): each row's first ``dimensions`` components when
         set, each row L2-normalised unless ``normalize`` is false."""
-        from vllm import PoolingParams
-
         _check_dimensions(item)
-        params = PoolingParams(task="token_embed", use_activation=item.normalize)
+        params = _vllm().PoolingParams(task="token_embed", use_activation=item.normalize)
         out = await self._encode(item, prompt, params)
         rows = out.outputs.data.float().numpy()
         if item.dimensions is not None:
@@ -153,10 +146,8 @@ class Runner:
         """A long text's embedding from its windows: each window's pooled vector (its first
         ``dimensions``, not normalised), their mean weighted by the windows' tokens,
         L2-normalised unless ``normalize`` is false. The token count is every window's."""
-        from vllm import PoolingParams
-
         # vLLM keeps the first ``dimensions`` of each (and refuses sizes the model lacks)
-        raw = PoolingParams(task="embed", dimensions=item.dimensions, use_activation=False)
+        raw = _vllm().PoolingParams(task="embed", dimensions=item.dimensions, use_activation=False)
         outs = await asyncio.gather(*(self._encode(item, w, raw) for w in prompt.windows))
         vectors = np.stack([o.outputs.data.float().numpy() for o in outs]).astype(np.float64)
         weights = np.array([len(w) for w in prompt.windows], dtype=np.float64)
@@ -168,17 +159,15 @@ class Runner:
     async def classify(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         """A sequence classifier's class logits ``[num_labels]`` (vLLM's ``classify`` task
         without its activation), their softmax when ``normalize``."""
-        from vllm import PoolingParams
-
-        out = await self._encode(item, prompt, PoolingParams(task="classify", use_activation=False))
+        out = await self._encode(
+            item, prompt, _vllm().PoolingParams(task="classify", use_activation=False)
+        )
         logits = out.outputs.data.float().numpy().astype(np.float32)
         return (softmax(logits) if item.normalize else logits), len(out.prompt_token_ids)
 
     async def logits(self, item: WorkItem, prompt: list[int]) -> tuple[np.ndarray, int]:
         """A causal LM's raw logits of ``return_logits`` at the last position (their softmax
         when ``normalize``)."""
-        from vllm import SamplingParams
-
         if self.score_type != "causal-lm":
             raise InvalidInput(
                 ErrorCode.INVALID_TOKEN_IDS,
@@ -194,7 +183,7 @@ class Runner:
                 ErrorCode.INVALID_TOKEN_IDS,
                 f"return_logits lists {len(ids)} token ids; at most {MAX_LOGIT_IDS} are allowed",
             )
-        params = SamplingParams(
+        params = _vllm().SamplingParams(
             max_tokens=1, temperature=0.0, logprob_token_ids=list(ids), detokenize=False
         )
         stream = self.core.generate(
@@ -215,10 +204,8 @@ class Runner:
         """A (query, document) pair's score ``[1]`` by this engine's score type: the
         cross-encoder's logit (its activation, e.g. a sigmoid, when ``normalize``), MaxSim of
         the token embeddings, or the cosine of the embeddings."""
-        from vllm import PoolingParams
-
         if self.score_type == "cross-encoder":
-            params = PoolingParams(task="classify", use_activation=item.normalize)
+            params = _vllm().PoolingParams(task="classify", use_activation=item.normalize)
             if prompt.token_type_ids:
                 from vllm.entrypoints.pooling.scoring.utils import compress_token_type_ids
 
@@ -233,7 +220,7 @@ class Runner:
         assert prompt.second is not None
         query, document = await asyncio.gather(
             self._encode_shared(item, prompt.first, task),
-            self._encode(item, prompt.second, PoolingParams(task=task)),
+            self._encode(item, prompt.second, _vllm().PoolingParams(task=task)),
         )
         q, d = query.outputs.data.float(), document.outputs.data.float()
         if self.score_type == "late-interaction":
@@ -260,32 +247,30 @@ class Runner:
     async def _encode_shared(self, item: WorkItem, ids: list[int], task: PoolingTask) -> Any:
         """:meth:`_encode` of a query that other pairs in the engine may share: one vLLM
         request per distinct query in flight (a rerank's 100 documents embed its query once)."""
-        from vllm import PoolingParams
-
         key = (item.model, task, tuple(ids))  # an adapter's query is not the base model's
         shared = self._shared.get(key)
         if shared is None:
-            shared = asyncio.ensure_future(self._encode(item, ids, PoolingParams(task=task)))
+            shared = asyncio.ensure_future(
+                self._encode(item, ids, _vllm().PoolingParams(task=task))
+            )
             self._shared[key] = shared
             shared.add_done_callback(lambda _: self._shared.pop(key, None))
         return await asyncio.shield(shared)
 
     async def _last(self, item: WorkItem, prompt: Prompt, stream: AsyncIterator[Any]) -> Any:
         """The last output of a vLLM output stream, vLLM's errors turned into ours."""
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
+        vllm = _vllm()
         out = None
         try:
             async for out in stream:  # noqa: B007 - the last output is the final one
                 pass
-        except VLLMValidationError as e:
+        except vllm.VLLMValidationError as e:
             raise self._refused(item, prompt, str(e)) from None
         except ValueError as e:  # older vLLM raises plain ValueError for bad input
             if self.core.errored:
                 raise EngineDead(str(e)) from e
             raise self._refused(item, prompt, str(e)) from None
-        except EngineDeadError as e:
+        except vllm.EngineDeadError as e:
             raise EngineDead(str(e)) from e
         assert out is not None
         return out
@@ -313,6 +298,25 @@ _ONE_INPUT: dict[
     "classify": Runner.classify,
     "score": Runner.logits,
 }
+
+
+@functools.cache
+def _vllm() -> Any:
+    """vLLM's names the runners use for every input, imported on first use and kept: this
+    module is imported without vLLM (the worker's unit tests), and ``from vllm import X``
+    inside a function goes through vLLM's lazy module ``__getattr__`` at every call."""
+    import vllm
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs.engine import tokens_input
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return SimpleNamespace(
+        PoolingParams=vllm.PoolingParams,
+        SamplingParams=vllm.SamplingParams,
+        VLLMValidationError=VLLMValidationError,
+        EngineDeadError=EngineDeadError,
+        tokens_input=tokens_input,
+    )
 
 
 def _check_dimensions(item: WorkItem) -> None:
@@ -344,6 +348,4 @@ def request_id(item: WorkItem) -> str:
 def vllm_prompt(prompt: list[int]) -> Any:
     """The token ids as a rendered ``TokensInput``: vLLM adds them without another tokenizer
     pass."""
-    from vllm.inputs.engine import tokens_input
-
-    return tokens_input(prompt)
+    return _vllm().tokens_input(prompt)
