@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,8 +103,6 @@ async def test_a_unix_socket_url_reaches_a_redis_on_the_same_host():
     """``--queue-url unix://<socket>?db=0`` (accepted by the gateway's settings): two
     replicas on one redis-server through its Unix socket, a worker answering through the
     other replica than the client's."""
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="iw-unix-"))  # short: a socket's path is bounded
     server = ls.start_redis(folder, unix_socket=True)
     a, b = (RedisStore(server.url, lease_seconds=5) for _ in range(2))
@@ -122,7 +121,7 @@ async def test_a_unix_socket_url_reaches_a_redis_on_the_same_host():
 
 
 def redis_clients(server: ls.Proc) -> list[dict]:
-    """The gateway's connections as ``CLIENT LIST`` gives them (this check's own left out);
+    """The stores' connections as ``CLIENT LIST`` gives them (this check's own left out);
     a Unix socket client's ``addr`` is ``<socket path>:0``."""
     import redis
 
