@@ -301,22 +301,18 @@ def start_stacks(logs: Path, skip: set[str], tree: Path, env: dict[str, str]) ->
         paths[TWO] = Path_(TWO, [gw.url], stack)
     # Each Redis stack has its own redis-server: workers on one Redis share its queue,
     # and a worker outside a stack would do part of its work uncounted.
-    if "redis" not in skip:
-        redis = ls.start_redis(logs)
+    # One gateway and one worker, reaching redis-server over loopback TCP, then through its
+    # Unix socket (a Redis on the gateway's host).
+    for name, key, unix_socket in ((REDIS, "redis", False), (REDIS_UNIX, "redis-unix", True)):
+        if key in skip:
+            continue
+        redis = ls.start_redis(logs, unix_socket=unix_socket)
         r1 = ls.start_gateway(
             logs, args=["--pickup-timeout", "600", "--queue-url", redis.url], env=env
         )
-        w1 = null_worker(r1.url, logs, f"null-worker-redis-{next(_N)}", tree, env)
+        w1 = null_worker(r1.url, logs, f"null-worker-{key}-{next(_N)}", tree, env)
         s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
-        paths[REDIS] = Path_(REDIS, [r1.url], s.add("worker", _pid(w1)))
-    if "redis-unix" not in skip:  # the same with redis-server on the gateway's host
-        redis = ls.start_redis(logs, unix_socket=True)
-        r1 = ls.start_gateway(
-            logs, args=["--pickup-timeout", "600", "--queue-url", redis.url], env=env
-        )
-        w1 = null_worker(r1.url, logs, f"null-worker-redis-unix-{next(_N)}", tree, env)
-        s = Stack().add("redis-server", _pid(redis)).add("gateway", _pid(r1))
-        paths[REDIS_UNIX] = Path_(REDIS_UNIX, [r1.url], s.add("worker", _pid(w1)))
+        paths[name] = Path_(name, [r1.url], s.add("worker", _pid(w1)))
     if "replicas" not in skip:
         redis = ls.start_redis(logs)
         s = Stack().add("redis-server", _pid(redis))
