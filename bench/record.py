@@ -17,16 +17,29 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def _commit() -> str:
+def _commit(repo: Path = HERE.parent) -> str:
+    """``repo``'s short commit, with ``-dirty`` where a tracked file outside ``bench/results/``
+    differs from it (a bench overwrites its own committed results; that is not a change of
+    the code it measures); ``unknown`` outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(repo),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)bench/results",
+            ],
             capture_output=True,
             text=True,
             check=True,

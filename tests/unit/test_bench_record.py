@@ -35,6 +35,28 @@ def test_a_result_is_written_with_its_commit_command_and_host(
     assert data["dtypes"] == [{"dtype": "float32", "sentences_per_s": [1.5]}]
 
 
+def test_a_commit_is_dirty_for_changed_code_not_for_overwritten_results(tmp_path: Path) -> None:
+    """A bench overwrites its own committed results (``suite-fast.json``): the next run on the
+    same code is not marked ``-dirty`` for it; a changed tracked file elsewhere is."""
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "suite-fast.json").write_text("{}\n")
+    (tmp_path / "worker.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = record._commit(tmp_path)
+    assert head and not head.endswith("-dirty") and head != "unknown"
+    (tmp_path / "bench" / "results" / "suite-fast.json").write_text('{"run": 2}\n')
+    assert record._commit(tmp_path) == head
+    (tmp_path / "worker.py").write_text("x = 2\n")
+    assert record._commit(tmp_path) == f"{head}-dirty"
+    assert record._commit(tmp_path / "no-such-checkout") == "unknown"
+
+
 def test_every_bench_script_records_its_results() -> None:
     """suite, rerank, dtype and forward (what ``make bench`` runs) each write a JSON file."""
     makefile = (REPO / "Makefile").read_text()

@@ -306,3 +306,36 @@ def test_every_relative_link_in_the_docs_resolves():
                 if fragment not in {_anchor(h) for h in headings}:
                     broken.append(f"{page.name}: {target} (no such heading)")
     assert broken == []
+
+
+def _expand(name: str) -> list[str]:
+    """``path-s53-{1,2,3}.json`` -> the three names (one brace group at most)."""
+    match = re.search(r"\{([^}]*)\}", name)
+    if match is None:
+        return [name]
+    return [name[: match.start()] + part + name[match.end() :] for part in match[1].split(",")]
+
+
+def test_every_bench_result_the_docs_name_is_committed():
+    """Each results file README.md and docs/benchmarks.md cite (``bench/results/x.json``, a
+    brace list of them, a glob, or a bare ``path-…``/``suite-…`` name) is in bench/results/,
+    and the README's table names the commit its ``suite-fast.json`` was measured on."""
+    results = REPO / "bench" / "results"
+    missing = []
+    for page in (REPO / "README.md", REPO / "docs" / "benchmarks.md"):
+        text = page.read_text()
+        cited = re.findall(r"bench/results/([\w.*{},-]+\.(?:json|png))", text)
+        cited += re.findall(r"`((?:path|suite)-[\w.*{},-]+\.(?:json|png))`", text)
+        assert cited, page
+        for name in cited:
+            for one in _expand(name):
+                if not any(results.glob(one)):
+                    missing.append(f"{page.name}: {one}")
+    assert missing == []
+    readme = (REPO / "README.md").read_text()
+    commit = re.search(
+        r"rounds each, on (\w+); the last invocation in\s+\[bench/results/suite", readme
+    )
+    assert commit is not None
+    recorded = json.loads((results / "suite-fast.json").read_text())["run"]["commit"]
+    assert recorded.removesuffix("-dirty") == commit[1]
