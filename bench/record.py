@@ -15,6 +15,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+#: ``RESULTS`` as a path inside the repository (what a result's ``-dirty`` leaves out).
+_RESULTS_IN_REPO = RESULTS.relative_to(HERE.parent).as_posix()
 
 
 def _commit(repo: Path = HERE.parent) -> str:
@@ -38,7 +40,7 @@ def _commit(repo: Path = HERE.parent) -> str:
                 "--untracked-files=no",
                 "--",
                 ".",
-                ":(exclude)bench/results",
+                f":(exclude){_RESULTS_IN_REPO}",
             ],
             capture_output=True,
             text=True,
