@@ -321,9 +321,11 @@ def test_every_bench_result_the_docs_name_is_committed():
     brace list of them, a glob, or a bare ``path-…``/``suite-…`` name) is in bench/results/,
     and the README's table names the commit its ``suite-fast.json`` was measured on."""
     results = REPO / "bench" / "results"
+    pages = {
+        page: page.read_text() for page in (REPO / "README.md", REPO / "docs" / "benchmarks.md")
+    }
     missing = []
-    for page in (REPO / "README.md", REPO / "docs" / "benchmarks.md"):
-        text = page.read_text()
+    for page, text in pages.items():
         cited = re.findall(r"bench/results/([\w.*{},-]+\.(?:json|png))", text)
         cited += re.findall(r"`((?:path|suite)-[\w.*{},-]+\.(?:json|png))`", text)
         assert cited, page
@@ -332,9 +334,9 @@ def test_every_bench_result_the_docs_name_is_committed():
                 if not any(results.glob(one)):
                     missing.append(f"{page.name}: {one}")
     assert missing == []
-    readme = (REPO / "README.md").read_text()
     commit = re.search(
-        r"rounds each, on (\w+); the last invocation in\s+\[bench/results/suite", readme
+        r"rounds each, on (\w+); the last invocation in\s+\[bench/results/suite",
+        pages[REPO / "README.md"],
     )
     assert commit is not None
     recorded = json.loads((results / "suite-fast.json").read_text())["run"]["commit"]
