@@ -110,8 +110,18 @@ class QueueWorker:
             if items:
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                await self.post([result(i, vector_of(i)) for i in items])
-                self.answered += len(items)
+                results = [result(i, vector_of(i)) for i in items]
+                # A connection the gateway cut (e.g. the idlest one, at its connection limit)
+                # is resent on once, as the worker's own client retries transport errors;
+                # cut twice, the leases run out and the gateway hands the items out again.
+                for _attempt in range(2):
+                    try:
+                        await self.post(results)
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.1)
+                        continue
+                    self.answered += len(items)
+                    break
 
     async def __aenter__(self) -> QueueWorker:
         await self.register()
